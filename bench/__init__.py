@@ -1,0 +1,1 @@
+"""Load generation, peer comparison and micro-benchmarks (see bench/RESULTS.md)."""

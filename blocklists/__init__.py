@@ -1,0 +1,1 @@
+"""Blocklists: list formats, normalising, the trie compiler and the matcher. No network, no asyncio."""

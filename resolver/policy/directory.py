@@ -1,0 +1,304 @@
+"""Each worker's hot copy of the policies it uses: who a query is from, and what applies to them now.
+
+- Clients (one per source address, or per source and identity options from a trusted network) are kept in
+  a bounded LRU with their effective policy, made again only at the next schedule boundary or change. A
+  warm query costs a dict lookup and a comparison with the clock: no store round trip.
+- A client not seen before is resolved from the store (its site by CPE id or address, then the device in
+  the site by MAC, client id or address) in one task per client however many queries arrive (single
+  flight), and one store round trip (batched with the other new clients of the moment); the query waits at
+  most `store.cold_wait` and otherwise gets the default policy.
+- Sites are kept in a bounded LRU too. A change notice reloads a site that is held, and rebinds its
+  clients in place; after the notices were interrupted, every held site's version is checked (resync).
+- When the store cannot be reached, everything held keeps being served; clients not seen before get the
+  default policy at once; the outage is logged once, and its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+from blocklists.catalog import Catalog
+from resolver.config import StoreSettings
+from resolver.identity import Identity, TrustedNetworks, identity_from
+from resolver.policy.effective import Governing, PolicyMaker, governing, guest_profile
+from resolver.policy.model import Device, PolicySpec, Site
+from resolver.policy.runtime import Policy
+from resolver.policy.store import Change, Store, StoreUnavailable
+from resolver.wire import Request
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN = None  # the site id under which clients of no known site are filed
+_RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
+
+
+class Client:
+    """One client as this worker knows it: who it is, which site, and its policy until `until`."""
+
+    __slots__ = ("_maker", "identity", "policy", "rule", "site", "until")
+
+    def __init__(self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker) -> None:
+        self.identity = identity
+        self.site = site
+        self.rule = rule
+        self._maker = maker
+        self.policy: Policy = maker.default
+        self.until = -math.inf  # made on first use
+
+    def refresh(self, now: float) -> Policy:
+        self.policy, self.until = self._maker.effective(self.rule, now)
+        return self.policy
+
+
+def find_device(site: Site, identity: Identity) -> Device | None:
+    """The device of `site` that `identity` names: by MAC, then client id, then address."""
+    if identity.mac is not None and identity.mac in site.by_mac:
+        return site.by_mac[identity.mac]
+    if identity.client_id is not None and identity.client_id in site.by_client_id:
+        return site.by_client_id[identity.client_id]
+    return site.by_address.get(identity.address)
+
+
+class Directory:
+    def __init__(
+        self,
+        store: Store | None,
+        maker: PolicyMaker,
+        catalog: Catalog,
+        trusted: TrustedNetworks,
+        settings: StoreSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.maker = maker
+        self.trusted = trusted
+        self._settings = settings
+        self._clock = clock
+        self.profiles: dict[str, PolicySpec] = {"guest": guest_profile(catalog)}
+        self._builtin_profiles = dict(self.profiles)
+        self.default_client = Client(Identity(""), None, governing(None, None, self.profiles), maker)
+        self.default_client.until = math.inf
+        self._clients: OrderedDict[Hashable, Client] = OrderedDict()
+        self._site_clients: dict[str | None, set[Hashable]] = {}
+        self._sites: OrderedDict[str, Site] = OrderedDict()
+        self._site_of: dict[tuple[str, str | None], str | None] = {}
+        self._resolving: dict[Hashable, asyncio.Future[Client]] = {}
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._needs_resync = False
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    # --- the query path ----------------------------------------------------------------------------------
+
+    def key(self, request: Request) -> Hashable:
+        source = request.client[0]
+        identity = request.query.identity
+        if identity is not None and source in self.trusted:
+            return source, identity
+        return source
+
+    def client(self, request: Request) -> Client | None:
+        """The client a query is from, if this worker knows it; None means: call `resolve`."""
+        if self.store is None:
+            return self.default_client
+        key = self.key(request)
+        client = self._clients.get(key)
+        if client is not None:
+            self._clients.move_to_end(key)
+        return client
+
+    async def resolve(self, request: Request) -> Client:
+        """The client of a query not seen before, or the default client if that takes over `cold_wait`."""
+        key = self.key(request)
+        pending = self._resolving.get(key)
+        if pending is None:
+            if self.down_since is not None and self._clock() < self._retry_at:
+                return self.default_client
+            pending = self._resolving[key] = asyncio.ensure_future(self._build(key, request))
+            pending.add_done_callback(lambda done: self._forget_resolution(key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
+        except (TimeoutError, StoreUnavailable):
+            return self.default_client
+
+    def _forget_resolution(self, key: Hashable, done: asyncio.Future[Client]) -> None:
+        self._resolving.pop(key, None)
+        if not done.cancelled() and done.exception() is not None and not isinstance(done.exception(),
+                                                                                   StoreUnavailable):
+            log.error("resolving a client failed", exc_info=done.exception())
+
+    async def _build(self, key: Hashable, request: Request) -> Client:
+        source = request.client[0]
+        identity = identity_from(source, request.query.options) if isinstance(key, tuple) else Identity(source)
+        try:
+            site = await self._site_of_identity(identity)
+        except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            raise
+        self._mark_up()
+        return self._bind(key, identity, site)
+
+    async def _site_of_identity(self, identity: Identity) -> Site | None:
+        """From memory when this worker knows the address and holds the site; else one store call."""
+        lookup = (identity.address, identity.cpe_id)
+        if lookup in self._site_of:
+            site_id = self._site_of[lookup]
+            if site_id is None:
+                return None
+            site = self._sites.get(site_id)
+            if site is not None:
+                self._sites.move_to_end(site_id)
+                return site
+        assert self.store is not None
+        site_id, site = await self.store.resolve_site(identity.address, identity.cpe_id)
+        if len(self._site_of) >= self._settings.client_cache:
+            self._site_of.clear()
+        self._site_of[lookup] = site_id
+        if site is None:
+            return None
+        held = self._sites.get(site.id)
+        if held is not None and held.version >= site.version:
+            return held  # loaded meanwhile by another client of the same site
+        self._hold_site(site)
+        return site
+
+    def _hold_site(self, site: Site) -> None:
+        self._sites[site.id] = site
+        self._sites.move_to_end(site.id)
+        while len(self._sites) > self._settings.site_cache:
+            evicted, _ = self._sites.popitem(last=False)
+            for key in self._site_clients.pop(evicted, set()):
+                self._clients.pop(key, None)
+
+    def _bind(self, key: Hashable, identity: Identity, site: Site | None) -> Client:
+        device = find_device(site, identity) if site is not None else None
+        client = Client(identity, site, governing(site, device, self.profiles), self.maker)
+        old = self._clients.pop(key, None)
+        if old is not None:
+            self._site_clients.get(old.site.id if old.site else _UNKNOWN, set()).discard(key)
+        self._clients[key] = client
+        self._site_clients.setdefault(site.id if site else _UNKNOWN, set()).add(key)
+        while len(self._clients) > self._settings.client_cache:
+            evicted_key, evicted = self._clients.popitem(last=False)
+            self._site_clients.get(evicted.site.id if evicted.site else _UNKNOWN, set()).discard(evicted_key)
+        return client
+
+    # --- keeping up with changes -------------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Apply the store's change notices until cancelled; retry a failed catch-up every second."""
+        if self.store is None:
+            return
+        retrier = asyncio.ensure_future(self._retry_resync())
+        try:
+            while True:
+                try:
+                    async for change in self.store.changes():
+                        await self.apply(change)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("following policy changes failed; starting again")
+                    await asyncio.sleep(1.0)
+        finally:
+            retrier.cancel()
+
+    async def _retry_resync(self) -> None:
+        while True:
+            await asyncio.sleep(_RETRY_AFTER_FAILURE)
+            if self._needs_resync:
+                await self.apply(Change("resync"))
+
+    async def apply(self, change: Change) -> None:
+        """Apply one notice. If the store fails meanwhile, what was missed is caught up by a resync later."""
+        try:
+            if change.kind == "down":
+                self._mark_down(change.key)
+            elif change.kind == "up":
+                self._mark_up()
+                await self._reload_profiles()
+            elif change.kind == "site":
+                if change.key in self._sites and self._sites[change.key].version != change.version:
+                    await self._reload_site(change.key)
+            elif change.kind == "networks":
+                self._forget_addresses()
+            elif change.kind == "profile":
+                await self._reload_profiles()
+            elif change.kind == "resync":
+                await self._resync()
+                self._needs_resync = False
+                self._mark_up()
+        except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            self._needs_resync = True
+
+    async def _reload_site(self, site_id: str) -> None:
+        assert self.store is not None
+        site = await self.store.load_site(site_id)
+        keys = self._site_clients.pop(site_id, set())
+        if site is None:
+            self._sites.pop(site_id, None)
+            for key in keys:
+                self._clients.pop(key, None)  # resolved again: their addresses may now be nobody's
+            self._forget_addresses()
+            return
+        self._sites[site_id] = site
+        for key in keys:
+            client = self._clients.get(key)
+            if client is None:
+                continue
+            if self._still_of(site, client.identity):
+                self._bind(key, client.identity, site)
+            else:
+                self._clients.pop(key, None)  # no longer of this site (a network or CPE id went away)
+
+    @staticmethod
+    def _still_of(site: Site, identity: Identity) -> bool:
+        if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
+            return True
+        address = ipaddress.ip_address(identity.address)
+        return any(address in ipaddress.ip_network(network) for network in site.networks)
+
+    def _forget_addresses(self) -> None:
+        """Addresses may have moved between sites: look them up again, and the clients of no site too."""
+        self._site_of.clear()
+        for key in self._site_clients.pop(_UNKNOWN, set()):
+            self._clients.pop(key, None)
+
+    async def _reload_profiles(self) -> None:
+        assert self.store is not None
+        self.profiles = {**self._builtin_profiles, **await self.store.load_profiles()}
+        for key, client in list(self._clients.items()):
+            self._bind(key, client.identity, client.site)
+
+    async def _resync(self) -> None:
+        """Notices may have been missed: compare every held site's version with the store's."""
+        assert self.store is not None
+        held = list(self._sites)
+        versions = await self.store.site_versions(held) if held else {}
+        for site_id in held:
+            if versions.get(site_id, 0) != self._sites[site_id].version:
+                await self._reload_site(site_id)
+        self._forget_addresses()
+        await self._reload_profiles()
+        log.info("policy store: resynchronised %d held sites", len(held))
+
+    def _mark_down(self, reason: str) -> None:
+        self._retry_at = self._clock() + _RETRY_AFTER_FAILURE
+        if self.down_since is None:
+            self.down_since = self._clock()
+            log.warning("policy store unavailable (%s): serving the %d clients in memory; new clients get the "
+                        "default policy until it is back", reason, len(self._clients))
+
+    def _mark_up(self) -> None:
+        if self.down_since is not None:
+            log.info("policy store reachable again after %.1f s", self._clock() - self.down_since)
+            self.down_since = None

@@ -1,0 +1,632 @@
+"""Where policies live: Redis (the truth, shared by every node) or an embedded file (a single box).
+
+Redis keys (`prefix` defaults to `bns:`):
+
+    {prefix}site:{id}      hash  doc = the site's JSON document, version = integer bumped on every write
+    {prefix}sites          set   every site id
+    {prefix}net            hash  network (CIDR) → site id, for finding a client's site by address
+    {prefix}netlens        hash  "4/29", "6/56"… → how many networks have that family and prefix length
+    {prefix}cpe            hash  CPE id → site id
+    {prefix}profile:{name} hash  doc, version
+    {prefix}profiles       set   every profile name
+    {prefix}changes        pub/sub channel: "site <id> <version>", "profile <name> <version>", "networks"
+
+Every write is a read-modify-write of one site document inside WATCH/MULTI/EXEC: the new document is
+validated whole, its networks and CPE ids are checked against other sites, then the document, the version,
+the indexes and the change notice are applied in one transaction (retried if anything watched moved).
+A write that fails validation raises PolicyError and changes nothing.
+
+The embedded store keeps the same documents in one JSON file, rewritten atomically under a lock file;
+readers notice changes by polling the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blocklists.artifact import write_atomically
+from blocklists.catalog import Catalog
+from resolver.errors import BnsError
+from resolver.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+
+log = logging.getLogger(__name__)
+
+SiteDocument = dict[str, Any]
+Mutation = Callable[[SiteDocument | None], SiteDocument | None]  # None in: no such site; None out: delete it
+_WRITE_RETRIES = 20
+
+
+class StoreUnavailable(BnsError):
+    """The store cannot be reached (Redis down, file unreadable); the caller keeps what it has."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """A notice from the store: `site`/`profile` (key, version), `networks`, or `resync` (after a gap)."""
+
+    kind: str
+    key: str = ""
+    version: int = 0
+
+
+def _lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
+    """Networks of every prefix length in use that could contain `address`, longest first."""
+    ip = ipaddress.ip_address(address)
+    return [ipaddress.ip_network(f"{ip}/{length}", strict=False).compressed
+            for length in sorted(lengths.get(ip.version, ()), reverse=True)]
+
+
+class Store(ABC):
+    """The operations the workers (reads, change notices) and the policy service (writes) need."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    # reads
+    @abstractmethod
+    async def load_site(self, site_id: str) -> Site | None: ...
+
+    @abstractmethod
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None: ...
+
+    @abstractmethod
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None: ...
+
+    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
+        """The site a client belongs to (by CPE id, else by address) and the site itself."""
+        site_id = await self.find_site(address, cpe_id)
+        return site_id, (await self.load_site(site_id) if site_id is not None else None)
+
+    @abstractmethod
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def list_sites(self) -> list[str]: ...
+
+    @abstractmethod
+    async def load_profiles(self) -> dict[str, PolicySpec]: ...
+
+    @abstractmethod
+    def changes(self) -> AsyncIterator[Change]: ...
+
+    # writes
+    @abstractmethod
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None: ...
+
+    @abstractmethod
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None: ...
+
+    @abstractmethod
+    async def import_sites(self, documents: list[SiteDocument]) -> int:
+        """Create or replace many sites. Every document is validated, and its networks and CPE ids checked
+        against the others and the store, before anything is written: a bad import writes nothing."""
+
+    def _validated_import(self, documents: list[SiteDocument]) -> list[Site]:
+        sites = []
+        owners: dict[tuple[str, str], str] = {}
+        for index, document in enumerate(documents):
+            if not isinstance(document, dict) or not isinstance(document.get("id"), str):
+                raise PolicyError(f"sites[{index}].id", "missing or not a string")
+            try:
+                site = self._validated(document["id"], document, 0)
+            except PolicyError as exc:
+                raise PolicyError(f"sites[{index}].{exc.field}", exc.reason) from None
+            assert site is not None
+            for field, values in (("networks", site.networks), ("cpe_ids", site.cpe_ids)):
+                for value in values:
+                    owner = owners.setdefault((field, value), site.id)
+                    if owner != site.id:
+                        raise PolicyError(f"sites[{index}].{field}", f"{value} is also in site {owner}")
+            sites.append(site)
+        return sites
+
+    async def close(self) -> None:
+        return None
+
+    def _validated(self, site_id: str, document: SiteDocument | None, version: int) -> Site | None:
+        if document is None:
+            return None
+        if document.get("id", site_id) != site_id:
+            raise PolicyError("id", f"{document.get('id')!r} does not match the site being written ({site_id!r})")
+        return parse_site({**document, "id": site_id}, self.catalog, version)
+
+
+# --- Redis -------------------------------------------------------------------------------------------------
+
+# A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
+# candidates come longest first), then the site's document and version.
+_RESOLVE_SCRIPT = """
+local site = false
+if ARGV[1] ~= '' then site = redis.call('HGET', KEYS[1], ARGV[1]) end
+local i = 2
+while not site and i <= #ARGV do
+  site = redis.call('HGET', KEYS[2], ARGV[i])
+  i = i + 1
+end
+if not site then return {} end
+local found = redis.call('HMGET', KEYS[3] .. site, 'doc', 'version')
+return {site, found[1] or false, found[2] or false}
+"""
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, catalog: Catalog, prefix: str = "bns:", timeout: float = 1.0) -> None:
+        super().__init__(catalog)
+        import redis.asyncio as redis  # noqa: PLC0415  (only when Redis is configured)
+
+        self._redis_module = redis
+        self.url = url
+        self.prefix = prefix
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+
+        # One retry on a fresh connection: after a restart of Redis, pooled connections are dead.
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        # The subscription must never reconnect behind our back: notices published meanwhile would be lost
+        # unseen. Without retries, every break reaches `changes`, which then asks for a resync.
+        self._subscriber = redis.Redis.from_url(url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        self._lengths: dict[int, list[int]] | None = None
+        self._resolve = self.client.register_script(_RESOLVE_SCRIPT)
+        self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def _call(self, coroutine: Any) -> Any:
+        try:
+            return await coroutine
+        except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis at {self.url}: {exc}") from None
+
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
+        raw, version = await self._call(self.client.hmget(self._key("site", site_id), "doc", "version"))
+        if raw is None:
+            return None
+        return json.loads(raw), int(version or 0)
+
+    async def load_site(self, site_id: str) -> Site | None:
+        found = await self.site_document(site_id)
+        if found is None:
+            return None
+        try:
+            return parse_site(found[0], self.catalog, found[1])
+        except PolicyError as exc:  # written by something that skipped validation: do not serve it
+            log.error("site %s in redis is invalid (%s); ignoring it", site_id, exc)
+            return None
+
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None:
+        if cpe_id is not None:
+            found = await self._call(self.client.hget(self._key("cpe"), cpe_id))
+            if found is not None:
+                return found.decode()
+        if self._lengths is None:
+            counts = await self._call(self.client.hgetall(self._key("netlens")))
+            lengths: dict[int, list[int]] = {}
+            for key, count in counts.items():
+                family, length = key.decode().split("/")
+                if int(count) > 0:
+                    lengths.setdefault(int(family), []).append(int(length))
+            self._lengths = lengths
+        candidates = _lookup_candidates(address, self._lengths)
+        if not candidates:
+            return None
+        for site_id in await self._call(self.client.hmget(self._key("net"), candidates)):
+            if site_id is not None:
+                return site_id.decode()
+        return None
+
+    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
+        """One script call per client; the calls of every client arriving in the same loop iteration go
+        to Redis in one pipeline (a burst of new clients costs a round trip, not one each)."""
+        if self._lengths is None:
+            await self.find_site("0.0.0.0", None)  # loads the prefix lengths in use
+        arguments = [cpe_id or "", *_lookup_candidates(address, self._lengths or {})]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((arguments, future))
+        if len(self._queued) == 1:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+        found = await future
+        if not found:
+            return None, None
+        site_id, raw, version = found[0].decode(), found[1], found[2]
+        if not raw:
+            return site_id, None
+        try:
+            return site_id, parse_site(json.loads(raw), self.catalog, int(version or 0))
+        except PolicyError as exc:
+            log.error("site %s in redis is invalid (%s); ignoring it", site_id, exc)
+            return site_id, None
+
+    async def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            keys = [self._key("cpe"), self._key("net"), self._key("site", "")]
+            for arguments, _future in queued:
+                await self._resolve(keys=keys, args=arguments, client=pipe)  # queues it on the pipeline
+            results = await self._call(pipe.execute())
+        except Exception as exc:  # StoreUnavailable, or anything else: every waiter must hear of it
+            for _arguments, future in queued:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_arguments, future), result in zip(queued, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def forget_networks(self) -> None:
+        """Prefix lengths in use are cached; a `networks` notice makes them be read again."""
+        self._lengths = None
+
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for site_id in site_ids:
+            pipe.hget(self._key("site", site_id), "version")
+        versions = await self._call(pipe.execute())
+        return {site_id: int(version or 0) for site_id, version in zip(site_ids, versions, strict=True)}
+
+    async def list_sites(self) -> list[str]:
+        return sorted(member.decode() for member in await self._call(self.client.smembers(self._key("sites"))))
+
+    async def load_profiles(self) -> dict[str, PolicySpec]:
+        profiles = {}
+        names = await self._call(self.client.smembers(self._key("profiles")))
+        for name in sorted(member.decode() for member in names):
+            raw = await self._call(self.client.hget(self._key("profile", name), "doc"))
+            if raw is not None:
+                try:
+                    profiles[name] = parse_profile(name, json.loads(raw), self.catalog)
+                except PolicyError as exc:
+                    log.error("profile %s in redis is invalid (%s); ignoring it", name, exc)
+        return profiles
+
+    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
+        """Notices as they come; after the subscription is lost and regained, a `resync` first."""
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._key("changes"))
+                if not first:
+                    yield Change("resync")
+                first = False
+                backoff = 0.1
+                yield Change("up")
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    parts = message["data"].decode().split()
+                    if parts and parts[0] in ("site", "profile") and len(parts) == 3:
+                        yield Change(parts[0], parts[1], int(parts[2]))
+                    elif parts == ["networks"]:
+                        self.forget_networks()
+                        yield Change("networks")
+            except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
+                yield Change("down", str(exc))
+                first = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
+        key = self._key("site", site_id)
+        watched = (key, self._key("net"), self._key("cpe"))
+        for _ in range(_WRITE_RETRIES):
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await self._call(pipe.watch(*watched))
+                    raw, version = await pipe.hmget(key, "doc", "version")
+                    old = json.loads(raw) if raw is not None else None
+                    new_version = int(version or 0) + 1
+                    site = self._validated(site_id, mutate(old), new_version)
+                    await self._check_owners(pipe, site_id, site)
+                    pipe.multi()
+                    self._queue_write(pipe, site_id, old, site)
+                    await pipe.execute()
+                except self._redis_module.WatchError:
+                    continue
+                except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
+                    raise StoreUnavailable(f"redis at {self.url}: {exc}") from None
+                return site
+        raise StoreUnavailable(f"site {site_id}: still changing under us after {_WRITE_RETRIES} attempts")
+
+    async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
+        if site is None:
+            return
+        for index_name, values, field in (("net", site.networks, "networks"), ("cpe", site.cpe_ids, "cpe_ids")):
+            if not values:
+                continue
+            owners = await pipe.hmget(self._key(index_name), list(values))
+            for index, (value, owner) in enumerate(zip(values, owners, strict=True)):
+                if owner is not None and owner.decode() != site_id:
+                    raise PolicyError(f"{field}[{index}]", f"{value} already belongs to site {owner.decode()}")
+
+    def _queue_write(self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None) -> None:
+        """Queue the document, the index changes and the notices. Old index entries come from the stored
+        document as it is, so even one written by hand, and no longer valid, can be replaced."""
+        key = self._key("site", site_id)
+        old_networks = set(old.get("networks", [])) if old else set()
+        new_networks = set(new.networks) if new else set()
+        for network in old_networks - new_networks:
+            pipe.hdel(self._key("net"), network)
+            pipe.hincrby(self._key("netlens"), _length_key(network), -1)
+        for network in new_networks - old_networks:
+            pipe.hset(self._key("net"), network, site_id)
+            pipe.hincrby(self._key("netlens"), _length_key(network), 1)
+        old_cpes = set(old.get("cpe_ids", [])) if old else set()
+        new_cpes = set(new.cpe_ids) if new else set()
+        for cpe in old_cpes - new_cpes:
+            pipe.hdel(self._key("cpe"), cpe)
+        for cpe in new_cpes - old_cpes:
+            pipe.hset(self._key("cpe"), cpe, site_id)
+        if new is None:
+            pipe.delete(key)
+            pipe.srem(self._key("sites"), site_id)
+            pipe.publish(self._key("changes"), f"site {site_id} 0")
+        else:
+            pipe.hset(key, mapping={"doc": json.dumps(site_document(new), sort_keys=True), "version": new.version})
+            pipe.sadd(self._key("sites"), site_id)
+            pipe.publish(self._key("changes"), f"site {site_id} {new.version}")
+        if old_networks != new_networks or old_cpes != new_cpes:
+            pipe.publish(self._key("changes"), "networks")
+
+    async def import_sites(self, documents: list[SiteDocument], batch: int = 500) -> int:
+        """Validated whole first (see Store.import_sites), then written in pipelined transactions of
+        `batch`: two orders of magnitude faster than a write per site. It does not watch for concurrent
+        writers of the same sites."""
+        sites = self._validated_import(documents)
+        olds: list[Any] = []
+        for start in range(0, len(sites), batch):
+            chunk = sites[start : start + batch]
+            reads = self.client.pipeline(transaction=False)
+            for site in chunk:
+                reads.hmget(self._key("site", site.id), "doc", "version")
+            claims = [(index_name, value, site.id) for index_name in ("net", "cpe") for site in chunk
+                      for value in (site.networks if index_name == "net" else site.cpe_ids)]
+            for index_name in ("net", "cpe"):
+                values = [value for name, value, _ in claims if name == index_name]
+                if values:
+                    reads.hmget(self._key(index_name), values)
+            results = await self._call(reads.execute())
+            olds += results[: len(chunk)]
+            existing = [owner for found in results[len(chunk) :] for owner in found]
+            for (index_name, value, site_id), owner in zip(claims, existing, strict=True):
+                if owner is not None and owner.decode() != site_id:
+                    field = "networks" if index_name == "net" else "cpe_ids"
+                    raise PolicyError(field, f"{value} of site {site_id} already belongs to site {owner.decode()}")
+        for start in range(0, len(sites), batch):
+            writes = self.client.pipeline(transaction=True)
+            for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
+                site.version = int(version or 0) + 1
+                self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
+            await self._call(writes.execute())
+        return len(sites)
+
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
+        key = self._key("profile", name)
+        if document is not None:
+            parse_profile(name, document, self.catalog)
+        async with self.client.pipeline(transaction=True) as pipe:
+            if document is None:
+                pipe.delete(key)
+                pipe.srem(self._key("profiles"), name)
+            else:
+                pipe.hset(key, "doc", json.dumps(document, sort_keys=True))
+                pipe.hincrby(key, "version", 1)
+                pipe.sadd(self._key("profiles"), name)
+            pipe.publish(self._key("changes"), f"profile {name} 1")
+            await self._call(pipe.execute())
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self._subscriber.aclose()
+
+
+def _length_key(network: str) -> str:
+    parsed = ipaddress.ip_network(network)
+    return f"{parsed.version}/{parsed.prefixlen}"
+
+
+# --- the embedded file -------------------------------------------------------------------------------------
+
+class FileStore(Store):
+    """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version"}},
+    "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory."""
+
+    def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
+        super().__init__(catalog)
+        self.path = Path(path)
+        self._interval = poll_interval
+        self._identity: tuple[int, int, int] | None = None
+        self._data: dict[str, Any] = {"format": 1, "sites": {}, "profiles": {}}
+        self._networks: dict[int, dict[int, dict[str, str]]] = {}
+        self._cpes: dict[str, str] = {}
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
+
+    def _read_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"format": 1, "sites": {}, "profiles": {}}
+        except (OSError, ValueError) as exc:
+            raise StoreUnavailable(f"{self.path}: cannot read the policy file: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != 1:
+            raise StoreUnavailable(f"{self.path}: not a bns policy file (format 1)")
+        data.setdefault("sites", {})
+        data.setdefault("profiles", {})
+        return data
+
+    def refresh(self) -> bool:
+        """Read the file again if it changed; True when it did."""
+        identity = self._stat()
+        if identity == self._identity and identity is not None:
+            return False
+        self._data = self._read_file()
+        self._identity = identity
+        self._networks, self._cpes = {}, {}
+        for site_id, entry in self._data["sites"].items():
+            for network in entry["doc"].get("networks", []):
+                parsed = ipaddress.ip_network(network)
+                self._networks.setdefault(parsed.version, {}).setdefault(parsed.prefixlen, {})[network] = site_id
+            for cpe in entry["doc"].get("cpe_ids", []):
+                self._cpes[cpe] = site_id
+        return True
+
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
+        self.refresh()
+        entry = self._data["sites"].get(site_id)
+        return (entry["doc"], entry["version"]) if entry else None
+
+    async def load_site(self, site_id: str) -> Site | None:
+        found = await self.site_document(site_id)
+        return parse_site(found[0], self.catalog, found[1]) if found else None
+
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None:
+        self.refresh()
+        if cpe_id is not None and cpe_id in self._cpes:
+            return self._cpes[cpe_id]
+        lengths = {family: list(by_length) for family, by_length in self._networks.items()}
+        ip_version = ipaddress.ip_address(address).version
+        for candidate in _lookup_candidates(address, lengths):
+            length = int(candidate.rsplit("/", 1)[1])
+            site_id = self._networks[ip_version][length].get(candidate)
+            if site_id is not None:
+                return site_id
+        return None
+
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
+        self.refresh()
+        return {site_id: self._data["sites"].get(site_id, {}).get("version", 0) for site_id in site_ids}
+
+    async def list_sites(self) -> list[str]:
+        self.refresh()
+        return sorted(self._data["sites"])
+
+    async def load_profiles(self) -> dict[str, PolicySpec]:
+        self.refresh()
+        return {name: parse_profile(name, entry["doc"], self.catalog)
+                for name, entry in self._data["profiles"].items()}
+
+    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
+        """Changes seen by polling; writes between two polls come as one notice with the latest version."""
+        try:
+            self.refresh()  # the baseline: what the file holds now is not a change
+        except StoreUnavailable as exc:
+            yield Change("down", str(exc))
+        yield Change("up")
+        while True:
+            await asyncio.sleep(self._interval)
+            before_sites = {k: v["version"] for k, v in self._data["sites"].items()}
+            before_profiles = {k: v["version"] for k, v in self._data["profiles"].items()}
+            before_networks = (self._networks, self._cpes)
+            try:
+                changed = self.refresh()
+            except StoreUnavailable as exc:
+                yield Change("down", str(exc))
+                continue
+            if not changed:
+                continue
+            after_sites = {k: v["version"] for k, v in self._data["sites"].items()}
+            for site_id in before_sites.keys() | after_sites.keys():
+                if before_sites.get(site_id) != after_sites.get(site_id):
+                    yield Change("site", site_id, after_sites.get(site_id, 0))
+            for name in before_profiles.keys() | self._data["profiles"].keys():
+                if before_profiles.get(name) != self._data["profiles"].get(name, {}).get("version"):
+                    yield Change("profile", name, 1)
+            if before_networks != (self._networks, self._cpes):
+                yield Change("networks")
+
+    @contextlib.contextmanager
+    def _locked(self):  # noqa: ANN202
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._identity = None  # read the file again under the lock
+            self.refresh()
+            yield
+            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()])
+            self._identity = None
+
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
+        with self._locked():
+            entry = self._data["sites"].get(site_id)
+            old = entry["doc"] if entry else None
+            version = (entry["version"] if entry else 0) + 1
+            site = self._validated(site_id, mutate(old), version)
+            if site is None:
+                self._data["sites"].pop(site_id, None)
+                return None
+            for index, network in enumerate(site.networks):
+                owner = self._owner_of_network(network)
+                if owner not in (None, site_id):
+                    raise PolicyError(f"networks[{index}]", f"{network} already belongs to site {owner}")
+            for index, cpe in enumerate(site.cpe_ids):
+                if self._cpes.get(cpe, site_id) != site_id:
+                    raise PolicyError(f"cpe_ids[{index}]", f"{cpe} already belongs to site {self._cpes[cpe]}")
+            self._data["sites"][site_id] = {"doc": site_document(site), "version": version}
+            return site
+
+    async def import_sites(self, documents: list[SiteDocument]) -> int:
+        sites = self._validated_import(documents)
+        with self._locked():
+            for site in sites:
+                for index, network in enumerate(site.networks):
+                    owner = self._owner_of_network(network)
+                    if owner not in (None, site.id):
+                        raise PolicyError(f"networks[{index}]", f"{network} of site {site.id} already belongs to "
+                                                                 f"site {owner}")
+                for cpe in site.cpe_ids:
+                    if self._cpes.get(cpe, site.id) != site.id:
+                        owner = self._cpes[cpe]
+                        raise PolicyError("cpe_ids", f"{cpe} of site {site.id} already belongs to site {owner}")
+            for site in sites:
+                version = self._data["sites"].get(site.id, {}).get("version", 0) + 1
+                self._data["sites"][site.id] = {"doc": site_document(site), "version": version}
+        return len(sites)
+
+    def _owner_of_network(self, network: str) -> str | None:
+        parsed = ipaddress.ip_network(network)
+        return self._networks.get(parsed.version, {}).get(parsed.prefixlen, {}).get(network)
+
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
+        if document is not None:
+            parse_profile(name, document, self.catalog)
+        with self._locked():
+            if document is None:
+                self._data["profiles"].pop(name, None)
+            else:
+                version = self._data["profiles"].get(name, {}).get("version", 0) + 1
+                self._data["profiles"][name] = {"doc": document, "version": version}
+
+
+def open_store(redis_url: str, file_path: str, catalog: Catalog, prefix: str = "bns:") -> Store | None:
+    """The configured store: Redis when a URL is given, else the embedded file, else none."""
+    if redis_url:
+        return RedisStore(redis_url, catalog, prefix)
+    if file_path:
+        return FileStore(Path(file_path), catalog)
+    return None

@@ -1,0 +1,211 @@
+"""Shared fixtures: a scripted upstream and an in-process worker, both on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+import uvloop
+
+from bench.upstream import Script, ScriptedUpstream
+from resolver.config import Config, load_config
+from resolver.server import Worker, bind_sockets
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_config(upstreams: list[str], **sections: dict[str, Any]) -> Config:
+    """A config for tests: loopback port 0, short timeouts, the given upstreams; `sections` override."""
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {"listen": ["127.0.0.1:0"], "workers": 1, "tcp_idle_timeout": 5.0, "drain_timeout": 2.0},
+        "upstream": {"servers": upstreams, "timeout": 0.25, "deadline": 1.0, "down_for": 30.0},
+        "store": {"file": ""},
+    }
+    for section, keys in sections.items():
+        overrides.setdefault(section, {}).update(keys)
+    return load_config(None, overrides)
+
+
+class ServerThread:
+    """One Worker on its own uvloop loop in a thread: the whole query path on real sockets, in-process."""
+
+    def __init__(self, config: Config, wall_clock: Any = None) -> None:
+        self.config = config
+        self.wall_clock = wall_clock
+        self.sockets = bind_sockets(config.server.listen, 1)[0]
+        self.port = self.sockets.udp[0].getsockname()[1]
+        self.worker: Worker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bns-worker", daemon=True)
+
+    def _run(self) -> None:
+        uvloop.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.worker = Worker(self.config, self.sockets)
+        if self.wall_clock is not None:
+            self.worker.resolver._wall_clock = self.wall_clock
+        await self.worker.start()
+        self._ready.set()
+        await self._stop.wait()
+        await self.worker.stop()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        assert self._ready.wait(10), "worker did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.loop is not None and self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self.sockets.close()
+
+    def call(self, function: Any, *args: Any) -> Any:
+        """Run `function(*args)` on the worker's loop and return its result (for inspecting state)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(_call(function, *args), self.loop).result(5)
+
+    def ask(self, name: str, rdtype: str = "A", *, tcp: bool = False, timeout: float = 3.0,
+            **make_query: Any) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype, **make_query)
+        send = dns.query.tcp if tcp else dns.query.udp
+        return send(query, "127.0.0.1", port=self.port, timeout=timeout)
+
+
+async def _call(function: Any, *args: Any) -> Any:
+    return function(*args)
+
+
+@pytest.fixture
+def upstream() -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream(script=Script(ttl=300)) as server:
+        yield server
+
+
+@pytest.fixture
+def server(upstream: ScriptedUpstream) -> Iterator[ServerThread]:
+    with ServerThread(make_config([upstream.address])) as running:
+        yield running
+
+
+def answer_addresses(response: dns.message.Message) -> list[str]:
+    return [item.address for rrset in response.answer for item in rrset if rrset.rdtype in (1, 28)]
+
+
+def rdtype(name: str) -> int:
+    return dns.rdatatype.from_text(name)
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with its data in a temporary directory (append-only
+    file, fsync always) so that it can be killed and started again with everything it had."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory), "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def command(self, *args: str) -> bytes:
+        """One command over a raw connection (RESP), for the few things tests do behind the store's back."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+            connection.sendall(payload.encode())
+            return connection.recv(65536)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _redis_or_skip() -> None:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("BNS_REQUIRE_REDIS"):
+            pytest.fail("redis-server is required here (BNS_REQUIRE_REDIS is set) but is not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); CI installs it")
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix (see `redis_prefix`)."""
+    _redis_or_skip()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for one test alone, which it may kill, freeze and start again."""
+    _redis_or_skip()
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"

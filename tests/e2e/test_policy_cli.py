@@ -1,0 +1,95 @@
+"""`bns policy` and `bns serve` as an admin runs them: a change reaches every worker within a second."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import dns.edns
+import dns.message
+import dns.query
+import pytest
+
+from resolver.wire import OptionCode
+from tests.e2e.test_process import bns, serving
+
+pytestmark = pytest.mark.e2e
+MAC = "02:00:00:00:00:07"
+
+
+def policy(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(bns("policy", "--config", str(config), *args), capture_output=True, text=True,
+                          timeout=60)
+
+
+def blocked_everywhere(port: int, name: str, tries: int = 20) -> bool | None:
+    """True if every query (each from a new socket, so spread over the workers) is paused, False if none
+    is, None if the workers disagree."""
+    mac = dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex(MAC.replace(":", "")))
+    query = dns.message.make_query(name, "A", use_edns=0, options=[mac])
+    answers = set()
+    for _ in range(tries):
+        response = dns.query.udp(query, "127.0.0.1", port=port, timeout=2)
+        answers.add(any(option.otype == dns.edns.OptionType.EDE and option.text == "paused"
+                        for option in response.options))
+    return answers.pop() if len(answers) == 1 else None
+
+
+def _within(check, expected, seconds: float) -> float:
+    started = time.monotonic()
+    while check() != expected:
+        assert time.monotonic() - started < seconds, f"not {expected} within {seconds} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.fixture(params=["redis", "file"])
+def config(request, tmp_path, redis_prefix) -> Path:
+    path = tmp_path / "bns.toml"
+    if request.param == "redis":
+        redis = request.getfixturevalue("shared_redis")
+        store = f'redis = "{redis.url}"\nprefix = "{redis_prefix}"'
+    else:
+        store = f'file = "{tmp_path / "policies.json"}"'
+    path.write_text(f'[store]\n{store}\n[identity]\ntrusted_networks = ["127.0.0.1/32"]\n')
+    return path
+
+
+def test_pause_through_the_cli_reaches_both_workers_within_a_second(config, upstream):
+    assert policy(config, "site", "home", "--network", "127.0.0.0/8", "--mode", "device").returncode == 0
+    assert policy(config, "device", "home", "tablet", "--mac", MAC).returncode == 0
+    with serving("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
+                 "--workers", "2") as (process, port):
+        assert blocked_everywhere(port, "a.example") is False
+        result = policy(config, "pause", "home", "--device", "tablet", "--for", "1h")
+        assert result.returncode == 0, result.stderr
+        assert _within(lambda: blocked_everywhere(port, "b.example"), True, 1.5) <= 1.5
+        assert policy(config, "unpause", "home", "--device", "tablet").returncode == 0
+        _within(lambda: blocked_everywhere(port, "c.example"), False, 1.5)
+        process.terminate()
+        assert process.wait(10) == 0
+
+
+def test_cli_refuses_bad_writes_and_says_why(config):
+    assert policy(config, "site", "home", "--network", "127.0.0.0/8").returncode == 0
+    refused = policy(config, "device", "home", "tv", "--mac", "nope")
+    assert refused.returncode == 2 and "devices.tv.macs[0]: 'nope' is not a MAC address" in refused.stderr
+    refused = policy(config, "set", "home", "--json", '{"schedules": [{"name": "x"}]}')
+    assert refused.returncode == 2 and "policy.schedules[0].days: missing" in refused.stderr
+    missing = policy(config, "pause", "home", "--device", "ghost")
+    assert missing.returncode == 3 and "site home has no device 'ghost'" in missing.stderr
+    shown = policy(config, "show", "home")
+    assert shown.returncode == 0 and '"devices": {}' in shown.stdout
+
+
+def test_cli_with_redis_down_fails_with_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "bns.toml"
+    config.write_text(f'[store]\nredis = "redis://127.0.0.1:{port}/0"\n')
+    result = policy(config, "site", "home", "--network", "127.0.0.0/8")
+    assert result.returncode == 1 and "redis at redis://127.0.0.1" in result.stderr

@@ -1,0 +1,197 @@
+"""`bns` as a user runs it: whole processes, real clients, signals and exit codes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.conftest import answer_addresses
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+SERVING = re.compile(r"serving DNS on udp\+tcp (\S+):(\d+)")
+
+
+def bns(*args: str) -> list[str]:
+    return [sys.executable, "-m", "resolver", *args]
+
+
+@contextmanager
+def serving(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Start `bns serve`, read the port it reports (it listens on port 0 unless told otherwise)."""
+    process = subprocess.Popen(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + timeout
+        port = None
+        assert process.stderr is not None
+        while port is None:
+            line = process.stderr.readline()
+            if not line:
+                pytest.fail(f"bns serve exited with {process.wait()} before serving")
+            match = SERVING.search(line)
+            if match:
+                port = int(match.group(2))
+            assert time.monotonic() < deadline, "bns serve did not report its address"
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.message.Message:
+    send = dns.query.tcp if tcp else dns.query.udp
+    return send(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=timeout)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serves_over_udp_and_tcp_with_each_worker_count(upstream, workers):
+    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", str(workers)) as (
+        process, port,
+    ):
+        assert answer_addresses(ask(port, "e2e.example"))
+        assert answer_addresses(ask(port, "e2e-tcp.example", tcp=True))
+        # every worker answers: many source ports spread over the SO_REUSEPORT group
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda index: ask(port, f"spread{index}.example"), range(40)))
+        assert all(answer.rcode() == dns.rcode.NOERROR for answer in answers)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+
+def test_ipv6_listener(upstream):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured")
+    with serving("--listen", "[::1]:0", "--upstream", upstream.address, "--workers", "1") as (process, port):
+        query = dns.message.make_query("v6.example", "A")
+        assert answer_addresses(dns.query.udp(query, "::1", port=port, timeout=3))
+        process.terminate()
+        assert process.wait(10) == 0
+
+
+def test_sigterm_drains_queries_in_flight(upstream):
+    upstream.script.mode = "delay"
+    upstream.script.delay = 0.6
+    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "1") as (process, port):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            udp = pool.submit(ask, port, "draining.example")
+            tcp = pool.submit(ask, port, "draining-tcp.example", True)
+            time.sleep(0.2)  # both queries are now waiting on the upstream
+            process.send_signal(signal.SIGTERM)
+            assert answer_addresses(udp.result())
+            assert answer_addresses(tcp.result())
+        assert process.wait(10) == 0
+
+
+def test_sigint_stops_cleanly_too(upstream):
+    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2") as (process, _port):
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+
+
+def test_a_killed_worker_is_replaced(upstream):
+    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "1") as (process, port):
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert answer_addresses(ask(port, "respawned.example", timeout=0.5))
+                break
+            except dns.exception.Timeout:
+                assert time.monotonic() < deadline, "no worker came back"
+        process.terminate()
+        assert process.wait(10) == 0
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path):
+    config = tmp_path / "bns.toml"
+    config.write_text("[server]\nworkers = 'many'\n")
+    result = subprocess.run(bns("serve", "--config", str(config)), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "server.workers: must be an integer" in result.stderr
+
+
+def test_bad_flag_fails_at_start(tmp_path):
+    result = subprocess.run(bns("serve", "--listen", "localhost:53"), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "server.listen: 'localhost' is not an IP address" in result.stderr
+
+
+def test_address_in_use_is_explained(upstream):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = subprocess.run(bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address),
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except OSError:
+        return 1024
+
+
+@pytest.mark.skipif(_unprivileged_port_start() <= 53, reason="port 53 is not privileged on this kernel")
+@pytest.mark.skipif(os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists(),
+                    reason="as root, needs setpriv to drop CAP_NET_BIND_SERVICE")
+def test_port_53_without_privileges_says_so():
+    command = bns("serve", "--listen", "127.0.0.1:53", "--upstream", "127.0.0.1:9")
+    if os.geteuid() == 0:  # drop the one capability that lets root bind port 53
+        command = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE" in result.stderr
+
+
+def test_embedded_defaults_start_without_any_file():
+    """The README's first command: `bns serve` with nothing else listens on 127.0.0.1:5300 (no query is
+    sent: the default upstreams are public resolvers, and tests never leave loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", 5300))
+        except OSError:
+            pytest.skip("port 5300 is busy on this host")
+    with serving() as (process, port):
+        assert port == 5300
+        process.terminate()
+        assert process.wait(10) == 0
+
+
+def test_config_command_lists_every_key():
+    result = subprocess.run(bns("config"), capture_output=True, text=True, timeout=30, check=True)
+    for key in ("server.listen", "server.workers", "upstream.servers", "cache.size"):
+        assert key in result.stdout
+
+
+def test_config_check(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[cache]\nsize = 5\n")
+    assert subprocess.run(bns("config", "--check", str(good)), capture_output=True, timeout=30).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cache]\nsise = 5\n")
+    result = subprocess.run(bns("config", "--check", str(bad)), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "cache.sise: unknown key" in result.stderr

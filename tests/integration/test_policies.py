@@ -1,0 +1,292 @@
+"""Per-device policy through a real worker, a real Redis and real EDNS identity options (dnspython)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from blocklists.catalog import load_catalog
+from blocklists.compiler import Source, compile_lists
+from resolver.policy.service import PolicyService
+from resolver.policy.store import RedisStore
+from resolver.wire import OptionCode
+from tests.conftest import ServerThread, answer_addresses, make_config
+
+pytestmark = pytest.mark.integration
+CATALOG = load_catalog()
+LONDON = ZoneInfo("Europe/London")
+TUESDAY_NOON = datetime(2026, 11, 24, 12, 0, tzinfo=LONDON).timestamp()
+TUESDAY_NIGHT = datetime(2026, 11, 24, 22, 0, tzinfo=LONDON).timestamp()
+WEDNESDAY_MORNING = datetime(2026, 11, 25, 7, 0, tzinfo=LONDON).timestamp()
+
+MACS = {"dad": "02:00:00:00:00:01", "tablet": "02:00:00:00:00:02", "phone": "02:00:00:00:00:03",
+        "tv": "02:00:00:00:00:04", "stranger": "02:00:00:00:00:99"}
+
+SITE = {
+    "name": "Smith family", "networks": ["127.0.0.0/8"], "timezone": "Europe/London", "mode": "device",
+    "default_group": "guests",
+    "groups": {
+        "kids": {"name": "Kids", "policy": {
+            "block": ["pornography", "drugs"],
+            "schedules": [{"name": "bedtime", "days": ["sun", "mon", "tue", "wed", "thu"], "from": "21:00",
+                           "to": "07:00", "block": "all"}]}},
+        "guests": {"name": "Guests", "policy": {"profile": "guest"}},
+    },
+    "devices": {
+        "dad": {"macs": [MACS["dad"]], "policy": {"block": []}},
+        "tablet": {"macs": [MACS["tablet"]], "group": "kids"},
+        "phone": {"macs": [MACS["phone"]], "group": "kids",
+                  "policy": {"block": ["pornography"], "allow": ["ok.porn.example"], "deny": ["denied.example"]}},
+        "tv": {"macs": [MACS["tv"]], "group": "guests"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("policy-lists")
+    out = directory / "lists.bns"
+    sources = []
+    for category, names in (("pornography", "porn.example\n"), ("drugs", "drug.example\n"),
+                            ("malware", "malware.example\n")):
+        path = directory / f"{category}.txt"
+        path.write_text(names)
+        sources.append(Source(path, category))
+    compile_lists(sources, out, CATALOG)
+    return out
+
+
+def write(redis_url: str, prefix: str, work: Callable[[PolicyService], Awaitable[Any]]) -> Any:
+    """Run one write through the policy service, as an admin would, on a connection of its own."""
+    async def run() -> Any:
+        store = RedisStore(redis_url, CATALOG, prefix)
+        try:
+            return await work(PolicyService(store))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def server_for(redis_url: str, prefix: str, lists: Path, upstream, clock: Clock | None = None,
+               cold_wait: float = 1.0, **sections: dict[str, Any]) -> ServerThread:
+    config = make_config(
+        [upstream.address], lists={"path": str(lists)},
+        store={"redis": redis_url, "prefix": prefix, "cold_wait": cold_wait},
+        identity={"trusted_networks": ["127.0.0.1/32"]}, **sections,
+    )
+    return ServerThread(config, wall_clock=clock)
+
+
+def ask(server: ServerThread, name: str, mac: str | None = None, source: str = "127.0.0.1",
+        rdtype: str = "A") -> dns.message.Message:
+    options = [dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex(mac.replace(":", "")))] if mac else []
+    query = dns.message.make_query(name, rdtype, use_edns=0, options=options)
+    return dns.query.udp(query, "127.0.0.1", port=server.port, source=source, timeout=3)
+
+
+def outcome(response: dns.message.Message) -> str:
+    """"ok", or the EDE text of a blocked answer ("blocked: pornography", "Web Protect: malware"…)."""
+    ede = [option for option in response.options if option.otype == dns.edns.OptionType.EDE]
+    if response.rcode() == dns.rcode.NOERROR and not ede:
+        return "ok"
+    assert ede, f"rcode {dns.rcode.to_text(response.rcode())} without an EDE"
+    return ede[0].text
+
+
+@pytest.fixture
+def family(shared_redis, redis_prefix) -> tuple[str, str]:
+    write(shared_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
+    return shared_redis.url, redis_prefix
+
+
+# The precedence table of README "Policies", for the family site, on a Tuesday at noon.
+TABLE = [
+    ("dad", "porn.example", "ok"),  # device policy blocks nothing; it replaces the group/site ones
+    ("dad", "malware.example", "Web Protect: malware"),  # Web Protect is on unless a policy turns it off
+    ("tablet", "porn.example", "blocked: pornography"),  # no device policy: the group's
+    ("tablet", "drug.example", "blocked: drugs"),
+    ("tablet", "allowed.example", "ok"),
+    ("phone", "drug.example", "ok"),  # the device's policy replaces its group's
+    ("phone", "porn.example", "blocked: pornography"),
+    ("phone", "ok.porn.example", "ok"),  # allow beats category
+    ("phone", "denied.example", "blocked: denied by policy"),  # deny beats the (absent) category
+    ("tv", "drug.example", "blocked: drugs"),  # guests group: the guest profile blocks the eight categories
+    ("stranger", "porn.example", "blocked: pornography"),  # unknown device: the site's default group
+]
+
+
+@pytest.mark.parametrize(("device", "name", "expected"), TABLE, ids=[f"{d}-{n}" for d, n, _ in TABLE])
+def test_precedence_table(family, lists, upstream, device, name, expected):
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask(server, name, MACS[device])) == expected
+
+
+def test_two_devices_of_one_site_get_different_answers_at_the_same_moment(family, lists, upstream):
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+        assert outcome(ask(server, "porn.example", MACS["tablet"])) == "blocked: pornography"
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+
+
+def test_identity_options_from_an_untrusted_source_are_ignored(family, lists, upstream):
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask(server, "porn.example", MACS["dad"], source="127.0.0.1")) == "ok"
+        # the same MAC from 127.0.0.2, which is not trusted: only the address counts, an unknown device
+        # of the site, so the default (guests) group
+        assert outcome(ask(server, "porn.example", MACS["dad"], source="127.0.0.2")) == "blocked: pornography"
+
+
+def test_unknown_client_gets_the_global_default(family, lists, upstream, shared_redis, redis_prefix):
+    write(shared_redis.url, redis_prefix, lambda service: service.set_site_fields("smith", {"networks": []}))
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON),
+                    policy={"block": ["drugs"], "warn": []}) as server:
+        assert outcome(ask(server, "drug.example", MACS["dad"])) == "blocked: drugs"
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+
+
+def test_schedule_blocks_everything_in_its_window_and_ends_by_itself(family, lists, upstream):
+    clock = Clock(TUESDAY_NOON)
+    with server_for(*family, lists, upstream, clock) as server:
+        assert outcome(ask(server, "allowed.example", MACS["tablet"])) == "ok"
+        clock.now = TUESDAY_NIGHT
+        assert outcome(ask(server, "allowed.example", MACS["tablet"])) == "schedule bedtime"
+        assert outcome(ask(server, "allowed.example", MACS["phone"])) == "ok"  # its own policy has no bedtime
+        clock.now = WEDNESDAY_MORNING - 1
+        assert outcome(ask(server, "allowed.example", MACS["tablet"])) == "schedule bedtime"
+        clock.now = WEDNESDAY_MORNING
+        assert outcome(ask(server, "allowed.example", MACS["tablet"])) == "ok"
+
+
+def test_pause_beats_allow_and_ends_at_its_time(family, lists, upstream, shared_redis, redis_prefix):
+    clock = Clock(TUESDAY_NOON)
+    until = TUESDAY_NOON + 600
+    write(shared_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "phone"), until))
+    with server_for(*family, lists, upstream, clock) as server:
+        assert outcome(ask(server, "ok.porn.example", MACS["phone"])) == "paused"
+        clock.now = until
+        assert outcome(ask(server, "ok.porn.example", MACS["phone"])) == "ok"
+
+
+def _eventually(check: Callable[[], bool], within: float) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists, upstream, shared_redis,
+                                                                  redis_prefix):
+    with server_for(*family, lists, upstream) as server:
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+        write(shared_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "dad")))
+        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 1.0)
+        write(shared_redis.url, redis_prefix, lambda service: service.unpause("smith", ("device", "dad")))
+        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "ok", 1.0)
+
+
+def test_an_invalid_write_is_refused_whole(family, shared_redis, redis_prefix):
+    from resolver.policy.model import PolicyError
+
+    before = write(shared_redis.url, redis_prefix, lambda service: service.get_site("smith"))
+    broken = {**SITE, "name": "changed", "devices": {**SITE["devices"], "tv": {"macs": ["not-a-mac"]}}}
+    with pytest.raises(PolicyError, match=r"devices\.tv\.macs\[0\]: 'not-a-mac' is not a MAC address"):
+        write(shared_redis.url, redis_prefix, lambda service: service.put_site("smith", broken))
+    assert write(shared_redis.url, redis_prefix, lambda service: service.get_site("smith")) == before
+
+
+def test_redis_killed_keeps_last_policies_and_comes_back(own_redis, redis_prefix, lists, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="resolver.policy.directory")
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
+    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON),
+                    cold_wait=0.05) as server:
+        assert outcome(ask(server, "porn.example", MACS["tablet"])) == "blocked: pornography"
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+        own_redis.kill()
+        # known clients keep their policies; an unseen one gets the default at once instead of waiting
+        for _ in range(3):
+            assert outcome(ask(server, "porn.example", MACS["tablet"])) == "blocked: pornography"
+            assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+        started = time.monotonic()
+        assert outcome(ask(server, "porn.example", MACS["tv"])) == "blocked: pornography"  # the global default
+        assert time.monotonic() - started < 0.5
+        assert "policy store unavailable" in caplog.text
+        own_redis.start()  # same data (append-only file)
+        write(own_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "dad")))
+        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
+        assert "policy store reachable again" in caplog.text
+
+
+def test_missed_notices_are_caught_up_by_a_resync(own_redis, redis_prefix, lists, upstream):
+    """A change that no notice announces (as if published while the subscription was down) is found by the
+    resync that follows a broken subscription."""
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
+    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
+        document, version = write(own_redis.url, redis_prefix, lambda service: service.get_site("smith"))
+        document["devices"]["dad"]["paused_until"] = "forever"
+        own_redis.command("HSET", f"{redis_prefix}site:smith", "doc", json.dumps(document), "version",
+                          str(version + 1))  # behind the store's back: no notice
+        time.sleep(0.3)
+        assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"  # nobody told the worker
+        own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
+
+
+def test_a_frozen_redis_never_holds_a_new_client_longer_than_cold_wait(own_redis, redis_prefix, lists, upstream):
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
+    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON),
+                    cold_wait=0.02) as server:
+        own_redis.freeze()
+        try:
+            started = time.monotonic()
+            response = ask(server, "porn.example", MACS["tv"])
+            assert time.monotonic() - started < 0.5
+            assert outcome(response) == "blocked: pornography"  # the global default, not a wait
+        finally:
+            own_redis.thaw()
+
+
+def test_cname_chain_into_a_blocked_name_is_blocked(family, lists, upstream):
+    upstream.script.cnames["innocent.example"] = "porn.example"
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask(server, "innocent.example", MACS["tablet"])) == "blocked: pornography"
+        assert outcome(ask(server, "innocent.example", MACS["dad"])) == "ok"  # same cached answer, other policy
+        assert outcome(ask(server, "innocent.example", MACS["tablet"])) == "blocked: pornography"  # a cache hit
+
+
+def test_safe_search_answers_with_the_restrict_name(family, lists, upstream, shared_redis, redis_prefix):
+    write(shared_redis.url, redis_prefix,
+          lambda service: service.set_policy("smith", ("device", "dad"), {"safe_search": True}))
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        response = ask(server, "www.google.com", MACS["dad"])
+        assert response.answer[0].rdtype == dns.rdatatype.CNAME
+        assert str(response.answer[0][0].target) == "forcesafesearch.google.com."
+        assert answer_addresses(response)
+        assert str(response.answer[1].name) == "forcesafesearch.google.com."
+        assert "forcesafesearch.google.com" in upstream.names_seen()
+        plain = ask(server, "www.google.com", MACS["tablet"])  # no safe search for the tablet
+        assert plain.answer[0].rdtype == dns.rdatatype.A

@@ -1,0 +1,166 @@
+"""The policy stores, Redis and the embedded file, held to the same contract."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from blocklists.catalog import load_catalog
+from resolver.policy.model import PolicyError
+from resolver.policy.service import NotFound, PolicyService
+from resolver.policy.store import Change, FileStore, RedisStore, Store
+
+pytestmark = pytest.mark.integration
+CATALOG = load_catalog()
+
+
+@pytest.fixture(params=["redis", "file"])
+def make_store(request, tmp_path, redis_prefix):
+    """A factory of stores over the same data (two nodes, or a CLI and a server, share one)."""
+    if request.param == "redis":
+        redis = request.getfixturevalue("shared_redis")
+        return lambda: RedisStore(redis.url, CATALOG, redis_prefix)
+    path = tmp_path / "policies.json"
+    return lambda: FileStore(path, CATALOG, poll_interval=0.02)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def _with(store: Store, work):
+    try:
+        return await work(PolicyService(store))
+    finally:
+        await store.close()
+
+
+def test_write_read_and_versions(make_store):
+    async def work(service):
+        site = await service.put_site("a", {"networks": ["192.0.2.0/24"], "mode": "device"})
+        assert site.version == 1
+        site = await service.put_device("a", "d1", {"macs": ["02:00:00:00:00:01"]})
+        assert site.version == 2 and "d1" in site.devices
+        document, version = await service.get_site("a")
+        assert version == 2 and document["devices"]["d1"]["macs"] == ["02:00:00:00:00:01"]
+        assert await service.list_sites() == ["a"]
+
+    run(_with(make_store(), work))
+
+
+def test_a_refused_write_changes_nothing(make_store):
+    async def work(service):
+        await service.put_site("a", {"networks": ["192.0.2.0/24"]})
+        with pytest.raises(PolicyError, match=r"devices\.d1\.macs\[0\]"):
+            await service.put_device("a", "d1", {"macs": ["bad"]})
+        with pytest.raises(PolicyError, match=r"groups\.g\.policy\.block"):
+            await service.put_group("a", "g", {"policy": {"block": ["nothing-like-it"]}})
+        document, version = await service.get_site("a")
+        assert version == 1 and document["devices"] == {} and document["groups"] == {}
+        with pytest.raises(NotFound):
+            await service.put_device("missing", "d1", {})
+
+    run(_with(make_store(), work))
+
+
+def test_networks_and_cpe_ids_belong_to_one_site(make_store):
+    async def work(service):
+        await service.put_site("a", {"networks": ["192.0.2.0/24"], "cpe_ids": ["cpe-a"]})
+        with pytest.raises(PolicyError, match=r"networks\[0\]: 192\.0\.2\.0/24 already belongs to site a"):
+            await service.put_site("b", {"networks": ["192.0.2.0/24"]})
+        with pytest.raises(PolicyError, match=r"cpe_ids\[0\]: cpe-a already belongs to site a"):
+            await service.put_site("b", {"cpe_ids": ["cpe-a"]})
+        assert await service.list_sites() == ["a"]
+
+    run(_with(make_store(), work))
+
+
+def test_find_site_by_longest_prefix_and_cpe(make_store):
+    async def work(service):
+        await service.put_site("wide", {"networks": ["10.0.0.0/8", "2001:db8::/32"]})
+        await service.put_site("narrow", {"networks": ["10.1.2.0/29"], "cpe_ids": ["cpe-n"]})
+        store = service.store
+        assert await store.find_site("10.1.2.5", None) == "narrow"
+        assert await store.find_site("10.1.2.9", None) == "wide"
+        assert await store.find_site("2001:db8::1", None) == "wide"
+        assert await store.find_site("192.0.2.1", None) is None
+        assert await store.find_site("192.0.2.1", "cpe-n") == "narrow"
+        await service.delete_site("narrow")
+        if isinstance(store, RedisStore):
+            store.forget_networks()
+        assert await store.find_site("10.1.2.5", None) == "wide"
+        assert await store.find_site("192.0.2.1", "cpe-n") is None
+
+    run(_with(make_store(), work))
+
+
+def test_concurrent_writers_lose_nothing(make_store):
+    async def work(service):
+        await service.put_site("a", {"devices": {f"d{i}": {} for i in range(10)}})
+        writers = [make_store() for _ in range(10)]
+        try:
+            await asyncio.gather(*(PolicyService(writer).pause("a", ("device", f"d{i}"))
+                                   for i, writer in enumerate(writers)))
+        finally:
+            for writer in writers:
+                await writer.close()
+        document, version = await service.get_site("a")
+        assert version == 11
+        assert all(device["paused_until"] == "forever" for device in document["devices"].values())
+
+    run(_with(make_store(), work))
+
+
+def test_changes_are_announced(make_store):
+    async def work(service):
+        await service.put_site("a", {"networks": ["192.0.2.0/24"]})
+        reader = make_store()
+        changes: AsyncIterator[Change] = reader.changes()
+        assert (await anext(changes)).kind == "up"
+        await service.put_device("a", "d", {})
+        await service.set_site_fields("a", {"networks": ["198.51.100.0/24"]})
+        seen: list[tuple[str, str, int]] = []
+        # Redis sends each write's notices; the file store, polling, may fold two writes into one.
+        while ("site", "a", 3) not in seen or ("networks", "", 0) not in seen:
+            change = await asyncio.wait_for(anext(changes), 5)
+            seen.append((change.kind, change.key, change.version))
+        await changes.aclose()
+        await reader.close()
+        return seen
+
+    seen = run(_with(make_store(), work))
+    assert seen.index(("site", "a", 3)) < seen.index(("networks", "", 0))
+    assert all(kind in ("site", "networks") for kind, _, _ in seen)
+
+
+def test_profiles(make_store):
+    async def work(service):
+        await service.set_profile("teen", {"block": ["pornography"], "web_protect": True})
+        assert set(await service.store.load_profiles()) == {"teen"}
+        with pytest.raises(PolicyError, match=r"profiles\.bad\.block"):
+            await service.set_profile("bad", {"block": ["nope"]})
+        await service.set_profile("teen", None)
+        assert await service.store.load_profiles() == {}
+
+    run(_with(make_store(), work))
+
+
+def test_import_many_sites(make_store):
+    documents = [{"id": f"s{i}", "networks": [f"10.0.{i}.0/24"],
+                  "devices": {"d": {"macs": [f"02:00:00:00:00:{i:02x}"]}}} for i in range(50)]
+
+    async def work(service):
+        assert await service.store.import_sites(documents) == 50
+        assert len(await service.list_sites()) == 50
+        assert await service.store.find_site("10.0.7.9", None) == "s7"
+        site = await service.store.load_site("s7")
+        assert site is not None and site.version == 1 and "d" in site.devices
+        with pytest.raises(PolicyError, match=r"10\.0\.3\.0/24"):  # already s3's
+            await service.store.import_sites([{"id": "intruder", "networks": ["10.0.3.0/24"]}])
+        with pytest.raises(PolicyError, match=r"sites\[1\]\.devices\.x\.macs\[0\]"):
+            await service.store.import_sites([{"id": "ok"}, {"id": "bad", "devices": {"x": {"macs": ["?"]}}}])
+        assert "intruder" not in await service.list_sites()
+
+    run(_with(make_store(), work))

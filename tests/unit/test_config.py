@@ -1,0 +1,95 @@
+"""Strict configuration: defaults in one place, every bad key or value refused with its name and reason."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from resolver.config import Endpoint, describe_settings, load_config, parse_endpoint
+from resolver.errors import ConfigError
+from resolver.server import _explain_bind_error
+
+pytestmark = pytest.mark.unit
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bns.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file():
+    config = load_config()
+    assert config.server.listen == (Endpoint("127.0.0.1", 5300),)
+    assert config.server.workers == 0 and config.server.worker_count >= 1
+    assert config.upstream.deadline == 2.0
+
+
+def test_file_values_and_flag_overrides(tmp_path):
+    path = write(tmp_path, '[server]\nlisten = ["0.0.0.0:53"]\nworkers = 4\n[cache]\nsize = 10\n')
+    config = load_config(path, {"server": {"listen": ["[::1]:5353", "127.0.0.2"]}})
+    assert config.server.listen == (Endpoint("::1", 5353), Endpoint("127.0.0.2", 53))
+    assert config.server.workers == 4
+    assert config.cache.size == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nlisten_on = []\n", "server.listen_on: unknown key in [server]"),
+        ("[cach]\nsize = 1\n", "cach: unknown key in the top level"),
+        ("[server]\nworkers = -1\n", "server.workers: -1 is outside 0..256"),
+        ("[server]\nworkers = 'two'\n", "server.workers: must be an integer"),
+        ("[server]\nworkers = true\n", "server.workers: must be an integer"),
+        ("[server]\nlisten = '127.0.0.1'\n", "server.listen: must be a list"),
+        ("[server]\nlisten = []\n", "server.listen: must name at least one address"),
+        ("[server]\nlisten = ['localhost:53']\n", "server.listen: 'localhost' is not an IP address"),
+        ("[server]\nlisten = ['127.0.0.1:99999']\n", "server.listen: port '99999'"),
+        ("[upstream]\nservers = ['[::1]x']\n", "upstream.servers:"),
+        ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of debug, info, warning, error"),
+        ("[cache]\nmin_ttl = 600\nmax_ttl = 60\n", "cache.min_ttl: 600 is above cache.max_ttl"),
+        ("[upstream]\ntimeout = 3.0\ndeadline = 1.0\n", "upstream.deadline: 1.0 is shorter"),
+        ("server = 3\n", "server: must be a table"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key_and_the_reason(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_integers_are_accepted_for_seconds(tmp_path):
+    assert load_config(write(tmp_path, "[upstream]\ntimeout = 1\n")).upstream.timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("9.9.9.9", Endpoint("9.9.9.9", 53)), ("127.0.0.1:5300", Endpoint("127.0.0.1", 5300)),
+     ("::1", Endpoint("::1", 53)), ("[2001:db8::1]:853", Endpoint("2001:db8::1", 853))],
+)
+def test_endpoints(text, expected):
+    assert parse_endpoint(text) == expected
+
+
+def test_every_setting_is_described():
+    rows = describe_settings()
+    assert {"server.listen", "upstream.servers", "cache.size", "log.level"} <= {key for key, _, _ in rows}
+    assert all(doc for _, _, doc in rows)
+
+
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [(errno.EACCES, "CAP_NET_BIND_SERVICE"), (errno.EADDRINUSE, "already in use"),
+     (errno.EADDRNOTAVAIL, "no interface")],
+)
+def test_bind_errors_say_what_to_do(code, hint):
+    error = _explain_bind_error(Endpoint("0.0.0.0", 53), OSError(code, "x"))
+    assert "0.0.0.0:53" in str(error) and hint in str(error)

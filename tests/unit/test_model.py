@@ -1,0 +1,157 @@
+"""Site documents: validation with field paths, the canonical round trip; identity options and trust."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from datetime import UTC, datetime
+
+import pytest
+
+from blocklists.catalog import load_catalog
+from resolver.identity import Identity, TrustedNetworks, identity_from
+from resolver.policy.model import PolicyError, mac_from_option, parse_site, site_document
+from resolver.wire import OptionCode
+
+pytestmark = pytest.mark.unit
+CATALOG = load_catalog()
+
+GOOD = {
+    "id": "smith", "name": "Smith", "networks": ["198.51.100.9/29", "2001:db8:1::/56"], "cpe_ids": ["cpe-1"],
+    "timezone": "Europe/Paris", "mode": "device", "default_group": "kids",
+    "policy": {"block": ["hate"], "safe_search": True},
+    "groups": {"kids": {"name": "Kids", "policy": {
+        "profile": "guest", "allow": ["School.Example."], "deny": ["*.games.example"],
+        "schedules": [{"name": "night", "days": ["fri", "sat"], "from": "23:30", "to": "06:00", "block": "all"},
+                      {"name": "study", "days": ["mon"], "from": "16:00", "to": "18:00", "block": ["hacking"]}]},
+        "paused_until": "2026-12-01T20:00:00+01:00"}},
+    "devices": {"tab": {"name": "Tablet", "macs": ["02-00-00-00-00-0A"], "client_ids": ["a1b2"],
+                        "addresses": ["192.168.1.20"], "group": "kids", "paused_until": "forever"}},
+}
+
+
+def test_a_good_document_and_its_canonical_round_trip():
+    site = parse_site(GOOD, CATALOG)
+    assert site.networks == ("198.51.100.8/29", "2001:db8:1::/56")  # host bits dropped
+    assert site.devices["tab"].macs == (bytes.fromhex("02000000000a"),)
+    kids = site.groups["kids"].policy
+    assert kids.allow == ("school.example",) and kids.deny == ("games.example",)
+    assert kids.schedules[0].days == frozenset({4, 5}) and kids.schedules[0].start == 23 * 60 + 30
+    assert site.groups["kids"].paused_until == datetime(2026, 12, 1, 19, 0, tzinfo=UTC).timestamp()
+    canonical = site_document(site)
+    again = site_document(parse_site(canonical, CATALOG))
+    assert again == canonical
+    assert canonical["devices"]["tab"]["macs"] == ["02:00:00:00:00:0a"]
+    assert canonical["groups"]["kids"]["paused_until"] == "2026-12-01T19:00:00Z"
+
+
+def broken(path: str, value: object) -> dict:
+    """GOOD with the field at a dotted `path` replaced by `value` (a key of None deletes nothing)."""
+    import copy
+
+    document = copy.deepcopy(GOOD)
+    target = document
+    parts = path.split(".")
+    for part in parts[:-1]:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    last = parts[-1]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("timezone", "Mars/Olympus", "timezone: 'Mars/Olympus' is not a known time zone"),
+        ("mode", "family", "mode: 'family' is not one of network, device"),
+        ("networks", ["300.1.1.1/8"], "networks[0]:"),
+        ("cpe_ids", ["has space"], "cpe_ids[0]: 'has space' is not an id"),
+        ("default_group", "nobody", "default_group: no group 'nobody' in this site"),
+        ("devices.tab.macs", ["zz:00"], "devices.tab.macs[0]: 'zz:00' is not a MAC address"),
+        ("devices.tab.group", "ghosts", "devices.tab.group: no group 'ghosts' in this site"),
+        ("devices.tab.addresses", ["not-an-ip"], "devices.tab.addresses[0]:"),
+        ("devices.tab.paused_until", "tomorrow", "devices.tab.paused_until: 'tomorrow' is not an RFC 3339 time"),
+        ("devices.tab.paused_until", "2026-12-01T20:00:00", "has no UTC offset"),
+        ("devices.tab.colour", "red", "devices.tab.colour: unknown field"),
+        ("groups.kids.policy.block", ["porn"], "groups.kids.policy.block[0]: 'porn' is not a category"),
+        ("groups.kids.policy.web_protect", "yes", "groups.kids.policy.web_protect: must be true or false"),
+        ("groups.kids.policy.answer", "silence", "groups.kids.policy.answer: 'silence' is not one of"),
+        ("groups.kids.policy.allow", ["bad..name"], "groups.kids.policy.allow[0]: empty label"),
+        ("groups.kids.policy.schedules.0.days", ["funday"], "schedules[0].days[0]: 'funday' is not one of"),
+        ("groups.kids.policy.schedules.0.from", "25:00", "schedules[0].from: '25:00' is not a time of day"),
+        ("groups.kids.policy.schedules.1.block", [], 'schedules[1].block: must be "all" or a non-empty list'),
+        ("groups.kids.policy.schedules.1.name", "night", "schedules: two schedules have the same name"),
+        ("policy", ["not", "an", "object"], "policy: must be an object"),
+        ("name", 42, "name: must be a string"),
+    ],
+)
+def test_bad_fields_are_named_by_their_path(path, value, message):
+    with pytest.raises(PolicyError) as caught:
+        parse_site(broken(path, value), CATALOG)
+    assert message in str(caught.value)
+
+
+def test_a_mac_or_client_id_belongs_to_one_device():
+    document = broken("devices.other", {"macs": ["02:00:00:00:00:0a"]})
+    expected = r"devices\.other\.macs\[0\]: 02:00:00:00:00:0a already belongs to device tab"
+    with pytest.raises(PolicyError, match=expected):
+        parse_site(document, CATALOG)
+
+
+def test_id_is_required():
+    with pytest.raises(PolicyError, match="id: missing"):
+        parse_site({"name": "x"}, CATALOG)
+
+
+MAC = bytes.fromhex("020000abcdef")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [MAC, b"02:00:00:ab:cd:ef", b"02-00-00-AB-CD-EF", base64.b64encode(MAC).rstrip(b"=")],
+    ids=["binary-65001", "text-65073", "dashes", "base64-65073"],
+)
+def test_mac_options(payload):
+    assert mac_from_option(payload) == MAC
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x01\x02", b"not a mac", b"\xff" * 8])
+def test_bad_mac_options_are_no_mac(payload):
+    assert mac_from_option(payload) is None
+
+
+def ecs(address: bytes, family: int, prefix: int) -> bytes:
+    return struct.pack("!HBB", family, prefix, 0) + address
+
+
+def test_identity_from_options():
+    options = {
+        OptionCode.MAC: MAC,
+        OptionCode.CPE_ID: b"cpe-77",
+        OptionCode.ECS: ecs(bytes([192, 168, 1, 20]), 1, 32),
+    }
+    assert identity_from("10.0.0.1", options) == Identity("192.168.1.20", MAC, None, "cpe-77")
+    assert identity_from("10.0.0.1", {OptionCode.ECS: ecs(bytes([203, 0, 113]), 1, 24)}).address == "203.0.113.0"
+    assert identity_from("10.0.0.1", None) == Identity("10.0.0.1")
+
+
+def test_umbrella_option_as_dnsmasq_writes_it():
+    payload = (b"ODNS\x01\x00" + struct.pack("!HI", 0x0008, 1234) + struct.pack("!H", 0x0010)
+               + bytes([192, 0, 2, 7]) + struct.pack("!H", 0x0040) + bytes.fromhex("0011223344556677"))
+    identity = identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload})
+    assert identity == Identity("192.0.2.7", None, "0011223344556677", "umbrella-org-1234")
+
+
+def test_truncated_umbrella_option_gives_what_it_can():
+    payload = b"ODNS\x01\x00" + struct.pack("!H", 0x0040) + b"\x00\x11"
+    assert identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload}) == Identity("10.0.0.1")
+
+
+def test_trusted_networks():
+    trusted = TrustedNetworks(("127.0.0.1/32", "2001:db8::/32"))
+    assert "127.0.0.1" in trusted and "2001:db8::5" in trusted
+    assert "127.0.0.2" not in trusted and "garbage" not in trusted
+    assert not TrustedNetworks(())
