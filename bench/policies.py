@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.harness import DEFAULT_DATA, bns_command, free_port, machine, median, running, top_site_names
-from bench.load import process_tree_cpu, run_dnsperf
+from bench.load import LoadResult, process_tree_cpu, run_dnsperf
 from blocklists.catalog import load_catalog
 from resolver.policy.store import RedisStore
 
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--cold", type=int, default=5_000, help="unseen devices in the cold-start run")
-    parser.add_argument("--cold-qps", type=int, default=1_000)
+    parser.add_argument("--cold-qps", type=int, nargs="+", default=[300, 1_000],
+                        help="rates of new devices per second, one cold run each (each on devices of its own)")
     args = parser.parse_args(argv)
     if shutil.which("redis-server") is None or shutil.which("dnsperf") is None:
         raise SystemExit("this bench needs redis-server and dnsperf (Debian: redis-server, dnsperf)")
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             upstream = [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port), "--ttl", "86400"]
             with running(upstream, upstream_port):
                 lines += warm_runs(args, configs, upstream_port, warm_file, names_file)
-                lines += cold_run(args, configs["per-device policies (Redis)"], upstream_port, names, scratch)
+                for number, rate in enumerate(args.cold_qps):
+                    lines += cold_run(args, rate, number, configs["per-device policies (Redis)"], upstream_port,
+                                      names, scratch)
         finally:
             redis.terminate()
             redis.wait()
@@ -211,9 +214,9 @@ def warm_runs(args: argparse.Namespace, configs: dict[str, Path], upstream_port:
     ]
 
 
-def cold_run(args: argparse.Namespace, config: Path, upstream_port: int, names: list[str],
+def cold_run(args: argparse.Namespace, rate: int, number: int, config: Path, upstream_port: int, names: list[str],
              scratch: Path) -> list[str]:
-    rng = random.Random(12)
+    rng = random.Random(12 + number)
     sites = rng.sample(range(args.sites), args.cold)
     cold = [wire_query(names[0], identity_options(site, rng.randrange(args.devices))) for site in sites]
     cold_file = write_binary_queries(scratch / "cold.bin", cold)
@@ -221,16 +224,23 @@ def cold_run(args: argparse.Namespace, config: Path, upstream_port: int, names: 
     port = free_port()
     with running(bns_command(port, upstream_port, 1, "--config", str(config)), port):
         run_dnsperf(port, warmup, runs=1, clients=1, outstanding=1, binary=True)
-        result = run_dnsperf(port, cold_file, runs=1, clients=8, outstanding=100, max_qps=args.cold_qps,
-                             per_query=True, binary=True)
+        cold_result, warm_result = (
+            run_dnsperf(port, cold_file, runs=1, clients=8, outstanding=100, max_qps=rate, per_query=True,
+                        binary=True)
+            for _ in range(2))  # the second pass asks the same, now known, devices: the baseline
+
+    def figures(result: LoadResult) -> str:
+        return (f"p50 {result.percentile(0.5) * 1e3:.2f} ms, p99 {result.percentile(0.99) * 1e3:.2f} ms, "
+                f"max {max(result.latencies) * 1e3:.2f} ms over {len(result.latencies):,} answers "
+                f"({result.lost} lost)")
+
     return [
         "",
         f"Cold start: {args.cold:,} devices never seen before, each of a different site (so a site lookup and a "
-        f"site load from Redis each), at {args.cold_qps} qps, the name already cached: "
-        f"p50 {result.percentile(0.5) * 1e3:.2f} ms, p99 {result.percentile(0.99) * 1e3:.2f} ms, "
-        f"max {max(result.latencies) * 1e3:.2f} ms over {len(result.latencies):,} answers ({result.lost} lost).",
+        f"site load from Redis each), at {rate} new devices a second, the name already cached: {figures(cold_result)}. "
+        f"The same queries again, the devices now known (the baseline, measured by the same dnsperf at the same "
+        f"rate): {figures(warm_result)}.",
     ]
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -29,7 +31,8 @@ from resolver.config import Config, Endpoint
 from resolver.errors import StartupError
 from resolver.identity import TrustedNetworks
 from resolver.listener import InFlight, TcpConnection, UdpListener
-from resolver.lists import Lists
+from resolver.lists import Lists, cache_dir_of, served_path
+from resolver.metrics import worker_counters, write_counters
 from resolver.pipeline import Resolver
 from resolver.policy.directory import Directory
 from resolver.policy.effective import PolicyMaker, answering_from, default_policy
@@ -146,9 +149,9 @@ def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
     ConfigError saying what is wrong."""
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
-        lists = Lists(Path(config.lists.path) if config.lists.path else None, catalog,
-                      config.lists.hot_names, config.lists.check_interval,
-                      Path(config.lists.cache_dir) if config.lists.cache_dir else None)
+        path, required = served_path(config.lists)
+        lists = Lists(path, catalog, config.lists.hot_names, config.lists.check_interval,
+                      cache_dir_of(config.lists), required)
     except BlocklistError as exc:
         raise StartupError(f"lists: {exc}") from None
     maker = PolicyMaker(catalog, answering_from(config.policy), default_policy(config.policy, catalog))
@@ -158,10 +161,13 @@ def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
 class Worker:
     """Everything one worker process serves with; usable in-process (tests) or under the supervisor."""
 
-    def __init__(self, config: Config, sockets: SocketSet) -> None:
+    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, metrics_dir: Path | None = None) -> None:
         self.config = config
         self.sockets = sockets
+        self.index = index
+        self.metrics_dir = metrics_dir
         catalog, maker, self.lists = load_policy_and_lists(config)
+        self.catalog = catalog
         settings = config.store
         self.store = open_store(settings.redis, settings.file, catalog, settings.prefix)
         self.directory = Directory(self.store, maker, catalog, TrustedNetworks(config.identity.trusted_networks),
@@ -187,6 +193,9 @@ class Worker:
             )
             self._tcp.append(server)
         self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.directory.follow())]
+        if self.metrics_dir is not None:
+            self._tasks.append(loop.create_task(write_counters(
+                self.metrics_dir, self.index, lambda: worker_counters(self.resolver, self.catalog))))
 
     async def stop(self) -> None:
         """Stop reading, answer what was read, then close: within `server.drain_timeout`."""
@@ -209,9 +218,15 @@ class Worker:
         self.resolver.close()
 
 
-async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int) -> int:
-    worker = Worker(config, sockets)
+async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None) -> int:
+    worker = Worker(config, sockets, index, metrics_dir)
     await worker.start()
+    # A worker's heap grows with the clients and sites it holds (100 MB and more); a full collection walks
+    # all of it and stalls every query meanwhile. What exists at start-up is set aside for good, and
+    # collections run less often: the query path makes few reference cycles.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in _STOP_SIGNALS:
@@ -224,8 +239,14 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int)
     return 0
 
 
-def run_worker(config: Config, sockets: SocketSet, index: int) -> int:
-    return uvloop.run(_serve_until_signalled(config, sockets, index))
+_GC_THRESHOLDS = (20_000, 20, 100)
+
+
+def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None = None) -> int:
+    return uvloop.run(_serve_until_signalled(config, sockets, index, metrics_dir))
+
+
+ADMIN = -1  # the admin process's index among the children
 
 
 class Supervisor:
@@ -234,9 +255,12 @@ class Supervisor:
     _RESPAWN_WINDOW = 5.0  # a worker that dies sooner than this after starting counts as a crash loop
     _MAX_QUICK_DEATHS = 5
 
-    def __init__(self, config: Config, socket_sets: list[SocketSet]) -> None:
+    def __init__(self, config: Config, socket_sets: list[SocketSet], admin_socket: socket.socket | None = None,
+                 metrics_dir: Path | None = None) -> None:
         self.config = config
         self.socket_sets = socket_sets
+        self.admin_socket = admin_socket
+        self.metrics_dir = metrics_dir
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
         self.stopping = False
         self._quick_deaths = 0
@@ -246,12 +270,17 @@ class Supervisor:
             signal.signal(signum, self._on_stop_signal)
         for index in range(len(self.socket_sets)):
             self._spawn(index)
+        if self.admin_socket is not None or self.config.store.redis:
+            self._spawn(ADMIN)
         log.info(
             "serving DNS on %s with %d worker%s",
             ", ".join(bound_addresses(self.socket_sets[0])),
             len(self.socket_sets),
             "" if len(self.socket_sets) == 1 else "s",
         )
+        if self.admin_socket is not None:
+            host, port = self.admin_socket.getsockname()[:2]
+            log.info("admin API on http://%s/", Endpoint(host, port))
         failed = False
         while self.children:
             pid, status = os.wait()
@@ -260,7 +289,8 @@ class Supervisor:
             if self.stopping:
                 failed |= code != 0
                 continue
-            log.error("worker %d (pid %d) exited with %s", index, pid, code)
+            log.error("%s (pid %d) exited with %s", "admin process" if index == ADMIN else f"worker {index}", pid,
+                      code)
             self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - started < self._RESPAWN_WINDOW else 0
             if self._quick_deaths >= self._MAX_QUICK_DEATHS:
                 log.error("workers keep dying at start-up; stopping")
@@ -272,6 +302,8 @@ class Supervisor:
                 self._spawn(index)
         for socket_set in self.socket_sets:
             socket_set.close()
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("stopped")
         return 1 if failed else 0
 
@@ -299,9 +331,16 @@ class Supervisor:
                 for other, socket_set in enumerate(self.socket_sets):
                     if other != index:
                         socket_set.close()
-                code = run_worker(self.config, self.socket_sets[index], index)
+                if index == ADMIN:
+                    from resolver.admin.process import run_admin  # noqa: PLC0415  (aiohttp: admin only)
+
+                    code = run_admin(self.config, self.admin_socket, self.metrics_dir or Path("."))
+                else:
+                    if self.admin_socket is not None:
+                        self.admin_socket.close()
+                    code = run_worker(self.config, self.socket_sets[index], index, self.metrics_dir)
             except BaseException:
-                log.exception("worker %d failed", index)
+                log.exception("%s failed", "the admin process" if index == ADMIN else f"worker {index}")
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -315,4 +354,21 @@ def serve(config: Config) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
     load_policy_and_lists(config)
     socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
-    return Supervisor(config, socket_sets).run()
+    admin_socket = bind_admin_socket(config.admin.listen) if config.admin.listen is not None else None
+    metrics_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"
+    return Supervisor(config, socket_sets, admin_socket, metrics_dir).run()
+
+
+def bind_admin_socket(endpoint: Endpoint) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((endpoint.host, endpoint.port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"admin.listen: cannot bind {endpoint}: {exc.strerror}"
+                           f"{' (another bns serve? set admin.listen)' if exc.errno == errno.EADDRINUSE else ''}"
+                           ) from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

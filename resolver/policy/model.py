@@ -155,40 +155,53 @@ def _require(condition: bool, path: str, reason: str) -> None:
         raise PolicyError(path, reason)
 
 
+# The helpers below run for every field of every site a worker loads: they test first and build their
+# message only for a document at fault.
+
 def _table(value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
-    _require(isinstance(value, dict), path, f"must be an object, got {type(value).__name__}")
-    unknown = sorted(set(value) - allowed)
-    _require(not unknown, f"{path}.{unknown[0]}" if unknown else path,
-             f"unknown field; known: {', '.join(sorted(allowed))}")
+    if not isinstance(value, dict):
+        raise PolicyError(path, f"must be an object, got {type(value).__name__}")
+    if not value.keys() <= allowed:
+        unknown = sorted(set(value) - allowed)
+        raise PolicyError(f"{path}.{unknown[0]}" if path else unknown[0],
+                          f"unknown field; known: {', '.join(sorted(allowed))}")
     return value
 
 
 def _text(value: Any, path: str, limit: int = 200) -> str:
-    _require(isinstance(value, str), path, f"must be a string, got {value!r}")
-    _require(len(value) <= limit, path, f"longer than {limit} characters")
+    if not isinstance(value, str):
+        raise PolicyError(path, f"must be a string, got {value!r}")
+    if len(value) > limit:
+        raise PolicyError(path, f"longer than {limit} characters")
     return value
 
 
 def _identifier(value: Any, path: str) -> str:
     text = _text(value, path)
-    _require(bool(_ID.match(text)), path, f"{text!r} is not an id (letters, digits, '.', '_', ':', '-'; up to 64)")
+    if not _ID.match(text):
+        raise PolicyError(path, f"{text!r} is not an id (letters, digits, '.', '_', ':', '-'; up to 64)")
     return text
 
 
 def _mapping(value: Any, path: str) -> dict[str, Any]:
-    _require(isinstance(value, dict), path, f"must be an object of id → entry, got {type(value).__name__}")
-    _require(len(value) <= MAX_LIST, path, f"more than {MAX_LIST} entries")
+    if not isinstance(value, dict):
+        raise PolicyError(path, f"must be an object of id → entry, got {type(value).__name__}")
+    if len(value) > MAX_LIST:
+        raise PolicyError(path, f"more than {MAX_LIST} entries")
     return value
 
 
 def _list(value: Any, path: str) -> list[Any]:
-    _require(isinstance(value, list), path, f"must be a list, got {type(value).__name__}")
-    _require(len(value) <= MAX_LIST, path, f"more than {MAX_LIST} items")
+    if not isinstance(value, list):
+        raise PolicyError(path, f"must be a list, got {type(value).__name__}")
+    if len(value) > MAX_LIST:
+        raise PolicyError(path, f"more than {MAX_LIST} items")
     return value
 
 
 def _bool(value: Any, path: str) -> bool:
-    _require(isinstance(value, bool), path, f"must be true or false, got {value!r}")
+    if not isinstance(value, bool):
+        raise PolicyError(path, f"must be true or false, got {value!r}")
     return value
 
 
@@ -380,17 +393,21 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
         parsed = devices[device_id] = _device(device_id, device, path, catalog)
         _require(parsed.group is None or parsed.group in groups, f"{path}.group",
                  f"no group {parsed.group!r} in this site")
+        # Checked with `if` rather than `_require`: the messages are built only for a document at fault.
         for index, mac in enumerate(parsed.macs):
-            _require(mac not in seen_macs, f"{path}.macs[{index}]",
-                     f"{mac_text(mac)} already belongs to device {seen_macs.get(mac)}")
+            if mac in seen_macs:
+                raise PolicyError(f"{path}.macs[{index}]", f"{mac_text(mac)} already belongs to device "
+                                                            f"{seen_macs[mac]}")
             seen_macs[mac] = device_id
         for index, client_id in enumerate(parsed.client_ids):
-            _require(client_id not in seen_ids, f"{path}.client_ids[{index}]",
-                     f"{client_id!r} already belongs to device {seen_ids.get(client_id)}")
+            if client_id in seen_ids:
+                raise PolicyError(f"{path}.client_ids[{index}]", f"{client_id!r} already belongs to device "
+                                                                 f"{seen_ids[client_id]}")
             seen_ids[client_id] = device_id
         for index, address in enumerate(parsed.addresses):
-            _require(address not in seen_addresses, f"{path}.addresses[{index}]",
-                     f"{address} already belongs to device {seen_addresses.get(address)}")
+            if address in seen_addresses:
+                raise PolicyError(f"{path}.addresses[{index}]", f"{address} already belongs to device "
+                                                                f"{seen_addresses[address]}")
             seen_addresses[address] = device_id
     default_group = entry.get("default_group")
     _require(default_group is None or default_group in groups, "default_group",

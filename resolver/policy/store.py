@@ -180,7 +180,7 @@ class RedisStore(Store):
         # unseen. Without retries, every break reaches `changes`, which then asks for a resync.
         self._subscriber = redis.Redis.from_url(url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
         self._lengths: dict[int, list[int]] | None = None
-        self._resolve = self.client.register_script(_RESOLVE_SCRIPT)
+        self._resolve_sha: str | None = None
         self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
 
     def _key(self, *parts: str) -> str:
@@ -254,11 +254,7 @@ class RedisStore(Store):
     async def _flush(self) -> None:
         queued, self._queued = self._queued, []
         try:
-            pipe = self.client.pipeline(transaction=False)
-            keys = [self._key("cpe"), self._key("net"), self._key("site", "")]
-            for arguments, _future in queued:
-                await self._resolve(keys=keys, args=arguments, client=pipe)  # queues it on the pipeline
-            results = await self._call(pipe.execute())
+            results = await self._call(self._run_resolve([arguments for arguments, _future in queued]))
         except Exception as exc:  # StoreUnavailable, or anything else: every waiter must hear of it
             for _arguments, future in queued:
                 if not future.done():
@@ -267,6 +263,24 @@ class RedisStore(Store):
         for (_arguments, future), result in zip(queued, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def _run_resolve(self, calls: list[list[str]]) -> list[Any]:
+        """EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, a second round trip
+        on every call. A restarted Redis has forgotten the script: load it again and repeat once."""
+        keys = [self._key("cpe"), self._key("net"), self._key("site", "")]
+        for attempt in (1, 2):
+            if self._resolve_sha is None:
+                self._resolve_sha = await self.client.script_load(_RESOLVE_SCRIPT)
+            pipe = self.client.pipeline(transaction=False)
+            for arguments in calls:
+                pipe.evalsha(self._resolve_sha, len(keys), *keys, *arguments)
+            try:
+                return await pipe.execute()
+            except self._redis_module.exceptions.NoScriptError:
+                self._resolve_sha = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def forget_networks(self) -> None:
         """Prefix lengths in use are cached; a `networks` notice makes them be read again."""
