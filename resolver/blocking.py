@@ -31,8 +31,10 @@ class BlockedAnswers:
     def __init__(self, size: int = 16384) -> None:
         self._size = size
         self._memo: dict[tuple[Query, Verdict], bytes] = {}
+        self.counts: dict[Verdict, int] = {}
 
     def answer(self, request: Request, verdict: Verdict) -> bytes:
+        self.counts[verdict] = self.counts.get(verdict, 0) + 1  # verdicts are interned: a handful of keys
         key = (request.query, verdict)
         tail = self._memo.get(key)
         if tail is None:

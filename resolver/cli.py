@@ -20,6 +20,7 @@ from blocklists.errors import BlocklistError
 from blocklists.formats import FORMATS
 from blocklists.matcher import Matcher
 from resolver import __version__
+from resolver.admin.commands import add_commands, add_list_commands
 from resolver.config import Config, describe_settings, load_config
 from resolver.errors import BnsError, ConfigError, StartupError
 from resolver.policy.model import PolicyError, Site
@@ -42,6 +43,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="upstream resolver (repeatable; tried in order)")
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (0: one per core)")
     serve.add_argument("--lists", metavar="FILE", help="compiled list artifact to serve (`bns lists compile`)")
+    serve.add_argument("--admin-listen", metavar="ADDR:PORT",
+                       help='address of the admin HTTP API ("" for none; default 127.0.0.1:5380)')
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(run=_run_serve)
 
@@ -76,6 +79,7 @@ def _add_lists(commands: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="verify an artifact and print its header")
     show.add_argument("artifact", type=Path)
     show.add_argument("--match", metavar="NAME", action="append", default=[], help="also look a name up")
+    add_list_commands(actions)
     show.set_defaults(run=_run_lists_show)
 
 
@@ -166,6 +170,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         overrides.setdefault("lists", {})["path"] = args.lists
     if args.log_level:
         overrides.setdefault("log", {})["level"] = args.log_level
+    if getattr(args, "admin_listen", None) is not None:
+        overrides.setdefault("admin", {})["listen"] = args.admin_listen
     return overrides
 
 
@@ -396,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_lists(commands)
     _add_policy(commands)
+    add_commands(commands)
     _add_config(commands)
     return parser
 

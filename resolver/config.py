@@ -155,7 +155,8 @@ def _addresses(items: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ListsSettings:
-    path: str = setting("", "compiled list artifact to serve (`bns lists compile`); empty: no lists")
+    path: str = setting("", "compiled list artifact to serve (`bns lists compile`), where published lists are "
+                            "installed too; empty: <cache_dir>/published.bns, served once something is published")
     catalog: str = setting("", "category catalogue TOML; empty: the packaged one")
     check_interval: float = setting(1.0, "seconds between checks for a newly installed artifact",
                                     minimum=0.05, maximum=3600)
@@ -212,6 +213,38 @@ class IdentitySettings:
         (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks)
 
 
+ADMIN_PORT = 5380
+MIN_TOKEN_LENGTH = 16
+
+
+def _optional_endpoint(text: Any) -> Endpoint | None:
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string such as \"127.0.0.1:{ADMIN_PORT}\", or \"\" for none")
+    return parse_endpoint(text, ADMIN_PORT) if text else None
+
+
+def _tokens(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError("must be a list of strings")
+    for index, token in enumerate(items):
+        if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            raise ValueError(f"[{index}]: a token must be at least {MIN_TOKEN_LENGTH} printable characters "
+                             f"without spaces")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: Endpoint | None = setting(  # noqa: RUF009  (Endpoint is frozen: sharing the default is safe)
+        Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint)
+    tokens: tuple[str, ...] = setting((), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)",
+                                      convert=_tokens)
+    read_tokens: tuple[str, ...] = setting((), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)",
+                                           convert=_tokens)
+    max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
+                              minimum=1024, maximum=2**32)
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -226,6 +259,7 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -309,7 +343,9 @@ def describe_settings() -> list[tuple[str, str, str]]:
     for section in fields(Config):
         for spec in fields(section.default_factory):  # type: ignore[misc]
             default = spec.default
-            if isinstance(default, tuple):
+            if isinstance(default, Endpoint):
+                default = str(default)
+            elif isinstance(default, tuple):
                 default = [str(item) for item in default]
             rows.append((f"{section.name}.{spec.name}", repr(default), spec.metadata["doc"]))
     return rows

@@ -29,6 +29,7 @@ from blocklists.artifact import Artifact, open_artifact, verify_file
 from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
 from blocklists.matcher import Matcher
+from resolver.config import ListsSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +118,31 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
+def served_path(settings: ListsSettings) -> tuple[Path, bool]:
+    """The artifact the workers serve, where published lists are installed too, and whether it must exist
+    at start-up (one the admin named must; the default one appears when something is published)."""
+    if settings.path:
+        return Path(settings.path), True
+    return cache_dir_of(settings) / "published.bns", False
+
+
+def cache_dir_of(settings: ListsSettings) -> Path:
+    return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+
+
 class Lists:
     """The current snapshot of one worker, and the task that keeps it up to date."""
 
     def __init__(self, path: Path | None, catalog: Catalog, hot_size: int, check_interval: float,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, required: bool = True) -> None:
         self.path = path
         self.catalog = catalog
         self._hot_size = hot_size
         self._interval = check_interval
         self._cache_dir = cache_dir or default_cache_dir()
         self._seen = _identity(path) if path else None
-        artifact = load_lists(path, catalog, self._cache_dir) if path else None
+        present = path is not None and (required or self._seen is not None)
+        artifact = load_lists(path, catalog, self._cache_dir) if present else None
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)
         self.swaps = 0
 

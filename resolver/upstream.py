@@ -198,6 +198,8 @@ class Forwarder:
         self._settings = settings
         self.upstreams = [Upstream(endpoint, settings) for endpoint in settings.servers]
         self.outstanding = 0
+        self.replies = 0  # accepted replies, and the seconds spent waiting for them (metrics)
+        self.reply_seconds = 0.0
 
     def _order(self, now: float) -> Iterator[Upstream]:
         """Healthy upstreams in configured order, then the ones marked down; round and round."""
@@ -238,12 +240,14 @@ class Forwarder:
                     continue
                 answer: ScannedReply | None = None
                 for task in done:  # every finished attempt is accounted for, even after an answer
-                    upstream, _started = pending.pop(task)
+                    upstream, started = pending.pop(task)
                     if task.exception() is not None:
                         log.debug("upstream %s failed: %r", upstream.endpoint, task.exception())
                         upstream.record_failure(loop.time())
                         continue
                     upstream.record_success()
+                    self.replies += 1
+                    self.reply_seconds += loop.time() - started
                     scanned = task.result()
                     if scanned.rcode not in (Rcode.SERVFAIL, Rcode.REFUSED):
                         answer = answer or scanned

@@ -33,7 +33,17 @@ def bns(*args: str) -> list[str]:
 
 @contextmanager
 def serving(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Start `bns serve`, read the port it reports (it listens on port 0 unless told otherwise)."""
+    """Start `bns serve`, read the port it reports (it listens on port 0 unless told otherwise). The admin
+    API, unless the arguments say otherwise, takes a free port too (`node` reads it)."""
+    with node(*args, timeout=timeout) as (process, port, _admin):
+        yield process, port
+
+
+@contextmanager
+def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int, str | None]]:
+    """`bns serve` as `serving` starts it, with the URL of its admin API (None if it has none)."""
+    if "--admin-listen" not in args:
+        args = (*args, "--admin-listen", "127.0.0.1:0")
     process = subprocess.Popen(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + timeout
@@ -47,7 +57,13 @@ def serving(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Pope
             if match:
                 port = int(match.group(2))
             assert time.monotonic() < deadline, "bns serve did not report its address"
-        yield process, port
+        admin = None
+        if args[args.index("--admin-listen") + 1]:
+            line = process.stderr.readline()
+            found = re.search(r"admin API on (http://\S+)/", line)
+            assert found, f"bns serve did not report its admin API: {line!r}"
+            admin = found.group(1)
+        yield process, port, admin
     finally:
         if process.poll() is None:
             process.kill()

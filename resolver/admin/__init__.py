@@ -1,0 +1,1 @@
+"""The admin side of a node: HTTP API, why, the admin process."""

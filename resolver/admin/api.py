@@ -1,0 +1,384 @@
+"""The admin HTTP API: JSON in and out, bearer tokens, every write through the policy store.
+
+Each route is declared once in `ROUTES` (method, path, role, summary, handler); the aiohttp router and the
+OpenAPI document at `/openapi.json` are both built from it, so they cannot disagree.
+
+Auth: `Authorization: Bearer <token>`. Tokens come from `admin.tokens` / `admin.read_tokens` and from
+$BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. No token or an
+unknown one → 401; a read-only token on a write → 403. With no token configured every request is refused.
+Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from blocklists.catalog import Catalog
+from blocklists.errors import BlocklistError
+from resolver.admin.why import Explainer
+from resolver.config import AdminSettings
+from resolver.errors import BnsError
+from resolver.metrics import Metrics
+from resolver.policy.model import PolicyError
+from resolver.policy.service import NotFound, PolicyService, Target, describe
+from resolver.policy.store import Store, StoreUnavailable
+from resolver.publishing import Publications, UnknownVersion
+
+READ, ADMIN = "read", "admin"
+Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    role: str
+    summary: str
+    handler: Handler
+    body: str | None = None  # what the request body is, for the OpenAPI document
+
+
+def tokens_from(settings: AdminSettings, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """token → role. An admin token listed as read-only too stays admin."""
+    def listed(variable: str) -> list[str]:
+        return [token.strip() for token in environ.get(variable, "").split(",") if token.strip()]
+
+    roles = {token: READ for token in (*settings.read_tokens, *listed("BNS_READ_TOKENS"))}
+    roles.update({token: ADMIN for token in (*settings.tokens, *listed("BNS_ADMIN_TOKENS"))})
+    return roles
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"status": status, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response({"error": body}, status=status)
+
+
+class Api:
+    def __init__(self, tokens: dict[str, str], catalog: Catalog, store: Store | None, publications: Publications,
+                 explainer: Explainer, metrics: Metrics, max_upload: int, scratch: Path) -> None:
+        self._tokens = [(token.encode(), role) for token, role in tokens.items()]
+        self.catalog = catalog
+        self.store = store
+        self.service = PolicyService(store) if store is not None else None
+        self.publications = publications
+        self.explainer = explainer
+        self.metrics = metrics
+        self.max_upload = max_upload
+        self.scratch = scratch
+        self.started = time.time()
+        self._routes: dict[Callable[..., Any], Route] = {}  # the bound handler → its declaration
+
+    # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_upload, middlewares=[self._guard])
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, self._bind(route))
+        return app
+
+    def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await route.handler(self, request)
+        self._routes[handle] = route
+        return handle
+
+    def _role(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return None
+        found = None
+        for token, role in self._tokens:  # every token compared, in constant time each
+            if hmac.compare_digest(token, presented.strip().encode()):
+                found = role
+        return found
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        route = self._routes.get(request.match_info.handler)
+        if route is None:  # aiohttp's own 404/405
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                return _error(exc.status, exc.reason)
+        role = self._role(request)
+        if role is None:
+            response = _error(401, "a valid bearer token is required (Authorization: Bearer <token>)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="bns"'
+            return response
+        if route.role == ADMIN and role != ADMIN:
+            return _error(403, "this token is read-only; the operation needs an admin token")
+        try:
+            return await handler(request)
+        except PolicyError as exc:
+            return _error(422, exc.reason, exc.field)
+        except (NotFound, UnknownVersion) as exc:
+            return _error(404, str(exc))
+        except StoreUnavailable as exc:
+            return _error(503, f"the policy store is unreachable: {exc}")
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+        except (BlocklistError, BnsError) as exc:
+            return _error(400, str(exc))
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read() or b"null")
+        except json.JSONDecodeError as exc:
+            raise PolicyError("", f"the body is not JSON: {exc}") from None
+
+    async def _object(self, request: web.Request) -> dict[str, Any]:
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise PolicyError("", "the body must be a JSON object")
+        return body
+
+    def _policies(self) -> PolicyService:
+        if self.service is None:
+            raise BnsError("no policy store is configured (store.redis or store.file)")
+        return self.service
+
+    @staticmethod
+    def _target(request: web.Request) -> Target:
+        info = request.match_info
+        if "group" in info:
+            return "group", info["group"]
+        if "device" in info:
+            return "device", info["device"]
+        return "site", None
+
+    async def _site_response(self, site_id: str) -> web.Response:
+        document, version = await self._policies().get_site(site_id)
+        return web.json_response({**document, "version": version})
+
+    # --- handlers ---------------------------------------------------------------------------------------------
+
+    async def health(self, _request: web.Request) -> web.Response:
+        store_state = "none"
+        if self.store is not None:
+            try:
+                await self.store.list_sites()
+                store_state = "up"
+            except StoreUnavailable:
+                store_state = "down"
+        snapshot = self.explainer.lists.snapshot
+        return web.json_response({"status": "ok", "store": store_state, "lists_version": snapshot.version,
+                                  "uptime": round(time.time() - self.started, 1)})
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    async def metrics_text(self, _request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def categories(self, _request: web.Request) -> web.Response:
+        return web.json_response([{"id": c.id, "bit": c.bit, "title": c.title, "description": c.description,
+                                   "action": c.action} for c in self.catalog])
+
+    async def list_sites(self, _request: web.Request) -> web.Response:
+        return web.json_response(await self._policies().list_sites())
+
+    async def get_site(self, request: web.Request) -> web.Response:
+        return await self._site_response(request.match_info["site"])
+
+    async def put_site(self, request: web.Request) -> web.Response:
+        site = await self._policies().put_site(request.match_info["site"], await self._object(request))
+        return web.json_response({**describe(site), "version": site.version})
+
+    async def patch_site(self, request: web.Request) -> web.Response:
+        site = await self._policies().set_site_fields(request.match_info["site"], await self._object(request),
+                                                      create=False)
+        return web.json_response({**describe(site), "version": site.version})
+
+    async def delete_site(self, request: web.Request) -> web.Response:
+        await self._policies().delete_site(request.match_info["site"])
+        return web.json_response({"deleted": request.match_info["site"]})
+
+    async def put_group(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().put_group(site_id, request.match_info["group"], await self._object(request))
+        return await self._site_response(site_id)
+
+    async def delete_group(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().delete_group(site_id, request.match_info["group"])
+        return await self._site_response(site_id)
+
+    async def put_device(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().put_device(site_id, request.match_info["device"], await self._object(request))
+        return await self._site_response(site_id)
+
+    async def delete_device(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().delete_device(site_id, request.match_info["device"])
+        return await self._site_response(site_id)
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().set_policy(site_id, self._target(request), await self._object(request))
+        return await self._site_response(site_id)
+
+    async def delete_policy(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().set_policy(site_id, self._target(request), None)
+        return await self._site_response(site_id)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        body = await self._object(request)
+        if "minutes" in body:
+            minutes = body["minutes"]
+            if not isinstance(minutes, int | float) or isinstance(minutes, bool) or not 0 < minutes <= 525_600:
+                raise PolicyError("minutes", f"{minutes!r} is not a number of minutes from 0 to 525600")
+            until: str | float = time.time() + minutes * 60
+        else:
+            until = body.get("until", "forever")
+        await self._policies().pause(site_id, self._target(request), until)
+        return await self._site_response(site_id)
+
+    async def unpause(self, request: web.Request) -> web.Response:
+        site_id = request.match_info["site"]
+        await self._policies().unpause(site_id, self._target(request))
+        return await self._site_response(site_id)
+
+    async def put_profile(self, request: web.Request) -> web.Response:
+        await self._policies().set_profile(request.match_info["profile"], await self._object(request))
+        return web.json_response({"profile": request.match_info["profile"]})
+
+    async def why(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.explainer.explain(await self._object(request)))
+
+    async def list_versions(self, _request: web.Request) -> web.Response:
+        versions, current = await self.publications.versions()
+        return web.json_response({"current": current, "versions": [v.document(current) for v in versions]})
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """The body is a compiled artifact (`bns lists compile`): verified, stored, announced."""
+        if request.content_length is not None and request.content_length > self.max_upload:
+            return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+        self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.scratch, suffix=".upload") as upload:
+            size = 0
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > self.max_upload:
+                    return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+                upload.write(chunk)
+            upload.flush()
+            published = await self.publications.publish(Path(upload.name))
+        current = published.version
+        return web.json_response(published.document(current), status=201)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        body = await self._object(request)
+        version = body.get("version")
+        if not isinstance(version, str):
+            raise PolicyError("version", "missing: the version to make current again")
+        found = await self.publications.rollback(version)
+        return web.json_response(found.document(found.version))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/health", READ, "Is this node serving; its store and list version", Api.health),
+    Route("GET", "/openapi.json", READ, "This document", Api.openapi),
+    Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
+    Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories),
+    Route("GET", "/v1/sites", READ, "Every site id", Api.list_sites),
+    Route("GET", "/v1/sites/{site}", READ, "A site with its groups and devices", Api.get_site),
+    Route("PUT", "/v1/sites/{site}", ADMIN, "Create or replace a whole site", Api.put_site, "Site"),
+    Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),
+    Route("DELETE", "/v1/sites/{site}", ADMIN, "Delete a site", Api.delete_site),
+    Route("PUT", "/v1/sites/{site}/groups/{group}", ADMIN, "Create or change a group", Api.put_group, "Group"),
+    Route("DELETE", "/v1/sites/{site}/groups/{group}", ADMIN, "Delete a group (its devices stay)",
+          Api.delete_group),
+    Route("PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device,
+          "Device"),
+    Route("DELETE", "/v1/sites/{site}/devices/{device}", ADMIN, "Delete a device", Api.delete_device),
+    *(route for prefix in ("/v1/sites/{site}", "/v1/sites/{site}/groups/{group}",
+                           "/v1/sites/{site}/devices/{device}") for route in (
+        Route("PUT", f"{prefix}/policy", ADMIN, "Set the policy (categories, allow, deny, schedules…)",
+              Api.put_policy, "Policy"),
+        Route("DELETE", f"{prefix}/policy", ADMIN, "Remove the policy", Api.delete_policy),
+        Route("POST", f"{prefix}/pause", ADMIN, "Pause: block everything for some minutes, until a time, or "
+              "until unpaused", Api.pause, "Pause"),
+        Route("POST", f"{prefix}/unpause", ADMIN, "End a pause", Api.unpause),
+    )),
+    Route("PUT", "/v1/profiles/{profile}", ADMIN, "Create or change a policy profile", Api.put_profile, "Policy"),
+    Route("POST", "/v1/why", READ, "Why a name is or is not blocked for a client at a time", Api.why, "Why"),
+    Route("GET", "/v1/lists", READ, "Published list versions and the current one", Api.list_versions),
+    Route("POST", "/v1/lists", ADMIN, "Publish a compiled artifact to every node", Api.publish, "Artifact"),
+    Route("POST", "/v1/lists/rollback", ADMIN, "Make an earlier version current again", Api.rollback,
+          "Rollback"),
+)
+
+_BODIES: dict[str, dict[str, Any]] = {
+    "Site": {"type": "object", "description": "A site document (see README, Policies)", "required": []},
+    "SiteFields": {"type": "object", "description": "name, networks, cpe_ids, timezone, mode, default_group"},
+    "Group": {"type": "object", "properties": {"name": {"type": "string"}, "policy": {"type": "object"}}},
+    "Device": {"type": "object", "properties": {
+        "name": {"type": "string"}, "macs": {"type": "array", "items": {"type": "string"}},
+        "client_ids": {"type": "array", "items": {"type": "string"}},
+        "addresses": {"type": "array", "items": {"type": "string"}}, "group": {"type": "string"}}},
+    "Policy": {"type": "object", "properties": {
+        "profile": {"type": "string"}, "block": {"type": "array", "items": {"type": "string"}},
+        "web_protect": {"type": "boolean"}, "allow": {"type": "array", "items": {"type": "string"}},
+        "deny": {"type": "array", "items": {"type": "string"}}, "schedules": {"type": "array"},
+        "safe_search": {"type": "boolean"}, "answer": {"enum": ["nxdomain", "nodata", "null", "page"]}}},
+    "Pause": {"type": "object", "properties": {"minutes": {"type": "number"}, "until": {"type": "string"}}},
+    "Why": {"type": "object", "required": ["name", "address"], "properties": {
+        "name": {"type": "string"}, "address": {"type": "string"}, "mac": {"type": "string"},
+        "client_id": {"type": "string"}, "cpe_id": {"type": "string"}, "at": {"type": "string"}}},
+    "Rollback": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "security": [{"bearer": []}],
+            "x-role": route.role,
+            "responses": {"200": {"description": "OK"}, "401": {"$ref": "#/components/responses/Error"},
+                          "403": {"$ref": "#/components/responses/Error"}},
+        }
+        parameters = [{"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+                      for part in route.path.split("/") if part.startswith("{")]
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body == "Artifact":
+            operation["requestBody"] = {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+            operation["responses"]["413"] = {"$ref": "#/components/responses/Error"}
+        elif route.body is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}}}
+            operation["responses"]["422"] = {"$ref": "#/components/responses/Error"}
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bns admin API", "version": "1"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _BODIES,
+            "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"error": {"type": "object", "properties": {
+                    "status": {"type": "integer"}, "message": {"type": "string"},
+                    "field": {"type": "string"}}}}}}}}},
+        },
+    }

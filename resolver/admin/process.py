@@ -1,0 +1,101 @@
+"""The node's admin process, beside the DNS workers: the admin API, and keeping the published lists here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from resolver.admin.api import Api, tokens_from
+from resolver.admin.why import Explainer
+from resolver.config import Config
+from resolver.lists import cache_dir_of, served_path
+from resolver.metrics import Metrics
+from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
+from resolver.publishing import LocalPublications, Publications, RedisPublications
+
+log = logging.getLogger(__name__)
+
+_STORE_CHECK = 2.0
+
+
+def publications_for(config: Config, store: Store | None, catalog: Any) -> Publications:
+    """Redis when the policies are there (every node shares it), else this node's own directory."""
+    served, _required = served_path(config.lists)
+    cache_dir = cache_dir_of(config.lists)
+    if isinstance(store, RedisStore):
+        return RedisPublications(catalog, served, store.client, config.store.prefix, cache_dir / "fetched")
+    return LocalPublications(catalog, served, cache_dir / "versions")
+
+
+class AdminNode:
+    def __init__(self, config: Config, sock: socket.socket | None, metrics_dir: Path) -> None:
+        from resolver.server import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
+
+        self.config = config
+        self.sock = sock
+        catalog, maker, self.lists = load_policy_and_lists(config)
+        settings = config.store
+        self.store = open_store(settings.redis, settings.file, catalog, settings.prefix)
+        self.publications = publications_for(config, self.store, catalog)
+        self.store_up: int = -1 if self.store is None else 1
+        metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})
+        self.api = Api(tokens_from(config.admin), catalog, self.store, self.publications,
+                       Explainer(self.store, maker, catalog, self.lists), metrics, config.admin.max_upload,
+                       cache_dir_of(config.lists) / "uploads")
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.publications.follow()),
+                       loop.create_task(self._check_store())]
+        if self.sock is not None:
+            self._runner = web.AppRunner(self.api.app(), access_log=None)
+            await self._runner.setup()
+            await web.SockSite(self._runner, self.sock).start()
+
+    async def _check_store(self) -> None:
+        if self.store is None:
+            return
+        while True:
+            try:
+                await self.store.list_sites()
+                self.store_up = 1
+            except StoreUnavailable:
+                self.store_up = 0
+            await asyncio.sleep(_STORE_CHECK)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.store is not None:
+            await self.store.close()
+
+
+async def _run_until_signalled(config: Config, sock: socket.socket | None, metrics_dir: Path) -> int:
+    node = AdminNode(config, sock, metrics_dir)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+    await stop.wait()
+    await node.stop()
+    return 0
+
+
+def run_admin(config: Config, sock: socket.socket | None, metrics_dir: Path) -> int:
+    return uvloop.run(_run_until_signalled(config, sock, metrics_dir))

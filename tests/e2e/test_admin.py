@@ -1,0 +1,307 @@
+"""The admin API and the `bns` commands that call it, against whole `bns serve` nodes (two sharing a real
+Redis where the issue asks for it), with real DNS clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from resolver.admin.api import ROUTES
+from resolver.wire import OptionCode
+from tests.conftest import FIXTURES
+from tests.e2e.test_process import bns, node
+
+pytestmark = pytest.mark.e2e
+ADMIN = "admin-token-for-tests-0001"
+READ = "read-token-for-tests-00001"
+MAC = "02:00:00:00:00:09"
+GORE = "14words.com"  # in tests/fixtures/violence-gore.txt.gz
+WEAPON = "ameetecarms.com"  # in tests/fixtures/weapons.txt.gz
+
+
+def cli(api: str, *args: str, token: str | None = ADMIN) -> subprocess.CompletedProcess[str]:
+    extra = ["--api", api] + (["--token", token] if token else [])
+    return subprocess.run(bns(*args, *extra), capture_output=True, text=True, timeout=60)
+
+
+def http(api: str, method: str, path: str, body: object = None, token: str | None = ADMIN,
+         data: bytes | None = None) -> tuple[int, object]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if body is not None:
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(api + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = response.read()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        payload, status = exc.read(), exc.code
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode()
+
+
+def ede_text(port: int, name: str, mac: str | None = None) -> str | None:
+    """The EDE text of the answer (None when the name was not blocked)."""
+    options = [dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex(mac.replace(":", "")))] if mac else []
+    response = dns.query.udp(dns.message.make_query(name, "A", use_edns=0, options=options), "127.0.0.1",
+                             port=port, timeout=3)
+    texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
+    return texts[0] if texts and response.rcode() == dns.rcode.NXDOMAIN else None
+
+
+def within(seconds: float, check) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"not within {seconds} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def every_worker(port: int, name: str, expected: str | None, mac: str | None = None, tries: int = 12) -> bool:
+    return all(ede_text(port, name, mac) == expected for _ in range(tries))
+
+
+def node_config(path: Path, store: str, **admin: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in admin.items())
+    path.write_text(f"{store}\n[lists]\ncache_dir = \"{path.parent / 'lists'}\"\ncheck_interval = 0.2\n"
+                    f"[identity]\ntrusted_networks = [\"127.0.0.1/32\"]\n"
+                    f"[admin]\ntokens = [\"{ADMIN}\"]\nread_tokens = [\"{READ}\"]\n{extra}")
+    return path
+
+
+def compiled(tmp_path: Path, category: str) -> Path:
+    out = tmp_path / f"{category}.bns"
+    result = subprocess.run(bns("lists", "compile", "--out", str(out), "--source",
+                                f"{category}={FIXTURES / f'{category}.txt.gz'}"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def start(stack: ExitStack, config: Path, upstream) -> tuple[int, str]:
+    _process, port, api = stack.enter_context(node("--config", str(config), "--listen", "127.0.0.1:0",
+                                                   "--upstream", upstream.address, "--workers", "2"))
+    assert api is not None
+    return port, api
+
+
+@pytest.fixture
+def redis_store(shared_redis, redis_prefix) -> str:
+    return f"[store]\nredis = \"{shared_redis.url}\"\nprefix = \"{redis_prefix}\""
+
+
+def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstream, redis_store):
+    gore, weapons = compiled(tmp_path, "violence-gore"), compiled(tmp_path, "weapons")
+    with ExitStack() as stack:
+        port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
+        port_b, api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
+        assert ede_text(port_a, GORE) is None
+
+        pushed = cli(api_a, "lists", "push", str(gore), "--json")
+        assert pushed.returncode == 0, pushed.stderr
+        version = json.loads(pushed.stdout)["version"]
+        took = max(within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore"))
+                   for port in (port_a, port_b))
+        assert took < 5
+
+        corrupt = tmp_path / "corrupt.bns"
+        corrupt.write_bytes(gore.read_bytes()[:-100] + b"\x00" * 100)
+        refused = cli(api_b, "lists", "push", str(corrupt))
+        assert refused.returncode == 2 and "checksum" in refused.stderr
+        garbage = tmp_path / "garbage.bns"
+        garbage.write_bytes(b"not an artifact at all")
+        assert cli(api_b, "lists", "push", str(garbage)).returncode == 2
+        versions = json.loads(cli(api_b, "lists", "versions", "--json", token=READ).stdout)
+        assert versions["current"] == version and len(versions["versions"]) == 1
+
+        port_c, api_c = start(stack, node_config(tmp_path / "c" / "bns.toml", redis_store), upstream)
+        within(5, lambda: every_worker(port_c, GORE, "blocked: violence-gore"))
+
+        assert cli(api_a, "lists", "push", str(weapons)).returncode == 0
+        for port in (port_a, port_b, port_c):
+            within(5, lambda port=port: every_worker(port, WEAPON, "blocked: weapons")
+                   and every_worker(port, GORE, None))
+        assert cli(api_c, "lists", "rollback", version).returncode == 0
+        for port in (port_a, port_b, port_c):
+            within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore"))
+        assert cli(api_c, "lists", "rollback", "0123456789abcdef").returncode == 3
+
+
+def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_second(tmp_path, upstream,
+                                                                                   redis_store):
+    with ExitStack() as stack:
+        port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
+        port_b, _api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
+        made = cli(api_a, "site", "set", "home", "--network", "127.0.0.0/8", "--mode", "device")
+        assert made.returncode == 0, made.stderr
+        assert cli(api_a, "group", "set", "home", "kids").returncode == 0
+        assert cli(api_a, "device", "set", "home", "tablet", "--mac", MAC, "--group", "kids").returncode == 0
+        assert every_worker(port_a, "a.example", None, MAC) and every_worker(port_b, "a.example", None, MAC)
+
+        assert cli(api_a, "pause", "home", "--device", "tablet", "--minutes", "30").returncode == 0
+        for port in (port_a, port_b):
+            assert within(1.5, lambda port=port: every_worker(port, "b.example", "paused", MAC)) <= 1.5
+        assert every_worker(port_a, "b.example", None)  # another client of the site is not paused
+
+        assert cli(api_a, "unpause", "home", "--device", "tablet").returncode == 0
+        for port in (port_a, port_b):
+            within(1.5, lambda port=port: every_worker(port, "c.example", None, MAC))
+
+
+@pytest.fixture
+def file_node(tmp_path, upstream):
+    config = node_config(tmp_path / "n" / "bns.toml", f"[store]\nfile = \"{tmp_path / 'policies.json'}\"",
+                         max_upload=131072)
+    with ExitStack() as stack:
+        yield start(stack, config, upstream)
+
+
+@pytest.mark.parametrize(("method", "path", "token", "status"), [
+    ("GET", "/v1/sites", None, 401),
+    ("GET", "/v1/sites", "wrong-token-0000000000000", 401),
+    ("GET", "/v1/sites", READ, 200),
+    ("GET", "/health", None, 401),
+    ("GET", "/metrics", READ, 200),
+    ("PUT", "/v1/sites/x", READ, 403),
+    ("POST", "/v1/lists/rollback", READ, 403),
+    ("PUT", "/v1/sites/x", ADMIN, 200),
+])
+def test_auth_matrix(file_node, method, path, token, status):
+    _port, api = file_node
+    got, body = http(api, method, path, {} if method != "GET" else None, token=token)
+    assert got == status
+    if status >= 400:
+        assert body["error"]["status"] == status and body["error"]["message"]
+
+
+def test_cli_exit_codes_say_what_happened(file_node):
+    _port, api = file_node
+    assert cli(api, "site", "show", token=None).returncode == 4
+    assert cli(api, "site", "set", "x", "--mode", "device", token=READ).returncode == 4
+    assert cli(api, "site", "show", "ghost").returncode == 3
+    refused = cli(api, "device", "set", "ghost", "tv", "--mac", "zz")
+    assert refused.returncode == 3
+    assert cli(api, "site", "set", "home", "--network", "127.0.0.0/8").returncode == 0
+    refused = cli(api, "device", "set", "home", "tv", "--mac", "zz")
+    assert refused.returncode == 2 and "devices.tv.macs[0]" in refused.stderr
+    assert cli("http://127.0.0.1:9", "site", "show").returncode == 1
+    shown = cli(api, "site", "show", "home")
+    assert shown.returncode == 0 and "127.0.0.0/8" in shown.stdout
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "field"), [
+    ("PUT", "/v1/sites/home/devices/tv", {"macs": ["nope"]}, 422, "devices.tv.macs[0]"),
+    ("PUT", "/v1/sites/home/policy", {"block": ["gambling"]}, 422, "policy.block[0]"),
+    ("PUT", "/v1/sites/home/groups/kids/policy", {"schedules": [{"name": "x"}]}, 404, None),
+    ("PUT", "/v1/sites/home/policy", {"schedules": [{"name": "x"}]}, 422, "policy.schedules[0].days"),
+    ("PUT", "/v1/sites/home/policy", {"answer": "silence"}, 422, "policy.answer"),
+    ("PATCH", "/v1/sites/home", {"timezone": "Mars/Olympus"}, 422, "timezone"),
+    ("PATCH", "/v1/sites/home", {"networks": ["10.0.0.0/33"]}, 422, "networks[0]"),
+    ("PATCH", "/v1/sites/home", {"colour": "red"}, 422, "colour"),
+    ("PUT", "/v1/sites/home/devices/tv", {"group": "nobody"}, 422, "devices.tv.group"),
+    ("POST", "/v1/sites/home/pause", {"minutes": -5}, 422, "minutes"),
+    ("POST", "/v1/sites/home/pause", {"until": "tomorrow"}, 422, "paused_until"),
+    ("POST", "/v1/sites/home/devices/ghost/pause", {}, 404, None),
+    ("PATCH", "/v1/sites/ghost", {"mode": "device"}, 404, None),
+    ("POST", "/v1/why", {"address": "127.0.0.1"}, 422, "name"),
+    ("POST", "/v1/why", {"name": "a.example", "address": "127.0.0.1", "mac": "zz"}, 422, "mac"),
+    ("POST", "/v1/lists/rollback", {}, 422, "version"),
+    ("POST", "/v1/lists/rollback", {"version": "feedfeedfeedfeed"}, 404, None),
+])
+def test_every_resource_refuses_bad_writes_naming_the_field(file_node, method, path, body, status, field):
+    _port, api = file_node
+    assert http(api, "PUT", "/v1/sites/home", {"networks": ["127.0.0.0/8"], "mode": "device"})[0] == 200
+    before = http(api, "GET", "/v1/sites/home")[1]
+    got, answer = http(api, method, path, body)
+    assert got == status, answer
+    if field is not None:
+        assert answer["error"]["field"] == field
+    assert http(api, "GET", "/v1/sites/home")[1] == before  # nothing half-written
+
+
+def test_bad_json_and_oversized_uploads_are_refused(file_node):
+    _port, api = file_node
+    got, answer = http(api, "PUT", "/v1/sites/home", data=b"{not json")
+    assert got == 422 and "not JSON" in answer["error"]["message"]
+    got, answer = http(api, "POST", "/v1/lists", data=b"x" * 140_000)
+    assert got == 413 and "max_upload" in answer["error"]["message"]
+
+
+def test_without_redis_publish_swaps_the_local_list(file_node, tmp_path):
+    _port, api = file_node
+    small = tmp_path / "small.bns"
+    result = subprocess.run(bns("lists", "compile", "--out", str(small), "--source",
+                                f"drugs={FIXTURES / 'formats' / 'blocklistproject-drugs.dnsmasq.conf'}"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    got, answer = http(api, "POST", "/v1/lists", data=small.read_bytes())
+    assert got == 201, answer
+    within(5, lambda: http(api, "GET", "/health", token=READ)[1]["lists_version"] == answer["version"])
+    assert http(api, "GET", "/v1/lists", token=READ)[1]["current"] == answer["version"]
+
+
+def test_the_openapi_document_lists_exactly_the_routes_served(file_node):
+    _port, api = file_node
+    got, document = http(api, "GET", "/openapi.json", token=READ)
+    assert got == 200 and document["openapi"].startswith("3.")
+    served = {(route.method.lower(), route.path) for route in ROUTES}
+    documented = {(method, path) for path, operations in document["paths"].items() for method in operations}
+    assert served == documented
+    for route in ROUTES:  # and each one answers (not 404/405) with an admin token
+        path = route.path.replace("{site}", "home").replace("{group}", "g").replace("{device}", "d")
+        path = path.replace("{profile}", "p")
+        got, _ = http(api, route.method, path, {} if route.method != "GET" else None)
+        assert got not in (405,) and (got != 404 or "{" in route.path), (route.method, route.path, got)
+
+
+def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
+    gore = compiled(tmp_path, "violence-gore")
+    with ExitStack() as stack:
+        port, api = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
+        assert cli(api, "lists", "push", str(gore)).returncode == 0
+        within(5, lambda: every_worker(port, GORE, "blocked: violence-gore"))
+        site = {"networks": ["127.0.0.0/8"], "mode": "device", "default_group": "others",
+                "groups": {"kids": {"policy": {"block": ["violence-gore"], "deny": ["games.example"],
+                                               "allow": ["ok.14words.com"]}},
+                           "others": {"policy": {"block": []}}},
+                "devices": {"tablet": {"macs": [MAC], "group": "kids"}}}
+        assert http(api, "PUT", "/v1/sites/home", site)[0] == 200
+        for mac in (MAC, None):
+            for name in (GORE, "www." + GORE, "ok.14words.com", "games.example", "x.games.example", "a.example"):
+                seen: list[tuple[object, ...]] = []
+
+                def agreed(name: str = name, mac: str | None = mac, seen: list = seen) -> bool:
+                    answered = ede_text(port, name, mac)
+                    asked = {"name": name, "address": "127.0.0.1", **({"mac": mac} if mac else {})}
+                    why = http(api, "POST", "/v1/why", asked, token=READ)[1]
+                    verdict = why["ede_text"] if why["verdict"] == "blocked" else None
+                    seen.append((name, mac, verdict, answered))
+                    return verdict == answered
+
+                try:
+                    within(2, agreed)
+                except AssertionError:
+                    raise AssertionError(f"why and the answer disagree: {seen[-1]}") from None
+        why = http(api, "POST", "/v1/why", {"name": "x.games.example", "address": "127.0.0.1", "mac": MAC})[1]
+        assert (why["level"], why["rule"], why["entry"], why["device"]) == ("group", "deny", "games.example",
+                                                                            "tablet")
+        why = http(api, "POST", "/v1/why", {"name": "www." + GORE, "address": "127.0.0.1", "mac": MAC})[1]
+        assert (why["rule"], why["entry"], why["categories"]) == ("category", GORE, ["violence-gore"])
+        time.sleep(1.5)  # the workers write their counters every second
+        metrics = http(api, "GET", "/metrics", token=READ)[1]
+        assert 'bns_queries_total{verdict="blocked",category="violence-gore",reason=""}' in metrics
+        assert "bns_store_up 1" in metrics
