@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import gc
 import logging
@@ -322,10 +323,12 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         # Stop signals stay blocked across fork until the child's event loop has its own handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                _die_with_parent(parent)
                 for signum in _STOP_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
                 for other, socket_set in enumerate(self.socket_sets):
@@ -348,6 +351,21 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if self.stopping:  # a stop arrived while forking: make sure the new child hears it too
             self._stop_children()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A supervisor killed outright (SIGKILL, OOM) cannot stop its children: have the kernel send them
+    SIGTERM then, so that no orphan keeps the port and the CPU. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(config: Config) -> int:

@@ -66,8 +66,12 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
         yield process, port, admin
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.terminate()  # let it stop its workers; kill only if it will not
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.message.Message:
@@ -211,3 +215,36 @@ def test_config_check(tmp_path):
     bad.write_text("[cache]\nsise = 5\n")
     result = subprocess.run(bns("config", "--check", str(bad)), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "cache.sise: unknown key" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the workers")
+def test_workers_stop_when_the_supervisor_is_killed_outright(upstream):
+    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2") as (process, _port):
+        children = _children(process.pid)
+        assert len(children) == 3  # two workers and the admin process
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(child) for child in children):
+            assert time.monotonic() < deadline, "orphaned workers kept running"
+            time.sleep(0.1)
