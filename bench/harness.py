@@ -85,7 +85,7 @@ def running(command: list[str], port: int, *, startup: float = 15.0, log: Path |
 def bns_command(port: int, upstream_port: int, workers: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "resolver", "serve", "--listen", f"127.0.0.1:{port}",
             "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers), "--log-level", "warning",
-            *extra]
+            "--admin-listen", "", *extra]  # no admin API unless asked: benches run servers side by side
 
 
 def machine() -> str:
