@@ -245,6 +245,28 @@ class AdminSettings:
                               minimum=1024, maximum=2**32)
 
 
+def _secret(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("must be a string")
+    if text and (len(text) < MIN_TOKEN_LENGTH or not text.isprintable()):
+        raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} printable characters, or \"\" for a generated one")
+    return text
+
+
+@dataclass(frozen=True)
+class PagesSettings:
+    """The block and warning pages, served on the policy.block_page and policy.warning_page addresses."""
+
+    serve: bool = setting(True, "serve the block and warning pages on those addresses")
+    port: int = setting(80, "TCP port of the pages (browsers go to port 80)", minimum=1, maximum=65535)
+    pass_minutes: float = setting(60.0, "how long \"continue anyway\" opens a warned name for the device",
+                                  minimum=1, maximum=7 * 24 * 60)
+    offer_minutes: float = setting(10.0, "how long a warning page's \"continue anyway\" button stays valid",
+                                   minimum=1, maximum=24 * 60)
+    secret: str = setting("", "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
+                              "through Redis, or made per run without Redis", convert=_secret)
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -260,6 +282,7 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    pages: PagesSettings = field(default_factory=PagesSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

@@ -19,7 +19,7 @@ from resolver.blocking import BlockedAnswers
 from resolver.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.lists import Lists
 from resolver.policy.directory import Client, Directory
-from resolver.policy.runtime import ALLOWED, Policy, Verdict
+from resolver.policy.runtime import ALLOWED, PASSED, Policy, Verdict
 from resolver.safesearch import restrict_name, safe_search_answer
 from resolver.upstream import Forwarder, Overloaded, UpstreamFailed
 from resolver.wire import (
@@ -88,6 +88,7 @@ class Resolver:
         # filter: a pause or block-all schedule, then allow, deny, categories. Before the cache, which is
         # shared by every client whose policy lets the name through.
         allowed = False
+        filtered = policy.filtered
         if not policy.plain:
             if policy.block_all is not None:
                 return self.blocked.answer(request, policy.block_all)
@@ -95,6 +96,8 @@ class Resolver:
                 listed = policy.listed(query.name)
                 if listed is ALLOWED:
                     allowed = True
+                elif listed is PASSED:
+                    filtered = policy.blocked
                 elif listed is not None:
                     return self.blocked.answer(request, listed)  # type: ignore[arg-type]
         if not allowed:
@@ -102,7 +105,7 @@ class Resolver:
             bits = snapshot.hot.get(query.name)
             if bits is None:
                 bits = snapshot.lookup(query.name)
-            if bits & policy.filtered:
+            if bits & filtered:
                 return self.blocked.answer(request, policy.verdict(bits))
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
@@ -136,14 +139,17 @@ class Resolver:
             return None
         snapshot = self.lists.snapshot
         for target in entry.cname_targets:
+            filtered = policy.filtered
             if policy.has_lists:
                 listed = policy.listed(target)
                 if listed is ALLOWED:
                     continue
-                if listed is not None:
+                if listed is PASSED:
+                    filtered = policy.blocked
+                elif listed is not None:
                     return listed  # type: ignore[return-value]
             bits = snapshot.categories(target)
-            if bits & policy.filtered:
+            if bits & filtered:
                 return policy.verdict(bits)
         return None
 

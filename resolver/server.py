@@ -256,11 +256,11 @@ class Supervisor:
     _RESPAWN_WINDOW = 5.0  # a worker that dies sooner than this after starting counts as a crash loop
     _MAX_QUICK_DEATHS = 5
 
-    def __init__(self, config: Config, socket_sets: list[SocketSet], admin_socket: socket.socket | None = None,
+    def __init__(self, config: Config, socket_sets: list[SocketSet], http: HttpSockets | None = None,
                  metrics_dir: Path | None = None) -> None:
         self.config = config
         self.socket_sets = socket_sets
-        self.admin_socket = admin_socket
+        self.http = http or HttpSockets(None, [])
         self.metrics_dir = metrics_dir
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
         self.stopping = False
@@ -271,7 +271,7 @@ class Supervisor:
             signal.signal(signum, self._on_stop_signal)
         for index in range(len(self.socket_sets)):
             self._spawn(index)
-        if self.admin_socket is not None or self.config.store.redis:
+        if self.http.admin is not None or self.http.pages or self.config.store.redis:
             self._spawn(ADMIN)
         log.info(
             "serving DNS on %s with %d worker%s",
@@ -279,9 +279,10 @@ class Supervisor:
             len(self.socket_sets),
             "" if len(self.socket_sets) == 1 else "s",
         )
-        if self.admin_socket is not None:
-            host, port = self.admin_socket.getsockname()[:2]
-            log.info("admin API on http://%s/", Endpoint(host, port))
+        if self.http.admin is not None:
+            log.info("admin API on http://%s/", _endpoint_of(self.http.admin))
+        if self.http.pages:
+            log.info("block and warning pages on %s", ", ".join(f"http://{_endpoint_of(s)}/" for s in self.http.pages))
         failed = False
         while self.children:
             pid, status = os.wait()
@@ -337,10 +338,9 @@ class Supervisor:
                 if index == ADMIN:
                     from resolver.admin.process import run_admin  # noqa: PLC0415  (aiohttp: admin only)
 
-                    code = run_admin(self.config, self.admin_socket, self.metrics_dir or Path("."))
+                    code = run_admin(self.config, self.http, self.metrics_dir or Path("."))
                 else:
-                    if self.admin_socket is not None:
-                        self.admin_socket.close()
+                    self.http.close()
                     code = run_worker(self.config, self.socket_sets[index], index, self.metrics_dir)
             except BaseException:
                 log.exception("%s failed", "the admin process" if index == ADMIN else f"worker {index}")
@@ -372,21 +372,57 @@ def serve(config: Config) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
     load_policy_and_lists(config)
     socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
-    admin_socket = bind_admin_socket(config.admin.listen) if config.admin.listen is not None else None
+    http = bind_http_sockets(config)
     metrics_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"
-    return Supervisor(config, socket_sets, admin_socket, metrics_dir).run()
+    return Supervisor(config, socket_sets, http, metrics_dir).run()
 
 
-def bind_admin_socket(endpoint: Endpoint) -> socket.socket:
+@dataclass
+class HttpSockets:
+    """The admin process's listening sockets, bound by the supervisor so that a bad address fails start-up."""
+
+    admin: socket.socket | None
+    pages: list[socket.socket]
+
+    def close(self) -> None:
+        for sock in (self.admin, *self.pages):
+            if sock is not None:
+                sock.close()
+
+
+def bind_http_sockets(config: Config) -> HttpSockets:
+    admin = _bind_http(config.admin.listen, "admin.listen") if config.admin.listen is not None else None
+    pages = []
+    if config.pages.serve:
+        addresses = dict.fromkeys((*config.policy.block_page, *config.policy.warning_page))
+        pages = [_bind_http(Endpoint(address, config.pages.port), "pages.port",
+                            "policy.block_page and policy.warning_page must be addresses of this machine, or set "
+                            "pages.serve = false when another server shows the pages")
+                 for address in addresses]
+    return HttpSockets(admin, pages)
+
+
+def _bind_http(endpoint: Endpoint, key: str, elsewhere: str = "the address must be one of this machine's"
+               ) -> socket.socket:
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((endpoint.host, endpoint.port))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"admin.listen: cannot bind {endpoint}: {exc.strerror}"
-                           f"{' (another bns serve? set admin.listen)' if exc.errno == errno.EADDRINUSE else ''}"
-                           ) from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = f" (another bns serve? set {key})"
+        elif exc.errno == errno.EACCES and endpoint.port < 1024:
+            hint = f" (ports below 1024 need root or CAP_NET_BIND_SERVICE; set {key})"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = f" ({elsewhere})"
+        raise StartupError(f"{key}: cannot bind {endpoint}: {exc.strerror}{hint}") from None
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def _endpoint_of(sock: socket.socket) -> Endpoint:
+    host, port = sock.getsockname()[:2]
+    return Endpoint(host, port)

@@ -332,7 +332,9 @@ _BODIES: dict[str, dict[str, Any]] = {
     "Device": {"type": "object", "properties": {
         "name": {"type": "string"}, "macs": {"type": "array", "items": {"type": "string"}},
         "client_ids": {"type": "array", "items": {"type": "string"}},
-        "addresses": {"type": "array", "items": {"type": "string"}}, "group": {"type": "string"}}},
+        "addresses": {"type": "array", "items": {"type": "string"}}, "group": {"type": "string"},
+        "passes": {"type": "object", "additionalProperties": {"type": "string"},
+                   "description": "name → RFC 3339 end: where the device chose \"continue anyway\""}}},
     "Policy": {"type": "object", "properties": {
         "profile": {"type": "string"}, "block": {"type": "array", "items": {"type": "string"}},
         "web_protect": {"type": "boolean"}, "allow": {"type": "array", "items": {"type": "string"}},

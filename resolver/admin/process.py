@@ -1,4 +1,5 @@
-"""The node's admin process, beside the DNS workers: the admin API, and keeping the published lists here."""
+"""The node's admin process, beside the DNS workers: the admin API, the block and warning pages, and keeping
+the published lists here."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 from aiohttp import web
@@ -18,8 +18,13 @@ from resolver.admin.why import Explainer
 from resolver.config import Config
 from resolver.lists import cache_dir_of, served_path
 from resolver.metrics import Metrics
+from resolver.pages import ContinueTokens, LocalUsedTokens, Pages, RedisUsedTokens, UsedTokens, pages_secret
+from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
 from resolver.publishing import LocalPublications, Publications, RedisPublications
+
+if TYPE_CHECKING:
+    from resolver.server import HttpSockets
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +41,46 @@ def publications_for(config: Config, store: Store | None, catalog: Any) -> Publi
 
 
 class AdminNode:
-    def __init__(self, config: Config, sock: socket.socket | None, metrics_dir: Path) -> None:
+    def __init__(self, config: Config, http: HttpSockets, metrics_dir: Path) -> None:
         from resolver.server import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
 
         self.config = config
-        self.sock = sock
-        catalog, maker, self.lists = load_policy_and_lists(config)
+        self.http = http
+        self.catalog, maker, self.lists = load_policy_and_lists(config)
         settings = config.store
-        self.store = open_store(settings.redis, settings.file, catalog, settings.prefix)
-        self.publications = publications_for(config, self.store, catalog)
+        self.store = open_store(settings.redis, settings.file, self.catalog, settings.prefix)
+        self.publications = publications_for(config, self.store, self.catalog)
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})
-        self.api = Api(tokens_from(config.admin), catalog, self.store, self.publications,
-                       Explainer(self.store, maker, catalog, self.lists), metrics, config.admin.max_upload,
-                       cache_dir_of(config.lists) / "uploads")
-        self._runner: web.AppRunner | None = None
+        self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
+        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, self.explainer,
+                       metrics, config.admin.max_upload, cache_dir_of(config.lists) / "uploads")
+        self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.publications.follow()),
                        loop.create_task(self._check_store())]
-        if self.sock is not None:
-            self._runner = web.AppRunner(self.api.app(), access_log=None)
-            await self._runner.setup()
-            await web.SockSite(self._runner, self.sock).start()
+        if self.http.admin is not None:
+            await self._serve(self.api.app(), [self.http.admin])
+        if self.http.pages:
+            await self._serve((await self._pages()).app(), self.http.pages)
+
+    async def _pages(self) -> Pages:
+        redis_client = self.store.client if isinstance(self.store, RedisStore) else None
+        prefix = self.config.store.prefix
+        secret = await pages_secret(self.config.pages, redis_client, prefix)
+        used: UsedTokens = RedisUsedTokens(redis_client, prefix) if redis_client is not None else LocalUsedTokens()
+        service = PolicyService(self.store) if self.store is not None else None
+        return Pages(self.explainer, service, ContinueTokens(secret), used, self.config.pages, self.catalog,
+                     self.config.policy.blocked_ttl)
+
+    async def _serve(self, app: web.Application, sockets: list[Any]) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        self._runners.append(runner)
 
     async def _check_store(self) -> None:
         if self.store is None:
@@ -73,8 +94,8 @@ class AdminNode:
             await asyncio.sleep(_STORE_CHECK)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -84,8 +105,8 @@ class AdminNode:
             await self.store.close()
 
 
-async def _run_until_signalled(config: Config, sock: socket.socket | None, metrics_dir: Path) -> int:
-    node = AdminNode(config, sock, metrics_dir)
+async def _run_until_signalled(config: Config, http: HttpSockets, metrics_dir: Path) -> int:
+    node = AdminNode(config, http, metrics_dir)
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,5 +118,5 @@ async def _run_until_signalled(config: Config, sock: socket.socket | None, metri
     return 0
 
 
-def run_admin(config: Config, sock: socket.socket | None, metrics_dir: Path) -> int:
-    return uvloop.run(_run_until_signalled(config, sock, metrics_dir))
+def run_admin(config: Config, http: HttpSockets, metrics_dir: Path) -> int:
+    return uvloop.run(_run_until_signalled(config, http, metrics_dir))

@@ -17,7 +17,7 @@ from resolver.lists import Lists
 from resolver.policy.directory import find_device
 from resolver.policy.effective import PolicyMaker, governing, guest_profile
 from resolver.policy.model import PolicyError, parse_mac, parse_time
-from resolver.policy.runtime import ALLOWED, Policy, Verdict
+from resolver.policy.runtime import ALLOWED, PASSED, Policy, Verdict
 from resolver.policy.store import Store
 from resolver.safesearch import restrict_name
 from resolver.wire import text_to_name
@@ -90,18 +90,26 @@ class Explainer:
     def _decide(self, policy: Policy, wire: bytes) -> dict[str, Any]:
         if policy.block_all is not None:
             return self._verdict(policy.block_all, "pause" if policy.block_all.reason == "paused" else "schedule")
+        filtered, passed_entry = policy.filtered, None
         if policy.has_lists:
             listed = policy.listed(wire)
-            if listed is ALLOWED:
+            if listed is PASSED:
+                filtered = policy.blocked
+                passed_entry = _text(next(suffix for suffix in _suffixes(wire) if suffix in policy.passed))
+            elif listed is ALLOWED:
                 entry = next(suffix for suffix in _suffixes(wire) if suffix in policy.allow)
                 return {"verdict": "allowed", "rule": "allow", "entry": _text(entry), "categories": [],
                         "reason": "allowed by policy", **self._safe_search(policy, wire)}
-            if listed is not None:
+            elif listed is not None:
                 entry = next(suffix for suffix in _suffixes(wire) if suffix in policy.deny)
                 return {**self._verdict(listed, "deny"), "entry": _text(entry)}  # type: ignore[arg-type]
         match = self.lists.snapshot.matcher.match(_text(wire))
-        if match.bits & policy.filtered:
+        if match.bits & filtered:
             return {**self._verdict(policy.verdict(match.bits), "category"), "entry": match.listed}
+        if passed_entry is not None and match.bits & policy.warned:
+            return {"verdict": "allowed", "rule": "continue", "entry": passed_entry,
+                    "categories": self.catalog.ids(match.bits), "reason": "continued past the warning",
+                    **self._safe_search(policy, wire)}
         return {"verdict": "allowed", "rule": "none", "entry": match.listed if match.bits else None,
                 "categories": self.catalog.ids(match.bits), "reason": "", **self._safe_search(policy, wire)}
 

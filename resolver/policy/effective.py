@@ -11,6 +11,8 @@
    - A client of no known site: the global default.
 4. Inside that policy: allow beats deny beats categories (see runtime.Policy); a policy naming a profile
    starts from the profile's fields and overrides them with its own.
+5. A device's "continue anyway" passes (from the warning page) lift Web Protect warnings for their names
+   until they end, in whatever policy governs; they never lift a block, a deny or a pause.
 
 Schedules are read in the site's time zone (zoneinfo): a window whose end is at or before its start crosses
 midnight into the next day, and DST changes move the wall clock, not the window. An effective policy is
@@ -47,6 +49,7 @@ class Governing:
     level: str  # device, group, subscriber, default
     pauses: tuple[tuple[float, str], ...]  # (paused until, level)
     zone: ZoneInfo
+    passes: tuple[tuple[str, float], ...] = ()  # the device's (name, until)
 
 
 def governing(site: Site | None, device: Device | None, profiles: dict[str, PolicySpec]) -> Governing:
@@ -68,7 +71,8 @@ def governing(site: Site | None, device: Device | None, profiles: dict[str, Poli
             spec, level = group.policy, "group"
     elif site.policy is not None:
         spec, level = site.policy, "subscriber"
-    return Governing(_with_profile(spec, profiles), level, pauses, site.zone)
+    return Governing(_with_profile(spec, profiles), level, pauses, site.zone,
+                     device.passes if device is not None else ())
 
 
 def _with_profile(spec: PolicySpec | None, profiles: dict[str, PolicySpec]) -> PolicySpec | None:
@@ -161,25 +165,33 @@ class PolicyMaker:
                     block_all = self._schedule_verdict(schedule.name, spec)
                     block_all_key = f"schedule:{schedule.name}"
                 extra_blocked |= self.catalog.mask(schedule.categories)
-        key = (spec, rule.level, block_all_key, active)
+        passed: tuple[str, ...] = ()
+        if rule.passes:
+            running_passes = [(name, end) for name, end in rule.passes if now < end]
+            passed = tuple(sorted(name for name, _end in running_passes))
+            until = min([until, *(end for _name, end in running_passes)])
+        key = (spec, rule.level, block_all_key, active, passed)
         policy = self._interned.get(key)
         if policy is None:
             if len(self._interned) >= _INTERNED_LIMIT:
                 self._interned.clear()
-            policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked)
+            policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked, passed)
         return policy, until
 
-    def _make(self, spec: PolicySpec | None, level: str, block_all: Verdict | None, extra_blocked: int) -> Policy:
+    def _make(self, spec: PolicySpec | None, level: str, block_all: Verdict | None, extra_blocked: int,
+              passed: tuple[str, ...]) -> Policy:
         if spec is None:
             base = self.default
-            if block_all is None:
+            if block_all is None and not passed:
                 return base
-            return Policy(base.blocked, base.warned, self.answering, self.catalog, block_all=block_all, level=level)
+            return Policy(base.blocked, base.warned, self.answering, self.catalog, block_all=block_all, level=level,
+                          passed=wire_names(passed))
         warned = self.catalog.default_mask("warn") if spec.web_protect is not False else 0
         return Policy(
             self.catalog.mask(spec.block or ()) | extra_blocked, warned, self.answering, self.catalog,
             mode=AnswerMode(spec.answer) if spec.answer else None, allow=wire_names(spec.allow),
             deny=wire_names(spec.deny), block_all=block_all, safe_search=bool(spec.safe_search), level=level,
+            passed=wire_names(passed),
         )
 
     def _pause_verdict(self, level: str) -> Verdict:

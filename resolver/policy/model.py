@@ -8,7 +8,8 @@ A site document holds a subscriber (a customer site) with its groups and devices
      "groups": {"kids": {"name": "Kids", "policy": {...}, "paused_until": null}},
      "devices": {"tablet": {"name": "Tablet", "macs": ["02:00:00:00:00:01"], "client_ids": [],
                             "addresses": ["192.168.1.20"], "group": "kids", "policy": null,
-                            "paused_until": null}}}
+                            "paused_until": null,
+                            "passes": {"phish.example": "2026-11-23T21:00:00Z"}}}}
 
 A policy:
 
@@ -18,8 +19,9 @@ A policy:
                     "from": "21:00", "to": "07:00", "block": "all"}]}
 
 Every field is optional except a site's id; a policy's fields override its profile's. `paused_until` is
-an RFC 3339 time, or "forever". Validation errors name the field by its path
-(`devices.tablet.macs[0]: 'zz' is not a MAC address`) and nothing is stored.
+an RFC 3339 time, or "forever". A device's `passes` are the names its user chose to "continue anyway" to on
+a Web Protect warning page, each until a time: they lift warnings only, never a block. Validation errors
+name the field by its path (`devices.tablet.macs[0]: 'zz' is not a MAC address`) and nothing is stored.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 _TIME = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
 _MAC_TEXT = re.compile(r"[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}\Z")
 MAX_LIST = 10_000  # allow/deny names, devices, networks… per document: a write, not a blocklist
+MAX_PASSES = 100  # "continue anyway" passes per device; expired ones are dropped when a new one is added
 
 
 class PolicyError(BnsError):
@@ -114,6 +117,7 @@ class Device:
     group: str | None = None
     policy: PolicySpec | None = None
     paused_until: float | None = None
+    passes: tuple[tuple[str, float], ...] = ()  # (name, until): warnings lifted for the name and its subdomains
 
 
 @dataclass(eq=False)
@@ -339,8 +343,26 @@ def _address(value: Any, path: str) -> str:
         raise PolicyError(path, str(exc)) from None
 
 
+def _passes(value: Any, path: str) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, dict):
+        raise PolicyError(path, f"must be an object of name → RFC 3339 time, got {type(value).__name__}")
+    _require(len(value) <= MAX_PASSES, path, f"more than {MAX_PASSES} entries")
+    passes = []
+    for name, until in value.items():
+        try:
+            domain = normalize(_text(name, path, 253))
+        except BadName as bad:
+            raise PolicyError(f"{path}.{name}", str(bad)) from None
+        moment = parse_time(until, f"{path}.{name}")
+        _require(moment is not None and moment != FOREVER, f"{path}.{name}", "must be a time (a pass always ends)")
+        assert moment is not None
+        passes.append((domain, moment))
+    return tuple(passes)
+
+
 def _device(device_id: str, value: Any, path: str, catalog: Catalog) -> Device:
-    entry = _table(value, path, {"name", "macs", "client_ids", "addresses", "group", "policy", "paused_until"})
+    entry = _table(value, path, {"name", "macs", "client_ids", "addresses", "group", "policy", "paused_until",
+                                 "passes"})
     macs = []
     for index, item in enumerate(_list(entry.get("macs", []), f"{path}.macs")):
         try:
@@ -358,6 +380,7 @@ def _device(device_id: str, value: Any, path: str, catalog: Catalog) -> Device:
         _identifier(entry["group"], f"{path}.group") if entry.get("group") is not None else None,
         parse_policy(entry.get("policy"), f"{path}.policy", catalog),
         parse_time(entry.get("paused_until"), f"{path}.paused_until"),
+        _passes(entry.get("passes", {}), f"{path}.passes"),
     )
 
 
@@ -464,7 +487,9 @@ def site_document(site: Site) -> dict[str, Any]:
                           "paused_until": time_document(g.paused_until)} for g in site.groups.values()},
         "devices": {d.id: {"name": d.name, "macs": [mac_text(m) for m in d.macs], "client_ids": list(d.client_ids),
                            "addresses": list(d.addresses), "group": d.group, "policy": policy_document(d.policy),
-                           "paused_until": time_document(d.paused_until)} for d in site.devices.values()},
+                           "paused_until": time_document(d.paused_until),
+                           "passes": {name: time_document(until) for name, until in d.passes}}
+                    for d in site.devices.values()},
     }
 
 

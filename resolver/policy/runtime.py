@@ -6,7 +6,8 @@ warns on; safe search; how a blocked name is answered. The decision for a set of
 Verdict, made once per (policy, categories) and then reused: the answer builder's memo is keyed on the
 Verdict object, and the verdict with its reason travels with the answer.
 
-Precedence inside one policy: block-all beats allow, allow beats deny, deny beats categories.
+Precedence inside one policy: block-all beats allow, allow beats deny, deny beats categories; a name the
+device passed ("continue anyway") is judged on the blocked categories only.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Answering:
 
 
 ALLOWED = object()  # `Policy.listed` result: the name is on the policy's allow list
+PASSED = object()  # `Policy.listed` result: the device continued past a warning for the name: warnings lifted
 _LISTED_MEMO = 4096
 
 
@@ -87,6 +89,7 @@ class Policy:
     mode: AnswerMode | None = None  # None: the deployment's default mode
     allow: frozenset[bytes] = frozenset()  # lowercased wire names; each covers its subdomains
     deny: frozenset[bytes] = frozenset()
+    passed: frozenset[bytes] = frozenset()  # names whose warnings are lifted for this device
     block_all: Verdict | None = None  # a pause or an active block-all schedule
     safe_search: bool = False
     level: str = "default"  # which policy decided: device, group, subscriber or default
@@ -100,7 +103,7 @@ class Policy:
     def __post_init__(self) -> None:
         self.warned &= ~self.blocked  # a category both blocked and warned is blocked
         self.filtered = self.blocked | self.warned
-        self.has_lists = bool(self.allow or self.deny)
+        self.has_lists = bool(self.allow or self.deny or self.passed)
         self.plain = self.block_all is None and not self.has_lists and not self.safe_search
 
     def verdict(self, bits: int) -> Verdict:
@@ -112,7 +115,8 @@ class Policy:
         return verdict
 
     def listed(self, name: bytes) -> object:
-        """ALLOWED, the deny Verdict, or None, for a lowercased wire name (suffixes on label boundaries)."""
+        """ALLOWED, the deny Verdict, PASSED or None, for a lowercased wire name (suffixes on label
+        boundaries)."""
         result = self._listed.get(name, self)
         if result is self:
             result = self._match_lists(name)
@@ -134,6 +138,8 @@ class Policy:
                 self._denied = self.answering.verdict(Action.BLOCK, 0, "denied by policy", EdeCode.BLOCKED,
                                                       "blocked: denied by policy", self.mode)
             return self._denied
+        if any(suffix in self.passed for suffix in suffixes):
+            return PASSED
         return None
 
     def _decide(self, hit: int) -> Verdict:

@@ -156,6 +156,22 @@ class PolicyService:
         assert site is not None
         return site
 
+    async def grant_pass(self, site_id: str, device_id: str, name: str, until: float, now: float) -> Site:
+        """Let a device continue past Web Protect warnings for `name` until `until`. Passes that have ended
+        are dropped; a pass already reaching further is kept as it is."""
+        def change(document: SiteDocument) -> SiteDocument:
+            device = _entity(document, ("device", device_id))
+            passes = {other: end for other, end in (device.get("passes") or {}).items()
+                      if (parse_time(end, "passes") or 0) > now}
+            current = parse_time(passes.get(name), "passes") or 0
+            passes[name] = time_document(max(current, until))
+            device["passes"] = passes
+            return document
+
+        site = await self._update(site_id, change)
+        assert site is not None
+        return site
+
     # --- profiles ---------------------------------------------------------------------------------------------
 
     async def set_profile(self, name: str, policy: dict[str, Any] | None) -> None:

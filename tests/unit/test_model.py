@@ -45,6 +45,13 @@ def test_a_good_document_and_its_canonical_round_trip():
     assert canonical["groups"]["kids"]["paused_until"] == "2026-12-01T19:00:00Z"
 
 
+def test_a_pass_round_trips_normalised():
+    document = broken("devices.tab.passes", {"Phish.Example.": "2026-12-01T20:00:00+01:00"})
+    site = parse_site(document, CATALOG)
+    assert site.devices["tab"].passes == (("phish.example", datetime(2026, 12, 1, 19, 0, tzinfo=UTC).timestamp()),)
+    assert site_document(site)["devices"]["tab"]["passes"] == {"phish.example": "2026-12-01T19:00:00Z"}
+
+
 def broken(path: str, value: object) -> dict:
     """GOOD with the field at a dotted `path` replaced by `value` (a key of None deletes nothing)."""
     import copy
@@ -86,6 +93,12 @@ def broken(path: str, value: object) -> dict:
         ("groups.kids.policy.schedules.1.name", "night", "schedules: two schedules have the same name"),
         ("policy", ["not", "an", "object"], "policy: must be an object"),
         ("name", 42, "name: must be a string"),
+        ("devices.tab.passes", ["phish.example"], "devices.tab.passes: must be an object of name"),
+        ("devices.tab.passes", {"bad..name": "2026-12-01T20:00:00Z"}, "devices.tab.passes.bad..name: empty label"),
+        ("devices.tab.passes", {"phish.example": "forever"}, "devices.tab.passes.phish.example: must be a time"),
+        ("devices.tab.passes", {"phish.example": "soon"}, "is not an RFC 3339 time"),
+        ("devices.tab.passes", {f"n{i}.example": "2026-12-01T20:00:00Z" for i in range(101)},
+         "devices.tab.passes: more than 100 entries"),
     ],
 )
 def test_bad_fields_are_named_by_their_path(path, value, message):

@@ -12,7 +12,7 @@ from blocklists.catalog import load_catalog
 from resolver.config import PolicySettings
 from resolver.policy.effective import MAX_VALIDITY, PolicyMaker, answering_from, default_policy, governing
 from resolver.policy.model import parse_site
-from resolver.policy.runtime import ALLOWED, Action
+from resolver.policy.runtime import ALLOWED, PASSED, Action
 from resolver.wire import text_to_name
 
 pytestmark = pytest.mark.unit
@@ -234,3 +234,40 @@ def test_clients_in_the_same_state_share_one_policy_object():
     other_device = governing(parsed, parsed.devices["loose"], {})
     assert MAKER.effective(rule, 1.0)[0] is MAKER.effective(rule, 2.0)[0]
     assert MAKER.effective(rule, 1.0)[0] is not MAKER.effective(other_device, 1.0)[0]
+
+
+WARNING_MAKER = PolicyMaker(CATALOG, answering_from(PolicySettings()), default_policy(PolicySettings(), CATALOG))
+PASS_END = at(2026, 11, 23, 12, 0)
+
+
+def passed_policy(device: str, now: float, **device_fields):
+    document = site("device")
+    document["devices"][device].update(device_fields, passes={"phish.example": "2026-11-23T12:00:00Z"})
+    parsed = parse_site(document, CATALOG)
+    return WARNING_MAKER.effective(governing(parsed, parsed.devices[device], {}), now)
+
+
+@pytest.mark.parametrize("device", ["own", "loose"])  # under the device's own policy, and the global default
+def test_a_pass_lifts_warnings_for_its_name_until_it_ends(device):
+    policy, until = passed_policy(device, PASS_END - 60)
+    assert until == PASS_END  # made again when the pass ends
+    assert policy.listed(text_to_name("login.phish.example")) is PASSED
+    assert policy.listed(text_to_name("other.example")) is None
+    assert policy.warned and policy.passed
+    after, _ = passed_policy(device, PASS_END)
+    assert after.listed(text_to_name("login.phish.example")) is None
+
+
+def test_a_pass_does_not_lift_a_deny_or_a_pause():
+    denied, _ = passed_policy("own", PASS_END - 60, policy={"deny": ["phish.example"]})
+    assert denied.listed(text_to_name("phish.example")).reason == "denied by policy"
+    paused, _ = passed_policy("own", PASS_END - 60, paused_until="forever")
+    assert paused.block_all is not None and paused.block_all.reason == "paused (device)"
+
+
+def test_a_pass_belongs_to_its_device_only():
+    document = site("device")
+    document["devices"]["own"]["passes"] = {"phish.example": "2026-11-23T12:00:00Z"}
+    parsed = parse_site(document, CATALOG)
+    other, _ = WARNING_MAKER.effective(governing(parsed, parsed.devices["grouped"], {}), PASS_END - 60)
+    assert other.listed(text_to_name("phish.example")) is not PASSED

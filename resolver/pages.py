@@ -1,0 +1,288 @@
+"""The block and warning pages: what a browser shows at a name the resolver answered with a page address.
+
+A page knows two things only: the name the browser asked for (the Host header) and who is asking (the
+connection's source address, identified like a DNS client of that address). It asks the explainer, which
+takes the resolver's steps, what the verdict for that name and client is now, and shows it:
+
+- blocked (Content Control, a deny entry, a pause, a schedule): what was blocked and why;
+- warned (Web Protect: malware, phishing): the danger, "go back", and "continue anyway" for a device the
+  network knows. The button posts a token, signed with HMAC-SHA256 and expiring after `pages.offer_minutes`,
+  that names the site, the device, the name and the end of the pass. Accepting it writes a pass on that
+  device through the policy store (every node sees it within a second) that lifts warnings for that name
+  until then. A forged token, one for another name or device, an expired one or one used before changes
+  nothing;
+- anything else, a name this client may reach or one the page was not asked about: a page that says
+  nothing about any name.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import logging
+import os
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from string import Template
+from typing import Any
+
+from aiohttp import web
+
+from blocklists.catalog import Catalog
+from blocklists.names import BadName, normalize
+from resolver.admin.why import Explainer
+from resolver.config import PagesSettings
+from resolver.errors import BnsError
+from resolver.policy.model import PolicyError
+from resolver.policy.service import NotFound, PolicyService
+from resolver.policy.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CONTINUE_PATH = "/.well-known/bns/continue"
+_MAX_TOKEN = 2048
+
+
+class TokenRefused(BnsError):
+    """A continue token that opens nothing: forged, expired, used, or for another name or device."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a "continue anyway" button offers: this name, for this device, until `pass_until`."""
+
+    site: str
+    device: str
+    name: str
+    pass_until: float
+    expires: float  # the button is void after this
+    nonce: str
+
+
+class ContinueTokens:
+    """Signs and checks offers: `<base64url(JSON)>.<base64url(HMAC-SHA256)>`."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def sign(self, offer: Offer) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps(asdict(offer), separators=(",", ":")).encode())
+        return f"{payload.decode()}.{self._mac(payload)}"
+
+    def verify(self, token: str, now: float) -> Offer:
+        payload, _, mac = token.partition(".")
+        if not payload or len(token) > _MAX_TOKEN or not hmac.compare_digest(mac, self._mac(payload.encode())):
+            raise TokenRefused("this button was not made by this network")
+        try:
+            offer = Offer(**json.loads(base64.urlsafe_b64decode(payload)))
+        except (ValueError, TypeError):
+            raise TokenRefused("this button was not made by this network") from None
+        if now >= offer.expires:
+            raise TokenRefused("this button has expired: reload the page for a new one")
+        return offer
+
+    def _mac(self, payload: bytes) -> str:
+        return base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest()).decode()
+
+
+class UsedTokens(ABC):
+    """Remembers the tokens already accepted, until they expire, so that each opens a pass once."""
+
+    @abstractmethod
+    async def claim(self, nonce: str, expires: float) -> bool:
+        """True the first time a nonce is claimed, False after."""
+
+
+class LocalUsedTokens(UsedTokens):
+    """One node without Redis: its admin process is the only one that accepts tokens."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._used: dict[str, float] = {}
+        self._clock = clock
+
+    async def claim(self, nonce: str, expires: float) -> bool:
+        now = self._clock()
+        self._used = {other: end for other, end in self._used.items() if end > now}
+        if nonce in self._used:
+            return False
+        self._used[nonce] = expires
+        return True
+
+
+class RedisUsedTokens(UsedTokens):
+    """Every node shares Redis: SET NX with the token's expiry, so a token is accepted once in the fleet."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+
+    async def claim(self, nonce: str, expires: float) -> bool:
+        return bool(await self._client.set(f"{self._prefix}pages:used:{nonce}", "1", nx=True,
+                                           exat=int(expires) + 1))
+
+
+async def pages_secret(settings: PagesSettings, redis_client: Any | None, prefix: str,
+                       environ: dict[str, str] | os._Environ[str] = os.environ) -> bytes:
+    """The key that signs tokens: configured, else shared by every node through Redis, else this run's."""
+    configured = settings.secret or environ.get("BNS_PAGES_SECRET", "")
+    if configured:
+        return configured.encode()
+    if redis_client is not None:
+        key = f"{prefix}pages:secret"
+        await redis_client.set(key, secrets.token_hex(32), nx=True)  # the first node to start makes it
+        shared = await redis_client.get(key)
+        return shared.encode() if isinstance(shared, str) else shared
+    return secrets.token_bytes(32)
+
+
+_PAGE = Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<meta name="robots" content="noindex">$refresh<title>$title</title>
+<style>
+body{font:16px/1.5 system-ui,sans-serif;margin:0;background:$background;color:#1d1d1f}
+main{max-width:36rem;margin:12vh auto;padding:2rem;background:#fff;border-radius:12px;
+box-shadow:0 2px 12px rgba(0,0,0,.15)}
+h1{margin-top:0;font-size:1.6rem}.name{font-family:ui-monospace,monospace;word-break:break-all}
+.why{padding:.75rem 1rem;background:#f4f4f6;border-radius:8px}
+button,a.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid #888;background:#fff;
+cursor:pointer;text-decoration:none;color:inherit;margin-right:.5rem}
+button.primary{background:#1d1d1f;color:#fff;border-color:#1d1d1f}
+small{color:#555}
+</style></head>
+<body><main>
+<h1>$title</h1>
+$body
+</main></body></html>
+""")
+
+
+def _page(status: int, title: str, body: str, background: str = "#e9e9ee", refresh: str = "") -> web.Response:
+    text = _PAGE.substitute(title=html.escape(title), body=body, background=background, refresh=refresh)
+    return web.Response(status=status, text=text, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                                 "X-Frame-Options": "DENY"})
+
+
+def _nothing_here() -> web.Response:
+    return _page(404, "Nothing to show", "<p>There is no block or warning page for this address.</p>")
+
+
+def _clock_time(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%H:%M UTC")
+
+
+class Pages:
+    def __init__(self, explainer: Explainer, service: PolicyService | None, tokens: ContinueTokens,
+                 used: UsedTokens, settings: PagesSettings, catalog: Catalog, blocked_ttl: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.explainer = explainer
+        self.service = service
+        self.tokens = tokens
+        self.used = used
+        self.settings = settings
+        self.catalog = catalog
+        self.blocked_ttl = blocked_ttl
+        self.clock = clock
+        self._titles = {category.id: category for category in catalog}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024)
+        app.router.add_post(CONTINUE_PATH, self.continue_anyway)
+        app.router.add_route("GET", "/{tail:.*}", self.show)
+        return app
+
+    @staticmethod
+    def _asked_name(request: web.Request) -> str | None:
+        host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+        try:
+            return normalize(host)
+        except BadName:
+            return None
+
+    async def _verdict(self, request: web.Request, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.explainer.explain({"name": name, "address": request.remote or "", "at": None})
+        except (PolicyError, StoreUnavailable) as exc:
+            log.info("page for %s: %s", name, exc)
+            return None
+
+    async def show(self, request: web.Request) -> web.Response:
+        name = self._asked_name(request)
+        verdict = await self._verdict(request, name) if name else None
+        if name is None or verdict is None or verdict["verdict"] == "allowed":
+            return _nothing_here()
+        shown = html.escape(name)
+        if verdict["verdict"] == "blocked":
+            return _page(403, "Blocked", f'<p><span class="name">{shown}</span> is blocked on this network.</p>'
+                                         f'<p class="why">{self._why(verdict)}</p>'
+                                         "<p><small>Ask this network's administrator if you think this is a "
+                                         "mistake.</small></p>")
+        return _page(403, "Warning: this site may harm you", self._warning(name, verdict), background="#f6d7d2")
+
+    def _why(self, verdict: dict[str, Any]) -> str:
+        rule = verdict["rule"]
+        if rule == "pause":
+            return "Internet access is paused for this device."
+        if rule == "schedule":
+            return html.escape(f"Blocked by the {verdict['reason'].removeprefix('schedule ')} schedule.")
+        if rule == "deny":
+            return "This site is on this network's deny list."
+        return "<br>".join(f"<b>{html.escape(self._titles[c].title)}</b>: {html.escape(self._titles[c].description)}"
+                           for c in verdict["categories"] if c in self._titles)
+
+    def _warning(self, name: str, verdict: dict[str, Any]) -> str:
+        shown = html.escape(name)
+        body = (f'<p><span class="name">{shown}</span> is known to be dangerous.</p>'
+                f'<p class="why">{self._why(verdict)}</p>'
+                '<p><a class="button" href="javascript:history.back()">Go back</a>')
+        if verdict["site"] is None or verdict["device"] is None or self.service is None:
+            return body + "</p><p><small>This device is not known to the network, so it cannot continue from " \
+                          "here. Ask this network's administrator.</small></p>"
+        now = self.clock()
+        minutes = self.settings.pass_minutes
+        offer = Offer(verdict["site"], verdict["device"], name, now + minutes * 60,
+                      now + self.settings.offer_minutes * 60, secrets.token_urlsafe(12))
+        return body + (f'</p><form method="post" action="{CONTINUE_PATH}">'
+                       f'<input type="hidden" name="token" value="{html.escape(self.tokens.sign(offer))}">'
+                       f'<button class="primary" type="submit" id="continue">Continue anyway</button></form>'
+                       f"<p><small>Continuing opens {shown} on this device only, for {minutes:g} minutes."
+                       f"</small></p>")
+
+    async def continue_anyway(self, request: web.Request) -> web.Response:
+        name = self._asked_name(request)
+        try:
+            form = await request.post()
+            token = form.get("token")
+            if not isinstance(token, str) or name is None:
+                raise TokenRefused("no button was pressed")
+            now = self.clock()
+            offer = self.tokens.verify(token, now)
+            verdict = await self._verdict(request, name)
+            if offer.name != name or verdict is None or (verdict["site"], verdict["device"]) != \
+                    (offer.site, offer.device):
+                raise TokenRefused("this button was made for another site or device")
+            if not await self.used.claim(offer.nonce, offer.expires):
+                raise TokenRefused("this button has been used already")
+            assert self.service is not None
+            await self.service.grant_pass(offer.site, offer.device, offer.name, offer.pass_until, now)
+        except TokenRefused as refused:
+            return _page(403, "Not opened", f"<p>{html.escape(str(refused))}</p>")
+        except (NotFound, PolicyError, StoreUnavailable, web.HTTPException) as exc:
+            log.warning("continue anyway for %s: %s", name, exc)
+            return _page(503, "Not opened", "<p>The network could not open this site just now. Try again.</p>")
+        log.info("continue anyway: site %s device %s opened %s until %s", offer.site, offer.device, offer.name,
+                 _clock_time(offer.pass_until))
+        shown = html.escape(name)
+        wait = self.blocked_ttl + 2
+        return _page(200, "Opened", f'<p><span class="name">{shown}</span> is open on this device until '
+                                    f"{_clock_time(offer.pass_until)}.</p><p>Taking you there in {wait} seconds "
+                                    f'(your browser may remember the warning that long): <a href="http://{shown}/">'
+                                    f"{shown}</a></p>",
+                     refresh=f'<meta http-equiv="refresh" content="{wait};url=http://{shown}/">')

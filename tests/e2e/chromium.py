@@ -1,0 +1,144 @@
+"""Headless Chromium driven over the DevTools protocol (aiohttp's WebSocket client): open a page, read it,
+click an element with real mouse events, take a screenshot, read a screenshot's pixels back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+WIDTH, HEIGHT = 1000, 700
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class Browser:
+    """One headless Chromium with its own profile in `profile`; `resolve` maps host names to addresses, as a
+    DNS answer would (the browser has no way to be pointed at a DNS server on a test port)."""
+
+    def __init__(self, resolve: dict[str, str], profile: Path) -> None:
+        self._resolve = resolve
+        self._profile = profile
+        self._process: subprocess.Popen[str] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ids = itertools.count(1)
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Browser:
+        binary = chromium_binary()
+        assert binary is not None
+        rules = ",".join(f"MAP {name} {address}" for name, address in self._resolve.items())
+        self._process = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self._profile}", f"--window-size={WIDTH},{HEIGHT}",
+             f"--host-resolver-rules={rules},EXCLUDE localhost", "--remote-debugging-address=127.0.0.1",
+             "--remote-debugging-port=0", "about:blank"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        endpoint = await asyncio.wait_for(asyncio.to_thread(self._devtools_endpoint), 30)
+        self._session = aiohttp.ClientSession()
+        port = re.search(r":(\d+)/", endpoint).group(1)  # type: ignore[union-attr]
+        async with self._session.get(f"http://127.0.0.1:{port}/json/list") as response:
+            targets = await response.json(content_type=None)
+        page = next(target for target in targets if target["type"] == "page")
+        self._ws = await self._session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        self._reader = asyncio.create_task(self._read())
+        await self.send("Page.enable")
+        await self.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1,
+                        mobile=False)
+        return self
+
+    def _devtools_endpoint(self) -> str:
+        assert self._process is not None and self._process.stderr is not None
+        for line in self._process.stderr:
+            found = re.search(r"DevTools listening on (ws://\S+)", line)
+            if found:
+                return found.group(1)
+        raise RuntimeError(f"chromium exited with {self._process.wait()} before listening")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        async for message in self._ws:
+            data = json.loads(message.data)
+            if "id" in data and data["id"] in self._replies:
+                self._replies.pop(data["id"]).set_result(data)
+            elif "method" in data:
+                self._events.put_nowait(data)
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        assert self._ws is not None
+        call_id = next(self._ids)
+        reply = self._replies[call_id] = asyncio.get_running_loop().create_future()
+        await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
+        data = await asyncio.wait_for(reply, 30)
+        if "error" in data:
+            raise RuntimeError(f"{method}: {data['error']}")
+        return data["result"]
+
+    async def _loaded(self) -> None:
+        while (await asyncio.wait_for(self._events.get(), 30))["method"] != "Page.loadEventFired":
+            pass
+
+    async def open(self, url: str) -> None:
+        self._drain()
+        await self.send("Page.navigate", url=url)
+        await self._loaded()
+
+    def _drain(self) -> None:
+        while not self._events.empty():
+            self._events.get_nowait()
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result["result"].get("value")
+
+    async def click(self, selector: str) -> None:
+        """A real click (mouse down and up at the element's centre), then wait for the next page load."""
+        box = await self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                                  ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        self._drain()
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        await self._loaded()
+
+    async def screenshot(self, path: Path) -> bytes:
+        png = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
+        path.write_bytes(png)
+        return png
+
+    async def pixel(self, png: bytes, x: int, y: int) -> list[int]:
+        """The RGBA of one pixel of a PNG, decoded by the browser itself (a canvas on a blank page)."""
+        await self.open("about:blank")
+        data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+        return await self.evaluate(
+            "new Promise(done => { const image = new Image(); image.onload = () => { "
+            "const canvas = document.createElement('canvas'); canvas.width = image.width; "
+            "canvas.height = image.height; const context = canvas.getContext('2d'); context.drawImage(image, 0, 0); "
+            f"done(Array.from(context.getImageData({x}, {y}, 1, 1).data)); }}; image.src = {json.dumps(data_url)}; }})")

@@ -1,0 +1,202 @@
+"""The block and warning pages of a whole `bns serve` node (real Redis, real DNS and HTTP clients, headless
+Chromium): what they show, and "continue anyway", which opens one name for one device and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.client import HTTPConnection
+from pathlib import Path
+
+import dns.edns
+import dns.message
+import dns.query
+import pytest
+
+from tests.e2e.chromium import Browser, chromium_binary
+from tests.e2e.test_admin import ADMIN, http, within
+from tests.e2e.test_process import bns, node
+
+pytestmark = pytest.mark.e2e
+PHISH, BOTH, DRUGS, FINE = "phish.example", "both.example", "drugs.example", "fine.example"
+LAPTOP, PHONE, STRANGER = "127.0.0.1", "127.0.0.2", "127.0.0.3"  # the phone and stranger: other sources
+SITE = {"name": "Home", "networks": ["127.0.0.0/8"], "mode": "device",
+        "devices": {"laptop": {"name": "Laptop", "addresses": [LAPTOP]},
+                    "phone": {"name": "Phone", "addresses": [PHONE]}}}
+
+
+def page_address() -> tuple[str, int]:
+    """A loopback address of its own for the pages, and a free port on it."""
+    address = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return address, probe.getsockname()[1]
+
+
+@contextmanager
+def page_node(tmp_path: Path, upstream, store: str) -> Iterator[tuple[int, str, str, int]]:
+    """A node whose warnings and blocks answer with the page address: (DNS port, API, page address, port)."""
+    tsv = tmp_path / "names.tsv"
+    tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n")
+    artifact = tmp_path / "lists.bns"
+    compiled = subprocess.run(bns("lists", "compile", "--out", str(artifact), "--tsv", str(tsv)),
+                              capture_output=True, text=True, timeout=60)
+    assert compiled.returncode == 0, compiled.stderr
+    address, port = page_address()
+    config = tmp_path / "bns.toml"
+    config.write_text(f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n'
+                      f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
+                      f'[pages]\nport = {port}\npass_minutes = 30\n[admin]\ntokens = ["{ADMIN}"]\n')
+    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
+              "--workers", "2") as (_process, dns_port, api):
+        assert api is not None
+        status, _ = http(api, "PUT", "/v1/sites/home", SITE)
+        assert status == 200
+        yield dns_port, api, address, port
+
+
+def resolve(dns_port: int, name: str, source: str = LAPTOP) -> tuple[list[str], str | None]:
+    """The A addresses answered to `source`, and the EDE text if any."""
+    response = dns.query.udp(dns.message.make_query(name, "A", use_edns=0), "127.0.0.1", port=dns_port, timeout=3,
+                             source=source)
+    addresses = [item.address for rrset in response.answer for item in rrset if hasattr(item, "address")]
+    texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
+    return addresses, texts[0] if texts else None
+
+
+def fetch(address: str, port: int, name: str, source: str = LAPTOP, token: str | None = None) -> tuple[int, str]:
+    """GET the page for `name` (or POST its continue form with `token`) from `source`, as a browser would."""
+    connection = HTTPConnection(address, port, timeout=10, source_address=(source, 0))
+    try:
+        if token is None:
+            connection.request("GET", "/some/path?q=1", headers={"Host": name})
+        else:
+            connection.request("POST", "/.well-known/bns/continue", body=f"token={token}",
+                               headers={"Host": name, "Content-Type": "application/x-www-form-urlencoded"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def token_in(page: str) -> str:
+    found = re.search(r'name="token" value="([^"]+)"', page)
+    assert found, "the page has no continue button"
+    return found.group(1)
+
+
+def every_answer(dns_port: int, name: str, source: str, check, tries: int = 12) -> bool:
+    return all(check(resolve(dns_port, name, source)) for _ in range(tries))
+
+
+@pytest.fixture
+def store(shared_redis, redis_prefix) -> str:
+    return f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
+
+
+def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream, store):
+    with page_node(tmp_path, upstream, store) as (dns_port, api, address, port):
+        assert resolve(dns_port, PHISH) == ([address], "Web Protect: phishing")
+        status, page = fetch(address, port, PHISH)
+        assert status == 403 and "Warning" in page and "Phishing" in page and "Continue anyway" in page
+        token = token_in(page)
+
+        status, page = fetch(address, port, PHISH, token=token)
+        assert status == 200 and "is open on this device" in page
+        took = within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
+        assert took < 1.5
+        addresses, _ = resolve(dns_port, "www." + PHISH)
+        assert addresses and addresses != [address]  # a pass covers the subdomains
+        assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer == ([address], "Web Protect: phishing"))
+        status, why = http(api, "POST", "/v1/why", {"name": PHISH, "address": LAPTOP})
+        assert status == 200 and why["rule"] == "continue" and why["device"] == "laptop"
+
+        # The same button again does nothing more; nor does a forged one.
+        status, page = fetch(address, port, PHISH, token=token)
+        assert status == 403 and "used already" in page
+        payload, _, mac = token.partition(".")
+        status, page = fetch(address, port, PHISH, token=f"{payload}.{mac[::-1]}")
+        assert status == 403 and "not made by this network" in page
+
+        # A button made for the laptop opens nothing for the phone, nor for another name.
+        _status, phone_page = fetch(address, port, PHISH, source=PHONE)
+        phone_token = token_in(phone_page)
+        status, page = fetch(address, port, PHISH, source=LAPTOP, token=phone_token)
+        assert status == 403 and "another site or device" in page
+        status, page = fetch(address, port, "other.example", source=PHONE, token=phone_token)
+        assert status == 403
+        assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer[1] == "Web Protect: phishing", tries=4)
+        document = http(api, "GET", "/v1/sites/home")[1]
+        assert list(document["devices"]["laptop"]["passes"]) == [PHISH]
+        assert document["devices"]["phone"]["passes"] == {}
+
+
+def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, upstream, store):
+    with page_node(tmp_path, upstream, store) as (dns_port, _api, address, port):
+        assert resolve(dns_port, DRUGS) == ([address], "blocked: drugs")  # the default blocks drugs: the page
+        status, page = fetch(address, port, DRUGS)
+        assert status == 403 and "Blocked" in page and "Drugs" in page and "Continue anyway" not in page
+
+        # Phishing and drugs: the block wins, so there is no button to press.
+        status, page = fetch(address, port, BOTH)
+        assert status == 403 and "Blocked" in page and "Continue anyway" not in page
+
+        # A name this client may reach, or none at all: a page that names nothing.
+        for host in (FINE, "127.0.0.1", "bad..name"):
+            status, page = fetch(address, port, host)
+            assert status == 404 and FINE not in page and "Drugs" not in page and "Phishing" not in page
+
+        # A device the network does not know sees the warning but cannot continue.
+        status, page = fetch(address, port, PHISH, source=STRANGER)
+        assert status == 403 and "Warning" in page and 'name="token"' not in page and "not known" in page
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store):
+    with page_node(tmp_path, upstream, store) as (dns_port, _api, address, port):
+        answered, _ = resolve(dns_port, PHISH)
+        assert answered == [address]
+
+        async def browse() -> tuple[str, str, list[int], list[int]]:
+            # The browser goes where our DNS answer sent it: the page address.
+            async with Browser({PHISH: answered[0]}, tmp_path / "chromium") as browser:
+                await browser.open(f"http://{PHISH}:{port}/login")
+                warning_text = await browser.evaluate("document.body.innerText")
+                button_at = await browser.evaluate(
+                    "(() => { const r = document.querySelector('#continue').getBoundingClientRect();"
+                    " return [Math.round(r.x + 8), Math.round(r.y + r.height / 2)]; })()")
+                warning_png = await browser.screenshot(tmp_path / "warning.png")
+                await browser.click("#continue")
+                opened_text = await browser.evaluate("document.body.innerText")
+                await browser.screenshot(tmp_path / "opened.png")
+                background = await browser.pixel(warning_png, 5, 5)
+                button = await browser.pixel(warning_png, *button_at)
+                return warning_text, opened_text, background, button
+
+        warning_text, opened_text, background, button = asyncio.run(browse())
+        assert "phish.example is known to be dangerous" in warning_text and "Continue anyway" in warning_text
+        assert "phish.example is open on this device" in opened_text
+        # The screenshot shows the warning's colour around the card and the dark button on it.
+        assert background[:3] == [0xF6, 0xD7, 0xD2]
+        assert max(button[:3]) < 0x40
+        within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
+        assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer[0] == [address], tries=4)
+
+
+
+def test_a_page_address_this_machine_does_not_have_fails_start_up(tmp_path):
+    config = tmp_path / "bns.toml"
+    config.write_text('[policy]\nwarning_page = ["192.0.2.44"]\n[pages]\nport = 8080\n[store]\nfile = ""\n')
+    result = subprocess.run(bns("serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", ""),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "pages.port: cannot bind 192.0.2.44:8080" in result.stderr
+    assert "pages.serve = false" in result.stderr
+    config.write_text(config.read_text().replace("port = 8080", "port = 8080\nserve = false"))  # shown elsewhere
+    with node("--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "") as (_process, port, _api):
+        assert port > 0
