@@ -7,12 +7,12 @@ takes the resolver's steps, what the verdict for that name and client is now, an
 - blocked (Content Control, a deny entry, a pause, a schedule): what was blocked and why;
 - warned (Web Protect: malware, phishing): the danger, "go back", and "continue anyway" for a device the
   network knows. The button posts a token, signed with HMAC-SHA256 and expiring after `pages.offer_minutes`,
-  that names the site, the device, the name and the end of the pass. Accepting it writes a pass on that
-  device through the policy store (every node sees it within a second) that lifts warnings for that name
-  until then. A forged token, one for another name or device, an expired one or one used before changes
-  nothing;
+  that names the site, the device and the name. Accepting it writes a pass on that device through the policy
+  store (every node sees it within a second) that lifts warnings for that name for `pages.pass_minutes`. A
+  forged token, one for another name or device, an expired one, one used before, or one posted by a script
+  rather than a user's navigation (Sec-Fetch-Mode) changes nothing;
 - anything else, a name this client may reach or one the page was not asked about: a page that says
-  nothing about any name.
+  nothing about any name. When the store cannot be asked, a page that says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from string import Template
@@ -42,7 +42,7 @@ from resolver.config import PagesSettings
 from resolver.errors import BnsError
 from resolver.policy.model import PolicyError
 from resolver.policy.service import NotFound, PolicyService
-from resolver.policy.store import StoreUnavailable
+from resolver.policy.store import RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ class TokenRefused(BnsError):
 
 @dataclass(frozen=True)
 class Offer:
-    """What a "continue anyway" button offers: this name, for this device, until `pass_until`."""
+    """What a "continue anyway" button offers: this name, for this device."""
 
     site: str
     device: str
     name: str
-    pass_until: float
     expires: float  # the button is void after this
     nonce: str
 
@@ -77,8 +76,8 @@ class ContinueTokens:
         return f"{payload.decode()}.{self._mac(payload)}"
 
     def verify(self, token: str, now: float) -> Offer:
-        payload, _, mac = token.partition(".")
-        if not payload or len(token) > _MAX_TOKEN or not hmac.compare_digest(mac, self._mac(payload.encode())):
+        payload, _, mac = token.encode("utf-8", "replace").partition(b".")
+        if not payload or len(token) > _MAX_TOKEN or not hmac.compare_digest(mac, self._mac(payload).encode()):
             raise TokenRefused("this button was not made by this network")
         try:
             offer = Offer(**json.loads(base64.urlsafe_b64decode(payload)))
@@ -97,7 +96,11 @@ class UsedTokens(ABC):
 
     @abstractmethod
     async def claim(self, nonce: str, expires: float) -> bool:
-        """True the first time a nonce is claimed, False after."""
+        """True the first time a nonce is claimed, False after. Raises StoreUnavailable."""
+
+    @abstractmethod
+    async def release(self, nonce: str) -> None:
+        """Forget a claim whose pass could not be written, so that the user can press the button again."""
 
 
 class LocalUsedTokens(UsedTokens):
@@ -115,31 +118,48 @@ class LocalUsedTokens(UsedTokens):
         self._used[nonce] = expires
         return True
 
+    async def release(self, nonce: str) -> None:
+        self._used.pop(nonce, None)
+
 
 class RedisUsedTokens(UsedTokens):
     """Every node shares Redis: SET NX with the token's expiry, so a token is accepted once in the fleet."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
-        self._client = client
-        self._prefix = prefix
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
 
     async def claim(self, nonce: str, expires: float) -> bool:
-        return bool(await self._client.set(f"{self._prefix}pages:used:{nonce}", "1", nx=True,
-                                           exat=int(expires) + 1))
+        return bool(await self._store.call(self._store.client.set(self._store.key("pages", "used", nonce), "1",
+                                                                  nx=True, exat=int(expires) + 1)))
+
+    async def release(self, nonce: str) -> None:
+        await self._store.call(self._store.client.delete(self._store.key("pages", "used", nonce)))
 
 
-async def pages_secret(settings: PagesSettings, redis_client: Any | None, prefix: str,
-                       environ: dict[str, str] | os._Environ[str] = os.environ) -> bytes:
-    """The key that signs tokens: configured, else shared by every node through Redis, else this run's."""
-    configured = settings.secret or environ.get("BNS_PAGES_SECRET", "")
-    if configured:
-        return configured.encode()
-    if redis_client is not None:
-        key = f"{prefix}pages:secret"
-        await redis_client.set(key, secrets.token_hex(32), nx=True)  # the first node to start makes it
-        shared = await redis_client.get(key)
-        return shared.encode() if isinstance(shared, str) else shared
-    return secrets.token_bytes(32)
+class Secret:
+    """The key that signs tokens: configured, else shared by every node through Redis (made by the first
+    node that needs it), else this run's. Fetched when first needed, so that a node starts while Redis is
+    down; until it is back, warning pages offer no button."""
+
+    def __init__(self, settings: PagesSettings, store: RedisStore | None,
+                 environ: Mapping[str, str] = os.environ) -> None:
+        configured = settings.secret or environ.get("BNS_PAGES_SECRET", "")
+        self._tokens = ContinueTokens(configured.encode()) if configured else None
+        self._store = store
+        if self._tokens is None and store is None:
+            self._tokens = ContinueTokens(secrets.token_bytes(32))
+
+    async def tokens(self) -> ContinueTokens:
+        """Raises StoreUnavailable while the shared key cannot be read."""
+        if self._tokens is None:
+            assert self._store is not None
+            key = self._store.key("pages", "secret")
+            await self._store.call(self._store.client.set(key, secrets.token_hex(32), nx=True))
+            shared = await self._store.call(self._store.client.get(key))
+            if not shared:
+                raise StoreUnavailable("the shared page key vanished from Redis")
+            self._tokens = ContinueTokens(shared if isinstance(shared, bytes) else shared.encode())
+        return self._tokens
 
 
 _PAGE = Template("""<!doctype html>
@@ -174,17 +194,24 @@ def _nothing_here() -> web.Response:
     return _page(404, "Nothing to show", "<p>There is no block or warning page for this address.</p>")
 
 
+def _unavailable() -> web.Response:
+    return _page(503, "Try again", "<p>The network cannot check this site just now. Try again in a moment.</p>")
+
+
 def _clock_time(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%H:%M UTC")
 
 
 class Pages:
-    def __init__(self, explainer: Explainer, service: PolicyService | None, tokens: ContinueTokens,
+    """The pages' HTTP application: GET shows the page for the Host asked; POST to CONTINUE_PATH accepts a
+    continue token."""
+
+    def __init__(self, explainer: Explainer, service: PolicyService | None, secret: Secret,
                  used: UsedTokens, settings: PagesSettings, catalog: Catalog, blocked_ttl: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.explainer = explainer
         self.service = service
-        self.tokens = tokens
+        self.secret = secret
         self.used = used
         self.settings = settings
         self.catalog = catalog
@@ -207,15 +234,20 @@ class Pages:
             return None
 
     async def _verdict(self, request: web.Request, name: str) -> dict[str, Any] | None:
+        """The resolver's verdict for the asking address now; None for an address that is no client's.
+        Raises StoreUnavailable."""
         try:
             return await self.explainer.explain({"name": name, "address": request.remote or "", "at": None})
-        except (PolicyError, StoreUnavailable) as exc:
+        except PolicyError as exc:
             log.info("page for %s: %s", name, exc)
             return None
 
     async def show(self, request: web.Request) -> web.Response:
         name = self._asked_name(request)
-        verdict = await self._verdict(request, name) if name else None
+        try:
+            verdict = await self._verdict(request, name) if name else None
+        except StoreUnavailable:
+            return _unavailable()
         if name is None or verdict is None or verdict["verdict"] == "allowed":
             return _nothing_here()
         shown = html.escape(name)
@@ -224,7 +256,8 @@ class Pages:
                                          f'<p class="why">{self._why(verdict)}</p>'
                                          "<p><small>Ask this network's administrator if you think this is a "
                                          "mistake.</small></p>")
-        return _page(403, "Warning: this site may harm you", self._warning(name, verdict), background="#f6d7d2")
+        return _page(403, "Warning: this site may harm you", await self._warning(name, verdict),
+                     background="#f6d7d2")
 
     def _why(self, verdict: dict[str, Any]) -> str:
         rule = verdict["rule"]
@@ -237,52 +270,64 @@ class Pages:
         return "<br>".join(f"<b>{html.escape(self._titles[c].title)}</b>: {html.escape(self._titles[c].description)}"
                            for c in verdict["categories"] if c in self._titles)
 
-    def _warning(self, name: str, verdict: dict[str, Any]) -> str:
+    async def _warning(self, name: str, verdict: dict[str, Any]) -> str:
         shown = html.escape(name)
         body = (f'<p><span class="name">{shown}</span> is known to be dangerous.</p>'
                 f'<p class="why">{self._why(verdict)}</p>'
-                '<p><a class="button" href="javascript:history.back()">Go back</a>')
+                '<p><a class="button" href="javascript:history.back()">Go back</a></p>')
         if verdict["site"] is None or verdict["device"] is None or self.service is None:
-            return body + "</p><p><small>This device is not known to the network, so it cannot continue from " \
+            return body + "<p><small>This device is not known to the network, so it cannot continue from " \
                           "here. Ask this network's administrator.</small></p>"
-        now = self.clock()
-        minutes = self.settings.pass_minutes
-        offer = Offer(verdict["site"], verdict["device"], name, now + minutes * 60,
-                      now + self.settings.offer_minutes * 60, secrets.token_urlsafe(12))
-        return body + (f'</p><form method="post" action="{CONTINUE_PATH}">'
-                       f'<input type="hidden" name="token" value="{html.escape(self.tokens.sign(offer))}">'
+        try:
+            tokens = await self.secret.tokens()
+        except StoreUnavailable:
+            return body + "<p><small>Continuing is not possible just now. Try again in a moment.</small></p>"
+        offer = Offer(verdict["site"], verdict["device"], name, self.clock() + self.settings.offer_minutes * 60,
+                      secrets.token_urlsafe(12))
+        return body + (f'<form method="post" action="{CONTINUE_PATH}">'
+                       f'<input type="hidden" name="token" value="{html.escape(tokens.sign(offer))}">'
                        f'<button class="primary" type="submit" id="continue">Continue anyway</button></form>'
-                       f"<p><small>Continuing opens {shown} on this device only, for {minutes:g} minutes."
-                       f"</small></p>")
+                       f"<p><small>Continuing opens {shown} on this device only, for "
+                       f"{self.settings.pass_minutes:g} minutes.</small></p>")
 
     async def continue_anyway(self, request: web.Request) -> web.Response:
         name = self._asked_name(request)
         try:
+            # A browser says how a request came about; a script on some page cannot claim a navigation.
+            if request.headers.get("Sec-Fetch-Mode", "navigate") != "navigate":
+                raise TokenRefused("the button must be pressed by you, on the warning page")
             form = await request.post()
             token = form.get("token")
             if not isinstance(token, str) or name is None:
                 raise TokenRefused("no button was pressed")
             now = self.clock()
-            offer = self.tokens.verify(token, now)
+            offer = (await self.secret.tokens()).verify(token, now)
             verdict = await self._verdict(request, name)
             if offer.name != name or verdict is None or (verdict["site"], verdict["device"]) != \
                     (offer.site, offer.device):
                 raise TokenRefused("this button was made for another site or device")
             if not await self.used.claim(offer.nonce, offer.expires):
                 raise TokenRefused("this button has been used already")
+            until = now + self.settings.pass_minutes * 60
             assert self.service is not None
-            await self.service.grant_pass(offer.site, offer.device, offer.name, offer.pass_until, now)
+            try:
+                await self.service.grant_pass(offer.site, offer.device, offer.name, until, now)
+            except (NotFound, PolicyError, StoreUnavailable):
+                await self.used.release(offer.nonce)
+                raise
         except TokenRefused as refused:
             return _page(403, "Not opened", f"<p>{html.escape(str(refused))}</p>")
-        except (NotFound, PolicyError, StoreUnavailable, web.HTTPException) as exc:
+        except web.HTTPRequestEntityTooLarge:
+            return _page(413, "Not opened", "<p>That is not what the button sends.</p>")
+        except (NotFound, PolicyError, StoreUnavailable) as exc:
             log.warning("continue anyway for %s: %s", name, exc)
             return _page(503, "Not opened", "<p>The network could not open this site just now. Try again.</p>")
         log.info("continue anyway: site %s device %s opened %s until %s", offer.site, offer.device, offer.name,
-                 _clock_time(offer.pass_until))
+                 _clock_time(until))
         shown = html.escape(name)
         wait = self.blocked_ttl + 2
         return _page(200, "Opened", f'<p><span class="name">{shown}</span> is open on this device until '
-                                    f"{_clock_time(offer.pass_until)}.</p><p>Taking you there in {wait} seconds "
+                                    f"{_clock_time(until)}.</p><p>Taking you there in {wait} seconds "
                                     f'(your browser may remember the warning that long): <a href="http://{shown}/">'
                                     f"{shown}</a></p>",
                      refresh=f'<meta http-equiv="refresh" content="{wait};url=http://{shown}/">')

@@ -117,29 +117,30 @@ class Resolver:
         entry = self.cache.get(query.key, now)
         if entry is not None:
             if entry.cname_targets and not allowed:
-                verdict = self._chain_verdict(entry, policy)
+                verdict = self._chain_verdict(entry, policy, filtered)
                 if verdict is not None:
                     return self.blocked.answer(request, verdict)
             return entry.render(request, now)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
-        return asyncio.ensure_future(self._resolve(request, policy, allowed))
+        return asyncio.ensure_future(self._resolve(request, policy, allowed, filtered))
 
-    async def _resolve(self, request: Request, policy: Policy, allowed: bool) -> bytes:
+    async def _resolve(self, request: Request, policy: Policy, allowed: bool, filtered: int) -> bytes:
         query = request.query
         entry = await asyncio.shield(self._fetch(query.key, query.do, query.cd))
         if entry.cname_targets and not allowed:
-            verdict = self._chain_verdict(entry, policy)
+            verdict = self._chain_verdict(entry, policy, filtered)
             if verdict is not None:
                 return self.blocked.answer(request, verdict)
         return entry.render(request, self._clock())
 
-    def _chain_verdict(self, entry: CachedAnswer, policy: Policy) -> Verdict | None:
-        """The verdict on the first name of the answer's CNAME chain that the policy blocks, if any."""
+    def _chain_verdict(self, entry: CachedAnswer, policy: Policy, asked_filtered: int) -> Verdict | None:
+        """The verdict on the first name of the answer's CNAME chain that the policy blocks, if any. A name
+        the device continued to carries its pass along its chain (`asked_filtered`)."""
         if not (policy.filtered or policy.has_lists):
             return None
         snapshot = self.lists.snapshot
         for target in entry.cname_targets:
-            filtered = policy.filtered
+            filtered = asked_filtered
             if policy.has_lists:
                 listed = policy.listed(target)
                 if listed is ALLOWED:

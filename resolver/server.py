@@ -248,6 +248,8 @@ def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path
 
 
 ADMIN = -1  # the admin process's index among the children
+# The admin process yields the CPU to the DNS workers: a burst of API writes must not delay answers.
+_ADMIN_NICENESS = 10
 
 
 class Supervisor:
@@ -337,6 +339,8 @@ class Supervisor:
                         socket_set.close()
                 if index == ADMIN:
                     from resolver.admin.process import run_admin  # noqa: PLC0415  (aiohttp: admin only)
+
+                    os.nice(_ADMIN_NICENESS)
 
                     code = run_admin(self.config, self.http, self.metrics_dir or Path("."))
                 else:

@@ -18,7 +18,7 @@ from resolver.admin.why import Explainer
 from resolver.config import Config
 from resolver.lists import cache_dir_of, served_path
 from resolver.metrics import Metrics
-from resolver.pages import ContinueTokens, LocalUsedTokens, Pages, RedisUsedTokens, UsedTokens, pages_secret
+from resolver.pages import LocalUsedTokens, Pages, RedisUsedTokens, Secret, UsedTokens
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
 from resolver.publishing import LocalPublications, Publications, RedisPublications
@@ -64,16 +64,14 @@ class AdminNode:
         if self.http.admin is not None:
             await self._serve(self.api.app(), [self.http.admin])
         if self.http.pages:
-            await self._serve((await self._pages()).app(), self.http.pages)
+            await self._serve(self._pages().app(), self.http.pages)
 
-    async def _pages(self) -> Pages:
-        redis_client = self.store.client if isinstance(self.store, RedisStore) else None
-        prefix = self.config.store.prefix
-        secret = await pages_secret(self.config.pages, redis_client, prefix)
-        used: UsedTokens = RedisUsedTokens(redis_client, prefix) if redis_client is not None else LocalUsedTokens()
+    def _pages(self) -> Pages:
+        redis = self.store if isinstance(self.store, RedisStore) else None
+        used: UsedTokens = RedisUsedTokens(redis) if redis is not None else LocalUsedTokens()
         service = PolicyService(self.store) if self.store is not None else None
-        return Pages(self.explainer, service, ContinueTokens(secret), used, self.config.pages, self.catalog,
-                     self.config.policy.blocked_ttl)
+        return Pages(self.explainer, service, Secret(self.config.pages, redis), used, self.config.pages,
+                     self.catalog, self.config.policy.blocked_ttl)
 
     async def _serve(self, app: web.Application, sockets: list[Any]) -> None:
         runner = web.AppRunner(app, access_log=None)

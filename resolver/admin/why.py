@@ -89,7 +89,8 @@ class Explainer:
 
     def _decide(self, policy: Policy, wire: bytes) -> dict[str, Any]:
         if policy.block_all is not None:
-            return self._verdict(policy.block_all, "pause" if policy.block_all.reason == "paused" else "schedule")
+            rule = "pause" if policy.block_all.reason.startswith("paused") else "schedule"
+            return self._verdict(policy.block_all, rule)
         filtered, passed_entry = policy.filtered, None
         if policy.has_lists:
             listed = policy.listed(wire)

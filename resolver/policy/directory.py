@@ -226,7 +226,10 @@ class Directory:
                 self._mark_up()
                 await self._reload_profiles()
             elif change.kind == "site":
-                if change.key in self._sites and self._sites[change.key].version != change.version:
+                held = self._sites.get(change.key)
+                # A notice older than the version held was overtaken by a reload (a burst of writes to one
+                # site costs a reload per notice only while each is newer); version 0 is a deletion.
+                if held is not None and (change.version == 0 or change.version > held.version):
                     await self._reload_site(change.key)
             elif change.kind == "networks":
                 self._forget_addresses()

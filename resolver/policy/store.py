@@ -183,17 +183,17 @@ class RedisStore(Store):
         self._resolve_sha: str | None = None
         self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
 
-    def _key(self, *parts: str) -> str:
+    def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def _call(self, coroutine: Any) -> Any:
+    async def call(self, coroutine: Any) -> Any:
         try:
             return await coroutine
         except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis at {self.url}: {exc}") from None
 
     async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
-        raw, version = await self._call(self.client.hmget(self._key("site", site_id), "doc", "version"))
+        raw, version = await self.call(self.client.hmget(self.key("site", site_id), "doc", "version"))
         if raw is None:
             return None
         return json.loads(raw), int(version or 0)
@@ -210,11 +210,11 @@ class RedisStore(Store):
 
     async def find_site(self, address: str, cpe_id: str | None) -> str | None:
         if cpe_id is not None:
-            found = await self._call(self.client.hget(self._key("cpe"), cpe_id))
+            found = await self.call(self.client.hget(self.key("cpe"), cpe_id))
             if found is not None:
                 return found.decode()
         if self._lengths is None:
-            counts = await self._call(self.client.hgetall(self._key("netlens")))
+            counts = await self.call(self.client.hgetall(self.key("netlens")))
             lengths: dict[int, list[int]] = {}
             for key, count in counts.items():
                 family, length = key.decode().split("/")
@@ -224,7 +224,7 @@ class RedisStore(Store):
         candidates = _lookup_candidates(address, self._lengths)
         if not candidates:
             return None
-        for site_id in await self._call(self.client.hmget(self._key("net"), candidates)):
+        for site_id in await self.call(self.client.hmget(self.key("net"), candidates)):
             if site_id is not None:
                 return site_id.decode()
         return None
@@ -254,7 +254,7 @@ class RedisStore(Store):
     async def _flush(self) -> None:
         queued, self._queued = self._queued, []
         try:
-            results = await self._call(self._run_resolve([arguments for arguments, _future in queued]))
+            results = await self.call(self._run_resolve([arguments for arguments, _future in queued]))
         except Exception as exc:  # StoreUnavailable, or anything else: every waiter must hear of it
             for _arguments, future in queued:
                 if not future.done():
@@ -267,7 +267,7 @@ class RedisStore(Store):
     async def _run_resolve(self, calls: list[list[str]]) -> list[Any]:
         """EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, a second round trip
         on every call. A restarted Redis has forgotten the script: load it again and repeat once."""
-        keys = [self._key("cpe"), self._key("net"), self._key("site", "")]
+        keys = [self.key("cpe"), self.key("net"), self.key("site", "")]
         for attempt in (1, 2):
             if self._resolve_sha is None:
                 self._resolve_sha = await self.client.script_load(_RESOLVE_SCRIPT)
@@ -289,18 +289,18 @@ class RedisStore(Store):
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
         for site_id in site_ids:
-            pipe.hget(self._key("site", site_id), "version")
-        versions = await self._call(pipe.execute())
+            pipe.hget(self.key("site", site_id), "version")
+        versions = await self.call(pipe.execute())
         return {site_id: int(version or 0) for site_id, version in zip(site_ids, versions, strict=True)}
 
     async def list_sites(self) -> list[str]:
-        return sorted(member.decode() for member in await self._call(self.client.smembers(self._key("sites"))))
+        return sorted(member.decode() for member in await self.call(self.client.smembers(self.key("sites"))))
 
     async def load_profiles(self) -> dict[str, PolicySpec]:
         profiles = {}
-        names = await self._call(self.client.smembers(self._key("profiles")))
+        names = await self.call(self.client.smembers(self.key("profiles")))
         for name in sorted(member.decode() for member in names):
-            raw = await self._call(self.client.hget(self._key("profile", name), "doc"))
+            raw = await self.call(self.client.hget(self.key("profile", name), "doc"))
             if raw is not None:
                 try:
                     profiles[name] = parse_profile(name, json.loads(raw), self.catalog)
@@ -315,7 +315,7 @@ class RedisStore(Store):
         while True:
             pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._key("changes"))
+                await pubsub.subscribe(self.key("changes"))
                 if not first:
                     yield Change("resync")
                 first = False
@@ -341,12 +341,12 @@ class RedisStore(Store):
                     await pubsub.aclose()
 
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
-        key = self._key("site", site_id)
-        watched = (key, self._key("net"), self._key("cpe"))
+        key = self.key("site", site_id)
+        watched = (key, self.key("net"), self.key("cpe"))
         for _ in range(_WRITE_RETRIES):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    await self._call(pipe.watch(*watched))
+                    await self.call(pipe.watch(*watched))
                     raw, version = await pipe.hmget(key, "doc", "version")
                     old = json.loads(raw) if raw is not None else None
                     new_version = int(version or 0) + 1
@@ -368,7 +368,7 @@ class RedisStore(Store):
         for index_name, values, field in (("net", site.networks, "networks"), ("cpe", site.cpe_ids, "cpe_ids")):
             if not values:
                 continue
-            owners = await pipe.hmget(self._key(index_name), list(values))
+            owners = await pipe.hmget(self.key(index_name), list(values))
             for index, (value, owner) in enumerate(zip(values, owners, strict=True)):
                 if owner is not None and owner.decode() != site_id:
                     raise PolicyError(f"{field}[{index}]", f"{value} already belongs to site {owner.decode()}")
@@ -376,31 +376,31 @@ class RedisStore(Store):
     def _queue_write(self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None) -> None:
         """Queue the document, the index changes and the notices. Old index entries come from the stored
         document as it is, so even one written by hand, and no longer valid, can be replaced."""
-        key = self._key("site", site_id)
+        key = self.key("site", site_id)
         old_networks = set(old.get("networks", [])) if old else set()
         new_networks = set(new.networks) if new else set()
         for network in old_networks - new_networks:
-            pipe.hdel(self._key("net"), network)
-            pipe.hincrby(self._key("netlens"), _length_key(network), -1)
+            pipe.hdel(self.key("net"), network)
+            pipe.hincrby(self.key("netlens"), _length_key(network), -1)
         for network in new_networks - old_networks:
-            pipe.hset(self._key("net"), network, site_id)
-            pipe.hincrby(self._key("netlens"), _length_key(network), 1)
+            pipe.hset(self.key("net"), network, site_id)
+            pipe.hincrby(self.key("netlens"), _length_key(network), 1)
         old_cpes = set(old.get("cpe_ids", [])) if old else set()
         new_cpes = set(new.cpe_ids) if new else set()
         for cpe in old_cpes - new_cpes:
-            pipe.hdel(self._key("cpe"), cpe)
+            pipe.hdel(self.key("cpe"), cpe)
         for cpe in new_cpes - old_cpes:
-            pipe.hset(self._key("cpe"), cpe, site_id)
+            pipe.hset(self.key("cpe"), cpe, site_id)
         if new is None:
             pipe.delete(key)
-            pipe.srem(self._key("sites"), site_id)
-            pipe.publish(self._key("changes"), f"site {site_id} 0")
+            pipe.srem(self.key("sites"), site_id)
+            pipe.publish(self.key("changes"), f"site {site_id} 0")
         else:
             pipe.hset(key, mapping={"doc": json.dumps(site_document(new), sort_keys=True), "version": new.version})
-            pipe.sadd(self._key("sites"), site_id)
-            pipe.publish(self._key("changes"), f"site {site_id} {new.version}")
+            pipe.sadd(self.key("sites"), site_id)
+            pipe.publish(self.key("changes"), f"site {site_id} {new.version}")
         if old_networks != new_networks or old_cpes != new_cpes:
-            pipe.publish(self._key("changes"), "networks")
+            pipe.publish(self.key("changes"), "networks")
 
     async def import_sites(self, documents: list[SiteDocument], batch: int = 500) -> int:
         """Validated whole first (see Store.import_sites), then written in pipelined transactions of
@@ -412,14 +412,14 @@ class RedisStore(Store):
             chunk = sites[start : start + batch]
             reads = self.client.pipeline(transaction=False)
             for site in chunk:
-                reads.hmget(self._key("site", site.id), "doc", "version")
+                reads.hmget(self.key("site", site.id), "doc", "version")
             claims = [(index_name, value, site.id) for index_name in ("net", "cpe") for site in chunk
                       for value in (site.networks if index_name == "net" else site.cpe_ids)]
             for index_name in ("net", "cpe"):
                 values = [value for name, value, _ in claims if name == index_name]
                 if values:
-                    reads.hmget(self._key(index_name), values)
-            results = await self._call(reads.execute())
+                    reads.hmget(self.key(index_name), values)
+            results = await self.call(reads.execute())
             olds += results[: len(chunk)]
             existing = [owner for found in results[len(chunk) :] for owner in found]
             for (index_name, value, site_id), owner in zip(claims, existing, strict=True):
@@ -431,23 +431,23 @@ class RedisStore(Store):
             for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
                 site.version = int(version or 0) + 1
                 self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
-            await self._call(writes.execute())
+            await self.call(writes.execute())
         return len(sites)
 
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
-        key = self._key("profile", name)
+        key = self.key("profile", name)
         if document is not None:
             parse_profile(name, document, self.catalog)
         async with self.client.pipeline(transaction=True) as pipe:
             if document is None:
                 pipe.delete(key)
-                pipe.srem(self._key("profiles"), name)
+                pipe.srem(self.key("profiles"), name)
             else:
                 pipe.hset(key, "doc", json.dumps(document, sort_keys=True))
                 pipe.hincrby(key, "version", 1)
-                pipe.sadd(self._key("profiles"), name)
-            pipe.publish(self._key("changes"), f"profile {name} 1")
-            await self._call(pipe.execute())
+                pipe.sadd(self.key("profiles"), name)
+            pipe.publish(self.key("changes"), f"profile {name} 1")
+            await self.call(pipe.execute())
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -39,7 +39,7 @@ def page_address() -> tuple[str, int]:
 
 
 @contextmanager
-def page_node(tmp_path: Path, upstream, store: str) -> Iterator[tuple[int, str, str, int]]:
+def page_node(tmp_path: Path, upstream, store: str, put_site: bool = True) -> Iterator[tuple[int, str, str, int]]:
     """A node whose warnings and blocks answer with the page address: (DNS port, API, page address, port)."""
     tsv = tmp_path / "names.tsv"
     tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n")
@@ -55,8 +55,8 @@ def page_node(tmp_path: Path, upstream, store: str) -> Iterator[tuple[int, str, 
     with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
               "--workers", "2") as (_process, dns_port, api):
         assert api is not None
-        status, _ = http(api, "PUT", "/v1/sites/home", SITE)
-        assert status == 200
+        if put_site:
+            assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
         yield dns_port, api, address, port
 
 
@@ -69,7 +69,8 @@ def resolve(dns_port: int, name: str, source: str = LAPTOP) -> tuple[list[str], 
     return addresses, texts[0] if texts else None
 
 
-def fetch(address: str, port: int, name: str, source: str = LAPTOP, token: str | None = None) -> tuple[int, str]:
+def fetch(address: str, port: int, name: str, source: str = LAPTOP, token: str | None = None,
+          **headers: str) -> tuple[int, str]:
     """GET the page for `name` (or POST its continue form with `token`) from `source`, as a browser would."""
     connection = HTTPConnection(address, port, timeout=10, source_address=(source, 0))
     try:
@@ -77,7 +78,8 @@ def fetch(address: str, port: int, name: str, source: str = LAPTOP, token: str |
             connection.request("GET", "/some/path?q=1", headers={"Host": name})
         else:
             connection.request("POST", "/.well-known/bns/continue", body=f"token={token}",
-                               headers={"Host": name, "Content-Type": "application/x-www-form-urlencoded"})
+                               headers={"Host": name, "Content-Type": "application/x-www-form-urlencoded",
+                                        **{key.replace("_", "-"): value for key, value in headers.items()}})
         response = connection.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -106,7 +108,10 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
         assert status == 403 and "Warning" in page and "Phishing" in page and "Continue anyway" in page
         token = token_in(page)
 
-        status, page = fetch(address, port, PHISH, token=token)
+        # A script on some page posting the button's token (DNS rebinding) is refused; the token stays good.
+        status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="cors")
+        assert status == 403 and "must be pressed by you" in page
+        status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="navigate")
         assert status == 200 and "is open on this device" in page
         took = within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
         assert took < 1.5
@@ -137,7 +142,7 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
 
 
 def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, upstream, store):
-    with page_node(tmp_path, upstream, store) as (dns_port, _api, address, port):
+    with page_node(tmp_path, upstream, store) as (dns_port, api, address, port):
         assert resolve(dns_port, DRUGS) == ([address], "blocked: drugs")  # the default blocks drugs: the page
         status, page = fetch(address, port, DRUGS)
         assert status == 403 and "Blocked" in page and "Drugs" in page and "Continue anyway" not in page
@@ -154,6 +159,12 @@ def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, 
         # A device the network does not know sees the warning but cannot continue.
         status, page = fetch(address, port, PHISH, source=STRANGER)
         assert status == 403 and "Warning" in page and 'name="token"' not in page and "not known" in page
+
+        # A paused device: everything is blocked, and the page says why.
+        assert http(api, "POST", "/v1/sites/home/devices/phone/pause", {"minutes": 5})[0] == 200
+        within(2, lambda: resolve(dns_port, FINE, PHONE) == ([address], "paused"))
+        status, page = fetch(address, port, FINE, source=PHONE)
+        assert status == 403 and "paused for this device" in page and "Continue anyway" not in page
 
 
 @pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
@@ -187,6 +198,16 @@ def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store)
         within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
         assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer[0] == [address], tries=4)
 
+
+def test_with_redis_down_the_node_starts_and_the_page_says_try_again(tmp_path, upstream):
+    with socket.socket() as probe:  # a port nobody listens on: Redis is down from the start
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    with page_node(tmp_path, upstream, f'[store]\nredis = "redis://127.0.0.1:{dead}/0"', put_site=False) as \
+            (dns_port, _api, address, port):
+        assert resolve(dns_port, PHISH) == ([address], "Web Protect: phishing")  # the default policy
+        status, page = fetch(address, port, PHISH)
+        assert status == 503 and "Try again" in page and PHISH not in page
 
 
 def test_a_page_address_this_machine_does_not_have_fails_start_up(tmp_path):

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from resolver.config import PagesSettings
-from resolver.pages import ContinueTokens, LocalUsedTokens, Offer, TokenRefused, pages_secret
+from resolver.pages import ContinueTokens, LocalUsedTokens, Offer, Secret, TokenRefused
 
 pytestmark = pytest.mark.unit
-OFFER = Offer("home", "laptop", "phish.example", 2000.0, 1600.0, "n0nce")
+OFFER = Offer("home", "laptop", "phish.example", 1600.0, "n0nce")
 TOKENS = ContinueTokens(b"k" * 32)
 
 
@@ -31,7 +31,8 @@ def test_another_key_or_a_changed_offer_is_refused():
     changed = json.loads(base64.urlsafe_b64decode(payload))
     changed["device"] = "phone"
     forged = base64.urlsafe_b64encode(json.dumps(changed, separators=(",", ":")).encode()).decode()
-    for bad in (f"{forged}.{mac}", payload, f"{payload}.", "", "x" * 5000, f"{payload}.{mac}x"):
+    for bad in (f"{forged}.{mac}", payload, f"{payload}.", "", "x" * 5000, f"{payload}.{mac}x", f"{payload}.é",
+                "é.é"):
         with pytest.raises(TokenRefused):
             TOKENS.verify(bad, 1000.0)
 
@@ -45,13 +46,18 @@ def test_a_token_is_claimed_once_and_forgotten_when_it_expires():
         again = await used.claim("a", 1600.0)
         other = await used.claim("b", 1600.0)
         now[0] = 1601.0
-        return [first, again, other, await used.claim("c", 2000.0), "a" in used._used]
+        forgotten = await used.claim("a", 2000.0)
+        await used.release("a")
+        return [first, again, other, forgotten, await used.claim("a", 2000.0)]
 
-    assert asyncio.run(claims()) == [True, False, True, True, False]
+    assert asyncio.run(claims()) == [True, False, True, True, True]
 
 
 def test_the_secret_is_configured_or_made():
-    configured = asyncio.run(pages_secret(PagesSettings(secret="s" * 16), None, "bns:", {}))
-    from_environment = asyncio.run(pages_secret(PagesSettings(), None, "bns:", {"BNS_PAGES_SECRET": "e" * 16}))
-    made = {asyncio.run(pages_secret(PagesSettings(), None, "bns:", {})) for _ in range(2)}
-    assert configured == b"s" * 16 and from_environment == b"e" * 16 and len(made) == 2
+    def signed(secret: Secret) -> str:
+        return asyncio.run(secret.tokens()).sign(OFFER)
+
+    configured = signed(Secret(PagesSettings(secret="s" * 16), None, {}))
+    from_environment = signed(Secret(PagesSettings(), None, {"BNS_PAGES_SECRET": "s" * 16}))
+    made = {signed(Secret(PagesSettings(), None, {})) for _ in range(2)}
+    assert configured == from_environment == ContinueTokens(b"s" * 16).sign(OFFER) and len(made) == 2
