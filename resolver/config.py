@@ -243,6 +243,8 @@ class AdminSettings:
                                            convert=_tokens)
     max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
                               minimum=1024, maximum=2**32)
+    niceness: int = setting(19, "niceness of the admin process (API, pages, list follower): the DNS workers "
+                                "get the CPU first", minimum=0, maximum=19)
 
 
 def _secret(text: Any) -> str:

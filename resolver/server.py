@@ -248,8 +248,6 @@ def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path
 
 
 ADMIN = -1  # the admin process's index among the children
-# The admin process yields the CPU to the DNS workers: a burst of API writes must not delay answers.
-_ADMIN_NICENESS = 10
 
 
 class Supervisor:
@@ -340,7 +338,7 @@ class Supervisor:
                 if index == ADMIN:
                     from resolver.admin.process import run_admin  # noqa: PLC0415  (aiohttp: admin only)
 
-                    os.nice(_ADMIN_NICENESS)
+                    os.nice(self.config.admin.niceness)  # API work yields the CPU to the DNS workers
 
                     code = run_admin(self.config, self.http, self.metrics_dir or Path("."))
                 else:
