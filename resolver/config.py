@@ -233,6 +233,12 @@ def _tokens(items: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _directories(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) and item.startswith("/") for item in items):
+        raise ValueError('must be a list of absolute directories such as ["/srv/bns/lists"]')
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     listen: Endpoint | None = setting(  # noqa: RUF009  (Endpoint is frozen: sharing the default is safe)
@@ -243,6 +249,9 @@ class AdminSettings:
                                            convert=_tokens)
     max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
                               minimum=1024, maximum=2**32)
+    source_roots: tuple[str, ...] = setting(
+        (), "directories under which the API may register list sources by path; empty: uploads only",
+        convert=_directories)
     niceness: int = setting(19, "niceness of the admin process (API, pages, list follower): the DNS workers "
                                 "get the CPU first", minimum=0, maximum=19)
 

@@ -16,8 +16,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,13 @@ from resolver.policy.model import PolicyError
 from resolver.policy.service import NotFound, PolicyService, Target, describe
 from resolver.policy.store import Store, StoreUnavailable
 from resolver.publishing import Publications, UnknownVersion
+from resolver.sources import CompileBusy, Sources
 
 READ, ADMIN = "read", "admin"
+
+
+class _TooLarge(Exception):
+    """A request body over admin.max_upload."""
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,12 +73,13 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
 
 class Api:
     def __init__(self, tokens: dict[str, str], catalog: Catalog, store: Store | None, publications: Publications,
-                 explainer: Explainer, metrics: Metrics, max_upload: int, scratch: Path) -> None:
+                 sources: Sources, explainer: Explainer, metrics: Metrics, max_upload: int, scratch: Path) -> None:
         self._tokens = [(token.encode(), role) for token, role in tokens.items()]
         self.catalog = catalog
         self.store = store
         self.service = PolicyService(store) if store is not None else None
         self.publications = publications
+        self.sources = sources
         self.explainer = explainer
         self.metrics = metrics
         self.max_upload = max_upload
@@ -129,8 +136,10 @@ class Api:
             return _error(404, str(exc))
         except StoreUnavailable as exc:
             return _error(503, f"the policy store is unreachable: {exc}")
-        except web.HTTPRequestEntityTooLarge:
+        except (web.HTTPRequestEntityTooLarge, _TooLarge):
             return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+        except CompileBusy as exc:
+            return _error(409, str(exc))
         except (BlocklistError, BnsError) as exc:
             return _error(400, str(exc))
 
@@ -266,22 +275,56 @@ class Api:
         versions, current = await self.publications.versions()
         return web.json_response({"current": current, "versions": [v.document(current) for v in versions]})
 
-    async def publish(self, request: web.Request) -> web.Response:
-        """The body is a compiled artifact (`bns lists compile`): verified, stored, announced."""
+    @asynccontextmanager
+    async def _received(self, request: web.Request) -> AsyncIterator[Path]:
+        """The request body in a temporary file, streamed; over admin.max_upload it is a 413."""
         if request.content_length is not None and request.content_length > self.max_upload:
-            return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+            raise _TooLarge
         self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.scratch, suffix=".upload") as upload:
             size = 0
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
                 if size > self.max_upload:
-                    return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
+                    raise _TooLarge
                 upload.write(chunk)
             upload.flush()
-            published = await self.publications.publish(Path(upload.name))
-        current = published.version
-        return web.json_response(published.document(current), status=201)
+            yield Path(upload.name)
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """The body is a compiled artifact (`bns lists compile`): verified, stored, announced."""
+        async with self._received(request) as upload:
+            published = await self.publications.publish(upload)
+        return web.json_response(published.document(published.version), status=201)
+
+    async def list_sources(self, _request: web.Request) -> web.Response:
+        return web.json_response([asdict(entry) for entry in await self.sources.list()])
+
+    async def upload_source(self, request: web.Request) -> web.Response:
+        """The body is a list file in any supported format (gzip or not); `?name=` names it."""
+        async with self._received(request) as upload:
+            entry = await self.sources.add_upload(request.match_info["category"],
+                                                  request.query.get("name", "upload"), upload)
+        return web.json_response(asdict(entry), status=201)
+
+    async def path_source(self, request: web.Request) -> web.Response:
+        body = await self._object(request)
+        entry = await self.sources.add_path(request.match_info["category"], body.get("path"))
+        return web.json_response(asdict(entry), status=201)
+
+    async def delete_source(self, request: web.Request) -> web.Response:
+        await self.sources.remove(request.match_info["category"], request.match_info["source"])
+        return web.json_response({"deleted": request.match_info["source"]})
+
+    async def compile(self, request: web.Request) -> web.Response:
+        body = await self._object(request)
+        publish = body.get("publish", False)
+        if not isinstance(publish, bool):
+            raise PolicyError("publish", "must be true or false")
+        return web.json_response(self.sources.start_compile(publish).document(), status=202)
+
+    async def compile_job(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sources.job(request.match_info["job"]).document())
 
     async def rollback(self, request: web.Request) -> web.Response:
         body = await self._object(request)
@@ -321,6 +364,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/why", READ, "Why a name is or is not blocked for a client at a time", Api.why, "Why"),
     Route("GET", "/v1/lists", READ, "Published list versions and the current one", Api.list_versions),
     Route("POST", "/v1/lists", ADMIN, "Publish a compiled artifact to every node", Api.publish, "Artifact"),
+    Route("GET", "/v1/sources", READ, "Every list source, by category", Api.list_sources),
+    Route("POST", "/v1/sources/{category}", ADMIN, "Add an uploaded list file (any format, gzip or not; ?name=)",
+          Api.upload_source, "Source"),
+    Route("POST", "/v1/sources/{category}/path", ADMIN, "Add a list file on the server (under admin.source_roots)",
+          Api.path_source, "SourcePath"),
+    Route("DELETE", "/v1/sources/{category}/{source}", ADMIN, "Remove a source", Api.delete_source),
+    Route("POST", "/v1/lists/compile", ADMIN, "Compile every source into a list, and publish it if asked (202: a "
+          "job to poll)", Api.compile, "Compile"),
+    Route("GET", "/v1/lists/compile/{job}", READ, "A compile job's progress and result", Api.compile_job),
     Route("POST", "/v1/lists/rollback", ADMIN, "Make an earlier version current again", Api.rollback,
           "Rollback"),
 )
@@ -345,6 +397,8 @@ _BODIES: dict[str, dict[str, Any]] = {
         "name": {"type": "string"}, "address": {"type": "string"}, "mac": {"type": "string"},
         "client_id": {"type": "string"}, "cpe_id": {"type": "string"}, "at": {"type": "string"}}},
     "Rollback": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
+    "SourcePath": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
+    "Compile": {"type": "object", "properties": {"publish": {"type": "boolean"}}},
 }
 
 
@@ -362,7 +416,7 @@ def openapi_document() -> dict[str, Any]:
                       for part in route.path.split("/") if part.startswith("{")]
         if parameters:
             operation["parameters"] = parameters
-        if route.body == "Artifact":
+        if route.body in ("Artifact", "Source"):
             operation["requestBody"] = {"required": True, "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
             operation["responses"]["413"] = {"$ref": "#/components/responses/Error"}

@@ -1,5 +1,6 @@
 """The `bns` commands that run a node through its admin API: site, group, device, pause, unpause, why, and
-lists push / versions / rollback. Each is one or two HTTP calls (urllib: nothing to install).
+lists push / versions / rollback / sources / source-add / source-remove / build. Each is a few HTTP calls
+(urllib: nothing to install).
 
 The API is `--api URL` or $BNS_API (default http://127.0.0.1:5380), the token `--token` or $BNS_TOKEN.
 Output is a table (or `key: value` lines) for people and JSON with `--json`. Exit codes: 0 done, 1 the API
@@ -13,7 +14,9 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 EXIT_FAILURE, EXIT_REFUSED, EXIT_NOT_FOUND, EXIT_DENIED = 1, 2, 3, 4
 DEFAULT_API = "http://127.0.0.1:5380"
 _UPLOAD_CHUNK = 1 << 20
+_POLL = 0.25
 
 
 class ApiFailure(Exception):
@@ -90,6 +94,11 @@ def _progress(path: Path, show: bool) -> Iterator[bytes]:
             yield chunk
     if show:
         print(file=sys.stderr)
+
+
+def _upload(client: ApiClient, path_on_api: str, file: Path, args: argparse.Namespace) -> Any:
+    return client.call("POST", path_on_api, data=_progress(file, sys.stderr.isatty() and not args.json),
+                       size=file.stat().st_size)
 
 
 def _print(value: Any, as_json: bool) -> None:
@@ -232,9 +241,44 @@ def _why(client: ApiClient, args: argparse.Namespace) -> Any:
 
 
 def _push(client: ApiClient, args: argparse.Namespace) -> Any:
-    path = Path(args.artifact)
-    size = path.stat().st_size
-    return client.call("POST", "/v1/lists", data=_progress(path, sys.stderr.isatty() and not args.json), size=size)
+    return _upload(client, "/v1/lists", Path(args.artifact), args)
+
+
+def _sources(client: ApiClient, args: argparse.Namespace) -> Any:
+    found = client.call("GET", "/v1/sources")
+    if args.json:
+        return found
+    return [{key: entry[key] for key in ("id", "category", "kind", "name", "format", "entries", "rejected")}
+            for entry in found]
+
+
+def _source_add(client: ApiClient, args: argparse.Namespace) -> Any:
+    category = urllib.parse.quote(args.category, safe="")
+    if args.on_server:
+        return client.call("POST", f"/v1/sources/{category}/path", {"path": args.file})
+    file = Path(args.file)
+    return _upload(client, f"/v1/sources/{category}?name={urllib.parse.quote(file.name)}", file, args)
+
+
+def _source_remove(client: ApiClient, args: argparse.Namespace) -> Any:
+    category, source = (urllib.parse.quote(part, safe="") for part in (args.category, args.source))
+    return client.call("DELETE", f"/v1/sources/{category}/{source}")
+
+
+def _build(client: ApiClient, args: argparse.Namespace) -> Any:
+    """Start a compile on the server and follow it to the end, with its stage on a terminal."""
+    job = client.call("POST", "/v1/lists/compile", {"publish": args.publish})
+    show = sys.stderr.isatty() and not args.json
+    while job["state"] == "running":
+        if show:
+            print(f"\rcompile: {job['stage']} {job['count']:,}\033[K", end="", file=sys.stderr, flush=True)
+        time.sleep(_POLL)
+        job = client.call("GET", f"/v1/lists/compile/{job['id']}")
+    if show:
+        print("\r\033[K", end="", file=sys.stderr)
+    if job["state"] == "failed":
+        raise ApiFailure(EXIT_REFUSED, f"compile failed: {job['error']}")
+    return job
 
 
 def _versions(client: ApiClient, args: argparse.Namespace) -> Any:
@@ -343,3 +387,18 @@ def add_list_commands(actions: argparse._SubParsersAction) -> None:
     rollback = actions.add_parser("rollback", help="make an earlier published version current (admin API)")
     rollback.add_argument("version")
     _common(rollback, _rollback)
+    sources = actions.add_parser("sources", help="the list sources kept by the admin API")
+    _common(sources, _sources)
+    add = actions.add_parser("source-add", help="add a list source to a category (admin API)")
+    add.add_argument("category")
+    add.add_argument("file", help="a list file to upload (any format, gzip or not)")
+    add.add_argument("--on-server", action="store_true",
+                     help="FILE is a path on the server (under its admin.source_roots), read at every build")
+    _common(add, _source_add)
+    remove = actions.add_parser("source-remove", help="remove a list source (admin API)")
+    remove.add_argument("category")
+    remove.add_argument("source", help="the source's id (`bns lists sources`)")
+    _common(remove, _source_remove)
+    build = actions.add_parser("build", help="compile the API's sources on the server, with progress (admin API)")
+    build.add_argument("--publish", action="store_true", help="publish the result to every node")
+    _common(build, _build)

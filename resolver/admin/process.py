@@ -22,6 +22,7 @@ from resolver.pages import LocalUsedTokens, Pages, RedisUsedTokens, Secret, Used
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
 from resolver.publishing import LocalPublications, Publications, RedisPublications
+from resolver.sources import LocalShelf, RedisShelf, Sources
 
 if TYPE_CHECKING:
     from resolver.server import HttpSockets
@@ -53,8 +54,12 @@ class AdminNode:
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
-        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, self.explainer,
-                       metrics, config.admin.max_upload, cache_dir_of(config.lists) / "uploads")
+        cache_dir = cache_dir_of(config.lists)
+        shelf = RedisShelf(self.store.client, settings.prefix) if isinstance(self.store, RedisStore) else \
+            LocalShelf(cache_dir / "sources")
+        sources = Sources(shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles")
+        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, sources,
+                       self.explainer, metrics, config.admin.max_upload, cache_dir / "uploads")
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
