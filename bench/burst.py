@@ -26,7 +26,16 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.harness import DEFAULT_DATA, bns_command, free_port, machine, median, running, top_site_names
+from bench.harness import (
+    DEFAULT_DATA,
+    bns_command,
+    free_port,
+    machine,
+    median,
+    running,
+    running_redis,
+    top_site_names,
+)
 from bench.load import LoadResult, run_dnsperf, write_query_file
 
 _TOKEN = "bench-admin-token-0000000001"
@@ -112,12 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        redis_port, upstream_port, port, admin = free_port(), free_port(), free_port(), free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", scratch_dir], stdout=subprocess.DEVNULL)
-        stack.callback(redis.wait)
-        stack.callback(redis.terminate)
-        time.sleep(0.5)
+        upstream_port, port, admin = free_port(), free_port(), free_port()
+        redis_port = stack.enter_context(running_redis(scratch))
         stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
                                     upstream_port))
         config = scratch / "bns.toml"

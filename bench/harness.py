@@ -82,6 +82,28 @@ def running(command: list[str], port: int, *, startup: float = 15.0, log: Path |
             sink.close()  # type: ignore[union-attr]
 
 
+@contextlib.contextmanager
+def running_redis(directory: Path) -> Iterator[int]:
+    """A redis-server on a free loopback port that keeps nothing on disk; yields its port once it answers."""
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def bns_command(port: int, upstream_port: int, workers: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "resolver", "serve", "--listen", f"127.0.0.1:{port}",
             "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers), "--log-level", "warning",

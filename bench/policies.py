@@ -29,7 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import DEFAULT_DATA, bns_command, free_port, machine, median, running, top_site_names
+from bench.harness import (
+    DEFAULT_DATA,
+    bns_command,
+    free_port,
+    machine,
+    median,
+    running,
+    running_redis,
+    top_site_names,
+)
 from bench.load import LoadResult, process_tree_cpu, run_dnsperf
 from blocklists.catalog import load_catalog
 from resolver.policy.store import RedisStore
@@ -133,36 +142,29 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(11)
     names = top_site_names(args.data, 1_000)
     active = [(rng.randrange(args.sites), rng.randrange(args.devices)) for _ in range(args.active)]
-    redis_port, upstream_port = free_port(), free_port()
+    upstream_port = free_port()
     lines = []
-    with tempfile.TemporaryDirectory() as scratch_dir:
+    with tempfile.TemporaryDirectory() as scratch_dir, running_redis(Path(scratch_dir)) as redis_port:
         scratch = Path(scratch_dir)
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", scratch_dir], stdout=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
-            url = f"redis://127.0.0.1:{redis_port}/0"
-            seconds = asyncio.run(populate(url, args.sites, args.devices))
-            used = subprocess.run(["redis-cli", "-p", str(redis_port), "info", "memory"], capture_output=True,
-                                  text=True, check=False).stdout
-            redis_mb = next((int(line.split(":")[1]) / 2**20 for line in used.splitlines()
-                             if line.startswith("used_memory:")), float("nan"))
-            lines.append(f"Imported {args.sites:,} sites with {args.sites * args.devices:,} devices into Redis in "
-                         f"{seconds:.1f} s (`bns` import path, validated); Redis memory {redis_mb:.0f} MB.")
-            warm = [wire_query(rng.choice(names), identity_options(*rng.choice(active))) for _ in range(args.queries)]
-            warm_file = write_binary_queries(scratch / "warm.bin", warm)
-            names_file = write_binary_queries(scratch / "names.bin", [wire_query(name, []) for name in names])
-            configs = {"one global policy": _config(scratch / "global.toml", None),
-                       "per-device policies (Redis)": _config(scratch / "redis.toml", url)}
-            upstream = [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port), "--ttl", "86400"]
-            with running(upstream, upstream_port):
-                lines += warm_runs(args, configs, upstream_port, warm_file, names_file)
-                for number, rate in enumerate(args.cold_qps):
-                    lines += cold_run(args, rate, number, configs["per-device policies (Redis)"], upstream_port,
-                                      names, scratch)
-        finally:
-            redis.terminate()
-            redis.wait()
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        seconds = asyncio.run(populate(url, args.sites, args.devices))
+        used = subprocess.run(["redis-cli", "-p", str(redis_port), "info", "memory"], capture_output=True,
+                              text=True, check=False).stdout
+        redis_mb = next((int(line.split(":")[1]) / 2**20 for line in used.splitlines()
+                         if line.startswith("used_memory:")), float("nan"))
+        lines.append(f"Imported {args.sites:,} sites with {args.sites * args.devices:,} devices into Redis in "
+                     f"{seconds:.1f} s (`bns` import path, validated); Redis memory {redis_mb:.0f} MB.")
+        warm = [wire_query(rng.choice(names), identity_options(*rng.choice(active))) for _ in range(args.queries)]
+        warm_file = write_binary_queries(scratch / "warm.bin", warm)
+        names_file = write_binary_queries(scratch / "names.bin", [wire_query(name, []) for name in names])
+        configs = {"one global policy": _config(scratch / "global.toml", None),
+                   "per-device policies (Redis)": _config(scratch / "redis.toml", url)}
+        upstream = [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port), "--ttl", "86400"]
+        with running(upstream, upstream_port):
+            lines += warm_runs(args, configs, upstream_port, warm_file, names_file)
+            for number, rate in enumerate(args.cold_qps):
+                lines += cold_run(args, rate, number, configs["per-device policies (Redis)"], upstream_port,
+                                  names, scratch)
     command = "python -m bench.policies " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Command: `{command}`  \nMachine: {machine()}\n\n" + "\n".join(lines))
     return 0

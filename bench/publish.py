@@ -23,7 +23,15 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from bench.harness import DEFAULT_DATA, bns_command, free_port, machine, median, running
+from bench.harness import (
+    DEFAULT_DATA,
+    bns_command,
+    free_port,
+    machine,
+    median,
+    running,
+    running_redis,
+)
 
 _TOKEN = "bench-admin-token-0000000001"
 
@@ -50,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        redis_port, upstream_port = free_port(), free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", scratch_dir], stdout=subprocess.DEVNULL)
-        stack.callback(redis.wait)
-        stack.callback(redis.terminate)
-        time.sleep(0.5)
+        upstream_port = free_port()
+        redis_port = stack.enter_context(running_redis(scratch))
         stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
                                     upstream_port))
         nodes = []
