@@ -134,7 +134,9 @@ class Lists:
     """The current snapshot of one worker, and the task that keeps it up to date."""
 
     def __init__(self, path: Path | None, catalog: Catalog, hot_size: int, check_interval: float,
-                 cache_dir: Path | None = None, required: bool = True) -> None:
+                 cache_dir: Path | None = None, required: bool = True, verified: Path | None = None) -> None:
+        """`verified`: the private copy the node verified at start-up. A worker (or a respawned one) that
+        finds the file half rewritten serves that copy until the file settles, rather than dying."""
         self.path = path
         self.catalog = catalog
         self._hot_size = hot_size
@@ -142,8 +144,20 @@ class Lists:
         self._cache_dir = cache_dir or default_cache_dir()
         self._seen = _identity(path) if path else None
         present = path is not None and (required or self._seen is not None)
-        artifact = load_lists(path, catalog, self._cache_dir) if present else None
+        artifact = None
+        if present:
+            assert path is not None
+            try:
+                artifact = load_lists(path, catalog, self._cache_dir)
+            except ArtifactError as exc:
+                if verified is None or not verified.exists():
+                    raise
+                artifact = open_artifact(verified, verify=False)
+                self._seen = None  # read the file again at the first check
+                log.warning("lists: %s; serving the copy verified at start-up (version %s) until it settles", exc,
+                            artifact.version)
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)
+        self.copy = artifact.path if artifact is not None else None  # the private copy being served
         self.swaps = 0
 
     async def watch(self) -> None:

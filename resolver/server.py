@@ -145,14 +145,15 @@ def bound_addresses(socket_set: SocketSet) -> list[str]:
     return out
 
 
-def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
+def load_policy_and_lists(config: Config, verified: Path | None = None) -> tuple[Catalog, PolicyMaker, Lists]:
     """The catalogue, the policy maker (with the default policy) and the lists, or a StartupError or
-    ConfigError saying what is wrong."""
+    ConfigError saying what is wrong. `verified`: the list copy the node checked at start-up, for a worker
+    or the admin process that finds the list file mid-rewrite (see Lists)."""
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
         path, required = served_path(config.lists)
         lists = Lists(path, catalog, config.lists.hot_names, config.lists.check_interval,
-                      cache_dir_of(config.lists), required)
+                      cache_dir_of(config.lists), required, verified)
     except BlocklistError as exc:
         raise StartupError(f"lists: {exc}") from None
     maker = PolicyMaker(catalog, answering_from(config.policy), default_policy(config.policy, catalog))
@@ -162,12 +163,13 @@ def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
 class Worker:
     """Everything one worker process serves with; usable in-process (tests) or under the supervisor."""
 
-    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, metrics_dir: Path | None = None) -> None:
+    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, metrics_dir: Path | None = None,
+                 verified_lists: Path | None = None) -> None:
         self.config = config
         self.sockets = sockets
         self.index = index
         self.metrics_dir = metrics_dir
-        catalog, maker, self.lists = load_policy_and_lists(config)
+        catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
         self.catalog = catalog
         settings = config.store
         self.store = open_store(settings.redis, settings.file, catalog, settings.prefix)
@@ -219,8 +221,9 @@ class Worker:
         self.resolver.close()
 
 
-async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None) -> int:
-    worker = Worker(config, sockets, index, metrics_dir)
+async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None,
+                                 verified_lists: Path | None) -> int:
+    worker = Worker(config, sockets, index, metrics_dir, verified_lists)
     await worker.start()
     # A worker's heap grows with the clients and sites it holds (100 MB and more); a full collection walks
     # all of it and stalls every query meanwhile. What exists at start-up is set aside for good, and
@@ -243,8 +246,9 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int,
 _GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None = None) -> int:
-    return uvloop.run(_serve_until_signalled(config, sockets, index, metrics_dir))
+def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None = None,
+               verified_lists: Path | None = None) -> int:
+    return uvloop.run(_serve_until_signalled(config, sockets, index, metrics_dir, verified_lists))
 
 
 ADMIN = -1  # the admin process's index among the children
@@ -257,8 +261,9 @@ class Supervisor:
     _MAX_QUICK_DEATHS = 5
 
     def __init__(self, config: Config, socket_sets: list[SocketSet], http: HttpSockets | None = None,
-                 metrics_dir: Path | None = None) -> None:
+                 metrics_dir: Path | None = None, verified_lists: Path | None = None) -> None:
         self.config = config
+        self.verified_lists = verified_lists
         self.socket_sets = socket_sets
         self.http = http or HttpSockets(None, [])
         self.metrics_dir = metrics_dir
@@ -340,10 +345,11 @@ class Supervisor:
 
                     os.nice(self.config.admin.niceness)  # API work yields the CPU to the DNS workers
 
-                    code = run_admin(self.config, self.http, self.metrics_dir or Path("."))
+                    code = run_admin(self.config, self.http, self.metrics_dir or Path("."), self.verified_lists)
                 else:
                     self.http.close()
-                    code = run_worker(self.config, self.socket_sets[index], index, self.metrics_dir)
+                    code = run_worker(self.config, self.socket_sets[index], index, self.metrics_dir,
+                                      self.verified_lists)
             except BaseException:
                 log.exception("%s failed", "the admin process" if index == ADMIN else f"worker {index}")
             finally:
@@ -372,11 +378,11 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(config: Config) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
-    load_policy_and_lists(config)
+    _catalog, _maker, lists = load_policy_and_lists(config)
     socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
     http = bind_http_sockets(config)
     metrics_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"
-    return Supervisor(config, socket_sets, http, metrics_dir).run()
+    return Supervisor(config, socket_sets, http, metrics_dir, lists.copy).run()
 
 
 @dataclass

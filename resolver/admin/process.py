@@ -42,12 +42,13 @@ def publications_for(config: Config, store: Store | None, catalog: Any) -> Publi
 
 
 class AdminNode:
-    def __init__(self, config: Config, http: HttpSockets, metrics_dir: Path) -> None:
+    def __init__(self, config: Config, http: HttpSockets, metrics_dir: Path, verified_lists: Path | None = None
+                 ) -> None:
         from resolver.server import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
 
         self.config = config
         self.http = http
-        self.catalog, maker, self.lists = load_policy_and_lists(config)
+        self.catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
         settings = config.store
         self.store = open_store(settings.redis, settings.file, self.catalog, settings.prefix)
         self.publications = publications_for(config, self.store, self.catalog)
@@ -108,8 +109,9 @@ class AdminNode:
             await self.store.close()
 
 
-async def _run_until_signalled(config: Config, http: HttpSockets, metrics_dir: Path) -> int:
-    node = AdminNode(config, http, metrics_dir)
+async def _run_until_signalled(config: Config, http: HttpSockets, metrics_dir: Path,
+                               verified_lists: Path | None) -> int:
+    node = AdminNode(config, http, metrics_dir, verified_lists)
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,5 +123,5 @@ async def _run_until_signalled(config: Config, http: HttpSockets, metrics_dir: P
     return 0
 
 
-def run_admin(config: Config, http: HttpSockets, metrics_dir: Path) -> int:
-    return uvloop.run(_run_until_signalled(config, http, metrics_dir))
+def run_admin(config: Config, http: HttpSockets, metrics_dir: Path, verified_lists: Path | None = None) -> int:
+    return uvloop.run(_run_until_signalled(config, http, metrics_dir, verified_lists))

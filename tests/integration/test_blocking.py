@@ -22,7 +22,7 @@ import pytest
 from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists, sources_from_dir
 from resolver.errors import StartupError
-from resolver.server import Worker, bind_sockets
+from resolver.server import Worker, bind_sockets, load_policy_and_lists
 from resolver.wire import EdeCode
 from tests.conftest import FIXTURES, SHARED_DATA, ServerThread, answer_addresses, make_config
 
@@ -129,6 +129,25 @@ def test_starting_with_a_bad_artifact_fails_clearly(upstream, tmp_path):
             Worker(config, sockets)
     finally:
         sockets.close()
+
+
+def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_copy_verified_at_start(upstream, tmp_path):
+    live = tmp_path / "live.bns"
+    _generation_artifact(live, "first.example")
+    config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(tmp_path / "cache"),
+                                                    "check_interval": 0.05})
+    verified = load_policy_and_lists(config)[2].copy  # what the supervisor checks before it forks
+    assert verified is not None
+    data = live.read_bytes()
+    with live.open("r+b") as target:  # someone's `cp` is half done when a worker (re)starts
+        target.truncate(len(data) // 2)
+    with ServerThread(config, verified_lists=verified) as server:
+        assert server.ask("first.example").rcode() == dns.rcode.NXDOMAIN
+        _generation_artifact(live, "second.example")  # the file settles: the worker moves to it
+        deadline = time.monotonic() + 5
+        while server.ask("second.example").rcode() != dns.rcode.NXDOMAIN:
+            assert time.monotonic() < deadline, "the worker never read the settled file"
+            time.sleep(0.05)
 
 
 def _generation_artifact(path: Path, name: str) -> None:
