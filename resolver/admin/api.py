@@ -179,7 +179,7 @@ class Api:
         store_state = "none"
         if self.store is not None:
             try:
-                await self.store.list_sites()
+                await self.store.check()
                 store_state = "up"
             except StoreUnavailable:
                 store_state = "down"

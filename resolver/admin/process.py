@@ -91,7 +91,7 @@ class AdminNode:
             return
         while True:
             try:
-                await self.store.list_sites()
+                await self.store.check()
                 self.store_up = 1
             except StoreUnavailable:
                 self.store_up = 0

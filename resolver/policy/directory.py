@@ -1,8 +1,9 @@
 """Each worker's hot copy of the policies it uses: who a query is from, and what applies to them now.
 
-- Clients (one per source address, or per source and identity options from a trusted network) are kept in
-  a bounded LRU with their effective policy, made again only at the next schedule boundary or change. A
-  warm query costs a dict lookup and a comparison with the clock: no store round trip.
+- Clients (one per source address, or per source and identity options from a trusted network) are kept,
+  bounded, with their effective policy, made again only at the next schedule boundary or change. A warm
+  query costs a dict lookup, a flag and a comparison with the clock: no store round trip. Eviction is
+  CLOCK (second chance) rather than strict LRU: a hit only marks the client used instead of relinking it.
 - A client not seen before is resolved from the store (its site by CPE id or address, then the device in
   the site by MAC, client id or address) in one task per client however many queries arrive (single
   flight), and one store round trip (batched with the other new clients of the moment); the query waits at
@@ -41,7 +42,7 @@ _RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for t
 class Client:
     """One client as this worker knows it: who it is, which site, and its policy until `until`."""
 
-    __slots__ = ("_maker", "identity", "policy", "rule", "site", "until")
+    __slots__ = ("_maker", "identity", "policy", "rule", "site", "until", "used")
 
     def __init__(self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker) -> None:
         self.identity = identity
@@ -50,6 +51,7 @@ class Client:
         self._maker = maker
         self.policy: Policy = maker.default
         self.until = -math.inf  # made on first use
+        self.used = False  # asked since eviction last passed it over
 
     def refresh(self, now: float) -> Policy:
         self.policy, self.until = self._maker.effective(self.rule, now)
@@ -112,7 +114,7 @@ class Directory:
         key = self.key(request)
         client = self._clients.get(key)
         if client is not None:
-            self._clients.move_to_end(key)
+            client.used = True
         return client
 
     async def resolve(self, request: Request) -> Client:
@@ -188,6 +190,10 @@ class Directory:
         self._site_clients.setdefault(site.id if site else _UNKNOWN, set()).add(key)
         while len(self._clients) > self._settings.client_cache:
             evicted_key, evicted = self._clients.popitem(last=False)
+            if evicted.used:  # a second chance: to the back, unmarked
+                evicted.used = False
+                self._clients[evicted_key] = evicted
+                continue
             self._site_clients.get(evicted.site.id if evicted.site else _UNKNOWN, set()).discard(evicted_key)
         return client
 

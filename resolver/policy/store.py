@@ -95,6 +95,10 @@ class Store(ABC):
     async def list_sites(self) -> list[str]: ...
 
     @abstractmethod
+    async def check(self) -> None:
+        """Raises StoreUnavailable unless the store answers (cheaply: health checks call it often)."""
+
+    @abstractmethod
     async def load_profiles(self) -> dict[str, PolicySpec]: ...
 
     @abstractmethod
@@ -295,6 +299,9 @@ class RedisStore(Store):
 
     async def list_sites(self) -> list[str]:
         return sorted(member.decode() for member in await self.call(self.client.smembers(self.key("sites"))))
+
+    async def check(self) -> None:
+        await self.call(self.client.ping())
 
     async def load_profiles(self) -> dict[str, PolicySpec]:
         profiles = {}
@@ -539,6 +546,9 @@ class FileStore(Store):
     async def list_sites(self) -> list[str]:
         self.refresh()
         return sorted(self._data["sites"])
+
+    async def check(self) -> None:
+        self.refresh()
 
     async def load_profiles(self) -> dict[str, PolicySpec]:
         self.refresh()

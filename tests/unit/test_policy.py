@@ -10,10 +10,13 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from resolver.blocking import BlockedAnswers, build_blocked_answer
-from resolver.config import PolicySettings
+from resolver.config import PolicySettings, StoreSettings
 from resolver.errors import ConfigError
-from resolver.policy.effective import default_policy
+from resolver.identity import Identity, TrustedNetworks
+from resolver.policy.directory import Directory
+from resolver.policy.effective import PolicyMaker, answering_from, default_policy
 from resolver.policy.runtime import Action, AnswerMode
+from resolver.policy.store import FileStore
 from resolver.wire import EdeCode, QueryParser
 
 pytestmark = pytest.mark.unit
@@ -120,3 +123,20 @@ def test_memoised_answers_keep_each_clients_id_and_case():
         message = dns.message.from_wire(answers.answer(PARSER.parse(query_id.to_bytes(2, "big") + base[2:],
                                                                    ("192.0.2.1", 1), False), verdict))
         assert message.id == query_id and str(message.question[0].name) == "Blocked.Example."
+
+
+def test_clients_are_evicted_by_second_chance_not_by_arrival(tmp_path):
+    settings = PolicySettings()
+    maker = PolicyMaker(CATALOG, answering_from(settings), default_policy(settings, CATALOG))
+    directory = Directory(FileStore(tmp_path / "policies.json", CATALOG), maker, CATALOG, TrustedNetworks(()),
+                          StoreSettings(client_cache=2))
+
+    def asks(address: str):
+        return directory.client(PARSER.parse(dns.message.make_query("a.example", "A").to_wire(), (address, 1), False))
+
+    for address in ("192.0.2.1", "192.0.2.2"):
+        directory._bind(address, Identity(address), None)
+    assert asks("192.0.2.1") is not None  # the older one is asked again: it gets a second chance
+    directory._bind("192.0.2.3", Identity("192.0.2.3"), None)
+    assert asks("192.0.2.1") is not None and asks("192.0.2.3") is not None
+    assert asks("192.0.2.2") is None and len(directory) == 2
