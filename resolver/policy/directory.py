@@ -209,6 +209,9 @@ class Directory:
                 try:
                     async for change in self.store.changes():
                         await self.apply(change)
+                        # Notices read in one go would otherwise be handled back to back while queries wait:
+                        # a burst of writes elsewhere must not stall this worker's answers.
+                        await asyncio.sleep(0)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
