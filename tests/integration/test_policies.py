@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -13,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import dns.edns
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -290,3 +296,43 @@ def test_safe_search_answers_with_the_restrict_name(family, lists, upstream, sha
         assert "forcesafesearch.google.com" in upstream.names_seen()
         plain = ask(server, "www.google.com", MACS["tablet"])  # no safe search for the tablet
         assert plain.answer[0].rdtype == dns.rdatatype.A
+
+
+@pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed (Debian: dnsmasq-base)")
+def test_a_real_router_dnsmasq_adds_the_cpe_id_that_picks_the_site(lists, upstream, shared_redis, redis_prefix):
+    """dnsmasq in front of bns, as a customer's router: `--add-cpe-id` (option 65074) and `--add-subnet`
+    (ECS) on every query it forwards. (Its `--add-mac` needs the client in the ARP table, which a loopback
+    client never is, so MAC identity is tested with dnspython above.)"""
+    site = {"name": "Jones", "networks": ["198.51.100.0/29"], "cpe_ids": ["cpe-jones"], "mode": "network",
+            "policy": {"block": ["pornography"], "web_protect": False}}
+    write(shared_redis.url, redis_prefix, lambda service: service.put_site("jones", site))
+    with server_for(shared_redis.url, redis_prefix, lists, upstream) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            router_port = probe.getsockname()[1]
+        router = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+             "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={router_port}", "--pid-file=",
+             f"--server=127.0.0.1#{server.port}", "--add-cpe-id=cpe-jones", "--add-subnet=32", "--cache-size=0",
+             "--user=" + pwd.getpwuid(os.getuid()).pw_name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def through_router(name: str) -> int:
+                query = dns.message.make_query(name, "A")
+                return dns.query.udp(query, "127.0.0.1", port=router_port, timeout=3).rcode()
+
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert through_router("allowed.example") == dns.rcode.NOERROR
+                    break
+                except dns.exception.Timeout:
+                    assert router.poll() is None and time.monotonic() < deadline, router.stderr.read()
+            assert through_router("porn.example") == dns.rcode.NXDOMAIN  # the Jones site's policy, by CPE id
+            assert through_router("malware.example") == dns.rcode.NOERROR  # its Web Protect is off
+            # Straight to bns, with no router to vouch for it: no site, the global default.
+            assert outcome(ask(server, "malware.example")) == "Web Protect: malware"
+            assert outcome(ask(server, "porn.example")) == "blocked: pornography"
+        finally:
+            router.terminate()
+            router.wait(10)
