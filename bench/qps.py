@@ -57,11 +57,18 @@ def _load(target: Target, names: list[str], query_file: Path, args: argparse.Nam
     return run_python_load(target.port, names, args.seconds, outstanding=8 if per_query else args.outstanding)
 
 
+_WARM_PASSES = 16
+
+
 def measure(targets: list[Target], names: list[str], query_file: Path, args: argparse.Namespace,
             pids: dict[str, int]) -> None:
-    for target in targets:  # warm: every name once, so every later query is a cache hit
+    # Warm: every name into every worker's cache, so that every later query is a hit. The kernel spreads
+    # client sockets over the workers (SO_REUSEPORT), so one pass reaches each worker with only some names;
+    # after _WARM_PASSES passes from the clients' sockets the chance a worker missed a name is ~1/2**16.
+    for target in targets:
         if have_dnsperf() and not args.python_load:
-            run_dnsperf(target.port, query_file, runs=1, clients=args.clients, outstanding=args.outstanding)
+            run_dnsperf(target.port, query_file, runs=_WARM_PASSES, clients=args.clients,
+                        outstanding=args.outstanding)
         else:
             run_python_load(target.port, names, 2.0)
     for _ in range(args.runs):
