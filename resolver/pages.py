@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from string import Template
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -198,8 +199,10 @@ def _unavailable() -> web.Response:
     return _page(503, "Try again", "<p>The network cannot check this site just now. Try again in a moment.</p>")
 
 
-def _clock_time(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%H:%M UTC")
+def _clock_time(moment: float, timezone: str | None) -> str:
+    """The time of day in the site's time zone, as its users read clocks."""
+    zone = ZoneInfo(timezone) if timezone else UTC
+    return datetime.fromtimestamp(moment, zone).strftime("%H:%M %Z")
 
 
 class Pages:
@@ -323,11 +326,12 @@ class Pages:
             log.warning("continue anyway for %s: %s", name, exc)
             return _page(503, "Not opened", "<p>The network could not open this site just now. Try again.</p>")
         log.info("continue anyway: site %s device %s opened %s until %s", offer.site, offer.device, offer.name,
-                 _clock_time(until))
+                 _clock_time(until, None))
         shown = html.escape(name)
         wait = self.blocked_ttl + 2
         return _page(200, "Opened", f'<p><span class="name">{shown}</span> is open on this device until '
-                                    f"{_clock_time(until)}.</p><p>Taking you there in {wait} seconds "
+                                    f"{_clock_time(until, verdict['timezone'])}.</p><p>Taking you there in {wait} "
+                                    "seconds "
                                     f'(your browser may remember the warning that long): <a href="http://{shown}/">'
                                     f"{shown}</a></p>",
                      refresh=f'<meta http-equiv="refresh" content="{wait};url=http://{shown}/">')

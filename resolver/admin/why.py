@@ -69,7 +69,8 @@ class Explainer:
         decision = self._decide(policy, wire)
         return {
             "name": _text(wire), "address": identity.address, "at": at, "valid_until": until,
-            "site": site.id if site else None, "device": device.id if device else None,
+            "site": site.id if site else None, "timezone": site.timezone if site else None,
+            "device": device.id if device else None,
             "group": (device.group if device else site.default_group) if site else None,
             "level": rule.level, **decision,
         }

@@ -25,7 +25,7 @@ from tests.e2e.test_process import bns, node
 pytestmark = pytest.mark.e2e
 PHISH, BOTH, DRUGS, FINE = "phish.example", "both.example", "drugs.example", "fine.example"
 LAPTOP, PHONE, STRANGER = "127.0.0.1", "127.0.0.2", "127.0.0.3"  # the phone and stranger: other sources
-SITE = {"name": "Home", "networks": ["127.0.0.0/8"], "mode": "device",
+SITE = {"name": "Home", "networks": ["127.0.0.0/8"], "mode": "device", "timezone": "Asia/Tokyo",
         "devices": {"laptop": {"name": "Laptop", "addresses": [LAPTOP]},
                     "phone": {"name": "Phone", "addresses": [PHONE]}}}
 
@@ -112,7 +112,7 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
         status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="cors")
         assert status == 403 and "must be pressed by you" in page
         status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="navigate")
-        assert status == 200 and "is open on this device" in page
+        assert status == 200 and "is open on this device" in page and "JST" in page  # the site's clock
         took = within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
         assert took < 1.5
         addresses, _ = resolve(dns_port, "www." + PHISH)
