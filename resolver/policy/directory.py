@@ -36,7 +36,8 @@ from resolver.wire import Request
 log = logging.getLogger(__name__)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
-_RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
+_RETRY_AFTER_FAILURE = 1.0
+_SECOND_CHANCES = 8  # while the store is down, new clients skip it for this long after a failure
 
 
 class Client:
@@ -185,17 +186,26 @@ class Directory:
         client = Client(identity, site, governing(site, device, self.profiles), self.maker)
         old = self._clients.pop(key, None)
         if old is not None:
+            client.used = old.used  # rebinding (a site reload) is not a use, nor a reason to forget one
             self._site_clients.get(old.site.id if old.site else _UNKNOWN, set()).discard(key)
+        else:
+            self._make_room()
         self._clients[key] = client
         self._site_clients.setdefault(site.id if site else _UNKNOWN, set()).add(key)
-        while len(self._clients) > self._settings.client_cache:
+        return client
+
+    def _make_room(self) -> None:
+        """Evict until a new client fits: the oldest not used since it was last passed over; a few used ones
+        get a second chance (to the back, unmarked), so an insert never sweeps the whole table."""
+        chances = _SECOND_CHANCES
+        while len(self._clients) >= self._settings.client_cache:
             evicted_key, evicted = self._clients.popitem(last=False)
-            if evicted.used:  # a second chance: to the back, unmarked
+            if evicted.used and chances:
+                chances -= 1
                 evicted.used = False
                 self._clients[evicted_key] = evicted
                 continue
             self._site_clients.get(evicted.site.id if evicted.site else _UNKNOWN, set()).discard(evicted_key)
-        return client
 
     # --- keeping up with changes -------------------------------------------------------------------------
 
@@ -237,8 +247,9 @@ class Directory:
             elif change.kind == "site":
                 held = self._sites.get(change.key)
                 # A notice older than the version held was overtaken by a reload (a burst of writes to one
-                # site costs a reload per notice only while each is newer); version 0 is a deletion.
-                if held is not None and (change.version == 0 or change.version > held.version):
+                # site costs a reload per notice only while each is newer). Version 0 is a deletion and 1 a
+                # new site: one deleted and made again starts over at 1.
+                if held is not None and (change.version <= 1 or change.version > held.version):
                     await self._reload_site(change.key)
             elif change.kind == "networks":
                 self._forget_addresses()

@@ -576,8 +576,11 @@ class FileStore(Store):
                 continue
             after_sites = {k: v["version"] for k, v in self._data["sites"].items()}
             for site_id in before_sites.keys() | after_sites.keys():
-                if before_sites.get(site_id) != after_sites.get(site_id):
-                    yield Change("site", site_id, after_sites.get(site_id, 0))
+                before, after = before_sites.get(site_id, 0), after_sites.get(site_id, 0)
+                if before != after:
+                    if 0 < after < before:  # deleted and made again between two polls: say both
+                        yield Change("site", site_id, 0)
+                    yield Change("site", site_id, after)
             for name in before_profiles.keys() | self._data["profiles"].keys():
                 if before_profiles.get(name) != self._data["profiles"].get(name, {}).get("version"):
                     yield Change("profile", name, 1)

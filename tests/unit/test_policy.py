@@ -137,6 +137,11 @@ def test_clients_are_evicted_by_second_chance_not_by_arrival(tmp_path):
     for address in ("192.0.2.1", "192.0.2.2"):
         directory._bind(address, Identity(address), None)
     assert asks("192.0.2.1") is not None  # the older one is asked again: it gets a second chance
+    directory._bind("192.0.2.1", Identity("192.0.2.1"), None)  # rebound (a site reload): still marked used
     directory._bind("192.0.2.3", Identity("192.0.2.3"), None)
     assert asks("192.0.2.1") is not None and asks("192.0.2.3") is not None
     assert asks("192.0.2.2") is None and len(directory) == 2
+    # Every client used: the newcomer still gets in, and the table stays at its bound.
+    assert asks("192.0.2.1") is not None and asks("192.0.2.3") is not None
+    directory._bind("192.0.2.4", Identity("192.0.2.4"), None)
+    assert asks("192.0.2.4") is not None and len(directory) == 2
