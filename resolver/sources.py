@@ -17,6 +17,7 @@ Without Redis the same entries and files live in `<lists.cache_dir>/sources/`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -31,11 +32,12 @@ from typing import Any
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
 from blocklists.compiler import Source, compile_lists
-from blocklists.errors import BlocklistError
+from blocklists.errors import BlocklistError, SourceError
 from blocklists.formats import SourceReport, file_digest, read_source
 from resolver.errors import BnsError
 from resolver.policy.model import PolicyError
 from resolver.policy.service import NotFound
+from resolver.policy.store import RedisStore
 from resolver.publishing import CHUNK, Publications
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,10 @@ class LocalShelf(Shelf):
 
     def _read(self) -> dict[str, dict[str, Any]]:
         index = self.directory / "index.json"
-        return json.loads(index.read_text()) if index.exists() else {}
+        try:
+            return json.loads(index.read_text()) if index.exists() else {}
+        except (OSError, ValueError) as exc:
+            raise BnsError(f"{index}: the sources index cannot be read ({exc}); remove it to start over") from None
 
     def _write(self, index: dict[str, dict[str, Any]]) -> None:
         write_atomically(self.directory / "index.json", [json.dumps(index, sort_keys=True).encode()])
@@ -112,42 +117,40 @@ class LocalShelf(Shelf):
 
 
 class RedisShelf(Shelf):
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
+    """Entries in one hash; an upload's bytes chunk by chunk (read off the event loop, one SET each, so a
+    big file is never whole in memory), and its entry last, so a half-stored upload is never listed."""
 
-    def _key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
 
     async def entries(self) -> list[SourceEntry]:
-        stored = await self.client.hgetall(self._key("sources"))
+        stored = await self.store.call(self.store.client.hgetall(self.store.key("sources")))
         return [SourceEntry(**json.loads(value)) for value in stored.values()]
 
     async def put(self, entry: SourceEntry, upload: Path | None) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            if upload is not None:
-                data = upload.read_bytes()
-                chunks = [data[start : start + CHUNK] for start in range(0, len(data), CHUNK)] or [b""]
-                for number, chunk in enumerate(chunks):
-                    pipe.set(self._key("sources", "data", entry.id, str(number)), chunk)
-            pipe.hset(self._key("sources"), entry.id, json.dumps(asdict(entry)))
-            await pipe.execute()
+        client = self.store.client
+        if upload is not None:
+            with upload.open("rb") as data:
+                for number in range(_chunks(entry.size)):
+                    chunk = await asyncio.to_thread(data.read, CHUNK)
+                    await self.store.call(client.set(self.store.key("sources", "data", entry.id, str(number)),
+                                                     chunk))
+        await self.store.call(client.hset(self.store.key("sources"), entry.id, json.dumps(asdict(entry))))
 
     async def remove(self, source_id: str) -> bool:
-        raw = await self.client.hget(self._key("sources"), source_id)
+        client = self.store.client
+        raw = await self.store.call(client.hget(self.store.key("sources"), source_id))
         if raw is None:
             return False
         entry = SourceEntry(**json.loads(raw))
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._key("sources"), source_id)
-            for number in range(_chunks(entry.size)):
-                pipe.delete(self._key("sources", "data", source_id, str(number)))
-            await pipe.execute()
+        keys = [self.store.key("sources", "data", source_id, str(number)) for number in range(_chunks(entry.size))]
+        await self.store.call(client.hdel(self.store.key("sources"), source_id))
+        await self.store.call(client.delete(*keys))
         return True
 
     async def copy_upload(self, entry: SourceEntry, to: Path) -> None:
-        keys = [self._key("sources", "data", entry.id, str(number)) for number in range(_chunks(entry.size))]
-        parts = await self.client.mget(keys)
+        keys = [self.store.key("sources", "data", entry.id, str(number)) for number in range(_chunks(entry.size))]
+        parts = await self.store.call(self.store.client.mget(keys))
         if any(part is None for part in parts):
             raise BnsError(f"source {entry.id}: its stored bytes are incomplete; upload it again")
         write_atomically(to, parts)
@@ -209,36 +212,50 @@ class Sources:
         return sorted(await self.shelf.entries(), key=lambda entry: (entry.category, entry.added_at))
 
     async def add_upload(self, category: str, name: str, upload: Path) -> SourceEntry:
-        """An uploaded file (plain, hosts, adblock, RPZ, dnsmasq, unbound, gzip or not) as a source."""
+        """An uploaded file (plain, hosts, adblock, RPZ, dnsmasq, unbound, gzip or not) as a source; the
+        same bytes uploaded again are the same source."""
         self._category(category)
         name = Path(name).name[:200] or "upload"
         report = await asyncio.to_thread(_read_whole, upload)
         digest = await asyncio.to_thread(file_digest, upload)
-        entry = SourceEntry(f"{category}-{digest[:12]}", category, "upload", name, "", upload.stat().st_size, digest,
-                            report.format, report.entries, report.rejected_count, time.time())
+        entry = SourceEntry(f"{category}-u{digest[:12]}", category, "upload", name, "", upload.stat().st_size,
+                            digest, report.format, report.entries, report.rejected_count, time.time())
         await self.shelf.put(entry, upload)
         return entry
 
+    def _allowed_path(self, path_text: str) -> Path:
+        """The file a path names, after symlinks, if it lies under one of this node's admin.source_roots."""
+        if not path_text.startswith("/"):
+            raise PolicyError("path", f"{path_text!r} is not an absolute path")
+        try:
+            path = Path(path_text).resolve()
+            if not any(path.is_relative_to(root) for root in self.roots):
+                allowed = ", ".join(map(str, self.roots)) or "none: set admin.source_roots"
+                raise PolicyError("path", f"{path} is not under admin.source_roots ({allowed})")
+            if not path.is_file():
+                raise PolicyError("path", f"{path} is not a file on this server")
+        except (OSError, ValueError, RuntimeError) as exc:  # unreadable, a NUL byte, a symlink loop
+            raise PolicyError("path", f"{path_text!r}: {exc}") from None
+        return path
+
     async def add_path(self, category: str, path_text: Any) -> SourceEntry:
-        """A file on this server, read again at every compile."""
+        """A file on this server, read again (and its path checked again) at every compile; the same path
+        added again is the same source."""
         self._category(category)
         if not isinstance(path_text, str) or not path_text:
             raise PolicyError("path", "missing: the source file's path on the server")
-        path = Path(path_text).resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
-            allowed = ", ".join(map(str, self.roots)) or "none: set admin.source_roots"
-            raise PolicyError("path", f"{path} is not under admin.source_roots ({allowed})")
-        if not path.is_file():
-            raise PolicyError("path", f"{path} is not a file on this server")
+        path = self._allowed_path(path_text)
         report = await asyncio.to_thread(_read_whole, path)
         digest = await asyncio.to_thread(file_digest, path)
-        entry = SourceEntry(f"{category}-{digest[:12]}", category, "path", path.name, str(path), path.stat().st_size,
+        path_id = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        entry = SourceEntry(f"{category}-p{path_id}", category, "path", path.name, str(path), path.stat().st_size,
                             digest, report.format, report.entries, report.rejected_count, time.time())
         await self.shelf.put(entry, None)
         return entry
 
     async def remove(self, category: str, source_id: str) -> None:
-        if not source_id.startswith(f"{category}-") or not await self.shelf.remove(source_id):
+        found = next((entry for entry in await self.shelf.entries() if entry.id == source_id), None)
+        if found is None or found.category != category or not await self.shelf.remove(source_id):
             raise NotFound(f"no source {source_id!r} in category {category!r}")
 
     def start_compile(self, publish: bool) -> CompileJob:
@@ -272,7 +289,10 @@ class Sources:
                         await self.shelf.copy_upload(entry, local)
                         sources.append(Source(local, entry.category))
                     else:
-                        sources.append(Source(Path(entry.path), entry.category))
+                        try:
+                            sources.append(Source(self._allowed_path(entry.path), entry.category))
+                        except PolicyError as refused:
+                            raise SourceError(f"source {entry.id}: {refused.reason}") from None
 
                 def progress(stage: str, count: int) -> None:
                     job.stage, job.count = stage, count

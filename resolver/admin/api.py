@@ -41,6 +41,8 @@ READ, ADMIN = "read", "admin"
 
 class _TooLarge(Exception):
     """A request body over admin.max_upload."""
+
+
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -317,7 +319,9 @@ class Api:
         return web.json_response({"deleted": request.match_info["source"]})
 
     async def compile(self, request: web.Request) -> web.Response:
-        body = await self._object(request)
+        body = await self._json(request) or {}  # the body is optional
+        if not isinstance(body, dict):
+            raise PolicyError("", "the body must be a JSON object")
         publish = body.get("publish", False)
         if not isinstance(publish, bool):
             raise PolicyError("publish", "must be true or false")

@@ -56,8 +56,7 @@ class AdminNode:
         metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
-        shelf = RedisShelf(self.store.client, settings.prefix) if isinstance(self.store, RedisStore) else \
-            LocalShelf(cache_dir / "sources")
+        shelf = RedisShelf(self.store) if isinstance(self.store, RedisStore) else LocalShelf(cache_dir / "sources")
         sources = Sources(shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles")
         self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, sources,
                        self.explainer, metrics, config.admin.max_upload, cache_dir / "uploads")

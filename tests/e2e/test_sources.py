@@ -74,11 +74,38 @@ def test_sources_are_validated_when_added(source_node, tmp_path):
     assert got == 422 and answer["error"]["field"] == "path" and "admin.source_roots" in answer["error"]["message"]
     got, answer = http(api, "POST", "/v1/sources/weapons/path", {"path": str(roots / "missing.txt")})
     assert got == 422 and "not a file" in answer["error"]["message"]
+    for bad in ("relative/list.txt", f"{roots}/nul\x00.txt"):
+        got, answer = http(api, "POST", "/v1/sources/weapons/path", {"path": bad})
+        assert got == 422 and answer["error"]["field"] == "path"
+    escape = roots / "escape.txt"
+    escape.symlink_to(outside)  # a link out of the roots is judged by where it leads
+    got, answer = http(api, "POST", "/v1/sources/weapons/path", {"path": str(escape)})
+    assert got == 422 and "admin.source_roots" in answer["error"]["message"]
     got, _ = http(api, "DELETE", "/v1/sources/weapons/weapons-000000000000")
     assert got == 404
     assert http(api, "GET", "/v1/sources")[1] == []  # nothing refused was kept
     failed = cli(api, "lists", "build")
     assert failed.returncode == 2 and "no sources" in failed.stderr
+
+
+def test_a_path_source_is_checked_again_at_build_and_removed_only_from_its_category(source_node, tmp_path):
+    _port, api, roots = source_node
+    listed = roots / "list.txt"
+    listed.write_text("first.example\n")
+    got, entry = http(api, "POST", "/v1/sources/drugs/path", {"path": str(listed)})
+    assert got == 201 and entry["id"].startswith("drugs-p")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token = not-a-list\n")
+    listed.unlink()
+    listed.symlink_to(secret)  # swapped for a link out of the roots after it was added
+    got, job = http(api, "POST", "/v1/lists/compile", data=b"")  # no body: publish defaults to false
+    assert got == 202
+    within(10, lambda: http(api, "GET", f"/v1/lists/compile/{job['id']}")[1]["state"] != "running")
+    finished = http(api, "GET", f"/v1/lists/compile/{job['id']}")[1]
+    assert finished["state"] == "failed" and "admin.source_roots" in finished["error"]
+    assert "not-a-list" not in finished["error"]
+    assert http(api, "DELETE", f"/v1/sources/weapons/{entry['id']}")[0] == 404
+    assert http(api, "DELETE", f"/v1/sources/drugs/{entry['id']}")[0] == 200
 
 
 def test_without_redis_a_path_source_is_read_at_each_build(source_node):
