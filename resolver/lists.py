@@ -135,14 +135,16 @@ class Lists:
 
     def __init__(self, path: Path | None, catalog: Catalog, hot_size: int, check_interval: float,
                  cache_dir: Path | None = None, required: bool = True, verified: Path | None = None) -> None:
-        """`verified`: the private copy the node verified at start-up. A worker (or a respawned one) that
-        finds the file half rewritten serves that copy until the file settles, rather than dying."""
+        """`verified`: the node's link to the last list any of its processes verified (kept in the node's
+        run directory, so the cache's pruning cannot take it). A worker (or a respawned one) that finds the
+        file half rewritten serves that until the file settles, rather than dying."""
         self.path = path
         self.catalog = catalog
         self._hot_size = hot_size
         self._interval = check_interval
         self._cache_dir = cache_dir or default_cache_dir()
         self._seen = _identity(path) if path else None
+        self._verified = verified
         present = path is not None and (required or self._seen is not None)
         artifact = None
         if present:
@@ -154,11 +156,24 @@ class Lists:
                     raise
                 artifact = open_artifact(verified, verify=False)
                 self._seen = None  # read the file again at the first check
-                log.warning("lists: %s; serving the copy verified at start-up (version %s) until it settles", exc,
+                log.warning("lists: %s; serving the last verified list (version %s) until it settles", exc,
                             artifact.version)
+            else:
+                self._remember(artifact)
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)
-        self.copy = artifact.path if artifact is not None else None  # the private copy being served
         self.swaps = 0
+
+    def _remember(self, artifact: Artifact) -> None:
+        """Point the node's link at a list just verified (a hard link: the copy's data outlives pruning)."""
+        if self._verified is None:
+            return
+        temporary = self._verified.with_name(f".{self._verified.name}.{os.getpid()}.tmp")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.link(artifact.path, temporary)
+            os.replace(temporary, self._verified)
+        except OSError as exc:
+            log.warning("lists: cannot keep %s as the last verified list: %s", artifact.path, exc.strerror)
 
     async def watch(self) -> None:
         """Poll for a new artifact until cancelled."""
@@ -184,6 +199,7 @@ class Lists:
             log.error("lists: refused the new artifact: %s; still serving version %s", exc, self.snapshot.version)
             return False
         old = self.snapshot.version
+        self._remember(artifact)
         self.snapshot = ListSnapshot(Matcher(artifact), self._hot_size)
         self.swaps += 1
         log.info("lists: now serving version %s (%d names), was %s", artifact.version, artifact.names, old)

@@ -147,7 +147,7 @@ def bound_addresses(socket_set: SocketSet) -> list[str]:
 
 def load_policy_and_lists(config: Config, verified: Path | None = None) -> tuple[Catalog, PolicyMaker, Lists]:
     """The catalogue, the policy maker (with the default policy) and the lists, or a StartupError or
-    ConfigError saying what is wrong. `verified`: the list copy the node checked at start-up, for a worker
+    ConfigError saying what is wrong. `verified`: the node's link to its last verified list, for a worker
     or the admin process that finds the list file mid-rewrite (see Lists)."""
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
@@ -378,11 +378,20 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(config: Config) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
-    _catalog, _maker, lists = load_policy_and_lists(config)
-    socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
-    http = bind_http_sockets(config)
-    metrics_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"
-    return Supervisor(config, socket_sets, http, metrics_dir, lists.copy).run()
+    run_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"  # this node's: metrics, its last list
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"lists.cache_dir: cannot create {run_dir}: {exc.strerror}") from None
+    verified = run_dir / "lists.bns"
+    try:
+        load_policy_and_lists(config, verified)
+        socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
+        http = bind_http_sockets(config)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return Supervisor(config, socket_sets, http, run_dir, verified).run()
 
 
 @dataclass

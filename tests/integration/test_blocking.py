@@ -22,6 +22,7 @@ import pytest
 from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists, sources_from_dir
 from resolver.errors import StartupError
+from resolver.lists import private_copy
 from resolver.server import Worker, bind_sockets, load_policy_and_lists
 from resolver.wire import EdeCode
 from tests.conftest import FIXTURES, SHARED_DATA, ServerThread, answer_addresses, make_config
@@ -131,13 +132,19 @@ def test_starting_with_a_bad_artifact_fails_clearly(upstream, tmp_path):
         sockets.close()
 
 
-def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_copy_verified_at_start(upstream, tmp_path):
+def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(upstream, tmp_path):
     live = tmp_path / "live.bns"
     _generation_artifact(live, "first.example")
-    config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(tmp_path / "cache"),
+    cache = tmp_path / "cache"
+    config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(cache),
                                                     "check_interval": 0.05})
-    verified = load_policy_and_lists(config)[2].copy  # what the supervisor checks before it forks
-    assert verified is not None
+    verified = tmp_path / "run" / "lists.bns"
+    verified.parent.mkdir()
+    load_policy_and_lists(config, verified)  # what the supervisor checks before it forks
+    for number in range(4):  # other lists verified since: the cache keeps only the newest copies
+        other = tmp_path / f"other{number}.bns"
+        _generation_artifact(other, f"other{number}.example")
+        private_copy(other, cache)
     data = live.read_bytes()
     with live.open("r+b") as target:  # someone's `cp` is half done when a worker (re)starts
         target.truncate(len(data) // 2)
