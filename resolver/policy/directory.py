@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
 _RETRY_AFTER_FAILURE = 1.0
-_SECOND_CHANCES = 8  # while the store is down, new clients skip it for this long after a failure
+_SECOND_CHANCES = 8
+# Notices for one site within this many seconds are one reload: a burst of writes to a site costs its
+# workers a few reloads, not one each, and a change is still served well within a second.
+_RELOAD_DELAY = 0.05  # while the store is down, new clients skip it for this long after a failure
 
 
 class Client:
@@ -95,6 +98,8 @@ class Directory:
         self.down_since: float | None = None
         self._retry_at = 0.0
         self._needs_resync = False
+        self._due: set[str] = set()  # sites with newer versions announced, to reload
+        self._reloader: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -229,6 +234,8 @@ class Directory:
                     await asyncio.sleep(1.0)
         finally:
             retrier.cancel()
+            if self._reloader is not None:
+                self._reloader.cancel()
 
     async def _retry_resync(self) -> None:
         while True:
@@ -250,7 +257,9 @@ class Directory:
                 # site costs a reload per notice only while each is newer). Version 0 is a deletion and 1 a
                 # new site: one deleted and made again starts over at 1.
                 if held is not None and (change.version <= 1 or change.version > held.version):
-                    await self._reload_site(change.key)
+                    self._due.add(change.key)
+                    if self._reloader is None or self._reloader.done():
+                        self._reloader = asyncio.ensure_future(self._reload_due())
             elif change.kind == "networks":
                 self._forget_addresses()
             elif change.kind == "profile":
@@ -260,6 +269,16 @@ class Directory:
                 self._needs_resync = False
                 self._mark_up()
         except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            self._needs_resync = True
+
+    async def _reload_due(self) -> None:
+        await asyncio.sleep(_RELOAD_DELAY)
+        try:
+            while self._due:
+                await self._reload_site(self._due.pop())
+        except StoreUnavailable as exc:
+            self._due.clear()  # the resync after the outage compares every held site
             self._mark_down(str(exc))
             self._needs_resync = True
 
