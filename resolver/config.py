@@ -254,6 +254,8 @@ class AdminSettings:
         convert=_directories)
     niceness: int = setting(19, "niceness of the admin process (API, pages, list follower): the DNS workers "
                                 "get the CPU first", minimum=0, maximum=19)
+    idle_scheduling: bool = setting(True, "run the admin process under SCHED_IDLE (Linux): a worker woken by a "
+                                          "query takes the CPU from it at once")
 
 
 def _secret(text: Any) -> str:

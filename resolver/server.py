@@ -28,7 +28,7 @@ import uvloop
 from blocklists.catalog import Catalog, load_catalog
 from blocklists.errors import BlocklistError
 from resolver.cache import AnswerCache
-from resolver.config import Config, Endpoint
+from resolver.config import AdminSettings, Config, Endpoint
 from resolver.errors import StartupError
 from resolver.identity import TrustedNetworks
 from resolver.listener import InFlight, TcpConnection, UdpListener
@@ -343,7 +343,7 @@ class Supervisor:
                 if index == ADMIN:
                     from resolver.admin.process import run_admin  # noqa: PLC0415  (aiohttp: admin only)
 
-                    os.nice(self.config.admin.niceness)  # API work yields the CPU to the DNS workers
+                    _yield_to_workers(self.config.admin)
 
                     code = run_admin(self.config, self.http, self.metrics_dir or Path("."), self.verified_lists)
                 else:
@@ -359,6 +359,17 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if self.stopping:  # a stop arrived while forking: make sure the new child hears it too
             self._stop_children()
+
+
+def _yield_to_workers(settings: AdminSettings) -> None:
+    """API work must not delay answers: the admin process runs niced and, where the kernel offers it, under
+    SCHED_IDLE, so that a worker woken by a query takes the CPU from it at once (it still gets a share)."""
+    os.nice(settings.niceness)
+    if settings.idle_scheduling and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.warning("admin process: cannot use SCHED_IDLE (%s); running niced only", exc.strerror)
 
 
 _PR_SET_PDEATHSIG = 1

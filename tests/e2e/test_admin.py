@@ -4,6 +4,7 @@ Redis where the issue asks for it), with real DNS clients."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -305,3 +306,15 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
         metrics = http(api, "GET", "/metrics", token=READ)[1]
         assert 'bns_queries_total{verdict="blocked",category="violence-gore",reason=""}' in metrics
         assert "bns_store_up 1" in metrics
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_admin_process_yields_the_cpu_to_the_workers(tmp_path, upstream):
+    config = node_config(tmp_path / "n" / "bns.toml", f"[store]\nfile = \"{tmp_path / 'policies.json'}\"")
+    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
+              "--workers", "2") as (process, _port, api):
+        assert http(api, "GET", "/health", token=READ)[0] == 200
+        children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        admin = children[-1]  # spawned after the workers
+        assert os.sched_getscheduler(admin) == os.SCHED_IDLE and os.getpriority(os.PRIO_PROCESS, admin) == 19
+        assert all(os.sched_getscheduler(worker) == os.SCHED_OTHER for worker in children[:-1])
