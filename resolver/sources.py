@@ -48,6 +48,10 @@ class CompileBusy(BnsError):
     """A compile is already running on this node."""
 
 
+class CompileStopped(BnsError):
+    """The node is stopping: a compile in its thread gives up at its next progress report."""
+
+
 @dataclass(frozen=True)
 class SourceEntry:
     id: str
@@ -201,6 +205,7 @@ class Sources:
         self.jobs: dict[str, CompileJob] = {}  # this node's last few, oldest first
         self._numbers = itertools.count(1)
         self._running: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _category(self, category: str) -> str:
         if category not in self.catalog:
@@ -268,6 +273,12 @@ class Sources:
         self._running = asyncio.ensure_future(self._compile(job))
         return job
 
+    async def stop(self) -> None:
+        """Stop a running compile soon (its thread cannot be cancelled, only asked) and wait for it."""
+        self._stopping = True
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
+
     def job(self, job_id: str) -> CompileJob:
         if job_id not in self.jobs:
             raise NotFound(f"no compile job {job_id!r} on this node")
@@ -295,6 +306,8 @@ class Sources:
                             raise SourceError(f"source {entry.id}: {refused.reason}") from None
 
                 def progress(stage: str, count: int) -> None:
+                    if self._stopping:
+                        raise CompileStopped("the node stopped during the compile")
                     job.stage, job.count = stage, count
 
                 out = scratch / "lists.bns"

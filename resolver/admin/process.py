@@ -57,8 +57,9 @@ class AdminNode:
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         shelf = RedisShelf(self.store) if isinstance(self.store, RedisStore) else LocalShelf(cache_dir / "sources")
-        sources = Sources(shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles")
-        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, sources,
+        self.sources = Sources(shelf, self.catalog, self.publications, config.admin.source_roots,
+                               cache_dir / "compiles")
+        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, self.sources,
                        self.explainer, metrics, config.admin.max_upload, cache_dir / "uploads")
         self._runners: list[web.AppRunner] = []
 
@@ -99,6 +100,7 @@ class AdminNode:
     async def stop(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
+        await self.sources.stop()  # else the compiler's thread would hold the process until it finished
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
