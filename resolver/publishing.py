@@ -35,6 +35,7 @@ from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
 from resolver.errors import BnsError
 from resolver.lists import check_catalog
+from resolver.policy.store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +148,16 @@ class LocalPublications(Publications):
 
 
 class RedisPublications(Publications):
-    def __init__(self, catalog: Catalog, served: Path, client: Any, prefix: str, scratch: Path) -> None:
+    def __init__(self, catalog: Catalog, served: Path, store: RedisStore, scratch: Path) -> None:
         super().__init__(catalog, served)
-        self.client = client
-        self.prefix = prefix
+        self.store = store
+        self.client = store.client
         self.scratch = scratch
         self.installed: str | None = None
         try:
             self.installed = open_artifact(served).version if served.exists() else None
         except ArtifactError:
             self.installed = None
-
-    def _key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
 
     async def publish(self, path: Path) -> ListVersion:
         described = inspect(path, self.catalog)
@@ -171,17 +169,17 @@ class RedisPublications(Publications):
         version = described.version
         async with self.client.pipeline(transaction=True) as pipe:
             for number, chunk in enumerate(chunks):
-                pipe.set(self._key("lists", "chunk", version, str(number)), chunk)
-            pipe.hset(self._key("lists", "version", version), mapping=meta)
-            pipe.lrem(self._key("lists", "history"), 0, version)
-            pipe.rpush(self._key("lists", "history"), version)
-            pipe.set(self._key("lists", "current"), version)
-            pipe.publish(self._key("lists"), version)
+                pipe.set(self.store.key("lists", "chunk", version, str(number)), chunk)
+            pipe.hset(self.store.key("lists", "version", version), mapping=meta)
+            pipe.lrem(self.store.key("lists", "history"), 0, version)
+            pipe.rpush(self.store.key("lists", "history"), version)
+            pipe.set(self.store.key("lists", "current"), version)
+            pipe.publish(self.store.key("lists"), version)
             await pipe.execute()
         return described
 
     async def _describe(self, version: str) -> ListVersion | None:
-        meta = await self.client.hgetall(self._key("lists", "version", version))
+        meta = await self.client.hgetall(self.store.key("lists", "version", version))
         if not meta:
             return None
         field = {key.decode(): value.decode() for key, value in meta.items()}
@@ -189,9 +187,9 @@ class RedisPublications(Publications):
                            float(field["published_at"]), json.loads(field["counts"]))
 
     async def versions(self) -> tuple[list[ListVersion], str | None]:
-        history = [entry.decode() for entry in await self.client.lrange(self._key("lists", "history"), 0, -1)]
+        history = [entry.decode() for entry in await self.client.lrange(self.store.key("lists", "history"), 0, -1)]
         described = [await self._describe(version) for version in history]
-        current = await self.client.get(self._key("lists", "current"))
+        current = await self.client.get(self.store.key("lists", "current"))
         return [entry for entry in described if entry is not None], current.decode() if current else None
 
     async def rollback(self, version: str) -> ListVersion:
@@ -199,14 +197,14 @@ class RedisPublications(Publications):
         if described is None:
             raise UnknownVersion(f"no published version {version!r}")
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self._key("lists", "current"), version)
-            pipe.publish(self._key("lists"), version)
+            pipe.set(self.store.key("lists", "current"), version)
+            pipe.publish(self.store.key("lists"), version)
             await pipe.execute()
         return described
 
     async def sync(self) -> None:
         """Install the current version if this node does not serve it yet."""
-        current = await self.client.get(self._key("lists", "current"))
+        current = await self.client.get(self.store.key("lists", "current"))
         if current is None or current.decode() == self.installed:
             return
         version = current.decode()
@@ -214,8 +212,8 @@ class RedisPublications(Publications):
         if described is None:
             log.error("lists: version %s is announced but has no metadata; still serving %s", version, self.installed)
             return
-        meta = await self.client.hget(self._key("lists", "version", version), "chunks")
-        keys = [self._key("lists", "chunk", version, str(number)) for number in range(int(meta))]
+        meta = await self.client.hget(self.store.key("lists", "version", version), "chunks")
+        keys = [self.store.key("lists", "chunk", version, str(number)) for number in range(int(meta))]
         parts = await self.client.mget(keys) if keys else []
         if any(part is None for part in parts):
             log.error("lists: version %s is missing chunks; still serving %s", version, self.installed)
@@ -242,7 +240,7 @@ class RedisPublications(Publications):
         while True:
             pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(self._key("lists"))
+                await pubsub.subscribe(self.store.key("lists"))
                 await self.sync()  # after (re)subscribing: whatever was announced meanwhile
                 backoff = 0.1
                 while True:

@@ -252,6 +252,7 @@ def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path
 
 
 ADMIN = -1  # the admin process's index among the children
+_VERIFIED_LIST = "lists.bns"  # in the run directory: a link to the last list the node verified
 
 
 class Supervisor:
@@ -261,12 +262,13 @@ class Supervisor:
     _MAX_QUICK_DEATHS = 5
 
     def __init__(self, config: Config, socket_sets: list[SocketSet], http: HttpSockets | None = None,
-                 metrics_dir: Path | None = None, verified_lists: Path | None = None) -> None:
+                 run_dir: Path | None = None) -> None:
+        """`run_dir`: this node's directory (metrics, its last verified list), removed when it stops."""
         self.config = config
-        self.verified_lists = verified_lists
         self.socket_sets = socket_sets
         self.http = http or HttpSockets(None, [])
-        self.metrics_dir = metrics_dir
+        self.metrics_dir = run_dir
+        self.verified_lists = run_dir / _VERIFIED_LIST if run_dir is not None else None
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
         self.stopping = False
         self._quick_deaths = 0
@@ -394,15 +396,14 @@ def serve(config: Config) -> int:
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"lists.cache_dir: cannot create {run_dir}: {exc.strerror}") from None
-    verified = run_dir / "lists.bns"
     try:
-        load_policy_and_lists(config, verified)
+        load_policy_and_lists(config, run_dir / _VERIFIED_LIST)
         socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
         http = bind_http_sockets(config)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return Supervisor(config, socket_sets, http, run_dir, verified).run()
+    return Supervisor(config, socket_sets, http, run_dir).run()
 
 
 @dataclass

@@ -216,17 +216,21 @@ class Sources:
     async def list(self) -> list[SourceEntry]:
         return sorted(await self.shelf.entries(), key=lambda entry: (entry.category, entry.added_at))
 
-    async def add_upload(self, category: str, name: str, upload: Path) -> SourceEntry:
-        """An uploaded file (plain, hosts, adblock, RPZ, dnsmasq, unbound, gzip or not) as a source; the
-        same bytes uploaded again are the same source."""
-        self._category(category)
-        name = Path(name).name[:200] or "upload"
-        report = await asyncio.to_thread(_read_whole, upload)
-        digest = await asyncio.to_thread(file_digest, upload)
-        entry = SourceEntry(f"{category}-u{digest[:12]}", category, "upload", name, "", upload.stat().st_size,
+    async def _add(self, category: str, kind: str, file: Path, name: str, path: str) -> SourceEntry:
+        """Read `file` whole (one with nothing usable is refused here) and keep it as a source. An upload is
+        named by its bytes, a path source by its path: adding either again replaces it."""
+        report = await asyncio.to_thread(_read_whole, file)
+        digest = await asyncio.to_thread(file_digest, file)
+        named_by = hashlib.sha256(path.encode()).hexdigest() if path else digest
+        entry = SourceEntry(f"{category}-{kind[0]}{named_by[:12]}", category, kind, name, path, file.stat().st_size,
                             digest, report.format, report.entries, report.rejected_count, time.time())
-        await self.shelf.put(entry, upload)
+        await self.shelf.put(entry, file if kind == "upload" else None)
         return entry
+
+    async def add_upload(self, category: str, name: str, upload: Path) -> SourceEntry:
+        """An uploaded file (plain, hosts, adblock, RPZ, dnsmasq, unbound, gzip or not) as a source."""
+        self._category(category)
+        return await self._add(category, "upload", upload, Path(name).name[:200] or "upload", "")
 
     def _allowed_path(self, path_text: str) -> Path:
         """The file a path names, after symlinks, if it lies under one of this node's admin.source_roots."""
@@ -244,19 +248,12 @@ class Sources:
         return path
 
     async def add_path(self, category: str, path_text: Any) -> SourceEntry:
-        """A file on this server, read again (and its path checked again) at every compile; the same path
-        added again is the same source."""
+        """A file on this server, read again (and its path checked again) at every compile."""
         self._category(category)
         if not isinstance(path_text, str) or not path_text:
             raise PolicyError("path", "missing: the source file's path on the server")
         path = self._allowed_path(path_text)
-        report = await asyncio.to_thread(_read_whole, path)
-        digest = await asyncio.to_thread(file_digest, path)
-        path_id = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        entry = SourceEntry(f"{category}-p{path_id}", category, "path", path.name, str(path), path.stat().st_size,
-                            digest, report.format, report.entries, report.rejected_count, time.time())
-        await self.shelf.put(entry, None)
-        return entry
+        return await self._add(category, "path", path, path.name, str(path))
 
     async def remove(self, category: str, source_id: str) -> None:
         found = next((entry for entry in await self.shelf.entries() if entry.id == source_id), None)

@@ -151,8 +151,10 @@ class Api:
         except json.JSONDecodeError as exc:
             raise PolicyError("", f"the body is not JSON: {exc}") from None
 
-    async def _object(self, request: web.Request) -> dict[str, Any]:
+    async def _object(self, request: web.Request, optional: bool = False) -> dict[str, Any]:
         body = await self._json(request)
+        if body is None and optional:
+            return {}
         if not isinstance(body, dict):
             raise PolicyError("", "the body must be a JSON object")
         return body
@@ -319,9 +321,7 @@ class Api:
         return web.json_response({"deleted": request.match_info["source"]})
 
     async def compile(self, request: web.Request) -> web.Response:
-        body = await self._json(request) or {}  # the body is optional
-        if not isinstance(body, dict):
-            raise PolicyError("", "the body must be a JSON object")
+        body = await self._object(request, optional=True)
         publish = body.get("publish", False)
         if not isinstance(publish, bool):
             raise PolicyError("publish", "must be true or false")

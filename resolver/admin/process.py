@@ -37,7 +37,7 @@ def publications_for(config: Config, store: Store | None, catalog: Any) -> Publi
     served, _required = served_path(config.lists)
     cache_dir = cache_dir_of(config.lists)
     if isinstance(store, RedisStore):
-        return RedisPublications(catalog, served, store.client, config.store.prefix, cache_dir / "fetched")
+        return RedisPublications(catalog, served, store, cache_dir / "fetched")
     return LocalPublications(catalog, served, cache_dir / "versions")
 
 

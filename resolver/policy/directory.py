@@ -36,11 +36,11 @@ from resolver.wire import Request
 log = logging.getLogger(__name__)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
-_RETRY_AFTER_FAILURE = 1.0
-_SECOND_CHANCES = 8
+_RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
+_SECOND_CHANCES = 8  # used clients passed to the back per insert, at most: an insert never sweeps the table
 # Notices for one site within this many seconds are one reload: a burst of writes to a site costs its
 # workers a few reloads, not one each, and a change is still served well within a second.
-_RELOAD_DELAY = 0.05  # while the store is down, new clients skip it for this long after a failure
+_RELOAD_DELAY = 0.05
 
 
 class Client:
@@ -269,8 +269,7 @@ class Directory:
                 self._needs_resync = False
                 self._mark_up()
         except StoreUnavailable as exc:
-            self._mark_down(str(exc))
-            self._needs_resync = True
+            self._lost_store(exc)
 
     async def _reload_due(self) -> None:
         await asyncio.sleep(_RELOAD_DELAY)
@@ -278,9 +277,13 @@ class Directory:
             while self._due:
                 await self._reload_site(self._due.pop())
         except StoreUnavailable as exc:
-            self._due.clear()  # the resync after the outage compares every held site
-            self._mark_down(str(exc))
-            self._needs_resync = True
+            self._lost_store(exc)
+
+    def _lost_store(self, exc: StoreUnavailable) -> None:
+        """Changes may be missed from here on: the resync after the outage compares every held site."""
+        self._due.clear()
+        self._mark_down(str(exc))
+        self._needs_resync = True
 
     async def _reload_site(self, site_id: str) -> None:
         assert self.store is not None

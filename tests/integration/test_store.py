@@ -113,22 +113,33 @@ def test_concurrent_writers_lose_nothing(make_store):
     run(_with(make_store(), work))
 
 
+async def notices_of(make_store, writes, *awaited: tuple[str, str, int]) -> list[tuple[str, str, int]]:
+    """The notices a second store sees while `writes` runs, read until every one in `awaited` has come."""
+    reader = make_store()
+    changes: AsyncIterator[Change] = reader.changes()
+    try:
+        assert (await anext(changes)).kind == "up"
+        await writes()
+        seen: list[tuple[str, str, int]] = []
+        while not all(notice in seen for notice in awaited):
+            change = await asyncio.wait_for(anext(changes), 5)
+            seen.append((change.kind, change.key, change.version))
+        return seen
+    finally:
+        await changes.aclose()
+        await reader.close()
+
+
 def test_changes_are_announced(make_store):
     async def work(service):
         await service.put_site("a", {"networks": ["192.0.2.0/24"]})
-        reader = make_store()
-        changes: AsyncIterator[Change] = reader.changes()
-        assert (await anext(changes)).kind == "up"
-        await service.put_device("a", "d", {})
-        await service.set_site_fields("a", {"networks": ["198.51.100.0/24"]})
-        seen: list[tuple[str, str, int]] = []
+
+        async def writes() -> None:
+            await service.put_device("a", "d", {})
+            await service.set_site_fields("a", {"networks": ["198.51.100.0/24"]})
+
         # Redis sends each write's notices; the file store, polling, may fold two writes into one.
-        while ("site", "a", 3) not in seen or ("networks", "", 0) not in seen:
-            change = await asyncio.wait_for(anext(changes), 5)
-            seen.append((change.kind, change.key, change.version))
-        await changes.aclose()
-        await reader.close()
-        return seen
+        return await notices_of(make_store, writes, ("site", "a", 3), ("networks", "", 0))
 
     seen = run(_with(make_store(), work))
     assert seen.index(("site", "a", 3)) < seen.index(("networks", "", 0))
@@ -139,18 +150,12 @@ def test_a_site_deleted_and_made_again_is_announced_as_both(make_store):
     async def work(service):
         await service.put_site("b", {"networks": ["203.0.113.0/24"]})
         await service.put_site("b", {"networks": ["203.0.113.0/24"], "name": "v2"})
-        reader = make_store()
-        changes: AsyncIterator[Change] = reader.changes()
-        assert (await anext(changes)).kind == "up"
-        await service.delete_site("b")
-        await service.put_site("b", {"networks": ["203.0.113.0/24"]})  # versions start over at 1
-        seen: list[tuple[str, str, int]] = []
-        while ("site", "b", 1) not in seen:
-            change = await asyncio.wait_for(anext(changes), 5)
-            seen.append((change.kind, change.key, change.version))
-        await changes.aclose()
-        await reader.close()
-        return seen
+
+        async def writes() -> None:
+            await service.delete_site("b")
+            await service.put_site("b", {"networks": ["203.0.113.0/24"]})  # versions start over at 1
+
+        return await notices_of(make_store, writes, ("site", "b", 1))
 
     seen = run(_with(make_store(), work))
     # Whether or not the file store's poll folded the two writes, a holder of version 2 hears of the deletion.
