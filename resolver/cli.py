@@ -1,10 +1,12 @@
 """The `bns` command line. Exit codes: 0 success, 1 failure while running (a store that cannot be reached
-included), 2 bad usage, configuration or input (a refused write), 3 not found."""
+included; a write then did not happen), 2 bad usage, configuration or input (a refused write), 3 not found,
+5 a write whose outcome is unknown."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -25,12 +27,13 @@ from resolver.config import Config, describe_settings, load_config
 from resolver.errors import BnsError, ConfigError, StartupError
 from resolver.policy.model import PolicyError, Site
 from resolver.policy.service import NotFound, PolicyService, Target, describe
-from resolver.policy.store import open_store
+from resolver.policy.store import WriteUnknown, open_store
 from resolver.server import serve
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_UNKNOWN = 5
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -279,7 +282,8 @@ def _policy_service(args: argparse.Namespace) -> PolicyService:
     config = load_config(args.config)
     catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
     redis_url = args.redis if args.redis is not None else ("" if args.file else config.store.redis)
-    store = open_store(redis_url, args.file or config.store.file, catalog, config.store.prefix)
+    store = open_store(dataclasses.replace(config.store, redis=redis_url, file=args.file or config.store.file),
+                       catalog)
     if store is None:
         raise ConfigError("store: no Redis and no embedded file configured; set store.redis or store.file")
     return PolicyService(store)
@@ -420,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotFound as exc:
         print(f"bns: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except WriteUnknown as exc:
+        print(f"bns: outcome unknown: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
     except StartupError as exc:
         print(f"bns: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE

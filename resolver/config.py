@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resolver.errors import ConfigError
+from resolver.redis_connection import check_redis_url
 
 DNS_PORT = 53
 
@@ -194,17 +195,30 @@ def _networks(items: Any) -> tuple[str, ...]:
         raise ValueError(str(exc)) from None
 
 
+def _redis_url(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("must be a string such as \"redis://127.0.0.1:6379/0\"")
+    return check_redis_url(text)
+
+
 @dataclass(frozen=True)
 class StoreSettings:
-    redis: str = setting("", "Redis URL (redis://host:port/db) holding the policies; empty: the embedded file")
+    redis: str = setting("", "Redis URL holding the policies (redis://host:port/db, or "
+                             "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
+                             "embedded file", convert=_redis_url)
     file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none")
     prefix: str = setting("bns:", "prefix of every Redis key and of the change channel")
     site_cache: int = setting(20_000, "sites each worker keeps in memory (least recently used go first)",
                               minimum=1, maximum=10_000_000)
     client_cache: int = setting(100_000, "clients each worker keeps in memory with their effective policy",
                                 minimum=1, maximum=10_000_000)
-    cold_wait: float = setting(0.01, "seconds a query from a new client waits for the store before it gets "
-                                     "the default policy", minimum=0.0, maximum=5.0)
+    cold_wait: float = setting(0.01, "seconds a query from a new client waits for the store before it is "
+                                     "answered by `cold_policy`", minimum=0.0, maximum=5.0)
+    cold_policy: str = setting("best_known", "a new client the store cannot tell about in time: best_known (the "
+                                             "policy of its site if this worker holds it, else the global "
+                                             "default) or servfail", choices=("best_known", "servfail"))
+    write_replicas: int = setting(-1, "replicas that must confirm a policy write (Redis WAIT) before it is "
+                                      "reported done; -1: 1 with Sentinel, else 0", minimum=-1, maximum=16)
 
 
 @dataclass(frozen=True)

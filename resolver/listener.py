@@ -14,34 +14,12 @@ import time
 from collections.abc import Callable
 
 from resolver.config import ServerSettings
+from resolver.logs import Throttled
 from resolver.pipeline import Resolver
 from resolver.wire import HEADER_LEN, Malformed, Rcode, error_answer
 
-log = logging.getLogger(__name__)
-
 _U16 = struct.Struct("!H")
-_LOG_INTERVAL = 10.0
-
-
-class Throttled:
-    """Logs an unexpected failure at most once per interval, with a count of the ones it held back."""
-
-    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._held = 0
-
-    def exception(self, what: str) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        log.exception("%s (%d similar failures not logged)", what, self._held)
-        self._held = 0
-        self._next = now + self._interval
-
-
-_failures = Throttled()
+_failures = Throttled(logging.getLogger(__name__))
 
 
 def servfail_for(data: bytes) -> bytes | None:

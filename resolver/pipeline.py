@@ -38,6 +38,7 @@ from resolver.wire import (
 _ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
 _NO_UPSTREAM = ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered")
 _OVERLOADED = ede_option(EdeCode.OTHER, "too many upstream queries in flight")
+_STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
 
 Answer = bytes | asyncio.Future[bytes]
 
@@ -77,7 +78,10 @@ class Resolver:
         return self._answer_for(request, known)
 
     async def _answer_new_client(self, request: Request) -> bytes:
-        answer = self._answer_for(request, await self.directory.resolve(request))
+        client = await self.directory.resolve(request)
+        if client is None:  # the store could not say in time and store.cold_policy refuses such queries
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_STORE_NOT_READY)
+        answer = self._answer_for(request, client)
         return answer if type(answer) is bytes else await answer  # type: ignore[misc]
 
     def _answer_for(self, request: Request, known: Client) -> Answer:

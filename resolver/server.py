@@ -172,7 +172,7 @@ class Worker:
         catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
         self.catalog = catalog
         settings = config.store
-        self.store = open_store(settings.redis, settings.file, catalog, settings.prefix)
+        self.store = open_store(settings, catalog)
         self.directory = Directory(self.store, maker, catalog, TrustedNetworks(config.identity.trusted_networks),
                                    settings)
         self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists,

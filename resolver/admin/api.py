@@ -32,7 +32,7 @@ from resolver.errors import BnsError
 from resolver.metrics import Metrics
 from resolver.policy.model import PolicyError
 from resolver.policy.service import NotFound, PolicyService, Target, describe
-from resolver.policy.store import Store, StoreUnavailable
+from resolver.policy.store import Store, StoreUnavailable, WriteUnknown
 from resolver.publishing import Publications, UnknownVersion
 from resolver.sources import CompileBusy, Sources
 
@@ -66,10 +66,12 @@ def tokens_from(settings: AdminSettings, environ: dict[str, str] | os._Environ[s
     return roles
 
 
-def _error(status: int, message: str, field: str | None = None) -> web.Response:
+def _error(status: int, message: str, field: str | None = None, outcome: str | None = None) -> web.Response:
     body: dict[str, Any] = {"status": status, "message": message}
     if field is not None:
         body["field"] = field
+    if outcome is not None:
+        body["outcome"] = outcome
     return web.json_response({"error": body}, status=status)
 
 
@@ -137,7 +139,9 @@ class Api:
         except (NotFound, UnknownVersion) as exc:
             return _error(404, str(exc))
         except StoreUnavailable as exc:
-            return _error(503, f"the policy store is unreachable: {exc}")
+            return _error(503, f"the policy store is unreachable (nothing was written): {exc}")
+        except WriteUnknown as exc:
+            return _error(504, f"the outcome of this write is unknown: {exc}", outcome="unknown")
         except (web.HTTPRequestEntityTooLarge, _TooLarge):
             return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
         except CompileBusy as exc:
@@ -439,6 +443,8 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"error": {"type": "object", "properties": {
                     "status": {"type": "integer"}, "message": {"type": "string"},
-                    "field": {"type": "string"}}}}}}}}},
+                    "field": {"type": "string"},
+                    "outcome": {"enum": ["unknown"], "description": "504: the write may or may not have "
+                                                                    "been applied; read it back"}}}}}}}}},
         },
     }

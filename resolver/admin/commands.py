@@ -4,8 +4,9 @@ lists push / versions / rollback / sources / source-add / source-remove / build.
 
 The API is `--api URL` or $BNS_API (default http://127.0.0.1:5380), the token `--token` or $BNS_TOKEN.
 Output is a table (or `key: value` lines) for people and JSON with `--json`. Exit codes: 0 done, 1 the API
-could not be reached or failed, 2 refused (a field at fault, too large), 3 not found, 4 not allowed (no
-token, a wrong one, or a read-only token writing).
+could not be reached or failed (a write: nothing was written), 2 refused (a field at fault, too large), 3 not
+found, 4 not allowed (no token, a wrong one, or a read-only token writing), 5 a write whose outcome is
+unknown (sent, but the store could not confirm it: read it back).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILURE, EXIT_REFUSED, EXIT_NOT_FOUND, EXIT_DENIED = 1, 2, 3, 4
+EXIT_FAILURE, EXIT_REFUSED, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_UNKNOWN = 1, 2, 3, 4, 5
 DEFAULT_API = "http://127.0.0.1:5380"
 _UPLOAD_CHUNK = 1 << 20
 _POLL = 0.25
@@ -39,6 +40,8 @@ def _exit_code(status: int) -> int:
         return EXIT_DENIED
     if status == 404:
         return EXIT_NOT_FOUND
+    if status == 504:
+        return EXIT_UNKNOWN
     if 400 <= status < 500:
         return EXIT_REFUSED
     return EXIT_FAILURE

@@ -50,7 +50,7 @@ class AdminNode:
         self.http = http
         self.catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
         settings = config.store
-        self.store = open_store(settings.redis, settings.file, self.catalog, settings.prefix)
+        self.store = open_store(settings, self.catalog)
         self.publications = publications_for(config, self.store, self.catalog)
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})

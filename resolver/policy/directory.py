@@ -7,11 +7,16 @@
 - A client not seen before is resolved from the store (its site by CPE id or address, then the device in
   the site by MAC, client id or address) in one task per client however many queries arrive (single
   flight), and one store round trip (batched with the other new clients of the moment); the query waits at
-  most `store.cold_wait` and otherwise gets the default policy.
-- Sites are kept in a bounded LRU too. A change notice reloads a site that is held, and rebinds its
-  clients in place; after the notices were interrupted, every held site's version is checked (resync).
-- When the store cannot be reached, everything held keeps being served; clients not seen before get the
-  default policy at once; the outage is logged once, and its end.
+  most `store.cold_wait`.
+- Sites are kept in a bounded LRU too, apart from the clients, with an index of their networks and CPE ids.
+  A change notice reloads a site that is held, and rebinds its clients in place; after the notices were
+  interrupted, every held site's version is checked (resync).
+- A query the store cannot answer in time (slow, down, restarted) fails to the best this worker knows, never
+  to the world: the client's site if the worker holds it (found by CPE id or network: a paused site stays
+  paused, a new device gets the site's default group), else the global default. `store.cold_policy =
+  "servfail"` refuses such queries instead. The resolution goes on meanwhile and binds the client when it
+  completes. While the store is down, everything held keeps being served; the outage is logged once with
+  its cause, and its end.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from collections.abc import Callable, Hashable
 from blocklists.catalog import Catalog
 from resolver.config import StoreSettings
 from resolver.identity import Identity, TrustedNetworks, identity_from
+from resolver.logs import Throttled
 from resolver.policy.effective import Governing, PolicyMaker, governing, guest_profile
 from resolver.policy.model import Device, PolicySpec, Site
 from resolver.policy.runtime import Policy
-from resolver.policy.store import Change, Store, StoreUnavailable
+from resolver.policy.store import Change, Store, StoreUnavailable, lookup_candidates
 from resolver.wire import Request
 
 log = logging.getLogger(__name__)
+_failures = Throttled(log)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
 _RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
@@ -60,6 +67,47 @@ class Client:
     def refresh(self, now: float) -> Policy:
         self.policy, self.until = self._maker.effective(self.rule, now)
         return self.policy
+
+
+class SiteIndex:
+    """The held sites' CPE ids and networks, to find a client's site without the store."""
+
+    def __init__(self) -> None:
+        self._cpes: dict[str, str] = {}
+        self._networks: dict[str, str] = {}  # CIDR → site id
+        self._lengths: dict[int, dict[int, int]] = {}  # IP version → prefix length → networks of it held
+
+    def add(self, site: Site) -> None:
+        for cpe in site.cpe_ids:
+            self._cpes[cpe] = site.id
+        for network in site.networks:
+            if self._networks.setdefault(network, site.id) == site.id:
+                parsed = ipaddress.ip_network(network)
+                by_length = self._lengths.setdefault(parsed.version, {})
+                by_length[parsed.prefixlen] = by_length.get(parsed.prefixlen, 0) + 1
+
+    def remove(self, site: Site) -> None:
+        for cpe in site.cpe_ids:
+            if self._cpes.get(cpe) == site.id:
+                del self._cpes[cpe]
+        for network in site.networks:
+            if self._networks.get(network) == site.id:
+                del self._networks[network]
+                parsed = ipaddress.ip_network(network)
+                by_length = self._lengths[parsed.version]
+                by_length[parsed.prefixlen] -= 1
+                if not by_length[parsed.prefixlen]:
+                    del by_length[parsed.prefixlen]
+
+    def find(self, identity: Identity) -> str | None:
+        """The held site of a CPE id, else of the longest held network holding the address."""
+        if identity.cpe_id is not None and identity.cpe_id in self._cpes:
+            return self._cpes[identity.cpe_id]
+        lengths = {version: list(by_length) for version, by_length in self._lengths.items()}
+        for candidate in lookup_candidates(identity.address, lengths):
+            if candidate in self._networks:
+                return self._networks[candidate]
+        return None
 
 
 def find_device(site: Site, identity: Identity) -> Device | None:
@@ -93,7 +141,9 @@ class Directory:
         self._clients: OrderedDict[Hashable, Client] = OrderedDict()
         self._site_clients: dict[str | None, set[Hashable]] = {}
         self._sites: OrderedDict[str, Site] = OrderedDict()
+        self._index = SiteIndex()
         self._site_of: dict[tuple[str, str | None], str | None] = {}
+        self._stand_ins: dict[Hashable, Client] = {}  # the best-known clients given while the store lags
         self._resolving: dict[Hashable, asyncio.Future[Client]] = {}
         self.down_since: float | None = None
         self._retry_at = 0.0
@@ -123,29 +173,50 @@ class Directory:
             client.used = True
         return client
 
-    async def resolve(self, request: Request) -> Client:
-        """The client of a query not seen before, or the default client if that takes over `cold_wait`."""
+    async def resolve(self, request: Request) -> Client | None:
+        """The client of a query not seen before. If the store cannot say within `cold_wait`, the best this
+        worker knows (see the module's docstring), or None with `cold_policy = "servfail"`."""
         key = self.key(request)
         pending = self._resolving.get(key)
         if pending is None:
             if self.down_since is not None and self._clock() < self._retry_at:
-                return self.default_client
+                return self._stand_in(key, request)
             pending = self._resolving[key] = asyncio.ensure_future(self._build(key, request))
             pending.add_done_callback(lambda done: self._forget_resolution(key, done))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
-        except (TimeoutError, StoreUnavailable):
-            return self.default_client
+        except Exception:  # slow, down, or failing: logged once by _mark_down or _forget_resolution
+            return self._stand_in(key, request)
+
+    def _stand_in(self, key: Hashable, request: Request) -> Client | None:
+        """The client as far as this worker can tell without the store: its held site, else nobody's."""
+        if self._settings.cold_policy == "servfail":
+            return None
+        client = self._stand_ins.get(key)
+        if client is None:
+            identity = self._identity(key, request)
+            site_id = self._site_of.get((identity.address, identity.cpe_id)) or self._index.find(identity)
+            site = self._sites.get(site_id) if site_id is not None else None
+            if site is None:
+                return self.default_client
+            if len(self._stand_ins) >= self._settings.client_cache:
+                self._stand_ins.clear()
+            client = self._stand_ins[key] = Client(
+                identity, site, governing(site, find_device(site, identity), self.profiles), self.maker)
+        return client
 
     def _forget_resolution(self, key: Hashable, done: asyncio.Future[Client]) -> None:
         self._resolving.pop(key, None)
-        if not done.cancelled() and done.exception() is not None and not isinstance(done.exception(),
-                                                                                   StoreUnavailable):
-            log.error("resolving a client failed", exc_info=done.exception())
+        if not done.cancelled() and not isinstance(done.exception(), StoreUnavailable | None):
+            _failures.exception("resolving a client failed", done.exception() or True)
+
+    @staticmethod
+    def _identity(key: Hashable, request: Request) -> Identity:
+        source = request.client[0]
+        return identity_from(source, request.query.options) if isinstance(key, tuple) else Identity(source)
 
     async def _build(self, key: Hashable, request: Request) -> Client:
-        source = request.client[0]
-        identity = identity_from(source, request.query.options) if isinstance(key, tuple) else Identity(source)
+        identity = self._identity(key, request)
         try:
             site = await self._site_of_identity(identity)
         except StoreUnavailable as exc:
@@ -178,12 +249,20 @@ class Directory:
         self._hold_site(site)
         return site
 
-    def _hold_site(self, site: Site) -> None:
+    def _hold_site(self, site: Site, used: bool = True) -> None:
+        """Hold `site` (a newer version replaces the old in place; `used` counts as a use for the LRU)."""
+        old = self._sites.get(site.id)
+        if old is not None:
+            self._index.remove(old)
         self._sites[site.id] = site
-        self._sites.move_to_end(site.id)
+        if used:
+            self._sites.move_to_end(site.id)
+        self._index.add(site)
+        self._stand_ins.clear()
         while len(self._sites) > self._settings.site_cache:
-            evicted, _ = self._sites.popitem(last=False)
-            for key in self._site_clients.pop(evicted, set()):
+            evicted_id, evicted = self._sites.popitem(last=False)
+            self._index.remove(evicted)
+            for key in self._site_clients.pop(evicted_id, set()):
                 self._clients.pop(key, None)
 
     def _bind(self, key: Hashable, identity: Identity, site: Site | None) -> Client:
@@ -290,12 +369,15 @@ class Directory:
         site = await self.store.load_site(site_id)
         keys = self._site_clients.pop(site_id, set())
         if site is None:
-            self._sites.pop(site_id, None)
+            gone = self._sites.pop(site_id, None)
+            if gone is not None:
+                self._index.remove(gone)
             for key in keys:
                 self._clients.pop(key, None)  # resolved again: their addresses may now be nobody's
             self._forget_addresses()
             return
-        self._sites[site_id] = site
+        if site_id in self._sites:
+            self._hold_site(site, used=False)
         for key in keys:
             client = self._clients.get(key)
             if client is None:
@@ -315,12 +397,14 @@ class Directory:
     def _forget_addresses(self) -> None:
         """Addresses may have moved between sites: look them up again, and the clients of no site too."""
         self._site_of.clear()
+        self._stand_ins.clear()
         for key in self._site_clients.pop(_UNKNOWN, set()):
             self._clients.pop(key, None)
 
     async def _reload_profiles(self) -> None:
         assert self.store is not None
         self.profiles = {**self._builtin_profiles, **await self.store.load_profiles()}
+        self._stand_ins.clear()
         for key, client in list(self._clients.items()):
             self._bind(key, client.identity, client.site)
 
@@ -340,10 +424,14 @@ class Directory:
         self._retry_at = self._clock() + _RETRY_AFTER_FAILURE
         if self.down_since is None:
             self.down_since = self._clock()
-            log.warning("policy store unavailable (%s): serving the %d clients in memory; new clients get the "
-                        "default policy until it is back", reason, len(self._clients))
+            log.warning("policy store unavailable (%s): serving the %d clients in memory; new clients get %s "
+                        "until it is back", reason, len(self._clients),
+                        "SERVFAIL (store.cold_policy)" if self._settings.cold_policy == "servfail" else
+                        f"the policy of their site if one of the {len(self._sites)} held sites is theirs, else "
+                        "the default policy")
 
     def _mark_up(self) -> None:
         if self.down_since is not None:
+            self._stand_ins.clear()
             log.info("policy store reachable again after %.1f s", self._clock() - self.down_since)
             self.down_since = None

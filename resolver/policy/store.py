@@ -29,26 +29,40 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import NoScriptError, WatchError
+
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
+from resolver.config import StoreSettings
 from resolver.errors import BnsError
 from resolver.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+from resolver.redis_connection import STORE_ERRORS, connect, describe, is_sentinel
 
 log = logging.getLogger(__name__)
 
 SiteDocument = dict[str, Any]
 Mutation = Callable[[SiteDocument | None], SiteDocument | None]  # None in: no such site; None out: delete it
 _WRITE_RETRIES = 20
+_MARKER_SECONDS = 600  # how long a write's marker says it was applied
 
 
 class StoreUnavailable(BnsError):
-    """The store cannot be reached (Redis down, file unreadable); the caller keeps what it has."""
+    """The store cannot be reached (Redis down, file unreadable); the caller keeps what it has. A write that
+    raises this was not applied."""
+
+
+class WriteUnknown(BnsError):
+    """A write whose outcome is unknown: it was sent, but the store could not confirm it (the connection
+    died before the reply and Redis stayed out of reach, or too few replicas confirmed it in time). Read
+    the document again to see whether it was applied."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,7 @@ class Change:
     version: int = 0
 
 
-def _lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
+def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
     """Networks of every prefix length in use that could contain `address`, longest first."""
     ip = ipaddress.ip_address(address)
     return [ipaddress.ip_network(f"{ip}/{length}", strict=False).compressed
@@ -165,24 +179,19 @@ return {site, found[1] or false, found[2] or false}
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, catalog: Catalog, prefix: str = "bns:", timeout: float = 1.0) -> None:
-        super().__init__(catalog)
-        import redis.asyncio as redis  # noqa: PLC0415  (only when Redis is configured)
+    confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
 
-        self._redis_module = redis
+    def __init__(self, url: str, catalog: Catalog, prefix: str = "bns:", timeout: float = 1.0,
+                 write_replicas: int = -1) -> None:
+        super().__init__(catalog)
         self.url = url
         self.prefix = prefix
-        from redis.asyncio.retry import Retry  # noqa: PLC0415
-        from redis.backoff import NoBackoff  # noqa: PLC0415
-
         # One retry on a fresh connection: after a restart of Redis, pooled connections are dead.
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+        self.client = connect(url, timeout, retries=1)
         # The subscription must never reconnect behind our back: notices published meanwhile would be lost
         # unseen. Without retries, every break reaches `changes`, which then asks for a resync.
-        self._subscriber = redis.Redis.from_url(url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        self._subscriber = connect(url, timeout, retries=0)
+        self.write_replicas = write_replicas if write_replicas >= 0 else int(is_sentinel(url))
         self._lengths: dict[int, list[int]] | None = None
         self._resolve_sha: str | None = None
         self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
@@ -190,11 +199,14 @@ class RedisStore(Store):
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {describe(self.url)}: {exc or type(exc).__name__}")
+
     async def call(self, coroutine: Any) -> Any:
         try:
             return await coroutine
-        except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis at {self.url}: {exc}") from None
+        except STORE_ERRORS as exc:
+            raise self.unavailable(exc) from None
 
     async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
         raw, version = await self.call(self.client.hmget(self.key("site", site_id), "doc", "version"))
@@ -225,7 +237,7 @@ class RedisStore(Store):
                 if int(count) > 0:
                     lengths.setdefault(int(family), []).append(int(length))
             self._lengths = lengths
-        candidates = _lookup_candidates(address, self._lengths)
+        candidates = lookup_candidates(address, self._lengths)
         if not candidates:
             return None
         for site_id in await self.call(self.client.hmget(self.key("net"), candidates)):
@@ -238,7 +250,7 @@ class RedisStore(Store):
         to Redis in one pipeline (a burst of new clients costs a round trip, not one each)."""
         if self._lengths is None:
             await self.find_site("0.0.0.0", None)  # loads the prefix lengths in use
-        arguments = [cpe_id or "", *_lookup_candidates(address, self._lengths or {})]
+        arguments = [cpe_id or "", *lookup_candidates(address, self._lengths or {})]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((arguments, future))
         if len(self._queued) == 1:
@@ -280,7 +292,7 @@ class RedisStore(Store):
                 pipe.evalsha(self._resolve_sha, len(keys), *keys, *arguments)
             try:
                 return await pipe.execute()
-            except self._redis_module.exceptions.NoScriptError:
+            except NoScriptError:  # restarted, failed over or SCRIPT FLUSHed
                 self._resolve_sha = None
                 if attempt == 2:
                     raise
@@ -338,8 +350,8 @@ class RedisStore(Store):
                     elif parts == ["networks"]:
                         self.forget_networks()
                         yield Change("networks")
-            except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
-                yield Change("down", str(exc))
+            except STORE_ERRORS as exc:
+                yield Change("down", str(self.unavailable(exc)))
                 first = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -353,21 +365,68 @@ class RedisStore(Store):
         for _ in range(_WRITE_RETRIES):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    await self.call(pipe.watch(*watched))
+                    await pipe.watch(*watched)
                     raw, version = await pipe.hmget(key, "doc", "version")
                     old = json.loads(raw) if raw is not None else None
-                    new_version = int(version or 0) + 1
-                    site = self._validated(site_id, mutate(old), new_version)
+                    site = self._validated(site_id, mutate(old), int(version or 0) + 1)
                     await self._check_owners(pipe, site_id, site)
                     pipe.multi()
                     self._queue_write(pipe, site_id, old, site)
-                    await pipe.execute()
-                except self._redis_module.WatchError:
+                except WatchError:
                     continue
-                except (self._redis_module.ConnectionError, self._redis_module.TimeoutError, OSError) as exc:
-                    raise StoreUnavailable(f"redis at {self.url}: {exc}") from None
-                return site
+                except STORE_ERRORS as exc:  # nothing was sent to be applied
+                    raise self.unavailable(exc) from None
+                if await self._commit(pipe):
+                    return site
         raise StoreUnavailable(f"site {site_id}: still changing under us after {_WRITE_RETRIES} attempts")
+
+    async def _commit(self, pipe: Any) -> bool:
+        """Execute a queued transaction; True once it is applied (and confirmed by `write_replicas`
+        replicas), False when it certainly was not (a watched key moved: read again and retry).
+
+        A transaction whose reply is lost may or may not have been applied. Each one also sets a key of its
+        own (`written:<id>`, kept ten minutes), so the store can be asked afterwards; MULTI/EXEC applies all
+        or nothing. Raises StoreUnavailable when it was not applied and Redis is out of reach, WriteUnknown
+        when Redis cannot say in time."""
+        marker = self.key("written", secrets.token_hex(12))
+        pipe.set(marker, 1, ex=_MARKER_SECONDS)
+        try:
+            await pipe.execute()
+        except (WatchError, *STORE_ERRORS) as exc:
+            # A conflict, or a connection lost while watching (redis-py reports both as WatchError): either
+            # way the store decides whether it was applied.
+            if not await self._applied(marker, exc):
+                if isinstance(exc, WatchError):
+                    return False
+                raise self.unavailable(exc) from None
+            return True
+        if self.write_replicas:
+            await self._applied(marker, None)
+        return True
+
+    async def _applied(self, marker: str, failure: BaseException | None) -> bool:
+        """Whether the transaction that set `marker` is in the store (and on `write_replicas` replicas), asked
+        until `confirm_seconds` have passed (a failover takes seconds). EXPIRE is the write this connection
+        makes, so WAIT covers it and therefore the transaction before it."""
+        deadline = time.monotonic() + self.confirm_seconds
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.expire(marker, _MARKER_SECONDS)
+                if self.write_replicas:
+                    pipe.wait(self.write_replicas, int(self.confirm_seconds * 1000))
+                found, *acks = await pipe.execute()
+                break
+            except STORE_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise WriteUnknown(f"the write was sent but {self.unavailable(failure or exc)} before it "
+                                       f"could be confirmed; read it back to see whether it was applied") from None
+                await asyncio.sleep(0.1)
+        if found and acks and acks[0] < self.write_replicas:
+            raise WriteUnknown(f"the write was applied on the primary, but {acks[0]} of the "
+                               f"{self.write_replicas} replicas asked (store.write_replicas) confirmed it within "
+                               f"{self.confirm_seconds:.0f} s: it may be lost if the primary fails now")
+        return bool(found)
 
     async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
         if site is None:
@@ -438,7 +497,7 @@ class RedisStore(Store):
             for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
                 site.version = int(version or 0) + 1
                 self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
-            await self.call(writes.execute())
+            await self._commit(writes)
         return len(sites)
 
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
@@ -454,7 +513,7 @@ class RedisStore(Store):
                 pipe.hincrby(key, "version", 1)
                 pipe.sadd(self.key("profiles"), name)
             pipe.publish(self.key("changes"), f"profile {name} 1")
-            await self.call(pipe.execute())
+            await self._commit(pipe)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -532,7 +591,7 @@ class FileStore(Store):
             return self._cpes[cpe_id]
         lengths = {family: list(by_length) for family, by_length in self._networks.items()}
         ip_version = ipaddress.ip_address(address).version
-        for candidate in _lookup_candidates(address, lengths):
+        for candidate in lookup_candidates(address, lengths):
             length = int(candidate.rsplit("/", 1)[1])
             site_id = self._networks[ip_version][length].get(candidate)
             if site_id is not None:
@@ -650,10 +709,10 @@ class FileStore(Store):
                 self._data["profiles"][name] = {"doc": document, "version": version}
 
 
-def open_store(redis_url: str, file_path: str, catalog: Catalog, prefix: str = "bns:") -> Store | None:
+def open_store(settings: StoreSettings, catalog: Catalog) -> Store | None:
     """The configured store: Redis when a URL is given, else the embedded file, else none."""
-    if redis_url:
-        return RedisStore(redis_url, catalog, prefix)
-    if file_path:
-        return FileStore(Path(file_path), catalog)
+    if settings.redis:
+        return RedisStore(settings.redis, catalog, settings.prefix, write_replicas=settings.write_replicas)
+    if settings.file:
+        return FileStore(Path(settings.file), catalog)
     return None

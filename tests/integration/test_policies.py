@@ -26,7 +26,6 @@ import dns.rdatatype
 import pytest
 
 from blocklists.catalog import load_catalog
-from blocklists.compiler import Source, compile_lists
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore
 from resolver.wire import OptionCode
@@ -60,20 +59,6 @@ SITE = {
         "tv": {"macs": [MACS["tv"]], "group": "guests"},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("policy-lists")
-    out = directory / "lists.bns"
-    sources = []
-    for category, names in (("pornography", "porn.example\n"), ("drugs", "drug.example\n"),
-                            ("malware", "malware.example\n")):
-        path = directory / f"{category}.txt"
-        path.write_text(names)
-        sources.append(Source(path, category))
-    compile_lists(sources, out, CATALOG)
-    return out
 
 
 def write(redis_url: str, prefix: str, work: Callable[[PolicyService], Awaitable[Any]]) -> Any:

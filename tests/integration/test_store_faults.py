@@ -1,0 +1,271 @@
+"""Redis that comes and goes, under a real worker: restarts, flushed scripts, freezes, lost replies.
+
+Each test reproduces a failure seen in the field on a real redis-server (killed, restarted from its
+append-only file, SCRIPT FLUSHed, SIGSTOPped) or behind a proxy that cuts a connection at the worst moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from blocklists.catalog import load_catalog
+from resolver.policy.service import PolicyService
+from resolver.policy.store import RedisStore, StoreUnavailable, WriteUnknown
+from tests.conftest import ServerThread, make_config
+from tests.integration.test_policies import Clock, ask, outcome, write
+
+pytestmark = pytest.mark.integration
+CATALOG = load_catalog()
+NOON = 1_764_000_000.0
+
+# Two sites in network mode with policies unlike the global default (which blocks pornography): "warm" is
+# the one the worker has seen, "cold" one it has not.
+WARM = {"networks": ["127.0.0.1/32"], "mode": "network", "policy": {"block": ["drugs"], "web_protect": False}}
+COLD = {"networks": ["127.0.1.0/24"], "mode": "network", "policy": {"block": ["drugs"], "web_protect": False}}
+PAUSED = {"networks": ["127.0.0.0/8"], "mode": "device", "paused_until": "forever",
+          "devices": {"known": {"macs": ["02:00:00:00:00:01"]}}}
+
+
+def mac(number: int) -> str:
+    return "02:00:00:" + ":".join(f"{byte:02x}" for byte in number.to_bytes(3, "big"))
+
+
+def worker(redis_url: str, prefix: str, lists_path: Path, upstream, cold_wait: float, **store: object
+           ) -> ServerThread:
+    config = make_config([upstream.address], lists={"path": str(lists_path)},
+                         store={"redis": redis_url, "prefix": prefix, "cold_wait": cold_wait, **store},
+                         identity={"trusted_networks": ["127.0.0.1/32"]})
+    return ServerThread(config, wall_clock=Clock(NOON))
+
+
+def from_cold_site(server: ServerThread, host: int, name: str) -> dns.message.Message:
+    return ask(server, name, source=f"127.0.1.{host}")
+
+
+def served_within_a_second(server: ServerThread) -> None:
+    """New clients get their site's policy again within a second of Redis coming back (the worker tries the
+    store again a second after a failure at the latest), and are never refused meanwhile."""
+    back = time.monotonic()
+    answers = [outcome(from_cold_site(server, 1, "porn.example"))]
+    while answers[-1] != "ok" and time.monotonic() - back < 1.0:
+        answers.append(outcome(from_cold_site(server, 1, "porn.example")))
+    assert answers[-1] == "ok", answers
+
+
+@pytest.fixture
+def two_sites(own_redis, redis_prefix):
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("warm", WARM))
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("cold", COLD))
+    return own_redis.url, redis_prefix
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.exc_info]
+
+
+@pytest.mark.parametrize("fault", ["restart", "script-flush"])
+def test_new_clients_get_their_sites_policy_after_redis_forgets_the_script(two_sites, own_redis, lists, upstream,
+                                                                          caplog, fault):
+    """A restarted (or SCRIPT FLUSHed) Redis has forgotten the lookup script: it is loaded again, and the
+    clients the worker had not seen are served their site's policy, not SERVFAIL, with no traceback."""
+    with worker(*two_sites, lists, upstream, cold_wait=1.0) as server:
+        assert outcome(ask(server, "porn.example")) == "ok"  # the warm site: the script is loaded
+        if fault == "restart":
+            own_redis.kill()
+            own_redis.start()  # the same data, from its append-only file; no scripts
+        else:
+            assert own_redis.command("SCRIPT", "FLUSH").startswith(b"+OK")
+        served_within_a_second(server)
+        for host in range(2, 22):
+            assert outcome(from_cold_site(server, host, "porn.example")) == "ok"
+            assert outcome(from_cold_site(server, host, "drug.example")) == "blocked: drugs"
+    assert not tracebacks(caplog)
+
+
+def test_an_outage_is_logged_once_and_its_end_once(two_sites, own_redis, lists, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="resolver.policy.directory")
+    with worker(*two_sites, lists, upstream, cold_wait=0.05) as server:
+        assert outcome(ask(server, "porn.example")) == "ok"
+        own_redis.kill()
+        for host in range(1, 41):
+            assert from_cold_site(server, host, "drug.example").rcode() != dns.rcode.SERVFAIL
+        own_redis.start()
+        served_within_a_second(server)
+        for host in range(41, 81):
+            assert outcome(from_cold_site(server, host, "drug.example")) == "blocked: drugs"
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("policy store unavailable" in message for message in messages) == 1
+    assert sum("policy store reachable again" in message for message in messages) == 1
+    assert not tracebacks(caplog)
+
+
+@pytest.fixture
+def paused_site(own_redis, redis_prefix):
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("home", PAUSED))
+    return own_redis.url, redis_prefix
+
+
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_new_devices_of_a_paused_site_stay_paused_while_redis_lags_or_is_gone(paused_site, own_redis, lists,
+                                                                               upstream, fault):
+    """The worker holds the site (one device asked before): devices it never saw get the site's policy, a
+    pause, when the store is too slow (frozen) or gone (killed); never the global default, which lets
+    allowed.example through."""
+    with worker(*paused_site, lists, upstream, cold_wait=0.01) as server:
+        assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
+        if fault == "frozen":
+            own_redis.freeze()
+        else:
+            own_redis.kill()
+        try:
+            answers = [outcome(ask(server, "allowed.example", mac(1000 + number))) for number in range(200)]
+        finally:
+            if fault == "frozen":
+                own_redis.thaw()
+    assert set(answers) == {"paused"}
+
+
+def test_cold_policy_servfail_refuses_instead(paused_site, own_redis, lists, upstream):
+    with worker(*paused_site, lists, upstream, cold_wait=0.01, cold_policy="servfail") as server:
+        assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
+        own_redis.kill()
+        response = ask(server, "allowed.example", mac(5000))
+        assert response.rcode() == dns.rcode.SERVFAIL
+        ede = [option for option in response.options if option.otype == dns.edns.OptionType.EDE]
+        assert ede and ede[0].code == 14  # Not Ready
+        # known devices are still answered from memory
+        assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
+
+
+# --- writes whose reply is lost ------------------------------------------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy in front of Redis that can cut the connection at the next occurrence of a command: after
+    passing it on (applied, its reply never arrives) or instead (never applied), and then refuse new
+    connections until told."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut: tuple[bytes, bool] | None = None  # (the command, whether it is passed on first)
+        self.refusing = threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if upstream and self.cut and self.cut[0] in data:
+                    (_command, passed_on), self.cut = self.cut, None
+                    self.refusing.set()
+                    source.shutdown(socket.SHUT_RDWR)  # the client hears nothing more, its reply included
+                    if passed_on:
+                        sink.sendall(data)
+                    else:
+                        sink.close()
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy(own_redis) -> Iterator[CuttingProxy]:
+    server = CuttingProxy(own_redis.port)
+    yield server
+    server.close()
+
+
+EXEC_APPLIED = (b"EXEC\r\n", True)  # the transaction reaches Redis; its reply is lost
+EXEC_LOST = (b"EXEC\r\n", False)  # the transaction may have been sent, but never reaches Redis
+WATCH_LOST = (b"WATCH\r\n", False)  # the connection dies before anything is queued
+
+
+async def _pause_through(proxy: CuttingProxy, prefix: str, cut: tuple[bytes, bool], refuse_for: float) -> None:
+    store = RedisStore(proxy.url, CATALOG, prefix)
+    store.confirm_seconds = 1.0
+    try:
+        await PolicyService(store).set_site_fields("home", {"name": "before"})
+        proxy.cut = cut
+        loop = asyncio.get_running_loop()
+        loop.call_later(refuse_for, proxy.refusing.clear)
+        await PolicyService(store).pause("home", ("site", None))
+    finally:
+        proxy.refusing.clear()
+        await store.close()
+
+
+def _paused(own_redis, prefix: str) -> bool:
+    async def read() -> bool:
+        store = RedisStore(own_redis.url, CATALOG, prefix)
+        try:
+            document, _version = await PolicyService(store).get_site("home")
+            return document.get("paused_until") == "forever"
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def test_a_write_whose_reply_was_lost_is_confirmed_when_redis_answers_again(proxy, own_redis, redis_prefix):
+    asyncio.run(_pause_through(proxy, redis_prefix, EXEC_APPLIED, refuse_for=0.3))  # succeeds: it was applied
+    assert _paused(own_redis, redis_prefix)
+
+
+def test_a_write_that_never_reached_redis_is_retried_once_redis_answers(proxy, own_redis, redis_prefix):
+    asyncio.run(_pause_through(proxy, redis_prefix, EXEC_LOST, refuse_for=0.3))
+    assert _paused(own_redis, redis_prefix)
+
+
+@pytest.mark.parametrize("cut", [EXEC_APPLIED, EXEC_LOST], ids=["applied", "lost"])
+def test_a_write_whose_outcome_cannot_be_learnt_says_so(proxy, own_redis, redis_prefix, cut):
+    """Sent, and Redis out of reach until after the confirmation window: neither done nor failed."""
+    with pytest.raises(WriteUnknown, match="read it back"):
+        asyncio.run(_pause_through(proxy, redis_prefix, cut, refuse_for=5.0))
+    assert _paused(own_redis, redis_prefix) == cut[1]  # either can be true: "failed" would have been a lie
+
+
+def test_a_write_reported_failed_was_not_written(proxy, own_redis, redis_prefix):
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(_pause_through(proxy, redis_prefix, WATCH_LOST, refuse_for=5.0))
+    assert not _paused(own_redis, redis_prefix)
