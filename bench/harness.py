@@ -55,9 +55,10 @@ def answers(port: int, name: str = "ready.bench.example", timeout: float = 0.2) 
         sock.settimeout(timeout)
         try:
             sock.sendto(query, ("127.0.0.1", port))
-            return sock.recv(4096)[:2] == query[:2]
+            reply = sock.recv(4096)
         except OSError:
             return False
+        return reply[:2] == query[:2] and reply[3] & 0x0F != 2  # not SERVFAIL: a node not ready says that
 
 
 @contextlib.contextmanager

@@ -189,7 +189,7 @@ def _setup_logging(config: Config) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args))
     _setup_logging(config)
-    return serve(config)
+    return serve(config, lambda: load_config(args.config, _overrides(args)))
 
 
 def _run_config(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ and what is allowed, so a typo fails at start-up instead of being silently ignor
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -69,9 +70,12 @@ def setting(
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
     convert: Callable[[Any], Any] | None = None,
+    live: bool = False,
 ) -> Any:
-    """A config key: its default, its description and the limits `load_config` enforces."""
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert}
+    """A config key: its default, its description, the limits `load_config` enforces, and whether a running
+    server applies a change of it on SIGHUP (`live`) or needs a restart."""
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert,
+            "live": live}
     return field(default=default, metadata=meta)
 
 
@@ -111,20 +115,21 @@ class UpstreamSettings:
         (Endpoint("9.9.9.9", DNS_PORT), Endpoint("149.112.112.112", DNS_PORT)),
         "upstream resolvers, tried in this order (the first healthy one answers)",
         convert=_endpoints,
+        live=True,
     )
     timeout: float = setting(0.5, "seconds to wait for one upstream before trying the next",
-                             minimum=0.01, maximum=30)
+                             minimum=0.01, maximum=30, live=True)
     deadline: float = setting(2.0, "seconds after which a query that no upstream answered gets SERVFAIL",
-                              minimum=0.01, maximum=60)
+                              minimum=0.01, maximum=60, live=True)
     max_outstanding: int = setting(1000, "upstream queries in flight per worker; beyond it, SERVFAIL at once",
-                                   minimum=1, maximum=1_000_000)
-    down_after: int = setting(3, "consecutive failures that mark an upstream down", minimum=1, maximum=1000)
+                                   minimum=1, maximum=1_000_000, live=True)
+    down_after: int = setting(3, "consecutive failures that mark an upstream down", minimum=1, maximum=1000, live=True)
     down_for: float = setting(5.0, "seconds a down upstream is skipped before it is tried again",
-                              minimum=0.1, maximum=3600)
+                              minimum=0.1, maximum=3600, live=True)
     sockets: int = setting(8, "UDP sockets per upstream per worker, each on its own random source port",
-                           minimum=1, maximum=1024)
+                           minimum=1, maximum=1024, live=True)
     socket_queries: int = setting(1000, "queries sent on a UDP socket before it is replaced (new random port)",
-                                  minimum=1, maximum=1_000_000)
+                                  minimum=1, maximum=1_000_000, live=True)
 
 
 @dataclass(frozen=True)
@@ -157,14 +162,19 @@ def _addresses(items: Any) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ListsSettings:
     path: str = setting("", "compiled list artifact to serve (`bns lists compile`), where published lists are "
-                            "installed too; empty: <cache_dir>/published.bns, served once something is published")
+                            "installed too; empty: <cache_dir>/published.bns, served once something is published",
+                        live=True)
     catalog: str = setting("", "category catalogue TOML; empty: the packaged one")
     check_interval: float = setting(1.0, "seconds between checks for a newly installed artifact",
-                                    minimum=0.05, maximum=3600)
+                                    minimum=0.05, maximum=3600, live=True)
     hot_names: int = setting(100_000, "names whose categories each worker keeps at hand (a dict lookup)",
                              minimum=1, maximum=100_000_000)
     cache_dir: str = setting("", "private directory the served artifacts are copied to before they are mapped; "
                                  "empty: bns-lists-<uid> in the temporary directory")
+    ready_timeout: float = setting(10.0, "seconds a node following published lists (store.redis) waits at start "
+                                         "for Redis to confirm the current list before it serves the verified "
+                                         "list it already holds; a node holding none waits for Redis",
+                                   minimum=0, maximum=3600)
 
 
 ANSWER_MODES = ("nxdomain", "nodata", "null", "page")
@@ -175,15 +185,16 @@ class PolicySettings:
     """The global default policy: what every client gets (until per-device policies exist for it)."""
 
     block: tuple[str, ...] | None = setting(
-        None, "categories answered as blocked; default: those the catalogue marks `block`", convert=_category_ids)
+        None, "categories answered as blocked; default: those the catalogue marks `block`", convert=_category_ids,
+        live=True)
     warn: tuple[str, ...] | None = setting(
         None, "categories answered with a warning (Web Protect); default: those marked `warn`",
-        convert=_category_ids)
-    answer: str = setting("nxdomain", "how a blocked name is answered", choices=ANSWER_MODES)
+        convert=_category_ids, live=True)
+    answer: str = setting("nxdomain", "how a blocked name is answered", choices=ANSWER_MODES, live=True)
     block_page: tuple[str, ...] = setting((), "block page addresses (for answer = \"page\")", convert=_addresses)
     warning_page: tuple[str, ...] = setting((), "warning page addresses; without one, warnings answer as blocks",
                                             convert=_addresses)
-    blocked_ttl: int = setting(10, "TTL of blocked answers, in seconds", minimum=0, maximum=86400)
+    blocked_ttl: int = setting(10, "TTL of blocked answers, in seconds", minimum=0, maximum=86400, live=True)
 
 
 def _networks(items: Any) -> tuple[str, ...]:
@@ -213,10 +224,10 @@ class StoreSettings:
     client_cache: int = setting(100_000, "clients each worker keeps in memory with their effective policy",
                                 minimum=1, maximum=10_000_000)
     cold_wait: float = setting(0.01, "seconds a query from a new client waits for the store before it is "
-                                     "answered by `cold_policy`", minimum=0.0, maximum=5.0)
+                                     "answered by `cold_policy`", minimum=0.0, maximum=5.0, live=True)
     cold_policy: str = setting("best_known", "a new client the store cannot tell about in time: best_known (the "
                                              "policy of its site if this worker holds it, else the global "
-                                             "default) or servfail", choices=("best_known", "servfail"))
+                                             "default) or servfail", choices=("best_known", "servfail"), live=True)
     write_replicas: int = setting(-1, "replicas that must confirm a policy write (Redis WAIT) before it is "
                                       "reported done; -1: 1 with Sentinel, else 0", minimum=-1, maximum=16)
 
@@ -258,9 +269,9 @@ class AdminSettings:
     listen: Endpoint | None = setting(  # noqa: RUF009  (Endpoint is frozen: sharing the default is safe)
         Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint)
     tokens: tuple[str, ...] = setting((), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)",
-                                      convert=_tokens)
+                                      convert=_tokens, live=True)
     read_tokens: tuple[str, ...] = setting((), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)",
-                                           convert=_tokens)
+                                           convert=_tokens, live=True)
     max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
                               minimum=1024, maximum=2**32)
     source_roots: tuple[str, ...] = setting(
@@ -296,7 +307,7 @@ class PagesSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"), live=True)
 
 
 @dataclass(frozen=True)
@@ -387,6 +398,28 @@ def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] |
     return config
 
 
+def _flatten(config: Config) -> dict[str, tuple[Any, bool]]:
+    """"section.key" → (value, live) for every setting."""
+    return {f"{section.name}.{spec.name}": (getattr(getattr(config, section.name), spec.name), spec.metadata["live"])
+            for section in fields(Config) for spec in fields(section.default_factory)}  # type: ignore[misc]
+
+
+def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[str]]:
+    """What a running server becomes on SIGHUP: `loaded` for the keys it can change live, `current` for the
+    others; with the keys applied and the keys that changed but need a restart."""
+    before, after = _flatten(current), _flatten(loaded)
+    changed = [key for key in after if after[key][0] != before[key][0]]
+    applied = [key for key in changed if after[key][1]]
+    sections: dict[str, dict[str, Any]] = {}
+    for key in applied:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = after[key][0]
+    merged = dataclasses.replace(current, **{section: dataclasses.replace(getattr(current, section), **values)
+                                             for section, values in sections.items()})
+    _check_cross_fields(merged)
+    return merged, applied, [key for key in changed if not after[key][1]]
+
+
 def describe_settings() -> list[tuple[str, str, str]]:
     """(key, default, description) for every setting: the reference table in the README comes from here."""
     rows = []
@@ -397,5 +430,6 @@ def describe_settings() -> list[tuple[str, str, str]]:
                 default = str(default)
             elif isinstance(default, tuple):
                 default = [str(item) for item in default]
-            rows.append((f"{section.name}.{spec.name}", repr(default), spec.metadata["doc"]))
+            doc = spec.metadata["doc"] + (" (SIGHUP applies a change)" if spec.metadata["live"] else "")
+            rows.append((f"{section.name}.{spec.name}", repr(default), doc))
     return rows

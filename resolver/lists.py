@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from blocklists.artifact import Artifact, open_artifact, verify_file
@@ -130,14 +132,23 @@ def cache_dir_of(settings: ListsSettings) -> Path:
     return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
 
 
+def verified_link(settings: ListsSettings) -> Path:
+    """Where the node keeps a link to the last list it verified for its served path. It outlives restarts
+    (a node that finds its file corrupt when it starts serves this instead of nothing) and is out of reach
+    of the cache's pruning (a subdirectory, and a hard link: the data stays while the link does)."""
+    served, _required = served_path(settings)
+    digest = hashlib.sha256(str(served.absolute()).encode()).hexdigest()[:16]
+    return cache_dir_of(settings) / "verified" / f"{digest}.bns"
+
+
 class Lists:
     """The current snapshot of one worker, and the task that keeps it up to date."""
 
     def __init__(self, path: Path | None, catalog: Catalog, hot_size: int, check_interval: float,
                  cache_dir: Path | None = None, required: bool = True, verified: Path | None = None) -> None:
-        """`verified`: the node's link to the last list any of its processes verified (kept in the node's
-        run directory, so the cache's pruning cannot take it). A worker (or a respawned one) that finds the
-        file half rewritten serves that until the file settles, rather than dying."""
+        """`verified`: the node's link to the last list any of its processes verified (`verified_link`). A
+        process that finds the file corrupt or half rewritten serves that until the file is good again,
+        rather than nothing; `fallback` then says why."""
         self.path = path
         self.catalog = catalog
         self._hot_size = hot_size
@@ -145,6 +156,7 @@ class Lists:
         self._cache_dir = cache_dir or default_cache_dir()
         self._seen = _identity(path) if path else None
         self._verified = verified
+        self.fallback: str | None = None  # why the last verified list is served instead of the file
         present = path is not None and (required or self._seen is not None)
         artifact = None
         if present:
@@ -156,12 +168,20 @@ class Lists:
                     raise
                 artifact = open_artifact(verified, verify=False)
                 self._seen = None  # read the file again at the first check
-                log.warning("lists: %s; serving the last verified list (version %s) until it settles", exc,
-                            artifact.version)
+                self.fallback = str(exc)
+                log.error("lists: %s; SERVING THE LAST VERIFIED LIST (version %s, verified %s) until the file is "
+                          "good again", exc, artifact.version, time.strftime(
+                              "%Y-%m-%d %H:%M:%S", time.localtime(verified.stat().st_mtime)))
             else:
                 self._remember(artifact)
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)
         self.swaps = 0
+
+    def retarget(self, path: Path, check_interval: float) -> None:
+        """Serve the artifact at `path` from now on (SIGHUP), once it verifies; the old one serves till then."""
+        if path != self.path:
+            self.path, self._seen = path, None
+        self._interval = check_interval
 
     def _remember(self, artifact: Artifact) -> None:
         """Point the node's link at a list just verified (a hard link: the copy's data outlives pruning)."""
@@ -169,6 +189,7 @@ class Lists:
             return
         temporary = self._verified.with_name(f".{self._verified.name}.{os.getpid()}.tmp")
         try:
+            self._verified.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             temporary.unlink(missing_ok=True)
             os.link(artifact.path, temporary)
             os.replace(temporary, self._verified)
@@ -177,18 +198,22 @@ class Lists:
 
     async def watch(self) -> None:
         """Poll for a new artifact until cancelled."""
-        if self.path is None:
-            return
         while True:
             await asyncio.sleep(self._interval)
-            identity = _identity(self.path)
-            if identity is None or identity == self._seen:
-                continue
-            self._seen = identity
-            try:
-                await self.reload()
-            except Exception:  # whatever a file can do to the loader, the watcher must live on
-                log.exception("lists: loading %s failed; still serving version %s", self.path, self.snapshot.version)
+            await self.check()
+
+    async def check(self) -> None:
+        """Swap in the artifact at `path` if it changed since the last look."""
+        if self.path is None:
+            return
+        identity = _identity(self.path)
+        if identity is None or identity == self._seen:
+            return
+        self._seen = identity
+        try:
+            await self.reload()
+        except Exception:  # whatever a file can do to the loader, the watcher must live on
+            log.exception("lists: loading %s failed; still serving version %s", self.path, self.snapshot.version)
 
     async def reload(self) -> bool:
         """Verify and swap in the artifact at `path`; False (and the old one serving) if it is refused."""
@@ -201,6 +226,7 @@ class Lists:
         old = self.snapshot.version
         self._remember(artifact)
         self.snapshot = ListSnapshot(Matcher(artifact), self._hot_size)
+        self.fallback = None
         self.swaps += 1
         log.info("lists: now serving version %s (%d names), was %s", artifact.version, artifact.names, old)
         return True

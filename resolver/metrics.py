@@ -54,9 +54,18 @@ def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
 class Metrics:
     """What `/metrics` renders: the workers' counters summed, and the node's own state."""
 
-    def __init__(self, directory: Path, state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, directory: Path, state: Callable[[], dict[str, Any]], workers: int = 1) -> None:
+        """`workers`: how many the node runs (it is ready when each of them reports ready)."""
         self.directory = directory
         self._state = state
+        self._expected = workers
+
+    def readiness(self) -> tuple[bool, str | None]:
+        """(whether every worker answers queries, why the node serves its last verified list if it does)."""
+        workers = self._workers()
+        ready = len(workers) >= self._expected and all(worker.get("ready", True) for worker in workers)
+        fallback = next((worker["lists_fallback"] for worker in workers if worker.get("lists_fallback")), None)
+        return ready, fallback
 
     def _workers(self) -> list[dict[str, Any]]:
         out = []
@@ -104,6 +113,11 @@ class Metrics:
         ]
         for version in sorted({w["lists_version"] for w in workers}):
             lines.append(_line("bns_lists_info", 1, {"version": version}))
+        ready, fallback = self.readiness()
         lines += ["# HELP bns_store_up 1 when the policy store answers, 0 when not, -1 with none.",
-                  "# TYPE bns_store_up gauge", _line("bns_store_up", state.get("store_up", -1))]
+                  "# TYPE bns_store_up gauge", _line("bns_store_up", state.get("store_up", -1)),
+                  "# HELP bns_ready 1 when every worker answers queries, 0 while one waits for its list.",
+                  "# TYPE bns_ready gauge", _line("bns_ready", int(ready)),
+                  "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
+                  "# TYPE bns_lists_fallback gauge", _line("bns_lists_fallback", int(fallback is not None))]
         return "\n".join(lines) + "\n"

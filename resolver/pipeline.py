@@ -39,6 +39,7 @@ _ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
 _NO_UPSTREAM = ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered")
 _OVERLOADED = ede_option(EdeCode.OTHER, "too many upstream queries in flight")
 _STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
+_NOT_READY = ede_option(EdeCode.NOT_READY, "the filter is starting: its blocklist is not in yet")
 
 Answer = bytes | asyncio.Future[bytes]
 
@@ -64,6 +65,22 @@ class Resolver:
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
+
+    @property
+    def held(self) -> bool:
+        return "answer" in self.__dict__
+
+    def hold(self) -> None:
+        """Until `release`, answer every query SERVFAIL with EDE 14 Not Ready (RFC 8914): the node is not
+        ready to filter. An instance attribute shadows `answer`, so the query path pays nothing once
+        released."""
+        self.answer = self._answer_not_ready  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self.__dict__.pop("answer", None)
+
+    def _answer_not_ready(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
+        return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.SERVFAIL, ede=_NOT_READY)
 
     def answer(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
         # parse: the lowercased name, type, class, EDNS and identity options, interned by the bytes.

@@ -26,6 +26,7 @@ import logging
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from blocklists.errors import ArtifactError
 from resolver.errors import BnsError
 from resolver.lists import check_catalog
 from resolver.policy.store import RedisStore
+from resolver.redis_connection import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,18 @@ def install(source: Path, served: Path) -> None:
     write_atomically(served, [source.read_bytes()])
 
 
+Settled = Callable[[str | None], None]
+
+
 class Publications(ABC):
     """Where published versions live, and how this node keeps serving the current one."""
 
-    def __init__(self, catalog: Catalog, served: Path) -> None:
+    def __init__(self, catalog: Catalog, served: Path, settled: Settled | None = None) -> None:
+        """`settled(version)`: called each time the node has learnt which list it must serve and holds it
+        (None: nothing is published)."""
         self.catalog = catalog
         self.served = served
+        self.settled = settled or (lambda _version: None)
 
     @abstractmethod
     async def publish(self, path: Path) -> ListVersion:
@@ -148,8 +156,9 @@ class LocalPublications(Publications):
 
 
 class RedisPublications(Publications):
-    def __init__(self, catalog: Catalog, served: Path, store: RedisStore, scratch: Path) -> None:
-        super().__init__(catalog, served)
+    def __init__(self, catalog: Catalog, served: Path, store: RedisStore, scratch: Path,
+                 settled: Settled | None = None) -> None:
+        super().__init__(catalog, served, settled)
         self.store = store
         self.client = store.client
         self.scratch = scratch
@@ -203,11 +212,17 @@ class RedisPublications(Publications):
         return described
 
     async def sync(self) -> None:
-        """Install the current version if this node does not serve it yet."""
+        """Install the current version if this node does not serve it yet. A version that cannot be had or
+        verified leaves the node serving what it installed before (settled on that), if anything."""
         current = await self.client.get(self.store.key("lists", "current"))
         if current is None or current.decode() == self.installed:
+            self.settled(self.installed if current is not None else None)
             return
-        version = current.decode()
+        await self._install(current.decode())
+        if self.installed is not None:
+            self.settled(self.installed)
+
+    async def _install(self, version: str) -> None:
         described = await self._describe(version)
         if described is None:
             log.error("lists: version %s is announced but has no metadata; still serving %s", version, self.installed)
@@ -237,20 +252,31 @@ class RedisPublications(Publications):
 
     async def follow(self) -> None:
         backoff = 0.1
+        down_since: float | None = None
         while True:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.store.key("lists"))
                 await self.sync()  # after (re)subscribing: whatever was announced meanwhile
                 backoff = 0.1
+                if down_since is not None:
+                    log.info("lists: following published versions again after %.1f s", time.monotonic() - down_since)
+                    down_since = None
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
                     if message is None or message["type"] == "message":
                         await self.sync()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis gone or a bad reply: serve what we have, try again later
-                log.warning("lists: following published versions failed (%s); retrying in %.1f s", exc, backoff)
+            except STORE_ERRORS as exc:  # Redis gone: serve what we have, try again later; said once
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("lists: cannot follow published versions (%s); still serving %s, retrying",
+                                self.store.unavailable(exc), self.installed)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bad reply: log it and start again
+                log.exception("lists: following published versions failed; retrying in %.1f s", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

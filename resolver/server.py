@@ -13,13 +13,18 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import gc
+import ipaddress
 import logging
 import os
-import shutil
+import select
 import signal
 import socket
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,24 +33,26 @@ import uvloop
 from blocklists.catalog import Catalog, load_catalog
 from blocklists.errors import BlocklistError
 from resolver.cache import AnswerCache
-from resolver.config import AdminSettings, Config, Endpoint
-from resolver.errors import StartupError
+from resolver.config import AdminSettings, Config, Endpoint, reloaded
+from resolver.errors import BnsError, StartupError
 from resolver.identity import TrustedNetworks
 from resolver.listener import InFlight, TcpConnection, UdpListener
-from resolver.lists import Lists, cache_dir_of, served_path
+from resolver.lists import Lists, cache_dir_of, served_path, verified_link
 from resolver.metrics import worker_counters, write_counters
 from resolver.pipeline import Resolver
 from resolver.policy.directory import Directory
 from resolver.policy.effective import PolicyMaker, answering_from, default_policy
 from resolver.policy.store import open_store
+from resolver.run_directory import UNSET, RunDirectory
+from resolver.signals import CHILD_SIGNALS, STOP_SIGNALS, handle_signals
 from resolver.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 
-_STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
 _UDP_RECEIVE_BUFFER = 4 << 20  # absorbs bursts while the loop is busy; the kernel caps it at rmem_max
 _TCP_BACKLOG = 1024
 _PORT_ZERO_RETRIES = 20
+_PORT_LOCKS = Path(tempfile.gettempdir()) / f"bns-ports-{os.getuid()}"
 
 
 @dataclass
@@ -121,6 +128,93 @@ def _bind_endpoint(endpoint: Endpoint, count: int) -> list[tuple[socket.socket, 
     raise StartupError(f"cannot listen on {endpoint}: found no port free for both UDP and TCP")
 
 
+def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
+    """Make sure no other process serves these addresses, and that none can start to while we run.
+
+    SO_REUSEPORT, which lets our workers share a port, would as well let a second `bns serve` (or any
+    server of the same user that sets it) share it silently, and the kernel would then spread clients over
+    both: some would be answered by a server without the list. So before binding, each address is probed
+    with a socket that does not share (any server on it makes that bind fail), and a lock file per address,
+    held by this supervisor and (inherited) its workers until they all exit, stops a second bns started at
+    the same moment."""
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    locks: list[int] = []
+    try:
+        for endpoint in endpoints:
+            if endpoint.port == 0:
+                continue  # a port the kernel picks is nobody's
+            path = lock_dir / f"{endpoint.host}-{endpoint.port}.lock"
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            locks.append(descriptor)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+                raise StartupError(f"cannot listen on {endpoint}: another bns serve (pid {holder}) serves it; stop "
+                                   f"it first, or choose another server.listen") from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                _probe(endpoint, kind)
+    except BaseException:
+        for descriptor in locks:
+            os.close(descriptor)
+        raise
+
+
+def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
+    with socket.socket(endpoint.family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a past run is no owner
+        if endpoint.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((endpoint.host, endpoint.port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise _explain_bind_error(endpoint, exc) from None
+            protocol = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+            owner = port_owner(endpoint, protocol)
+            raise StartupError(
+                f"cannot listen on {endpoint}: address already in use: another process serves {protocol} there"
+                f"{f' ({owner})' if owner else ''}; find it with `ss -{protocol[0]}lnp 'sport = :{endpoint.port}'`, "
+                f"stop it or choose another server.listen") from None
+
+
+def port_owner(endpoint: Endpoint, protocol: str) -> str | None:
+    """"pid 1234, dnsmasq" for the process holding a socket bound to `endpoint` (as far as /proc lets this
+    user see), else None."""
+    family = "6" if endpoint.family == socket.AF_INET6 else ""
+    inodes = set()
+    try:
+        lines = Path(f"/proc/net/{protocol}{family}").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        address, _, port = fields[1].partition(":")
+        listening = protocol == "udp" or fields[3] == "0A"
+        if int(port, 16) == endpoint.port and listening and _proc_address(address) in (
+                endpoint.host, "0.0.0.0", "::"):
+            inodes.add(f"socket:[{fields[9]}]")
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit() or int(process.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (process / "fd").iterdir()):
+                return f"pid {process.name}, {(process / 'comm').read_text().strip()}"
+        except OSError:
+            continue
+    return None
+
+
+def _proc_address(text: str) -> str:
+    """An address as /proc/net writes it (32-bit words in host order, hex) in its usual form."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    return ipaddress.ip_address(words).compressed
+
+
 def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSet]:
     """One SocketSet per worker; everything is closed again if any address cannot be bound."""
     sets = [SocketSet() for _ in range(workers)]
@@ -145,31 +239,43 @@ def bound_addresses(socket_set: SocketSet) -> list[str]:
     return out
 
 
-def load_policy_and_lists(config: Config, verified: Path | None = None) -> tuple[Catalog, PolicyMaker, Lists]:
+def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
     """The catalogue, the policy maker (with the default policy) and the lists, or a StartupError or
-    ConfigError saying what is wrong. `verified`: the node's link to its last verified list, for a worker
-    or the admin process that finds the list file mid-rewrite (see Lists)."""
+    ConfigError saying what is wrong. A list file found corrupt is replaced by the last list this node
+    verified for its path (see Lists), if it has one."""
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
         path, required = served_path(config.lists)
         lists = Lists(path, catalog, config.lists.hot_names, config.lists.check_interval,
-                      cache_dir_of(config.lists), required, verified)
+                      cache_dir_of(config.lists), required, verified_link(config.lists))
     except BlocklistError as exc:
-        raise StartupError(f"lists: {exc}") from None
-    maker = PolicyMaker(catalog, answering_from(config.policy), default_policy(config.policy, catalog))
-    return catalog, maker, lists
+        raise StartupError(f"lists: {exc} (and this node holds no earlier verified list for that path)") from None
+    return catalog, policy_maker(config, catalog), lists
+
+
+def policy_maker(config: Config, catalog: Catalog) -> PolicyMaker:
+    return PolicyMaker(catalog, answering_from(config.policy), default_policy(config.policy, catalog))
+
+
+_NOT_READY_LOG_INTERVAL = 5.0
+_READY_POLL = 0.05
 
 
 class Worker:
-    """Everything one worker process serves with; usable in-process (tests) or under the supervisor."""
+    """Everything one worker process serves with; usable in-process (tests) or under the supervisor.
 
-    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, metrics_dir: Path | None = None,
-                 verified_lists: Path | None = None) -> None:
+    `run`: the node's run directory (counters, reloaded configuration, the list target). A worker of a node
+    that follows lists published through Redis answers nothing but SERVFAIL with EDE 14 "Not Ready" until
+    it serves the version the admin process set as the target there: a node must never answer from no list,
+    or an old one, while the list it should serve is on its way (see README, "Starting")."""
+
+    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None
+                 ) -> None:
         self.config = config
         self.sockets = sockets
         self.index = index
-        self.metrics_dir = metrics_dir
-        catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
+        self.run = run
+        catalog, maker, self.lists = load_policy_and_lists(config)
         self.catalog = catalog
         settings = config.store
         self.store = open_store(settings, catalog)
@@ -183,8 +289,15 @@ class Worker:
         self._tcp: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def ready(self) -> bool:
+        return not self.resolver.held
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.run is not None and self.config.store.redis:
+            self.resolver.hold()
+            self._tasks.append(loop.create_task(self._release_when_lists_are_in(self.run)))
         for sock in self.sockets.udp:
             listener = UdpListener(self.resolver, self.in_flight)
             await loop.create_datagram_endpoint(lambda listener=listener: listener, sock=sock)
@@ -195,10 +308,45 @@ class Worker:
                 lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight), sock=sock
             )
             self._tcp.append(server)
-        self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.directory.follow())]
-        if self.metrics_dir is not None:
+        self._tasks += [loop.create_task(self.lists.watch()), loop.create_task(self.directory.follow())]
+        if self.run is not None:
             self._tasks.append(loop.create_task(write_counters(
-                self.metrics_dir, self.index, lambda: worker_counters(self.resolver, self.catalog))))
+                self.run.path, self.index,
+                lambda: {**worker_counters(self.resolver, self.catalog), "ready": self.ready,
+                         "lists_fallback": self.lists.fallback})))
+
+    async def _release_when_lists_are_in(self, run: RunDirectory) -> None:
+        started = time.monotonic()
+        next_log = started + _NOT_READY_LOG_INTERVAL
+        while True:
+            target = run.lists_target()
+            if target is not UNSET and target in (None, self.lists.snapshot.version):
+                break
+            await self.lists.check()
+            if time.monotonic() >= next_log:
+                next_log += _NOT_READY_LOG_INTERVAL
+                log.warning("worker %d: not answering yet (SERVFAIL, EDE 14) for %.0f s: %s", self.index,
+                            time.monotonic() - started,
+                            "waiting for the admin process to learn the current list from Redis" if target is UNSET
+                            else f"waiting for list version {target} (serving {self.lists.snapshot.version})")
+            await asyncio.sleep(_READY_POLL)
+        self.resolver.release()
+        log.info("worker %d: serving list version %s; answering", self.index, self.lists.snapshot.version)
+
+    def reload(self, config: Config) -> None:
+        """Apply a configuration reloaded on SIGHUP (only the keys marked live differ from the current one)."""
+        old, self.config = self.config, config
+        logging.getLogger().setLevel(config.log.level.upper())
+        if config.lists != old.lists:
+            self.lists.retarget(served_path(config.lists)[0], config.lists.check_interval)
+        if config.policy != old.policy:
+            self.directory.use_maker(policy_maker(config, self.catalog))
+        if config.store != old.store:
+            self.directory.use_settings(config.store)
+        if config.upstream != old.upstream:
+            retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)
+            # queries already sent keep their sockets until they are answered or give up
+            asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired.close)
 
     async def stop(self) -> None:
         """Stop reading, answer what was read, then close: within `server.drain_timeout`."""
@@ -221,9 +369,8 @@ class Worker:
         self.resolver.close()
 
 
-async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None,
-                                 verified_lists: Path | None) -> int:
-    worker = Worker(config, sockets, index, metrics_dir, verified_lists)
+async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:
+    worker = Worker(config, sockets, index, run)
     await worker.start()
     # A worker's heap grows with the clients and sites it holds (100 MB and more); a full collection walks
     # all of it and stalls every query meanwhile. What exists at start-up is set aside for good, and
@@ -231,11 +378,7 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int,
     gc.collect()
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLDS)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    stop = handle_signals(lambda: worker.reload(run.read_config()) if run is not None else None)
     log.debug("worker %d ready", index)
     await stop.wait()
     log.debug("worker %d stopping", index)
@@ -246,36 +389,41 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int,
 _GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def run_worker(config: Config, sockets: SocketSet, index: int, metrics_dir: Path | None = None,
-               verified_lists: Path | None = None) -> int:
-    return uvloop.run(_serve_until_signalled(config, sockets, index, metrics_dir, verified_lists))
+def run_worker(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None = None) -> int:
+    return uvloop.run(_serve_until_signalled(config, sockets, index, run))
 
 
 ADMIN = -1  # the admin process's index among the children
-_VERIFIED_LIST = "lists.bns"  # in the run directory: a link to the last list the node verified
 
 
 class Supervisor:
-    """Forks the workers, replaces one that dies, and stops them all on SIGTERM or SIGINT."""
+    """Forks the workers and the admin process, replaces one that dies, reloads on SIGHUP, and stops them all
+    on SIGTERM or SIGINT. Signals only note what happened; the loop in `run` acts on them, between waits."""
 
     _RESPAWN_WINDOW = 5.0  # a worker that dies sooner than this after starting counts as a crash loop
     _MAX_QUICK_DEATHS = 5
 
     def __init__(self, config: Config, socket_sets: list[SocketSet], http: HttpSockets | None = None,
-                 run_dir: Path | None = None) -> None:
-        """`run_dir`: this node's directory (metrics, its last verified list), removed when it stops."""
+                 run: RunDirectory | None = None, load_config: Callable[[], Config] | None = None) -> None:
+        """`run`: this node's run directory, removed when it stops. `load_config`: reads the configuration
+        again (the file and the command line's flags) on SIGHUP."""
         self.config = config
         self.socket_sets = socket_sets
         self.http = http or HttpSockets(None, [])
-        self.metrics_dir = run_dir
-        self.verified_lists = run_dir / _VERIFIED_LIST if run_dir is not None else None
+        self.run_directory = run
+        self.load_config = load_config
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
         self.stopping = False
         self._quick_deaths = 0
+        self._signals: list[int] = []
 
     def run(self) -> int:
-        for signum in _STOP_SIGNALS:
-            signal.signal(signum, self._on_stop_signal)
+        wakeup, self._wakeup = socket.socketpair()
+        wakeup.setblocking(False)
+        self._wakeup.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
+        for signum in (*CHILD_SIGNALS, signal.SIGCHLD):
+            signal.signal(signum, self._note_signal)
         for index in range(len(self.socket_sets)):
             self._spawn(index)
         if self.http.admin is not None or self.http.pages or self.config.store.redis:
@@ -292,7 +440,38 @@ class Supervisor:
             log.info("block and warning pages on %s", ", ".join(f"http://{_endpoint_of(s)}/" for s in self.http.pages))
         failed = False
         while self.children:
-            pid, status = os.wait()
+            select.select([wakeup], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                while wakeup.recv(4096):
+                    pass
+            noted, self._signals = self._signals, []
+            for signum in noted:
+                if signum in STOP_SIGNALS:
+                    self._on_stop_signal(signum)
+                elif signum == signal.SIGHUP and not self.stopping:
+                    self._reload()
+            failed |= self._reap()
+        signal.set_wakeup_fd(-1)
+        for socket_set in self.socket_sets:
+            socket_set.close()
+        if self.run_directory is not None:
+            self.run_directory.remove()
+        log.info("stopped")
+        return 1 if failed else 0
+
+    def _note_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _reap(self) -> bool:
+        """Collect the children that exited; replace them unless stopping. True if a stop went wrong."""
+        failed = False
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return failed
+            if pid == 0:
+                return failed
             index, started = self.children.pop(pid, (-1, 0.0))
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
@@ -309,14 +488,9 @@ class Supervisor:
             time.sleep(min(0.1 * 2**self._quick_deaths, 5.0))
             if not self.stopping:
                 self._spawn(index)
-        for socket_set in self.socket_sets:
-            socket_set.close()
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        log.info("stopped")
-        return 1 if failed else 0
+        return failed
 
-    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+    def _on_stop_signal(self, signum: int) -> None:
         if not self.stopping:
             log.info("%s: stopping (draining for up to %.1f s)", signal.Signals(signum).name,
                      self.config.server.drain_timeout)
@@ -328,16 +502,44 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def _reload(self) -> None:
+        """SIGHUP: read the configuration again; apply what can change live, in every process; say what needs
+        a restart. A configuration that does not load, or a list that does not verify, changes nothing."""
+        if self.load_config is None or self.run_directory is None:
+            log.info("SIGHUP: nothing to reload from")
+            return
+        try:
+            config, applied, needs_restart = reloaded(self.config, self.load_config())
+            if applied:
+                load_policy_and_lists(config)  # the new list and default policy must be usable
+        except BnsError as exc:
+            log.error("SIGHUP: configuration not reloaded, still running as before: %s", exc)
+            return
+        for key in needs_restart:
+            log.warning("SIGHUP: %s changed but needs a restart; still %s", key, _value_of(self.config, key))
+        if not applied:
+            log.info("SIGHUP: nothing to apply")
+            return
+        self.config = config
+        self.run_directory.write_config(config)
+        logging.getLogger().setLevel(config.log.level.upper())
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        log.info("SIGHUP: applied %s", ", ".join(f"{key} = {_value_of(config, key)}" for key in applied))
+
     def _spawn(self, index: int) -> None:
-        # Stop signals stay blocked across fork until the child's event loop has its own handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        # Signals stay blocked across fork until the child's event loop has its own handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 _die_with_parent(parent)
-                for signum in _STOP_SIGNALS:
+                signal.set_wakeup_fd(-1)
+                self._wakeup.close()
+                for signum in (*CHILD_SIGNALS, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 for other, socket_set in enumerate(self.socket_sets):
                     if other != index:
@@ -347,20 +549,25 @@ class Supervisor:
 
                     _yield_to_workers(self.config.admin)
 
-                    code = run_admin(self.config, self.http, self.metrics_dir or Path("."), self.verified_lists)
+                    code = run_admin(self.config, self.http, self.run_directory)
                 else:
                     self.http.close()
-                    code = run_worker(self.config, self.socket_sets[index], index, self.metrics_dir,
-                                      self.verified_lists)
+                    code = run_worker(self.config, self.socket_sets[index], index, self.run_directory)
             except BaseException:
                 log.exception("%s failed", "the admin process" if index == ADMIN else f"worker {index}")
             finally:
                 logging.shutdown()
                 os._exit(code)
         self.children[pid] = (index, time.monotonic())  # known before a pending stop signal is handled
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
         if self.stopping:  # a stop arrived while forking: make sure the new child hears it too
             self._stop_children()
+
+
+def _value_of(config: Config, key: str) -> object:
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    return [str(item) for item in value] if isinstance(value, tuple) else value
 
 
 def _yield_to_workers(settings: AdminSettings) -> None:
@@ -389,21 +596,22 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
-    run_dir = cache_dir_of(config.lists) / f"run-{os.getpid()}"  # this node's: metrics, its last list
     try:
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run = RunDirectory.create(cache_dir_of(config.lists))
     except OSError as exc:
-        raise StartupError(f"lists.cache_dir: cannot create {run_dir}: {exc.strerror}") from None
+        raise StartupError(f"lists.cache_dir: cannot create a run directory in {cache_dir_of(config.lists)}: "
+                           f"{exc.strerror}") from None
     try:
-        load_policy_and_lists(config, run_dir / _VERIFIED_LIST)
+        load_policy_and_lists(config)
+        claim_ports(config.server.listen, _PORT_LOCKS)
         socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
         http = bind_http_sockets(config)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        run.remove()
         raise
-    return Supervisor(config, socket_sets, http, run_dir).run()
+    return Supervisor(config, socket_sets, http, run, load_config).run()
 
 
 @dataclass

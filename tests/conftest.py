@@ -44,10 +44,9 @@ def make_config(upstreams: list[str], **sections: dict[str, Any]) -> Config:
 class ServerThread:
     """One Worker on its own uvloop loop in a thread: the whole query path on real sockets, in-process."""
 
-    def __init__(self, config: Config, wall_clock: Any = None, verified_lists: Path | None = None) -> None:
+    def __init__(self, config: Config, wall_clock: Any = None) -> None:
         self.config = config
         self.wall_clock = wall_clock
-        self.verified_lists = verified_lists
         self.sockets = bind_sockets(config.server.listen, 1)[0]
         self.port = self.sockets.udp[0].getsockname()[1]
         self.worker: Worker | None = None
@@ -62,7 +61,7 @@ class ServerThread:
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.worker = Worker(self.config, self.sockets, verified_lists=self.verified_lists)
+        self.worker = Worker(self.config, self.sockets)
         if self.wall_clock is not None:
             self.worker.resolver._wall_clock = self.wall_clock
         await self.worker.start()

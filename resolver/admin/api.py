@@ -78,7 +78,7 @@ def _error(status: int, message: str, field: str | None = None, outcome: str | N
 class Api:
     def __init__(self, tokens: dict[str, str], catalog: Catalog, store: Store | None, publications: Publications,
                  sources: Sources, explainer: Explainer, metrics: Metrics, max_upload: int, scratch: Path) -> None:
-        self._tokens = [(token.encode(), role) for token, role in tokens.items()]
+        self.use_tokens(tokens)
         self.catalog = catalog
         self.store = store
         self.service = PolicyService(store) if store is not None else None
@@ -92,6 +92,10 @@ class Api:
         self._routes: dict[Callable[..., Any], Route] = {}  # the bound handler → its declaration
 
     # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def use_tokens(self, tokens: dict[str, str]) -> None:
+        """token → role; replaced whole on SIGHUP."""
+        self._tokens = [(token.encode(), role) for token, role in tokens.items()]
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_upload, middlewares=[self._guard])
@@ -192,8 +196,13 @@ class Api:
             except StoreUnavailable:
                 store_state = "down"
         snapshot = self.explainer.lists.snapshot
-        return web.json_response({"status": "ok", "store": store_state, "lists_version": snapshot.version,
-                                  "uptime": round(time.time() - self.started, 1)})
+        ready, fallback = self.metrics.readiness()
+        status = "starting" if not ready else "degraded" if fallback else "ok"
+        body = {"status": status, "ready": ready, "store": store_state, "lists_version": snapshot.version,
+                "uptime": round(time.time() - self.started, 1)}
+        if fallback:
+            body["lists_fallback"] = f"serving the last verified list: {fallback}"
+        return web.json_response(body, status=200 if ready else 503)
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -21,7 +19,9 @@ from resolver.metrics import Metrics
 from resolver.pages import LocalUsedTokens, Pages, RedisUsedTokens, Secret, UsedTokens
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
-from resolver.publishing import LocalPublications, Publications, RedisPublications
+from resolver.publishing import LocalPublications, Publications, RedisPublications, Settled
+from resolver.run_directory import RunDirectory
+from resolver.signals import handle_signals
 from resolver.sources import LocalShelf, RedisShelf, Sources
 
 if TYPE_CHECKING:
@@ -32,28 +32,33 @@ log = logging.getLogger(__name__)
 _STORE_CHECK = 2.0
 
 
-def publications_for(config: Config, store: Store | None, catalog: Any) -> Publications:
+def publications_for(config: Config, store: Store | None, catalog: Any, settled: Settled | None = None
+                     ) -> Publications:
     """Redis when the policies are there (every node shares it), else this node's own directory."""
     served, _required = served_path(config.lists)
     cache_dir = cache_dir_of(config.lists)
     if isinstance(store, RedisStore):
-        return RedisPublications(catalog, served, store, cache_dir / "fetched")
+        return RedisPublications(catalog, served, store, cache_dir / "fetched", settled)
     return LocalPublications(catalog, served, cache_dir / "versions")
 
 
+_NOT_READY_LOG_INTERVAL = 5.0
+
+
 class AdminNode:
-    def __init__(self, config: Config, http: HttpSockets, metrics_dir: Path, verified_lists: Path | None = None
-                 ) -> None:
+    def __init__(self, config: Config, http: HttpSockets, run: RunDirectory) -> None:
         from resolver.server import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
 
         self.config = config
         self.http = http
-        self.catalog, maker, self.lists = load_policy_and_lists(config, verified_lists)
+        self.run = run
+        self.catalog, maker, self.lists = load_policy_and_lists(config)
         settings = config.store
         self.store = open_store(settings, self.catalog)
-        self.publications = publications_for(config, self.store, self.catalog)
+        self.publications = publications_for(config, self.store, self.catalog, self._settled)
+        self.lists_settled = False
         self.store_up: int = -1 if self.store is None else 1
-        metrics = Metrics(metrics_dir, lambda: {"store_up": self.store_up})
+        metrics = Metrics(run.path, lambda: {"store_up": self.store_up}, config.server.worker_count)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         shelf = RedisShelf(self.store) if isinstance(self.store, RedisStore) else LocalShelf(cache_dir / "sources")
@@ -67,10 +72,48 @@ class AdminNode:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.publications.follow()),
                        loop.create_task(self._check_store())]
+        if isinstance(self.publications, RedisPublications):
+            self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
             await self._serve(self.api.app(), [self.http.admin])
         if self.http.pages:
             await self._serve(self._pages().app(), self.http.pages)
+
+    def _settled(self, version: str | None) -> None:
+        """The published list this node must serve is installed (or none is published): the workers may
+        answer once they serve it."""
+        self.lists_settled = True
+        self.run.set_lists_target(version)
+
+    async def _settle_without_redis(self, patience: float) -> None:
+        """Redis out of reach since the start: after `patience`, serve the verified list this node holds;
+        holding none, keep the workers answering Not Ready (and say so) until Redis tells."""
+        await asyncio.sleep(patience)
+        while not self.lists_settled:
+            held = self.lists.snapshot.matcher.artifact
+            if held is not None:
+                log.warning("lists: Redis has not said which list is current within lists.ready_timeout "
+                            "(%.0f s); serving the verified list this node holds (version %s) meanwhile", patience,
+                            held.version)
+                self.run.set_lists_target(held.version)
+                return
+            log.warning("lists: this node holds no list and Redis cannot say which is current: DNS answers "
+                        "SERVFAIL (EDE 14 Not Ready) until it can")
+            await asyncio.sleep(_NOT_READY_LOG_INTERVAL)
+
+    def reload(self, config: Config) -> None:
+        """Apply a configuration reloaded on SIGHUP (only the keys marked live differ from the current one)."""
+        from resolver.server import policy_maker  # noqa: PLC0415  (server imports this module)
+
+        old, self.config = self.config, config
+        logging.getLogger().setLevel(config.log.level.upper())
+        if config.admin != old.admin:
+            self.api.use_tokens(tokens_from(config.admin))
+        if config.lists != old.lists:
+            self.lists.retarget(served_path(config.lists)[0], config.lists.check_interval)
+            self.publications.served = served_path(config.lists)[0]
+        if config.policy != old.policy:
+            self.explainer.maker = policy_maker(config, self.catalog)
 
     def _pages(self) -> Pages:
         redis = self.store if isinstance(self.store, RedisStore) else None
@@ -110,19 +153,14 @@ class AdminNode:
             await self.store.close()
 
 
-async def _run_until_signalled(config: Config, http: HttpSockets, metrics_dir: Path,
-                               verified_lists: Path | None) -> int:
-    node = AdminNode(config, http, metrics_dir, verified_lists)
+async def _run_until_signalled(config: Config, http: HttpSockets, run: RunDirectory) -> int:
+    node = AdminNode(config, http, run)
     await node.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+    stop = handle_signals(lambda: node.reload(run.read_config()))
     await stop.wait()
     await node.stop()
     return 0
 
 
-def run_admin(config: Config, http: HttpSockets, metrics_dir: Path, verified_lists: Path | None = None) -> int:
-    return uvloop.run(_run_until_signalled(config, http, metrics_dir, verified_lists))
+def run_admin(config: Config, http: HttpSockets, run: RunDirectory) -> int:
+    return uvloop.run(_run_until_signalled(config, http, run))

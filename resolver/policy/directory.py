@@ -154,6 +154,16 @@ class Directory:
     def __len__(self) -> int:
         return len(self._clients)
 
+    def use_maker(self, maker: PolicyMaker) -> None:
+        """A new global default policy (SIGHUP): every client's policy is made again."""
+        self.maker = maker
+        self.default_client = Client(Identity(""), None, governing(None, None, self.profiles), maker)
+        self.default_client.until = math.inf
+        self._rebind_all()
+
+    def use_settings(self, settings: StoreSettings) -> None:
+        self._settings = settings
+
     # --- the query path ----------------------------------------------------------------------------------
 
     def key(self, request: Request) -> Hashable:
@@ -404,6 +414,9 @@ class Directory:
     async def _reload_profiles(self) -> None:
         assert self.store is not None
         self.profiles = {**self._builtin_profiles, **await self.store.load_profiles()}
+        self._rebind_all()
+
+    def _rebind_all(self) -> None:
         self._stand_ins.clear()
         for key, client in list(self._clients.items()):
             self._bind(key, client.identity, client.site)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dns.edns
 import dns.exception
 import dns.message
 import dns.query
@@ -55,7 +56,7 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
                 pytest.fail(f"bns serve exited with {process.wait()} before serving")
             match = SERVING.search(line)
             if match:
-                port = int(match.group(2))
+                host, port = match.group(1).strip("[]"), int(match.group(2))
             assert time.monotonic() < deadline, "bns serve did not report its address"
         admin = None
         if args[args.index("--admin-listen") + 1]:
@@ -63,6 +64,7 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
             found = re.search(r"admin API on (http://\S+)/", line)
             assert found, f"bns serve did not report its admin API: {line!r}"
             admin = found.group(1)
+        wait_until_ready(host, port, deadline)
         yield process, port, admin
     finally:
         if process.poll() is None:
@@ -72,6 +74,24 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def not_ready(response: dns.message.Message) -> bool:
+    """SERVFAIL with EDE 14: a node that follows published lists and has not installed the current one."""
+    return response.rcode() == dns.rcode.SERVFAIL and any(
+        option.otype == dns.edns.OptionType.EDE and option.code == 14 for option in response.options)
+
+
+def wait_until_ready(host: str, port: int, deadline: float) -> None:
+    """Until every worker answers: eight ANY queries in a row (answered locally, whatever the upstream) from
+    fresh source ports, which the kernel spreads over the workers, are not answered Not Ready."""
+    in_a_row = 0
+    while in_a_row < 8:
+        query = dns.message.make_query("ready.invalid", "ANY", use_edns=0)
+        in_a_row = 0 if not_ready(dns.query.udp(query, host, port=port, timeout=3)) else in_a_row + 1
+        if not in_a_row:
+            assert time.monotonic() < deadline, "bns serve did not become ready"
+            time.sleep(0.02)
 
 
 def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.message.Message:

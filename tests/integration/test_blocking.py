@@ -138,9 +138,7 @@ def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(u
     cache = tmp_path / "cache"
     config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(cache),
                                                     "check_interval": 0.05})
-    verified = tmp_path / "run" / "lists.bns"
-    verified.parent.mkdir()
-    load_policy_and_lists(config, verified)  # what the supervisor checks before it forks
+    load_policy_and_lists(config)  # what the supervisor checks before it forks
     for number in range(4):  # other lists verified since: the cache keeps only the newest copies
         other = tmp_path / f"other{number}.bns"
         _generation_artifact(other, f"other{number}.example")
@@ -148,7 +146,7 @@ def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(u
     data = live.read_bytes()
     with live.open("r+b") as target:  # someone's `cp` is half done when a worker (re)starts
         target.truncate(len(data) // 2)
-    with ServerThread(config, verified_lists=verified) as server:
+    with ServerThread(config) as server:
         assert server.ask("first.example").rcode() == dns.rcode.NXDOMAIN
         _generation_artifact(live, "second.example")  # the file settles: the worker moves to it
         deadline = time.monotonic() + 5
