@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.redis_processes import RedisServer
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -86,23 +88,12 @@ def running(command: list[str], port: int, *, startup: float = 15.0, log: Path |
 @contextlib.contextmanager
 def running_redis(directory: Path) -> Iterator[int]:
     """A redis-server on a free loopback port that keeps nothing on disk; yields its port once it answers."""
-    port = free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    server = RedisServer(directory, persistent=False)
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as probe:
-                probe.sendall(b"PING\r\n")
-                if probe.recv(16).startswith(b"+PONG"):
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
-            time.sleep(0.05)
-        yield port
+        yield server.port
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def bns_command(port: int, upstream_port: int, workers: int, *extra: str) -> list[str]:

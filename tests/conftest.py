@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +17,7 @@ import dns.rdatatype
 import pytest
 import uvloop
 
+from bench.redis_processes import RedisServer, SentinelDeployment
 from bench.upstream import Script, ScriptedUpstream
 from resolver.config import Config, load_config
 from resolver.server import Worker, bind_sockets
@@ -116,69 +113,6 @@ def rdtype(name: str) -> int:
     return dns.rdatatype.from_text(name)
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, with its data in a temporary directory (append-only
-    file, fsync always) so that it can be killed and started again with everything it had."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.ping():
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def command(self, *args: str) -> bytes:
-        """One command over a raw connection (RESP), for the few things tests do behind the store's back."""
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
-            connection.sendall(payload.encode())
-            return connection.recv(65536)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(10)
-
-
 def _redis_or_skip() -> None:
     if shutil.which("redis-server") is None:
         if os.environ.get("BNS_REQUIRE_REDIS"):
@@ -204,6 +138,21 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sentinel_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    _redis_or_skip()
+    if shutil.which("redis-sentinel") is None:
+        if os.environ.get("BNS_REQUIRE_REDIS"):
+            pytest.fail("redis-sentinel is required here (BNS_REQUIRE_REDIS is set) but is not installed")
+        pytest.skip("redis-sentinel is not installed (Debian: apt-get install redis-sentinel); CI installs it")
+    deployment = SentinelDeployment(tmp_path / "sentinel")
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
 
 
 @pytest.fixture

@@ -190,13 +190,21 @@ class Directory:
         pending = self._resolving.get(key)
         if pending is None:
             if self.down_since is not None and self._clock() < self._retry_at:
-                return self._stand_in(key, request)
+                return self._from_memory(key, request) or self._stand_in(key, request)
             pending = self._resolving[key] = asyncio.ensure_future(self._build(key, request))
             pending.add_done_callback(lambda done: self._forget_resolution(key, done))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
         except Exception:  # slow, down, or failing: logged once by _mark_down or _forget_resolution
             return self._stand_in(key, request)
+
+    def _from_memory(self, key: Hashable, request: Request) -> Client | None:
+        """The client, bound as the store would bind it, when this worker knows its address's site and holds
+        it (a new device behind a known router); None when that needs the store."""
+        identity = self._identity(key, request)
+        site_id = self._site_of.get((identity.address, identity.cpe_id))
+        site = self._sites.get(site_id) if site_id is not None else None
+        return self._bind(key, identity, site) if site is not None else None
 
     def _stand_in(self, key: Hashable, request: Request) -> Client | None:
         """The client as far as this worker can tell without the store: its held site, else nobody's."""
@@ -205,7 +213,7 @@ class Directory:
         client = self._stand_ins.get(key)
         if client is None:
             identity = self._identity(key, request)
-            site_id = self._site_of.get((identity.address, identity.cpe_id)) or self._index.find(identity)
+            site_id = self._index.find(identity)
             site = self._sites.get(site_id) if site_id is not None else None
             if site is None:
                 return self.default_client

@@ -21,6 +21,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from bench.faults import not_ready
 from tests.conftest import answer_addresses
 
 pytestmark = pytest.mark.e2e
@@ -74,12 +75,6 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def not_ready(response: dns.message.Message) -> bool:
-    """SERVFAIL with EDE 14: a node that follows published lists and has not installed the current one."""
-    return response.rcode() == dns.rcode.SERVFAIL and any(
-        option.otype == dns.edns.OptionType.EDE and option.code == 14 for option in response.options)
 
 
 def wait_until_ready(host: str, port: int, deadline: float) -> None:

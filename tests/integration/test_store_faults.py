@@ -21,6 +21,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from bench.faults import mac
 from blocklists.catalog import load_catalog
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, StoreUnavailable, WriteUnknown
@@ -37,10 +38,6 @@ WARM = {"networks": ["127.0.0.1/32"], "mode": "network", "policy": {"block": ["d
 COLD = {"networks": ["127.0.1.0/24"], "mode": "network", "policy": {"block": ["drugs"], "web_protect": False}}
 PAUSED = {"networks": ["127.0.0.0/8"], "mode": "device", "paused_until": "forever",
           "devices": {"known": {"macs": ["02:00:00:00:00:01"]}}}
-
-
-def mac(number: int) -> str:
-    return "02:00:00:" + ":".join(f"{byte:02x}" for byte in number.to_bytes(3, "big"))
 
 
 def worker(redis_url: str, prefix: str, lists_path: Path, upstream, cold_wait: float, **store: object
@@ -123,7 +120,7 @@ def test_new_devices_of_a_paused_site_stay_paused_while_redis_lags_or_is_gone(pa
                                                                                upstream, fault):
     """The worker holds the site (one device asked before): devices it never saw get the site's policy, a
     pause, when the store is too slow (frozen) or gone (killed); never the global default, which lets
-    allowed.example through."""
+    allowed.example through. New MACs behind the known router, and new addresses of the site's network."""
     with worker(*paused_site, lists, upstream, cold_wait=0.01) as server:
         assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
         if fault == "frozen":
@@ -131,23 +128,25 @@ def test_new_devices_of_a_paused_site_stay_paused_while_redis_lags_or_is_gone(pa
         else:
             own_redis.kill()
         try:
-            answers = [outcome(ask(server, "allowed.example", mac(1000 + number))) for number in range(200)]
+            answers = [outcome(ask(server, "allowed.example", mac(1000 + number))) for number in range(100)]
+            answers += [outcome(ask(server, "allowed.example", source=f"127.0.2.{host}")) for host in range(1, 101)]
         finally:
             if fault == "frozen":
                 own_redis.thaw()
-    assert set(answers) == {"paused"}
+    assert answers == ["paused"] * 200
 
 
 def test_cold_policy_servfail_refuses_instead(paused_site, own_redis, lists, upstream):
     with worker(*paused_site, lists, upstream, cold_wait=0.01, cold_policy="servfail") as server:
         assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
         own_redis.kill()
-        response = ask(server, "allowed.example", mac(5000))
+        response = ask(server, "allowed.example", source="127.0.2.1")  # an address the worker never saw
         assert response.rcode() == dns.rcode.SERVFAIL
         ede = [option for option in response.options if option.otype == dns.edns.OptionType.EDE]
         assert ede and ede[0].code == 14  # Not Ready
-        # known devices are still answered from memory
+        # known devices, and new ones behind a known address, are still answered from memory
         assert outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "paused"
+        assert outcome(ask(server, "allowed.example", mac(5000))) == "paused"
 
 
 # --- writes whose reply is lost ------------------------------------------------------------------------------
