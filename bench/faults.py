@@ -10,8 +10,8 @@
   and an admin writes a device per API call; the primary is killed. Lost queries and SERVFAIL (target 0),
   seconds from promotion to the first write that succeeds (target ≤ 5), acknowledged writes missing after
   (target 0).
-- late: a list is published through Redis; a new node is started while a client asks it for a listed name
-  in a tight loop from before the start: answers carrying the real address (target 0).
+- late: a list of 1.2 M names is published through Redis; a new node is started while a client asks it for
+  a listed name in a tight loop from before the start: answers carrying the real address (target 0).
 - paused: the policy store dies while a node holds a paused site; 1,000 devices of that site the node never
   saw ask for an allowed name: answers that escape the pause (target 0).
 """
@@ -79,14 +79,15 @@ def write_config(path: Path, **sections: dict[str, object]) -> Path:
     return path
 
 
-def compile_list(directory: Path) -> Path:
-    """gore.example (violence-gore), drug.example (drugs), porn.example (pornography)."""
+def compile_list(directory: Path, filler: int = 0) -> Path:
+    """gore.example (violence-gore), drug.example (drugs), porn.example (pornography), and `filler` more
+    synthetic names (a list of realistic size takes a node a realistic time to fetch and verify)."""
     sources = []
     for category, name in (("violence-gore", LISTED), ("drugs", "drug.example"), ("pornography", "porn.example")):
         path = directory / f"{category}.txt"
-        path.write_text(f"{name}\n")
+        path.write_text(f"{name}\n" + "".join(f"filler{number}.{category}.example\n" for number in range(filler)))
         sources.append(Source(path, category))
-    out = directory / "faults.bns"
+    out = directory / f"faults-{filler}.bns"
     compile_lists(sources, out, CATALOG)
     return out
 
@@ -124,8 +125,9 @@ def api_call(api: str, method: str, path: str, body: object = None) -> int:
 class Hammer:
     """Queries from a thread in a tight loop, counted by outcome; `queries(number)` makes each one."""
 
-    def __init__(self, port: int, queries: object, source: object = "127.0.0.1") -> None:
+    def __init__(self, port: int, queries: object, source: object = "127.0.0.1", timeout: float = 2.0) -> None:
         self.port = port
+        self.timeout = timeout
         self.queries = queries  # Callable[[int], dns.message.Message]
         self.source = source  # a str, or Callable[[int], str]
         self.outcomes: collections.Counter[str] = collections.Counter()
@@ -139,7 +141,7 @@ class Hammer:
             source = self.source(number) if callable(self.source) else self.source
             try:
                 response = dns.query.udp(self.queries(number), "127.0.0.1", port=self.port,  # type: ignore[operator]
-                                         source=source, timeout=2)
+                                         source=source, timeout=self.timeout)
             except dns.exception.Timeout:
                 self.outcomes["lost"] += 1
                 continue
@@ -205,13 +207,14 @@ def new_address(number: int) -> str:
 
 @contextlib.contextmanager
 def node(config: Path, port: int, upstream_port: int, admin: int | None = None, workers: int = 2,
-         log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """`bns serve` as a process, not waited for: the scenario decides what "started" means."""
+         log: Path | None = None, tree: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """`bns serve` as a process, not waited for: the scenario decides what "started" means. `tree`: the
+    checkout whose `resolver` runs (another commit's, for a baseline)."""
     command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
                "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers),
                "--admin-listen", f"127.0.0.1:{admin}" if admin else ""]
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=sink, stderr=sink, cwd=REPO)
+    process = subprocess.Popen(command, stdout=sink, stderr=sink, cwd=tree)
     try:
         yield process
     finally:
@@ -244,7 +247,8 @@ SITES = {
 }
 
 
-def scenario_forgetful_redis(scratch: Path, upstream_port: int, artifact: Path, fault: str) -> dict[str, float]:
+def scenario_forgetful_redis(scratch: Path, upstream_port: int, artifact: Path, fault: str, tree: Path = REPO
+                             ) -> dict[str, float]:
     """restart / flush: seconds until new clients get their site's policy again, and SERVFAIL meanwhile."""
     redis = RedisServer(scratch / f"redis-{fault}")
     redis.directory.mkdir()
@@ -253,12 +257,13 @@ def scenario_forgetful_redis(scratch: Path, upstream_port: int, artifact: Path, 
     config = write_config(scratch / f"{fault}.toml", store={"redis": redis.url}, admin={"tokens": [TOKEN]},
                           lists={"path": str(artifact), "cache_dir": str(scratch / f"cache-{fault}")})
     try:
-        with node(config, port, upstream_port, admin):
+        with node(config, port, upstream_port, admin, tree=tree):
             answering(port)
             for site, document in SITES.items():
                 assert api_call(f"http://127.0.0.1:{admin}", "PUT", f"/v1/sites/{site}", document) == 200
             query = dns.message.make_query("porn.example", "A")
-            assert outcome(dns.query.udp(query, "127.0.0.1", port=port, timeout=2)) == "resolved"  # warm
+            for _ in range(16):  # every worker has looked a client up (the kernel spreads source ports)
+                assert outcome(dns.query.udp(query, "127.0.0.1", port=port, timeout=2)) == "resolved"
             if fault == "restart":
                 redis.kill()
                 redis.start()
@@ -325,7 +330,7 @@ def scenario_failover(scratch: Path, upstream_port: int, artifact: Path, names: 
             "refused_but_written": len(writer.devices(503) & devices)}
 
 
-def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path) -> dict[str, float]:
+def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path, tree: Path = REPO) -> dict[str, float]:
     redis = RedisServer(scratch / "redis-late")
     redis.directory.mkdir()
     redis.start()
@@ -335,10 +340,10 @@ def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path) -> dic
         config = write_config(scratch / "late.toml", store={"redis": redis.url},
                               lists={"cache_dir": str(scratch / "cache-late")})
         query = dns.message.make_query(LISTED, "A", use_edns=0)
-        with Hammer(port, lambda _number: query) as hammer:
+        with Hammer(port, lambda _number: query, timeout=0.1) as hammer:  # nothing listens at first
             time.sleep(0.2)
             started = time.monotonic()
-            with node(config, port, upstream_port):
+            with node(config, port, upstream_port, tree=tree):
                 while hammer.outcomes["NXDOMAIN"] == 0:
                     time.sleep(0.005)
                     if time.monotonic() - started > 30:
@@ -347,14 +352,15 @@ def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path) -> dic
                 time.sleep(2)
     finally:
         redis.stop()
-    return {"resolved": hammer.outcomes["resolved"], "refused_before_bind": hammer.outcomes["refused"],
-            "not_ready": hammer.outcomes["not ready"], "blocked": hammer.outcomes["NXDOMAIN"],
-            "other": sum(hammer.outcomes.values()) - hammer.outcomes["resolved"] - hammer.outcomes["refused"]
-            - hammer.outcomes["not ready"] - hammer.outcomes["NXDOMAIN"], "blocking_after_s": blocked_after}
+    counted = ("resolved", "not ready", "NXDOMAIN", "lost")
+    return {"resolved": hammer.outcomes["resolved"], "not_ready": hammer.outcomes["not ready"],
+            "blocked": hammer.outcomes["NXDOMAIN"], "unanswered_before_bind": hammer.outcomes["lost"],
+            "other": sum(count for key, count in hammer.outcomes.items() if key not in counted),
+            "blocking_after_s": blocked_after}
 
 
-def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devices: int = 1000
-                         ) -> dict[str, float]:
+def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devices: int = 1000,
+                         tree: Path = REPO) -> dict[str, float]:
     redis = RedisServer(scratch / "redis-paused")
     redis.directory.mkdir()
     redis.start()
@@ -366,7 +372,7 @@ def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devi
             "devices": {"known": {"macs": [mac(1)]}}}
     outcomes: collections.Counter[str] = collections.Counter()
     try:
-        with node(config, port, upstream_port, admin):
+        with node(config, port, upstream_port, admin, tree=tree):
             answering(port)
             assert api_call(f"http://127.0.0.1:{admin}", "PUT", "/v1/sites/home", site) == 200
             for _ in range(8):  # every worker holds the site (the kernel spreads source ports)
@@ -384,6 +390,8 @@ def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also run each scenario (but failover) against the `resolver` of this checkout")
     parser.add_argument("--scenario", nargs="+", default=["restart", "flush", "failover", "late", "paused"],
                         choices=["restart", "flush", "failover", "late", "paused"])
     args = parser.parse_args(argv)
@@ -393,24 +401,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
         artifact = compile_list(scratch)
+        large = compile_list(scratch, filler=400_000) if "late" in args.scenario else artifact
         upstream_port = free_port()
         stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
                                     upstream_port))
         names = write_query_file([f"cached{number}.example" for number in range(500)], scratch / "names.txt")
         for run in range(args.runs):  # interleaved: each run does every scenario once
             for scenario in args.scenario:
-                directory = scratch / f"{scenario}-{run}"
-                directory.mkdir()
-                if scenario in ("restart", "flush"):
-                    figures = scenario_forgetful_redis(directory, upstream_port, artifact, scenario)
-                elif scenario == "failover":
-                    figures = scenario_failover(directory, upstream_port, artifact, names)
-                elif scenario == "late":
-                    figures = scenario_late_node(directory, upstream_port, artifact)
-                else:
-                    figures = scenario_paused_site(directory, upstream_port, artifact)
-                results[scenario].append(figures)
-                print(f"run {run} {scenario}: {figures}", file=sys.stderr, flush=True)
+                trees = [("", REPO)]
+                if args.baseline is not None and scenario != "failover":  # before Sentinel support
+                    trees.append((" (baseline)", args.baseline))
+                for label, tree in trees:
+                    directory = scratch / f"{scenario}{label.strip(' ()')}-{run}"
+                    directory.mkdir()
+                    if scenario in ("restart", "flush"):
+                        figures = scenario_forgetful_redis(directory, upstream_port, artifact, scenario, tree)
+                    elif scenario == "failover":
+                        figures = scenario_failover(directory, upstream_port, artifact, names)
+                    elif scenario == "late":
+                        figures = scenario_late_node(directory, upstream_port, large, tree)
+                    else:
+                        figures = scenario_paused_site(directory, upstream_port, artifact, tree=tree)
+                    results[scenario + label].append(figures)
+                    print(f"run {run} {scenario}{label}: {figures}", file=sys.stderr, flush=True)
     lines = [f"Command: `python -m bench.faults {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
              f"Machine: {machine()}", ""]
     for scenario, runs in results.items():

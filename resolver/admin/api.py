@@ -30,7 +30,7 @@ from resolver.admin.why import Explainer
 from resolver.config import AdminSettings
 from resolver.errors import BnsError
 from resolver.metrics import Metrics
-from resolver.policy.model import PolicyError
+from resolver.policy.model import PolicyError, Site
 from resolver.policy.service import NotFound, PolicyService, Target, describe
 from resolver.policy.store import Store, StoreUnavailable, WriteUnknown
 from resolver.publishing import Publications, UnknownVersion
@@ -64,6 +64,13 @@ def tokens_from(settings: AdminSettings, environ: dict[str, str] | os._Environ[s
     roles = {token: READ for token in (*settings.read_tokens, *listed("BNS_READ_TOKENS"))}
     roles.update({token: ADMIN for token in (*settings.tokens, *listed("BNS_ADMIN_TOKENS"))})
     return roles
+
+
+def _written(site: Site | None) -> web.Response:
+    """The site as the write left it. Never read back from the store: a read that fails after a write that
+    succeeded would report the write as failed."""
+    assert site is not None
+    return web.json_response(describe(site))
 
 
 def _error(status: int, message: str, field: str | None = None, outcome: str | None = None) -> web.Response:
@@ -181,10 +188,6 @@ class Api:
             return "device", info["device"]
         return "site", None
 
-    async def _site_response(self, site_id: str) -> web.Response:
-        document, version = await self._policies().get_site(site_id)
-        return web.json_response({**document, "version": version})
-
     # --- handlers ---------------------------------------------------------------------------------------------
 
     async def health(self, _request: web.Request) -> web.Response:
@@ -218,50 +221,47 @@ class Api:
         return web.json_response(await self._policies().list_sites())
 
     async def get_site(self, request: web.Request) -> web.Response:
-        return await self._site_response(request.match_info["site"])
+        document, version = await self._policies().get_site(request.match_info["site"])
+        return web.json_response({**document, "version": version})
 
     async def put_site(self, request: web.Request) -> web.Response:
         site = await self._policies().put_site(request.match_info["site"], await self._object(request))
-        return web.json_response({**describe(site), "version": site.version})
+        return _written(site)
 
     async def patch_site(self, request: web.Request) -> web.Response:
         site = await self._policies().set_site_fields(request.match_info["site"], await self._object(request),
                                                       create=False)
-        return web.json_response({**describe(site), "version": site.version})
+        return _written(site)
 
     async def delete_site(self, request: web.Request) -> web.Response:
         await self._policies().delete_site(request.match_info["site"])
         return web.json_response({"deleted": request.match_info["site"]})
 
     async def put_group(self, request: web.Request) -> web.Response:
-        site_id = request.match_info["site"]
-        await self._policies().put_group(site_id, request.match_info["group"], await self._object(request))
-        return await self._site_response(site_id)
+        fields = await self._object(request)
+        return _written(await self._policies().put_group(request.match_info["site"], request.match_info["group"],
+                                                         fields))
 
     async def delete_group(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
-        await self._policies().delete_group(site_id, request.match_info["group"])
-        return await self._site_response(site_id)
+        return _written(await self._policies().delete_group(site_id, request.match_info["group"]))
 
     async def put_device(self, request: web.Request) -> web.Response:
-        site_id = request.match_info["site"]
-        await self._policies().put_device(site_id, request.match_info["device"], await self._object(request))
-        return await self._site_response(site_id)
+        fields = await self._object(request)
+        return _written(await self._policies().put_device(request.match_info["site"], request.match_info["device"],
+                                                          fields))
 
     async def delete_device(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
-        await self._policies().delete_device(site_id, request.match_info["device"])
-        return await self._site_response(site_id)
+        return _written(await self._policies().delete_device(site_id, request.match_info["device"]))
 
     async def put_policy(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
-        await self._policies().set_policy(site_id, self._target(request), await self._object(request))
-        return await self._site_response(site_id)
+        return _written(await self._policies().set_policy(site_id, self._target(request), await self._object(request)))
 
     async def delete_policy(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
-        await self._policies().set_policy(site_id, self._target(request), None)
-        return await self._site_response(site_id)
+        return _written(await self._policies().set_policy(site_id, self._target(request), None))
 
     async def pause(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
@@ -273,13 +273,11 @@ class Api:
             until: str | float = time.time() + minutes * 60
         else:
             until = body.get("until", "forever")
-        await self._policies().pause(site_id, self._target(request), until)
-        return await self._site_response(site_id)
+        return _written(await self._policies().pause(site_id, self._target(request), until))
 
     async def unpause(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
-        await self._policies().unpause(site_id, self._target(request))
-        return await self._site_response(site_id)
+        return _written(await self._policies().unpause(site_id, self._target(request)))
 
     async def put_profile(self, request: web.Request) -> web.Response:
         await self._policies().set_profile(request.match_info["profile"], await self._object(request))

@@ -382,7 +382,8 @@ class RedisStore(Store):
 
     async def _commit(self, pipe: Any) -> bool:
         """Execute a queued transaction; True once it is applied (and confirmed by `write_replicas`
-        replicas), False when it certainly was not (a watched key moved: read again and retry).
+        replicas), False when it certainly was not (a watched key moved, or a failover took it: read again
+        and retry).
 
         A transaction whose reply is lost may or may not have been applied. Each one also sets a key of its
         own (`written:<id>`, kept ten minutes), so the store can be asked afterwards; MULTI/EXEC applies all
@@ -400,9 +401,9 @@ class RedisStore(Store):
                     return False
                 raise self.unavailable(exc) from None
             return True
-        if self.write_replicas:
-            await self._applied(marker, None)
-        return True
+        # With replicas to wait for: a write the primary applied but lost in a failover before any replica had
+        # it is not in the store any more; it was not applied after all.
+        return not self.write_replicas or await self._applied(marker, None)
 
     async def _applied(self, marker: str, failure: BaseException | None) -> bool:
         """Whether the transaction that set `marker` is in the store (and on `write_replicas` replicas), asked
@@ -497,7 +498,9 @@ class RedisStore(Store):
             for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
                 site.version = int(version or 0) + 1
                 self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
-            await self._commit(writes)
+            if not await self._commit(writes):
+                raise StoreUnavailable(f"import: sites {start + 1} to {start + len(sites[start:start + batch])} were "
+                                       f"not written (lost in a failover); the ones before were: import again")
         return len(sites)
 
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
@@ -513,7 +516,8 @@ class RedisStore(Store):
                 pipe.hincrby(key, "version", 1)
                 pipe.sadd(self.key("profiles"), name)
             pipe.publish(self.key("changes"), f"profile {name} 1")
-            await self._commit(pipe)
+            if not await self._commit(pipe):
+                raise StoreUnavailable(f"profile {name}: not written (lost in a failover); try again")
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -123,7 +123,7 @@ def test_a_late_node_answers_nothing_from_before_its_list_is_in(tmp_path, upstre
     port = free_port()
     config = write_config(tmp_path / "late.toml", store={"redis": shared_redis.url, "prefix": redis_prefix},
                           lists={"cache_dir": str(tmp_path / "cache"), "check_interval": 1.0})
-    with Hammer(port, listed_query) as hammer:
+    with Hammer(port, listed_query, timeout=0.1) as hammer:
         time.sleep(0.1)
         with serving("--config", str(config), "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
                      "--workers", "2"):

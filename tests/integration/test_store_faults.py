@@ -20,11 +20,18 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from bench.faults import mac
 from blocklists.catalog import load_catalog
+from resolver.admin.api import Api, tokens_from
+from resolver.admin.why import Explainer
+from resolver.metrics import Metrics
 from resolver.policy.service import PolicyService
 from resolver.policy.store import RedisStore, StoreUnavailable, WriteUnknown
+from resolver.publishing import LocalPublications
+from resolver.server import load_policy_and_lists
+from resolver.sources import LocalShelf, Sources
 from tests.conftest import ServerThread, make_config
 from tests.integration.test_policies import Clock, ask, outcome, write
 
@@ -162,6 +169,7 @@ class CuttingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cut: tuple[bytes, bool] | None = None  # (the command, whether it is passed on first)
+        self.cut_after_exec: tuple[bytes, bool] | None = None  # becomes `cut` once an EXEC passes
         self.refusing = threading.Event()
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -186,7 +194,9 @@ class CuttingProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while data := source.recv(65536):
-                if upstream and self.cut and self.cut[0] in data:
+                if upstream and self.cut_after_exec and b"EXEC\r\n" in data:
+                    self.cut, self.cut_after_exec = self.cut_after_exec, None
+                elif upstream and self.cut and self.cut[0] in data:
                     (_command, passed_on), self.cut = self.cut, None
                     self.refusing.set()
                     source.shutdown(socket.SHUT_RDWR)  # the client hears nothing more, its reply included
@@ -268,3 +278,36 @@ def test_a_write_reported_failed_was_not_written(proxy, own_redis, redis_prefix)
     with pytest.raises(StoreUnavailable):
         asyncio.run(_pause_through(proxy, redis_prefix, WATCH_LOST, refuse_for=5.0))
     assert not _paused(own_redis, redis_prefix)
+
+
+def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(proxy, own_redis, redis_prefix,
+                                                                               tmp_path):
+    """Redis goes away just after a write is applied: the API must not read the site back (and fail on that
+    read) to answer; it answers from what the write made."""
+    async def run() -> int:
+        store = RedisStore(proxy.url, CATALOG, redis_prefix)
+        api = api_over(store, tmp_path)
+        async with TestClient(TestServer(api.app())) as client:
+            headers = {"Authorization": f"Bearer {API_TOKEN}"}
+            assert (await client.put("/v1/sites/home", json={"name": "home"}, headers=headers)).status == 200
+            proxy.cut_after_exec = (b"HMGET", False)  # the next read after the next write dies
+            asyncio.get_running_loop().call_later(3.0, proxy.refusing.clear)
+            response = await client.post("/v1/sites/home/pause", json={}, headers=headers)
+        await store.close()
+        return response.status
+
+    assert asyncio.run(run()) == 200
+    assert _paused(own_redis, redis_prefix)
+
+
+API_TOKEN = "store-faults-token-00001"
+
+
+def api_over(store: RedisStore, scratch: Path) -> Api:
+    """The admin API of a node over `store`, in this process."""
+    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN]})
+    catalog, maker, lists = load_policy_and_lists(config)
+    publications = LocalPublications(catalog, scratch / "served.bns", scratch / "versions")
+    sources = Sources(LocalShelf(scratch / "sources"), catalog, publications, (), scratch / "compiles")
+    return Api(tokens_from(config.admin), catalog, store, publications, sources,
+               Explainer(store, maker, catalog, lists), Metrics(scratch, dict), 1 << 20, scratch / "uploads")
