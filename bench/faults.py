@@ -39,7 +39,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from bench.harness import REPO, free_port, machine, median, running
+from bench.harness import REPO, free_port, machine, median, running, started
 from bench.load import have_dnsperf, run_dnsperf, write_query_file
 from bench.redis_processes import RedisServer, SentinelDeployment
 from blocklists.catalog import load_catalog
@@ -213,18 +213,8 @@ def node(config: Path, port: int, upstream_port: int, admin: int | None = None, 
     command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
                "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers),
                "--admin-listen", f"127.0.0.1:{admin}" if admin else ""]
-    sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=sink, stderr=sink, cwd=tree)
-    try:
+    with started(command, log=log, cwd=tree) as process:
         yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if log:
-            sink.close()  # type: ignore[union-attr]
 
 
 def answering(port: int, within: float = 20.0) -> None:

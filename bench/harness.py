@@ -64,17 +64,12 @@ def answers(port: int, name: str = "ready.bench.example", timeout: float = 0.2) 
 
 
 @contextlib.contextmanager
-def running(command: list[str], port: int, *, startup: float = 15.0, log: Path | None = None) -> Iterator[int]:
-    """Start a server process, wait until it answers on `port`, yield its pid, stop it with SIGTERM."""
-    sink = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+def started(command: list[str], *, log: Path | None = None, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """A process, its output to `log` (or nowhere); stopped with SIGTERM (SIGKILL if it will not) at the end."""
+    sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
     try:
-        deadline = time.monotonic() + startup
-        while not answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(command)} did not start (exit {process.poll()})")
-            time.sleep(0.1)
-        yield process.pid
+        yield process
     finally:
         process.terminate()
         try:
@@ -83,6 +78,18 @@ def running(command: list[str], port: int, *, startup: float = 15.0, log: Path |
             process.kill()
         if log:
             sink.close()  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, *, startup: float = 15.0, log: Path | None = None) -> Iterator[int]:
+    """Start a server process, wait until it answers on `port`, yield its pid, stop it with SIGTERM."""
+    with started(command, log=log) as process:
+        deadline = time.monotonic() + startup
+        while not answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command)} did not start (exit {process.poll()})")
+            time.sleep(0.1)
+        yield process.pid
 
 
 @contextlib.contextmanager

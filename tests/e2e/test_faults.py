@@ -3,17 +3,13 @@ started late, a corrupt list file at a restart, SIGHUP. Whatever happens, a list
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import dns.exception
 import dns.message
@@ -25,6 +21,7 @@ from bench.faults import Hammer, publish, write_config
 from bench.harness import free_port
 from bench.upstream import Script, ScriptedUpstream
 from tests.conftest import answer_addresses
+from tests.e2e.test_admin import http
 from tests.e2e.test_process import bns, node, serving
 
 pytestmark = pytest.mark.e2e
@@ -200,12 +197,12 @@ def test_a_restart_with_a_corrupt_list_file_serves_the_last_verified_list(tmp_pa
     served.write_bytes(data[: len(data) // 2])  # a copy cut short, then the node restarts
     with node(*common) as (_process, port, api):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
-        status, health = get(api, "/health", token)
+        status, health = http(api, "GET", "/health", token=token)
         assert status == 200 and health["status"] == "degraded" and "truncated" in health["lists_fallback"]
-        assert "bns_lists_fallback 1" in get(api, "/metrics", token)[1]
+        assert "bns_lists_fallback 1" in http(api, "GET", "/metrics", token=token)[1]
         served.write_bytes(data)  # mended: the node serves the file again, and says so
         started = time.monotonic()
-        while get(api, "/health", token)[1]["status"] != "ok":
+        while http(api, "GET", "/health", token=token)[1]["status"] != "ok":
             assert time.monotonic() - started < 5
             time.sleep(0.1)
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
@@ -220,19 +217,6 @@ def test_a_corrupt_list_file_and_no_verified_list_refuses_to_start(tmp_path, ups
                             env={**os.environ, "TMPDIR": str(tmp_path)})  # a cache with no verified list
     assert result.returncode == 1
     assert "holds no earlier verified list" in result.stderr
-
-
-def get(api: str, path: str, token: str) -> tuple[int, Any]:
-    request = urllib.request.Request(api + path, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            payload, status = response.read(), response.status
-    except urllib.error.HTTPError as exc:
-        payload, status = exc.read(), exc.code
-    try:
-        return status, json.loads(payload)
-    except ValueError:
-        return status, payload.decode()
 
 
 def test_run_directories_left_by_killed_supervisors_are_removed(tmp_path, upstream):
@@ -288,19 +272,19 @@ def test_sighup_applies_what_can_change_live_and_never_stops_the_server(tmp_path
         write_config(path, **sections)
         process.send_signal(signal.SIGHUP)
         started = time.monotonic()
-        while not (answer_addresses(ask(port, LISTED)) and get(api, "/health", new_token)[0] == 200):
+        while not (answer_addresses(ask(port, LISTED)) and http(api, "GET", "/health", token=new_token)[0] == 200):
             assert process.poll() is None, "SIGHUP stopped the server"
             assert time.monotonic() - started < 5, "the new configuration was not applied"
             time.sleep(0.05)
         assert answer_addresses(ask(port, "second.example"))
         assert "second.example" in second.names_seen() and "second.example" not in upstream.names_seen()
-        assert get(api, "/health", token)[0] == 401  # the old token is gone
+        assert http(api, "GET", "/health", token=token)[0] == 401  # the old token is gone
         # a configuration that does not load changes nothing
         path.write_text("[server]\nworkers = 'many'\n")
         process.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert process.poll() is None
-        assert answer_addresses(ask(port, LISTED)) and get(api, "/health", new_token)[0] == 200
+        assert answer_addresses(ask(port, LISTED)) and http(api, "GET", "/health", token=new_token)[0] == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
         log = process.stderr.read()
