@@ -94,8 +94,8 @@ def compile_list(directory: Path, filler: int = 0) -> Path:
 
 def publish(redis_url: str, prefix: str, artifact: Path, scratch: Path) -> str:
     """Publish `artifact` through Redis as an admin's push would; its version."""
-    from resolver.policy.store import RedisStore
-    from resolver.publishing import RedisPublications
+    from resolver.shared.store.publications import RedisPublications
+    from resolver.shared.store.redis_policies import RedisStore
 
     async def run() -> str:
         store = RedisStore(redis_url, CATALOG, prefix)

@@ -41,7 +41,7 @@ from bench.harness import (
 )
 from bench.load import LoadResult, process_tree_cpu, run_dnsperf
 from blocklists.catalog import load_catalog
-from resolver.policy.store import RedisStore
+from resolver.shared.store.redis_policies import RedisStore
 
 _ECS, _MAC = 8, 65001
 

@@ -16,16 +16,16 @@ import pytest
 from bench.harness import DEFAULT_DATA, top_site_names
 from bench.upstream import Script, build_reply
 from blocklists.catalog import load_catalog
-from resolver.cache import AnswerCache
-from resolver.config import CacheSettings, PolicySettings, StoreSettings, UpstreamSettings
-from resolver.identity import TrustedNetworks
-from resolver.listener import InFlight, UdpListener
-from resolver.lists import Lists
-from resolver.pipeline import Resolver
-from resolver.policy.directory import Directory
-from resolver.policy.effective import PolicyMaker, answering_from, default_policy
-from resolver.upstream import Forwarder
-from resolver.wire import QueryParser, scan_reply
+from resolver.shared.config import CacheSettings, PolicySettings, StoreSettings, UpstreamSettings
+from resolver.shared.identity import TrustedNetworks
+from resolver.shared.lists import Lists
+from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
+from resolver.worker.cache import AnswerCache
+from resolver.worker.directory import Directory
+from resolver.worker.listener import InFlight, UdpListener
+from resolver.worker.pipeline import Resolver
+from resolver.worker.upstream import Forwarder
+from resolver.worker.wire import QueryParser, scan_reply
 
 CLIENT = ("192.0.2.1", 40000)
 

@@ -19,8 +19,9 @@ import uvloop
 
 from bench.redis_processes import RedisServer, SentinelDeployment
 from bench.upstream import Script, ScriptedUpstream
-from resolver.config import Config, load_config
-from resolver.server import Worker, bind_sockets
+from resolver.shared.config import Config, load_config
+from resolver.shared.sockets import bind_sockets
+from resolver.worker.process import Worker
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,15 +25,15 @@ from aiohttp import web
 
 from blocklists.catalog import Catalog
 from blocklists.errors import BlocklistError
+from resolver.admin.metrics import Metrics
+from resolver.admin.sources import CompileBusy, Sources
 from resolver.admin.why import Explainer
-from resolver.config import AdminSettings
-from resolver.errors import BnsError
-from resolver.metrics import Metrics
-from resolver.policy.model import PolicyError, Site
-from resolver.policy.service import NotFound, PolicyService, Target, describe
-from resolver.policy.store import Store, StoreUnavailable, WriteUnknown
-from resolver.publishing import Publications, UnknownVersion
-from resolver.sources import CompileBusy, Sources
+from resolver.shared.config import AdminSettings
+from resolver.shared.errors import BnsError
+from resolver.shared.policy.model import PolicyError, Site
+from resolver.shared.policy.service import NotFound, PolicyService, Target, describe
+from resolver.shared.store.policies import Store, StoreUnavailable, WriteUnknown
+from resolver.shared.store.publications import Publications, UnknownVersion
 
 READ, ADMIN = "read", "admin"
 
@@ -56,13 +55,10 @@ class Route:
     body: str | None = None  # what the request body is, for the OpenAPI document
 
 
-def tokens_from(settings: AdminSettings, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+def tokens_from(settings: AdminSettings) -> dict[str, str]:
     """token → role. An admin token listed as read-only too stays admin."""
-    def listed(variable: str) -> list[str]:
-        return [token.strip() for token in environ.get(variable, "").split(",") if token.strip()]
-
-    roles = {token: READ for token in (*settings.read_tokens, *listed("BNS_READ_TOKENS"))}
-    roles.update({token: ADMIN for token in (*settings.tokens, *listed("BNS_ADMIN_TOKENS"))})
+    roles = dict.fromkeys(settings.read_tokens, READ)
+    roles.update(dict.fromkeys(settings.tokens, ADMIN))
     return roles
 
 

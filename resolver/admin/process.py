@@ -12,20 +12,24 @@ import uvloop
 from aiohttp import web
 
 from resolver.admin.api import Api, tokens_from
+from resolver.admin.metrics import Metrics
+from resolver.admin.pages import Pages
+from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
-from resolver.config import Config
-from resolver.lists import cache_dir_of, served_path
-from resolver.metrics import Metrics
-from resolver.pages import LocalUsedTokens, Pages, RedisUsedTokens, Secret, UsedTokens
-from resolver.policy.service import PolicyService
-from resolver.policy.store import RedisStore, Store, StoreUnavailable, open_store
-from resolver.publishing import LocalPublications, Publications, RedisPublications, Settled
-from resolver.run_directory import RunDirectory
-from resolver.signals import handle_signals
-from resolver.sources import LocalShelf, RedisShelf, Sources
+from resolver.shared.config import Config
+from resolver.shared.lists import cache_dir_of, served_path
+from resolver.shared.policy.service import PolicyService
+from resolver.shared.run_directory import RunDirectory
+from resolver.shared.signals import handle_signals
+from resolver.shared.store.backends import open_store
+from resolver.shared.store.page_tokens import LocalUsedTokens, RedisUsedTokens, Secret, UsedTokens
+from resolver.shared.store.policies import Store, StoreUnavailable
+from resolver.shared.store.publications import LocalPublications, Publications, RedisPublications, Settled
+from resolver.shared.store.redis_policies import RedisStore
+from resolver.shared.store.shelves import LocalShelf, RedisShelf
 
 if TYPE_CHECKING:
-    from resolver.server import HttpSockets
+    from resolver.shared.sockets import HttpSockets
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ _NOT_READY_LOG_INTERVAL = 5.0
 
 class AdminNode:
     def __init__(self, config: Config, http: HttpSockets, run: RunDirectory) -> None:
-        from resolver.server import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
+        from resolver.shared.loading import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
 
         self.config = config
         self.http = http
@@ -103,7 +107,7 @@ class AdminNode:
 
     def reload(self, config: Config) -> None:
         """Apply a configuration reloaded on SIGHUP (only the keys marked live differ from the current one)."""
-        from resolver.server import policy_maker  # noqa: PLC0415  (server imports this module)
+        from resolver.shared.loading import policy_maker  # noqa: PLC0415  (server imports this module)
 
         old, self.config = self.config, config
         logging.getLogger().setLevel(config.log.level.upper())
@@ -119,7 +123,7 @@ class AdminNode:
         redis = self.store if isinstance(self.store, RedisStore) else None
         used: UsedTokens = RedisUsedTokens(redis) if redis is not None else LocalUsedTokens()
         service = PolicyService(self.store) if self.store is not None else None
-        return Pages(self.explainer, service, Secret(self.config.pages, redis), used, self.config.pages,
+        return Pages(self.explainer, service, Secret(self.config.pages.secret, redis), used, self.config.pages,
                      self.catalog, self.config.policy.blocked_ttl)
 
     async def _serve(self, app: web.Application, sockets: list[Any]) -> None:

@@ -12,15 +12,15 @@ from typing import Any
 
 from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
-from resolver.identity import Identity
-from resolver.lists import Lists
-from resolver.policy.directory import find_device
-from resolver.policy.effective import PolicyMaker, governing, guest_profile
-from resolver.policy.model import PolicyError, parse_mac, parse_time
-from resolver.policy.runtime import ALLOWED, PASSED, Policy, Verdict
-from resolver.policy.store import Store
-from resolver.safesearch import restrict_name
-from resolver.wire import text_to_name
+from resolver.shared.dns import text_to_name
+from resolver.shared.identity import Identity
+from resolver.shared.lists import Lists
+from resolver.shared.policy.effective import PolicyMaker, governing, guest_profile
+from resolver.shared.policy.model import PolicyError, parse_mac, parse_time
+from resolver.shared.policy.runtime import ALLOWED, PASSED, Policy, Verdict
+from resolver.shared.policy.safesearch import restrict_name
+from resolver.shared.store.policies import Store
+from resolver.worker.directory import find_device
 
 
 def _suffixes(wire: bytes) -> list[bytes]:

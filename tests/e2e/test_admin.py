@@ -19,7 +19,7 @@ import dns.rcode
 import pytest
 
 from resolver.admin.api import ROUTES
-from resolver.wire import OptionCode
+from resolver.shared.dns import OptionCode
 from tests.conftest import FIXTURES
 from tests.e2e.test_process import bns, node
 

@@ -11,7 +11,7 @@ import dns.message
 import dns.query
 import pytest
 
-from resolver.wire import OptionCode
+from resolver.shared.dns import OptionCode
 from tests.e2e.test_process import bns, serving
 
 pytestmark = pytest.mark.e2e

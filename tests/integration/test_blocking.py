@@ -21,10 +21,12 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists, sources_from_dir
-from resolver.errors import StartupError
-from resolver.lists import private_copy
-from resolver.server import Worker, bind_sockets, load_policy_and_lists
-from resolver.wire import EdeCode
+from resolver.shared.dns import EdeCode
+from resolver.shared.errors import StartupError
+from resolver.shared.lists import private_copy
+from resolver.shared.loading import load_policy_and_lists
+from resolver.shared.sockets import bind_sockets
+from resolver.worker.process import Worker
 from tests.conftest import FIXTURES, SHARED_DATA, ServerThread, answer_addresses, make_config
 
 pytestmark = pytest.mark.integration
@@ -213,7 +215,7 @@ def test_a_corrupt_install_is_refused_and_the_old_list_keeps_serving(upstream, t
         data = bytearray(broken.read_bytes())
         data[-3] ^= 0x55
         broken.write_bytes(bytes(data))
-        with caplog.at_level(logging.ERROR, logger="resolver.lists"):
+        with caplog.at_level(logging.ERROR, logger="resolver.shared.lists"):
             broken.replace(live)
             deadline = time.monotonic() + 3
             while "refused" not in caplog.text and time.monotonic() < deadline:
@@ -244,7 +246,7 @@ def test_a_malformed_install_neither_stops_the_watcher_nor_the_next_swap(upstrea
     with serve(upstream, live) as server:
         odd = tmp_path / "odd.bns"
         odd.write_bytes(struct.pack("<8sII", b"BNSLIST\x00", 2, len(header)) + header)
-        with caplog.at_level(logging.ERROR, logger="resolver.lists"):
+        with caplog.at_level(logging.ERROR, logger="resolver.shared.lists"):
             odd.replace(live)
             deadline = time.monotonic() + 3
             while "refused" not in caplog.text and time.monotonic() < deadline:

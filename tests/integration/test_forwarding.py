@@ -14,7 +14,7 @@ import dns.rdatatype
 import pytest
 
 from bench.upstream import Script, ScriptedUpstream
-from resolver.wire import EdeCode, OptionCode
+from resolver.shared.dns import EdeCode, OptionCode
 from tests.conftest import ServerThread, answer_addresses, make_config
 
 pytestmark = pytest.mark.integration

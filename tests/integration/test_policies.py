@@ -26,9 +26,9 @@ import dns.rdatatype
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.policy.service import PolicyService
-from resolver.policy.store import RedisStore
-from resolver.wire import OptionCode
+from resolver.shared.dns import OptionCode
+from resolver.shared.policy.service import PolicyService
+from resolver.shared.store.redis_policies import RedisStore
 from tests.conftest import ServerThread, answer_addresses, make_config
 
 pytestmark = pytest.mark.integration
@@ -200,7 +200,7 @@ def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists
 
 
 def test_an_invalid_write_is_refused_whole(family, shared_redis, redis_prefix):
-    from resolver.policy.model import PolicyError
+    from resolver.shared.policy.model import PolicyError
 
     before = write(shared_redis.url, redis_prefix, lambda service: service.get_site("smith"))
     broken = {**SITE, "name": "changed", "devices": {**SITE["devices"], "tv": {"macs": ["not-a-mac"]}}}
@@ -210,7 +210,7 @@ def test_an_invalid_write_is_refused_whole(family, shared_redis, redis_prefix):
 
 
 def test_redis_killed_keeps_last_policies_and_comes_back(own_redis, redis_prefix, lists, upstream, caplog):
-    caplog.set_level(logging.INFO, logger="resolver.policy.directory")
+    caplog.set_level(logging.INFO, logger="resolver.worker.directory")
     write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
     with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON),
                     cold_wait=0.05) as server:

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.publishing import LocalPublications
-from resolver.sources import LocalShelf, Sources
+from resolver.admin.sources import Sources
+from resolver.shared.store.publications import LocalPublications
+from resolver.shared.store.shelves import LocalShelf
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()

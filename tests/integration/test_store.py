@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.policy.model import PolicyError
-from resolver.policy.service import NotFound, PolicyService
-from resolver.policy.store import Change, FileStore, RedisStore, Store
+from resolver.shared.policy.model import PolicyError
+from resolver.shared.policy.service import NotFound, PolicyService
+from resolver.shared.store.file_policies import FileStore
+from resolver.shared.store.policies import Change, Store
+from resolver.shared.store.redis_policies import RedisStore
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()

@@ -25,13 +25,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from bench.faults import mac
 from blocklists.catalog import load_catalog
 from resolver.admin.api import Api, tokens_from
+from resolver.admin.metrics import Metrics
+from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
-from resolver.metrics import Metrics
-from resolver.policy.service import PolicyService
-from resolver.policy.store import RedisStore, StoreUnavailable, WriteUnknown
-from resolver.publishing import LocalPublications
-from resolver.server import load_policy_and_lists
-from resolver.sources import LocalShelf, Sources
+from resolver.shared.loading import load_policy_and_lists
+from resolver.shared.policy.service import PolicyService
+from resolver.shared.store.policies import StoreUnavailable, WriteUnknown
+from resolver.shared.store.publications import LocalPublications
+from resolver.shared.store.redis_policies import RedisStore
+from resolver.shared.store.shelves import LocalShelf
 from tests.conftest import ServerThread, make_config
 from tests.integration.test_policies import Clock, ask, outcome, write
 
@@ -100,7 +102,7 @@ def test_new_clients_get_their_sites_policy_after_redis_forgets_the_script(two_s
 
 
 def test_an_outage_is_logged_once_and_its_end_once(two_sites, own_redis, lists, upstream, caplog):
-    caplog.set_level(logging.INFO, logger="resolver.policy.directory")
+    caplog.set_level(logging.INFO, logger="resolver.worker.directory")
     with worker(*two_sites, lists, upstream, cold_wait=0.05) as server:
         assert outcome(ask(server, "porn.example")) == "ok"
         own_redis.kill()

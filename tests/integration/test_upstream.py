@@ -8,9 +8,9 @@ import contextlib
 import pytest
 import uvloop
 
-from resolver.config import UpstreamSettings, parse_endpoint
-from resolver.upstream import Upstream
-from resolver.wire import text_to_name
+from resolver.shared.config import UpstreamSettings, parse_endpoint
+from resolver.shared.dns import text_to_name
+from resolver.worker.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 QUESTION = text_to_name("slot.example") + b"\x00\x01\x00\x01"

@@ -9,9 +9,10 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from resolver.cache import AnswerCache, failure_reply
-from resolver.config import CacheSettings
-from resolver.wire import EdeCode, QueryParser, Rcode, ScannedReply, ede_option, scan_reply, upstream_query
+from resolver.shared.config import CacheSettings
+from resolver.shared.dns import EdeCode, Rcode, ede_option
+from resolver.worker.cache import AnswerCache, failure_reply
+from resolver.worker.wire import QueryParser, ScannedReply, scan_reply, upstream_query
 
 pytestmark = pytest.mark.unit
 CLIENT = ("192.0.2.1", 5353)

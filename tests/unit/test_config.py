@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import Endpoint, describe_settings, load_config, parse_endpoint
-from resolver.errors import ConfigError
-from resolver.server import _explain_bind_error
+from resolver.shared.config import Endpoint, describe_settings, load_config, parse_endpoint
+from resolver.shared.errors import ConfigError
+from resolver.shared.sockets import _explain_bind_error
 
 pytestmark = pytest.mark.unit
 

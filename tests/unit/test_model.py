@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.identity import Identity, TrustedNetworks, identity_from
-from resolver.policy.model import PolicyError, mac_from_option, parse_site, site_document
-from resolver.wire import OptionCode
+from resolver.shared.dns import OptionCode
+from resolver.shared.identity import Identity, TrustedNetworks, identity_from
+from resolver.shared.policy.model import PolicyError, mac_from_option, parse_site, site_document
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from resolver.config import PagesSettings
-from resolver.pages import ContinueTokens, LocalUsedTokens, Offer, Secret, TokenRefused
+from resolver.admin.pages import ContinueTokens, Offer, TokenRefused
+from resolver.shared.config import load_config
+from resolver.shared.store.page_tokens import LocalUsedTokens, Secret
 
 pytestmark = pytest.mark.unit
 OFFER = Offer("home", "laptop", "phish.example", 1600.0, "n0nce")
@@ -55,9 +56,9 @@ def test_a_token_is_claimed_once_and_forgotten_when_it_expires():
 
 def test_the_secret_is_configured_or_made():
     def signed(secret: Secret) -> str:
-        return asyncio.run(secret.tokens()).sign(OFFER)
+        return ContinueTokens(asyncio.run(secret.key())).sign(OFFER)
 
-    configured = signed(Secret(PagesSettings(secret="s" * 16), None, {}))
-    from_environment = signed(Secret(PagesSettings(), None, {"BNS_PAGES_SECRET": "s" * 16}))
-    made = {signed(Secret(PagesSettings(), None, {})) for _ in range(2)}
+    configured = signed(Secret(load_config(None, {"pages": {"secret": "s" * 16}}, {}).pages.secret, None))
+    from_environment = signed(Secret(load_config(None, None, {"BNS_PAGES_SECRET": "s" * 16}).pages.secret, None))
+    made = {signed(Secret(load_config(None, None, {}).pages.secret, None)) for _ in range(2)}
     assert configured == from_environment == ContinueTokens(b"s" * 16).sign(OFFER) and len(made) == 2

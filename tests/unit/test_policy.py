@@ -9,15 +9,16 @@ import dns.rdatatype
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.blocking import BlockedAnswers, build_blocked_answer
-from resolver.config import PolicySettings, StoreSettings
-from resolver.errors import ConfigError
-from resolver.identity import Identity, TrustedNetworks
-from resolver.policy.directory import Directory
-from resolver.policy.effective import PolicyMaker, answering_from, default_policy
-from resolver.policy.runtime import Action, AnswerMode
-from resolver.policy.store import FileStore
-from resolver.wire import EdeCode, QueryParser
+from resolver.shared.config import PolicySettings, StoreSettings
+from resolver.shared.dns import EdeCode
+from resolver.shared.errors import ConfigError
+from resolver.shared.identity import Identity, TrustedNetworks
+from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
+from resolver.shared.policy.runtime import Action, AnswerMode
+from resolver.shared.store.file_policies import FileStore
+from resolver.worker.answers import BlockedAnswers, build_blocked_answer
+from resolver.worker.directory import Directory
+from resolver.worker.wire import QueryParser
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()

@@ -9,11 +9,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from blocklists.catalog import load_catalog
-from resolver.config import PolicySettings
-from resolver.policy.effective import MAX_VALIDITY, PolicyMaker, answering_from, default_policy, governing
-from resolver.policy.model import parse_site
-from resolver.policy.runtime import ALLOWED, PASSED, Action
-from resolver.wire import text_to_name
+from resolver.shared.config import PolicySettings
+from resolver.shared.dns import text_to_name
+from resolver.shared.policy.effective import MAX_VALIDITY, PolicyMaker, answering_from, default_policy, governing
+from resolver.shared.policy.model import parse_site
+from resolver.shared.policy.runtime import ALLOWED, PASSED, Action
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()
@@ -208,7 +208,7 @@ def test_a_block_all_schedule_beats_allow():
 
 def test_profiles_give_defaults_that_a_policy_overrides():
     guest = {"block": ["pornography", "drugs"], "web_protect": False}
-    from resolver.policy.model import parse_profile
+    from resolver.shared.policy.model import parse_profile
 
     profiles = {"guest": parse_profile("guest", guest, CATALOG)}
     document = site()

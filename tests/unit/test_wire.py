@@ -14,19 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.wire import (
+from resolver.shared.dns import OptionCode, Rcode, text_to_name
+from resolver.worker.wire import (
     PLAIN_UDP_LIMIT,
     TCP_LIMIT,
     Malformed,
-    OptionCode,
     QueryParser,
-    Rcode,
     error_answer,
     read_query,
     reply_matches,
     scan_reply,
     synthesized_answer,
-    text_to_name,
     truncated_answer,
     upstream_query,
 )

@@ -1,0 +1,90 @@
+"""Prometheus metrics of a node: each worker writes its counters to a small file every second; the admin
+process adds them up when scraped. Counting stays off the query path: the cache already counts its hits
+and misses, the blocked-answer builder its verdicts, the forwarder its replies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
+    if labels:
+        text = ",".join(f'{key}="{str(val).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                        for key, val in labels.items())
+        return f"{name}{{{text}}} {value}"
+    return f"{name} {value}"
+
+
+class Metrics:
+    """What `/metrics` renders: the workers' counters summed, and the node's own state."""
+
+    def __init__(self, directory: Path, state: Callable[[], dict[str, Any]], workers: int = 1) -> None:
+        """`workers`: how many the node runs (it is ready when each of them reports ready)."""
+        self.directory = directory
+        self._state = state
+        self._expected = workers
+
+    def readiness(self) -> tuple[bool, str | None]:
+        """(whether every worker answers queries, why the node serves its last verified list if it does)."""
+        workers = self._workers()
+        ready = len(workers) >= self._expected and all(worker.get("ready", True) for worker in workers)
+        fallback = next((worker["lists_fallback"] for worker in workers if worker.get("lists_fallback")), None)
+        return ready, fallback
+
+    def _workers(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.directory.glob("worker-*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # being replaced this instant: next scrape
+        return out
+
+    def render(self) -> str:
+        workers = self._workers()
+        hits = sum(w["cache_hits"] for w in workers)
+        misses = sum(w["cache_misses"] for w in workers)
+        verdicts: dict[str, int] = {}
+        for worker in workers:
+            for key, count in worker["verdicts"].items():
+                verdicts[key] = verdicts.get(key, 0) + count
+        replies = sum(w["upstream_replies"] for w in workers)
+        seconds = sum(w["upstream_seconds"] for w in workers)
+        state = self._state()
+        lines = [
+            "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
+            "# TYPE bns_queries_total counter",
+            _line("bns_queries_total", hits + misses, {"verdict": "passed", "category": "", "reason": ""}),
+        ]
+        for key, count in sorted(verdicts.items()):
+            action, category, reason = key.split("|", 2)
+            lines.append(_line("bns_queries_total", count, {"verdict": action, "category": category,
+                                                            "reason": reason}))
+        lines += [
+            "# HELP bns_cache_hits_total Answers served from the cache.", "# TYPE bns_cache_hits_total counter",
+            _line("bns_cache_hits_total", hits),
+            "# HELP bns_cache_misses_total Cache lookups that missed.", "# TYPE bns_cache_misses_total counter",
+            _line("bns_cache_misses_total", misses),
+            "# HELP bns_cache_hit_ratio Hits over lookups since start.", "# TYPE bns_cache_hit_ratio gauge",
+            _line("bns_cache_hit_ratio", round(hits / (hits + misses), 6) if hits + misses else 0),
+            "# HELP bns_upstream_replies_total Upstream replies accepted.",
+            "# TYPE bns_upstream_replies_total counter", _line("bns_upstream_replies_total", replies),
+            "# HELP bns_upstream_latency_seconds_sum Seconds spent waiting for those replies.",
+            "# TYPE bns_upstream_latency_seconds_sum counter",
+            _line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
+            "# HELP bns_workers Workers reporting.", "# TYPE bns_workers gauge", _line("bns_workers", len(workers)),
+            "# HELP bns_lists_info The list version each worker serves.", "# TYPE bns_lists_info gauge",
+        ]
+        for version in sorted({w["lists_version"] for w in workers}):
+            lines.append(_line("bns_lists_info", 1, {"version": version}))
+        ready, fallback = self.readiness()
+        lines += ["# HELP bns_store_up 1 when the policy store answers, 0 when not, -1 with none.",
+                  "# TYPE bns_store_up gauge", _line("bns_store_up", state.get("store_up", -1)),
+                  "# HELP bns_ready 1 when every worker answers queries, 0 while one waits for its list.",
+                  "# TYPE bns_ready gauge", _line("bns_ready", int(ready)),
+                  "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
+                  "# TYPE bns_lists_fallback gauge", _line("bns_lists_fallback", int(fallback is not None))]
+        return "\n".join(lines) + "\n"

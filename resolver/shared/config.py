@@ -1,0 +1,460 @@
+"""Configuration: every default in one place, strict TOML loading, command-line overrides.
+
+Each section is a frozen dataclass; each key carries its default, its limits and a one-line description in
+`setting(...)`. Loading refuses unknown keys and bad values with a message that names the key, the reason
+and what is allowed, so a typo fails at start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from resolver.shared.errors import ConfigError
+from resolver.shared.store.redis import check_redis_url
+
+DNS_PORT = 53
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An IP address and port: a listen address or an upstream server."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
+    """Parse `1.2.3.4`, `1.2.3.4:53`, `::1` or `[::1]:53`; raise ValueError saying what is wrong."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not [IPv6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (names are not resolved here)") from None
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+        port = int(port_text)
+    return Endpoint(address.compressed, port)
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    convert: Callable[[Any], Any] | None = None,
+    live: bool = False,
+) -> Any:
+    """A config key: its default, its description, the limits `load_config` enforces, and whether a running
+    server applies a change of it on SIGHUP (`live`) or needs a restart."""
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert,
+            "live": live}
+    return field(default=default, metadata=meta)
+
+
+def _endpoints(items: Any) -> tuple[Endpoint, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError("must be a list of strings such as [\"127.0.0.1:53\", \"[::1]:53\"]")
+    if not items:
+        raise ValueError("must name at least one address")
+    return tuple(parse_endpoint(item) for item in items)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[Endpoint, ...] = setting(
+        (Endpoint("127.0.0.1", 5300),),
+        "addresses to answer on, UDP and TCP each; ports below 1024 need privileges",
+        convert=_endpoints,
+    )
+    workers: int = setting(0, "worker processes sharing the port (SO_REUSEPORT); 0 = one per core",
+                           minimum=0, maximum=256)
+    tcp_idle_timeout: float = setting(10.0, "seconds a TCP connection with nothing in flight stays open",
+                                      minimum=0.1, maximum=3600)
+    tcp_max_connections: int = setting(1000, "open TCP connections per worker; more are closed at once",
+                                       minimum=1, maximum=1_000_000)
+    tcp_max_in_flight: int = setting(100, "queries in flight per TCP connection before reading pauses",
+                                     minimum=1, maximum=65535)
+    drain_timeout: float = setting(5.0, "seconds to finish in-flight queries on SIGTERM", minimum=0, maximum=600)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    servers: tuple[Endpoint, ...] = setting(
+        (Endpoint("9.9.9.9", DNS_PORT), Endpoint("149.112.112.112", DNS_PORT)),
+        "upstream resolvers, tried in this order (the first healthy one answers)",
+        convert=_endpoints,
+        live=True,
+    )
+    timeout: float = setting(0.5, "seconds to wait for one upstream before trying the next",
+                             minimum=0.01, maximum=30, live=True)
+    deadline: float = setting(2.0, "seconds after which a query that no upstream answered gets SERVFAIL",
+                              minimum=0.01, maximum=60, live=True)
+    max_outstanding: int = setting(1000, "upstream queries in flight per worker; beyond it, SERVFAIL at once",
+                                   minimum=1, maximum=1_000_000, live=True)
+    down_after: int = setting(3, "consecutive failures that mark an upstream down", minimum=1, maximum=1000, live=True)
+    down_for: float = setting(5.0, "seconds a down upstream is skipped before it is tried again",
+                              minimum=0.1, maximum=3600, live=True)
+    sockets: int = setting(8, "UDP sockets per upstream per worker, each on its own random source port",
+                           minimum=1, maximum=1024, live=True)
+    socket_queries: int = setting(1000, "queries sent on a UDP socket before it is replaced (new random port)",
+                                  minimum=1, maximum=1_000_000, live=True)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    size: int = setting(100_000, "answers kept per worker (least recently used are evicted)",
+                        minimum=0, maximum=100_000_000)
+    min_ttl: int = setting(0, "lowest TTL given to a cached positive answer, in seconds", minimum=0, maximum=86400)
+    max_ttl: int = setting(86400, "highest TTL kept for a positive answer", minimum=0, maximum=604800)
+    negative_max_ttl: int = setting(3600, "highest TTL kept for NXDOMAIN/NODATA (RFC 2308)",
+                                    minimum=0, maximum=86400)
+    servfail_ttl: int = setting(5, "seconds a SERVFAIL is kept (RFC 2308 §7: at most 5 minutes)",
+                                minimum=0, maximum=300)
+
+
+def _category_ids(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of category ids such as ["pornography", "drugs"]')
+    return tuple(items)
+
+
+def _addresses(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of IP addresses such as ["192.0.2.10", "2001:db8::10"]')
+    try:
+        return tuple(ipaddress.ip_address(item).compressed for item in items)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ListsSettings:
+    path: str = setting("", "compiled list artifact to serve (`bns lists compile`), where published lists are "
+                            "installed too; empty: <cache_dir>/published.bns, served once something is published",
+                        live=True)
+    catalog: str = setting("", "category catalogue TOML; empty: the packaged one")
+    check_interval: float = setting(1.0, "seconds between checks for a newly installed artifact",
+                                    minimum=0.05, maximum=3600, live=True)
+    hot_names: int = setting(100_000, "names whose categories each worker keeps at hand (a dict lookup)",
+                             minimum=1, maximum=100_000_000)
+    cache_dir: str = setting("", "private directory the served artifacts are copied to before they are mapped; "
+                                 "empty: bns-lists-<uid> in the temporary directory")
+    ready_timeout: float = setting(10.0, "seconds a node following published lists (store.redis) waits at start "
+                                         "for Redis to confirm the current list before it serves the verified "
+                                         "list it already holds; a node holding none waits for Redis",
+                                   minimum=0, maximum=3600)
+
+
+ANSWER_MODES = ("nxdomain", "nodata", "null", "page")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The global default policy: what every client gets (until per-device policies exist for it)."""
+
+    block: tuple[str, ...] | None = setting(
+        None, "categories answered as blocked; default: those the catalogue marks `block`", convert=_category_ids,
+        live=True)
+    warn: tuple[str, ...] | None = setting(
+        None, "categories answered with a warning (Web Protect); default: those marked `warn`",
+        convert=_category_ids, live=True)
+    answer: str = setting("nxdomain", "how a blocked name is answered", choices=ANSWER_MODES, live=True)
+    block_page: tuple[str, ...] = setting((), "block page addresses (for answer = \"page\")", convert=_addresses)
+    warning_page: tuple[str, ...] = setting((), "warning page addresses; without one, warnings answer as blocks",
+                                            convert=_addresses)
+    blocked_ttl: int = setting(10, "TTL of blocked answers, in seconds", minimum=0, maximum=86400, live=True)
+
+
+def _networks(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]')
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False).compressed for item in items)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _redis_url(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("must be a string such as \"redis://127.0.0.1:6379/0\"")
+    return check_redis_url(text)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    redis: str = setting("", "Redis URL holding the policies (redis://host:port/db, or "
+                             "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
+                             "embedded file", convert=_redis_url)
+    file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none")
+    prefix: str = setting("bns:", "prefix of every Redis key and of the change channel")
+    site_cache: int = setting(20_000, "sites each worker keeps in memory (least recently used go first)",
+                              minimum=1, maximum=10_000_000)
+    client_cache: int = setting(100_000, "clients each worker keeps in memory with their effective policy",
+                                minimum=1, maximum=10_000_000)
+    cold_wait: float = setting(0.01, "seconds a query from a new client waits for the store before it is "
+                                     "answered by `cold_policy`", minimum=0.0, maximum=5.0, live=True)
+    cold_policy: str = setting("best_known", "a new client the store cannot tell about in time: best_known (the "
+                                             "policy of its site if this worker holds it, else the global "
+                                             "default) or servfail", choices=("best_known", "servfail"), live=True)
+    write_replicas: int = setting(-1, "replicas that must confirm a policy write (Redis WAIT) before it is "
+                                      "reported done; -1: 1 with Sentinel, else 0", minimum=-1, maximum=16)
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    trusted_networks: tuple[str, ...] = setting(
+        (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks)
+
+
+ADMIN_PORT = 5380
+MIN_TOKEN_LENGTH = 16
+
+
+def _optional_endpoint(text: Any) -> Endpoint | None:
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string such as \"127.0.0.1:{ADMIN_PORT}\", or \"\" for none")
+    return parse_endpoint(text, ADMIN_PORT) if text else None
+
+
+def _tokens(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError("must be a list of strings")
+    for index, token in enumerate(items):
+        if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            raise ValueError(f"[{index}]: a token must be at least {MIN_TOKEN_LENGTH} printable characters "
+                             f"without spaces")
+    return tuple(items)
+
+
+def _directories(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) and item.startswith("/") for item in items):
+        raise ValueError('must be a list of absolute directories such as ["/srv/bns/lists"]')
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: Endpoint | None = setting(  # noqa: RUF009  (Endpoint is frozen: sharing the default is safe)
+        Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint)
+    tokens: tuple[str, ...] = setting((), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)",
+                                      convert=_tokens, live=True)
+    read_tokens: tuple[str, ...] = setting((), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)",
+                                           convert=_tokens, live=True)
+    max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
+                              minimum=1024, maximum=2**32)
+    source_roots: tuple[str, ...] = setting(
+        (), "directories under which the API may register list sources by path; empty: uploads only",
+        convert=_directories)
+    niceness: int = setting(19, "niceness of the admin process (API, pages, list follower): the DNS workers "
+                                "get the CPU first", minimum=0, maximum=19)
+    idle_scheduling: bool = setting(True, "run the admin process under SCHED_IDLE (Linux): a worker woken by a "
+                                          "query takes the CPU from it at once")
+
+
+def _secret(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("must be a string")
+    if text and (len(text) < MIN_TOKEN_LENGTH or not text.isprintable()):
+        raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} printable characters, or \"\" for a generated one")
+    return text
+
+
+@dataclass(frozen=True)
+class PagesSettings:
+    """The block and warning pages, served on the policy.block_page and policy.warning_page addresses."""
+
+    serve: bool = setting(True, "serve the block and warning pages on those addresses")
+    port: int = setting(80, "TCP port of the pages (browsers go to port 80)", minimum=1, maximum=65535)
+    pass_minutes: float = setting(60.0, "how long \"continue anyway\" opens a warned name for the device",
+                                  minimum=1, maximum=7 * 24 * 60)
+    offer_minutes: float = setting(10.0, "how long a warning page's \"continue anyway\" button stays valid",
+                                   minimum=1, maximum=24 * 60)
+    secret: str = setting("", "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
+                              "through Redis, or made per run without Redis", convert=_secret)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"), live=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    lists: ListsSettings = field(default_factory=ListsSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    pages: PagesSettings = field(default_factory=PagesSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+def _check_cross_fields(config: Config) -> None:
+    if config.policy.answer == "page" and not config.policy.block_page:
+        raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
+    if config.cache.min_ttl > config.cache.max_ttl:
+        raise ConfigError(f"cache.min_ttl: {config.cache.min_ttl} is above cache.max_ttl ({config.cache.max_ttl})")
+    if config.upstream.deadline < config.upstream.timeout:
+        raise ConfigError(
+            f"upstream.deadline: {config.upstream.deadline} is shorter than upstream.timeout "
+            f"({config.upstream.timeout}); the deadline bounds all attempts together"
+        )
+
+
+def _type_name(kind: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+
+
+def _check_value(name: str, kind: Any, meta: typing.Mapping[str, Any], raw: Any) -> Any:
+    if meta["convert"] is not None:
+        try:
+            return meta["convert"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = float(raw)
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        raise ConfigError(f"{name}: must be {_type_name(kind)}, got {raw!r}")
+    if meta["choices"] is not None and raw not in meta["choices"]:
+        raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(meta['choices'])}")
+    low, high = meta["minimum"], meta["maximum"]
+    if (low is not None and raw < low) or (high is not None and raw > high):
+        raise ConfigError(f"{name}: {raw!r} is outside {low}..{high}")
+    return raw
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key in {where}; known keys: {', '.join(known)}")
+    values = {}
+    for name, spec in known.items():
+        if name not in table:
+            continue
+        kind = hints[name]
+        if is_dataclass(kind):
+            values[name] = _build(kind, table[name], f"{prefix}{name}.")
+        else:
+            values[name] = _check_value(f"{prefix}{name}", kind, spec.metadata, table[name])
+    return cls(**values)
+
+
+# Settings the environment adds to, so that secrets need not be written in a file: variable → (section, key,
+# whether its comma-separated values are added to the file's list, else used only where the file has none).
+ENVIRONMENT = {
+    "BNS_ADMIN_TOKENS": ("admin", "tokens", True),
+    "BNS_READ_TOKENS": ("admin", "read_tokens", True),
+    "BNS_PAGES_SECRET": ("pages", "secret", False),
+}
+
+
+def _from_environment(table: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for variable, (section, key, listed) in ENVIRONMENT.items():
+        value = environ.get(variable, "").strip()
+        if not value or not isinstance(table.setdefault(section, {}), dict):
+            continue
+        if listed:
+            given = table[section].get(key, [])
+            table[section][key] = [*(given if isinstance(given, list) else [given]),
+                                   *(item.strip() for item in value.split(",") if item.strip())]
+        elif not table[section].get(key):
+            table[section][key] = value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                environ: Mapping[str, str] = os.environ) -> Config:
+    """Read a TOML file (or nothing: the embedded defaults), add what the environment sets (`ENVIRONMENT`),
+    apply `{section: {key: value}}` overrides."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _from_environment(table, environ)
+    for section, keys in (overrides or {}).items():
+        table.setdefault(section, {})
+        if isinstance(table[section], dict):
+            table[section].update(keys)
+    config = _build(Config, table, "")
+    _check_cross_fields(config)
+    return config
+
+
+def _flatten(config: Config) -> dict[str, tuple[Any, bool]]:
+    """"section.key" → (value, live) for every setting."""
+    return {f"{section.name}.{spec.name}": (getattr(getattr(config, section.name), spec.name), spec.metadata["live"])
+            for section in fields(Config) for spec in fields(section.default_factory)}  # type: ignore[misc]
+
+
+def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[str]]:
+    """What a running server becomes on SIGHUP: `loaded` for the keys it can change live, `current` for the
+    others; with the keys applied and the keys that changed but need a restart."""
+    before, after = _flatten(current), _flatten(loaded)
+    changed = [key for key in after if after[key][0] != before[key][0]]
+    applied = [key for key in changed if after[key][1]]
+    sections: dict[str, dict[str, Any]] = {}
+    for key in applied:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = after[key][0]
+    merged = dataclasses.replace(current, **{section: dataclasses.replace(getattr(current, section), **values)
+                                             for section, values in sections.items()})
+    _check_cross_fields(merged)
+    return merged, applied, [key for key in changed if not after[key][1]]
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every setting: the reference table in the README comes from here."""
+    rows = []
+    for section in fields(Config):
+        for spec in fields(section.default_factory):  # type: ignore[misc]
+            default = spec.default
+            if isinstance(default, Endpoint):
+                default = str(default)
+            elif isinstance(default, tuple):
+                default = [str(item) for item in default]
+            doc = spec.metadata["doc"] + (" (SIGHUP applies a change)" if spec.metadata["live"] else "")
+            rows.append((f"{section.name}.{spec.name}", repr(default), doc))
+    return rows

@@ -1,0 +1,95 @@
+"""DNS names, codes and option numbers that both the query path and the policy code speak (RFC 1035, 6891, 8914)."""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+MAX_NAME_LEN = 255
+MAX_LABEL_LEN = 63
+
+
+class Rcode(IntEnum):
+    NOERROR = 0
+    FORMERR = 1
+    SERVFAIL = 2
+    NXDOMAIN = 3
+    NOTIMP = 4
+    REFUSED = 5
+    BADVERS = 16  # extended: the low 4 bits go in the header, the rest in the OPT TTL
+
+class RRType(IntEnum):
+    A = 1
+    NS = 2
+    CNAME = 5
+    SOA = 6
+    PTR = 12
+    HINFO = 13
+    MX = 15
+    TXT = 16
+    AAAA = 28
+    SRV = 33
+    DNAME = 39
+    OPT = 41
+    DS = 43
+    RRSIG = 46
+    NSEC = 47
+    DNSKEY = 48
+    SVCB = 64
+    HTTPS = 65
+    TKEY = 249
+    TSIG = 250
+    IXFR = 251
+    AXFR = 252
+    MAILB = 253
+    MAILA = 254
+    ANY = 255
+
+class OptionCode(IntEnum):
+    ECS = 8
+    COOKIE = 10
+    EDE = 15
+    UMBRELLA = 20292
+    MAC = 65001
+    MAC_TEXT = 65073
+    CPE_ID = 65074
+
+class EdeCode(IntEnum):
+    """RFC 8914 Extended DNS Error codes this server sends."""
+
+    OTHER = 0
+    BLOCKED = 15
+    CENSORED = 16
+    FILTERED = 17
+    PROHIBITED = 18
+    NOT_READY = 14
+    NO_REACHABLE_AUTHORITY = 22
+    NETWORK_ERROR = 23
+
+CLASS_IN = 1
+
+_U16 = struct.Struct("!H")
+
+_OPTION_HEAD = struct.Struct("!HH")
+
+def ede_option(code: EdeCode, text: str = "") -> bytes:
+    """An Extended DNS Error option (RFC 8914) with its UTF-8 explanation."""
+    payload = _U16.pack(code) + text.encode()
+    return _OPTION_HEAD.pack(OptionCode.EDE, len(payload)) + payload
+
+def text_to_name(text: str) -> bytes:
+    """`www.example.com` → lowercased wire form. Raises ValueError on empty or over-long labels."""
+    text = text.strip().rstrip(".").lower()
+    if not text:
+        return b"\x00"
+    out = bytearray()
+    for label in text.split("."):
+        raw = label.encode("idna") if not label.isascii() else label.encode()
+        if not 0 < len(raw) <= MAX_LABEL_LEN:
+            raise ValueError(f"label {label!r} must be 1 to 63 bytes")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > MAX_NAME_LEN:
+        raise ValueError("name longer than 255 bytes")
+    return bytes(out)

@@ -1,0 +1,111 @@
+"""Who is asking: the client identity carried by a query, and whether it may be believed.
+
+EDNS identity options (MAC 65001 and 65073, CPE-ID 65074, client subnet 8, Umbrella 20292) are believed only
+from the trusted networks (`identity.trusted_networks`: the customers' routers, the ISP edge); from anywhere
+else they are ignored and the source address is all we know. None of them is ever forwarded upstream (the
+upstream query is built fresh, see wire.upstream_query).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from resolver.shared.dns import OptionCode
+from resolver.shared.policy.model import mac_from_option
+
+_UMBRELLA_MAGIC = b"ODNS"
+# Umbrella field types (dnsmasq's edns0.c): each a 2-byte type, then a value of a fixed size.
+_UMBRELLA_FIELDS = {0x0004: 4, 0x0008: 4, 0x0010: 4, 0x0020: 16, 0x0040: 8}
+_UMBRELLA_ORG, _UMBRELLA_IPV4, _UMBRELLA_IPV6, _UMBRELLA_DEVICE = 0x0008, 0x0010, 0x0020, 0x0040
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a query says about its sender, once trust is settled."""
+
+    address: str  # the client's address: from ECS or Umbrella when trusted, else the packet's source
+    mac: bytes | None = None
+    client_id: str | None = None
+    cpe_id: str | None = None
+
+
+def _ecs_address(payload: bytes) -> str | None:
+    """The address in an ECS option (RFC 7871): the prefix sent, padded with zeros to a whole address."""
+    if len(payload) < 4:
+        return None
+    family, source_prefix = struct.unpack_from("!HB", payload)
+    if family not in (1, 2) or source_prefix == 0:
+        return None
+    size = 4 if family == 1 else 16
+    return ipaddress.ip_address(payload[4 : 4 + size].ljust(size, b"\x00")).compressed
+
+
+def _umbrella(payload: bytes) -> tuple[str | None, str | None, str | None]:
+    """(address, device id, org id) of a dnsmasq/Umbrella option, as far as it is well formed."""
+    address = device = org = None
+    if not payload.startswith(_UMBRELLA_MAGIC) or len(payload) < 6:
+        return None, None, None
+    pos = 6
+    while pos + 2 <= len(payload):
+        kind = struct.unpack_from("!H", payload, pos)[0]
+        size = _UMBRELLA_FIELDS.get(kind)
+        if size is None or pos + 2 + size > len(payload):
+            break
+        value = payload[pos + 2 : pos + 2 + size]
+        if kind in (_UMBRELLA_IPV4, _UMBRELLA_IPV6):
+            address = ipaddress.ip_address(value).compressed
+        elif kind == _UMBRELLA_DEVICE:
+            device = value.hex()
+        elif kind == _UMBRELLA_ORG:
+            org = f"umbrella-org-{struct.unpack('!I', value)[0]}"
+        pos += 2 + size
+    return address, device, org
+
+
+def identity_from(source: str, options: dict[int, bytes] | None) -> Identity:
+    """The identity of a query from a trusted source (untrusted: `Identity(source)` and nothing else)."""
+    if not options:
+        return Identity(source)
+    address = source
+    client_id = cpe_id = None
+    mac = None
+    if OptionCode.MAC in options:
+        mac = mac_from_option(options[OptionCode.MAC])
+    if mac is None and OptionCode.MAC_TEXT in options:
+        mac = mac_from_option(options[OptionCode.MAC_TEXT])
+    if OptionCode.CPE_ID in options:
+        cpe_id = options[OptionCode.CPE_ID].decode("utf-8", "replace")[:64] or None
+    if OptionCode.UMBRELLA in options:
+        umbrella_address, client_id, org = _umbrella(options[OptionCode.UMBRELLA])
+        address = umbrella_address or address
+        cpe_id = cpe_id or org
+    if OptionCode.ECS in options:
+        address = _ecs_address(options[OptionCode.ECS]) or address
+    return Identity(address, mac, client_id, cpe_id)
+
+
+class TrustedNetworks:
+    """Whether a source address may speak for its clients; answers memoised per address."""
+
+    def __init__(self, networks: tuple[str, ...], memo_size: int = 65536) -> None:
+        self._networks = [ipaddress.ip_network(network) for network in networks]
+        self._memo: dict[str, bool] = {}
+        self._memo_size = memo_size
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, source: str) -> bool:
+        trusted = self._memo.get(source)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(source.split("%", 1)[0])
+            except ValueError:
+                return False
+            trusted = any(address in network for network in self._networks)
+            if len(self._memo) >= self._memo_size:
+                self._memo.clear()
+            self._memo[source] = trusted
+        return trusted

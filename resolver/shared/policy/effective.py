@@ -1,0 +1,206 @@
+"""Which policy governs a client, and what it means at a given moment. The precedence is written here, once:
+
+1. A pause beats everything: the device's, its group's, or the site's (whichever is in force).
+2. An active block-all schedule of the governing policy comes next.
+3. The governing policy, most specific first:
+   - `device` mode (Wi-Fi Security Controls): the device's policy, else its group's (a device the site does
+     not know counts as in the site's `default_group`), else the global default. The subscriber's own
+     site-wide policy is off.
+   - `network` mode (Broadband Network Security): the subscriber's policy, else the global default;
+     device and group policies are not consulted.
+   - A client of no known site: the global default.
+4. Inside that policy: allow beats deny beats categories (see runtime.Policy); a policy naming a profile
+   starts from the profile's fields and overrides them with its own.
+5. A device's "continue anyway" passes (from the warning page) lift Web Protect warnings for their names
+   until they end, in whatever policy governs; they never lift a block, a deny or a pause.
+
+Schedules are read in the site's time zone (zoneinfo): a window whose end is at or before its start crosses
+midnight into the next day, and DST changes move the wall clock, not the window. An effective policy is
+valid until the next schedule boundary or pause end (at most an hour), then made again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from blocklists.catalog import Catalog
+from resolver.shared.config import PolicySettings
+from resolver.shared.dns import EdeCode
+from resolver.shared.errors import ConfigError
+from resolver.shared.policy.model import Device, Group, PolicySpec, Schedule, Site, wire_names
+from resolver.shared.policy.runtime import Action, Answering, AnswerMode, Policy, Verdict
+
+log = logging.getLogger(__name__)
+
+MAX_VALIDITY = 3600.0  # an effective policy is made again at least this often, whatever the schedules say
+_INTERNED_LIMIT = 65536  # specs are replaced when sites change; the old entries go when this fills
+UTC_ZONE = ZoneInfo("UTC")
+
+
+@dataclass(frozen=True, eq=False)
+class Governing:
+    """What decides for one client, independent of time: the policy, where it comes from, the pauses."""
+
+    spec: PolicySpec | None  # profile already applied; None: the global default
+    level: str  # device, group, subscriber, default
+    pauses: tuple[tuple[float, str], ...]  # (paused until, level)
+    zone: ZoneInfo
+    passes: tuple[tuple[str, float], ...] = ()  # the device's (name, until)
+
+
+def governing(site: Site | None, device: Device | None, profiles: dict[str, PolicySpec]) -> Governing:
+    """The precedence rules above, for a client of `site` identified as `device` (either may be None)."""
+    if site is None:
+        return Governing(None, "default", (), UTC_ZONE)
+    group: Group | None = None
+    group_id = device.group if device is not None else site.default_group
+    if group_id is not None:
+        group = site.groups.get(group_id)
+    pauses = tuple((entity.paused_until, level) for entity, level in
+                   ((device, "device"), (group, "group"), (site, "subscriber"))
+                   if entity is not None and entity.paused_until is not None)
+    spec, level = None, "default"
+    if site.mode == "device":
+        if device is not None and device.policy is not None:
+            spec, level = device.policy, "device"
+        elif group is not None and group.policy is not None:
+            spec, level = group.policy, "group"
+    elif site.policy is not None:
+        spec, level = site.policy, "subscriber"
+    return Governing(_with_profile(spec, profiles), level, pauses, site.zone,
+                     device.passes if device is not None else ())
+
+
+def _with_profile(spec: PolicySpec | None, profiles: dict[str, PolicySpec]) -> PolicySpec | None:
+    if spec is None or spec.profile is None:
+        return spec
+    base = profiles.get(spec.profile)
+    if base is None:
+        log.warning("policy names profile %r, which does not exist; using its own fields only", spec.profile)
+        base = PolicySpec()
+    return spec.over(base)
+
+
+def guest_profile(catalog: Catalog) -> PolicySpec:
+    """The built-in guest profile: the eight content categories blocked, Web Protect on."""
+    return PolicySpec(block=tuple(c.id for c in catalog if c.action == "block"), web_protect=True)
+
+
+def answering_from(settings: PolicySettings) -> Answering:
+    return Answering(AnswerMode(settings.answer), settings.block_page, settings.warning_page, settings.blocked_ttl)
+
+
+def default_policy(settings: PolicySettings, catalog: Catalog) -> Policy:
+    """The global default policy from the config; unknown or doubly listed categories name their key."""
+    for key, ids in (("policy.block", settings.block), ("policy.warn", settings.warn)):
+        unknown = [category for category in ids or () if category not in catalog]
+        if unknown:
+            raise ConfigError(f"{key}: {', '.join(map(repr, unknown))} not in the catalogue "
+                              f"(known: {', '.join(c.id for c in catalog)})")
+    both = set(settings.block or ()) & set(settings.warn or ())
+    if both:
+        raise ConfigError(f"policy.warn: {', '.join(sorted(both))} also in policy.block (a category is one or other)")
+    blocked = catalog.mask(settings.block) if settings.block is not None else catalog.default_mask("block")
+    warned = catalog.mask(settings.warn) if settings.warn is not None else catalog.default_mask("warn")
+    return Policy(blocked, warned, answering_from(settings), catalog)
+
+
+def _active(schedule: Schedule, weekday: int, minute: int) -> bool:
+    if schedule.start < schedule.end:
+        return weekday in schedule.days and schedule.start <= minute < schedule.end
+    # crosses midnight (or lasts a whole day when start == end): the evening part, then the morning after
+    return (weekday in schedule.days and minute >= schedule.start) or \
+        ((weekday - 1) % 7 in schedule.days and minute < schedule.end)
+
+
+def _next_boundary(schedules: tuple[Schedule, ...], zone: ZoneInfo, now: float) -> float:
+    """The first instant after `now` at which any schedule starts or ends (wall clock in `zone`)."""
+    today = datetime.fromtimestamp(now, zone).date()
+    best = math.inf
+    for schedule in schedules:
+        for offset in range(8):
+            day = today + timedelta(days=offset)
+            for minute in (schedule.start, schedule.end):
+                moment = datetime(day.year, day.month, day.day, minute // 60, minute % 60, tzinfo=zone).timestamp()
+                if now < moment < best:
+                    best = moment
+    return best
+
+
+class PolicyMaker:
+    """Makes effective policies, sharing one Policy object between all clients in the same state."""
+
+    def __init__(self, catalog: Catalog, answering: Answering, default: Policy) -> None:
+        self.catalog = catalog
+        self.answering = answering
+        self.default = default
+        self._interned: dict[tuple[object, ...], Policy] = {}
+        self._pause_verdicts: dict[str, Verdict] = {}
+
+    def effective(self, rule: Governing, now: float) -> tuple[Policy, float]:
+        """(the policy in force at `now`, the time until which it stays in force)."""
+        until = now + MAX_VALIDITY
+        block_all: Verdict | None = None
+        block_all_key: str | None = None
+        for paused_until, level in rule.pauses:
+            if now < paused_until:
+                block_all, block_all_key = self._pause_verdict(level), f"paused:{level}"
+                until = min(until, paused_until)
+                break
+        spec = rule.spec
+        extra_blocked = 0
+        active: tuple[str, ...] = ()
+        if spec is not None and spec.schedules:
+            local = datetime.fromtimestamp(now, rule.zone)
+            minute = local.hour * 60 + local.minute
+            running = [s for s in spec.schedules if _active(s, local.weekday(), minute)]
+            active = tuple(s.name for s in running)
+            until = min(until, _next_boundary(spec.schedules, rule.zone, now))
+            for schedule in running:
+                if schedule.block_all and block_all is None:
+                    block_all = self._schedule_verdict(schedule.name, spec)
+                    block_all_key = f"schedule:{schedule.name}"
+                extra_blocked |= self.catalog.mask(schedule.categories)
+        passed: tuple[str, ...] = ()
+        if rule.passes:
+            running_passes = [(name, end) for name, end in rule.passes if now < end]
+            passed = tuple(sorted(name for name, _end in running_passes))
+            until = min([until, *(end for _name, end in running_passes)])
+        key = (spec, rule.level, block_all_key, active, passed)
+        policy = self._interned.get(key)
+        if policy is None:
+            if len(self._interned) >= _INTERNED_LIMIT:
+                self._interned.clear()
+            policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked, passed)
+        return policy, until
+
+    def _make(self, spec: PolicySpec | None, level: str, block_all: Verdict | None, extra_blocked: int,
+              passed: tuple[str, ...]) -> Policy:
+        if spec is None:
+            base = self.default
+            if block_all is None and not passed:
+                return base
+            return Policy(base.blocked, base.warned, self.answering, self.catalog, block_all=block_all, level=level,
+                          passed=wire_names(passed))
+        warned = self.catalog.default_mask("warn") if spec.web_protect is not False else 0
+        return Policy(
+            self.catalog.mask(spec.block or ()) | extra_blocked, warned, self.answering, self.catalog,
+            mode=AnswerMode(spec.answer) if spec.answer else None, allow=wire_names(spec.allow),
+            deny=wire_names(spec.deny), block_all=block_all, safe_search=bool(spec.safe_search), level=level,
+            passed=wire_names(passed),
+        )
+
+    def _pause_verdict(self, level: str) -> Verdict:
+        verdict = self._pause_verdicts.get(level)
+        if verdict is None:
+            verdict = self._pause_verdicts[level] = self.answering.verdict(
+                Action.BLOCK, 0, f"paused ({level})", EdeCode.BLOCKED, "paused")
+        return verdict
+
+    def _schedule_verdict(self, name: str, spec: PolicySpec) -> Verdict:
+        mode = AnswerMode(spec.answer) if spec.answer else None
+        return self.answering.verdict(Action.BLOCK, 0, f"schedule {name}", EdeCode.BLOCKED, f"schedule {name}", mode)

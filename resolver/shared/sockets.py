@@ -1,0 +1,243 @@
+"""Sockets the supervisor binds for the processes it starts: DNS (UDP and TCP per listen address and worker, sharing
+ports with SO_REUSEPORT, one instance per port) and HTTP (the admin API and the pages)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resolver.shared.config import Config, Endpoint
+from resolver.shared.errors import StartupError
+
+_UDP_RECEIVE_BUFFER = 4 << 20  # absorbs bursts while the loop is busy; the kernel caps it at rmem_max
+
+_TCP_BACKLOG = 1024
+
+_PORT_ZERO_RETRIES = 20
+
+@dataclass
+class SocketSet:
+    """The sockets one worker serves on: one UDP and one TCP socket per listen address."""
+
+    udp: list[socket.socket] = field(default_factory=list)
+    tcp: list[socket.socket] = field(default_factory=list)
+
+    def close(self) -> None:
+        for sock in self.udp + self.tcp:
+            sock.close()
+
+def _open_socket(endpoint: Endpoint, kind: socket.SocketKind, port: int) -> socket.socket:
+    sock = socket.socket(endpoint.family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RECEIVE_BUFFER)
+        if endpoint.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_TCP_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+def _explain_bind_error(endpoint: Endpoint, exc: OSError) -> StartupError:
+    if exc.errno == errno.EACCES:
+        reason = (
+            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE "
+            "(e.g. `sudo setcap cap_net_bind_service=+ep \"$(readlink -f \"$(command -v python3)\")\"`), "
+            "or listen on a port of 1024 or more"
+        )
+    elif exc.errno == errno.EADDRINUSE:
+        reason = "address already in use (another DNS server, such as systemd-resolved or dnsmasq?)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = "no interface of this host has that address"
+    else:
+        reason = exc.strerror or str(exc)
+    return StartupError(f"cannot listen on {endpoint}: {reason}")
+
+def _bind_endpoint(endpoint: Endpoint, count: int) -> list[tuple[socket.socket, socket.socket]]:
+    """`count` (UDP, TCP) pairs on one address. Port 0 picks one free port for UDP and TCP alike."""
+    for _attempt in range(_PORT_ZERO_RETRIES):
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        port = endpoint.port
+        try:
+            for _ in range(count):
+                udp = _open_socket(endpoint, socket.SOCK_DGRAM, port)
+                port = udp.getsockname()[1]
+                try:
+                    tcp = _open_socket(endpoint, socket.SOCK_STREAM, port)
+                except BaseException:
+                    udp.close()
+                    raise
+                pairs.append((udp, tcp))
+            return pairs
+        except OSError as exc:
+            for udp, tcp in pairs:
+                udp.close()
+                tcp.close()
+            if not (endpoint.port == 0 and exc.errno == errno.EADDRINUSE):
+                raise _explain_bind_error(endpoint, exc) from None
+    raise StartupError(f"cannot listen on {endpoint}: found no port free for both UDP and TCP")
+
+def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
+    """Make sure no other process serves these addresses, and that none can start to while we run.
+
+    SO_REUSEPORT, which lets our workers share a port, would as well let a second `bns serve` (or any
+    server of the same user that sets it) share it silently, and the kernel would then spread clients over
+    both: some would be answered by a server without the list. So before binding, each address is probed
+    with a socket that does not share (any server on it makes that bind fail), and a lock file per address,
+    held by this supervisor and (inherited) its workers until they all exit, stops a second bns started at
+    the same moment."""
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    locks: list[int] = []
+    try:
+        for endpoint in endpoints:
+            if endpoint.port == 0:
+                continue  # a port the kernel picks is nobody's
+            path = lock_dir / f"{endpoint.host}-{endpoint.port}.lock"
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            locks.append(descriptor)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+                raise StartupError(f"cannot listen on {endpoint}: another bns serve (pid {holder}) serves it; stop "
+                                   f"it first, or choose another server.listen") from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                _probe(endpoint, kind)
+    except BaseException:
+        for descriptor in locks:
+            os.close(descriptor)
+        raise
+
+def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
+    with socket.socket(endpoint.family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a past run is no owner
+        if endpoint.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((endpoint.host, endpoint.port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise _explain_bind_error(endpoint, exc) from None
+            protocol = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+            owner = port_owner(endpoint, protocol)
+            raise StartupError(
+                f"cannot listen on {endpoint}: address already in use: another process serves {protocol} there"
+                f"{f' ({owner})' if owner else ''}; find it with `ss -{protocol[0]}lnp 'sport = :{endpoint.port}'`, "
+                f"stop it or choose another server.listen") from None
+
+def port_owner(endpoint: Endpoint, protocol: str) -> str | None:
+    """"pid 1234, dnsmasq" for the process holding a socket bound to `endpoint` (as far as /proc lets this
+    user see), else None."""
+    family = "6" if endpoint.family == socket.AF_INET6 else ""
+    inodes = set()
+    try:
+        lines = Path(f"/proc/net/{protocol}{family}").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        address, _, port = fields[1].partition(":")
+        listening = protocol == "udp" or fields[3] == "0A"
+        if int(port, 16) == endpoint.port and listening and _proc_address(address) in (
+                endpoint.host, "0.0.0.0", "::"):
+            inodes.add(f"socket:[{fields[9]}]")
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit() or int(process.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (process / "fd").iterdir()):
+                return f"pid {process.name}, {(process / 'comm').read_text().strip()}"
+        except OSError:
+            continue
+    return None
+
+def _proc_address(text: str) -> str:
+    """An address as /proc/net writes it (32-bit words in host order, hex) in its usual form."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    return ipaddress.ip_address(words).compressed
+
+def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSet]:
+    """One SocketSet per worker; everything is closed again if any address cannot be bound."""
+    sets = [SocketSet() for _ in range(workers)]
+    try:
+        for endpoint in endpoints:
+            for socket_set, (udp, tcp) in zip(sets, _bind_endpoint(endpoint, workers), strict=True):
+                socket_set.udp.append(udp)
+                socket_set.tcp.append(tcp)
+    except BaseException:
+        for socket_set in sets:
+            socket_set.close()
+        raise
+    return sets
+
+def bound_addresses(socket_set: SocketSet) -> list[str]:
+    """`udp+tcp 127.0.0.1:5300` for each listen address of a set (ports resolved when 0 was asked)."""
+    out = []
+    for sock in socket_set.udp:
+        host, port = sock.getsockname()[:2]
+        out.append(f"udp+tcp {Endpoint(host, port)}")
+    return out
+
+@dataclass
+class HttpSockets:
+    """The admin process's listening sockets, bound by the supervisor so that a bad address fails start-up."""
+
+    admin: socket.socket | None
+    pages: list[socket.socket]
+
+    def close(self) -> None:
+        for sock in (self.admin, *self.pages):
+            if sock is not None:
+                sock.close()
+
+def bind_http_sockets(config: Config) -> HttpSockets:
+    admin = _bind_http(config.admin.listen, "admin.listen") if config.admin.listen is not None else None
+    pages = []
+    if config.pages.serve:
+        addresses = dict.fromkeys((*config.policy.block_page, *config.policy.warning_page))
+        pages = [_bind_http(Endpoint(address, config.pages.port), "pages.port",
+                            "policy.block_page and policy.warning_page must be addresses of this machine, or set "
+                            "pages.serve = false when another server shows the pages")
+                 for address in addresses]
+    return HttpSockets(admin, pages)
+
+def _bind_http(endpoint: Endpoint, key: str, elsewhere: str = "the address must be one of this machine's"
+               ) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((endpoint.host, endpoint.port))
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = f" (another bns serve? set {key})"
+        elif exc.errno == errno.EACCES and endpoint.port < 1024:
+            hint = f" (ports below 1024 need root or CAP_NET_BIND_SERVICE; set {key})"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = f" ({elsewhere})"
+        raise StartupError(f"{key}: cannot bind {endpoint}: {exc.strerror}{hint}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+def endpoint_of(sock: socket.socket) -> Endpoint:
+    host, port = sock.getsockname()[:2]
+    return Endpoint(host, port)

@@ -1,0 +1,201 @@
+"""The policy store of a single box: every site and profile in one JSON file, rewritten atomically under a lock file;
+readers notice changes by polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from blocklists.artifact import write_atomically
+from blocklists.catalog import Catalog
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+from resolver.shared.store.policies import Change, Mutation, SiteDocument, Store, StoreUnavailable, lookup_candidates
+
+
+class FileStore(Store):
+    """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version"}},
+    "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory."""
+
+    def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
+        super().__init__(catalog)
+        self.path = Path(path)
+        self._interval = poll_interval
+        self._identity: tuple[int, int, int] | None = None
+        self._data: dict[str, Any] = {"format": 1, "sites": {}, "profiles": {}}
+        self._networks: dict[int, dict[int, dict[str, str]]] = {}
+        self._cpes: dict[str, str] = {}
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
+
+    def _read_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"format": 1, "sites": {}, "profiles": {}}
+        except (OSError, ValueError) as exc:
+            raise StoreUnavailable(f"{self.path}: cannot read the policy file: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != 1:
+            raise StoreUnavailable(f"{self.path}: not a bns policy file (format 1)")
+        data.setdefault("sites", {})
+        data.setdefault("profiles", {})
+        return data
+
+    def refresh(self) -> bool:
+        """Read the file again if it changed; True when it did."""
+        identity = self._stat()
+        if identity == self._identity and identity is not None:
+            return False
+        self._data = self._read_file()
+        self._identity = identity
+        self._networks, self._cpes = {}, {}
+        for site_id, entry in self._data["sites"].items():
+            for network in entry["doc"].get("networks", []):
+                parsed = ipaddress.ip_network(network)
+                self._networks.setdefault(parsed.version, {}).setdefault(parsed.prefixlen, {})[network] = site_id
+            for cpe in entry["doc"].get("cpe_ids", []):
+                self._cpes[cpe] = site_id
+        return True
+
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
+        self.refresh()
+        entry = self._data["sites"].get(site_id)
+        return (entry["doc"], entry["version"]) if entry else None
+
+    async def load_site(self, site_id: str) -> Site | None:
+        found = await self.site_document(site_id)
+        return parse_site(found[0], self.catalog, found[1]) if found else None
+
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None:
+        self.refresh()
+        if cpe_id is not None and cpe_id in self._cpes:
+            return self._cpes[cpe_id]
+        lengths = {family: list(by_length) for family, by_length in self._networks.items()}
+        ip_version = ipaddress.ip_address(address).version
+        for candidate in lookup_candidates(address, lengths):
+            length = int(candidate.rsplit("/", 1)[1])
+            site_id = self._networks[ip_version][length].get(candidate)
+            if site_id is not None:
+                return site_id
+        return None
+
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
+        self.refresh()
+        return {site_id: self._data["sites"].get(site_id, {}).get("version", 0) for site_id in site_ids}
+
+    async def list_sites(self) -> list[str]:
+        self.refresh()
+        return sorted(self._data["sites"])
+
+    async def check(self) -> None:
+        self.refresh()
+
+    async def load_profiles(self) -> dict[str, PolicySpec]:
+        self.refresh()
+        return {name: parse_profile(name, entry["doc"], self.catalog)
+                for name, entry in self._data["profiles"].items()}
+
+    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
+        """Changes seen by polling; writes between two polls come as one notice with the latest version."""
+        try:
+            self.refresh()  # the baseline: what the file holds now is not a change
+        except StoreUnavailable as exc:
+            yield Change("down", str(exc))
+        yield Change("up")
+        while True:
+            await asyncio.sleep(self._interval)
+            before_sites = {k: v["version"] for k, v in self._data["sites"].items()}
+            before_profiles = {k: v["version"] for k, v in self._data["profiles"].items()}
+            before_networks = (self._networks, self._cpes)
+            try:
+                changed = self.refresh()
+            except StoreUnavailable as exc:
+                yield Change("down", str(exc))
+                continue
+            if not changed:
+                continue
+            after_sites = {k: v["version"] for k, v in self._data["sites"].items()}
+            for site_id in before_sites.keys() | after_sites.keys():
+                before, after = before_sites.get(site_id, 0), after_sites.get(site_id, 0)
+                if before != after:
+                    if 0 < after < before:  # deleted and made again between two polls: say both
+                        yield Change("site", site_id, 0)
+                    yield Change("site", site_id, after)
+            for name in before_profiles.keys() | self._data["profiles"].keys():
+                if before_profiles.get(name) != self._data["profiles"].get(name, {}).get("version"):
+                    yield Change("profile", name, 1)
+            if before_networks != (self._networks, self._cpes):
+                yield Change("networks")
+
+    @contextlib.contextmanager
+    def _locked(self):  # noqa: ANN202
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._identity = None  # read the file again under the lock
+            self.refresh()
+            yield
+            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()])
+            self._identity = None
+
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
+        with self._locked():
+            entry = self._data["sites"].get(site_id)
+            old = entry["doc"] if entry else None
+            version = (entry["version"] if entry else 0) + 1
+            site = self._validated(site_id, mutate(old), version)
+            if site is None:
+                self._data["sites"].pop(site_id, None)
+                return None
+            for index, network in enumerate(site.networks):
+                owner = self._owner_of_network(network)
+                if owner not in (None, site_id):
+                    raise PolicyError(f"networks[{index}]", f"{network} already belongs to site {owner}")
+            for index, cpe in enumerate(site.cpe_ids):
+                if self._cpes.get(cpe, site_id) != site_id:
+                    raise PolicyError(f"cpe_ids[{index}]", f"{cpe} already belongs to site {self._cpes[cpe]}")
+            self._data["sites"][site_id] = {"doc": site_document(site), "version": version}
+            return site
+
+    async def import_sites(self, documents: list[SiteDocument]) -> int:
+        sites = self._validated_import(documents)
+        with self._locked():
+            for site in sites:
+                for index, network in enumerate(site.networks):
+                    owner = self._owner_of_network(network)
+                    if owner not in (None, site.id):
+                        raise PolicyError(f"networks[{index}]", f"{network} of site {site.id} already belongs to "
+                                                                 f"site {owner}")
+                for cpe in site.cpe_ids:
+                    if self._cpes.get(cpe, site.id) != site.id:
+                        owner = self._cpes[cpe]
+                        raise PolicyError("cpe_ids", f"{cpe} of site {site.id} already belongs to site {owner}")
+            for site in sites:
+                version = self._data["sites"].get(site.id, {}).get("version", 0) + 1
+                self._data["sites"][site.id] = {"doc": site_document(site), "version": version}
+        return len(sites)
+
+    def _owner_of_network(self, network: str) -> str | None:
+        parsed = ipaddress.ip_network(network)
+        return self._networks.get(parsed.version, {}).get(parsed.prefixlen, {}).get(network)
+
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
+        if document is not None:
+            parse_profile(name, document, self.catalog)
+        with self._locked():
+            if document is None:
+                self._data["profiles"].pop(name, None)
+            else:
+                version = self._data["profiles"].get(name, {}).get("version", 0) + 1
+                self._data["profiles"][name] = {"doc": document, "version": version}

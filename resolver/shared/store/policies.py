@@ -1,0 +1,159 @@
+"""Where policies live: Redis (the truth, shared by every node) or an embedded file (a single box).
+
+Redis keys (`prefix` defaults to `bns:`):
+
+    {prefix}site:{id}      hash  doc = the site's JSON document, version = integer bumped on every write
+    {prefix}sites          set   every site id
+    {prefix}net            hash  network (CIDR) → site id, for finding a client's site by address
+    {prefix}netlens        hash  "4/29", "6/56"… → how many networks have that family and prefix length
+    {prefix}cpe            hash  CPE id → site id
+    {prefix}profile:{name} hash  doc, version
+    {prefix}profiles       set   every profile name
+    {prefix}changes        pub/sub channel: "site <id> <version>", "profile <name> <version>", "networks"
+
+Every write is a read-modify-write of one site document inside WATCH/MULTI/EXEC: the new document is
+validated whole, its networks and CPE ids are checked against other sites, then the document, the version,
+the indexes and the change notice are applied in one transaction (retried if anything watched moved).
+A write that fails validation raises PolicyError and changes nothing.
+
+The embedded store keeps the same documents in one JSON file, rewritten atomically under a lock file;
+readers notice changes by polling the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blocklists.catalog import Catalog
+from resolver.shared.errors import BnsError
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_site
+
+log = logging.getLogger(__name__)
+
+SiteDocument = dict[str, Any]
+Mutation = Callable[[SiteDocument | None], SiteDocument | None]  # None in: no such site; None out: delete it
+
+
+class StoreUnavailable(BnsError):
+    """The store cannot be reached (Redis down, file unreadable); the caller keeps what it has. A write that
+    raises this was not applied."""
+
+
+class WriteUnknown(BnsError):
+    """A write whose outcome is unknown: it was sent, but the store could not confirm it (the connection
+    died before the reply and Redis stayed out of reach, or too few replicas confirmed it in time). Read
+    the document again to see whether it was applied."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """A notice from the store: `site`/`profile` (key, version), `networks`, or `resync` (after a gap)."""
+
+    kind: str
+    key: str = ""
+    version: int = 0
+
+
+def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
+    """Networks of every prefix length in use that could contain `address`, longest first."""
+    ip = ipaddress.ip_address(address)
+    return [ipaddress.ip_network(f"{ip}/{length}", strict=False).compressed
+            for length in sorted(lengths.get(ip.version, ()), reverse=True)]
+
+
+class Store(ABC):
+    """The operations the workers (reads, change notices) and the policy service (writes) need."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    # reads
+    @abstractmethod
+    async def load_site(self, site_id: str) -> Site | None: ...
+
+    @abstractmethod
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None: ...
+
+    @abstractmethod
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None: ...
+
+    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
+        """The site a client belongs to (by CPE id, else by address) and the site itself."""
+        site_id = await self.find_site(address, cpe_id)
+        return site_id, (await self.load_site(site_id) if site_id is not None else None)
+
+    @abstractmethod
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def list_sites(self) -> list[str]: ...
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raises StoreUnavailable unless the store answers (cheaply: health checks call it often)."""
+
+    @abstractmethod
+    async def load_profiles(self) -> dict[str, PolicySpec]: ...
+
+    @abstractmethod
+    def changes(self) -> AsyncIterator[Change]: ...
+
+    # writes
+    @abstractmethod
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None: ...
+
+    @abstractmethod
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None: ...
+
+    @abstractmethod
+    async def import_sites(self, documents: list[SiteDocument]) -> int:
+        """Create or replace many sites. Every document is validated, and its networks and CPE ids checked
+        against the others and the store, before anything is written: a bad import writes nothing."""
+
+    def _validated_import(self, documents: list[SiteDocument]) -> list[Site]:
+        sites = []
+        owners: dict[tuple[str, str], str] = {}
+        for index, document in enumerate(documents):
+            if not isinstance(document, dict) or not isinstance(document.get("id"), str):
+                raise PolicyError(f"sites[{index}].id", "missing or not a string")
+            try:
+                site = self._validated(document["id"], document, 0)
+            except PolicyError as exc:
+                raise PolicyError(f"sites[{index}].{exc.field}", exc.reason) from None
+            assert site is not None
+            for field, values in (("networks", site.networks), ("cpe_ids", site.cpe_ids)):
+                for value in values:
+                    owner = owners.setdefault((field, value), site.id)
+                    if owner != site.id:
+                        raise PolicyError(f"sites[{index}].{field}", f"{value} is also in site {owner}")
+            sites.append(site)
+        return sites
+
+    async def close(self) -> None:
+        return None
+
+    def _validated(self, site_id: str, document: SiteDocument | None, version: int) -> Site | None:
+        if document is None:
+            return None
+        if document.get("id", site_id) != site_id:
+            raise PolicyError("id", f"{document.get('id')!r} does not match the site being written ({site_id!r})")
+        return parse_site({**document, "id": site_id}, self.catalog, version)
+
+
+# --- Redis -------------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+# --- the embedded file -------------------------------------------------------------------------------------
+
+
+

@@ -1,0 +1,286 @@
+"""Published blocklists: an admin pushes an artifact once and every node serves it.
+
+With Redis (keys under `store.prefix`):
+
+    lists:version:{v}     hash    checksum, size, chunks, names, published_at, counts (JSON)
+    lists:chunk:{v}:{n}   string  the artifact's bytes, CHUNK at a time (Redis strings stop at 512 MB)
+    lists:history         list    every published version, oldest first
+    lists:current         string  the version every node serves
+    lists                 pub/sub channel: the new current version
+
+A publish stores the chunks and the metadata, then points `lists:current` at it and announces it, in one
+MULTI/EXEC. Each node's admin process follows the channel (and reads `lists:current` at start, after a
+reconnect and every `_POLL` seconds, since a notice may be missed), fetches the chunks, checks them against
+the checksum and the catalogue, and installs the file atomically where the workers look; they swap it in.
+A version that fails any check is refused with a log line and the node keeps serving what it had.
+
+Without Redis, the versions are kept in the node's list cache directory and a publish installs locally.
+Uploads are verified before anything is stored, so a corrupt push is refused to the pusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from blocklists.artifact import open_artifact, write_atomically
+from blocklists.catalog import Catalog
+from blocklists.errors import ArtifactError
+from resolver.shared.errors import BnsError
+from resolver.shared.lists import check_catalog
+from resolver.shared.store.redis import STORE_ERRORS
+from resolver.shared.store.redis_policies import RedisStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 * 2**20
+_POLL = 5.0
+_KEEP_LOCAL_VERSIONS = 10
+
+
+class UnknownVersion(BnsError):
+    pass
+
+
+@dataclass(frozen=True)
+class ListVersion:
+    version: str
+    checksum: str
+    size: int
+    names: int
+    published_at: float
+    counts: dict[str, int]
+
+    def document(self, current: str | None) -> dict[str, Any]:
+        return {**asdict(self), "current": self.version == current}
+
+
+def inspect(path: Path, catalog: Catalog) -> ListVersion:
+    """A verified artifact's description, or ArtifactError saying what is wrong with it."""
+    artifact = open_artifact(path)
+    check_catalog(artifact, catalog)
+    counts = {category: int(info.get("count", 0)) for category, info in artifact.header["categories"].items()}
+    return ListVersion(artifact.version, artifact.header["checksum"], path.stat().st_size, artifact.names,
+                       time.time(), counts)
+
+
+def install(source: Path, served: Path) -> None:
+    """Copy a verified artifact to where the workers look, atomically: they see the old file or the new."""
+    served.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomically(served, [source.read_bytes()])
+
+
+Settled = Callable[[str | None], None]
+
+
+class Publications(ABC):
+    """Where published versions live, and how this node keeps serving the current one."""
+
+    def __init__(self, catalog: Catalog, served: Path, settled: Settled | None = None) -> None:
+        """`settled(version)`: called each time the node has learnt which list it must serve and holds it
+        (None: nothing is published)."""
+        self.catalog = catalog
+        self.served = served
+        self.settled = settled or (lambda _version: None)
+
+    @abstractmethod
+    async def publish(self, path: Path) -> ListVersion:
+        """Store a verified artifact as a new version and make it current everywhere."""
+
+    @abstractmethod
+    async def versions(self) -> tuple[list[ListVersion], str | None]:
+        """Every version, oldest first, and the current one."""
+
+    @abstractmethod
+    async def rollback(self, version: str) -> ListVersion:
+        """Make an earlier version current again."""
+
+    async def follow(self) -> None:
+        """Keep this node serving the current version, until cancelled. A node alone has nothing to follow."""
+        return None
+
+
+class LocalPublications(Publications):
+    """No Redis: versions in `<cache dir>/versions`, installed on this node only."""
+
+    def __init__(self, catalog: Catalog, served: Path, directory: Path) -> None:
+        super().__init__(catalog, served)
+        self.directory = directory
+
+    def _read(self) -> tuple[list[ListVersion], str | None]:
+        index = self.directory / "index.json"
+        if not index.exists():
+            return [], None
+        document = json.loads(index.read_text())
+        return [ListVersion(**entry) for entry in document["versions"]], document["current"]
+
+    def _write(self, versions: list[ListVersion], current: str) -> None:
+        document = {"versions": [asdict(version) for version in versions], "current": current}
+        write_atomically(self.directory / "index.json", [json.dumps(document).encode()])
+
+    async def publish(self, path: Path) -> ListVersion:
+        described = inspect(path, self.catalog)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stored = self.directory / f"{described.version}.bns"
+        shutil.copyfile(path, stored)
+        versions, _current = self._read()
+        versions = [entry for entry in versions if entry.version != described.version] + [described]
+        for old in versions[:-_KEEP_LOCAL_VERSIONS]:
+            (self.directory / f"{old.version}.bns").unlink(missing_ok=True)
+        versions = versions[-_KEEP_LOCAL_VERSIONS:]
+        install(stored, self.served)
+        self._write(versions, described.version)
+        return described
+
+    async def versions(self) -> tuple[list[ListVersion], str | None]:
+        return self._read()
+
+    async def rollback(self, version: str) -> ListVersion:
+        versions, _current = self._read()
+        found = next((entry for entry in versions if entry.version == version), None)
+        stored = self.directory / f"{version}.bns"
+        if found is None or not stored.exists():
+            raise UnknownVersion(f"no published version {version!r}")
+        inspect(stored, self.catalog)
+        install(stored, self.served)
+        self._write(versions, version)
+        return found
+
+
+class RedisPublications(Publications):
+    def __init__(self, catalog: Catalog, served: Path, store: RedisStore, scratch: Path,
+                 settled: Settled | None = None) -> None:
+        super().__init__(catalog, served, settled)
+        self.store = store
+        self.client = store.client
+        self.scratch = scratch
+        self.installed: str | None = None
+        try:
+            self.installed = open_artifact(served).version if served.exists() else None
+        except ArtifactError:
+            self.installed = None
+
+    async def publish(self, path: Path) -> ListVersion:
+        described = inspect(path, self.catalog)
+        data = path.read_bytes()
+        chunks = [data[start : start + CHUNK] for start in range(0, len(data), CHUNK)] or [b""]
+        meta = {"checksum": described.checksum, "size": described.size, "chunks": len(chunks),
+                "names": described.names, "published_at": described.published_at,
+                "counts": json.dumps(described.counts)}
+        version = described.version
+        async with self.client.pipeline(transaction=True) as pipe:
+            for number, chunk in enumerate(chunks):
+                pipe.set(self.store.key("lists", "chunk", version, str(number)), chunk)
+            pipe.hset(self.store.key("lists", "version", version), mapping=meta)
+            pipe.lrem(self.store.key("lists", "history"), 0, version)
+            pipe.rpush(self.store.key("lists", "history"), version)
+            pipe.set(self.store.key("lists", "current"), version)
+            pipe.publish(self.store.key("lists"), version)
+            await pipe.execute()
+        return described
+
+    async def _describe(self, version: str) -> ListVersion | None:
+        meta = await self.client.hgetall(self.store.key("lists", "version", version))
+        if not meta:
+            return None
+        field = {key.decode(): value.decode() for key, value in meta.items()}
+        return ListVersion(version, field["checksum"], int(field["size"]), int(field["names"]),
+                           float(field["published_at"]), json.loads(field["counts"]))
+
+    async def versions(self) -> tuple[list[ListVersion], str | None]:
+        history = [entry.decode() for entry in await self.client.lrange(self.store.key("lists", "history"), 0, -1)]
+        described = [await self._describe(version) for version in history]
+        current = await self.client.get(self.store.key("lists", "current"))
+        return [entry for entry in described if entry is not None], current.decode() if current else None
+
+    async def rollback(self, version: str) -> ListVersion:
+        described = await self._describe(version)
+        if described is None:
+            raise UnknownVersion(f"no published version {version!r}")
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.store.key("lists", "current"), version)
+            pipe.publish(self.store.key("lists"), version)
+            await pipe.execute()
+        return described
+
+    async def sync(self) -> None:
+        """Install the current version if this node does not serve it yet. A version that cannot be had or
+        verified leaves the node serving what it installed before (settled on that), if anything."""
+        current = await self.client.get(self.store.key("lists", "current"))
+        if current is None or current.decode() == self.installed:
+            self.settled(self.installed if current is not None else None)
+            return
+        await self._install(current.decode())
+        if self.installed is not None:
+            self.settled(self.installed)
+
+    async def _install(self, version: str) -> None:
+        described = await self._describe(version)
+        if described is None:
+            log.error("lists: version %s is announced but has no metadata; still serving %s", version, self.installed)
+            return
+        meta = await self.client.hget(self.store.key("lists", "version", version), "chunks")
+        keys = [self.store.key("lists", "chunk", version, str(number)) for number in range(int(meta))]
+        parts = await self.client.mget(keys) if keys else []
+        if any(part is None for part in parts):
+            log.error("lists: version %s is missing chunks; still serving %s", version, self.installed)
+            return
+        self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fetched = self.scratch / f".fetched-{version}.bns"
+        try:
+            write_atomically(fetched, parts)
+            checked = inspect(fetched, self.catalog)
+            if checked.checksum != described.checksum:
+                raise ArtifactError(f"checksum {checked.checksum[:16]} is not the published {described.checksum[:16]}")
+            install(fetched, self.served)
+        except (ArtifactError, OSError) as exc:
+            log.error("lists: refused published version %s: %s; still serving %s", version, exc, self.installed)
+            return
+        finally:
+            fetched.unlink(missing_ok=True)
+        log.info("lists: installed published version %s (%d names), was %s", version, described.names,
+                 self.installed)
+        self.installed = version
+
+    async def follow(self) -> None:
+        backoff = 0.1
+        down_since: float | None = None
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.store.key("lists"))
+                await self.sync()  # after (re)subscribing: whatever was announced meanwhile
+                backoff = 0.1
+                if down_since is not None:
+                    log.info("lists: following published versions again after %.1f s", time.monotonic() - down_since)
+                    down_since = None
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
+                    if message is None or message["type"] == "message":
+                        await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except STORE_ERRORS as exc:  # Redis gone: serve what we have, try again later; said once
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("lists: cannot follow published versions (%s); still serving %s, retrying",
+                                self.store.unavailable(exc), self.installed)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bad reply: log it and start again
+                log.exception("lists: following published versions failed; retrying in %.1f s", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    log.debug("lists: closing the subscription failed", exc_info=True)

@@ -1,0 +1,397 @@
+"""The policy store in Redis, shared by every node (keys: see resolver/shared/store/redis.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import NoScriptError, WatchError
+
+from blocklists.catalog import Catalog
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+from resolver.shared.store.policies import (
+    Change,
+    Mutation,
+    SiteDocument,
+    Store,
+    StoreUnavailable,
+    WriteUnknown,
+    lookup_candidates,
+)
+from resolver.shared.store.redis import STORE_ERRORS, connect, describe, is_sentinel
+
+log = logging.getLogger(__name__)
+
+_WRITE_RETRIES = 20
+_MARKER_SECONDS = 600  # how long a write's marker says it was applied
+
+# A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
+# candidates come longest first), then the site's document and version.
+_RESOLVE_SCRIPT = """
+local site = false
+if ARGV[1] ~= '' then site = redis.call('HGET', KEYS[1], ARGV[1]) end
+local i = 2
+while not site and i <= #ARGV do
+  site = redis.call('HGET', KEYS[2], ARGV[i])
+  i = i + 1
+end
+if not site then return {} end
+local found = redis.call('HMGET', KEYS[3] .. site, 'doc', 'version')
+return {site, found[1] or false, found[2] or false}
+"""
+
+class RedisStore(Store):
+    confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
+
+    def __init__(self, url: str, catalog: Catalog, prefix: str = "bns:", timeout: float = 1.0,
+                 write_replicas: int = -1) -> None:
+        super().__init__(catalog)
+        self.url = url
+        self.prefix = prefix
+        # One retry on a fresh connection: after a restart of Redis, pooled connections are dead.
+        self.client = connect(url, timeout, retries=1)
+        # The subscription must never reconnect behind our back: notices published meanwhile would be lost
+        # unseen. Without retries, every break reaches `changes`, which then asks for a resync.
+        self._subscriber = connect(url, timeout, retries=0)
+        self.write_replicas = write_replicas if write_replicas >= 0 else int(is_sentinel(url))
+        self._lengths: dict[int, list[int]] | None = None
+        self._resolve_sha: str | None = None
+        self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {describe(self.url)}: {exc or type(exc).__name__}")
+
+    async def call(self, coroutine: Any) -> Any:
+        try:
+            return await coroutine
+        except STORE_ERRORS as exc:
+            raise self.unavailable(exc) from None
+
+    async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
+        raw, version = await self.call(self.client.hmget(self.key("site", site_id), "doc", "version"))
+        if raw is None:
+            return None
+        return json.loads(raw), int(version or 0)
+
+    async def load_site(self, site_id: str) -> Site | None:
+        found = await self.site_document(site_id)
+        if found is None:
+            return None
+        try:
+            return parse_site(found[0], self.catalog, found[1])
+        except PolicyError as exc:  # written by something that skipped validation: do not serve it
+            log.error("site %s in redis is invalid (%s); ignoring it", site_id, exc)
+            return None
+
+    async def find_site(self, address: str, cpe_id: str | None) -> str | None:
+        if cpe_id is not None:
+            found = await self.call(self.client.hget(self.key("cpe"), cpe_id))
+            if found is not None:
+                return found.decode()
+        if self._lengths is None:
+            counts = await self.call(self.client.hgetall(self.key("netlens")))
+            lengths: dict[int, list[int]] = {}
+            for key, count in counts.items():
+                family, length = key.decode().split("/")
+                if int(count) > 0:
+                    lengths.setdefault(int(family), []).append(int(length))
+            self._lengths = lengths
+        candidates = lookup_candidates(address, self._lengths)
+        if not candidates:
+            return None
+        for site_id in await self.call(self.client.hmget(self.key("net"), candidates)):
+            if site_id is not None:
+                return site_id.decode()
+        return None
+
+    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
+        """One script call per client; the calls of every client arriving in the same loop iteration go
+        to Redis in one pipeline (a burst of new clients costs a round trip, not one each)."""
+        if self._lengths is None:
+            await self.find_site("0.0.0.0", None)  # loads the prefix lengths in use
+        arguments = [cpe_id or "", *lookup_candidates(address, self._lengths or {})]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((arguments, future))
+        if len(self._queued) == 1:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+        found = await future
+        if not found:
+            return None, None
+        site_id, raw, version = found[0].decode(), found[1], found[2]
+        if not raw:
+            return site_id, None
+        try:
+            return site_id, parse_site(json.loads(raw), self.catalog, int(version or 0))
+        except PolicyError as exc:
+            log.error("site %s in redis is invalid (%s); ignoring it", site_id, exc)
+            return site_id, None
+
+    async def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        try:
+            results = await self.call(self._run_resolve([arguments for arguments, _future in queued]))
+        except Exception as exc:  # StoreUnavailable, or anything else: every waiter must hear of it
+            for _arguments, future in queued:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_arguments, future), result in zip(queued, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _run_resolve(self, calls: list[list[str]]) -> list[Any]:
+        """EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, a second round trip
+        on every call. A restarted Redis has forgotten the script: load it again and repeat once."""
+        keys = [self.key("cpe"), self.key("net"), self.key("site", "")]
+        for attempt in (1, 2):
+            if self._resolve_sha is None:
+                self._resolve_sha = await self.client.script_load(_RESOLVE_SCRIPT)
+            pipe = self.client.pipeline(transaction=False)
+            for arguments in calls:
+                pipe.evalsha(self._resolve_sha, len(keys), *keys, *arguments)
+            try:
+                return await pipe.execute()
+            except NoScriptError:  # restarted, failed over or SCRIPT FLUSHed
+                self._resolve_sha = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def forget_networks(self) -> None:
+        """Prefix lengths in use are cached; a `networks` notice makes them be read again."""
+        self._lengths = None
+
+    async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for site_id in site_ids:
+            pipe.hget(self.key("site", site_id), "version")
+        versions = await self.call(pipe.execute())
+        return {site_id: int(version or 0) for site_id, version in zip(site_ids, versions, strict=True)}
+
+    async def list_sites(self) -> list[str]:
+        return sorted(member.decode() for member in await self.call(self.client.smembers(self.key("sites"))))
+
+    async def check(self) -> None:
+        await self.call(self.client.ping())
+
+    async def load_profiles(self) -> dict[str, PolicySpec]:
+        profiles = {}
+        names = await self.call(self.client.smembers(self.key("profiles")))
+        for name in sorted(member.decode() for member in names):
+            raw = await self.call(self.client.hget(self.key("profile", name), "doc"))
+            if raw is not None:
+                try:
+                    profiles[name] = parse_profile(name, json.loads(raw), self.catalog)
+                except PolicyError as exc:
+                    log.error("profile %s in redis is invalid (%s); ignoring it", name, exc)
+        return profiles
+
+    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
+        """Notices as they come; after the subscription is lost and regained, a `resync` first."""
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.key("changes"))
+                if not first:
+                    yield Change("resync")
+                first = False
+                backoff = 0.1
+                yield Change("up")
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    parts = message["data"].decode().split()
+                    if parts and parts[0] in ("site", "profile") and len(parts) == 3:
+                        yield Change(parts[0], parts[1], int(parts[2]))
+                    elif parts == ["networks"]:
+                        self.forget_networks()
+                        yield Change("networks")
+            except STORE_ERRORS as exc:
+                yield Change("down", str(self.unavailable(exc)))
+                first = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
+        key = self.key("site", site_id)
+        watched = (key, self.key("net"), self.key("cpe"))
+        for _ in range(_WRITE_RETRIES):
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watched)
+                    raw, version = await pipe.hmget(key, "doc", "version")
+                    old = json.loads(raw) if raw is not None else None
+                    site = self._validated(site_id, mutate(old), int(version or 0) + 1)
+                    await self._check_owners(pipe, site_id, site)
+                    pipe.multi()
+                    self._queue_write(pipe, site_id, old, site)
+                except WatchError:
+                    continue
+                except STORE_ERRORS as exc:  # nothing was sent to be applied
+                    raise self.unavailable(exc) from None
+                if await self._commit(pipe):
+                    return site
+        raise StoreUnavailable(f"site {site_id}: still changing under us after {_WRITE_RETRIES} attempts")
+
+    async def _commit(self, pipe: Any) -> bool:
+        """Execute a queued transaction; True once it is applied (and confirmed by `write_replicas`
+        replicas), False when it certainly was not (a watched key moved, or a failover took it: read again
+        and retry).
+
+        A transaction whose reply is lost may or may not have been applied. Each one also sets a key of its
+        own (`written:<id>`, kept ten minutes), so the store can be asked afterwards; MULTI/EXEC applies all
+        or nothing. Raises StoreUnavailable when it was not applied and Redis is out of reach, WriteUnknown
+        when Redis cannot say in time."""
+        marker = self.key("written", secrets.token_hex(12))
+        pipe.set(marker, 1, ex=_MARKER_SECONDS)
+        try:
+            await pipe.execute()
+        except (WatchError, *STORE_ERRORS) as exc:
+            # A conflict, or a connection lost while watching (redis-py reports both as WatchError): either
+            # way the store decides whether it was applied.
+            if not await self._applied(marker, exc):
+                if isinstance(exc, WatchError):
+                    return False
+                raise self.unavailable(exc) from None
+            return True
+        # With replicas to wait for: a write the primary applied but lost in a failover before any replica had
+        # it is not in the store any more; it was not applied after all.
+        return not self.write_replicas or await self._applied(marker, None)
+
+    async def _applied(self, marker: str, failure: BaseException | None) -> bool:
+        """Whether the transaction that set `marker` is in the store (and on `write_replicas` replicas), asked
+        until `confirm_seconds` have passed (a failover takes seconds). EXPIRE is the write this connection
+        makes, so WAIT covers it and therefore the transaction before it."""
+        deadline = time.monotonic() + self.confirm_seconds
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.expire(marker, _MARKER_SECONDS)
+                if self.write_replicas:
+                    pipe.wait(self.write_replicas, int(self.confirm_seconds * 1000))
+                found, *acks = await pipe.execute()
+                break
+            except STORE_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise WriteUnknown(f"the write was sent but {self.unavailable(failure or exc)} before it "
+                                       f"could be confirmed; read it back to see whether it was applied") from None
+                await asyncio.sleep(0.1)
+        if found and acks and acks[0] < self.write_replicas:
+            raise WriteUnknown(f"the write was applied on the primary, but {acks[0]} of the "
+                               f"{self.write_replicas} replicas asked (store.write_replicas) confirmed it within "
+                               f"{self.confirm_seconds:.0f} s: it may be lost if the primary fails now")
+        return bool(found)
+
+    async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
+        if site is None:
+            return
+        for index_name, values, field in (("net", site.networks, "networks"), ("cpe", site.cpe_ids, "cpe_ids")):
+            if not values:
+                continue
+            owners = await pipe.hmget(self.key(index_name), list(values))
+            for index, (value, owner) in enumerate(zip(values, owners, strict=True)):
+                if owner is not None and owner.decode() != site_id:
+                    raise PolicyError(f"{field}[{index}]", f"{value} already belongs to site {owner.decode()}")
+
+    def _queue_write(self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None) -> None:
+        """Queue the document, the index changes and the notices. Old index entries come from the stored
+        document as it is, so even one written by hand, and no longer valid, can be replaced."""
+        key = self.key("site", site_id)
+        old_networks = set(old.get("networks", [])) if old else set()
+        new_networks = set(new.networks) if new else set()
+        for network in old_networks - new_networks:
+            pipe.hdel(self.key("net"), network)
+            pipe.hincrby(self.key("netlens"), _length_key(network), -1)
+        for network in new_networks - old_networks:
+            pipe.hset(self.key("net"), network, site_id)
+            pipe.hincrby(self.key("netlens"), _length_key(network), 1)
+        old_cpes = set(old.get("cpe_ids", [])) if old else set()
+        new_cpes = set(new.cpe_ids) if new else set()
+        for cpe in old_cpes - new_cpes:
+            pipe.hdel(self.key("cpe"), cpe)
+        for cpe in new_cpes - old_cpes:
+            pipe.hset(self.key("cpe"), cpe, site_id)
+        if new is None:
+            pipe.delete(key)
+            pipe.srem(self.key("sites"), site_id)
+            pipe.publish(self.key("changes"), f"site {site_id} 0")
+        else:
+            pipe.hset(key, mapping={"doc": json.dumps(site_document(new), sort_keys=True), "version": new.version})
+            pipe.sadd(self.key("sites"), site_id)
+            pipe.publish(self.key("changes"), f"site {site_id} {new.version}")
+        if old_networks != new_networks or old_cpes != new_cpes:
+            pipe.publish(self.key("changes"), "networks")
+
+    async def import_sites(self, documents: list[SiteDocument], batch: int = 500) -> int:
+        """Validated whole first (see Store.import_sites), then written in pipelined transactions of
+        `batch`: two orders of magnitude faster than a write per site. It does not watch for concurrent
+        writers of the same sites."""
+        sites = self._validated_import(documents)
+        olds: list[Any] = []
+        for start in range(0, len(sites), batch):
+            chunk = sites[start : start + batch]
+            reads = self.client.pipeline(transaction=False)
+            for site in chunk:
+                reads.hmget(self.key("site", site.id), "doc", "version")
+            claims = [(index_name, value, site.id) for index_name in ("net", "cpe") for site in chunk
+                      for value in (site.networks if index_name == "net" else site.cpe_ids)]
+            for index_name in ("net", "cpe"):
+                values = [value for name, value, _ in claims if name == index_name]
+                if values:
+                    reads.hmget(self.key(index_name), values)
+            results = await self.call(reads.execute())
+            olds += results[: len(chunk)]
+            existing = [owner for found in results[len(chunk) :] for owner in found]
+            for (index_name, value, site_id), owner in zip(claims, existing, strict=True):
+                if owner is not None and owner.decode() != site_id:
+                    field = "networks" if index_name == "net" else "cpe_ids"
+                    raise PolicyError(field, f"{value} of site {site_id} already belongs to site {owner.decode()}")
+        for start in range(0, len(sites), batch):
+            writes = self.client.pipeline(transaction=True)
+            for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
+                site.version = int(version or 0) + 1
+                self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
+            if not await self._commit(writes):
+                raise StoreUnavailable(f"import: sites {start + 1} to {start + len(sites[start:start + batch])} were "
+                                       f"not written (lost in a failover); the ones before were: import again")
+        return len(sites)
+
+    async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
+        key = self.key("profile", name)
+        if document is not None:
+            parse_profile(name, document, self.catalog)
+        async with self.client.pipeline(transaction=True) as pipe:
+            if document is None:
+                pipe.delete(key)
+                pipe.srem(self.key("profiles"), name)
+            else:
+                pipe.hset(key, "doc", json.dumps(document, sort_keys=True))
+                pipe.hincrby(key, "version", 1)
+                pipe.sadd(self.key("profiles"), name)
+            pipe.publish(self.key("changes"), f"profile {name} 1")
+            if not await self._commit(pipe):
+                raise StoreUnavailable(f"profile {name}: not written (lost in a failover); try again")
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self._subscriber.aclose()
+
+def _length_key(network: str) -> str:
+    parsed = ipaddress.ip_network(network)
+    return f"{parsed.version}/{parsed.prefixlen}"

@@ -1,0 +1,458 @@
+"""Each worker's hot copy of the policies it uses: who a query is from, and what applies to them now.
+
+- Clients (one per source address, or per source and identity options from a trusted network) are kept,
+  bounded, with their effective policy, made again only at the next schedule boundary or change. A warm
+  query costs a dict lookup, a flag and a comparison with the clock: no store round trip. Eviction is
+  CLOCK (second chance) rather than strict LRU: a hit only marks the client used instead of relinking it.
+- A client not seen before is resolved from the store (its site by CPE id or address, then the device in
+  the site by MAC, client id or address) in one task per client however many queries arrive (single
+  flight), and one store round trip (batched with the other new clients of the moment); the query waits at
+  most `store.cold_wait`.
+- Sites are kept in a bounded LRU too, apart from the clients, with an index of their networks and CPE ids.
+  A change notice reloads a site that is held, and rebinds its clients in place; after the notices were
+  interrupted, every held site's version is checked (resync).
+- A query the store cannot answer in time (slow, down, restarted) fails to the best this worker knows, never
+  to the world: the client's site if the worker holds it (found by CPE id or network: a paused site stays
+  paused, a new device gets the site's default group), else the global default. `store.cold_policy =
+  "servfail"` refuses such queries instead. The resolution goes on meanwhile and binds the client when it
+  completes. While the store is down, everything held keeps being served; the outage is logged once with
+  its cause, and its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+from blocklists.catalog import Catalog
+from resolver.shared.config import StoreSettings
+from resolver.shared.identity import Identity, TrustedNetworks, identity_from
+from resolver.shared.logs import Throttled
+from resolver.shared.policy.effective import Governing, PolicyMaker, governing, guest_profile
+from resolver.shared.policy.model import Device, PolicySpec, Site
+from resolver.shared.policy.runtime import Policy
+from resolver.shared.store.policies import Change, Store, StoreUnavailable, lookup_candidates
+from resolver.worker.wire import Request
+
+log = logging.getLogger(__name__)
+_failures = Throttled(log)
+
+_UNKNOWN = None  # the site id under which clients of no known site are filed
+_RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
+_SECOND_CHANCES = 8  # used clients passed to the back per insert, at most: an insert never sweeps the table
+# Notices for one site within this many seconds are one reload: a burst of writes to a site costs its
+# workers a few reloads, not one each, and a change is still served well within a second.
+_RELOAD_DELAY = 0.05
+
+
+class Client:
+    """One client as this worker knows it: who it is, which site, and its policy until `until`."""
+
+    __slots__ = ("_maker", "identity", "policy", "rule", "site", "until", "used")
+
+    def __init__(self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker) -> None:
+        self.identity = identity
+        self.site = site
+        self.rule = rule
+        self._maker = maker
+        self.policy: Policy = maker.default
+        self.until = -math.inf  # made on first use
+        self.used = False  # asked since eviction last passed it over
+
+    def refresh(self, now: float) -> Policy:
+        self.policy, self.until = self._maker.effective(self.rule, now)
+        return self.policy
+
+
+class SiteIndex:
+    """The held sites' CPE ids and networks, to find a client's site without the store."""
+
+    def __init__(self) -> None:
+        self._cpes: dict[str, str] = {}
+        self._networks: dict[str, str] = {}  # CIDR → site id
+        self._lengths: dict[int, dict[int, int]] = {}  # IP version → prefix length → networks of it held
+
+    def add(self, site: Site) -> None:
+        for cpe in site.cpe_ids:
+            self._cpes[cpe] = site.id
+        for network in site.networks:
+            if self._networks.setdefault(network, site.id) == site.id:
+                parsed = ipaddress.ip_network(network)
+                by_length = self._lengths.setdefault(parsed.version, {})
+                by_length[parsed.prefixlen] = by_length.get(parsed.prefixlen, 0) + 1
+
+    def remove(self, site: Site) -> None:
+        for cpe in site.cpe_ids:
+            if self._cpes.get(cpe) == site.id:
+                del self._cpes[cpe]
+        for network in site.networks:
+            if self._networks.get(network) == site.id:
+                del self._networks[network]
+                parsed = ipaddress.ip_network(network)
+                by_length = self._lengths[parsed.version]
+                by_length[parsed.prefixlen] -= 1
+                if not by_length[parsed.prefixlen]:
+                    del by_length[parsed.prefixlen]
+
+    def find(self, identity: Identity) -> str | None:
+        """The held site of a CPE id, else of the longest held network holding the address."""
+        if identity.cpe_id is not None and identity.cpe_id in self._cpes:
+            return self._cpes[identity.cpe_id]
+        lengths = {version: list(by_length) for version, by_length in self._lengths.items()}
+        for candidate in lookup_candidates(identity.address, lengths):
+            if candidate in self._networks:
+                return self._networks[candidate]
+        return None
+
+
+def find_device(site: Site, identity: Identity) -> Device | None:
+    """The device of `site` that `identity` names: by MAC, then client id, then address."""
+    if identity.mac is not None and identity.mac in site.by_mac:
+        return site.by_mac[identity.mac]
+    if identity.client_id is not None and identity.client_id in site.by_client_id:
+        return site.by_client_id[identity.client_id]
+    return site.by_address.get(identity.address)
+
+
+class Directory:
+    def __init__(
+        self,
+        store: Store | None,
+        maker: PolicyMaker,
+        catalog: Catalog,
+        trusted: TrustedNetworks,
+        settings: StoreSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.maker = maker
+        self.trusted = trusted
+        self._settings = settings
+        self._clock = clock
+        self.profiles: dict[str, PolicySpec] = {"guest": guest_profile(catalog)}
+        self._builtin_profiles = dict(self.profiles)
+        self.default_client = Client(Identity(""), None, governing(None, None, self.profiles), maker)
+        self.default_client.until = math.inf
+        self._clients: OrderedDict[Hashable, Client] = OrderedDict()
+        self._site_clients: dict[str | None, set[Hashable]] = {}
+        self._sites: OrderedDict[str, Site] = OrderedDict()
+        self._index = SiteIndex()
+        self._site_of: dict[tuple[str, str | None], str | None] = {}
+        self._stand_ins: dict[Hashable, Client] = {}  # the best-known clients given while the store lags
+        self._resolving: dict[Hashable, asyncio.Future[Client]] = {}
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._needs_resync = False
+        self._due: set[str] = set()  # sites with newer versions announced, to reload
+        self._reloader: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def use_maker(self, maker: PolicyMaker) -> None:
+        """A new global default policy (SIGHUP): every client's policy is made again."""
+        self.maker = maker
+        self.default_client = Client(Identity(""), None, governing(None, None, self.profiles), maker)
+        self.default_client.until = math.inf
+        self._rebind_all()
+
+    def use_settings(self, settings: StoreSettings) -> None:
+        self._settings = settings
+
+    # --- the query path ----------------------------------------------------------------------------------
+
+    def key(self, request: Request) -> Hashable:
+        source = request.client[0]
+        identity = request.query.identity
+        if identity is not None and source in self.trusted:
+            return source, identity
+        return source
+
+    def client(self, request: Request) -> Client | None:
+        """The client a query is from, if this worker knows it; None means: call `resolve`."""
+        if self.store is None:
+            return self.default_client
+        key = self.key(request)
+        client = self._clients.get(key)
+        if client is not None:
+            client.used = True
+        return client
+
+    async def resolve(self, request: Request) -> Client | None:
+        """The client of a query not seen before. If the store cannot say within `cold_wait`, the best this
+        worker knows (see the module's docstring), or None with `cold_policy = "servfail"`."""
+        key = self.key(request)
+        pending = self._resolving.get(key)
+        if pending is None:
+            if self.down_since is not None and self._clock() < self._retry_at:
+                return self._from_memory(key, request) or self._stand_in(key, request)
+            pending = self._resolving[key] = asyncio.ensure_future(self._build(key, request))
+            pending.add_done_callback(lambda done: self._forget_resolution(key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
+        except Exception:  # slow, down, or failing: logged once by _mark_down or _forget_resolution
+            return self._stand_in(key, request)
+
+    def _from_memory(self, key: Hashable, request: Request) -> Client | None:
+        """The client, bound as the store would bind it, when this worker knows its address's site and holds
+        it (a new device behind a known router); None when that needs the store."""
+        identity = self._identity(key, request)
+        site_id = self._site_of.get((identity.address, identity.cpe_id))
+        site = self._sites.get(site_id) if site_id is not None else None
+        return self._bind(key, identity, site) if site is not None else None
+
+    def _stand_in(self, key: Hashable, request: Request) -> Client | None:
+        """The client as far as this worker can tell without the store: its held site, else nobody's."""
+        if self._settings.cold_policy == "servfail":
+            return None
+        client = self._stand_ins.get(key)
+        if client is None:
+            identity = self._identity(key, request)
+            site_id = self._index.find(identity)
+            site = self._sites.get(site_id) if site_id is not None else None
+            if site is None:
+                return self.default_client
+            if len(self._stand_ins) >= self._settings.client_cache:
+                self._stand_ins.clear()
+            client = self._stand_ins[key] = Client(
+                identity, site, governing(site, find_device(site, identity), self.profiles), self.maker)
+        return client
+
+    def _forget_resolution(self, key: Hashable, done: asyncio.Future[Client]) -> None:
+        self._resolving.pop(key, None)
+        if not done.cancelled() and not isinstance(done.exception(), StoreUnavailable | None):
+            _failures.exception("resolving a client failed", done.exception() or True)
+
+    @staticmethod
+    def _identity(key: Hashable, request: Request) -> Identity:
+        source = request.client[0]
+        return identity_from(source, request.query.options) if isinstance(key, tuple) else Identity(source)
+
+    async def _build(self, key: Hashable, request: Request) -> Client:
+        identity = self._identity(key, request)
+        try:
+            site = await self._site_of_identity(identity)
+        except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            raise
+        self._mark_up()
+        return self._bind(key, identity, site)
+
+    async def _site_of_identity(self, identity: Identity) -> Site | None:
+        """From memory when this worker knows the address and holds the site; else one store call."""
+        lookup = (identity.address, identity.cpe_id)
+        if lookup in self._site_of:
+            site_id = self._site_of[lookup]
+            if site_id is None:
+                return None
+            site = self._sites.get(site_id)
+            if site is not None:
+                self._sites.move_to_end(site_id)
+                return site
+        assert self.store is not None
+        site_id, site = await self.store.resolve_site(identity.address, identity.cpe_id)
+        if len(self._site_of) >= self._settings.client_cache:
+            self._site_of.clear()
+        self._site_of[lookup] = site_id
+        if site is None:
+            return None
+        held = self._sites.get(site.id)
+        if held is not None and held.version >= site.version:
+            return held  # loaded meanwhile by another client of the same site
+        self._hold_site(site)
+        return site
+
+    def _hold_site(self, site: Site, used: bool = True) -> None:
+        """Hold `site` (a newer version replaces the old in place; `used` counts as a use for the LRU)."""
+        old = self._sites.get(site.id)
+        if old is not None:
+            self._index.remove(old)
+        self._sites[site.id] = site
+        if used:
+            self._sites.move_to_end(site.id)
+        self._index.add(site)
+        self._stand_ins.clear()
+        while len(self._sites) > self._settings.site_cache:
+            evicted_id, evicted = self._sites.popitem(last=False)
+            self._index.remove(evicted)
+            for key in self._site_clients.pop(evicted_id, set()):
+                self._clients.pop(key, None)
+
+    def _bind(self, key: Hashable, identity: Identity, site: Site | None) -> Client:
+        device = find_device(site, identity) if site is not None else None
+        client = Client(identity, site, governing(site, device, self.profiles), self.maker)
+        old = self._clients.pop(key, None)
+        if old is not None:
+            client.used = old.used  # rebinding (a site reload) is not a use, nor a reason to forget one
+            self._site_clients.get(old.site.id if old.site else _UNKNOWN, set()).discard(key)
+        else:
+            self._make_room()
+        self._clients[key] = client
+        self._site_clients.setdefault(site.id if site else _UNKNOWN, set()).add(key)
+        return client
+
+    def _make_room(self) -> None:
+        """Evict until a new client fits: the oldest not used since it was last passed over; a few used ones
+        get a second chance (to the back, unmarked), so an insert never sweeps the whole table."""
+        chances = _SECOND_CHANCES
+        while len(self._clients) >= self._settings.client_cache:
+            evicted_key, evicted = self._clients.popitem(last=False)
+            if evicted.used and chances:
+                chances -= 1
+                evicted.used = False
+                self._clients[evicted_key] = evicted
+                continue
+            self._site_clients.get(evicted.site.id if evicted.site else _UNKNOWN, set()).discard(evicted_key)
+
+    # --- keeping up with changes -------------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Apply the store's change notices until cancelled; retry a failed catch-up every second."""
+        if self.store is None:
+            return
+        retrier = asyncio.ensure_future(self._retry_resync())
+        try:
+            while True:
+                try:
+                    async for change in self.store.changes():
+                        await self.apply(change)
+                        # Notices read in one go would otherwise be handled back to back while queries wait:
+                        # a burst of writes elsewhere must not stall this worker's answers.
+                        await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("following policy changes failed; starting again")
+                    await asyncio.sleep(1.0)
+        finally:
+            retrier.cancel()
+            if self._reloader is not None:
+                self._reloader.cancel()
+
+    async def _retry_resync(self) -> None:
+        while True:
+            await asyncio.sleep(_RETRY_AFTER_FAILURE)
+            if self._needs_resync:
+                await self.apply(Change("resync"))
+
+    async def apply(self, change: Change) -> None:
+        """Apply one notice. If the store fails meanwhile, what was missed is caught up by a resync later."""
+        try:
+            if change.kind == "down":
+                self._mark_down(change.key)
+            elif change.kind == "up":
+                self._mark_up()
+                await self._reload_profiles()
+            elif change.kind == "site":
+                held = self._sites.get(change.key)
+                # A notice older than the version held was overtaken by a reload (a burst of writes to one
+                # site costs a reload per notice only while each is newer). Version 0 is a deletion and 1 a
+                # new site: one deleted and made again starts over at 1.
+                if held is not None and (change.version <= 1 or change.version > held.version):
+                    self._due.add(change.key)
+                    if self._reloader is None or self._reloader.done():
+                        self._reloader = asyncio.ensure_future(self._reload_due())
+            elif change.kind == "networks":
+                self._forget_addresses()
+            elif change.kind == "profile":
+                await self._reload_profiles()
+            elif change.kind == "resync":
+                await self._resync()
+                self._needs_resync = False
+                self._mark_up()
+        except StoreUnavailable as exc:
+            self._lost_store(exc)
+
+    async def _reload_due(self) -> None:
+        await asyncio.sleep(_RELOAD_DELAY)
+        try:
+            while self._due:
+                await self._reload_site(self._due.pop())
+        except StoreUnavailable as exc:
+            self._lost_store(exc)
+
+    def _lost_store(self, exc: StoreUnavailable) -> None:
+        """Changes may be missed from here on: the resync after the outage compares every held site."""
+        self._due.clear()
+        self._mark_down(str(exc))
+        self._needs_resync = True
+
+    async def _reload_site(self, site_id: str) -> None:
+        assert self.store is not None
+        site = await self.store.load_site(site_id)
+        keys = self._site_clients.pop(site_id, set())
+        if site is None:
+            gone = self._sites.pop(site_id, None)
+            if gone is not None:
+                self._index.remove(gone)
+            for key in keys:
+                self._clients.pop(key, None)  # resolved again: their addresses may now be nobody's
+            self._forget_addresses()
+            return
+        if site_id in self._sites:
+            self._hold_site(site, used=False)
+        for key in keys:
+            client = self._clients.get(key)
+            if client is None:
+                continue
+            if self._still_of(site, client.identity):
+                self._bind(key, client.identity, site)
+            else:
+                self._clients.pop(key, None)  # no longer of this site (a network or CPE id went away)
+
+    @staticmethod
+    def _still_of(site: Site, identity: Identity) -> bool:
+        if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
+            return True
+        address = ipaddress.ip_address(identity.address)
+        return any(address in ipaddress.ip_network(network) for network in site.networks)
+
+    def _forget_addresses(self) -> None:
+        """Addresses may have moved between sites: look them up again, and the clients of no site too."""
+        self._site_of.clear()
+        self._stand_ins.clear()
+        for key in self._site_clients.pop(_UNKNOWN, set()):
+            self._clients.pop(key, None)
+
+    async def _reload_profiles(self) -> None:
+        assert self.store is not None
+        self.profiles = {**self._builtin_profiles, **await self.store.load_profiles()}
+        self._rebind_all()
+
+    def _rebind_all(self) -> None:
+        self._stand_ins.clear()
+        for key, client in list(self._clients.items()):
+            self._bind(key, client.identity, client.site)
+
+    async def _resync(self) -> None:
+        """Notices may have been missed: compare every held site's version with the store's."""
+        assert self.store is not None
+        held = list(self._sites)
+        versions = await self.store.site_versions(held) if held else {}
+        for site_id in held:
+            if versions.get(site_id, 0) != self._sites[site_id].version:
+                await self._reload_site(site_id)
+        self._forget_addresses()
+        await self._reload_profiles()
+        log.info("policy store: resynchronised %d held sites", len(held))
+
+    def _mark_down(self, reason: str) -> None:
+        self._retry_at = self._clock() + _RETRY_AFTER_FAILURE
+        if self.down_since is None:
+            self.down_since = self._clock()
+            log.warning("policy store unavailable (%s): serving the %d clients in memory; new clients get %s "
+                        "until it is back", reason, len(self._clients),
+                        "SERVFAIL (store.cold_policy)" if self._settings.cold_policy == "servfail" else
+                        f"the policy of their site if one of the {len(self._sites)} held sites is theirs, else "
+                        "the default policy")
+
+    def _mark_up(self) -> None:
+        if self.down_since is not None:
+            self._stand_ins.clear()
+            log.info("policy store reachable again after %.1f s", self._clock() - self.down_since)
+            self.down_since = None

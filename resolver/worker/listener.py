@@ -1,0 +1,261 @@
+"""UDP and TCP listeners: bytes in, bytes out. The one place where failures become rcodes or silence.
+
+TCP follows RFC 7766: two-byte length framing, pipelined queries answered as each completes (so out of
+order), an idle timeout, a cap on open connections, and a cap on queries in flight per connection that
+pauses reading instead of dropping anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable
+
+from resolver.shared.config import ServerSettings
+from resolver.shared.dns import Rcode
+from resolver.shared.logs import Throttled
+from resolver.worker.pipeline import Resolver
+from resolver.worker.wire import HEADER_LEN, Malformed, error_answer
+
+_U16 = struct.Struct("!H")
+_failures = Throttled(logging.getLogger(__name__))
+
+
+def servfail_for(data: bytes) -> bytes | None:
+    """SERVFAIL for a query a stage failed on unexpectedly (header only: the question is not trusted)."""
+    if len(data) < HEADER_LEN or data[2] & 0x80:
+        return None
+    return error_answer(data, Malformed(Rcode.SERVFAIL, "internal error"))
+
+
+def answer_safely(
+    resolver: Resolver, data: bytes, client: tuple[str, int], tcp: bool
+) -> bytes | asyncio.Future[bytes] | None:
+    """Run the pipeline; nothing raises out of here."""
+    try:
+        return resolver.answer(data, client, tcp)
+    except Malformed as error:
+        return error_answer(data, error) if error.rcode is not None else None
+    except Exception:
+        _failures.exception("query failed inside the pipeline")
+        return servfail_for(data)
+
+
+def result_safely(future: asyncio.Future[bytes], data: bytes) -> bytes | None:
+    """The answer a finished future holds, or SERVFAIL if its stage failed (nothing if it was cancelled)."""
+    if future.cancelled():
+        return None  # shutting down past the drain timeout: the client will retry elsewhere
+    try:
+        return future.result()
+    except Malformed as error:
+        return error_answer(data, error) if error.rcode is not None else None
+    except Exception:
+        _failures.exception("query failed while resolving")
+        return servfail_for(data)
+
+
+class InFlight:
+    """The futures of one worker that still owe a client an answer; a graceful stop waits for them."""
+
+    def __init__(self) -> None:
+        self.futures: set[asyncio.Future[bytes]] = set()
+
+    def track(self, future: asyncio.Future[bytes]) -> None:
+        self.futures.add(future)
+        future.add_done_callback(self.futures.discard)
+
+    async def drained(self, timeout: float) -> None:
+        if self.futures:
+            await asyncio.wait(set(self.futures), timeout=timeout)
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, resolver: Resolver, in_flight: InFlight) -> None:
+        self._resolver = resolver
+        self._in_flight = in_flight
+        self._transport: asyncio.DatagramTransport | None = None
+        self.draining = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.draining:
+            return  # stopping: a query read now could not be answered in time; the client retries elsewhere
+        reply = answer_safely(self._resolver, data, addr, False)
+        if reply is None:
+            return
+        if type(reply) is bytes:
+            self._transport.sendto(reply, addr)  # type: ignore[union-attr]
+            return
+        self._in_flight.track(reply)  # type: ignore[arg-type]
+        reply.add_done_callback(lambda future: self._send(future, data, addr))  # type: ignore[union-attr]
+
+    def _send(self, future: asyncio.Future[bytes], data: bytes, addr: tuple[str, int]) -> None:
+        reply = result_safely(future, data)
+        if reply is not None and self._transport is not None and not self._transport.is_closing():
+            self._transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors about clients that went away: nothing to do
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client connection: framing, pipelining, back-pressure and the idle timer."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        settings: ServerSettings,
+        connections: set[TcpConnection],
+        in_flight: InFlight,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolver = resolver
+        self._settings = settings
+        self._connections = connections
+        self._in_flight_futures = in_flight
+        self._clock = clock
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._peer: tuple[str, int] = ("", 0)
+        self._in_flight = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closing = False
+        self._last_active = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if len(self._connections) >= self._settings.tcp_max_connections and not self._evict_idle():
+            transport.close()  # at the cap and every connection busy: refuse; the client tries elsewhere
+            return
+        self._connections.add(self)
+        self._peer = transport.get_extra_info("peername")[:2]
+        self._last_active = self._clock()
+        self._schedule_idle_check(self._settings.tcp_idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        self._closing = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        # Only whole queries count as activity: a client trickling one byte at a time stays idle and is
+        # closed by the idle timer instead of holding a connection for ever.
+        self._buffer += data
+        self._process_buffer()
+
+    def eof_received(self) -> bool:
+        # The client has sent all it will; answer what is in flight, then close (RFC 7766 §6.2.4).
+        self._closing = True
+        self._close_when_done()
+        return True
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    def _evict_idle(self) -> bool:
+        """Make room for a new connection by closing the longest-idle one with nothing in flight
+        (RFC 7766 §6.2.3: under pressure, idle connections go first). False if every one is busy."""
+        idle = [c for c in self._connections if c._in_flight == 0 and not c._closing]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda connection: connection._last_active)
+        victim._closing = True
+        self._connections.discard(victim)
+        if victim._transport is not None:
+            victim._transport.close()
+        return True
+
+    def drain(self) -> None:
+        """Stop reading; close once every query already read is answered."""
+        self._closing = True
+        self._update_reading()
+        self._close_when_done()
+
+    def _process_buffer(self) -> None:
+        buffer = self._buffer
+        while len(buffer) >= 2 and self._in_flight < self._settings.tcp_max_in_flight:
+            length = buffer[0] << 8 | buffer[1]
+            if length < HEADER_LEN:
+                self._transport.close()  # type: ignore[union-attr]  # a frame that cannot be a query
+                return
+            if len(buffer) < length + 2:
+                break
+            message = bytes(buffer[2 : length + 2])
+            del buffer[: length + 2]
+            self._last_active = self._clock()
+            self._dispatch(message)
+        self._update_reading()
+
+    def _dispatch(self, message: bytes) -> None:
+        reply = answer_safely(self._resolver, message, self._peer, True)
+        if reply is None:
+            return
+        if type(reply) is bytes:
+            self._write(reply)
+            return
+        self._in_flight += 1
+        self._in_flight_futures.track(reply)  # type: ignore[arg-type]
+        reply.add_done_callback(lambda future: self._answered(future, message))  # type: ignore[union-attr]
+
+    def _answered(self, future: asyncio.Future[bytes], message: bytes) -> None:
+        self._in_flight -= 1
+        reply = result_safely(future, message)
+        if reply is not None:
+            self._write(reply)
+        self._last_active = self._clock()
+        self._process_buffer()
+        if self._closing:
+            self._close_when_done()
+
+    def _write(self, reply: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_U16.pack(len(reply)) + reply)
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._closing or self._writing_paused or self._in_flight >= self._settings.tcp_max_in_flight
+        if pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def _close_when_done(self) -> None:
+        """Close once nothing is in flight and no whole query waits in the buffer (a partial one never will)."""
+        buffer = self._buffer
+        whole_query_waiting = len(buffer) >= 2 and len(buffer) >= (buffer[0] << 8 | buffer[1]) + 2
+        if self._in_flight == 0 and not whole_query_waiting and self._transport is not None:
+            self._transport.close()  # flushes what is buffered first
+
+    def _schedule_idle_check(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        idle_for = self._clock() - self._last_active
+        timeout = self._settings.tcp_idle_timeout
+        if self._in_flight == 0 and idle_for >= timeout:
+            if self._transport is not None:
+                self._transport.close()
+            return
+        self._schedule_idle_check(max(timeout - idle_for, 0.05))

@@ -1,0 +1,201 @@
+"""The query path: one request, one direction, the order of its stages written once.
+
+    parse → local → identify → policy → filter → safe search → cache → upstream → CNAME check → answer
+
+`Resolver.answer` runs the stages up to identify; `_answer_for` runs the rest. Local answers come first:
+they depend on no client and no list, and reveal nothing (a synthesized HINFO for ANY, REFUSED for other
+classes and zone transfers), so a CHAOS query for a blocked name is refused, not given an IN SOA. A query is answered
+synchronously when it can (a known client and a cache hit, an error, a blocked or local answer); otherwise
+a future is returned that the listener awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
+from resolver.shared.lists import Lists
+from resolver.shared.policy.runtime import ALLOWED, PASSED, Policy, Verdict
+from resolver.shared.policy.safesearch import restrict_name
+from resolver.worker.answers import BlockedAnswers, safe_search_answer
+from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
+from resolver.worker.directory import Client, Directory
+from resolver.worker.upstream import Forwarder, Overloaded, UpstreamFailed
+from resolver.worker.wire import QueryParser, Request, resource_record, synthesized_answer
+
+# RFC 8482 §4.2: answer ANY with one synthesized HINFO record instead of every RRset of the name.
+_ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
+_NO_UPSTREAM = ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered")
+_OVERLOADED = ede_option(EdeCode.OTHER, "too many upstream queries in flight")
+_STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
+_NOT_READY = ede_option(EdeCode.NOT_READY, "the filter is starting: its blocklist is not in yet")
+
+Answer = bytes | asyncio.Future[bytes]
+
+
+class Resolver:
+    """Answers one query. Raises Malformed for queries the listener turns into rcodes."""
+
+    def __init__(
+        self,
+        cache: AnswerCache,
+        forwarder: Forwarder,
+        lists: Lists,
+        directory: Directory,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.parser = QueryParser()
+        self.directory = directory
+        self.lists = lists
+        self.blocked = BlockedAnswers()
+        self.cache = cache
+        self.forwarder = forwarder
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
+
+    @property
+    def held(self) -> bool:
+        return "answer" in self.__dict__
+
+    def hold(self) -> None:
+        """Until `release`, answer every query SERVFAIL with EDE 14 Not Ready (RFC 8914): the node is not
+        ready to filter. An instance attribute shadows `answer`, so the query path pays nothing once
+        released."""
+        self.answer = self._answer_not_ready  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self.__dict__.pop("answer", None)
+
+    def _answer_not_ready(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
+        return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.SERVFAIL, ede=_NOT_READY)
+
+    def answer(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
+        # parse: the lowercased name, type, class, EDNS and identity options, interned by the bytes.
+        request = self.parser.parse(data, client, tcp)
+        # local: what we never forward (RFC 8482 ANY, zone transfers, other classes).
+        if request.query.local:
+            return _answer_locally(request)
+        # identify: a client this worker knows costs a dict lookup; a new one is looked up in the store.
+        known = self.directory.client(request)
+        if known is None:
+            return asyncio.ensure_future(self._answer_new_client(request))
+        return self._answer_for(request, known)
+
+    async def _answer_new_client(self, request: Request) -> bytes:
+        client = await self.directory.resolve(request)
+        if client is None:  # the store could not say in time and store.cold_policy refuses such queries
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_STORE_NOT_READY)
+        answer = self._answer_for(request, client)
+        return answer if type(answer) is bytes else await answer  # type: ignore[misc]
+
+    def _answer_for(self, request: Request, known: Client) -> Answer:
+        query = request.query
+        # policy: the client's effective policy now, made again only at a schedule boundary or a change.
+        now = self._wall_clock()
+        policy = known.policy if now < known.until else known.refresh(now)
+        # filter: a pause or block-all schedule, then allow, deny, categories. Before the cache, which is
+        # shared by every client whose policy lets the name through.
+        allowed = False
+        filtered = policy.filtered
+        if not policy.plain:
+            if policy.block_all is not None:
+                return self.blocked.answer(request, policy.block_all)
+            if policy.has_lists:
+                listed = policy.listed(query.name)
+                if listed is ALLOWED:
+                    allowed = True
+                elif listed is PASSED:
+                    filtered = policy.blocked
+                elif listed is not None:
+                    return self.blocked.answer(request, listed)  # type: ignore[arg-type]
+        if not allowed:
+            snapshot = self.lists.snapshot
+            bits = snapshot.hot.get(query.name)
+            if bits is None:
+                bits = snapshot.lookup(query.name)
+            if bits & filtered:
+                return self.blocked.answer(request, policy.verdict(bits))
+        # safe search: the engine's restrict name instead of the name asked.
+        if policy.safe_search:
+            target = restrict_name(query.name)
+            if target is not None:
+                return asyncio.ensure_future(self._safe_search(request, target))
+        # cache: keyed on question + DO/CD; a CNAME chain into a name this policy blocks is blocked.
+        now = self._clock()
+        entry = self.cache.get(query.key, now)
+        if entry is not None:
+            if entry.cname_targets and not allowed:
+                verdict = self._chain_verdict(entry, policy, filtered)
+                if verdict is not None:
+                    return self.blocked.answer(request, verdict)
+            return entry.render(request, now)
+        # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
+        return asyncio.ensure_future(self._resolve(request, policy, allowed, filtered))
+
+    async def _resolve(self, request: Request, policy: Policy, allowed: bool, filtered: int) -> bytes:
+        query = request.query
+        entry = await asyncio.shield(self._fetch(query.key, query.do, query.cd))
+        if entry.cname_targets and not allowed:
+            verdict = self._chain_verdict(entry, policy, filtered)
+            if verdict is not None:
+                return self.blocked.answer(request, verdict)
+        return entry.render(request, self._clock())
+
+    def _chain_verdict(self, entry: CachedAnswer, policy: Policy, asked_filtered: int) -> Verdict | None:
+        """The verdict on the first name of the answer's CNAME chain that the policy blocks, if any. A name
+        the device continued to carries its pass along its chain (`asked_filtered`)."""
+        if not (policy.filtered or policy.has_lists):
+            return None
+        snapshot = self.lists.snapshot
+        for target in entry.cname_targets:
+            filtered = asked_filtered
+            if policy.has_lists:
+                listed = policy.listed(target)
+                if listed is ALLOWED:
+                    continue
+                if listed is PASSED:
+                    filtered = policy.blocked
+                elif listed is not None:
+                    return listed  # type: ignore[return-value]
+            bits = snapshot.categories(target)
+            if bits & filtered:
+                return policy.verdict(bits)
+        return None
+
+    async def _safe_search(self, request: Request, target: bytes) -> bytes:
+        query = request.query
+        key = target + query.key[len(query.name) :]  # the same type, class and DO/CD, for the restrict name
+        now = self._clock()
+        entry = self.cache.get(key, now) or await asyncio.shield(self._fetch(key, query.do, query.cd))
+        return safe_search_answer(request, target, entry, self._clock())
+
+    def _fetch(self, key: bytes, do: bool, cd: bool) -> asyncio.Future[CachedAnswer]:
+        fetch = self._fetches.get(key)
+        if fetch is None:
+            fetch = self._fetches[key] = asyncio.ensure_future(self._fetch_upstream(key, do, cd))
+            fetch.add_done_callback(lambda _: self._fetches.pop(key, None))
+        return fetch
+
+    async def _fetch_upstream(self, key: bytes, do: bool, cd: bool) -> CachedAnswer:
+        try:
+            scanned = await self.forwarder.query(key[:-1], do, cd)
+        except Overloaded:
+            return CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED)  # not kept: load passes
+        except UpstreamFailed:
+            return self.cache.store(key, failure_reply(), self._clock(), _NO_UPSTREAM)
+        return self.cache.store(key, scanned, self._clock())
+
+    def close(self) -> None:
+        self.forwarder.close()
+
+
+def _answer_locally(request: Request) -> bytes:
+    """RFC 8482 for ANY; REFUSED for other classes (CHAOS version probes included) and zone transfers."""
+    query = request.query
+    if query.qclass == CLASS_IN and query.qtype == RRType.ANY:
+        return synthesized_answer(request, Rcode.NOERROR, _ANY_ANSWER, 1)
+    return synthesized_answer(request, Rcode.REFUSED)

@@ -1,0 +1,159 @@
+"""The DNS worker process: its sockets, query path, policy copy and lists, and how it starts, reloads and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+import uvloop
+
+from resolver.shared.config import Config
+from resolver.shared.identity import TrustedNetworks
+from resolver.shared.lists import served_path
+from resolver.shared.loading import load_policy_and_lists, policy_maker
+from resolver.shared.run_directory import UNSET, RunDirectory
+from resolver.shared.signals import handle_signals
+from resolver.shared.sockets import SocketSet
+from resolver.shared.store.backends import open_store
+from resolver.worker.cache import AnswerCache
+from resolver.worker.counters import worker_counters, write_counters
+from resolver.worker.directory import Directory
+from resolver.worker.listener import InFlight, TcpConnection, UdpListener
+from resolver.worker.pipeline import Resolver
+from resolver.worker.upstream import Forwarder
+
+log = logging.getLogger(__name__)
+
+_NOT_READY_LOG_INTERVAL = 5.0
+
+_READY_POLL = 0.05
+
+class Worker:
+    """Everything one worker process serves with; usable in-process (tests) or under the supervisor.
+
+    `run`: the node's run directory (counters, reloaded configuration, the list target). A worker of a node
+    that follows lists published through Redis answers nothing but SERVFAIL with EDE 14 "Not Ready" until
+    it serves the version the admin process set as the target there: a node must never answer from no list,
+    or an old one, while the list it should serve is on its way (see README, "Starting")."""
+
+    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None
+                 ) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.index = index
+        self.run = run
+        catalog, maker, self.lists = load_policy_and_lists(config)
+        self.catalog = catalog
+        settings = config.store
+        self.store = open_store(settings, catalog)
+        self.directory = Directory(self.store, maker, catalog, TrustedNetworks(config.identity.trusted_networks),
+                                   settings)
+        self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists,
+                                 self.directory)
+        self.in_flight = InFlight()
+        self.connections: set[TcpConnection] = set()
+        self._udp: list[UdpListener] = []
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return not self.resolver.held
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.run is not None and self.config.store.redis:
+            self.resolver.hold()
+            self._tasks.append(loop.create_task(self._release_when_lists_are_in(self.run)))
+        for sock in self.sockets.udp:
+            listener = UdpListener(self.resolver, self.in_flight)
+            await loop.create_datagram_endpoint(lambda listener=listener: listener, sock=sock)
+            self._udp.append(listener)
+        settings = self.config.server
+        for sock in self.sockets.tcp:
+            server = await loop.create_server(
+                lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight), sock=sock
+            )
+            self._tcp.append(server)
+        self._tasks += [loop.create_task(self.lists.watch()), loop.create_task(self.directory.follow())]
+        if self.run is not None:
+            self._tasks.append(loop.create_task(write_counters(
+                self.run.path, self.index,
+                lambda: {**worker_counters(self.resolver, self.catalog), "ready": self.ready,
+                         "lists_fallback": self.lists.fallback})))
+
+    async def _release_when_lists_are_in(self, run: RunDirectory) -> None:
+        started = time.monotonic()
+        next_log = started + _NOT_READY_LOG_INTERVAL
+        while True:
+            target = run.lists_target()
+            if target is not UNSET and target in (None, self.lists.snapshot.version):
+                break
+            await self.lists.check()
+            if time.monotonic() >= next_log:
+                next_log += _NOT_READY_LOG_INTERVAL
+                log.warning("worker %d: not answering yet (SERVFAIL, EDE 14) for %.0f s: %s", self.index,
+                            time.monotonic() - started,
+                            "waiting for the admin process to learn the current list from Redis" if target is UNSET
+                            else f"waiting for list version {target} (serving {self.lists.snapshot.version})")
+            await asyncio.sleep(_READY_POLL)
+        self.resolver.release()
+        log.info("worker %d: serving list version %s; answering", self.index, self.lists.snapshot.version)
+
+    def reload(self, config: Config) -> None:
+        """Apply a configuration reloaded on SIGHUP (only the keys marked live differ from the current one)."""
+        old, self.config = self.config, config
+        logging.getLogger().setLevel(config.log.level.upper())
+        if config.lists != old.lists:
+            self.lists.retarget(served_path(config.lists)[0], config.lists.check_interval)
+        if config.policy != old.policy:
+            self.directory.use_maker(policy_maker(config, self.catalog))
+        if config.store != old.store:
+            self.directory.use_settings(config.store)
+        if config.upstream != old.upstream:
+            retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)
+            # queries already sent keep their sockets until they are answered or give up
+            asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired.close)
+
+    async def stop(self) -> None:
+        """Stop reading, answer what was read, then close: within `server.drain_timeout`."""
+        deadline = time.monotonic() + self.config.server.drain_timeout
+        for listener in self._udp:
+            listener.draining = True
+        for server in self._tcp:
+            server.close()
+        for connection in list(self.connections):
+            connection.drain()
+        await self.in_flight.drained(max(deadline - time.monotonic(), 0))
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for listener in self._udp:
+            listener.close()
+        for task in self._tasks:
+            task.cancel()
+        if self.store is not None:
+            await self.store.close()
+        self.resolver.close()
+
+async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:
+    worker = Worker(config, sockets, index, run)
+    await worker.start()
+    # A worker's heap grows with the clients and sites it holds (100 MB and more); a full collection walks
+    # all of it and stalls every query meanwhile. What exists at start-up is set aside for good, and
+    # collections run less often: the query path makes few reference cycles.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+    stop = handle_signals(lambda: worker.reload(run.read_config()) if run is not None else None)
+    log.debug("worker %d ready", index)
+    await stop.wait()
+    log.debug("worker %d stopping", index)
+    await worker.stop()
+    return 0
+
+_GC_THRESHOLDS = (20_000, 20, 100)
+
+def run_worker(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None = None) -> int:
+    return uvloop.run(_serve_until_signalled(config, sockets, index, run))

@@ -1,0 +1,481 @@
+"""DNS wire format, by hand: the query view the hot path needs, the answers built without a decoder, and the
+scanner that reads an upstream reply once before it is cached.
+
+A full decoder (dnslib) costs about 100 µs per message; the query path has a budget of a few µs, so a query
+is read as offsets into its own bytes, and answers are assembled from byte strings.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from resolver.shared.dns import CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
+from resolver.shared.errors import BnsError
+
+HEADER_LEN = 12
+ADVERTISED_UDP_SIZE = 1232  # RFC 6891 §6.2.5 and the DNS Flag Day 2020 value: no IP fragmentation
+PLAIN_UDP_LIMIT = 512  # RFC 1035 §4.2.1: without EDNS a UDP answer is at most 512 bytes
+TCP_LIMIT = 65535
+
+
+
+
+
+
+
+
+
+
+
+# Meta-types that are not data (RFC 6895): a question for one is malformed.
+NOT_QUERYABLE = frozenset((RRType.OPT, RRType.TKEY, RRType.TSIG))
+# Answered here, never forwarded: RFC 8482 ANY, zone transfers, the obsolete mail meta-types.
+LOCAL_TYPES = frozenset((RRType.ANY, RRType.AXFR, RRType.IXFR, RRType.MAILA, RRType.MAILB))
+
+# The EDNS options that carry client identity: parsed into the request, never forwarded upstream.
+IDENTITY_OPTIONS = frozenset(
+    (OptionCode.ECS, OptionCode.MAC, OptionCode.MAC_TEXT, OptionCode.CPE_ID, OptionCode.UMBRELLA)
+)
+
+_FLAG_QR = 0x80
+_FLAG_OPCODE = 0x78
+_FLAG_RD = 0x01
+_FLAG_RA = 0x80
+_FLAG_AD = 0x20
+_FLAG_CD = 0x10
+_EDNS_DO = 0x8000
+
+_U16_PAIR = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_OPTION_HEAD = struct.Struct("!HH")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
+
+# Cache-key state byte: the query flags that change the upstream's answer.
+STATE_DO = 1
+STATE_CD = 2
+
+
+class Malformed(BnsError):
+    """A query that gets an error answer (or none). `rcode` None means: stay silent.
+
+    `qend` is the end of the question when the question could be read, so the answer can echo it;
+    `edns` tells whether the query's OPT record was sound, so the answer may carry one.
+    """
+
+    def __init__(
+        self, rcode: Rcode | None, reason: str, qend: int = 0, edns: bool = False, do: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.qend = qend
+        self.edns = edns
+        self.do = do
+
+
+class Query:
+    """Everything a query's bytes say apart from its ID: the same bytes always give the same Query, so the
+    parser interns them (see QueryParser) and later stages may memoise on the object itself.
+
+    `name` is the question name in lowercased wire form; `key` (name, type, class, state byte) is what the
+    cache and the upstream coalescing are keyed on; `limit` is the largest answer the client can take;
+    `local` marks queries answered here whatever the cache holds (other classes, ANY, zone transfers).
+    """
+
+    __slots__ = ("cd", "do", "edns", "identity", "key", "limit", "local", "name", "options", "qclass", "qend",
+                 "qtype")
+
+    def __init__(
+        self,
+        qend: int,
+        name: bytes,
+        key: bytes,
+        qtype: int,
+        qclass: int,
+        edns: bool,
+        do: bool,
+        cd: bool,
+        limit: int,
+        options: dict[int, bytes] | None,
+    ) -> None:
+        self.qend = qend
+        self.name = name
+        self.key = key
+        self.qtype = qtype
+        self.qclass = qclass
+        self.edns = edns
+        self.do = do
+        self.cd = cd
+        self.limit = limit
+        self.options = options
+        # The identity options as one hashable value: with the source address, the key of a client.
+        self.identity = b"".join(_U16.pack(code) + _U16.pack(len(value)) + value
+                                 for code, value in sorted(options.items())) if options else None
+        self.local = qclass != CLASS_IN or qtype in LOCAL_TYPES
+
+    @property
+    def question(self) -> bytes:
+        """The lowercased question (name, type, class): what is sent upstream."""
+        return self.key[:-1]
+
+
+class Request:
+    """One arrival of a query: its bytes (ID included), who sent it, and what parsing them gave."""
+
+    __slots__ = ("client", "data", "query")
+
+    def __init__(self, data: bytes, client: tuple[str, int], query: Query) -> None:
+        self.data = data
+        self.client = client
+        self.query = query
+
+
+# Real queries are well under this (a name, an OPT, a cookie, RFC 8467 padding to 128); a bigger one is
+# parsed but not interned, so the memo holds at most size × 512 bytes of keys whatever clients send.
+MAX_INTERNED = 512
+
+
+class QueryParser:
+    """Parses queries, interning the result by the bytes after the ID.
+
+    Clients ask the same few thousand questions in the same bytes over and over; a dict lookup on those bytes
+    replaces the label walk, the EDNS walk and the key building, and hands later stages the same Query object
+    for the same bytes. Malformed queries are never interned. The memo is emptied when full: a flood of
+    unique names costs one dict insert each, and nothing grows without bound.
+    """
+
+    def __init__(self, size: int = 16384) -> None:
+        self._size = size
+        self._memos: tuple[dict[bytes, Query], dict[bytes, Query]] = ({}, {})
+
+    def parse(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
+        if len(data) > MAX_INTERNED:
+            return Request(data, client, read_query(data, tcp))
+        memo = self._memos[tcp]
+        after_id = data[2:]
+        query = memo.get(after_id)
+        if query is None:
+            query = read_query(data, tcp)
+            if len(memo) >= self._size:
+                memo.clear()
+            memo[after_id] = query
+        return Request(data, client, query)
+
+
+def read_query(data: bytes, tcp: bool) -> Query:
+    """Read a query. Raises Malformed (with the rcode to answer, or None for silence) on anything unusable."""
+    size = len(data)
+    if size < HEADER_LEN:
+        raise Malformed(None, "shorter than a DNS header")
+    if data[2] & _FLAG_QR:
+        raise Malformed(None, "a response, not a query")  # answering responses lets two servers loop
+    if data[2] & _FLAG_OPCODE:
+        raise Malformed(Rcode.NOTIMP, f"opcode {(data[2] & _FLAG_OPCODE) >> 3} is not QUERY")
+    if data[4] != 0 or data[5] != 1:
+        raise Malformed(Rcode.FORMERR, "QDCOUNT is not 1 (RFC 9619)")
+    if data[6] or data[7] or data[8] or data[9]:
+        raise Malformed(Rcode.FORMERR, "a query with answer or authority records")
+    # The question name, label by label. Nothing but the header precedes it, so a compression pointer here
+    # can only loop or point into the header: any label length above 63 (pointers included) is refused.
+    pos = HEADER_LEN
+    while True:
+        if pos >= size:
+            raise Malformed(Rcode.FORMERR, "question name runs past the end")
+        length = data[pos]
+        if length == 0:
+            break
+        if length > MAX_LABEL_LEN:
+            raise Malformed(Rcode.FORMERR, "compression pointer or label longer than 63 in the question")
+        pos += length + 1
+    name_end = pos + 1
+    if name_end - HEADER_LEN > MAX_NAME_LEN:
+        raise Malformed(Rcode.FORMERR, "question name longer than 255 bytes")
+    qend = name_end + 4
+    if qend > size:
+        raise Malformed(Rcode.FORMERR, "question type/class missing")
+    name = data[HEADER_LEN:name_end].lower()
+    qtype, qclass = _U16_PAIR.unpack_from(data, name_end)
+    cd = bool(data[3] & _FLAG_CD)
+    edns = do = False
+    limit = TCP_LIMIT if tcp else PLAIN_UDP_LIMIT
+    options = None
+    if data[10] or data[11]:
+        edns, do, udp_size, options = _read_additional(data, qend, data[10] << 8 | data[11])
+        if edns and not tcp:
+            # RFC 6891 §6.2.5: the smaller of the two sizes; ours (1232) keeps answers unfragmented and
+            # caps what a spoofed query can reflect.
+            limit = min(max(udp_size, PLAIN_UDP_LIMIT), ADVERTISED_UDP_SIZE)
+    state = (STATE_DO if do else 0) | (STATE_CD if cd else 0)
+    key = name + data[name_end:qend] + bytes((state,))
+    query = Query(qend, name, key, qtype, qclass, edns, do, cd, limit, options)
+    if qtype in NOT_QUERYABLE:
+        raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried", qend, edns, do)
+    return query
+
+
+def _skip_name(data: bytes, pos: int, floor: int) -> int:
+    """Offset just after the name at `pos`; a pointer must point backwards, below `floor`, and inside."""
+    size = len(data)
+    while True:
+        if pos >= size:
+            raise Malformed(Rcode.FORMERR, "name runs past the end")
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > size:
+                raise Malformed(Rcode.FORMERR, "truncated compression pointer")
+            target = (length & 0x3F) << 8 | data[pos + 1]
+            if target >= floor:
+                raise Malformed(Rcode.FORMERR, "compression pointer does not point backwards")
+            return pos + 2
+        if length > MAX_LABEL_LEN:
+            raise Malformed(Rcode.FORMERR, "label longer than 63 or unknown label type")
+        pos += length + 1
+
+
+def _read_additional(
+    data: bytes, pos: int, count: int
+) -> tuple[bool, bool, int, dict[int, bytes] | None]:
+    """(edns present, DO bit, client UDP size, identity options) from the additional section."""
+    size = len(data)
+    qend = pos
+    edns = do = False
+    udp_size = PLAIN_UDP_LIMIT
+    options: dict[int, bytes] | None = None
+    for _ in range(count):
+        owner = pos
+        pos = _skip_name(data, pos, owner)
+        if pos + 10 > size:
+            raise Malformed(Rcode.FORMERR, "additional record runs past the end", qend)
+        rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, pos)
+        rdata = pos + 10
+        pos = rdata + rdlen
+        if pos > size:
+            raise Malformed(Rcode.FORMERR, "additional record data runs past the end", qend)
+        if rtype != RRType.OPT:
+            continue  # TSIG/SIG(0) are not supported; the query is answered as if unsigned
+        if edns:
+            raise Malformed(Rcode.FORMERR, "more than one OPT record (RFC 6891 §6.1.1)", qend)
+        if data[owner] != 0:
+            raise Malformed(Rcode.FORMERR, "OPT record owner is not the root", qend)
+        edns = True
+        do = bool(ttl & _EDNS_DO)
+        udp_size = rclass
+        if (ttl >> 16) & 0xFF:  # before the options: a later version may lay them out differently
+            raise Malformed(Rcode.BADVERS, f"EDNS version {(ttl >> 16) & 0xFF}", qend, edns=True, do=do)
+        options = _read_options(data, rdata, pos, qend)
+    return edns, do, udp_size, options
+
+
+def _read_options(data: bytes, pos: int, end: int, qend: int) -> dict[int, bytes] | None:
+    options: dict[int, bytes] | None = None
+    while pos < end:
+        if pos + 4 > end:
+            raise Malformed(Rcode.FORMERR, "EDNS option header runs past the OPT data", qend)
+        code, length = _OPTION_HEAD.unpack_from(data, pos)
+        pos += 4
+        if pos + length > end:
+            raise Malformed(Rcode.FORMERR, f"EDNS option {code} runs past the OPT data", qend)
+        if code in IDENTITY_OPTIONS:
+            if options is None:
+                options = {}
+            options[code] = data[pos : pos + length]
+        pos += length
+    return options
+
+
+# --- answers built here -------------------------------------------------------------------------------
+
+def opt_record(do: bool, options: bytes = b"", ext_rcode: int = 0) -> bytes:
+    """Our OPT RR: root owner, 1232-byte UDP size, version 0, the client's DO bit echoed."""
+    ttl = (ext_rcode << 24) | (_EDNS_DO if do else 0)
+    return b"\x00" + _RR_FIXED.pack(RRType.OPT, ADVERTISED_UDP_SIZE, ttl, len(options)) + options
+
+
+
+
+def response_flags(data: bytes, rcode: int, ra: bool = True) -> bytes:
+    """Header flags of an answer to `data`: QR set, opcode and RD echoed, CD echoed, RA, the rcode."""
+    high = _FLAG_QR | (data[2] & (_FLAG_OPCODE | _FLAG_RD))
+    low = (_FLAG_RA if ra else 0) | (data[3] & _FLAG_CD) | (rcode & 0x0F)
+    return bytes((high, low))
+
+
+def error_answer(data: bytes, error: Malformed, ede: bytes = b"") -> bytes:
+    """The answer for a query refused at the edge: header, the question when it could be read, OPT if sound."""
+    assert error.rcode is not None
+    question = data[HEADER_LEN : error.qend] if error.qend else b""
+    counts = struct.pack("!HHHH", 1 if question else 0, 0, 0, 1 if error.edns else 0)
+    opt = opt_record(error.do, ede, ext_rcode=error.rcode >> 4) if error.edns else b""
+    return data[:2] + response_flags(data, error.rcode) + counts + question + opt
+
+
+def truncated_answer(request: Request, rcode: int = Rcode.NOERROR) -> bytes:
+    """TC=1 with the question only: the client retries over TCP (RFC 7766 §5)."""
+    data, query = request.data, request.query
+    flags = response_flags(data, rcode)
+    flags = bytes((flags[0] | 0x02, flags[1]))
+    counts = struct.pack("!HHHH", 1, 0, 0, 1 if query.edns else 0)
+    opt = opt_record(query.do) if query.edns else b""
+    return data[:2] + flags + counts + data[HEADER_LEN : query.qend] + opt
+
+
+def synthesized_answer(
+    request: Request,
+    rcode: int,
+    answers: bytes = b"",
+    answer_count: int = 0,
+    ede: bytes = b"",
+    authority: bytes = b"",
+    authority_count: int = 0,
+) -> bytes:
+    """A whole answer made here (blocked names, RFC 8482 ANY, refusals): echoed question, given records."""
+    data, query = request.data, request.query
+    counts = struct.pack("!HHHH", 1, answer_count, authority_count, 1 if query.edns else 0)
+    opt = opt_record(query.do, ede) if query.edns else b""
+    message = (data[:2] + response_flags(data, rcode) + counts + data[HEADER_LEN : query.qend]
+               + answers + authority + opt)
+    if len(message) > query.limit:
+        return truncated_answer(request, rcode)
+    return message
+
+
+def resource_record(rtype: int, ttl: int, rdata: bytes, owner: bytes = b"\xc0\x0c") -> bytes:
+    """One RR; the owner defaults to a pointer to the question name at offset 12."""
+    return owner + _RR_FIXED.pack(rtype, CLASS_IN, ttl, len(rdata)) + rdata
+
+
+# --- queries we send upstream and the replies we read ------------------------------------------------
+
+def upstream_query(query_id: int, question: bytes, do: bool, cd: bool) -> bytes:
+    """A recursive query for `question` with our own EDNS (no client options: identity never leaves)."""
+    flags = bytes((_FLAG_RD, _FLAG_AD | (_FLAG_CD if cd else 0)))
+    return _U16.pack(query_id) + flags + b"\x00\x01\x00\x00\x00\x00\x00\x01" + question + opt_record(do)
+
+
+def reply_matches(reply: bytes, question: bytes) -> bool:
+    """RFC 5452: a reply is ours only if it is a response to QUERY carrying exactly our question."""
+    name_end = HEADER_LEN + len(question) - 4
+    return (
+        len(reply) >= name_end + 4
+        and reply[2] & (_FLAG_QR | _FLAG_OPCODE) == _FLAG_QR
+        and reply[4:6] == b"\x00\x01"
+        # only the name is case-insensitive: lowercasing type bytes would turn HTTPS (0x0041) into 0x0061
+        and reply[HEADER_LEN:name_end].lower() == question[:-4]
+        and reply[name_end : name_end + 4] == question[-4:]
+    )
+
+
+def is_truncated(reply: bytes) -> bool:
+    return bool(reply[2] & 0x02)
+
+
+class ScannedReply:
+    """An upstream reply taken apart once: the records after the question (without the OPT record), the
+    offsets of their TTLs, and what caching and the CNAME check need to know."""
+
+    __slots__ = ("ad", "body", "cname_targets", "counts", "negative_ttl", "rcode", "ttl_offsets", "ttls")
+
+    def __init__(self) -> None:
+        self.rcode = 0
+        self.ad = False
+        self.counts = (0, 0, 0)
+        self.body = b""
+        self.ttl_offsets: list[int] = []
+        self.ttls: list[int] = []
+        self.cname_targets: list[bytes] = []
+        self.negative_ttl: int | None = None
+
+
+def scan_reply(reply: bytes, question: bytes) -> ScannedReply:
+    """Walk every record of a reply that `reply_matches` accepted. Raises Malformed if it is not sound."""
+    qend = HEADER_LEN + len(question)
+    an, ns, ar = struct.unpack_from("!HHH", reply, 6)
+    scanned = ScannedReply()
+    scanned.rcode = reply[3] & 0x0F
+    scanned.ad = bool(reply[3] & _FLAG_AD)
+    pos = qend
+    opt_span: tuple[int, int] | None = None
+    kept_ar = ar
+    size = len(reply)
+    for index in range(an + ns + ar):
+        owner = pos
+        pos = _skip_name(reply, pos, pos)
+        if pos + 10 > size:
+            raise Malformed(Rcode.FORMERR, "record runs past the end of the reply")
+        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(reply, pos)
+        rdata = pos + 10
+        end = rdata + rdlen
+        if end > size:
+            raise Malformed(Rcode.FORMERR, "record data runs past the end of the reply")
+        if rtype == RRType.OPT:
+            if index < an + ns or opt_span is not None:
+                raise Malformed(Rcode.FORMERR, "misplaced or repeated OPT record in the reply")
+            opt_span = (owner, end)
+            kept_ar -= 1
+        else:
+            scanned.ttl_offsets.append(pos + 4)
+            scanned.ttls.append(ttl & 0x7FFFFFFF)  # RFC 2181 §8: a TTL with the top bit set is zero
+            if rtype == RRType.CNAME and index < an:
+                scanned.cname_targets.append(read_name(reply, rdata))
+            elif rtype == RRType.SOA and an <= index < an + ns and rdlen >= 20:
+                minimum = _U32.unpack_from(reply, end - 4)[0]
+                scanned.negative_ttl = min(ttl, minimum)
+        pos = end
+    if opt_span is not None and opt_span[1] != pos:
+        # Names after the OPT could be compression targets; removing the OPT would break them.
+        raise Malformed(Rcode.FORMERR, "OPT record is not the last record of the reply")
+    body_end = opt_span[0] if opt_span is not None else pos
+    scanned.body = reply[qend:body_end]
+    scanned.ttl_offsets = [offset - qend for offset in scanned.ttl_offsets]
+    scanned.counts = (an, ns, kept_ar)
+    return scanned
+
+
+def answer_records(body: bytes, body_offset: int, count: int) -> list[tuple[int, int, bytes]]:
+    """(type, TTL, rdata) of the first `count` records of a cached body that began at `body_offset` of its
+    message. Owner names are skipped, not read, so pointers into the original question are harmless."""
+    message = bytes(body_offset) + body
+    pos = body_offset
+    records = []
+    for _ in range(count):
+        pos = _skip_name(message, pos, pos)
+        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(message, pos)
+        records.append((rtype, ttl, message[pos + 10 : pos + 10 + rdlen]))
+        pos += 10 + rdlen
+    return records
+
+
+def read_name(message: bytes, pos: int) -> bytes:
+    """The name at `pos`, decompressed, lowercased, in wire form. Raises Malformed on loops or overruns."""
+    labels = []
+    total = 0
+    floor = pos
+    size = len(message)
+    while True:
+        if pos >= size:
+            raise Malformed(Rcode.FORMERR, "name runs past the end")
+        length = message[pos]
+        if length == 0:
+            labels.append(b"\x00")
+            return b"".join(labels).lower()
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > size:
+                raise Malformed(Rcode.FORMERR, "truncated compression pointer")
+            target = (length & 0x3F) << 8 | message[pos + 1]
+            if target >= floor:  # each jump goes strictly backwards, so loops are impossible
+                raise Malformed(Rcode.FORMERR, "compression pointer does not point backwards")
+            pos = floor = target
+            continue
+        if length > MAX_LABEL_LEN:
+            raise Malformed(Rcode.FORMERR, "label longer than 63 or unknown label type")
+        total += length + 1
+        if total + 1 > MAX_NAME_LEN:
+            raise Malformed(Rcode.FORMERR, "name longer than 255 bytes")
+        labels.append(message[pos : pos + length + 1])
+        pos += length + 1
+
+
+
+
