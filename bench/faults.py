@@ -44,6 +44,8 @@ from bench.load import have_dnsperf, run_dnsperf, write_query_file
 from bench.redis_processes import RedisServer, SentinelDeployment
 from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists
+from resolver.shared.store.publications import RedisPublications
+from resolver.shared.store.redis import RedisConnection
 
 TOKEN = "bench-faults-token-000001"
 LISTED = "gore.example"  # violence-gore in the bench's list
@@ -94,16 +96,13 @@ def compile_list(directory: Path, filler: int = 0) -> Path:
 
 def publish(redis_url: str, prefix: str, artifact: Path, scratch: Path) -> str:
     """Publish `artifact` through Redis as an admin's push would; its version."""
-    from resolver.shared.store.publications import RedisPublications
-    from resolver.shared.store.redis_policies import RedisStore
-
     async def run() -> str:
-        store = RedisStore(redis_url, CATALOG, prefix)
+        connection = RedisConnection(redis_url, prefix)
         try:
-            publications = RedisPublications(CATALOG, scratch / "unused.bns", store, scratch)
+            publications = RedisPublications(CATALOG, scratch / "unused.bns", connection, scratch)
             return (await publications.publish(artifact)).version
         finally:
-            await store.close()
+            await connection.close()
 
     return asyncio.run(run())
 

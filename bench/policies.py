@@ -41,6 +41,7 @@ from bench.harness import (
 )
 from bench.load import LoadResult, process_tree_cpu, run_dnsperf
 from blocklists.catalog import load_catalog
+from resolver.shared.store.redis import RedisConnection
 from resolver.shared.store.redis_policies import RedisStore
 
 _ECS, _MAC = 8, 65001
@@ -78,7 +79,7 @@ def site_document(site: int, devices: int) -> dict:
 
 
 async def populate(url: str, sites: int, devices: int) -> float:
-    store = RedisStore(url, load_catalog(), "bench:")
+    store = RedisStore(RedisConnection(url, "bench:"), load_catalog())
     started = time.monotonic()
     try:
         for start in range(0, sites, 5000):

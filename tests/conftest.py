@@ -19,8 +19,11 @@ import uvloop
 
 from bench.redis_processes import RedisServer, SentinelDeployment
 from bench.upstream import Script, ScriptedUpstream
+from blocklists.catalog import load_catalog
 from resolver.shared.config import Config, load_config
 from resolver.shared.sockets import bind_sockets
+from resolver.shared.store.redis import RedisConnection
+from resolver.shared.store.redis_policies import RedisStore
 from resolver.worker.process import Worker
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -154,6 +157,11 @@ def sentinel_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
         yield deployment
     finally:
         deployment.stop()
+
+
+def redis_policy_store(url: str, prefix: str) -> RedisStore:
+    """The policy store a node would open on this Redis (closing it closes its connection)."""
+    return RedisStore(RedisConnection(url, prefix), load_catalog())
 
 
 @pytest.fixture

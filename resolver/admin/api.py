@@ -29,10 +29,10 @@ from resolver.admin.metrics import Metrics
 from resolver.admin.sources import CompileBusy, Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import AdminSettings
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import BnsError, StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, Site
 from resolver.shared.policy.service import NotFound, PolicyService, Target, describe
-from resolver.shared.store.policies import Store, StoreUnavailable, WriteUnknown
+from resolver.shared.store.policies import Store
 from resolver.shared.store.publications import Publications, UnknownVersion
 
 READ, ADMIN = "read", "admin"

@@ -38,11 +38,10 @@ from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
 from resolver.admin.why import Explainer
 from resolver.shared.config import PagesSettings
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import BnsError, StoreUnavailable
 from resolver.shared.policy.model import PolicyError
 from resolver.shared.policy.service import NotFound, PolicyService
 from resolver.shared.store.page_tokens import Secret, UsedTokens
-from resolver.shared.store.policies import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

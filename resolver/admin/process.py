@@ -17,16 +17,12 @@ from resolver.admin.pages import Pages
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import Config
+from resolver.shared.errors import StoreUnavailable
 from resolver.shared.lists import cache_dir_of, served_path
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.run_directory import RunDirectory
 from resolver.shared.signals import handle_signals
-from resolver.shared.store.backends import open_store
-from resolver.shared.store.page_tokens import LocalUsedTokens, RedisUsedTokens, Secret, UsedTokens
-from resolver.shared.store.policies import Store, StoreUnavailable
-from resolver.shared.store.publications import LocalPublications, Publications, RedisPublications, Settled
-from resolver.shared.store.redis_policies import RedisStore
-from resolver.shared.store.shelves import LocalShelf, RedisShelf
+from resolver.shared.store.backends import open_backends
 
 if TYPE_CHECKING:
     from resolver.shared.sockets import HttpSockets
@@ -34,16 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STORE_CHECK = 2.0
-
-
-def publications_for(config: Config, store: Store | None, catalog: Any, settled: Settled | None = None
-                     ) -> Publications:
-    """Redis when the policies are there (every node shares it), else this node's own directory."""
-    served, _required = served_path(config.lists)
-    cache_dir = cache_dir_of(config.lists)
-    if isinstance(store, RedisStore):
-        return RedisPublications(catalog, served, store, cache_dir / "fetched", settled)
-    return LocalPublications(catalog, served, cache_dir / "versions")
 
 
 _NOT_READY_LOG_INTERVAL = 5.0
@@ -57,16 +43,15 @@ class AdminNode:
         self.http = http
         self.run = run
         self.catalog, maker, self.lists = load_policy_and_lists(config)
-        settings = config.store
-        self.store = open_store(settings, self.catalog)
-        self.publications = publications_for(config, self.store, self.catalog, self._settled)
+        self.backends = open_backends(config, self.catalog, self._settled)
+        self.store = self.backends.policies
+        self.publications = self.backends.publications
         self.lists_settled = False
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(run.path, lambda: {"store_up": self.store_up}, config.server.worker_count)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
-        shelf = RedisShelf(self.store) if isinstance(self.store, RedisStore) else LocalShelf(cache_dir / "sources")
-        self.sources = Sources(shelf, self.catalog, self.publications, config.admin.source_roots,
+        self.sources = Sources(self.backends.shelf, self.catalog, self.publications, config.admin.source_roots,
                                cache_dir / "compiles")
         self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, self.sources,
                        self.explainer, metrics, config.admin.max_upload, cache_dir / "uploads")
@@ -74,9 +59,10 @@ class AdminNode:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.lists.watch()), loop.create_task(self.publications.follow()),
-                       loop.create_task(self._check_store())]
-        if isinstance(self.publications, RedisPublications):
+        self.publications.watch()
+        self._tasks = [loop.create_task(task) for task in (
+            self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())]
+        if self.config.store.redis:  # the node follows published lists
             self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
             await self._serve(self.api.app(), [self.http.admin])
@@ -120,10 +106,8 @@ class AdminNode:
             self.explainer.maker = policy_maker(config, self.catalog)
 
     def _pages(self) -> Pages:
-        redis = self.store if isinstance(self.store, RedisStore) else None
-        used: UsedTokens = RedisUsedTokens(redis) if redis is not None else LocalUsedTokens()
         service = PolicyService(self.store) if self.store is not None else None
-        return Pages(self.explainer, service, Secret(self.config.pages.secret, redis), used, self.config.pages,
+        return Pages(self.explainer, service, self.backends.secret, self.backends.used_tokens, self.config.pages,
                      self.catalog, self.config.policy.blocked_ttl)
 
     async def _serve(self, app: web.Application, sockets: list[Any]) -> None:
@@ -153,8 +137,7 @@ class AdminNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.store is not None:
-            await self.store.close()
+        await self.backends.close()
 
 
 async def _run_until_signalled(config: Config, http: HttpSockets, run: RunDirectory) -> int:

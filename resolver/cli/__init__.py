@@ -24,11 +24,10 @@ from blocklists.matcher import Matcher
 from resolver import __version__
 from resolver.cli.api_commands import add_commands, add_list_commands
 from resolver.shared.config import Config, describe_settings, load_config
-from resolver.shared.errors import BnsError, ConfigError, StartupError
+from resolver.shared.errors import BnsError, ConfigError, StartupError, WriteUnknown
 from resolver.shared.policy.model import PolicyError, Site
 from resolver.shared.policy.service import NotFound, PolicyService, Target, describe
-from resolver.shared.store.backends import open_store
-from resolver.shared.store.policies import WriteUnknown
+from resolver.shared.store.backends import open_backends
 from resolver.supervisor.process import serve
 
 EXIT_FAILURE = 1
@@ -283,8 +282,8 @@ def _policy_service(args: argparse.Namespace) -> PolicyService:
     config = load_config(args.config)
     catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
     redis_url = args.redis if args.redis is not None else ("" if args.file else config.store.redis)
-    store = open_store(dataclasses.replace(config.store, redis=redis_url, file=args.file or config.store.file),
-                       catalog)
+    settings = dataclasses.replace(config.store, redis=redis_url, file=args.file or config.store.file)
+    store = open_backends(dataclasses.replace(config, store=settings), catalog).policies
     if store is None:
         raise ConfigError("store: no Redis and no embedded file configured; set store.redis or store.file")
     return PolicyService(store)

@@ -31,12 +31,13 @@ from collections.abc import Callable, Hashable
 
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
+from resolver.shared.errors import StoreUnavailable
 from resolver.shared.identity import Identity, TrustedNetworks, identity_from
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.effective import Governing, PolicyMaker, governing, guest_profile
 from resolver.shared.policy.model import Device, PolicySpec, Site
 from resolver.shared.policy.runtime import Policy
-from resolver.shared.store.policies import Change, Store, StoreUnavailable, lookup_candidates
+from resolver.shared.store.policies import Change, Store, lookup_candidates
 from resolver.worker.wire import Request
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class Directory:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        if store is not None:
+            store.watch(self._hear)
         self.maker = maker
         self.trusted = trusted
         self._settings = settings
@@ -311,34 +314,29 @@ class Directory:
 
     # --- keeping up with changes -------------------------------------------------------------------------
 
+    async def _hear(self, change: Change) -> None:
+        """The store's notices, as they come (see Store.watch)."""
+        try:
+            await self.apply(change)
+        except Exception:
+            log.exception("applying a policy change (%s) failed; the next resync catches up", change)
+            self._needs_resync = True
+        # Notices read in one go would otherwise be handled back to back while queries wait: a burst of
+        # writes elsewhere must not stall this worker's answers.
+        await asyncio.sleep(0)
+
     async def follow(self) -> None:
-        """Apply the store's change notices until cancelled; retry a failed catch-up every second."""
+        """Until cancelled: retry a failed catch-up every second (the notices come through `_hear`)."""
         if self.store is None:
             return
-        retrier = asyncio.ensure_future(self._retry_resync())
         try:
             while True:
-                try:
-                    async for change in self.store.changes():
-                        await self.apply(change)
-                        # Notices read in one go would otherwise be handled back to back while queries wait:
-                        # a burst of writes elsewhere must not stall this worker's answers.
-                        await asyncio.sleep(0)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("following policy changes failed; starting again")
-                    await asyncio.sleep(1.0)
+                await asyncio.sleep(_RETRY_AFTER_FAILURE)
+                if self._needs_resync:
+                    await self.apply(Change("resync"))
         finally:
-            retrier.cancel()
             if self._reloader is not None:
                 self._reloader.cancel()
-
-    async def _retry_resync(self) -> None:
-        while True:
-            await asyncio.sleep(_RETRY_AFTER_FAILURE)
-            if self._needs_resync:
-                await self.apply(Change("resync"))
 
     async def apply(self, change: Change) -> None:
         """Apply one notice. If the store fails meanwhile, what was missed is caught up by a resync later."""

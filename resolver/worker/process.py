@@ -16,7 +16,7 @@ from resolver.shared.loading import load_policy_and_lists, policy_maker
 from resolver.shared.run_directory import UNSET, RunDirectory
 from resolver.shared.signals import handle_signals
 from resolver.shared.sockets import SocketSet
-from resolver.shared.store.backends import open_store
+from resolver.shared.store.backends import open_backends
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
@@ -46,10 +46,9 @@ class Worker:
         self.run = run
         catalog, maker, self.lists = load_policy_and_lists(config)
         self.catalog = catalog
-        settings = config.store
-        self.store = open_store(settings, catalog)
-        self.directory = Directory(self.store, maker, catalog, TrustedNetworks(config.identity.trusted_networks),
-                                   settings)
+        self.backends = open_backends(config, catalog)
+        self.directory = Directory(self.backends.policies, maker, catalog,
+                                   TrustedNetworks(config.identity.trusted_networks), config.store)
         self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists,
                                  self.directory)
         self.in_flight = InFlight()
@@ -77,7 +76,8 @@ class Worker:
                 lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight), sock=sock
             )
             self._tcp.append(server)
-        self._tasks += [loop.create_task(self.lists.watch()), loop.create_task(self.directory.follow())]
+        self._tasks += [loop.create_task(task) for task in (self.lists.watch(), self.backends.follow(),
+                                                             self.directory.follow())]
         if self.run is not None:
             self._tasks.append(loop.create_task(write_counters(
                 self.run.path, self.index,
@@ -133,8 +133,7 @@ class Worker:
             listener.close()
         for task in self._tasks:
             task.cancel()
-        if self.store is not None:
-            await self.store.close()
+        await self.backends.close()
         self.resolver.close()
 
 async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:

@@ -28,8 +28,7 @@ import pytest
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
 from resolver.shared.policy.service import PolicyService
-from resolver.shared.store.redis_policies import RedisStore
-from tests.conftest import ServerThread, answer_addresses, make_config
+from tests.conftest import ServerThread, answer_addresses, make_config, redis_policy_store
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()
@@ -64,7 +63,7 @@ SITE = {
 def write(redis_url: str, prefix: str, work: Callable[[PolicyService], Awaitable[Any]]) -> Any:
     """Run one write through the policy service, as an admin would, on a connection of its own."""
     async def run() -> Any:
-        store = RedisStore(redis_url, CATALOG, prefix)
+        store = redis_policy_store(redis_url, prefix)
         try:
             return await work(PolicyService(store))
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,6 +12,7 @@ from resolver.shared.policy.service import NotFound, PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.shared.store.policies import Change, Store
 from resolver.shared.store.redis_policies import RedisStore
+from tests.conftest import redis_policy_store
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()
@@ -23,7 +23,7 @@ def make_store(request, tmp_path, redis_prefix):
     """A factory of stores over the same data (two nodes, or a CLI and a server, share one)."""
     if request.param == "redis":
         redis = request.getfixturevalue("shared_redis")
-        return lambda: RedisStore(redis.url, CATALOG, redis_prefix)
+        return lambda: redis_policy_store(redis.url, redis_prefix)
     path = tmp_path / "policies.json"
     return lambda: FileStore(path, CATALOG, poll_interval=0.02)
 
@@ -90,8 +90,6 @@ def test_find_site_by_longest_prefix_and_cpe(make_store):
         assert await store.find_site("192.0.2.1", None) is None
         assert await store.find_site("192.0.2.1", "cpe-n") == "narrow"
         await service.delete_site("narrow")
-        if isinstance(store, RedisStore):
-            store.forget_networks()
         assert await store.find_site("10.1.2.5", None) == "wide"
         assert await store.find_site("192.0.2.1", "cpe-n") is None
 
@@ -116,19 +114,22 @@ def test_concurrent_writers_lose_nothing(make_store):
 
 
 async def notices_of(make_store, writes, *awaited: tuple[str, str, int]) -> list[tuple[str, str, int]]:
-    """The notices a second store sees while `writes` runs, read until every one in `awaited` has come."""
+    """The notices a second store sees while `writes` runs, heard until every one in `awaited` has come."""
     reader = make_store()
-    changes: AsyncIterator[Change] = reader.changes()
+    heard: asyncio.Queue[Change] = asyncio.Queue()
+    reader.watch(heard.put)
+    following = asyncio.ensure_future(reader.connection.listen() if isinstance(reader, RedisStore)
+                                      else reader.poll())
     try:
-        assert (await anext(changes)).kind == "up"
+        assert (await asyncio.wait_for(heard.get(), 5)).kind == "up"
         await writes()
         seen: list[tuple[str, str, int]] = []
         while not all(notice in seen for notice in awaited):
-            change = await asyncio.wait_for(anext(changes), 5)
+            change = await asyncio.wait_for(heard.get(), 5)
             seen.append((change.kind, change.key, change.version))
         return seen
     finally:
-        await changes.aclose()
+        following.cancel()
         await reader.close()
 
 

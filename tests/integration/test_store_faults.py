@@ -28,13 +28,13 @@ from resolver.admin.api import Api, tokens_from
 from resolver.admin.metrics import Metrics
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
+from resolver.shared.errors import StoreUnavailable, WriteUnknown
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.service import PolicyService
-from resolver.shared.store.policies import StoreUnavailable, WriteUnknown
 from resolver.shared.store.publications import LocalPublications
 from resolver.shared.store.redis_policies import RedisStore
 from resolver.shared.store.shelves import LocalShelf
-from tests.conftest import ServerThread, make_config
+from tests.conftest import ServerThread, make_config, redis_policy_store
 from tests.integration.test_policies import Clock, ask, outcome, write
 
 pytestmark = pytest.mark.integration
@@ -233,7 +233,7 @@ WATCH_LOST = (b"WATCH\r\n", False)  # the connection dies before anything is que
 
 
 async def _pause_through(proxy: CuttingProxy, prefix: str, cut: tuple[bytes, bool], refuse_for: float) -> None:
-    store = RedisStore(proxy.url, CATALOG, prefix)
+    store = redis_policy_store(proxy.url, prefix)
     store.confirm_seconds = 1.0
     try:
         await PolicyService(store).set_site_fields("home", {"name": "before"})
@@ -248,7 +248,7 @@ async def _pause_through(proxy: CuttingProxy, prefix: str, cut: tuple[bytes, boo
 
 def _paused(own_redis, prefix: str) -> bool:
     async def read() -> bool:
-        store = RedisStore(own_redis.url, CATALOG, prefix)
+        store = redis_policy_store(own_redis.url, prefix)
         try:
             document, _version = await PolicyService(store).get_site("home")
             return document.get("paused_until") == "forever"
@@ -287,7 +287,7 @@ def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(p
     """Redis goes away just after a write is applied: the API must not read the site back (and fail on that
     read) to answer; it answers from what the write made."""
     async def run() -> int:
-        store = RedisStore(proxy.url, CATALOG, redis_prefix)
+        store = redis_policy_store(proxy.url, redis_prefix)
         api = api_over(store, tmp_path)
         async with TestClient(TestServer(api.app())) as client:
             headers = {"Authorization": f"Bearer {API_TOKEN}"}

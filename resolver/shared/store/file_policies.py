@@ -15,8 +15,9 @@ from typing import Any
 
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
+from resolver.shared.errors import StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
-from resolver.shared.store.policies import Change, Mutation, SiteDocument, Store, StoreUnavailable, lookup_candidates
+from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
 
 
 class FileStore(Store):
@@ -31,6 +32,7 @@ class FileStore(Store):
         self._data: dict[str, Any] = {"format": 1, "sites": {}, "profiles": {}}
         self._networks: dict[int, dict[int, dict[str, str]]] = {}
         self._cpes: dict[str, str] = {}
+        self._apply: Apply | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -106,8 +108,19 @@ class FileStore(Store):
         return {name: parse_profile(name, entry["doc"], self.catalog)
                 for name, entry in self._data["profiles"].items()}
 
-    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
-        """Changes seen by polling; writes between two polls come as one notice with the latest version."""
+    def watch(self, apply: Apply) -> None:
+        self._apply = apply
+
+    async def poll(self) -> None:
+        """Until cancelled: the changes seen by polling the file, to whoever watches (nobody: no polling)."""
+        apply = self._apply
+        if apply is None:
+            return
+        async for change in self._changes():
+            await apply(change)
+
+    async def _changes(self) -> AsyncIterator[Change]:
+        """Writes between two polls come as one notice with the latest version."""
         try:
             self.refresh()  # the baseline: what the file holds now is not a change
         except StoreUnavailable as exc:

@@ -8,8 +8,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from resolver.shared.store.policies import StoreUnavailable
-from resolver.shared.store.redis_policies import RedisStore
+from resolver.shared.errors import StoreUnavailable
+from resolver.shared.store.redis import RedisConnection
 
 
 class UsedTokens(ABC):
@@ -44,8 +44,8 @@ class LocalUsedTokens(UsedTokens):
 class RedisUsedTokens(UsedTokens):
     """Every node shares Redis: SET NX with the token's expiry, so a token is accepted once in the fleet."""
 
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
+    def __init__(self, connection: RedisConnection) -> None:
+        self._store = connection
 
     async def claim(self, nonce: str, expires: float) -> bool:
         return bool(await self._store.call(self._store.client.set(self._store.key("pages", "used", nonce), "1",
@@ -59,7 +59,7 @@ class Secret:
     node that needs it), else this run's. Fetched when first needed, so that a node starts while Redis is
     down; until it is back, warning pages offer no button."""
 
-    def __init__(self, configured: str, store: RedisStore | None) -> None:
+    def __init__(self, configured: str, store: RedisConnection | None) -> None:
         self._key = configured.encode() if configured else None
         self._store = store
         if self._key is None and store is None:

@@ -1,23 +1,9 @@
-"""Where policies live: Redis (the truth, shared by every node) or an embedded file (a single box).
+"""Where policies live: the interface every policy store offers (Redis: redis_policies.py, the truth shared
+by every node; the embedded file: file_policies.py, a single box), and what they have in common.
 
-Redis keys (`prefix` defaults to `bns:`):
-
-    {prefix}site:{id}      hash  doc = the site's JSON document, version = integer bumped on every write
-    {prefix}sites          set   every site id
-    {prefix}net            hash  network (CIDR) → site id, for finding a client's site by address
-    {prefix}netlens        hash  "4/29", "6/56"… → how many networks have that family and prefix length
-    {prefix}cpe            hash  CPE id → site id
-    {prefix}profile:{name} hash  doc, version
-    {prefix}profiles       set   every profile name
-    {prefix}changes        pub/sub channel: "site <id> <version>", "profile <name> <version>", "networks"
-
-Every write is a read-modify-write of one site document inside WATCH/MULTI/EXEC: the new document is
-validated whole, its networks and CPE ids are checked against other sites, then the document, the version,
-the indexes and the change notice are applied in one transaction (retried if anything watched moved).
-A write that fails validation raises PolicyError and changes nothing.
-
-The embedded store keeps the same documents in one JSON file, rewritten atomically under a lock file;
-readers notice changes by polling the file.
+Every write is a read-modify-write of one site document: the new document is validated whole, its networks
+and CPE ids are checked against other sites, and it is applied with its version, its indexes and its change
+notice at once. A write that fails validation raises PolicyError and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,29 +11,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from blocklists.catalog import Catalog
-from resolver.shared.errors import BnsError
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_site
 
 log = logging.getLogger(__name__)
 
 SiteDocument = dict[str, Any]
 Mutation = Callable[[SiteDocument | None], SiteDocument | None]  # None in: no such site; None out: delete it
-
-
-class StoreUnavailable(BnsError):
-    """The store cannot be reached (Redis down, file unreadable); the caller keeps what it has. A write that
-    raises this was not applied."""
-
-
-class WriteUnknown(BnsError):
-    """A write whose outcome is unknown: it was sent, but the store could not confirm it (the connection
-    died before the reply and Redis stayed out of reach, or too few replicas confirmed it in time). Read
-    the document again to see whether it was applied."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +31,9 @@ class Change:
     kind: str
     key: str = ""
     version: int = 0
+
+
+Apply = Callable[[Change], Awaitable[None]]
 
 
 def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
@@ -101,7 +78,9 @@ class Store(ABC):
     async def load_profiles(self) -> dict[str, PolicySpec]: ...
 
     @abstractmethod
-    def changes(self) -> AsyncIterator[Change]: ...
+    def watch(self, apply: Apply) -> None:
+        """Have `apply` hear every change from now on: `site`, `profile`, `networks`, and `up`, `down`,
+        `resync` (notices may have been missed). They come while the backends follow (backends.py)."""
 
     # writes
     @abstractmethod

@@ -1,17 +1,10 @@
 """Published blocklists: an admin pushes an artifact once and every node serves it.
 
-With Redis (keys under `store.prefix`):
-
-    lists:version:{v}     hash    checksum, size, chunks, names, published_at, counts (JSON)
-    lists:chunk:{v}:{n}   string  the artifact's bytes, CHUNK at a time (Redis strings stop at 512 MB)
-    lists:history         list    every published version, oldest first
-    lists:current         string  the version every node serves
-    lists                 pub/sub channel: the new current version
-
-A publish stores the chunks and the metadata, then points `lists:current` at it and announces it, in one
-MULTI/EXEC. Each node's admin process follows the channel (and reads `lists:current` at start, after a
-reconnect and every `_POLL` seconds, since a notice may be missed), fetches the chunks, checks them against
-the checksum and the catalogue, and installs the file atomically where the workers look; they swap it in.
+With Redis (the keys `lists:…`, see redis.py), a publish stores the chunks and the metadata, then points
+`lists:current` at it and announces it, in one MULTI/EXEC. Each node's admin process follows the channel
+(and reads `lists:current` at start, after a reconnect and every `_POLL` seconds, since a notice may be
+missed), fetches the chunks, checks them against the checksum and the catalogue, and installs the file
+atomically where the workers look; they swap it in.
 A version that fails any check is refused with a log line and the node keeps serving what it had.
 
 Without Redis, the versions are kept in the node's list cache directory and a publish installs locally.
@@ -34,10 +27,9 @@ from typing import Any
 from blocklists.artifact import open_artifact, write_atomically
 from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import BnsError, StoreUnavailable
 from resolver.shared.lists import check_catalog
-from resolver.shared.store.redis import STORE_ERRORS
-from resolver.shared.store.redis_policies import RedisStore
+from resolver.shared.store.redis import Notice, RedisConnection
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +95,11 @@ class Publications(ABC):
     async def rollback(self, version: str) -> ListVersion:
         """Make an earlier version current again."""
 
-    async def follow(self) -> None:
-        """Keep this node serving the current version, until cancelled. A node alone has nothing to follow."""
-        return None
+    def watch(self) -> None:  # noqa: B027  (a node alone has nothing to watch)
+        """Keep this node serving the current version (with `follow`)."""
+
+    async def follow(self) -> None:  # noqa: B027
+        """Until cancelled: what `watch` needs done besides the notices."""
 
 
 class LocalPublications(Publications):
@@ -156,17 +150,29 @@ class LocalPublications(Publications):
 
 
 class RedisPublications(Publications):
-    def __init__(self, catalog: Catalog, served: Path, store: RedisStore, scratch: Path,
+    def __init__(self, catalog: Catalog, served: Path, connection: RedisConnection, scratch: Path,
                  settled: Settled | None = None) -> None:
         super().__init__(catalog, served, settled)
-        self.store = store
-        self.client = store.client
+        self.connection = connection
         self.scratch = scratch
-        self.installed: str | None = None
-        try:
-            self.installed = open_artifact(served).version if served.exists() else None
-        except ArtifactError:
-            self.installed = None
+        self._installed: str | None = None
+        self._installed_read = False
+        self._syncing = asyncio.Lock()
+        self._down_since: float | None = None
+
+    @property
+    def installed(self) -> str | None:
+        """The version installed at the served path (read when first asked: workers never ask)."""
+        if not self._installed_read:
+            self._installed_read = True
+            try:
+                self._installed = open_artifact(self.served).version if self.served.exists() else None
+            except ArtifactError:
+                self._installed = None
+        return self._installed
+
+    def _key(self, *parts: str) -> str:
+        return self.connection.key("lists", *parts)
 
     async def publish(self, path: Path) -> ListVersion:
         described = inspect(path, self.catalog)
@@ -176,19 +182,19 @@ class RedisPublications(Publications):
                 "names": described.names, "published_at": described.published_at,
                 "counts": json.dumps(described.counts)}
         version = described.version
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.connection.client.pipeline(transaction=True) as pipe:
             for number, chunk in enumerate(chunks):
-                pipe.set(self.store.key("lists", "chunk", version, str(number)), chunk)
-            pipe.hset(self.store.key("lists", "version", version), mapping=meta)
-            pipe.lrem(self.store.key("lists", "history"), 0, version)
-            pipe.rpush(self.store.key("lists", "history"), version)
-            pipe.set(self.store.key("lists", "current"), version)
-            pipe.publish(self.store.key("lists"), version)
-            await pipe.execute()
+                pipe.set(self._key("chunk", version, str(number)), chunk)
+            pipe.hset(self._key("version", version), mapping=meta)
+            pipe.lrem(self._key("history"), 0, version)
+            pipe.rpush(self._key("history"), version)
+            pipe.set(self._key("current"), version)
+            pipe.publish(self.connection.key("lists"), version)
+            await self.connection.call(pipe.execute())
         return described
 
     async def _describe(self, version: str) -> ListVersion | None:
-        meta = await self.client.hgetall(self.store.key("lists", "version", version))
+        meta = await self.connection.call(self.connection.client.hgetall(self._key("version", version)))
         if not meta:
             return None
         field = {key.decode(): value.decode() for key, value in meta.items()}
@@ -196,40 +202,73 @@ class RedisPublications(Publications):
                            float(field["published_at"]), json.loads(field["counts"]))
 
     async def versions(self) -> tuple[list[ListVersion], str | None]:
-        history = [entry.decode() for entry in await self.client.lrange(self.store.key("lists", "history"), 0, -1)]
+        client = self.connection.client
+        history = [entry.decode() for entry in await self.connection.call(client.lrange(self._key("history"), 0, -1))]
         described = [await self._describe(version) for version in history]
-        current = await self.client.get(self.store.key("lists", "current"))
+        current = await self.connection.call(client.get(self._key("current")))
         return [entry for entry in described if entry is not None], current.decode() if current else None
 
     async def rollback(self, version: str) -> ListVersion:
         described = await self._describe(version)
         if described is None:
             raise UnknownVersion(f"no published version {version!r}")
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.store.key("lists", "current"), version)
-            pipe.publish(self.store.key("lists"), version)
-            await pipe.execute()
+        async with self.connection.client.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("current"), version)
+            pipe.publish(self.connection.key("lists"), version)
+            await self.connection.call(pipe.execute())
         return described
+
+    def watch(self) -> None:
+        """Install each version announced from now on (the node's admin process only)."""
+        self.connection.subscribe("lists", self._hear)
+
+    async def follow(self) -> None:
+        """Look at the current version every few seconds too: a notice may be missed."""
+        while True:
+            await asyncio.sleep(_POLL)
+            await self._sync_safely()
+
+    async def _hear(self, notice: Notice) -> None:
+        if notice.kind == "down":
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("lists: cannot follow published versions (%s); still serving %s, retrying", notice.data,
+                            self.installed)
+            return
+        if notice.kind == "up" and self._down_since is not None:
+            log.info("lists: following published versions again after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+        await self._sync_safely()  # `up`: whatever was announced meanwhile; a message: the new version
+
+    async def _sync_safely(self) -> None:
+        try:
+            await self.sync()
+        except StoreUnavailable:
+            pass  # said once, by the subscription's `down`; tried again at the next notice or poll
+        except Exception:  # a bad reply: the next notice or poll tries again
+            log.exception("lists: installing the published version failed; still serving %s", self.installed)
 
     async def sync(self) -> None:
         """Install the current version if this node does not serve it yet. A version that cannot be had or
         verified leaves the node serving what it installed before (settled on that), if anything."""
-        current = await self.client.get(self.store.key("lists", "current"))
-        if current is None or current.decode() == self.installed:
-            self.settled(self.installed if current is not None else None)
-            return
-        await self._install(current.decode())
-        if self.installed is not None:
-            self.settled(self.installed)
+        async with self._syncing:
+            current = await self.connection.call(self.connection.client.get(self._key("current")))
+            if current is None or current.decode() == self.installed:
+                self.settled(self.installed if current is not None else None)
+                return
+            await self._install(current.decode())
+            if self.installed is not None:
+                self.settled(self.installed)
 
     async def _install(self, version: str) -> None:
         described = await self._describe(version)
         if described is None:
             log.error("lists: version %s is announced but has no metadata; still serving %s", version, self.installed)
             return
-        meta = await self.client.hget(self.store.key("lists", "version", version), "chunks")
-        keys = [self.store.key("lists", "chunk", version, str(number)) for number in range(int(meta))]
-        parts = await self.client.mget(keys) if keys else []
+        client = self.connection.client
+        meta = await self.connection.call(client.hget(self._key("version", version), "chunks"))
+        keys = [self._key("chunk", version, str(number)) for number in range(int(meta))]
+        parts = await self.connection.call(client.mget(keys)) if keys else []
         if any(part is None for part in parts):
             log.error("lists: version %s is missing chunks; still serving %s", version, self.installed)
             return
@@ -248,39 +287,4 @@ class RedisPublications(Publications):
             fetched.unlink(missing_ok=True)
         log.info("lists: installed published version %s (%d names), was %s", version, described.names,
                  self.installed)
-        self.installed = version
-
-    async def follow(self) -> None:
-        backoff = 0.1
-        down_since: float | None = None
-        while True:
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.subscribe(self.store.key("lists"))
-                await self.sync()  # after (re)subscribing: whatever was announced meanwhile
-                backoff = 0.1
-                if down_since is not None:
-                    log.info("lists: following published versions again after %.1f s", time.monotonic() - down_since)
-                    down_since = None
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
-                    if message is None or message["type"] == "message":
-                        await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except STORE_ERRORS as exc:  # Redis gone: serve what we have, try again later; said once
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("lists: cannot follow published versions (%s); still serving %s, retrying",
-                                self.store.unavailable(exc), self.installed)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a bad reply: log it and start again
-                log.exception("lists: following published versions failed; retrying in %.1f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    log.debug("lists: closing the subscription failed", exc_info=True)
+        self._installed = version

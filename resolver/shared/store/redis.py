@@ -1,4 +1,5 @@
-"""How this package reaches Redis: the URL forms it accepts, the clients it builds, the errors it expects.
+"""The one way this package reaches Redis: the URLs it accepts, the connection, the errors, the notices, and
+every key it uses.
 
 `store.redis` takes a plain URL (`redis://host:port/db`, `rediss://` for TLS, `unix:///path?db=0`) or a
 Sentinel URL, so that a deployment survives the loss of its primary:
@@ -10,12 +11,43 @@ talking to a demoted one is dropped on its first READONLY reply (redis-py's Sent
 failover costs the callers one failed call each, which they treat like any outage.
 
 Every failure of Redis itself (refused, reset, timed out, loading, read-only, no primary) is a
-`redis.exceptions.RedisError` or an `OSError`: `STORE_ERRORS` is the one list callers catch.
+`redis.exceptions.RedisError` or an `OSError`; `RedisConnection.call` turns them into StoreUnavailable.
+
+The keys, all under `store.prefix` (default `bns:`):
+
+    policies (redis_policies.py)
+    site:{id}               hash    doc = the site's JSON document, version = bumped on every write
+    sites                   set     every site id
+    net                     hash    network (CIDR) → site id, to find a client's site by address
+    netlens                 hash    "4/29", "6/56"… → how many networks have that family and prefix length
+    cpe                     hash    CPE id → site id
+    profile:{name}          hash    doc, version
+    profiles                set     every profile name
+    written:{id}            string  set by each write's transaction, kept ten minutes: was it applied?
+    changes                 channel "site <id> <version>", "profile <name> <version>", "networks"
+
+    published lists (publications.py)
+    lists:version:{v}       hash    checksum, size, chunks, names, published_at, counts (JSON)
+    lists:chunk:{v}:{n}     string  the artifact's bytes, 4 MB at a time (Redis strings stop at 512 MB)
+    lists:history           list    every published version, oldest first
+    lists:current           string  the version every node serves
+    lists                   channel the new current version
+
+    list sources kept by the API (shelves.py)
+    sources                 hash    source id → its entry (JSON)
+    sources:data:{id}:{n}   string  an uploaded source's bytes, 4 MB at a time
+
+    pages (page_tokens.py)
+    pages:secret            string  the key that signs "continue anyway" tokens, made by the first node
+    pages:used:{nonce}      string  a token accepted once, until it expires
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +56,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+from resolver.shared.errors import StoreUnavailable
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 _SENTINEL_SCHEMES = ("sentinel", "redis+sentinel")
@@ -119,3 +153,86 @@ def describe(url: str) -> str:
     if "@" not in parsed.netloc:
         return url
     return urllib.parse.urlunsplit(parsed._replace(netloc="…@" + parsed.netloc.rpartition("@")[2]))
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a subscriber of a channel hears: a `message`, `up` (subscribed; `resumed` after a break, when
+    messages may have been missed), or `down` (the subscription broke; `data` says why)."""
+
+    kind: str
+    data: str = ""
+    resumed: bool = False
+
+
+Subscriber = Callable[[Notice], Awaitable[None]]
+_MAX_BACKOFF = 5.0
+
+
+class RedisConnection:
+    """A process's connection to Redis: one client for calls, and one subscription for every channel a part
+    of the process follows, dispatched to its subscriber."""
+
+    def __init__(self, url: str, prefix: str, timeout: float = 1.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        # One retry on a fresh connection: after a restart of Redis, pooled connections are dead.
+        self.client = connect(url, timeout, retries=1)
+        # The subscription must never reconnect behind our back: notices published meanwhile would be lost
+        # unseen. Without retries, every break reaches `listen`, which tells the subscribers.
+        self._subscriber_client = connect(url, timeout, retries=0)
+        self._subscribers: dict[str, Subscriber] = {}
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {describe(self.url)}: {exc or type(exc).__name__}")
+
+    async def call(self, coroutine: Any) -> Any:
+        """The result of one call; StoreUnavailable when Redis cannot give it."""
+        try:
+            return await coroutine
+        except STORE_ERRORS as exc:
+            raise self.unavailable(exc) from None
+
+    def subscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Have `subscriber` hear the notices of `channel` (under the prefix) once `listen` runs. A subscriber
+        handles its own failures: one that raises stops the notices of the process."""
+        self._subscribers[self.key(channel)] = subscriber
+
+    async def listen(self) -> None:
+        """Until cancelled: one subscription to every subscribed channel, each message to its subscriber;
+        after a break, reconnect with backoff and tell every subscriber (`down`, then `up`, `resumed`)."""
+        if not self._subscribers:
+            return
+        backoff, resumed = 0.1, False
+        while True:
+            pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self._subscribers)
+                backoff = 0.1
+                await self._tell_all(Notice("up", resumed=resumed))
+                resumed = True
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        subscriber = self._subscribers.get(message["channel"].decode())
+                        if subscriber is not None:
+                            await subscriber(Notice("message", message["data"].decode()))
+            except STORE_ERRORS as exc:
+                await self._tell_all(Notice("down", str(self.unavailable(exc))))
+                resumed = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _tell_all(self, notice: Notice) -> None:
+        for subscriber in self._subscribers.values():
+            await subscriber(notice)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self._subscriber_client.aclose()

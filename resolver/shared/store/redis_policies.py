@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import NoScriptError, WatchError
 
 from blocklists.catalog import Catalog
+from resolver.shared.errors import StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
-from resolver.shared.store.policies import (
-    Change,
-    Mutation,
-    SiteDocument,
-    Store,
-    StoreUnavailable,
-    WriteUnknown,
-    lookup_candidates,
-)
-from resolver.shared.store.redis import STORE_ERRORS, connect, describe, is_sentinel
+from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
+from resolver.shared.store.redis import STORE_ERRORS, Notice, RedisConnection, is_sentinel
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +41,17 @@ return {site, found[1] or false, found[2] or false}
 class RedisStore(Store):
     confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
 
-    def __init__(self, url: str, catalog: Catalog, prefix: str = "bns:", timeout: float = 1.0,
-                 write_replicas: int = -1) -> None:
+    def __init__(self, connection: RedisConnection, catalog: Catalog, write_replicas: int = -1) -> None:
         super().__init__(catalog)
-        self.url = url
-        self.prefix = prefix
-        # One retry on a fresh connection: after a restart of Redis, pooled connections are dead.
-        self.client = connect(url, timeout, retries=1)
-        # The subscription must never reconnect behind our back: notices published meanwhile would be lost
-        # unseen. Without retries, every break reaches `changes`, which then asks for a resync.
-        self._subscriber = connect(url, timeout, retries=0)
-        self.write_replicas = write_replicas if write_replicas >= 0 else int(is_sentinel(url))
+        self.connection = connection
+        self.client = connection.client
+        self.key = connection.key
+        self.call = connection.call
+        self.unavailable = connection.unavailable
+        self.write_replicas = write_replicas if write_replicas >= 0 else int(is_sentinel(connection.url))
         self._lengths: dict[int, list[int]] | None = None
         self._resolve_sha: str | None = None
         self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
-
-    def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    def unavailable(self, exc: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(f"redis at {describe(self.url)}: {exc or type(exc).__name__}")
-
-    async def call(self, coroutine: Any) -> Any:
-        try:
-            return await coroutine
-        except STORE_ERRORS as exc:
-            raise self.unavailable(exc) from None
 
     async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
         raw, version = await self.call(self.client.hmget(self.key("site", site_id), "doc", "version"))
@@ -196,37 +172,23 @@ class RedisStore(Store):
                     log.error("profile %s in redis is invalid (%s); ignoring it", name, exc)
         return profiles
 
-    async def changes(self) -> AsyncIterator[Change]:  # type: ignore[override]
-        """Notices as they come; after the subscription is lost and regained, a `resync` first."""
-        backoff = 0.1
-        first = True
-        while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.key("changes"))
-                if not first:
-                    yield Change("resync")
-                first = False
-                backoff = 0.1
-                yield Change("up")
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    parts = message["data"].decode().split()
-                    if parts and parts[0] in ("site", "profile") and len(parts) == 3:
-                        yield Change(parts[0], parts[1], int(parts[2]))
-                    elif parts == ["networks"]:
-                        self.forget_networks()
-                        yield Change("networks")
-            except STORE_ERRORS as exc:
-                yield Change("down", str(self.unavailable(exc)))
-                first = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    def watch(self, apply: Apply) -> None:
+        async def hear(notice: Notice) -> None:
+            if notice.kind == "down":
+                await apply(Change("down", notice.data))
+            elif notice.kind == "up":
+                if notice.resumed:  # notices published during the break are lost: compare versions
+                    await apply(Change("resync"))
+                await apply(Change("up"))
+            else:
+                parts = notice.data.split()
+                if parts and parts[0] in ("site", "profile") and len(parts) == 3:
+                    await apply(Change(parts[0], parts[1], int(parts[2])))
+                elif parts == ["networks"]:
+                    self.forget_networks()
+                    await apply(Change("networks"))
+
+        self.connection.subscribe("changes", hear)
 
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
         key = self.key("site", site_id)
@@ -246,6 +208,7 @@ class RedisStore(Store):
                 except STORE_ERRORS as exc:  # nothing was sent to be applied
                     raise self.unavailable(exc) from None
                 if await self._commit(pipe):
+                    self.forget_networks()  # this store's own lookups see its write at once
                     return site
         raise StoreUnavailable(f"site {site_id}: still changing under us after {_WRITE_RETRIES} attempts")
 
@@ -389,8 +352,7 @@ class RedisStore(Store):
                 raise StoreUnavailable(f"profile {name}: not written (lost in a failover); try again")
 
     async def close(self) -> None:
-        await self.client.aclose()
-        await self._subscriber.aclose()
+        await self.connection.close()
 
 def _length_key(network: str) -> str:
     parsed = ipaddress.ip_network(network)

@@ -15,7 +15,7 @@ from blocklists.artifact import write_atomically
 from blocklists.formats import file_digest
 from resolver.shared.errors import BnsError
 from resolver.shared.store.publications import CHUNK
-from resolver.shared.store.redis_policies import RedisStore
+from resolver.shared.store.redis import RedisConnection
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ class RedisShelf(Shelf):
     """Entries in one hash; an upload's bytes chunk by chunk (read off the event loop, one SET each, so a
     big file is never whole in memory), and its entry last, so a half-stored upload is never listed."""
 
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
+    def __init__(self, connection: RedisConnection) -> None:
+        self.store = connection
 
     async def entries(self) -> list[SourceEntry]:
         stored = await self.store.call(self.store.client.hgetall(self.store.key("sources")))
