@@ -1,8 +1,7 @@
 """Why a name is (or is not) blocked for a client at a moment: the verdict, the level, the entry.
 
-The resolver's filter stage (`Resolver._answer_for`) is written inline for speed; this follows the same
-steps in the same order and also says which rule and which list entry decided. A test asks both the same
-questions and requires the same answers.
+It identifies the client as a worker would, takes the governing policy at that moment (effective.py) and asks
+the same `decide` the query path asks (decision.py), then says which rule and which list entry decided.
 """
 
 from __future__ import annotations
@@ -12,15 +11,14 @@ from typing import Any
 
 from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
-from resolver.shared.dns import text_to_name
+from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.identity import Identity
 from resolver.shared.lists import Lists
-from resolver.shared.policy.effective import PolicyMaker, governing, guest_profile
+from resolver.shared.policy.decision import Policy, Rule, Verdict, decide
+from resolver.shared.policy.effective import PolicyMaker, find_device, governing, guest_profile
 from resolver.shared.policy.model import PolicyError, parse_mac, parse_time
-from resolver.shared.policy.runtime import ALLOWED, PASSED, Policy, Verdict
 from resolver.shared.policy.safesearch import restrict_name
 from resolver.shared.store.policies import Store
-from resolver.worker.directory import find_device
 
 
 def _suffixes(wire: bytes) -> list[bytes]:
@@ -29,14 +27,6 @@ def _suffixes(wire: bytes) -> list[bytes]:
         out.append(wire[position:])
         position += wire[position] + 1
     return out
-
-
-def _text(wire: bytes) -> str:
-    labels, position = [], 0
-    while wire[position]:
-        labels.append(wire[position + 1 : position + 1 + wire[position]].decode("ascii", "replace"))
-        position += wire[position] + 1
-    return ".".join(labels)
 
 
 class Explainer:
@@ -68,7 +58,7 @@ class Explainer:
         policy, until = self.maker.effective(rule, at)
         decision = self._decide(policy, wire)
         return {
-            "name": _text(wire), "address": identity.address, "at": at, "valid_until": until,
+            "name": name_to_text(wire), "address": identity.address, "at": at, "valid_until": until,
             "site": site.id if site else None, "timezone": site.timezone if site else None,
             "device": device.id if device else None,
             "group": (device.group if device else site.default_group) if site else None,
@@ -89,39 +79,35 @@ class Explainer:
         return Identity(address, mac, question.get("client_id"), question.get("cpe_id"))
 
     def _decide(self, policy: Policy, wire: bytes) -> dict[str, Any]:
-        if policy.block_all is not None:
-            rule = "pause" if policy.block_all.reason.startswith("paused") else "schedule"
-            return self._verdict(policy.block_all, rule)
-        filtered, passed_entry = policy.filtered, None
-        if policy.has_lists:
-            listed = policy.listed(wire)
-            if listed is PASSED:
-                filtered = policy.blocked
-                passed_entry = _text(next(suffix for suffix in _suffixes(wire) if suffix in policy.passed))
-            elif listed is ALLOWED:
-                entry = next(suffix for suffix in _suffixes(wire) if suffix in policy.allow)
-                return {"verdict": "allowed", "rule": "allow", "entry": _text(entry), "categories": [],
-                        "reason": "allowed by policy", **self._safe_search(policy, wire)}
-            elif listed is not None:
-                entry = next(suffix for suffix in _suffixes(wire) if suffix in policy.deny)
-                return {**self._verdict(listed, "deny"), "entry": _text(entry)}  # type: ignore[arg-type]
-        match = self.lists.snapshot.matcher.match(_text(wire))
-        if match.bits & filtered:
-            return {**self._verdict(policy.verdict(match.bits), "category"), "entry": match.listed}
-        if passed_entry is not None and match.bits & policy.warned:
-            return {"verdict": "allowed", "rule": "continue", "entry": passed_entry,
-                    "categories": self.catalog.ids(match.bits), "reason": "continued past the warning",
-                    **self._safe_search(policy, wire)}
-        return {"verdict": "allowed", "rule": "none", "entry": match.listed if match.bits else None,
-                "categories": self.catalog.ids(match.bits), "reason": "", **self._safe_search(policy, wire)}
+        """The resolver's decision (the same function), and which entry of which list made it."""
+        decision = decide(policy, wire, self.lists.snapshot)
+        if decision.verdict is not None:
+            return {**self._verdict(decision.verdict), "entry": self._entry(policy, wire, decision.rule)}
+        match = self.lists.snapshot.matcher.match(name_to_text(wire))
+        explained = {"verdict": "allowed", "rule": str(decision.rule), "entry": self._entry(policy, wire, decision.rule),
+                     "categories": self.catalog.ids(match.bits), **self._safe_search(policy, wire)}
+        if decision.rule is Rule.ALLOW:
+            return {**explained, "categories": [], "reason": "allowed by policy"}
+        if decision.rule is Rule.CONTINUE:
+            return {**explained, "reason": "continued past the warning"}
+        return {**explained, "reason": ""}
 
-    def _verdict(self, verdict: Verdict, rule: str) -> dict[str, Any]:
+    def _entry(self, policy: Policy, wire: bytes, rule: Rule) -> str | None:
+        """The list entry behind a decision: the allow, deny or pass name, or the listed name matched."""
+        names = {Rule.ALLOW: policy.allow, Rule.DENY: policy.deny, Rule.CONTINUE: policy.passed}.get(rule)
+        if names is not None:
+            return name_to_text(next(suffix for suffix in _suffixes(wire) if suffix in names))
+        if rule in (Rule.PAUSE, Rule.SCHEDULE):
+            return None
+        return self.lists.snapshot.matcher.match(name_to_text(wire)).listed
+
+    def _verdict(self, verdict: Verdict) -> dict[str, Any]:
         # The EDE option is code, length, info code, then the text the client sees.
-        return {"verdict": str(verdict.action), "rule": rule, "reason": verdict.reason, "entry": None,
+        return {"verdict": str(verdict.action), "rule": str(verdict.rule), "reason": verdict.reason,
                 "categories": self.catalog.ids(verdict.categories), "answer": str(verdict.mode),
                 "ede_text": verdict.ede[6:].decode("utf-8", "replace")}
 
     @staticmethod
     def _safe_search(policy: Policy, wire: bytes) -> dict[str, Any]:
         target = restrict_name(wire) if policy.safe_search else None
-        return {"safe_search": _text(target) if target else None}
+        return {"safe_search": name_to_text(target) if target else None}

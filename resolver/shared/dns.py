@@ -93,3 +93,13 @@ def text_to_name(text: str) -> bytes:
     if len(out) > MAX_NAME_LEN:
         raise ValueError("name longer than 255 bytes")
     return bytes(out)
+
+
+def name_to_text(wire: bytes) -> str:
+    """`\\x03www\\x07example\\x03com\\x00` → `www.example.com` (for people: why, pages; never the hot path)."""
+    labels = []
+    pos = 0
+    while wire[pos]:
+        labels.append(wire[pos + 1 : pos + 1 + wire[pos]].decode("ascii", "backslashreplace"))
+        pos += wire[pos] + 1
+    return ".".join(labels)

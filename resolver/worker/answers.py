@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 from resolver.shared.dns import Rcode, RRType, text_to_name
-from resolver.shared.policy.runtime import AnswerMode, Verdict
+from resolver.shared.policy.decision import AnswerMode, Verdict
 from resolver.worker.cache import CachedAnswer
 from resolver.worker.wire import Query, Request, resource_record, synthesized_answer
 

@@ -34,9 +34,9 @@ from resolver.shared.config import StoreSettings
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.identity import Identity, TrustedNetworks, identity_from
 from resolver.shared.logs import Throttled
-from resolver.shared.policy.effective import Governing, PolicyMaker, governing, guest_profile
-from resolver.shared.policy.model import Device, PolicySpec, Site
-from resolver.shared.policy.runtime import Policy
+from resolver.shared.policy.decision import Policy
+from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
+from resolver.shared.policy.model import PolicySpec, Site
 from resolver.shared.store.policies import Change, Store, lookup_candidates
 from resolver.worker.wire import Request
 
@@ -111,13 +111,6 @@ class SiteIndex:
         return None
 
 
-def find_device(site: Site, identity: Identity) -> Device | None:
-    """The device of `site` that `identity` names: by MAC, then client id, then address."""
-    if identity.mac is not None and identity.mac in site.by_mac:
-        return site.by_mac[identity.mac]
-    if identity.client_id is not None and identity.client_id in site.by_client_id:
-        return site.by_client_id[identity.client_id]
-    return site.by_address.get(identity.address)
 
 
 class Directory:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.lists import Lists
-from resolver.shared.policy.runtime import ALLOWED, PASSED, Policy, Verdict
+from resolver.shared.policy.decision import Policy, decide, judge_chain
 from resolver.shared.policy.safesearch import restrict_name
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
@@ -97,28 +97,11 @@ class Resolver:
         # policy: the client's effective policy now, made again only at a schedule boundary or a change.
         now = self._wall_clock()
         policy = known.policy if now < known.until else known.refresh(now)
-        # filter: a pause or block-all schedule, then allow, deny, categories. Before the cache, which is
-        # shared by every client whose policy lets the name through.
-        allowed = False
-        filtered = policy.filtered
-        if not policy.plain:
-            if policy.block_all is not None:
-                return self.blocked.answer(request, policy.block_all)
-            if policy.has_lists:
-                listed = policy.listed(query.name)
-                if listed is ALLOWED:
-                    allowed = True
-                elif listed is PASSED:
-                    filtered = policy.blocked
-                elif listed is not None:
-                    return self.blocked.answer(request, listed)  # type: ignore[arg-type]
-        if not allowed:
-            snapshot = self.lists.snapshot
-            bits = snapshot.hot.get(query.name)
-            if bits is None:
-                bits = snapshot.lookup(query.name)
-            if bits & filtered:
-                return self.blocked.answer(request, policy.verdict(bits))
+        # filter: the one decision (shared/policy/decision.py). Before the cache, which is shared by every
+        # client whose policy lets the name through.
+        decision = decide(policy, query.name, self.lists.snapshot)
+        if decision.verdict is not None:
+            return self.blocked.answer(request, decision.verdict)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
             target = restrict_name(query.name)
@@ -128,43 +111,22 @@ class Resolver:
         now = self._clock()
         entry = self.cache.get(query.key, now)
         if entry is not None:
-            if entry.cname_targets and not allowed:
-                verdict = self._chain_verdict(entry, policy, filtered)
+            if entry.cname_targets and decision.chain is not None:
+                verdict = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
                 if verdict is not None:
                     return self.blocked.answer(request, verdict)
             return entry.render(request, now)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
-        return asyncio.ensure_future(self._resolve(request, policy, allowed, filtered))
+        return asyncio.ensure_future(self._resolve(request, policy, decision.chain))
 
-    async def _resolve(self, request: Request, policy: Policy, allowed: bool, filtered: int) -> bytes:
+    async def _resolve(self, request: Request, policy: Policy, chain: int | None) -> bytes:
         query = request.query
         entry = await asyncio.shield(self._fetch(query.key, query.do, query.cd))
-        if entry.cname_targets and not allowed:
-            verdict = self._chain_verdict(entry, policy, filtered)
+        if entry.cname_targets and chain is not None:
+            verdict = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
             if verdict is not None:
                 return self.blocked.answer(request, verdict)
         return entry.render(request, self._clock())
-
-    def _chain_verdict(self, entry: CachedAnswer, policy: Policy, asked_filtered: int) -> Verdict | None:
-        """The verdict on the first name of the answer's CNAME chain that the policy blocks, if any. A name
-        the device continued to carries its pass along its chain (`asked_filtered`)."""
-        if not (policy.filtered or policy.has_lists):
-            return None
-        snapshot = self.lists.snapshot
-        for target in entry.cname_targets:
-            filtered = asked_filtered
-            if policy.has_lists:
-                listed = policy.listed(target)
-                if listed is ALLOWED:
-                    continue
-                if listed is PASSED:
-                    filtered = policy.blocked
-                elif listed is not None:
-                    return listed  # type: ignore[return-value]
-            bits = snapshot.categories(target)
-            if bits & filtered:
-                return policy.verdict(bits)
-        return None
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:
         query = request.query

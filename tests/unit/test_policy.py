@@ -13,8 +13,8 @@ from resolver.shared.config import PolicySettings, StoreSettings
 from resolver.shared.dns import EdeCode
 from resolver.shared.errors import ConfigError
 from resolver.shared.identity import Identity, TrustedNetworks
+from resolver.shared.policy.decision import Action, AnswerMode
 from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
-from resolver.shared.policy.runtime import Action, AnswerMode
 from resolver.shared.store.file_policies import FileStore
 from resolver.worker.answers import BlockedAnswers, build_blocked_answer
 from resolver.worker.directory import Directory

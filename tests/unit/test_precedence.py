@@ -11,9 +11,9 @@ import pytest
 from blocklists.catalog import load_catalog
 from resolver.shared.config import PolicySettings
 from resolver.shared.dns import text_to_name
+from resolver.shared.policy.decision import ALLOWED, PASSED, Action
 from resolver.shared.policy.effective import MAX_VALIDITY, PolicyMaker, answering_from, default_policy, governing
 from resolver.shared.policy.model import parse_site
-from resolver.shared.policy.runtime import ALLOWED, PASSED, Action
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()

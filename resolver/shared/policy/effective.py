@@ -31,8 +31,9 @@ from blocklists.catalog import Catalog
 from resolver.shared.config import PolicySettings
 from resolver.shared.dns import EdeCode
 from resolver.shared.errors import ConfigError
+from resolver.shared.identity import Identity
+from resolver.shared.policy.decision import Action, Answering, AnswerMode, Policy, Rule, Verdict
 from resolver.shared.policy.model import Device, Group, PolicySpec, Schedule, Site, wire_names
-from resolver.shared.policy.runtime import Action, Answering, AnswerMode, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +199,19 @@ class PolicyMaker:
         verdict = self._pause_verdicts.get(level)
         if verdict is None:
             verdict = self._pause_verdicts[level] = self.answering.verdict(
-                Action.BLOCK, 0, f"paused ({level})", EdeCode.BLOCKED, "paused")
+                Action.BLOCK, Rule.PAUSE, 0, f"paused ({level})", EdeCode.BLOCKED, "paused")
         return verdict
 
     def _schedule_verdict(self, name: str, spec: PolicySpec) -> Verdict:
         mode = AnswerMode(spec.answer) if spec.answer else None
-        return self.answering.verdict(Action.BLOCK, 0, f"schedule {name}", EdeCode.BLOCKED, f"schedule {name}", mode)
+        return self.answering.verdict(Action.BLOCK, Rule.SCHEDULE, 0, f"schedule {name}", EdeCode.BLOCKED,
+                                      f"schedule {name}", mode)
+
+
+def find_device(site: Site, identity: Identity) -> Device | None:
+    """The device of `site` that `identity` names: by MAC, then client id, then address."""
+    if identity.mac is not None and identity.mac in site.by_mac:
+        return site.by_mac[identity.mac]
+    if identity.client_id is not None and identity.client_id in site.by_client_id:
+        return site.by_client_id[identity.client_id]
+    return site.by_address.get(identity.address)
