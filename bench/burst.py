@@ -46,11 +46,20 @@ _CATEGORIES = ["drugs", "hate", "weapons", "hacking", "pornography", "violence-g
 def _site(index: int) -> dict[str, object]:
     network = "127.0.0.0/8" if index == 0 else f"10.{index // 256}.{index % 256}.0/24"
     base = "127.0.0." if index == 0 else f"10.{index // 256}.{index % 256}."
-    return {"name": f"Site {index}", "networks": [network], "mode": "device",
-            "groups": {"kids": {"policy": {"block": ["pornography"]}}},
-            "devices": {f"d{device}": {"addresses": [f"{base}{device + 1}"], "group": "kids",
-                                       "policy": {"block": ["drugs"], "allow": [f"ok{device}.example"]}}
-                        for device in range(_DEVICES)}}
+    return {
+        "name": f"Site {index}",
+        "networks": [network],
+        "mode": "device",
+        "groups": {"kids": {"policy": {"block": ["pornography"]}}},
+        "devices": {
+            f"d{device}": {
+                "addresses": [f"{base}{device + 1}"],
+                "group": "kids",
+                "policy": {"block": ["drugs"], "allow": [f"ok{device}.example"]},
+            }
+            for device in range(_DEVICES)
+        },
+    }
 
 
 async def _write(api: str, count: int, sites: int = _SITES) -> float:
@@ -65,8 +74,9 @@ async def _write(api: str, count: int, sites: int = _SITES) -> float:
             number = queue.get_nowait()
             site, device = number % sites, (number // sites) % _DEVICES
             policy = {"block": [_CATEGORIES[number % len(_CATEGORIES)]], "allow": [f"ok{number}.example"]}
-            async with session.put(f"{api}/v1/sites/site{site}/devices/d{device}/policy",
-                                   data=json.dumps(policy), headers=headers) as response:
+            async with session.put(
+                f"{api}/v1/sites/site{site}/devices/d{device}/policy", data=json.dumps(policy), headers=headers
+            ) as response:
                 if response.status != 200:
                     raise RuntimeError(f"write {number}: {response.status} {await response.text()}")
 
@@ -80,8 +90,9 @@ async def _populate(api: str) -> None:
     headers = {"Authorization": f"Bearer {_TOKEN}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
         for index in range(_SITES):
-            async with session.put(f"{api}/v1/sites/site{index}", data=json.dumps(_site(index)),
-                                   headers=headers) as response:
+            async with session.put(
+                f"{api}/v1/sites/site{index}", data=json.dumps(_site(index)), headers=headers
+            ) as response:
                 if response.status != 200:
                     raise RuntimeError(f"site {index}: {response.status} {await response.text()}")
 
@@ -99,8 +110,9 @@ def _burst(api: str, niceness: int) -> float:
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
-async def _measure(port: int, queries: Path, seconds: float, rate: int, api: str | None,
-                   niceness: int) -> tuple[LoadResult, float]:
+async def _measure(
+    port: int, queries: Path, seconds: float, rate: int, api: str | None, niceness: int
+) -> tuple[LoadResult, float]:
     load = asyncio.create_task(asyncio.to_thread(_dns, port, queries, seconds, rate))
     took = await asyncio.to_thread(_burst, api, niceness) if api is not None else 0.0
     return await load, took
@@ -123,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_dir)
         upstream_port, port, admin = free_port(), free_port(), free_port()
         redis_port = stack.enter_context(running_redis(scratch))
-        stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-                                    upstream_port))
+        stack.enter_context(
+            running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)], upstream_port)
+        )
         config = scratch / "bns.toml"
-        config.write_text(f'[store]\nredis = "redis://127.0.0.1:{redis_port}/0"\n[lists]\ncache_dir = '
-                          f'"{scratch / "lists"}"\n[admin]\ntokens = ["{_TOKEN}"]\n')
-        stack.enter_context(running(bns_command(port, upstream_port, 2, "--config", str(config),
-                                                "--admin-listen", f"127.0.0.1:{admin}"), port))
+        config.write_text(
+            f'[store]\nredis = "redis://127.0.0.1:{redis_port}/0"\n[lists]\ncache_dir = '
+            f'"{scratch / "lists"}"\n[admin]\ntokens = ["{_TOKEN}"]\n'
+        )
+        stack.enter_context(
+            running(
+                bns_command(port, upstream_port, 2, "--config", str(config), "--admin-listen", f"127.0.0.1:{admin}"),
+                port,
+            )
+        )
         api = f"http://127.0.0.1:{admin}"
         asyncio.run(_populate(api))
         queries = write_query_file(top_site_names(args.data, args.names), scratch / "queries.txt")
@@ -140,25 +159,34 @@ def main(argv: list[str] | None = None) -> int:
             quiet, _ = asyncio.run(_measure(port, queries, window, args.rate, None, 0))
             busy, took = asyncio.run(_measure(port, queries, window, args.rate, api, args.client_nice))
             rows.append((quiet, busy, took))
-    lines = [f"Command: `python -m bench.burst {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Machine: {machine()}", "",
-             f"A burst of {_WRITES:,} policy writes alone took {alone:.2f} s ({_WRITES / alone:,.0f} writes/s); "
-             f"DNS window {window:.0f} s at {args.rate:,} qps, {args.names:,} cached names, 2 workers; the writes' "
-             f"client at niceness {args.client_nice}.", "",
-             "| run | quiet p50 ms | quiet p99 ms | burst p50 ms | burst p99 ms | p99 rise ms | burst took s "
-             "| lost (quiet / burst) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Command: `python -m bench.burst {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Machine: {machine()}",
+        "",
+        f"A burst of {_WRITES:,} policy writes alone took {alone:.2f} s ({_WRITES / alone:,.0f} writes/s); "
+        f"DNS window {window:.0f} s at {args.rate:,} qps, {args.names:,} cached names, 2 workers; the writes' "
+        f"client at niceness {args.client_nice}.",
+        "",
+        "| run | quiet p50 ms | quiet p99 ms | burst p50 ms | burst p99 ms | p99 rise ms | burst took s "
+        "| lost (quiet / burst) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rises = []
     for number, (quiet, busy, took) in enumerate(rows):
         rise = (busy.percentile(0.99) - quiet.percentile(0.99)) * 1000
         rises.append(rise)
-        lines.append(f"| {number} | {quiet.percentile(0.5) * 1000:.3f} | {quiet.percentile(0.99) * 1000:.3f} | "
-                     f"{busy.percentile(0.5) * 1000:.3f} | {busy.percentile(0.99) * 1000:.3f} | {rise:+.3f} | "
-                     f"{took:.2f} | {quiet.lost} / {busy.lost} |")
+        lines.append(
+            f"| {number} | {quiet.percentile(0.5) * 1000:.3f} | {quiet.percentile(0.99) * 1000:.3f} | "
+            f"{busy.percentile(0.5) * 1000:.3f} | {busy.percentile(0.99) * 1000:.3f} | {rise:+.3f} | "
+            f"{took:.2f} | {quiet.lost} / {busy.lost} |"
+        )
     quiet_p99 = median([row[0].percentile(0.99) * 1000 for row in rows])
     busy_p99 = median([row[1].percentile(0.99) * 1000 for row in rows])
-    lines += ["", f"Median p99: quiet {quiet_p99:.3f} ms, during the burst {busy_p99:.3f} ms; median rise "
-              f"**{median(rises):+.3f} ms** (target ≤ +1 ms)."]
+    lines += [
+        "",
+        f"Median p99: quiet {quiet_p99:.3f} ms, during the burst {busy_p99:.3f} ms; median rise "
+        f"**{median(rises):+.3f} ms** (target ≤ +1 ms).",
+    ]
     print("\n".join(lines))
     return 0
 

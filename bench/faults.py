@@ -64,7 +64,8 @@ def mac_option(number: int) -> dns.edns.GenericOption:
 def not_ready(response: dns.message.Message) -> bool:
     """SERVFAIL with EDE 14: a node that follows published lists and has not installed the current one."""
     return response.rcode() == dns.rcode.SERVFAIL and any(
-        option.otype == dns.edns.OptionType.EDE and option.code == 14 for option in response.options)
+        option.otype == dns.edns.OptionType.EDE and option.code == 14 for option in response.options
+    )
 
 
 def outcome(response: dns.message.Message) -> str:
@@ -75,9 +76,12 @@ def outcome(response: dns.message.Message) -> str:
 
 
 def write_config(path: Path, **sections: dict[str, object]) -> Path:
-    path.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n"
-                                                         for key, value in keys.items())
-                            for section, keys in sections.items()))
+    path.write_text(
+        "".join(
+            f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+            for section, keys in sections.items()
+        )
+    )
     return path
 
 
@@ -96,6 +100,7 @@ def compile_list(directory: Path, filler: int = 0) -> Path:
 
 def publish(redis_url: str, prefix: str, artifact: Path, scratch: Path) -> str:
     """Publish `artifact` through Redis as an admin's push would; its version."""
+
     async def run() -> str:
         connection = RedisConnection(redis_url, prefix)
         try:
@@ -110,8 +115,7 @@ def publish(redis_url: str, prefix: str, artifact: Path, scratch: Path) -> str:
 def api_call(api: str, method: str, path: str, body: object = None) -> int:
     """The HTTP status of one admin API call (0: no answer)."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(api + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    request = urllib.request.Request(api + path, data=data, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
             return response.status
@@ -139,8 +143,13 @@ class Hammer:
             number += 1
             source = self.source(number) if callable(self.source) else self.source
             try:
-                response = dns.query.udp(self.queries(number), "127.0.0.1", port=self.port,  # type: ignore[operator]
-                                         source=source, timeout=self.timeout)
+                response = dns.query.udp(
+                    self.queries(number),
+                    "127.0.0.1",
+                    port=self.port,  # type: ignore[operator]
+                    source=source,
+                    timeout=self.timeout,
+                )
             except dns.exception.Timeout:
                 self.outcomes["lost"] += 1
                 continue
@@ -181,8 +190,7 @@ class Writer:
         return {f"d{number}" for _at, number, answered in self.results if answered == status}
 
     def first_success_after(self, moment: float) -> float:
-        return min((at for at, _number, status in self.results if at > moment and status == 200),
-                   default=float("inf"))
+        return min((at for at, _number, status in self.results if at > moment and status == 200), default=float("inf"))
 
     def __enter__(self) -> Writer:
         self._thread.start()
@@ -205,13 +213,33 @@ def new_address(number: int) -> str:
 
 
 @contextlib.contextmanager
-def node(config: Path, port: int, upstream_port: int, admin: int | None = None, workers: int = 2,
-         log: Path | None = None, tree: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+def node(
+    config: Path,
+    port: int,
+    upstream_port: int,
+    admin: int | None = None,
+    workers: int = 2,
+    log: Path | None = None,
+    tree: Path = REPO,
+) -> Iterator[subprocess.Popen[bytes]]:
     """`bns serve` as a process, not waited for: the scenario decides what "started" means. `tree`: the
     checkout whose `resolver` runs (another commit's, for a baseline)."""
-    command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-               "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers),
-               "--admin-listen", f"127.0.0.1:{admin}" if admin else ""]
+    command = [
+        sys.executable,
+        "-m",
+        "resolver",
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--workers",
+        str(workers),
+        "--admin-listen",
+        f"127.0.0.1:{admin}" if admin else "",
+    ]
     with started(command, log=log, cwd=tree) as process:
         yield process
 
@@ -236,15 +264,20 @@ SITES = {
 }
 
 
-def scenario_forgetful_redis(scratch: Path, upstream_port: int, artifact: Path, fault: str, tree: Path = REPO
-                             ) -> dict[str, float]:
+def scenario_forgetful_redis(
+    scratch: Path, upstream_port: int, artifact: Path, fault: str, tree: Path = REPO
+) -> dict[str, float]:
     """restart / flush: seconds until new clients get their site's policy again, and SERVFAIL meanwhile."""
     redis = RedisServer(scratch / f"redis-{fault}")
     redis.directory.mkdir()
     redis.start()
     port, admin = free_port(), free_port()
-    config = write_config(scratch / f"{fault}.toml", store={"redis": redis.url}, admin={"tokens": [TOKEN]},
-                          lists={"path": str(artifact), "cache_dir": str(scratch / f"cache-{fault}")})
+    config = write_config(
+        scratch / f"{fault}.toml",
+        store={"redis": redis.url},
+        admin={"tokens": [TOKEN]},
+        lists={"path": str(artifact), "cache_dir": str(scratch / f"cache-{fault}")},
+    )
     try:
         with node(config, port, upstream_port, admin, tree=tree):
             answering(port)
@@ -271,8 +304,11 @@ def scenario_forgetful_redis(scratch: Path, upstream_port: int, artifact: Path, 
                     break
     finally:
         redis.stop()
-    return {"recovered_s": recovered if recovered is not None else float("inf"),
-            "servfail": outcomes["SERVFAIL"], "clients": sum(outcomes.values())}
+    return {
+        "recovered_s": recovered if recovered is not None else float("inf"),
+        "servfail": outcomes["SERVFAIL"],
+        "clients": sum(outcomes.values()),
+    }
 
 
 def scenario_failover(scratch: Path, upstream_port: int, artifact: Path, names: Path) -> dict[str, float]:
@@ -280,19 +316,26 @@ def scenario_failover(scratch: Path, upstream_port: int, artifact: Path, names: 
     deployment.start()
     port, admin = free_port(), free_port()
     api = f"http://127.0.0.1:{admin}"
-    config = write_config(scratch / "failover.toml", store={"redis": deployment.url}, admin={"tokens": [TOKEN]},
-                          lists={"path": str(artifact), "cache_dir": str(scratch / "cache-failover")})
+    config = write_config(
+        scratch / "failover.toml",
+        store={"redis": deployment.url},
+        admin={"tokens": [TOKEN]},
+        lists={"path": str(artifact), "cache_dir": str(scratch / "cache-failover")},
+    )
     try:
         with node(config, port, upstream_port, admin):
             answering(port)
             for site, document in SITES.items():
                 assert api_call(api, "PUT", f"/v1/sites/{site}", document) == 200
             run_dnsperf(port, names, runs=1, clients=2, outstanding=50)  # every name cached
-            new_clients = Hammer(port, lambda number: dns.message.make_query(f"new{number}.example", "A"),
-                                 new_address)
+            new_clients = Hammer(port, lambda number: dns.message.make_query(f"new{number}.example", "A"), new_address)
             result: dict[str, object] = {}
-            dnsperf = threading.Thread(target=lambda: result.update(
-                load=run_dnsperf(port, names, seconds=14, clients=2, outstanding=50, max_qps=2000)), daemon=True)
+            dnsperf = threading.Thread(
+                target=lambda: result.update(
+                    load=run_dnsperf(port, names, seconds=14, clients=2, outstanding=50, max_qps=2000)
+                ),
+                daemon=True,
+            )
             with new_clients, Writer(api, "cold") as writer:
                 dnsperf.start()
                 time.sleep(4)
@@ -309,14 +352,21 @@ def scenario_failover(scratch: Path, upstream_port: int, artifact: Path, names: 
         deployment.stop()
     load = result["load"]
     acknowledged = writer.devices(200)
-    return {"promoted_s": promoted - killed, "writes_resumed_s": writer.first_success_after(promoted) - promoted,
-            "dnsperf_sent": load.sent, "dnsperf_lost": load.lost,  # type: ignore[attr-defined]
-            "dnsperf_servfail": load.rcodes.get("SERVFAIL", 0),  # type: ignore[attr-defined]
-            "new_client_queries": sum(new_clients.outcomes.values()), "new_client_lost": new_clients.outcomes["lost"],
-            "new_client_servfail": new_clients.outcomes["SERVFAIL"],
-            "writes": len(writer.results), "writes_acknowledged": len(acknowledged),
-            "writes_unknown": len(writer.devices(504)), "acknowledged_missing": len(acknowledged - devices),
-            "refused_but_written": len(writer.devices(503) & devices)}
+    return {
+        "promoted_s": promoted - killed,
+        "writes_resumed_s": writer.first_success_after(promoted) - promoted,
+        "dnsperf_sent": load.sent,
+        "dnsperf_lost": load.lost,  # type: ignore[attr-defined]
+        "dnsperf_servfail": load.rcodes.get("SERVFAIL", 0),  # type: ignore[attr-defined]
+        "new_client_queries": sum(new_clients.outcomes.values()),
+        "new_client_lost": new_clients.outcomes["lost"],
+        "new_client_servfail": new_clients.outcomes["SERVFAIL"],
+        "writes": len(writer.results),
+        "writes_acknowledged": len(acknowledged),
+        "writes_unknown": len(writer.devices(504)),
+        "acknowledged_missing": len(acknowledged - devices),
+        "refused_but_written": len(writer.devices(503) & devices),
+    }
 
 
 def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path, tree: Path = REPO) -> dict[str, float]:
@@ -326,8 +376,9 @@ def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path, tree: 
     try:
         publish(redis.url, "bns:", artifact, scratch)
         port = free_port()
-        config = write_config(scratch / "late.toml", store={"redis": redis.url},
-                              lists={"cache_dir": str(scratch / "cache-late")})
+        config = write_config(
+            scratch / "late.toml", store={"redis": redis.url}, lists={"cache_dir": str(scratch / "cache-late")}
+        )
         query = dns.message.make_query(LISTED, "A", use_edns=0)
         with Hammer(port, lambda _number: query, timeout=0.1) as hammer:  # nothing listens at first
             time.sleep(0.2)
@@ -342,23 +393,36 @@ def scenario_late_node(scratch: Path, upstream_port: int, artifact: Path, tree: 
     finally:
         redis.stop()
     counted = ("resolved", "not ready", "NXDOMAIN", "lost")
-    return {"resolved": hammer.outcomes["resolved"], "not_ready": hammer.outcomes["not ready"],
-            "blocked": hammer.outcomes["NXDOMAIN"], "unanswered_before_bind": hammer.outcomes["lost"],
-            "other": sum(count for key, count in hammer.outcomes.items() if key not in counted),
-            "blocking_after_s": blocked_after}
+    return {
+        "resolved": hammer.outcomes["resolved"],
+        "not_ready": hammer.outcomes["not ready"],
+        "blocked": hammer.outcomes["NXDOMAIN"],
+        "unanswered_before_bind": hammer.outcomes["lost"],
+        "other": sum(count for key, count in hammer.outcomes.items() if key not in counted),
+        "blocking_after_s": blocked_after,
+    }
 
 
-def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devices: int = 1000,
-                         tree: Path = REPO) -> dict[str, float]:
+def scenario_paused_site(
+    scratch: Path, upstream_port: int, artifact: Path, devices: int = 1000, tree: Path = REPO
+) -> dict[str, float]:
     redis = RedisServer(scratch / "redis-paused")
     redis.directory.mkdir()
     redis.start()
     port, admin = free_port(), free_port()
-    config = write_config(scratch / "paused.toml", store={"redis": redis.url}, admin={"tokens": [TOKEN]},
-                          lists={"path": str(artifact), "cache_dir": str(scratch / "cache-paused")},
-                          identity={"trusted_networks": ["127.0.0.1/32"]})
-    site = {"networks": ["127.0.0.0/8"], "mode": "device", "paused_until": "forever",
-            "devices": {"known": {"macs": [mac(1)]}}}
+    config = write_config(
+        scratch / "paused.toml",
+        store={"redis": redis.url},
+        admin={"tokens": [TOKEN]},
+        lists={"path": str(artifact), "cache_dir": str(scratch / "cache-paused")},
+        identity={"trusted_networks": ["127.0.0.1/32"]},
+    )
+    site = {
+        "networks": ["127.0.0.0/8"],
+        "mode": "device",
+        "paused_until": "forever",
+        "devices": {"known": {"macs": [mac(1)]}},
+    }
     outcomes: collections.Counter[str] = collections.Counter()
     try:
         with node(config, port, upstream_port, admin, tree=tree):
@@ -379,10 +443,18 @@ def scenario_paused_site(scratch: Path, upstream_port: int, artifact: Path, devi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
-                        help="also run each scenario (but failover) against the `resolver` of this checkout")
-    parser.add_argument("--scenario", nargs="+", default=["restart", "flush", "failover", "late", "paused"],
-                        choices=["restart", "flush", "failover", "late", "paused"])
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run each scenario (but failover) against the `resolver` of this checkout",
+    )
+    parser.add_argument(
+        "--scenario",
+        nargs="+",
+        default=["restart", "flush", "failover", "late", "paused"],
+        choices=["restart", "flush", "failover", "late", "paused"],
+    )
     args = parser.parse_args(argv)
     if "failover" in args.scenario and not have_dnsperf():
         parser.error("the failover scenario needs dnsperf (Debian: apt-get install dnsperf)")
@@ -392,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         artifact = compile_list(scratch)
         large = compile_list(scratch, filler=400_000) if "late" in args.scenario else artifact
         upstream_port = free_port()
-        stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-                                    upstream_port))
+        stack.enter_context(
+            running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)], upstream_port)
+        )
         names = write_query_file([f"cached{number}.example" for number in range(500)], scratch / "names.txt")
         for run in range(args.runs):  # interleaved: each run does every scenario once
             for scenario in args.scenario:
@@ -413,16 +486,23 @@ def main(argv: list[str] | None = None) -> int:
                         figures = scenario_paused_site(directory, upstream_port, artifact, tree=tree)
                     results[scenario + label].append(figures)
                     print(f"run {run} {scenario}{label}: {figures}", file=sys.stderr, flush=True)
-    lines = [f"Command: `python -m bench.faults {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Machine: {machine()}", ""]
+    lines = [
+        f"Command: `python -m bench.faults {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Machine: {machine()}",
+        "",
+    ]
     for scenario, runs in results.items():
-        lines += [f"**{scenario}** ({len(runs)} runs; per run, then the median)", "",
-                  "| figure | " + " | ".join(f"run {number}" for number in range(len(runs))) + " | median |",
-                  "|---|" + "---:|" * (len(runs) + 1)]
+        lines += [
+            f"**{scenario}** ({len(runs)} runs; per run, then the median)",
+            "",
+            "| figure | " + " | ".join(f"run {number}" for number in range(len(runs))) + " | median |",
+            "|---|" + "---:|" * (len(runs) + 1),
+        ]
         for key in runs[0]:
             values = [run[key] for run in runs]
-            lines.append(f"| {key} | " + " | ".join(_format(value) for value in values)
-                         + f" | {_format(median(values))} |")
+            lines.append(
+                f"| {key} | " + " | ".join(_format(value) for value in values) + f" | {_format(median(values))} |"
+            )
         lines.append("")
     print("\n".join(lines))
     return 0

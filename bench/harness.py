@@ -104,9 +104,23 @@ def running_redis(directory: Path) -> Iterator[int]:
 
 
 def bns_command(port: int, upstream_port: int, workers: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "resolver", "serve", "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"127.0.0.1:{upstream_port}", "--workers", str(workers), "--log-level", "warning",
-            "--admin-listen", "", *extra]  # no admin API unless asked: benches run servers side by side
+    return [
+        sys.executable,
+        "-m",
+        "resolver",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--admin-listen",
+        "",
+        *extra,
+    ]  # no admin API unless asked: benches run servers side by side
 
 
 def machine() -> str:
@@ -121,8 +135,10 @@ def machine() -> str:
         help_text = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True, check=False)
         dnsperf = help_text.stdout + help_text.stderr
         dnsperf = next((line for line in dnsperf.splitlines() if line.startswith("Version")), "")
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, dnsperf {dnsperf.removeprefix('Version ') or 'absent'}")
+    return (
+        f"{model}, {len(os.sched_getaffinity(0))} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, dnsperf {dnsperf.removeprefix('Version ') or 'absent'}"
+    )
 
 
 def median(values: list[float]) -> float:

@@ -34,8 +34,7 @@ from bench.load import run_dnsperf, write_query_file
 _TLDS = ["com", "net", "org", "ru", "de", "xyz", "info", "top", "io", "co.uk", "com.br", "online", "site"]
 
 
-def synthetic_names(count: int, path: Path, style: str = "random", data: Path = DEFAULT_DATA,
-                    seed: int = 1) -> Path:
+def synthetic_names(count: int, path: Path, style: str = "random", data: Path = DEFAULT_DATA, seed: int = 1) -> Path:
     """`count` distinct names written to `path`, one per line.
 
     random: labels of 3–14 random letters and digits under 0–2 random subdomains: no two names share more
@@ -76,8 +75,11 @@ def synthetic_names(count: int, path: Path, style: str = "random", data: Path = 
                     base = ".".join(rng.choice(real).split(".")[-2:])
                     name = ".".join(rng.choice(labels) for _ in range(rng.randint(1, 2))) + "." + base
                 elif roll < 0.8:
-                    word = rng.choice(labels) + rng.choice(("", "-", "")) + rng.choice(labels) \
-                        if rng.random() < 0.6 else rng.choice(labels)
+                    word = (
+                        rng.choice(labels) + rng.choice(("", "-", "")) + rng.choice(labels)
+                        if rng.random() < 0.6
+                        else rng.choice(labels)
+                    )
                     name = f"{word[:63]}.{rng.choice(tlds)}"
                 elif roll < 0.9 and written < len(real):
                     name = real[written]
@@ -122,8 +124,10 @@ def bench_compile(args: argparse.Namespace, scratch: Path) -> str:
     if args.synthetic:
         inputs = [synthetic_names(args.synthetic, scratch / "synthetic.txt", args.style, args.data)]
         source_args = ["--source", f"malware={inputs[0]}"]
-        what = (f"{args.synthetic:,} synthetic names, {args.style} style "
-                f"(one plain file, {inputs[0].stat().st_size / 1e6:.0f} MB)")
+        what = (
+            f"{args.synthetic:,} synthetic names, {args.style} style "
+            f"(one plain file, {inputs[0].stat().st_size / 1e6:.0f} MB)"
+        )
     else:
         directory = args.data / "blocklists"
         inputs = sorted(directory.glob("*.txt.gz"))
@@ -133,19 +137,27 @@ def bench_compile(args: argparse.Namespace, scratch: Path) -> str:
     rows = {"bns lists compile": [], "naive: dict of every name, then the same trie build": []}
     for _ in range(args.runs):
         rows["bns lists compile"].append(
-            measured([sys.executable, "-m", "resolver", "lists", "compile", "--out", str(out), *source_args]))
+            measured([sys.executable, "-m", "resolver", "lists", "compile", "--out", str(out), *source_args])
+        )
         rows["naive: dict of every name, then the same trie build"].append(
-            measured([sys.executable, "-c", _NAIVE, *map(str, inputs)]))
+            measured([sys.executable, "-c", _NAIVE, *map(str, inputs)])
+        )
     size = out.stat().st_size / 1e6
     compiled, naive = rows["bns lists compile"], rows["naive: dict of every name, then the same trie build"]
-    lines = [f"Input: {what}. Medians of {args.runs} run(s). Artifact: {size:.1f} MB.", "",
-             "| | wall s | peak RSS MB |", "|---|---:|---:|"]
+    lines = [
+        f"Input: {what}. Medians of {args.runs} run(s). Artifact: {size:.1f} MB.",
+        "",
+        "| | wall s | peak RSS MB |",
+        "|---|---:|---:|",
+    ]
     for label, values in rows.items():
         lines.append(f"| {label} | {median([v[0] for v in values]):.1f} | {median([v[1] for v in values]):.0f} |")
     ratio = median([v[1] for v in compiled]) / median([v[1] for v in naive])
-    lines.append(f"\nPeak RSS of the compiler / the naive one: {ratio:.2f}×. "
-                 f"Per run (s, MB): compile {[(round(t, 1), m) for t, m in compiled]}, "
-                 f"naive {[(round(t, 1), m) for t, m in naive]}")
+    lines.append(
+        f"\nPeak RSS of the compiler / the naive one: {ratio:.2f}×. "
+        f"Per run (s, MB): compile {[(round(t, 1), m) for t, m in compiled]}, "
+        f"naive {[(round(t, 1), m) for t, m in naive]}"
+    )
     if args.keep:
         out.replace(args.keep)
     return "\n".join(lines)
@@ -174,8 +186,21 @@ def bench_memory(args: argparse.Namespace, scratch: Path) -> str:
     if artifact is None:
         synthetic_names(args.synthetic, names, args.style, args.data)
         artifact = scratch / "lists.bns"
-        subprocess.run([sys.executable, "-m", "resolver", "lists", "compile", "--out", str(artifact),
-                        "--source", f"malware={names}"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "resolver",
+                "lists",
+                "compile",
+                "--out",
+                str(artifact),
+                "--source",
+                f"malware={names}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     listed = [line.strip() for _, line in zip(range(100_000), names.open(), strict=False)] if names.exists() else []
     workload = write_query_file(top_site_names(args.data, 100_000) + listed, scratch / "memory-queries.txt")
     # No answer cache: with one, names blocked in one run are cached in the other and the difference is
@@ -196,19 +221,26 @@ def bench_memory(args: argparse.Namespace, scratch: Path) -> str:
                     rows.append((workers, "artifact" if lists else "none", *_memory_of(pid, lists)))
     size = artifact.stat().st_size / 1e6
     by = {(workers, lists): (rss, pss) for workers, lists, rss, pss, _, _ in rows}
-    lines = [f"Artifact: {size:.1f} MB ({args.synthetic:,} synthetic names, {args.style} style). "
-             f"Workload: 100k top sites + {len(listed):,} listed names, once, through each server before "
-             f"measuring; answer cache off (cache.size = 0) so that the list is the only difference.", "",
-             "| workers | lists | RSS MB | PSS MB | artifact mapping RSS MB | artifact mapping PSS MB |",
-             "|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {w} | {lists} | {rss:.0f} | {pss:.0f} | {map_rss:.0f} | {map_pss:.0f} |"
-              for w, lists, rss, pss, map_rss, map_pss in rows]
+    lines = [
+        f"Artifact: {size:.1f} MB ({args.synthetic:,} synthetic names, {args.style} style). "
+        f"Workload: 100k top sites + {len(listed):,} listed names, once, through each server before "
+        f"measuring; answer cache off (cache.size = 0) so that the list is the only difference.",
+        "",
+        "| workers | lists | RSS MB | PSS MB | artifact mapping RSS MB | artifact mapping PSS MB |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {w} | {lists} | {rss:.0f} | {pss:.0f} | {map_rss:.0f} | {map_pss:.0f} |"
+        for w, lists, rss, pss, map_rss, map_pss in rows
+    ]
     one_rss = by[(1, "artifact")][0] - by[(1, "none")][0]
     one = by[(1, "artifact")][1] - by[(1, "none")][1]
     two = by[(2, "artifact")][1] - by[(2, "none")][1]
-    lines.append(f"\nWith the list, one worker grows by {one_rss:.0f} MB RSS ({one:.0f} MB PSS); two workers "
-                 f"together grow by {two:.0f} MB PSS: {two / one:.2f}× one. (RSS and PSS are summed over all "
-                 f"workers; PSS splits each shared page between the processes that map it.)")
+    lines.append(
+        f"\nWith the list, one worker grows by {one_rss:.0f} MB RSS ({one:.0f} MB PSS); two workers "
+        f"together grow by {two:.0f} MB PSS: {two / one:.2f}× one. (RSS and PSS are summed over all "
+        f"workers; PSS splits each shared page between the processes that map it.)"
+    )
     return "\n".join(lines)
 
 
@@ -240,11 +272,15 @@ def bench_swap(args: argparse.Namespace, scratch: Path) -> str:
             canary = f"swap-canary-{run}.example"
             canary_list.write_text(f"{canary}\n")
             staged = scratch / f"next{run}.bns"
-            subprocess.run([*compile_cmd, "--source", f"malware={canary_list}", "--out", str(staged)],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*compile_cmd, "--source", f"malware={canary_list}", "--out", str(staged)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                load = pool.submit(run_dnsperf, port, workload, seconds=args.seconds, clients=32, outstanding=200,
-                                   max_qps=args.qps)
+                load = pool.submit(
+                    run_dnsperf, port, workload, seconds=args.seconds, clients=32, outstanding=200, max_qps=args.qps
+                )
                 time.sleep(args.seconds / 3)
                 installed = time.monotonic()
                 staged.replace(live)
@@ -256,11 +292,13 @@ def bench_swap(args: argparse.Namespace, scratch: Path) -> str:
     # NXDOMAIN is a blocked top site (about 3 % of them are listed): an answer, not a failure.
     failed = sum(count for r in results for code, count in r.rcodes.items() if code not in ("NOERROR", "NXDOMAIN"))
     sent = sum(r.sent for r in results)
-    return (f"Two workers serving the 1.05 M-name artifact under dnsperf ({args.qps} qps, cached workload, "
-            f"{args.seconds} s per run); a new 1.05 M-name artifact installed by rename mid-run.\n\n"
-            f"Time from rename to every worker answering from the new list: median {median(times):.2f} s "
-            f"(runs: {[round(t, 2) for t in times]}; the watcher polls every 1 s, so up to 1 s of it is the poll).\n"
-            f"Queries during the runs: {sent:,} sent, {lost:,} lost, {failed:,} answered SERVFAIL, REFUSED or FORMERR.")
+    return (
+        f"Two workers serving the 1.05 M-name artifact under dnsperf ({args.qps} qps, cached workload, "
+        f"{args.seconds} s per run); a new 1.05 M-name artifact installed by rename mid-run.\n\n"
+        f"Time from rename to every worker answering from the new list: median {median(times):.2f} s "
+        f"(runs: {[round(t, 2) for t in times]}; the watcher polls every 1 s, so up to 1 s of it is the poll).\n"
+        f"Queries during the runs: {sent:,} sent, {lost:,} lost, {failed:,} answered SERVFAIL, REFUSED or FORMERR."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=("compile", "memory", "swap"))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--synthetic", type=int, default=0, help="use this many synthetic names instead")
-    parser.add_argument("--style", choices=("realistic", "random"), default="realistic",
-                        help="synthetic names: recombined real labels, or random labels (the worst case)")
+    parser.add_argument(
+        "--style",
+        choices=("realistic", "random"),
+        default="realistic",
+        help="synthetic names: recombined real labels, or random labels (the worst case)",
+    )
     parser.add_argument("--artifact", type=Path, help="memory: measure this artifact instead of compiling one")
     parser.add_argument("--keep", type=Path, help="compile: keep the artifact here")
     parser.add_argument("--runs", type=int, default=3)

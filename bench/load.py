@@ -72,8 +72,21 @@ def run_dnsperf(
     binary: bool = False,
     host: str = "127.0.0.1",
 ) -> LoadResult:
-    command = ["dnsperf", "-s", host, "-p", str(port), "-d", str(query_file), "-c", str(clients),
-               "-q", str(outstanding), "-t", "2"]
+    command = [
+        "dnsperf",
+        "-s",
+        host,
+        "-p",
+        str(port),
+        "-d",
+        str(query_file),
+        "-c",
+        str(clients),
+        "-q",
+        str(outstanding),
+        "-t",
+        "2",
+    ]
     if seconds is not None:
         command += ["-l", str(seconds)]
     if runs is not None:
@@ -169,12 +182,14 @@ async def _python_load(port: int, names: list[str], seconds: float, outstanding:
     elapsed = min(time.perf_counter(), deadline) - started
     loop.remove_reader(sock.fileno())
     sock.close()
-    return LoadResult(sent, len(latencies), elapsed, rcodes, latencies,
-                      statistics.fmean(latencies) if latencies else 0.0)
+    return LoadResult(
+        sent, len(latencies), elapsed, rcodes, latencies, statistics.fmean(latencies) if latencies else 0.0
+    )
 
 
-def run_python_load(port: int, names: list[str], seconds: float, outstanding: int = 64,
-                    host: str = "127.0.0.1") -> LoadResult:
+def run_python_load(
+    port: int, names: list[str], seconds: float, outstanding: int = 64, host: str = "127.0.0.1"
+) -> LoadResult:
     import uvloop
 
     return uvloop.run(_python_load(port, names, seconds, outstanding, host))

@@ -61,20 +61,46 @@ def site_document(site: int, devices: int) -> dict:
     network = ".".join(str(byte) for byte in struct.pack("!I", base)) + "/29"
     macs = [":".join(f"{b:02x}" for b in mac(site, device)) for device in range(devices)]
     if site % 2:
-        return {"id": f"s{site}", "networks": [network], "mode": "network", "timezone": "Europe/London",
-                "policy": {"block": ["pornography", "drugs"], "web_protect": True},
-                "devices": {f"d{d}": {"macs": [macs[d]]} for d in range(devices)}}
+        return {
+            "id": f"s{site}",
+            "networks": [network],
+            "mode": "network",
+            "timezone": "Europe/London",
+            "policy": {"block": ["pornography", "drugs"], "web_protect": True},
+            "devices": {f"d{d}": {"macs": [macs[d]]} for d in range(devices)},
+        }
     return {
-        "id": f"s{site}", "networks": [network], "mode": "device", "timezone": "Europe/Berlin",
+        "id": f"s{site}",
+        "networks": [network],
+        "mode": "device",
+        "timezone": "Europe/Berlin",
         "default_group": "kids",
-        "groups": {"kids": {"name": "Kids", "policy": {
-            "block": ["pornography", "drugs", "hate", "violence-gore"], "safe_search": False,
-            "schedules": [{"name": "homework", "days": ["mon", "tue", "wed", "thu", "fri"], "from": "16:00",
-                           "to": "18:00", "block": ["hacking"]}]}}},
-        "devices": {f"d{d}": {"macs": [macs[d]], "group": "kids",
-                              **({"policy": {"block": [], "allow": ["school.example"], "deny": ["bad.example"]}}
-                                 if d == 0 else {})}
-                    for d in range(devices)},
+        "groups": {
+            "kids": {
+                "name": "Kids",
+                "policy": {
+                    "block": ["pornography", "drugs", "hate", "violence-gore"],
+                    "safe_search": False,
+                    "schedules": [
+                        {
+                            "name": "homework",
+                            "days": ["mon", "tue", "wed", "thu", "fri"],
+                            "from": "16:00",
+                            "to": "18:00",
+                            "block": ["hacking"],
+                        }
+                    ],
+                },
+            }
+        },
+        "devices": {
+            f"d{d}": {
+                "macs": [macs[d]],
+                "group": "kids",
+                **({"policy": {"block": [], "allow": ["school.example"], "deny": ["bad.example"]}} if d == 0 else {}),
+            }
+            for d in range(devices)
+        },
     }
 
 
@@ -110,8 +136,9 @@ def _config(path: Path, redis_url: str | None) -> Path:
     if redis_url is None:
         path.write_text('[store]\nfile = ""\n')
     else:
-        path.write_text(f'[store]\nredis = "{redis_url}"\nprefix = "bench:"\n'
-                        f'[identity]\ntrusted_networks = ["127.0.0.1/32"]\n')
+        path.write_text(
+            f'[store]\nredis = "{redis_url}"\nprefix = "bench:"\n[identity]\ntrusted_networks = ["127.0.0.1/32"]\n'
+        )
     return path
 
 
@@ -134,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--cold", type=int, default=5_000, help="unseen devices in the cold-start run")
-    parser.add_argument("--cold-qps", type=int, nargs="+", default=[300, 1_000],
-                        help="rates of new devices per second, one cold run each (each on devices of its own)")
+    parser.add_argument(
+        "--cold-qps",
+        type=int,
+        nargs="+",
+        default=[300, 1_000],
+        help="rates of new devices per second, one cold run each (each on devices of its own)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("redis-server") is None or shutil.which("dnsperf") is None:
         raise SystemExit("this bench needs redis-server and dnsperf (Debian: redis-server, dnsperf)")
@@ -149,36 +181,47 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_dir)
         url = f"redis://127.0.0.1:{redis_port}/0"
         seconds = asyncio.run(populate(url, args.sites, args.devices))
-        used = subprocess.run(["redis-cli", "-p", str(redis_port), "info", "memory"], capture_output=True,
-                              text=True, check=False).stdout
-        redis_mb = next((int(line.split(":")[1]) / 2**20 for line in used.splitlines()
-                         if line.startswith("used_memory:")), float("nan"))
-        lines.append(f"Imported {args.sites:,} sites with {args.sites * args.devices:,} devices into Redis in "
-                     f"{seconds:.1f} s (`bns` import path, validated); Redis memory {redis_mb:.0f} MB.")
+        used = subprocess.run(
+            ["redis-cli", "-p", str(redis_port), "info", "memory"], capture_output=True, text=True, check=False
+        ).stdout
+        redis_mb = next(
+            (int(line.split(":")[1]) / 2**20 for line in used.splitlines() if line.startswith("used_memory:")),
+            float("nan"),
+        )
+        lines.append(
+            f"Imported {args.sites:,} sites with {args.sites * args.devices:,} devices into Redis in "
+            f"{seconds:.1f} s (`bns` import path, validated); Redis memory {redis_mb:.0f} MB."
+        )
         warm = [wire_query(rng.choice(names), identity_options(*rng.choice(active))) for _ in range(args.queries)]
         warm_file = write_binary_queries(scratch / "warm.bin", warm)
         names_file = write_binary_queries(scratch / "names.bin", [wire_query(name, []) for name in names])
-        configs = {"one global policy": _config(scratch / "global.toml", None),
-                   "per-device policies (Redis)": _config(scratch / "redis.toml", url)}
+        configs = {
+            "one global policy": _config(scratch / "global.toml", None),
+            "per-device policies (Redis)": _config(scratch / "redis.toml", url),
+        }
         upstream = [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port), "--ttl", "86400"]
         with running(upstream, upstream_port):
             lines += warm_runs(args, configs, upstream_port, warm_file, names_file)
             for number, rate in enumerate(args.cold_qps):
-                lines += cold_run(args, rate, number, configs["per-device policies (Redis)"], upstream_port,
-                                  names, scratch)
+                lines += cold_run(
+                    args, rate, number, configs["per-device policies (Redis)"], upstream_port, names, scratch
+                )
     command = "python -m bench.policies " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Command: `{command}`  \nMachine: {machine()}\n\n" + "\n".join(lines))
     return 0
 
 
-def warm_runs(args: argparse.Namespace, configs: dict[str, Path], upstream_port: int, warm_file: Path,
-              names_file: Path) -> list[str]:
+def warm_runs(
+    args: argparse.Namespace, configs: dict[str, Path], upstream_port: int, warm_file: Path, names_file: Path
+) -> list[str]:
     ports = {label: free_port() for label in configs}
     cpu: dict[str, list[float]] = {label: [] for label in configs}
     qps: dict[str, list[float]] = {label: [] for label in configs}
     rss: dict[str, float] = {}
-    contexts = {label: running(bns_command(ports[label], upstream_port, 1, "--config", str(path)), ports[label])
-                for label, path in configs.items()}
+    contexts = {
+        label: running(bns_command(ports[label], upstream_port, 1, "--config", str(path)), ports[label])
+        for label, path in configs.items()
+    }
     pids = {label: context.__enter__() for label, context in contexts.items()}
     try:
         for label in configs:  # warm: every name cached, every active device resolved
@@ -187,8 +230,9 @@ def warm_runs(args: argparse.Namespace, configs: dict[str, Path], upstream_port:
         for _ in range(args.runs):
             for label in configs:
                 before = process_tree_cpu(pids[label])
-                result = run_dnsperf(ports[label], warm_file, seconds=args.seconds, clients=32, outstanding=1000,
-                                     binary=True)
+                result = run_dnsperf(
+                    ports[label], warm_file, seconds=args.seconds, clients=32, outstanding=1000, binary=True
+                )
                 cpu[label].append((process_tree_cpu(pids[label]) - before) / max(result.completed, 1) * 1e6)
                 qps[label].append(result.qps)
         rss = {label: _rss_mb(pid) for label, pid in pids.items()}
@@ -205,8 +249,11 @@ def warm_runs(args: argparse.Namespace, configs: dict[str, Path], upstream_port:
         "",
         "| server | qps (median) | server CPU µs/query (median) | ratio |",
         "|---|---:|---:|---:|",
-        *(f"| {label} | {median(qps[label]):,.0f} | {median(cpu[label]):.2f} | "
-          f"{median(cpu[label]) / median(cpu[base]):.2f}× |" for label in configs),
+        *(
+            f"| {label} | {median(qps[label]):,.0f} | {median(cpu[label]):.2f} | "
+            f"{median(cpu[label]) / median(cpu[base]):.2f}× |"
+            for label in configs
+        ),
         "",
         "Per-run µs/query: " + "; ".join(f"{label}: {[round(c, 2) for c in cpu[label]]}" for label in configs),
         "",
@@ -217,8 +264,9 @@ def warm_runs(args: argparse.Namespace, configs: dict[str, Path], upstream_port:
     ]
 
 
-def cold_run(args: argparse.Namespace, rate: int, number: int, config: Path, upstream_port: int, names: list[str],
-             scratch: Path) -> list[str]:
+def cold_run(
+    args: argparse.Namespace, rate: int, number: int, config: Path, upstream_port: int, names: list[str], scratch: Path
+) -> list[str]:
     rng = random.Random(12 + number)
     sites = rng.sample(range(args.sites), args.cold)
     cold = [wire_query(names[0], identity_options(site, rng.randrange(args.devices))) for site in sites]
@@ -228,14 +276,16 @@ def cold_run(args: argparse.Namespace, rate: int, number: int, config: Path, ups
     with running(bns_command(port, upstream_port, 1, "--config", str(config)), port):
         run_dnsperf(port, warmup, runs=1, clients=1, outstanding=1, binary=True)
         cold_result, warm_result = (
-            run_dnsperf(port, cold_file, runs=1, clients=8, outstanding=100, max_qps=rate, per_query=True,
-                        binary=True)
-            for _ in range(2))  # the second pass asks the same, now known, devices: the baseline
+            run_dnsperf(port, cold_file, runs=1, clients=8, outstanding=100, max_qps=rate, per_query=True, binary=True)
+            for _ in range(2)
+        )  # the second pass asks the same, now known, devices: the baseline
 
     def figures(result: LoadResult) -> str:
-        return (f"p50 {result.percentile(0.5) * 1e3:.2f} ms, p99 {result.percentile(0.99) * 1e3:.2f} ms, "
-                f"max {max(result.latencies) * 1e3:.2f} ms over {len(result.latencies):,} answers "
-                f"({result.lost} lost)")
+        return (
+            f"p50 {result.percentile(0.5) * 1e3:.2f} ms, p99 {result.percentile(0.99) * 1e3:.2f} ms, "
+            f"max {max(result.latencies) * 1e3:.2f} ms over {len(result.latencies):,} answers "
+            f"({result.lost} lost)"
+        )
 
     return [
         "",
@@ -244,6 +294,7 @@ def cold_run(args: argparse.Namespace, rate: int, number: int, config: Path, ups
         f"The same queries again, the devices now known (the baseline, measured by the same dnsperf at the same "
         f"rate): {figures(warm_result)}.",
     ]
+
 
 if __name__ == "__main__":
     sys.exit(main())

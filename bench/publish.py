@@ -44,8 +44,23 @@ def _blocked(port: int, name: str) -> bool:
 def _compile(data: Path, out: Path, marker: str, scratch: Path) -> None:
     tsv = scratch / "marker.tsv"
     tsv.write_text(f"{marker}\tdrugs\n")
-    subprocess.run([sys.executable, "-m", "resolver", "lists", "compile", "--out", str(out), "--source-dir",
-                    str(data / "blocklists"), "--tsv", str(tsv)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resolver",
+            "lists",
+            "compile",
+            "--out",
+            str(out),
+            "--source-dir",
+            str(data / "blocklists"),
+            "--tsv",
+            str(tsv),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,23 +75,36 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_dir)
         upstream_port = free_port()
         redis_port = stack.enter_context(running_redis(scratch))
-        stack.enter_context(running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-                                    upstream_port))
+        stack.enter_context(
+            running([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)], upstream_port)
+        )
         nodes = []
         for name in ("a", "b"):
             port, admin = free_port(), free_port()
             config = scratch / f"{name}.toml"
-            config.write_text(f'[store]\nredis = "redis://127.0.0.1:{redis_port}/0"\n[lists]\ncache_dir = '
-                              f'"{scratch / name}"\n[admin]\ntokens = ["{_TOKEN}"]\n')
-            stack.enter_context(running(bns_command(port, upstream_port, 2, "--config", str(config),
-                                                    "--admin-listen", f"127.0.0.1:{admin}"), port))
+            config.write_text(
+                f'[store]\nredis = "redis://127.0.0.1:{redis_port}/0"\n[lists]\ncache_dir = '
+                f'"{scratch / name}"\n[admin]\ntokens = ["{_TOKEN}"]\n'
+            )
+            stack.enter_context(
+                running(
+                    bns_command(
+                        port, upstream_port, 2, "--config", str(config), "--admin-listen", f"127.0.0.1:{admin}"
+                    ),
+                    port,
+                )
+            )
             nodes.append((port, admin))
         for run in range(args.runs):
             marker = f"run{run}.publish-marker.example"
             artifact = scratch / f"run{run}.bns"
             _compile(args.data, artifact, marker, scratch)
-            request = urllib.request.Request(f"http://127.0.0.1:{nodes[0][1]}/v1/lists", data=artifact.read_bytes(),
-                                             method="POST", headers={"Authorization": f"Bearer {_TOKEN}"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{nodes[0][1]}/v1/lists",
+                data=artifact.read_bytes(),
+                method="POST",
+                headers={"Authorization": f"Bearer {_TOKEN}"},
+            )
             started = time.monotonic()
             with urllib.request.urlopen(request, timeout=120) as response:
                 response.read()
@@ -88,14 +116,20 @@ def main(argv: list[str] | None = None) -> int:
                         serving[port] = time.monotonic() - started
                 time.sleep(0.02)
             rows.append((artifact.stat().st_size, accepted, *serving.values()))
-    lines = [f"Command: `python -m bench.publish {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Machine: {machine()}", "",
-             "| run | artifact | push accepted (upload, verify, store, announce) | node A serving | node B serving |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Command: `python -m bench.publish {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Machine: {machine()}",
+        "",
+        "| run | artifact | push accepted (upload, verify, store, announce) | node A serving | node B serving |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for number, (size, accepted, first, second) in enumerate(rows):
         lines.append(f"| {number} | {size / 2**20:.1f} MB | {accepted:.2f} s | {first:.2f} s | {second:.2f} s |")
-    lines += ["", f"Median time from push to both nodes serving: **{median([max(r[2], r[3]) for r in rows]):.2f} s**; "
-              f"push accepted in {median([r[1] for r in rows]):.2f} s."]
+    lines += [
+        "",
+        f"Median time from push to both nodes serving: **{median([max(r[2], r[3]) for r in rows]):.2f} s**; "
+        f"push accepted in {median([r[1] for r in rows]):.2f} s.",
+    ]
     print("\n".join(lines))
     return 0
 

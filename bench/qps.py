@@ -48,27 +48,34 @@ class Target:
     latency: LoadResult | None = None
 
 
-def _load(target: Target, names: list[str], query_file: Path, args: argparse.Namespace,
-          per_query: bool = False) -> LoadResult:
+def _load(
+    target: Target, names: list[str], query_file: Path, args: argparse.Namespace, per_query: bool = False
+) -> LoadResult:
     if have_dnsperf() and not args.python_load:
-        return run_dnsperf(target.port, query_file, seconds=args.seconds, clients=args.clients,
-                           outstanding=args.outstanding, max_qps=args.latency_qps if per_query else None,
-                           per_query=per_query)
+        return run_dnsperf(
+            target.port,
+            query_file,
+            seconds=args.seconds,
+            clients=args.clients,
+            outstanding=args.outstanding,
+            max_qps=args.latency_qps if per_query else None,
+            per_query=per_query,
+        )
     return run_python_load(target.port, names, args.seconds, outstanding=8 if per_query else args.outstanding)
 
 
 _WARM_PASSES = 16
 
 
-def measure(targets: list[Target], names: list[str], query_file: Path, args: argparse.Namespace,
-            pids: dict[str, int]) -> None:
+def measure(
+    targets: list[Target], names: list[str], query_file: Path, args: argparse.Namespace, pids: dict[str, int]
+) -> None:
     # Warm: every name into every worker's cache, so that every later query is a hit. The kernel spreads
     # client sockets over the workers (SO_REUSEPORT), so one pass reaches each worker with only some names;
     # after _WARM_PASSES passes from the clients' sockets the chance a worker missed a name is ~1/2**16.
     for target in targets:
         if have_dnsperf() and not args.python_load:
-            run_dnsperf(target.port, query_file, runs=_WARM_PASSES, clients=args.clients,
-                        outstanding=args.outstanding)
+            run_dnsperf(target.port, query_file, runs=_WARM_PASSES, clients=args.clients, outstanding=args.outstanding)
         else:
             run_python_load(target.port, names, 2.0)
     for _ in range(args.runs):
@@ -110,19 +117,27 @@ def report(targets: list[Target], args: argparse.Namespace, command: str) -> str
             f"{latency.percentile(0.5) * 1e3:.3f} | {latency.percentile(0.99) * 1e3:.3f} | {target.lost} |"
         )
     lines.append("")
-    lines.append("Response codes: " + "; ".join(
-        f"{t.label}: " + ", ".join(f"{code} {count:,}" for code, count in sorted(t.rcodes.items())) for t in targets
-    ))
-    lines.append("Per-run values: " + "; ".join(
-        f"{t.label}: qps {[round(q) for q in t.qps]}, µs/query {[round(c, 2) for c in t.cpu_us]}" for t in targets
-    ))
+    lines.append(
+        "Response codes: "
+        + "; ".join(
+            f"{t.label}: " + ", ".join(f"{code} {count:,}" for code, count in sorted(t.rcodes.items())) for t in targets
+        )
+    )
+    lines.append(
+        "Per-run values: "
+        + "; ".join(
+            f"{t.label}: qps {[round(q) for q in t.qps]}, µs/query {[round(c, 2) for c in t.cpu_us]}" for t in targets
+        )
+    )
     return "\n".join(lines)
 
 
 def describe_workload(args: argparse.Namespace) -> str:
     if args.workload == "blocked":
-        return (f"{args.names} names sampled from the category files of the shared data, every one blocked by "
-                f"the default policy (lists: the 1.05 M-name artifact)")
+        return (
+            f"{args.names} names sampled from the category files of the shared data, every one blocked by "
+            f"the default policy (lists: the 1.05 M-name artifact)"
+        )
     return f"first {args.names} names of top-sites, all cached"
 
 
@@ -130,8 +145,11 @@ def blocked_workload(args: argparse.Namespace, scratch: Path) -> tuple[list[str]
     """Names from the real category lists and an artifact of those lists."""
     directory = args.data / "blocklists"
     artifact = scratch / "lists.bns"
-    subprocess.run([sys.executable, "-m", "resolver", "lists", "compile", "--source-dir", str(directory),
-                    "--out", str(artifact)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "resolver", "lists", "compile", "--source-dir", str(directory), "--out", str(artifact)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     listed: list[str] = []
     for path in sorted(directory.glob("*.txt.gz")):
         with gzip.open(path, "rt") as lines:
@@ -165,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             names = top_site_names(args.data, args.names)
         query_file = write_query_file(names, Path(scratch) / "queries.txt")
-        targets = [Target("minimal uvloop responder", [sys.executable, "-m", "bench.responder", "--port", "{port}"],
-                          free_port())]
+        targets = [
+            Target(
+                "minimal uvloop responder", [sys.executable, "-m", "bench.responder", "--port", "{port}"], free_port()
+            )
+        ]
         for workers in args.workers:
             port = free_port()
             targets.append(Target(f"bns --workers {workers}", bns_command(port, upstream_port, workers, *extra), port))
@@ -185,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([{"label": t.label, "qps": t.qps, "cpu_us": t.cpu_us, "lost": t.lost,
-                                         "rcodes": t.rcodes} for t in targets], indent=2))
+        args.out.write_text(
+            json.dumps(
+                [
+                    {"label": t.label, "qps": t.qps, "cpu_us": t.cpu_us, "lost": t.lost, "rcodes": t.rcodes}
+                    for t in targets
+                ],
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -34,9 +34,23 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary is not None
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence,
-             "--dir", str(self.directory), "--protected-mode", "no", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *self.persistence,
+                "--dir",
+                str(self.directory),
+                "--protected-mode",
+                "no",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while not self.ping():
@@ -99,8 +113,9 @@ class SentinelDeployment:
         primary = RedisServer(self.directory / "primary")
         self.servers.append(primary)
         for server_index in range(2):
-            self.servers.append(RedisServer(self.directory / f"replica{server_index}", "--replicaof", "127.0.0.1",
-                                            str(primary.port)))
+            self.servers.append(
+                RedisServer(self.directory / f"replica{server_index}", "--replicaof", "127.0.0.1", str(primary.port))
+            )
         for server in self.servers:
             server.directory.mkdir(parents=True)
             server.start()
@@ -111,12 +126,15 @@ class SentinelDeployment:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             config = self.directory / f"sentinel{sentinel_index}.conf"
-            config.write_text(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.directory}\n"
-                              f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 2\n"
-                              f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
-                              f"sentinel failover-timeout {self.SERVICE} 10000\n")
-            self.sentinels.append(subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL))
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.directory}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                f"sentinel failover-timeout {self.SERVICE} 10000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
             self.sentinel_ports.append(port)
         deadline = time.monotonic() + 20
         while not (self.primary_port() == primary.port and all(self._replicas_known(p) for p in self.sentinel_ports)):

@@ -23,8 +23,19 @@ from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
 
-MODES = ("answer", "drop", "delay", "servfail", "refused", "nxdomain", "truncate", "big", "garbage", "wrong_id",
-         "wrong_question")
+MODES = (
+    "answer",
+    "drop",
+    "delay",
+    "servfail",
+    "refused",
+    "nxdomain",
+    "truncate",
+    "big",
+    "garbage",
+    "wrong_id",
+    "wrong_question",
+)
 
 
 @dataclass
@@ -68,8 +79,12 @@ def build_reply(query: DNSRecord, script: Script, tcp: bool) -> bytes | None:
     reply.header.ad = 0  # dnslib copies the query's flags; we validate nothing
     if query.ar and any(rr.rtype == QTYPE.OPT for rr in query.ar):
         reply.add_ar(EDNS0(udp_len=1232))
-    soa = RR(query.q.qname, QTYPE.SOA, ttl=script.ttl,
-             rdata=SOA("ns.upstream.test.", "hostmaster.upstream.test.", (1, 3600, 600, 86400, 60)))
+    soa = RR(
+        query.q.qname,
+        QTYPE.SOA,
+        ttl=script.ttl,
+        rdata=SOA("ns.upstream.test.", "hostmaster.upstream.test.", (1, 3600, 600, 86400, 60)),
+    )
     if mode == "drop":
         return None
     if mode == "servfail":

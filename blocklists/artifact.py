@@ -66,8 +66,14 @@ def write_artifact(path: Path, header: dict[str, Any], sections: dict[str, bytes
     names = list(sections)
     # Offsets depend on the header's length, which depends on the offsets: lay out twice.
     # Placeholders as wide as the final values, so the laid-out header has room for them.
-    header = {**header, "format": FORMAT_VERSION, "byteorder": sys.byteorder, "sections": {},
-              "checksum": "0" * 64, "size": 10**15}
+    header = {
+        **header,
+        "format": FORMAT_VERSION,
+        "byteorder": sys.byteorder,
+        "sections": {},
+        "checksum": "0" * 64,
+        "size": 10**15,
+    }
     for _ in range(2):
         encoded = json.dumps(header, sort_keys=True).encode()
         offset = _aligned(_PREFIX.size + len(encoded) + 96)  # room for the digits the offsets add
@@ -160,13 +166,20 @@ def read_header(path: Path, data: bytes | mmap.mmap) -> dict[str, Any]:
 
 def _check_header(path: Path, header: Any, size: int) -> None:
     """Every field the reader uses, with its type, or an ArtifactError naming the field."""
+
     def bad(field: str, what: str) -> ArtifactError:
         return ArtifactError(f"{path}: header {field}: {what}")
 
     if not isinstance(header, dict):
         raise bad("", "not an object")
-    for field, kind in (("sections", dict), ("checksum", str), ("size", int), ("categories", dict),
-                        ("index_type", str), ("byteorder", str)):
+    for field, kind in (
+        ("sections", dict),
+        ("checksum", str),
+        ("size", int),
+        ("categories", dict),
+        ("index_type", str),
+        ("byteorder", str),
+    ):
         if not isinstance(header.get(field), kind) or isinstance(header.get(field), bool):
             raise bad(field, f"missing or not a {kind.__name__}")
     if header["byteorder"] != sys.byteorder:
@@ -178,8 +191,14 @@ def _check_header(path: Path, header: Any, size: int) -> None:
     if set(header["sections"]) != {"trie", "index", "table"}:
         raise bad("sections", "not exactly trie, index and table")
     for name, span in header["sections"].items():
-        if not (isinstance(span, list) and len(span) == 2 and all(type(n) is int for n in span)
-                and span[0] >= 0 and span[1] >= 0 and span[0] + span[1] <= size):
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(type(n) is int for n in span)
+            and span[0] >= 0
+            and span[1] >= 0
+            and span[0] + span[1] <= size
+        ):
             raise bad(f"sections.{name}", "not an [offset, length] inside the file")
     if header["index_type"] not in ("H", "I"):
         raise bad("index_type", f"unknown type {header['index_type']!r}")

@@ -73,8 +73,10 @@ def sources_from_dir(directory: Path, catalog: Catalog, skip_unknown: bool = Fal
         if category not in catalog:
             if skip_unknown:
                 continue
-            raise SourceError(f"{path}: {category!r} is not a category of the catalogue "
-                              f"(known: {', '.join(c.id for c in catalog)}); rename it or pass --skip-unknown")
+            raise SourceError(
+                f"{path}: {category!r} is not a category of the catalogue "
+                f"(known: {', '.join(c.id for c in catalog)}); rename it or pass --skip-unknown"
+            )
         sources.append(Source(path, category))
     if not sources:
         raise SourceError(f"{directory}: no <category>.txt or <category>.txt.gz files")
@@ -103,8 +105,10 @@ def _tsv_entries(source: Source, catalog: Catalog, report: SourceReport, skip_un
             elif skip_unknown:
                 report.skipped["category not in the catalogue"] += 1
             else:
-                raise SourceError(f"{source.path}: line {number}: category {tag!r} is not in the catalogue; "
-                                  f"add it to the catalogue or pass --skip-unknown")
+                raise SourceError(
+                    f"{source.path}: line {number}: category {tag!r} is not in the catalogue; "
+                    f"add it to the catalogue or pass --skip-unknown"
+                )
         if not bits:
             continue
         try:
@@ -123,8 +127,10 @@ def _entries(source: Source, catalog: Catalog, report: SourceReport, skip_unknow
         yield from _tsv_entries(source, catalog, report, skip_unknown)
         return
     if source.category not in catalog:
-        raise SourceError(f"{source.path}: category {source.category!r} is not in the catalogue "
-                          f"(known: {', '.join(c.id for c in catalog)})")
+        raise SourceError(
+            f"{source.path}: category {source.category!r} is not in the catalogue "
+            f"(known: {', '.join(c.id for c in catalog)})"
+        )
     mask = catalog.by_id[source.category].mask  # type: ignore[index]
     # An allow entry (`@@||x^`, `rpz-passthru.`…) clears only the category of the list it comes from.
     for entry in read_source(source.path, report, source.format):
@@ -203,12 +209,20 @@ def compile_lists(
                 read += 1
                 if read % 100_000 == 0:
                     notify(f"reading {source.path.name}", read)
-            digests.append({"path": str(source.path), "category": source.category or "(tsv)",
-                            "format": source_report.format, "sha256": file_digest(source.path),
-                            "entries": source_report.entries, "rejected": source_report.rejected_count})
+            digests.append(
+                {
+                    "path": str(source.path),
+                    "category": source.category or "(tsv)",
+                    "format": source_report.format,
+                    "sha256": file_digest(source.path),
+                    "entries": source_report.entries,
+                    "rejected": source_report.rejected_count,
+                }
+            )
 
         merged_path = scratch / "merged.txt"
         with merged_path.open("w") as merged:
+
             def keys() -> Iterator[str]:
                 for count, (key, bits, allow) in enumerate(runs.merged(), 1):
                     merged.write(f"{key}\t{bits:x}\t{allow:x}\n")
@@ -245,13 +259,15 @@ def compile_lists(
             "built": _build_time(),
             "names": report.names,
             "allows": report.allows,
-            "categories": {category.id: {"bit": category.bit, "count": report.per_category[category.id]}
-                           for category in catalog},
+            "categories": {
+                category.id: {"bit": category.bit, "count": report.per_category[category.id]} for category in catalog
+            },
             "sources": digests,
             "index_type": index_type,
         }
-        written = write_artifact(out, header, {"trie": trie.tobytes(), "index": index.tobytes(),
-                                               "table": flat.tobytes()})
+        written = write_artifact(
+            out, header, {"trie": trie.tobytes(), "index": index.tobytes(), "table": flat.tobytes()}
+        )
     report.version = written["checksum"][:16]
     report.size = out.stat().st_size
     report.seconds = time.monotonic() - started

@@ -327,14 +327,20 @@ class _RpzReader:
 
 def _line_reader(source_format: str) -> Callable[[str], list[Entry]]:
     readers: dict[str, Callable[[], Callable[[str], list[Entry]]]] = {
-        "plain": lambda: _plain, "wildcard": lambda: _plain, "hosts": lambda: _hosts,
-        "adblock": lambda: _adblock, "rpz": _RpzReader, "bind": _BindReader, "dnsmasq": lambda: _dnsmasq,
+        "plain": lambda: _plain,
+        "wildcard": lambda: _plain,
+        "hosts": lambda: _hosts,
+        "adblock": lambda: _adblock,
+        "rpz": _RpzReader,
+        "bind": _BindReader,
+        "dnsmasq": lambda: _dnsmasq,
         "unbound": lambda: _unbound,
     }
     return readers[source_format]()
 
 
 # --- detection ---------------------------------------------------------------------------------------
+
 
 def _signature(text: str) -> str | None:
     if text.startswith(("||", "@@||", "[Adblock")) or any(marker in text for marker in _COSMETIC):

@@ -86,8 +86,9 @@ class ServerThread:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(_call(function, *args), self.loop).result(5)
 
-    def ask(self, name: str, rdtype: str = "A", *, tcp: bool = False, timeout: float = 3.0,
-            **make_query: Any) -> dns.message.Message:
+    def ask(
+        self, name: str, rdtype: str = "A", *, tcp: bool = False, timeout: float = 3.0, **make_query: Any
+    ) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype, **make_query)
         send = dns.query.tcp if tcp else dns.query.udp
         return send(query, "127.0.0.1", port=self.port, timeout=timeout)

@@ -79,8 +79,18 @@ def _error(status: int, message: str, field: str | None = None, outcome: str | N
 
 
 class Api:
-    def __init__(self, tokens: dict[str, str], catalog: Catalog, store: Store | None, publications: Publications,
-                 sources: Sources, explainer: Explainer, metrics: Metrics, max_upload: int, scratch: Path) -> None:
+    def __init__(
+        self,
+        tokens: dict[str, str],
+        catalog: Catalog,
+        store: Store | None,
+        publications: Publications,
+        sources: Sources,
+        explainer: Explainer,
+        metrics: Metrics,
+        max_upload: int,
+        scratch: Path,
+    ) -> None:
         self.use_tokens(tokens)
         self.catalog = catalog
         self.store = store
@@ -109,6 +119,7 @@ class Api:
     def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await route.handler(self, request)
+
         self._routes[handle] = route
         return handle
 
@@ -124,8 +135,9 @@ class Api:
         return found
 
     @web.middleware
-    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                     ) -> web.StreamResponse:
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         route = self._routes.get(request.match_info.handler)
         if route is None:  # aiohttp's own 404/405
             try:
@@ -197,8 +209,13 @@ class Api:
         snapshot = self.explainer.lists.snapshot
         ready, fallback = self.metrics.readiness()
         status = "starting" if not ready else "degraded" if fallback else "ok"
-        body = {"status": status, "ready": ready, "store": store_state, "lists_version": snapshot.version,
-                "uptime": round(time.time() - self.started, 1)}
+        body = {
+            "status": status,
+            "ready": ready,
+            "store": store_state,
+            "lists_version": snapshot.version,
+            "uptime": round(time.time() - self.started, 1),
+        }
         if fallback:
             body["lists_fallback"] = f"serving the last verified list: {fallback}"
         return web.json_response(body, status=200 if ready else 503)
@@ -210,8 +227,12 @@ class Api:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def categories(self, _request: web.Request) -> web.Response:
-        return web.json_response([{"id": c.id, "bit": c.bit, "title": c.title, "description": c.description,
-                                   "action": c.action} for c in self.catalog])
+        return web.json_response(
+            [
+                {"id": c.id, "bit": c.bit, "title": c.title, "description": c.description, "action": c.action}
+                for c in self.catalog
+            ]
+        )
 
     async def list_sites(self, _request: web.Request) -> web.Response:
         return web.json_response(await self._policies().list_sites())
@@ -225,8 +246,9 @@ class Api:
         return _written(site)
 
     async def patch_site(self, request: web.Request) -> web.Response:
-        site = await self._policies().set_site_fields(request.match_info["site"], await self._object(request),
-                                                      create=False)
+        site = await self._policies().set_site_fields(
+            request.match_info["site"], await self._object(request), create=False
+        )
         return _written(site)
 
     async def delete_site(self, request: web.Request) -> web.Response:
@@ -235,8 +257,9 @@ class Api:
 
     async def put_group(self, request: web.Request) -> web.Response:
         fields = await self._object(request)
-        return _written(await self._policies().put_group(request.match_info["site"], request.match_info["group"],
-                                                         fields))
+        return _written(
+            await self._policies().put_group(request.match_info["site"], request.match_info["group"], fields)
+        )
 
     async def delete_group(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
@@ -244,8 +267,9 @@ class Api:
 
     async def put_device(self, request: web.Request) -> web.Response:
         fields = await self._object(request)
-        return _written(await self._policies().put_device(request.match_info["site"], request.match_info["device"],
-                                                          fields))
+        return _written(
+            await self._policies().put_device(request.match_info["site"], request.match_info["device"], fields)
+        )
 
     async def delete_device(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
@@ -314,8 +338,9 @@ class Api:
     async def upload_source(self, request: web.Request) -> web.Response:
         """The body is a list file in any supported format (gzip or not); `?name=` names it."""
         async with self._received(request) as upload:
-            entry = await self.sources.add_upload(request.match_info["category"],
-                                                  request.query.get("name", "upload"), upload)
+            entry = await self.sources.add_upload(
+                request.match_info["category"], request.query.get("name", "upload"), upload
+            )
         return web.json_response(asdict(entry), status=201)
 
     async def path_source(self, request: web.Request) -> web.Response:
@@ -357,56 +382,112 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),
     Route("DELETE", "/v1/sites/{site}", ADMIN, "Delete a site", Api.delete_site),
     Route("PUT", "/v1/sites/{site}/groups/{group}", ADMIN, "Create or change a group", Api.put_group, "Group"),
-    Route("DELETE", "/v1/sites/{site}/groups/{group}", ADMIN, "Delete a group (its devices stay)",
-          Api.delete_group),
-    Route("PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device,
-          "Device"),
+    Route("DELETE", "/v1/sites/{site}/groups/{group}", ADMIN, "Delete a group (its devices stay)", Api.delete_group),
+    Route("PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device, "Device"),
     Route("DELETE", "/v1/sites/{site}/devices/{device}", ADMIN, "Delete a device", Api.delete_device),
-    *(route for prefix in ("/v1/sites/{site}", "/v1/sites/{site}/groups/{group}",
-                           "/v1/sites/{site}/devices/{device}") for route in (
-        Route("PUT", f"{prefix}/policy", ADMIN, "Set the policy (categories, allow, deny, schedules…)",
-              Api.put_policy, "Policy"),
-        Route("DELETE", f"{prefix}/policy", ADMIN, "Remove the policy", Api.delete_policy),
-        Route("POST", f"{prefix}/pause", ADMIN, "Pause: block everything for some minutes, until a time, or "
-              "until unpaused", Api.pause, "Pause"),
-        Route("POST", f"{prefix}/unpause", ADMIN, "End a pause", Api.unpause),
-    )),
+    *(
+        route
+        for prefix in ("/v1/sites/{site}", "/v1/sites/{site}/groups/{group}", "/v1/sites/{site}/devices/{device}")
+        for route in (
+            Route(
+                "PUT",
+                f"{prefix}/policy",
+                ADMIN,
+                "Set the policy (categories, allow, deny, schedules…)",
+                Api.put_policy,
+                "Policy",
+            ),
+            Route("DELETE", f"{prefix}/policy", ADMIN, "Remove the policy", Api.delete_policy),
+            Route(
+                "POST",
+                f"{prefix}/pause",
+                ADMIN,
+                "Pause: block everything for some minutes, until a time, or until unpaused",
+                Api.pause,
+                "Pause",
+            ),
+            Route("POST", f"{prefix}/unpause", ADMIN, "End a pause", Api.unpause),
+        )
+    ),
     Route("PUT", "/v1/profiles/{profile}", ADMIN, "Create or change a policy profile", Api.put_profile, "Policy"),
     Route("POST", "/v1/why", READ, "Why a name is or is not blocked for a client at a time", Api.why, "Why"),
     Route("GET", "/v1/lists", READ, "Published list versions and the current one", Api.list_versions),
     Route("POST", "/v1/lists", ADMIN, "Publish a compiled artifact to every node", Api.publish, "Artifact"),
     Route("GET", "/v1/sources", READ, "Every list source, by category", Api.list_sources),
-    Route("POST", "/v1/sources/{category}", ADMIN, "Add an uploaded list file (any format, gzip or not; ?name=)",
-          Api.upload_source, "Source"),
-    Route("POST", "/v1/sources/{category}/path", ADMIN, "Add a list file on the server (under admin.source_roots)",
-          Api.path_source, "SourcePath"),
+    Route(
+        "POST",
+        "/v1/sources/{category}",
+        ADMIN,
+        "Add an uploaded list file (any format, gzip or not; ?name=)",
+        Api.upload_source,
+        "Source",
+    ),
+    Route(
+        "POST",
+        "/v1/sources/{category}/path",
+        ADMIN,
+        "Add a list file on the server (under admin.source_roots)",
+        Api.path_source,
+        "SourcePath",
+    ),
     Route("DELETE", "/v1/sources/{category}/{source}", ADMIN, "Remove a source", Api.delete_source),
-    Route("POST", "/v1/lists/compile", ADMIN, "Compile every source into a list, and publish it if asked (202: a "
-          "job to poll)", Api.compile, "Compile"),
+    Route(
+        "POST",
+        "/v1/lists/compile",
+        ADMIN,
+        "Compile every source into a list, and publish it if asked (202: a job to poll)",
+        Api.compile,
+        "Compile",
+    ),
     Route("GET", "/v1/lists/compile/{job}", READ, "A compile job's progress and result", Api.compile_job),
-    Route("POST", "/v1/lists/rollback", ADMIN, "Make an earlier version current again", Api.rollback,
-          "Rollback"),
+    Route("POST", "/v1/lists/rollback", ADMIN, "Make an earlier version current again", Api.rollback, "Rollback"),
 )
 
 _BODIES: dict[str, dict[str, Any]] = {
     "Site": {"type": "object", "description": "A site document (see README, Policies)", "required": []},
     "SiteFields": {"type": "object", "description": "name, networks, cpe_ids, timezone, mode, default_group"},
     "Group": {"type": "object", "properties": {"name": {"type": "string"}, "policy": {"type": "object"}}},
-    "Device": {"type": "object", "properties": {
-        "name": {"type": "string"}, "macs": {"type": "array", "items": {"type": "string"}},
-        "client_ids": {"type": "array", "items": {"type": "string"}},
-        "addresses": {"type": "array", "items": {"type": "string"}}, "group": {"type": "string"},
-        "passes": {"type": "object", "additionalProperties": {"type": "string"},
-                   "description": "name → RFC 3339 end: where the device chose \"continue anyway\""}}},
-    "Policy": {"type": "object", "properties": {
-        "profile": {"type": "string"}, "block": {"type": "array", "items": {"type": "string"}},
-        "web_protect": {"type": "boolean"}, "allow": {"type": "array", "items": {"type": "string"}},
-        "deny": {"type": "array", "items": {"type": "string"}}, "schedules": {"type": "array"},
-        "safe_search": {"type": "boolean"}, "answer": {"enum": ["nxdomain", "nodata", "null", "page"]}}},
+    "Device": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "macs": {"type": "array", "items": {"type": "string"}},
+            "client_ids": {"type": "array", "items": {"type": "string"}},
+            "addresses": {"type": "array", "items": {"type": "string"}},
+            "group": {"type": "string"},
+            "passes": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": 'name → RFC 3339 end: where the device chose "continue anyway"',
+            },
+        },
+    },
+    "Policy": {
+        "type": "object",
+        "properties": {
+            "profile": {"type": "string"},
+            "block": {"type": "array", "items": {"type": "string"}},
+            "web_protect": {"type": "boolean"},
+            "allow": {"type": "array", "items": {"type": "string"}},
+            "deny": {"type": "array", "items": {"type": "string"}},
+            "schedules": {"type": "array"},
+            "safe_search": {"type": "boolean"},
+            "answer": {"enum": ["nxdomain", "nodata", "null", "page"]},
+        },
+    },
     "Pause": {"type": "object", "properties": {"minutes": {"type": "number"}, "until": {"type": "string"}}},
-    "Why": {"type": "object", "required": ["name", "address"], "properties": {
-        "name": {"type": "string"}, "address": {"type": "string"}, "mac": {"type": "string"},
-        "client_id": {"type": "string"}, "cpe_id": {"type": "string"}, "at": {"type": "string"}}},
+    "Why": {
+        "type": "object",
+        "required": ["name", "address"],
+        "properties": {
+            "name": {"type": "string"},
+            "address": {"type": "string"},
+            "mac": {"type": "string"},
+            "client_id": {"type": "string"},
+            "cpe_id": {"type": "string"},
+            "at": {"type": "string"},
+        },
+    },
     "Rollback": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
     "SourcePath": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
     "Compile": {"type": "object", "properties": {"publish": {"type": "boolean"}}},
@@ -420,20 +501,30 @@ def openapi_document() -> dict[str, Any]:
             "summary": route.summary,
             "security": [{"bearer": []}],
             "x-role": route.role,
-            "responses": {"200": {"description": "OK"}, "401": {"$ref": "#/components/responses/Error"},
-                          "403": {"$ref": "#/components/responses/Error"}},
+            "responses": {
+                "200": {"description": "OK"},
+                "401": {"$ref": "#/components/responses/Error"},
+                "403": {"$ref": "#/components/responses/Error"},
+            },
         }
-        parameters = [{"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
-                      for part in route.path.split("/") if part.startswith("{")]
+        parameters = [
+            {"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for part in route.path.split("/")
+            if part.startswith("{")
+        ]
         if parameters:
             operation["parameters"] = parameters
         if route.body in ("Artifact", "Source"):
-            operation["requestBody"] = {"required": True, "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
             operation["responses"]["413"] = {"$ref": "#/components/responses/Error"}
         elif route.body is not None:
-            operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}},
+            }
             operation["responses"]["422"] = {"$ref": "#/components/responses/Error"}
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
@@ -443,11 +534,32 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": _BODIES,
-            "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"error": {"type": "object", "properties": {
-                    "status": {"type": "integer"}, "message": {"type": "string"},
-                    "field": {"type": "string"},
-                    "outcome": {"enum": ["unknown"], "description": "504: the write may or may not have "
-                                                                    "been applied; read it back"}}}}}}}}},
+            "responses": {
+                "Error": {
+                    "description": "An error",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "error": {
+                                        "type": "object",
+                                        "properties": {
+                                            "status": {"type": "integer"},
+                                            "message": {"type": "string"},
+                                            "field": {"type": "string"},
+                                            "outcome": {
+                                                "enum": ["unknown"],
+                                                "description": "504: the write may or may not have "
+                                                "been applied; read it back",
+                                            },
+                                        },
+                                    }
+                                },
+                            }
+                        }
+                    },
+                }
+            },
         },
     }

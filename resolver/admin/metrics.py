@@ -12,8 +12,10 @@ from typing import Any
 
 def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
     if labels:
-        text = ",".join(f'{key}="{str(val).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                        for key, val in labels.items())
+        text = ",".join(
+            f'{key}="{str(val).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+            for key, val in labels.items()
+        )
         return f"{name}{{{text}}} {value}"
     return f"{name} {value}"
 
@@ -61,30 +63,41 @@ class Metrics:
         ]
         for key, count in sorted(verdicts.items()):
             action, category, reason = key.split("|", 2)
-            lines.append(_line("bns_queries_total", count, {"verdict": action, "category": category,
-                                                            "reason": reason}))
+            lines.append(_line("bns_queries_total", count, {"verdict": action, "category": category, "reason": reason}))
         lines += [
-            "# HELP bns_cache_hits_total Answers served from the cache.", "# TYPE bns_cache_hits_total counter",
+            "# HELP bns_cache_hits_total Answers served from the cache.",
+            "# TYPE bns_cache_hits_total counter",
             _line("bns_cache_hits_total", hits),
-            "# HELP bns_cache_misses_total Cache lookups that missed.", "# TYPE bns_cache_misses_total counter",
+            "# HELP bns_cache_misses_total Cache lookups that missed.",
+            "# TYPE bns_cache_misses_total counter",
             _line("bns_cache_misses_total", misses),
-            "# HELP bns_cache_hit_ratio Hits over lookups since start.", "# TYPE bns_cache_hit_ratio gauge",
+            "# HELP bns_cache_hit_ratio Hits over lookups since start.",
+            "# TYPE bns_cache_hit_ratio gauge",
             _line("bns_cache_hit_ratio", round(hits / (hits + misses), 6) if hits + misses else 0),
             "# HELP bns_upstream_replies_total Upstream replies accepted.",
-            "# TYPE bns_upstream_replies_total counter", _line("bns_upstream_replies_total", replies),
+            "# TYPE bns_upstream_replies_total counter",
+            _line("bns_upstream_replies_total", replies),
             "# HELP bns_upstream_latency_seconds_sum Seconds spent waiting for those replies.",
             "# TYPE bns_upstream_latency_seconds_sum counter",
             _line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
-            "# HELP bns_workers Workers reporting.", "# TYPE bns_workers gauge", _line("bns_workers", len(workers)),
-            "# HELP bns_lists_info The list version each worker serves.", "# TYPE bns_lists_info gauge",
+            "# HELP bns_workers Workers reporting.",
+            "# TYPE bns_workers gauge",
+            _line("bns_workers", len(workers)),
+            "# HELP bns_lists_info The list version each worker serves.",
+            "# TYPE bns_lists_info gauge",
         ]
         for version in sorted({w["lists_version"] for w in workers}):
             lines.append(_line("bns_lists_info", 1, {"version": version}))
         ready, fallback = self.readiness()
-        lines += ["# HELP bns_store_up 1 when the policy store answers, 0 when not, -1 with none.",
-                  "# TYPE bns_store_up gauge", _line("bns_store_up", state.get("store_up", -1)),
-                  "# HELP bns_ready 1 when every worker answers queries, 0 while one waits for its list.",
-                  "# TYPE bns_ready gauge", _line("bns_ready", int(ready)),
-                  "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
-                  "# TYPE bns_lists_fallback gauge", _line("bns_lists_fallback", int(fallback is not None))]
+        lines += [
+            "# HELP bns_store_up 1 when the policy store answers, 0 when not, -1 with none.",
+            "# TYPE bns_store_up gauge",
+            _line("bns_store_up", state.get("store_up", -1)),
+            "# HELP bns_ready 1 when every worker answers queries, 0 while one waits for its list.",
+            "# TYPE bns_ready gauge",
+            _line("bns_ready", int(ready)),
+            "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
+            "# TYPE bns_lists_fallback gauge",
+            _line("bns_lists_fallback", int(fallback is not None)),
+        ]
         return "\n".join(lines) + "\n"

@@ -90,14 +90,6 @@ class ContinueTokens:
         return base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest()).decode()
 
 
-
-
-
-
-
-
-
-
 _PAGE = Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <meta name="robots" content="noindex">$refresh<title>$title</title>
@@ -121,9 +113,12 @@ $body
 
 def _page(status: int, title: str, body: str, background: str = "#e9e9ee", refresh: str = "") -> web.Response:
     text = _PAGE.substitute(title=html.escape(title), body=body, background=background, refresh=refresh)
-    return web.Response(status=status, text=text, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
-                                 "X-Frame-Options": "DENY"})
+    return web.Response(
+        status=status,
+        text=text,
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"},
+    )
 
 
 def _nothing_here() -> web.Response:
@@ -144,9 +139,17 @@ class Pages:
     """The pages' HTTP application: GET shows the page for the Host asked; POST to CONTINUE_PATH accepts a
     continue token."""
 
-    def __init__(self, explainer: Explainer, service: PolicyService | None, secret: Secret,
-                 used: UsedTokens, settings: PagesSettings, catalog: Catalog, blocked_ttl: int,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        explainer: Explainer,
+        service: PolicyService | None,
+        secret: Secret,
+        used: UsedTokens,
+        settings: PagesSettings,
+        catalog: Catalog,
+        blocked_ttl: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.explainer = explainer
         self.service = service
         self.secret = secret
@@ -190,12 +193,15 @@ class Pages:
             return _nothing_here()
         shown = html.escape(name)
         if verdict["verdict"] == "blocked":
-            return _page(403, "Blocked", f'<p><span class="name">{shown}</span> is blocked on this network.</p>'
-                                         f'<p class="why">{self._why(verdict)}</p>'
-                                         "<p><small>Ask this network's administrator if you think this is a "
-                                         "mistake.</small></p>")
-        return _page(403, "Warning: this site may harm you", await self._warning(name, verdict),
-                     background="#f6d7d2")
+            return _page(
+                403,
+                "Blocked",
+                f'<p><span class="name">{shown}</span> is blocked on this network.</p>'
+                f'<p class="why">{self._why(verdict)}</p>'
+                "<p><small>Ask this network's administrator if you think this is a "
+                "mistake.</small></p>",
+            )
+        return _page(403, "Warning: this site may harm you", await self._warning(name, verdict), background="#f6d7d2")
 
     def _why(self, verdict: dict[str, Any]) -> str:
         rule = verdict["rule"]
@@ -205,28 +211,42 @@ class Pages:
             return html.escape(f"Blocked by the {verdict['reason'].removeprefix('schedule ')} schedule.")
         if rule == "deny":
             return "This site is on this network's deny list."
-        return "<br>".join(f"<b>{html.escape(self._titles[c].title)}</b>: {html.escape(self._titles[c].description)}"
-                           for c in verdict["categories"] if c in self._titles)
+        return "<br>".join(
+            f"<b>{html.escape(self._titles[c].title)}</b>: {html.escape(self._titles[c].description)}"
+            for c in verdict["categories"]
+            if c in self._titles
+        )
 
     async def _warning(self, name: str, verdict: dict[str, Any]) -> str:
         shown = html.escape(name)
-        body = (f'<p><span class="name">{shown}</span> is known to be dangerous.</p>'
-                f'<p class="why">{self._why(verdict)}</p>'
-                '<p><a class="button" href="javascript:history.back()">Go back</a></p>')
+        body = (
+            f'<p><span class="name">{shown}</span> is known to be dangerous.</p>'
+            f'<p class="why">{self._why(verdict)}</p>'
+            '<p><a class="button" href="javascript:history.back()">Go back</a></p>'
+        )
         if verdict["site"] is None or verdict["device"] is None or self.service is None:
-            return body + "<p><small>This device is not known to the network, so it cannot continue from " \
-                          "here. Ask this network's administrator.</small></p>"
+            return (
+                body + "<p><small>This device is not known to the network, so it cannot continue from "
+                "here. Ask this network's administrator.</small></p>"
+            )
         try:
             tokens = ContinueTokens(await self.secret.key())
         except StoreUnavailable:
             return body + "<p><small>Continuing is not possible just now. Try again in a moment.</small></p>"
-        offer = Offer(verdict["site"], verdict["device"], name, self.clock() + self.settings.offer_minutes * 60,
-                      secrets.token_urlsafe(12))
-        return body + (f'<form method="post" action="{CONTINUE_PATH}">'
-                       f'<input type="hidden" name="token" value="{html.escape(tokens.sign(offer))}">'
-                       f'<button class="primary" type="submit" id="continue">Continue anyway</button></form>'
-                       f"<p><small>Continuing opens {shown} on this device only, for "
-                       f"{self.settings.pass_minutes:g} minutes.</small></p>")
+        offer = Offer(
+            verdict["site"],
+            verdict["device"],
+            name,
+            self.clock() + self.settings.offer_minutes * 60,
+            secrets.token_urlsafe(12),
+        )
+        return body + (
+            f'<form method="post" action="{CONTINUE_PATH}">'
+            f'<input type="hidden" name="token" value="{html.escape(tokens.sign(offer))}">'
+            f'<button class="primary" type="submit" id="continue">Continue anyway</button></form>'
+            f"<p><small>Continuing opens {shown} on this device only, for "
+            f"{self.settings.pass_minutes:g} minutes.</small></p>"
+        )
 
     async def continue_anyway(self, request: web.Request) -> web.Response:
         name = self._asked_name(request)
@@ -241,8 +261,11 @@ class Pages:
             now = self.clock()
             offer = ContinueTokens(await self.secret.key()).verify(token, now)
             verdict = await self._verdict(request, name)
-            if offer.name != name or verdict is None or (verdict["site"], verdict["device"]) != \
-                    (offer.site, offer.device):
+            if (
+                offer.name != name
+                or verdict is None
+                or (verdict["site"], verdict["device"]) != (offer.site, offer.device)
+            ):
                 raise TokenRefused("this button was made for another site or device")
             if not await self.used.claim(offer.nonce, offer.expires):
                 raise TokenRefused("this button has been used already")
@@ -260,13 +283,22 @@ class Pages:
         except (NotFound, PolicyError, StoreUnavailable) as exc:
             log.warning("continue anyway for %s: %s", name, exc)
             return _page(503, "Not opened", "<p>The network could not open this site just now. Try again.</p>")
-        log.info("continue anyway: site %s device %s opened %s until %s", offer.site, offer.device, offer.name,
-                 _clock_time(until, None))
+        log.info(
+            "continue anyway: site %s device %s opened %s until %s",
+            offer.site,
+            offer.device,
+            offer.name,
+            _clock_time(until, None),
+        )
         shown = html.escape(name)
         wait = self.blocked_ttl + 2
-        return _page(200, "Opened", f'<p><span class="name">{shown}</span> is open on this device until '
-                                    f"{_clock_time(until, verdict['timezone'])}.</p><p>Taking you there in {wait} "
-                                    "seconds "
-                                    f'(your browser may remember the warning that long): <a href="http://{shown}/">'
-                                    f"{shown}</a></p>",
-                     refresh=f'<meta http-equiv="refresh" content="{wait};url=http://{shown}/">')
+        return _page(
+            200,
+            "Opened",
+            f'<p><span class="name">{shown}</span> is open on this device until '
+            f"{_clock_time(until, verdict['timezone'])}.</p><p>Taking you there in {wait} "
+            "seconds "
+            f'(your browser may remember the warning that long): <a href="http://{shown}/">'
+            f"{shown}</a></p>",
+            refresh=f'<meta http-equiv="refresh" content="{wait};url=http://{shown}/">',
+        )

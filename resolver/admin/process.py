@@ -51,17 +51,29 @@ class AdminNode:
         metrics = Metrics(run.path, lambda: {"store_up": self.store_up}, config.server.worker_count)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
-        self.sources = Sources(self.backends.shelf, self.catalog, self.publications, config.admin.source_roots,
-                               cache_dir / "compiles")
-        self.api = Api(tokens_from(config.admin), self.catalog, self.store, self.publications, self.sources,
-                       self.explainer, metrics, config.admin.max_upload, cache_dir / "uploads")
+        self.sources = Sources(
+            self.backends.shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles"
+        )
+        self.api = Api(
+            tokens_from(config.admin),
+            self.catalog,
+            self.store,
+            self.publications,
+            self.sources,
+            self.explainer,
+            metrics,
+            config.admin.max_upload,
+            cache_dir / "uploads",
+        )
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.publications.watch()
-        self._tasks = [loop.create_task(task) for task in (
-            self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())]
+        self._tasks = [
+            loop.create_task(task)
+            for task in (self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())
+        ]
         if self.config.store.redis:  # the node follows published lists
             self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
@@ -82,13 +94,18 @@ class AdminNode:
         while not self.lists_settled:
             held = self.lists.snapshot.matcher.artifact
             if held is not None:
-                log.warning("lists: Redis has not said which list is current within lists.ready_timeout "
-                            "(%.0f s); serving the verified list this node holds (version %s) meanwhile", patience,
-                            held.version)
+                log.warning(
+                    "lists: Redis has not said which list is current within lists.ready_timeout "
+                    "(%.0f s); serving the verified list this node holds (version %s) meanwhile",
+                    patience,
+                    held.version,
+                )
                 self.run.set_lists_target(held.version)
                 return
-            log.warning("lists: this node holds no list and Redis cannot say which is current: DNS answers "
-                        "SERVFAIL (EDE 14 Not Ready) until it can")
+            log.warning(
+                "lists: this node holds no list and Redis cannot say which is current: DNS answers "
+                "SERVFAIL (EDE 14 Not Ready) until it can"
+            )
             await asyncio.sleep(_NOT_READY_LOG_INTERVAL)
 
     def reload(self, config: Config) -> None:
@@ -107,8 +124,15 @@ class AdminNode:
 
     def _pages(self) -> Pages:
         service = PolicyService(self.store) if self.store is not None else None
-        return Pages(self.explainer, service, self.backends.secret, self.backends.used_tokens, self.config.pages,
-                     self.catalog, self.config.policy.blocked_ttl)
+        return Pages(
+            self.explainer,
+            service,
+            self.backends.secret,
+            self.backends.used_tokens,
+            self.config.pages,
+            self.catalog,
+            self.config.policy.blocked_ttl,
+        )
 
     async def _serve(self, app: web.Application, sockets: list[Any]) -> None:
         runner = web.AppRunner(app, access_log=None)

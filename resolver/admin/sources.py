@@ -48,16 +48,6 @@ class CompileStopped(BnsError):
     """The node is stopping: a compile in its thread gives up at its next progress report."""
 
 
-
-
-
-
-
-
-
-
-
-
 def _read_whole(path: Path) -> SourceReport:
     """Read a source to the end (raises SourceError when nothing in it is usable)."""
     report = SourceReport(path.name)
@@ -87,8 +77,9 @@ class CompileJob:
 
 
 class Sources:
-    def __init__(self, shelf: Shelf, catalog: Catalog, publications: Publications, roots: tuple[str, ...],
-                 scratch: Path) -> None:
+    def __init__(
+        self, shelf: Shelf, catalog: Catalog, publications: Publications, roots: tuple[str, ...], scratch: Path
+    ) -> None:
         self.shelf = shelf
         self.catalog = catalog
         self.publications = publications
@@ -101,8 +92,9 @@ class Sources:
 
     def _category(self, category: str) -> str:
         if category not in self.catalog:
-            raise PolicyError("category", f"{category!r} is not a category (known: "
-                                          f"{', '.join(c.id for c in self.catalog)})")
+            raise PolicyError(
+                "category", f"{category!r} is not a category (known: {', '.join(c.id for c in self.catalog)})"
+            )
         return category
 
     async def list(self) -> list[SourceEntry]:
@@ -114,8 +106,19 @@ class Sources:
         report = await asyncio.to_thread(_read_whole, file)
         digest = await asyncio.to_thread(file_digest, file)
         named_by = hashlib.sha256(path.encode()).hexdigest() if path else digest
-        entry = SourceEntry(f"{category}-{kind[0]}{named_by[:12]}", category, kind, name, path, file.stat().st_size,
-                            digest, report.format, report.entries, report.rejected_count, time.time())
+        entry = SourceEntry(
+            f"{category}-{kind[0]}{named_by[:12]}",
+            category,
+            kind,
+            name,
+            path,
+            file.stat().st_size,
+            digest,
+            report.format,
+            report.entries,
+            report.rejected_count,
+            time.time(),
+        )
         await self.shelf.put(entry, file if kind == "upload" else None)
         return entry
 

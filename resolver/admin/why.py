@@ -58,11 +58,16 @@ class Explainer:
         policy, until = self.maker.effective(rule, at)
         decision = self._decide(policy, wire)
         return {
-            "name": name_to_text(wire), "address": identity.address, "at": at, "valid_until": until,
-            "site": site.id if site else None, "timezone": site.timezone if site else None,
+            "name": name_to_text(wire),
+            "address": identity.address,
+            "at": at,
+            "valid_until": until,
+            "site": site.id if site else None,
+            "timezone": site.timezone if site else None,
             "device": device.id if device else None,
             "group": (device.group if device else site.default_group) if site else None,
-            "level": rule.level, **decision,
+            "level": rule.level,
+            **decision,
         }
 
     @staticmethod
@@ -84,8 +89,13 @@ class Explainer:
         if decision.verdict is not None:
             return {**self._verdict(decision.verdict), "entry": self._entry(policy, wire, decision.rule)}
         match = self.lists.snapshot.matcher.match(name_to_text(wire))
-        explained = {"verdict": "allowed", "rule": str(decision.rule), "entry": self._entry(policy, wire, decision.rule),
-                     "categories": self.catalog.ids(match.bits), **self._safe_search(policy, wire)}
+        explained = {
+            "verdict": "allowed",
+            "rule": str(decision.rule),
+            "entry": self._entry(policy, wire, decision.rule),
+            "categories": self.catalog.ids(match.bits),
+            **self._safe_search(policy, wire),
+        }
         if decision.rule is Rule.ALLOW:
             return {**explained, "categories": [], "reason": "allowed by policy"}
         if decision.rule is Rule.CONTINUE:
@@ -103,9 +113,14 @@ class Explainer:
 
     def _verdict(self, verdict: Verdict) -> dict[str, Any]:
         # The EDE option is code, length, info code, then the text the client sees.
-        return {"verdict": str(verdict.action), "rule": str(verdict.rule), "reason": verdict.reason,
-                "categories": self.catalog.ids(verdict.categories), "answer": str(verdict.mode),
-                "ede_text": verdict.ede[6:].decode("utf-8", "replace")}
+        return {
+            "verdict": str(verdict.action),
+            "rule": str(verdict.rule),
+            "reason": verdict.reason,
+            "categories": self.catalog.ids(verdict.categories),
+            "answer": str(verdict.mode),
+            "ede_text": verdict.ede[6:].decode("utf-8", "replace"),
+        }
 
     @staticmethod
     def _safe_search(policy: Policy, wire: bytes) -> dict[str, Any]:

@@ -37,25 +37,37 @@ EXIT_UNKNOWN = 5
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the resolver",
-                                description="Run the resolver: a supervisor and one worker per core.")
+    serve = commands.add_parser(
+        "serve", help="run the resolver", description="Run the resolver: a supervisor and one worker per core."
+    )
     serve.add_argument("--config", type=Path, help="TOML configuration file (see `bns config`)")
-    serve.add_argument("--listen", action="append", metavar="ADDR:PORT",
-                       help="address to answer on over UDP and TCP (repeatable; IPv6 as [::1]:53)")
-    serve.add_argument("--upstream", action="append", metavar="ADDR[:PORT]",
-                       help="upstream resolver (repeatable; tried in order)")
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT",
+        help="address to answer on over UDP and TCP (repeatable; IPv6 as [::1]:53)",
+    )
+    serve.add_argument(
+        "--upstream", action="append", metavar="ADDR[:PORT]", help="upstream resolver (repeatable; tried in order)"
+    )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (0: one per core)")
     serve.add_argument("--lists", metavar="FILE", help="compiled list artifact to serve (`bns lists compile`)")
-    serve.add_argument("--admin-listen", metavar="ADDR:PORT",
-                       help='address of the admin HTTP API ("" for none; default 127.0.0.1:5380)')
+    serve.add_argument(
+        "--admin-listen",
+        metavar="ADDR:PORT",
+        help='address of the admin HTTP API ("" for none; default 127.0.0.1:5380)',
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(run=_run_serve)
 
 
 def _add_config(commands: argparse._SubParsersAction) -> None:
-    config = commands.add_parser("config", help="print every setting with its default and meaning",
-                                 description="Print every configuration key, its default and what it does. "
-                                             "With --check FILE, validate a file and exit.")
+    config = commands.add_parser(
+        "config",
+        help="print every setting with its default and meaning",
+        description="Print every configuration key, its default and what it does. "
+        "With --check FILE, validate a file and exit.",
+    )
     config.add_argument("--check", type=Path, metavar="FILE", help="validate this TOML file")
     config.set_defaults(run=_run_config)
 
@@ -64,20 +76,39 @@ def _add_lists(commands: argparse._SubParsersAction) -> None:
     lists = commands.add_parser("lists", help="compile and inspect category blocklists")
     actions = lists.add_subparsers(dest="action", required=True, metavar="ACTION")
     compile_ = actions.add_parser(
-        "compile", help="compile list sources into one artifact",
+        "compile",
+        help="compile list sources into one artifact",
         description="Compile category list sources (plain, hosts, adblock, RPZ, BIND, dnsmasq, unbound, "
-                    "wildcard; gzip or not) into one artifact for `bns serve --lists`.",
+        "wildcard; gzip or not) into one artifact for `bns serve --lists`.",
     )
     compile_.add_argument("--out", type=Path, required=True, help="artifact to write (atomically)")
     compile_.add_argument("--catalog", type=Path, help="category catalogue (default: the packaged one)")
-    compile_.add_argument("--source", action="append", default=[], metavar="CATEGORY=PATH",
-                          help="a list for a category (repeatable); CATEGORY=FORMAT:PATH forces the format")
-    compile_.add_argument("--source-dir", action="append", default=[], type=Path, metavar="DIR",
-                          help="a directory of <category>.txt[.gz] files (repeatable)")
-    compile_.add_argument("--tsv", action="append", default=[], type=Path, metavar="PATH",
-                          help="domain<TAB>category[,category…] lines (repeatable)")
-    compile_.add_argument("--skip-unknown", action="store_true",
-                          help="skip categories the catalogue does not have instead of failing")
+    compile_.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="CATEGORY=PATH",
+        help="a list for a category (repeatable); CATEGORY=FORMAT:PATH forces the format",
+    )
+    compile_.add_argument(
+        "--source-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a directory of <category>.txt[.gz] files (repeatable)",
+    )
+    compile_.add_argument(
+        "--tsv",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="domain<TAB>category[,category…] lines (repeatable)",
+    )
+    compile_.add_argument(
+        "--skip-unknown", action="store_true", help="skip categories the catalogue does not have instead of failing"
+    )
     compile_.set_defaults(run=_run_lists_compile)
     show = actions.add_parser("show", help="verify an artifact and print its header")
     show.add_argument("artifact", type=Path)
@@ -88,9 +119,10 @@ def _add_lists(commands: argparse._SubParsersAction) -> None:
 
 def _add_policy(commands: argparse._SubParsersAction) -> None:
     policy = commands.add_parser(
-        "policy", help="set and show sites, groups, devices, policies and pauses",
+        "policy",
+        help="set and show sites, groups, devices, policies and pauses",
         description="Write to the policy store of the config (Redis, or the embedded file). Every write is "
-                    "validated whole and applied atomically; a running server picks it up within a second.",
+        "validated whole and applied atomically; a running server picks it up within a second.",
     )
     policy.add_argument("--config", type=Path, help="TOML configuration file (its [store] section is used)")
     policy.add_argument("--redis", metavar="URL", help="use this Redis instead of the config's store")
@@ -126,9 +158,11 @@ def _add_policy(commands: argparse._SubParsersAction) -> None:
     device.add_argument("--delete", action="store_true")
     device.set_defaults(run=_run_policy_device)
 
-    for name, helptext in (("set", "set the policy of the site, a group or a device"),
-                           ("pause", "block everything for the site, a group or a device"),
-                           ("unpause", "end a pause")):
+    for name, helptext in (
+        ("set", "set the policy of the site, a group or a device"),
+        ("pause", "block everything for the site, a group or a device"),
+        ("unpause", "end a pause"),
+    ):
         command = actions.add_parser(name, help=helptext)
         command.add_argument("site")
         target = command.add_mutually_exclusive_group()
@@ -142,8 +176,9 @@ def _add_policy(commands: argparse._SubParsersAction) -> None:
         if name == "pause":
             command.add_argument("--until", help="an RFC 3339 time (default: until unpaused)")
             command.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h, 1d")
-        command.set_defaults(run={"set": _run_policy_set, "pause": _run_policy_pause,
-                                  "unpause": _run_policy_unpause}[name])
+        command.set_defaults(
+            run={"set": _run_policy_set, "pause": _run_policy_pause, "unpause": _run_policy_unpause}[name]
+        )
 
     profile = actions.add_parser("profile", help="set or delete a policy profile (e.g. guest)")
     profile.add_argument("name")
@@ -207,8 +242,9 @@ def _parse_source(text: str, catalog: Catalog) -> Source:
     if not sep or not rest:
         raise ConfigError(f"--source {text!r}: expected CATEGORY=PATH")
     if category not in catalog:
-        raise ConfigError(f"--source {text!r}: {category!r} is not in the catalogue "
-                          f"(known: {', '.join(c.id for c in catalog)})")
+        raise ConfigError(
+            f"--source {text!r}: {category!r} is not in the catalogue (known: {', '.join(c.id for c in catalog)})"
+        )
     source_format, colon, path = rest.partition(":")
     if colon and source_format in FORMATS:
         return Source(Path(path), category, source_format)
@@ -248,29 +284,38 @@ def _run_lists_compile(args: argparse.Namespace) -> int:
 def _run_lists_show(args: argparse.Namespace) -> int:
     artifact = open_artifact(args.artifact)
     header = artifact.header
-    print(f"{args.artifact}: version {artifact.version}, built {header['built']}, {artifact.names:,} names, "
-          f"{header['allows']:,} allow entries, {header['size']:,} bytes")
+    print(
+        f"{args.artifact}: version {artifact.version}, built {header['built']}, {artifact.names:,} names, "
+        f"{header['allows']:,} allow entries, {header['size']:,} bytes"
+    )
     for category, info in header["categories"].items():
         print(f"  {category:20} bit {info['bit']:2}  {info['count']:>10,} names")
     matcher = Matcher(artifact)
     for name in args.match:
         match = matcher.match(name)
-        verdict = "allowed by " + str(match.listed) if match.allowed else (
-            f"{', '.join(load_catalog().ids(match.bits))} via {match.listed}" if match.bits else "not listed")
+        verdict = (
+            "allowed by " + str(match.listed)
+            if match.allowed
+            else (f"{', '.join(load_catalog().ids(match.bits))} via {match.listed}" if match.bits else "not listed")
+        )
         print(f"  {name}: {verdict}")
     return 0
 
 
 def format_compile_report(report: CompileReport) -> str:
-    lines = [f"wrote {report.out}: {report.names:,} names ({report.allows:,} allow entries), "
-             f"{report.size / 1e6:.1f} MB, version {report.version}, in {report.seconds:.1f} s"]
+    lines = [
+        f"wrote {report.out}: {report.names:,} names ({report.allows:,} allow entries), "
+        f"{report.size / 1e6:.1f} MB, version {report.version}, in {report.seconds:.1f} s"
+    ]
     for category, count in report.per_category.items():
         if count:
             lines.append(f"  {category:20} {count:>10,}")
     for source in report.sources:
         skipped = sum(source.skipped.values())
-        lines.append(f"  {source.path}: {source.format}, {source.lines:,} lines, {source.entries:,} entries, "
-                     f"{source.rejected_count:,} rejected, {skipped:,} skipped")
+        lines.append(
+            f"  {source.path}: {source.format}, {source.lines:,} lines, {source.entries:,} entries, "
+            f"{source.rejected_count:,} rejected, {skipped:,} skipped"
+        )
         for number, reason, text in source.samples[:5]:
             lines.append(f"    line {number}: {reason}: {text}")
         if source.rejected_count > 5:
@@ -318,9 +363,18 @@ def _run_policy_site(args: argparse.Namespace) -> int:
     if args.delete:
         _with_service(args, lambda service: service.delete_site(args.site))
         return 0
-    fields = {key: value for key, value in (
-        ("name", args.name), ("networks", args.network), ("cpe_ids", args.cpe_id), ("timezone", args.timezone),
-        ("mode", args.mode), ("default_group", args.default_group)) if value is not None}
+    fields = {
+        key: value
+        for key, value in (
+            ("name", args.name),
+            ("networks", args.network),
+            ("cpe_ids", args.cpe_id),
+            ("timezone", args.timezone),
+            ("mode", args.mode),
+            ("default_group", args.default_group),
+        )
+        if value is not None
+    }
     return _print_site(_with_service(args, lambda service: service.set_site_fields(args.site, fields)))
 
 
@@ -334,9 +388,16 @@ def _run_policy_group(args: argparse.Namespace) -> int:
 def _run_policy_device(args: argparse.Namespace) -> int:
     if args.delete:
         return _print_site(_with_service(args, lambda service: service.delete_device(args.site, args.device)))
-    fields = {key: value for key, value in (
-        ("name", args.name), ("macs", args.mac), ("client_ids", args.client_id), ("addresses", args.address))
-        if value is not None}
+    fields = {
+        key: value
+        for key, value in (
+            ("name", args.name),
+            ("macs", args.mac),
+            ("client_ids", args.client_id),
+            ("addresses", args.address),
+        )
+        if value is not None
+    }
     if args.group is not None:
         fields["group"] = args.group or None
     return _print_site(_with_service(args, lambda service: service.put_device(args.site, args.device, fields)))
@@ -382,8 +443,11 @@ def _run_policy_profile(args: argparse.Namespace) -> int:
 
 
 def _run_policy_import(args: argparse.Namespace) -> int:
-    documents = [_read_json(line, f"{args.path}:{number}")
-                 for number, line in enumerate(args.path.read_text().splitlines(), 1) if line.strip()]
+    documents = [
+        _read_json(line, f"{args.path}:{number}")
+        for number, line in enumerate(args.path.read_text().splitlines(), 1)
+        if line.strip()
+    ]
     count = _with_service(args, lambda service: service.store.import_sites(documents))
     print(f"imported {count} sites")
     return 0

@@ -92,16 +92,21 @@ def _progress(path: Path, show: bool) -> Iterator[bytes]:
             sent += len(chunk)
             if show:
                 filled = int(30 * sent / total) if total else 30
-                print(f"\rupload [{'#' * filled}{'.' * (30 - filled)}] {sent / 2**20:.1f}/{total / 2**20:.1f} MB",
-                      end="", file=sys.stderr, flush=True)
+                print(
+                    f"\rupload [{'#' * filled}{'.' * (30 - filled)}] {sent / 2**20:.1f}/{total / 2**20:.1f} MB",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
             yield chunk
     if show:
         print(file=sys.stderr)
 
 
 def _upload(client: ApiClient, path_on_api: str, file: Path, args: argparse.Namespace) -> Any:
-    return client.call("POST", path_on_api, data=_progress(file, sys.stderr.isatty() and not args.json),
-                       size=file.stat().st_size)
+    return client.call(
+        "POST", path_on_api, data=_progress(file, sys.stderr.isatty() and not args.json), size=file.stat().st_size
+    )
 
 
 def _print(value: Any, as_json: bool) -> None:
@@ -136,12 +141,20 @@ def _cell(value: Any) -> str:
 
 
 def _site_summary(document: dict[str, Any]) -> dict[str, Any]:
-    return {"id": document["id"], "mode": document.get("mode"), "timezone": document.get("timezone"),
-            "networks": document.get("networks"), "paused_until": document.get("paused_until"),
-            "policy": document.get("policy"), "groups": sorted(document.get("groups", {})),
-            "devices": [f"{device_id} ({','.join(entry.get('macs', [])) or '-'}; group {entry.get('group') or '-'})"
-                        for device_id, entry in sorted(document.get("devices", {}).items())],
-            "version": document.get("version")}
+    return {
+        "id": document["id"],
+        "mode": document.get("mode"),
+        "timezone": document.get("timezone"),
+        "networks": document.get("networks"),
+        "paused_until": document.get("paused_until"),
+        "policy": document.get("policy"),
+        "groups": sorted(document.get("groups", {})),
+        "devices": [
+            f"{device_id} ({','.join(entry.get('macs', [])) or '-'}; group {entry.get('group') or '-'})"
+            for device_id, entry in sorted(document.get("devices", {}).items())
+        ],
+        "version": document.get("version"),
+    }
 
 
 def _policy_body(args: argparse.Namespace) -> Any:
@@ -184,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 # --- what each command calls ---------------------------------------------------------------------------------
 
+
 def _site_show(client: ApiClient, args: argparse.Namespace) -> Any:
     if args.site is None:
         return client.call("GET", "/v1/sites")
@@ -212,8 +226,9 @@ def _group_set(client: ApiClient, args: argparse.Namespace) -> Any:
 
 
 def _device_set(client: ApiClient, args: argparse.Namespace) -> Any:
-    document = client.call("PUT", _target_path(args), _fields(args, ("name", "macs", "client_ids", "addresses",
-                                                                     "group")))
+    document = client.call(
+        "PUT", _target_path(args), _fields(args, ("name", "macs", "client_ids", "addresses", "group"))
+    )
     return document if args.json else _site_summary(document)
 
 
@@ -237,9 +252,18 @@ def _unpause(client: ApiClient, args: argparse.Namespace) -> Any:
 
 
 def _why(client: ApiClient, args: argparse.Namespace) -> Any:
-    body = {key: value for key, value in (("name", args.name), ("address", args.address), ("mac", args.mac),
-                                          ("client_id", args.client_id), ("cpe_id", args.cpe_id), ("at", args.at))
-            if value is not None}
+    body = {
+        key: value
+        for key, value in (
+            ("name", args.name),
+            ("address", args.address),
+            ("mac", args.mac),
+            ("client_id", args.client_id),
+            ("cpe_id", args.cpe_id),
+            ("at", args.at),
+        )
+        if value is not None
+    }
     return client.call("POST", "/v1/why", body)
 
 
@@ -251,8 +275,10 @@ def _sources(client: ApiClient, args: argparse.Namespace) -> Any:
     found = client.call("GET", "/v1/sources")
     if args.json:
         return found
-    return [{key: entry[key] for key in ("id", "category", "kind", "name", "format", "entries", "rejected")}
-            for entry in found]
+    return [
+        {key: entry[key] for key in ("id", "category", "kind", "name", "format", "entries", "rejected")}
+        for entry in found
+    ]
 
 
 def _source_add(client: ApiClient, args: argparse.Namespace) -> Any:
@@ -288,8 +314,16 @@ def _versions(client: ApiClient, args: argparse.Namespace) -> Any:
     found = client.call("GET", "/v1/lists")
     if args.json:
         return found
-    return [{"version": v["version"], "current": "*" if v["current"] else "", "names": v["names"],
-             "size": v["size"], "published_at": v["published_at"]} for v in found["versions"]]
+    return [
+        {
+            "version": v["version"],
+            "current": "*" if v["current"] else "",
+            "names": v["names"],
+            "size": v["size"],
+            "published_at": v["published_at"],
+        }
+        for v in found["versions"]
+    ]
 
 
 def _rollback(client: ApiClient, args: argparse.Namespace) -> Any:
@@ -298,9 +332,13 @@ def _rollback(client: ApiClient, args: argparse.Namespace) -> Any:
 
 # --- the parsers ---------------------------------------------------------------------------------------------
 
+
 def _common(parser: argparse.ArgumentParser, call: Any) -> None:
-    parser.add_argument("--api", default=os.environ.get("BNS_API", DEFAULT_API),
-                        help=f"the admin API (default $BNS_API or {DEFAULT_API})")
+    parser.add_argument(
+        "--api",
+        default=os.environ.get("BNS_API", DEFAULT_API),
+        help=f"the admin API (default $BNS_API or {DEFAULT_API})",
+    )
     parser.add_argument("--token", default=os.environ.get("BNS_TOKEN"), help="bearer token (default $BNS_TOKEN)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(run=run, call=call)
@@ -315,7 +353,8 @@ def _policy_source(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     site = commands.add_parser("site", help="sites (subscribers) through the admin API").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     show = site.add_parser("show", help="a site, or every site id")
     show.add_argument("site", nargs="?")
     _common(show, _site_show)
@@ -338,7 +377,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     for kind, setter, extra in (("group", _group_set, ()), ("device", _device_set, ("mac", "client-id", "address"))):
         entity = commands.add_parser(kind, help=f"{kind}s of a site through the admin API").add_subparsers(
-            dest="action", required=True, metavar="ACTION")
+            dest="action", required=True, metavar="ACTION"
+        )
         change = entity.add_parser("set", help=f"create or change a {kind}")
         change.add_argument("site")
         change.add_argument(kind)
@@ -395,8 +435,11 @@ def add_list_commands(actions: argparse._SubParsersAction) -> None:
     add = actions.add_parser("source-add", help="add a list source to a category (admin API)")
     add.add_argument("category")
     add.add_argument("file", help="a list file to upload (any format, gzip or not)")
-    add.add_argument("--on-server", action="store_true",
-                     help="FILE is a path on the server (under its admin.source_roots), read at every build")
+    add.add_argument(
+        "--on-server",
+        action="store_true",
+        help="FILE is a path on the server (under its admin.source_roots), read at every build",
+    )
     _common(add, _source_add)
     remove = actions.add_parser("source-remove", help="remove a list source (admin API)")
     remove.add_argument("category")

@@ -74,14 +74,13 @@ def setting(
 ) -> Any:
     """A config key: its default, its description, the limits `load_config` enforces, and whether a running
     server applies a change of it on SIGHUP (`live`) or needs a restart."""
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert,
-            "live": live}
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert, "live": live}
     return field(default=default, metadata=meta)
 
 
 def _endpoints(items: Any) -> tuple[Endpoint, ...]:
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise ValueError("must be a list of strings such as [\"127.0.0.1:53\", \"[::1]:53\"]")
+        raise ValueError('must be a list of strings such as ["127.0.0.1:53", "[::1]:53"]')
     if not items:
         raise ValueError("must name at least one address")
     return tuple(parse_endpoint(item) for item in items)
@@ -94,14 +93,18 @@ class ServerSettings:
         "addresses to answer on, UDP and TCP each; ports below 1024 need privileges",
         convert=_endpoints,
     )
-    workers: int = setting(0, "worker processes sharing the port (SO_REUSEPORT); 0 = one per core",
-                           minimum=0, maximum=256)
-    tcp_idle_timeout: float = setting(10.0, "seconds a TCP connection with nothing in flight stays open",
-                                      minimum=0.1, maximum=3600)
-    tcp_max_connections: int = setting(1000, "open TCP connections per worker; more are closed at once",
-                                       minimum=1, maximum=1_000_000)
-    tcp_max_in_flight: int = setting(100, "queries in flight per TCP connection before reading pauses",
-                                     minimum=1, maximum=65535)
+    workers: int = setting(
+        0, "worker processes sharing the port (SO_REUSEPORT); 0 = one per core", minimum=0, maximum=256
+    )
+    tcp_idle_timeout: float = setting(
+        10.0, "seconds a TCP connection with nothing in flight stays open", minimum=0.1, maximum=3600
+    )
+    tcp_max_connections: int = setting(
+        1000, "open TCP connections per worker; more are closed at once", minimum=1, maximum=1_000_000
+    )
+    tcp_max_in_flight: int = setting(
+        100, "queries in flight per TCP connection before reading pauses", minimum=1, maximum=65535
+    )
     drain_timeout: float = setting(5.0, "seconds to finish in-flight queries on SIGTERM", minimum=0, maximum=600)
 
     @property
@@ -117,31 +120,46 @@ class UpstreamSettings:
         convert=_endpoints,
         live=True,
     )
-    timeout: float = setting(0.5, "seconds to wait for one upstream before trying the next",
-                             minimum=0.01, maximum=30, live=True)
-    deadline: float = setting(2.0, "seconds after which a query that no upstream answered gets SERVFAIL",
-                              minimum=0.01, maximum=60, live=True)
-    max_outstanding: int = setting(1000, "upstream queries in flight per worker; beyond it, SERVFAIL at once",
-                                   minimum=1, maximum=1_000_000, live=True)
+    timeout: float = setting(
+        0.5, "seconds to wait for one upstream before trying the next", minimum=0.01, maximum=30, live=True
+    )
+    deadline: float = setting(
+        2.0, "seconds after which a query that no upstream answered gets SERVFAIL", minimum=0.01, maximum=60, live=True
+    )
+    max_outstanding: int = setting(
+        1000,
+        "upstream queries in flight per worker; beyond it, SERVFAIL at once",
+        minimum=1,
+        maximum=1_000_000,
+        live=True,
+    )
     down_after: int = setting(3, "consecutive failures that mark an upstream down", minimum=1, maximum=1000, live=True)
-    down_for: float = setting(5.0, "seconds a down upstream is skipped before it is tried again",
-                              minimum=0.1, maximum=3600, live=True)
-    sockets: int = setting(8, "UDP sockets per upstream per worker, each on its own random source port",
-                           minimum=1, maximum=1024, live=True)
-    socket_queries: int = setting(1000, "queries sent on a UDP socket before it is replaced (new random port)",
-                                  minimum=1, maximum=1_000_000, live=True)
+    down_for: float = setting(
+        5.0, "seconds a down upstream is skipped before it is tried again", minimum=0.1, maximum=3600, live=True
+    )
+    sockets: int = setting(
+        8, "UDP sockets per upstream per worker, each on its own random source port", minimum=1, maximum=1024, live=True
+    )
+    socket_queries: int = setting(
+        1000,
+        "queries sent on a UDP socket before it is replaced (new random port)",
+        minimum=1,
+        maximum=1_000_000,
+        live=True,
+    )
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    size: int = setting(100_000, "answers kept per worker (least recently used are evicted)",
-                        minimum=0, maximum=100_000_000)
+    size: int = setting(
+        100_000, "answers kept per worker (least recently used are evicted)", minimum=0, maximum=100_000_000
+    )
     min_ttl: int = setting(0, "lowest TTL given to a cached positive answer, in seconds", minimum=0, maximum=86400)
     max_ttl: int = setting(86400, "highest TTL kept for a positive answer", minimum=0, maximum=604800)
-    negative_max_ttl: int = setting(3600, "highest TTL kept for NXDOMAIN/NODATA (RFC 2308)",
-                                    minimum=0, maximum=86400)
-    servfail_ttl: int = setting(5, "seconds a SERVFAIL is kept (RFC 2308 §7: at most 5 minutes)",
-                                minimum=0, maximum=300)
+    negative_max_ttl: int = setting(3600, "highest TTL kept for NXDOMAIN/NODATA (RFC 2308)", minimum=0, maximum=86400)
+    servfail_ttl: int = setting(
+        5, "seconds a SERVFAIL is kept (RFC 2308 §7: at most 5 minutes)", minimum=0, maximum=300
+    )
 
 
 def _category_ids(items: Any) -> tuple[str, ...]:
@@ -161,20 +179,32 @@ def _addresses(items: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ListsSettings:
-    path: str = setting("", "compiled list artifact to serve (`bns lists compile`), where published lists are "
-                            "installed too; empty: <cache_dir>/published.bns, served once something is published",
-                        live=True)
+    path: str = setting(
+        "",
+        "compiled list artifact to serve (`bns lists compile`), where published lists are "
+        "installed too; empty: <cache_dir>/published.bns, served once something is published",
+        live=True,
+    )
     catalog: str = setting("", "category catalogue TOML; empty: the packaged one")
-    check_interval: float = setting(1.0, "seconds between checks for a newly installed artifact",
-                                    minimum=0.05, maximum=3600, live=True)
-    hot_names: int = setting(100_000, "names whose categories each worker keeps at hand (a dict lookup)",
-                             minimum=1, maximum=100_000_000)
-    cache_dir: str = setting("", "private directory the served artifacts are copied to before they are mapped; "
-                                 "empty: bns-lists-<uid> in the temporary directory")
-    ready_timeout: float = setting(10.0, "seconds a node following published lists (store.redis) waits at start "
-                                         "for Redis to confirm the current list before it serves the verified "
-                                         "list it already holds; a node holding none waits for Redis",
-                                   minimum=0, maximum=3600)
+    check_interval: float = setting(
+        1.0, "seconds between checks for a newly installed artifact", minimum=0.05, maximum=3600, live=True
+    )
+    hot_names: int = setting(
+        100_000, "names whose categories each worker keeps at hand (a dict lookup)", minimum=1, maximum=100_000_000
+    )
+    cache_dir: str = setting(
+        "",
+        "private directory the served artifacts are copied to before they are mapped; "
+        "empty: bns-lists-<uid> in the temporary directory",
+    )
+    ready_timeout: float = setting(
+        10.0,
+        "seconds a node following published lists (store.redis) waits at start "
+        "for Redis to confirm the current list before it serves the verified "
+        "list it already holds; a node holding none waits for Redis",
+        minimum=0,
+        maximum=3600,
+    )
 
 
 ANSWER_MODES = ("nxdomain", "nodata", "null", "page")
@@ -185,15 +215,22 @@ class PolicySettings:
     """The global default policy: what every client gets (until per-device policies exist for it)."""
 
     block: tuple[str, ...] | None = setting(
-        None, "categories answered as blocked; default: those the catalogue marks `block`", convert=_category_ids,
-        live=True)
+        None,
+        "categories answered as blocked; default: those the catalogue marks `block`",
+        convert=_category_ids,
+        live=True,
+    )
     warn: tuple[str, ...] | None = setting(
-        None, "categories answered with a warning (Web Protect); default: those marked `warn`",
-        convert=_category_ids, live=True)
+        None,
+        "categories answered with a warning (Web Protect); default: those marked `warn`",
+        convert=_category_ids,
+        live=True,
+    )
     answer: str = setting("nxdomain", "how a blocked name is answered", choices=ANSWER_MODES, live=True)
-    block_page: tuple[str, ...] = setting((), "block page addresses (for answer = \"page\")", convert=_addresses)
-    warning_page: tuple[str, ...] = setting((), "warning page addresses; without one, warnings answer as blocks",
-                                            convert=_addresses)
+    block_page: tuple[str, ...] = setting((), 'block page addresses (for answer = "page")', convert=_addresses)
+    warning_page: tuple[str, ...] = setting(
+        (), "warning page addresses; without one, warnings answer as blocks", convert=_addresses
+    )
     blocked_ttl: int = setting(10, "TTL of blocked answers, in seconds", minimum=0, maximum=86400, live=True)
 
 
@@ -208,34 +245,56 @@ def _networks(items: Any) -> tuple[str, ...]:
 
 def _redis_url(text: Any) -> str:
     if not isinstance(text, str):
-        raise ValueError("must be a string such as \"redis://127.0.0.1:6379/0\"")
+        raise ValueError('must be a string such as "redis://127.0.0.1:6379/0"')
     return check_redis_url(text)
 
 
 @dataclass(frozen=True)
 class StoreSettings:
-    redis: str = setting("", "Redis URL holding the policies (redis://host:port/db, or "
-                             "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
-                             "embedded file", convert=_redis_url)
+    redis: str = setting(
+        "",
+        "Redis URL holding the policies (redis://host:port/db, or "
+        "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
+        "embedded file",
+        convert=_redis_url,
+    )
     file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none")
     prefix: str = setting("bns:", "prefix of every Redis key and of the change channel")
-    site_cache: int = setting(20_000, "sites each worker keeps in memory (least recently used go first)",
-                              minimum=1, maximum=10_000_000)
-    client_cache: int = setting(100_000, "clients each worker keeps in memory with their effective policy",
-                                minimum=1, maximum=10_000_000)
-    cold_wait: float = setting(0.01, "seconds a query from a new client waits for the store before it is "
-                                     "answered by `cold_policy`", minimum=0.0, maximum=5.0, live=True)
-    cold_policy: str = setting("best_known", "a new client the store cannot tell about in time: best_known (the "
-                                             "policy of its site if this worker holds it, else the global "
-                                             "default) or servfail", choices=("best_known", "servfail"), live=True)
-    write_replicas: int = setting(-1, "replicas that must confirm a policy write (Redis WAIT) before it is "
-                                      "reported done; -1: 1 with Sentinel, else 0", minimum=-1, maximum=16)
+    site_cache: int = setting(
+        20_000, "sites each worker keeps in memory (least recently used go first)", minimum=1, maximum=10_000_000
+    )
+    client_cache: int = setting(
+        100_000, "clients each worker keeps in memory with their effective policy", minimum=1, maximum=10_000_000
+    )
+    cold_wait: float = setting(
+        0.01,
+        "seconds a query from a new client waits for the store before it is answered by `cold_policy`",
+        minimum=0.0,
+        maximum=5.0,
+        live=True,
+    )
+    cold_policy: str = setting(
+        "best_known",
+        "a new client the store cannot tell about in time: best_known (the "
+        "policy of its site if this worker holds it, else the global "
+        "default) or servfail",
+        choices=("best_known", "servfail"),
+        live=True,
+    )
+    write_replicas: int = setting(
+        -1,
+        "replicas that must confirm a policy write (Redis WAIT) before it is "
+        "reported done; -1: 1 with Sentinel, else 0",
+        minimum=-1,
+        maximum=16,
+    )
 
 
 @dataclass(frozen=True)
 class IdentitySettings:
     trusted_networks: tuple[str, ...] = setting(
-        (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks)
+        (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks
+    )
 
 
 ADMIN_PORT = 5380
@@ -244,7 +303,7 @@ MIN_TOKEN_LENGTH = 16
 
 def _optional_endpoint(text: Any) -> Endpoint | None:
     if not isinstance(text, str):
-        raise ValueError(f"must be a string such as \"127.0.0.1:{ADMIN_PORT}\", or \"\" for none")
+        raise ValueError(f'must be a string such as "127.0.0.1:{ADMIN_PORT}", or "" for none')
     return parse_endpoint(text, ADMIN_PORT) if text else None
 
 
@@ -253,8 +312,9 @@ def _tokens(items: Any) -> tuple[str, ...]:
         raise ValueError("must be a list of strings")
     for index, token in enumerate(items):
         if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
-            raise ValueError(f"[{index}]: a token must be at least {MIN_TOKEN_LENGTH} printable characters "
-                             f"without spaces")
+            raise ValueError(
+                f"[{index}]: a token must be at least {MIN_TOKEN_LENGTH} printable characters without spaces"
+            )
     return tuple(items)
 
 
@@ -267,27 +327,38 @@ def _directories(items: Any) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class AdminSettings:
     listen: Endpoint | None = setting(  # noqa: RUF009  (Endpoint is frozen: sharing the default is safe)
-        Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint)
-    tokens: tuple[str, ...] = setting((), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)",
-                                      convert=_tokens, live=True)
-    read_tokens: tuple[str, ...] = setting((), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)",
-                                           convert=_tokens, live=True)
-    max_upload: int = setting(256 * 2**20, "largest request body in bytes (an artifact, a list source)",
-                              minimum=1024, maximum=2**32)
+        Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint
+    )
+    tokens: tuple[str, ...] = setting(
+        (), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)", convert=_tokens, live=True
+    )
+    read_tokens: tuple[str, ...] = setting(
+        (), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)", convert=_tokens, live=True
+    )
+    max_upload: int = setting(
+        256 * 2**20, "largest request body in bytes (an artifact, a list source)", minimum=1024, maximum=2**32
+    )
     source_roots: tuple[str, ...] = setting(
-        (), "directories under which the API may register list sources by path; empty: uploads only",
-        convert=_directories)
-    niceness: int = setting(19, "niceness of the admin process (API, pages, list follower): the DNS workers "
-                                "get the CPU first", minimum=0, maximum=19)
-    idle_scheduling: bool = setting(True, "run the admin process under SCHED_IDLE (Linux): a worker woken by a "
-                                          "query takes the CPU from it at once")
+        (),
+        "directories under which the API may register list sources by path; empty: uploads only",
+        convert=_directories,
+    )
+    niceness: int = setting(
+        19,
+        "niceness of the admin process (API, pages, list follower): the DNS workers get the CPU first",
+        minimum=0,
+        maximum=19,
+    )
+    idle_scheduling: bool = setting(
+        True, "run the admin process under SCHED_IDLE (Linux): a worker woken by a query takes the CPU from it at once"
+    )
 
 
 def _secret(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("must be a string")
     if text and (len(text) < MIN_TOKEN_LENGTH or not text.isprintable()):
-        raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} printable characters, or \"\" for a generated one")
+        raise ValueError(f'must be at least {MIN_TOKEN_LENGTH} printable characters, or "" for a generated one')
     return text
 
 
@@ -297,12 +368,18 @@ class PagesSettings:
 
     serve: bool = setting(True, "serve the block and warning pages on those addresses")
     port: int = setting(80, "TCP port of the pages (browsers go to port 80)", minimum=1, maximum=65535)
-    pass_minutes: float = setting(60.0, "how long \"continue anyway\" opens a warned name for the device",
-                                  minimum=1, maximum=7 * 24 * 60)
-    offer_minutes: float = setting(10.0, "how long a warning page's \"continue anyway\" button stays valid",
-                                   minimum=1, maximum=24 * 60)
-    secret: str = setting("", "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
-                              "through Redis, or made per run without Redis", convert=_secret)
+    pass_minutes: float = setting(
+        60.0, 'how long "continue anyway" opens a warned name for the device', minimum=1, maximum=7 * 24 * 60
+    )
+    offer_minutes: float = setting(
+        10.0, 'how long a warning page\'s "continue anyway" button stays valid', minimum=1, maximum=24 * 60
+    )
+    secret: str = setting(
+        "",
+        "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
+        "through Redis, or made per run without Redis",
+        convert=_secret,
+    )
 
 
 @dataclass(frozen=True)
@@ -395,14 +472,19 @@ def _from_environment(table: dict[str, Any], environ: Mapping[str, str]) -> None
             continue
         if listed:
             given = table[section].get(key, [])
-            table[section][key] = [*(given if isinstance(given, list) else [given]),
-                                   *(item.strip() for item in value.split(",") if item.strip())]
+            table[section][key] = [
+                *(given if isinstance(given, list) else [given]),
+                *(item.strip() for item in value.split(",") if item.strip()),
+            ]
         elif not table[section].get(key):
             table[section][key] = value
 
 
-def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: Mapping[str, str] = os.environ) -> Config:
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
     """Read a TOML file (or nothing: the embedded defaults), add what the environment sets (`ENVIRONMENT`),
     apply `{section: {key: value}}` overrides."""
     table: dict[str, Any] = {}
@@ -424,9 +506,12 @@ def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] |
 
 
 def _flatten(config: Config) -> dict[str, tuple[Any, bool]]:
-    """"section.key" → (value, live) for every setting."""
-    return {f"{section.name}.{spec.name}": (getattr(getattr(config, section.name), spec.name), spec.metadata["live"])
-            for section in fields(Config) for spec in fields(section.default_factory)}  # type: ignore[misc]
+    """ "section.key" → (value, live) for every setting."""
+    return {
+        f"{section.name}.{spec.name}": (getattr(getattr(config, section.name), spec.name), spec.metadata["live"])
+        for section in fields(Config)
+        for spec in fields(section.default_factory)
+    }  # type: ignore[misc]
 
 
 def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[str]]:
@@ -439,8 +524,10 @@ def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[s
     for key in applied:
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = after[key][0]
-    merged = dataclasses.replace(current, **{section: dataclasses.replace(getattr(current, section), **values)
-                                             for section, values in sections.items()})
+    merged = dataclasses.replace(
+        current,
+        **{section: dataclasses.replace(getattr(current, section), **values) for section, values in sections.items()},
+    )
     _check_cross_fields(merged)
     return merged, applied, [key for key in changed if not after[key][1]]
 

@@ -18,6 +18,7 @@ class Rcode(IntEnum):
     REFUSED = 5
     BADVERS = 16  # extended: the low 4 bits go in the header, the rest in the OPT TTL
 
+
 class RRType(IntEnum):
     A = 1
     NS = 2
@@ -45,6 +46,7 @@ class RRType(IntEnum):
     MAILA = 254
     ANY = 255
 
+
 class OptionCode(IntEnum):
     ECS = 8
     COOKIE = 10
@@ -53,6 +55,7 @@ class OptionCode(IntEnum):
     MAC = 65001
     MAC_TEXT = 65073
     CPE_ID = 65074
+
 
 class EdeCode(IntEnum):
     """RFC 8914 Extended DNS Error codes this server sends."""
@@ -66,16 +69,19 @@ class EdeCode(IntEnum):
     NO_REACHABLE_AUTHORITY = 22
     NETWORK_ERROR = 23
 
+
 CLASS_IN = 1
 
 _U16 = struct.Struct("!H")
 
 _OPTION_HEAD = struct.Struct("!HH")
 
+
 def ede_option(code: EdeCode, text: str = "") -> bytes:
     """An Extended DNS Error option (RFC 8914) with its UTF-8 explanation."""
     payload = _U16.pack(code) + text.encode()
     return _OPTION_HEAD.pack(OptionCode.EDE, len(payload)) + payload
+
 
 def text_to_name(text: str) -> bytes:
     """`www.example.com` → lowercased wire form. Raises ValueError on empty or over-long labels."""

@@ -67,8 +67,9 @@ def check_catalog(artifact: Artifact, catalog: Catalog) -> None:
     for category_id, info in artifact.header["categories"].items():
         category = catalog.by_id.get(category_id)
         if category is not None and category.bit != info.get("bit"):
-            raise ArtifactError(f"{artifact.path}: maps {category_id} to bit {info.get('bit')}, "
-                                f"the catalogue to bit {category.bit}")
+            raise ArtifactError(
+                f"{artifact.path}: maps {category_id} to bit {info.get('bit')}, the catalogue to bit {category.bit}"
+            )
 
 
 _KEEP_COPIES = 3
@@ -144,8 +145,16 @@ def verified_link(settings: ListsSettings) -> Path:
 class Lists:
     """The current snapshot of one worker, and the task that keeps it up to date."""
 
-    def __init__(self, path: Path | None, catalog: Catalog, hot_size: int, check_interval: float,
-                 cache_dir: Path | None = None, required: bool = True, verified: Path | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        catalog: Catalog,
+        hot_size: int,
+        check_interval: float,
+        cache_dir: Path | None = None,
+        required: bool = True,
+        verified: Path | None = None,
+    ) -> None:
         """`verified`: the node's link to the last list any of its processes verified (`verified_link`). A
         process that finds the file corrupt or half rewritten serves that until the file is good again,
         rather than nothing; `fallback` then says why."""
@@ -169,9 +178,12 @@ class Lists:
                 artifact = open_artifact(verified, verify=False)
                 self._seen = None  # read the file again at the first check
                 self.fallback = str(exc)
-                log.error("lists: %s; SERVING THE LAST VERIFIED LIST (version %s, verified %s) until the file is "
-                          "good again", exc, artifact.version, time.strftime(
-                              "%Y-%m-%d %H:%M:%S", time.localtime(verified.stat().st_mtime)))
+                log.error(
+                    "lists: %s; SERVING THE LAST VERIFIED LIST (version %s, verified %s) until the file is good again",
+                    exc,
+                    artifact.version,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(verified.stat().st_mtime)),
+                )
             else:
                 self._remember(artifact)
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)

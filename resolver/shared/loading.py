@@ -19,11 +19,19 @@ def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
         path, required = served_path(config.lists)
-        lists = Lists(path, catalog, config.lists.hot_names, config.lists.check_interval,
-                      cache_dir_of(config.lists), required, verified_link(config.lists))
+        lists = Lists(
+            path,
+            catalog,
+            config.lists.hot_names,
+            config.lists.check_interval,
+            cache_dir_of(config.lists),
+            required,
+            verified_link(config.lists),
+        )
     except BlocklistError as exc:
         raise StartupError(f"lists: {exc} (and this node holds no earlier verified list for that path)") from None
     return catalog, policy_maker(config, catalog), lists
+
 
 def policy_maker(config: Config, catalog: Catalog) -> PolicyMaker:
     return PolicyMaker(catalog, answering_from(config.policy), default_policy(config.policy, catalog))

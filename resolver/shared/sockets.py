@@ -21,6 +21,7 @@ _TCP_BACKLOG = 1024
 
 _PORT_ZERO_RETRIES = 20
 
+
 @dataclass
 class SocketSet:
     """The sockets one worker serves on: one UDP and one TCP socket per listen address."""
@@ -31,6 +32,7 @@ class SocketSet:
     def close(self) -> None:
         for sock in self.udp + self.tcp:
             sock.close()
+
 
 def _open_socket(endpoint: Endpoint, kind: socket.SocketKind, port: int) -> socket.socket:
     sock = socket.socket(endpoint.family, kind)
@@ -51,11 +53,12 @@ def _open_socket(endpoint: Endpoint, kind: socket.SocketKind, port: int) -> sock
         raise
     return sock
 
+
 def _explain_bind_error(endpoint: Endpoint, exc: OSError) -> StartupError:
     if exc.errno == errno.EACCES:
         reason = (
             "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE "
-            "(e.g. `sudo setcap cap_net_bind_service=+ep \"$(readlink -f \"$(command -v python3)\")\"`), "
+            '(e.g. `sudo setcap cap_net_bind_service=+ep "$(readlink -f "$(command -v python3)")"`), '
             "or listen on a port of 1024 or more"
         )
     elif exc.errno == errno.EADDRINUSE:
@@ -65,6 +68,7 @@ def _explain_bind_error(endpoint: Endpoint, exc: OSError) -> StartupError:
     else:
         reason = exc.strerror or str(exc)
     return StartupError(f"cannot listen on {endpoint}: {reason}")
+
 
 def _bind_endpoint(endpoint: Endpoint, count: int) -> list[tuple[socket.socket, socket.socket]]:
     """`count` (UDP, TCP) pairs on one address. Port 0 picks one free port for UDP and TCP alike."""
@@ -90,6 +94,7 @@ def _bind_endpoint(endpoint: Endpoint, count: int) -> list[tuple[socket.socket, 
                 raise _explain_bind_error(endpoint, exc) from None
     raise StartupError(f"cannot listen on {endpoint}: found no port free for both UDP and TCP")
 
+
 def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
     """Make sure no other process serves these addresses, and that none can start to while we run.
 
@@ -112,8 +117,10 @@ def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
-                raise StartupError(f"cannot listen on {endpoint}: another bns serve (pid {holder}) serves it; stop "
-                                   f"it first, or choose another server.listen") from None
+                raise StartupError(
+                    f"cannot listen on {endpoint}: another bns serve (pid {holder}) serves it; stop "
+                    f"it first, or choose another server.listen"
+                ) from None
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
             for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
@@ -122,6 +129,7 @@ def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
         for descriptor in locks:
             os.close(descriptor)
         raise
+
 
 def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
     with socket.socket(endpoint.family, kind) as probe:
@@ -139,10 +147,12 @@ def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
             raise StartupError(
                 f"cannot listen on {endpoint}: address already in use: another process serves {protocol} there"
                 f"{f' ({owner})' if owner else ''}; find it with `ss -{protocol[0]}lnp 'sport = :{endpoint.port}'`, "
-                f"stop it or choose another server.listen") from None
+                f"stop it or choose another server.listen"
+            ) from None
+
 
 def port_owner(endpoint: Endpoint, protocol: str) -> str | None:
-    """"pid 1234, dnsmasq" for the process holding a socket bound to `endpoint` (as far as /proc lets this
+    """ "pid 1234, dnsmasq" for the process holding a socket bound to `endpoint` (as far as /proc lets this
     user see), else None."""
     family = "6" if endpoint.family == socket.AF_INET6 else ""
     inodes = set()
@@ -154,8 +164,7 @@ def port_owner(endpoint: Endpoint, protocol: str) -> str | None:
         fields = line.split()
         address, _, port = fields[1].partition(":")
         listening = protocol == "udp" or fields[3] == "0A"
-        if int(port, 16) == endpoint.port and listening and _proc_address(address) in (
-                endpoint.host, "0.0.0.0", "::"):
+        if int(port, 16) == endpoint.port and listening and _proc_address(address) in (endpoint.host, "0.0.0.0", "::"):
             inodes.add(f"socket:[{fields[9]}]")
     for process in Path("/proc").iterdir():
         if not process.name.isdigit() or int(process.name) == os.getpid():
@@ -167,11 +176,13 @@ def port_owner(endpoint: Endpoint, protocol: str) -> str | None:
             continue
     return None
 
+
 def _proc_address(text: str) -> str:
     """An address as /proc/net writes it (32-bit words in host order, hex) in its usual form."""
     raw = bytes.fromhex(text)
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
     return ipaddress.ip_address(words).compressed
+
 
 def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSet]:
     """One SocketSet per worker; everything is closed again if any address cannot be bound."""
@@ -187,6 +198,7 @@ def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSe
         raise
     return sets
 
+
 def bound_addresses(socket_set: SocketSet) -> list[str]:
     """`udp+tcp 127.0.0.1:5300` for each listen address of a set (ports resolved when 0 was asked)."""
     out = []
@@ -194,6 +206,7 @@ def bound_addresses(socket_set: SocketSet) -> list[str]:
         host, port = sock.getsockname()[:2]
         out.append(f"udp+tcp {Endpoint(host, port)}")
     return out
+
 
 @dataclass
 class HttpSockets:
@@ -207,19 +220,27 @@ class HttpSockets:
             if sock is not None:
                 sock.close()
 
+
 def bind_http_sockets(config: Config) -> HttpSockets:
     admin = _bind_http(config.admin.listen, "admin.listen") if config.admin.listen is not None else None
     pages = []
     if config.pages.serve:
         addresses = dict.fromkeys((*config.policy.block_page, *config.policy.warning_page))
-        pages = [_bind_http(Endpoint(address, config.pages.port), "pages.port",
-                            "policy.block_page and policy.warning_page must be addresses of this machine, or set "
-                            "pages.serve = false when another server shows the pages")
-                 for address in addresses]
+        pages = [
+            _bind_http(
+                Endpoint(address, config.pages.port),
+                "pages.port",
+                "policy.block_page and policy.warning_page must be addresses of this machine, or set "
+                "pages.serve = false when another server shows the pages",
+            )
+            for address in addresses
+        ]
     return HttpSockets(admin, pages)
 
-def _bind_http(endpoint: Endpoint, key: str, elsewhere: str = "the address must be one of this machine's"
-               ) -> socket.socket:
+
+def _bind_http(
+    endpoint: Endpoint, key: str, elsewhere: str = "the address must be one of this machine's"
+) -> socket.socket:
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -237,6 +258,7 @@ def _bind_http(endpoint: Endpoint, key: str, elsewhere: str = "the address must 
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
 
 def endpoint_of(sock: socket.socket) -> Endpoint:
     host, port = sock.getsockname()[:2]

@@ -43,40 +43,6 @@ log = logging.getLogger(__name__)
 _PORT_LOCKS = Path(tempfile.gettempdir()) / f"bns-ports-{os.getuid()}"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 ADMIN = -1  # the admin process's index among the children
 
 
@@ -87,8 +53,14 @@ class Supervisor:
     _RESPAWN_WINDOW = 5.0  # a worker that dies sooner than this after starting counts as a crash loop
     _MAX_QUICK_DEATHS = 5
 
-    def __init__(self, config: Config, socket_sets: list[SocketSet], http: HttpSockets | None = None,
-                 run: RunDirectory | None = None, load_config: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        socket_sets: list[SocketSet],
+        http: HttpSockets | None = None,
+        run: RunDirectory | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         """`run`: this node's run directory, removed when it stops. `load_config`: reads the configuration
         again (the file and the command line's flags) on SIGHUP."""
         self.config = config
@@ -161,8 +133,7 @@ class Supervisor:
             if self.stopping:
                 failed |= code != 0
                 continue
-            log.error("%s (pid %d) exited with %s", "admin process" if index == ADMIN else f"worker {index}", pid,
-                      code)
+            log.error("%s (pid %d) exited with %s", "admin process" if index == ADMIN else f"worker {index}", pid, code)
             self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - started < self._RESPAWN_WINDOW else 0
             if self._quick_deaths >= self._MAX_QUICK_DEATHS:
                 log.error("workers keep dying at start-up; stopping")
@@ -176,8 +147,11 @@ class Supervisor:
 
     def _on_stop_signal(self, signum: int) -> None:
         if not self.stopping:
-            log.info("%s: stopping (draining for up to %.1f s)", signal.Signals(signum).name,
-                     self.config.server.drain_timeout)
+            log.info(
+                "%s: stopping (draining for up to %.1f s)",
+                signal.Signals(signum).name,
+                self.config.server.drain_timeout,
+            )
         self._stop_children()
 
     def _stop_children(self) -> None:
@@ -285,8 +259,9 @@ def serve(config: Config, load_config: Callable[[], Config] | None = None) -> in
     try:
         run = RunDirectory.create(cache_dir_of(config.lists))
     except OSError as exc:
-        raise StartupError(f"lists.cache_dir: cannot create a run directory in {cache_dir_of(config.lists)}: "
-                           f"{exc.strerror}") from None
+        raise StartupError(
+            f"lists.cache_dir: cannot create a run directory in {cache_dir_of(config.lists)}: {exc.strerror}"
+        ) from None
     try:
         load_policy_and_lists(config)
         claim_ports(config.server.listen, _PORT_LOCKS)
@@ -296,11 +271,3 @@ def serve(config: Config, load_config: Callable[[], Config] | None = None) -> in
         run.remove()
         raise
     return Supervisor(config, socket_sets, http, run, load_config).run()
-
-
-
-
-
-
-
-

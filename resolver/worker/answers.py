@@ -50,18 +50,19 @@ def build_blocked_answer(request: Request, verdict: Verdict) -> bytes:
     qtype = request.query.qtype
     mode = verdict.mode
     if mode is AnswerMode.NXDOMAIN:
-        return synthesized_answer(request, Rcode.NXDOMAIN, ede=verdict.ede, authority=_soa(verdict.ttl),
-                                  authority_count=1)
+        return synthesized_answer(
+            request, Rcode.NXDOMAIN, ede=verdict.ede, authority=_soa(verdict.ttl), authority_count=1
+        )
     if mode is not AnswerMode.NODATA:
         rtype, addresses = (RRType.A, verdict.ipv4) if qtype == RRType.A else (RRType.AAAA, verdict.ipv6)
         if qtype in (RRType.A, RRType.AAAA) and addresses:
             records = b"".join(resource_record(rtype, verdict.ttl, address) for address in addresses)
             return synthesized_answer(request, Rcode.NOERROR, records, len(addresses), ede=verdict.ede)
-    return synthesized_answer(request, Rcode.NOERROR, ede=verdict.ede, authority=_soa(verdict.ttl),
-                              authority_count=1)
+    return synthesized_answer(request, Rcode.NOERROR, ede=verdict.ede, authority=_soa(verdict.ttl), authority_count=1)
 
 
 _CNAME_TTL = 300
+
 
 def safe_search_answer(request: Request, target: bytes, entry: CachedAnswer, now: float) -> bytes:
     """CNAME from the asked name to `target`, then `target`'s records of the asked type (from `entry`,
@@ -73,6 +74,9 @@ def safe_search_answer(request: Request, target: bytes, entry: CachedAnswer, now
     # Each record's owner is `target`: a pointer to the CNAME's data, just after the question and the
     # CNAME's own 12 bytes of pointer, type, class, TTL and length.
     owner = struct.pack("!H", 0xC000 | (query.qend + 12))
-    records = [resource_record(rtype, ttl, rdata, owner)
-               for rtype, ttl, rdata in entry.records(len(query.question), now) if rtype == query.qtype]
+    records = [
+        resource_record(rtype, ttl, rdata, owner)
+        for rtype, ttl, rdata in entry.records(len(query.question), now)
+        if rtype == query.qtype
+    ]
     return synthesized_answer(request, Rcode.NOERROR, cname + b"".join(records), 1 + len(records))

@@ -17,6 +17,7 @@ from resolver.worker.pipeline import Resolver
 
 _INTERVAL = 1.0
 
+
 def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
     verdicts: dict[str, int] = {}
     for verdict, count in resolver.blocked.counts.items():
@@ -25,11 +26,14 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
             verdicts[key] = verdicts.get(key, 0) + count
     forwarder = resolver.forwarder
     return {
-        "cache_hits": resolver.cache.hits, "cache_misses": resolver.cache.misses,
+        "cache_hits": resolver.cache.hits,
+        "cache_misses": resolver.cache.misses,
         "verdicts": verdicts,
-        "upstream_replies": forwarder.replies, "upstream_seconds": forwarder.reply_seconds,
+        "upstream_replies": forwarder.replies,
+        "upstream_seconds": forwarder.reply_seconds,
         "lists_version": resolver.lists.snapshot.version,
     }
+
 
 async def write_counters(directory: Path, index: int, counters: Callable[[], dict[str, Any]]) -> None:
     """Until cancelled: this worker's counters to `directory/worker-<index>.json`, every second."""

@@ -111,8 +111,6 @@ class SiteIndex:
         return None
 
 
-
-
 class Directory:
     def __init__(
         self,
@@ -216,7 +214,8 @@ class Directory:
             if len(self._stand_ins) >= self._settings.client_cache:
                 self._stand_ins.clear()
             client = self._stand_ins[key] = Client(
-                identity, site, governing(site, find_device(site, identity), self.profiles), self.maker)
+                identity, site, governing(site, find_device(site, identity), self.profiles), self.maker
+            )
         return client
 
     def _forget_resolution(self, key: Hashable, done: asyncio.Future[Client]) -> None:
@@ -436,11 +435,15 @@ class Directory:
         self._retry_at = self._clock() + _RETRY_AFTER_FAILURE
         if self.down_since is None:
             self.down_since = self._clock()
-            log.warning("policy store unavailable (%s): serving the %d clients in memory; new clients get %s "
-                        "until it is back", reason, len(self._clients),
-                        "SERVFAIL (store.cold_policy)" if self._settings.cold_policy == "servfail" else
-                        f"the policy of their site if one of the {len(self._sites)} held sites is theirs, else "
-                        "the default policy")
+            log.warning(
+                "policy store unavailable (%s): serving the %d clients in memory; new clients get %s until it is back",
+                reason,
+                len(self._clients),
+                "SERVFAIL (store.cold_policy)"
+                if self._settings.cold_policy == "servfail"
+                else f"the policy of their site if one of the {len(self._sites)} held sites is theirs, else "
+                "the default policy",
+            )
 
     def _mark_up(self) -> None:
         if self.down_since is not None:

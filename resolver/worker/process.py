@@ -30,6 +30,7 @@ _NOT_READY_LOG_INTERVAL = 5.0
 
 _READY_POLL = 0.05
 
+
 class Worker:
     """Everything one worker process serves with; usable in-process (tests) or under the supervisor.
 
@@ -38,8 +39,7 @@ class Worker:
     it serves the version the admin process set as the target there: a node must never answer from no list,
     or an old one, while the list it should serve is on its way (see README, "Starting")."""
 
-    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None
-                 ) -> None:
+    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None) -> None:
         self.config = config
         self.sockets = sockets
         self.index = index
@@ -47,10 +47,10 @@ class Worker:
         catalog, maker, self.lists = load_policy_and_lists(config)
         self.catalog = catalog
         self.backends = open_backends(config, catalog)
-        self.directory = Directory(self.backends.policies, maker, catalog,
-                                   TrustedNetworks(config.identity.trusted_networks), config.store)
-        self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists,
-                                 self.directory)
+        self.directory = Directory(
+            self.backends.policies, maker, catalog, TrustedNetworks(config.identity.trusted_networks), config.store
+        )
+        self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists, self.directory)
         self.in_flight = InFlight()
         self.connections: set[TcpConnection] = set()
         self._udp: list[UdpListener] = []
@@ -76,13 +76,23 @@ class Worker:
                 lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight), sock=sock
             )
             self._tcp.append(server)
-        self._tasks += [loop.create_task(task) for task in (self.lists.watch(), self.backends.follow(),
-                                                             self.directory.follow())]
+        self._tasks += [
+            loop.create_task(task) for task in (self.lists.watch(), self.backends.follow(), self.directory.follow())
+        ]
         if self.run is not None:
-            self._tasks.append(loop.create_task(write_counters(
-                self.run.path, self.index,
-                lambda: {**worker_counters(self.resolver, self.catalog), "ready": self.ready,
-                         "lists_fallback": self.lists.fallback})))
+            self._tasks.append(
+                loop.create_task(
+                    write_counters(
+                        self.run.path,
+                        self.index,
+                        lambda: {
+                            **worker_counters(self.resolver, self.catalog),
+                            "ready": self.ready,
+                            "lists_fallback": self.lists.fallback,
+                        },
+                    )
+                )
+            )
 
     async def _release_when_lists_are_in(self, run: RunDirectory) -> None:
         started = time.monotonic()
@@ -94,10 +104,14 @@ class Worker:
             await self.lists.check()
             if time.monotonic() >= next_log:
                 next_log += _NOT_READY_LOG_INTERVAL
-                log.warning("worker %d: not answering yet (SERVFAIL, EDE 14) for %.0f s: %s", self.index,
-                            time.monotonic() - started,
-                            "waiting for the admin process to learn the current list from Redis" if target is UNSET
-                            else f"waiting for list version {target} (serving {self.lists.snapshot.version})")
+                log.warning(
+                    "worker %d: not answering yet (SERVFAIL, EDE 14) for %.0f s: %s",
+                    self.index,
+                    time.monotonic() - started,
+                    "waiting for the admin process to learn the current list from Redis"
+                    if target is UNSET
+                    else f"waiting for list version {target} (serving {self.lists.snapshot.version})",
+                )
             await asyncio.sleep(_READY_POLL)
         self.resolver.release()
         log.info("worker %d: serving list version %s; answering", self.index, self.lists.snapshot.version)
@@ -136,6 +150,7 @@ class Worker:
         await self.backends.close()
         self.resolver.close()
 
+
 async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:
     worker = Worker(config, sockets, index, run)
     await worker.start()
@@ -152,7 +167,9 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int,
     await worker.stop()
     return 0
 
+
 _GC_THRESHOLDS = (20_000, 20, 100)
+
 
 def run_worker(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None = None) -> int:
     return uvloop.run(_serve_until_signalled(config, sockets, index, run))

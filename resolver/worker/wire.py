@@ -18,15 +18,6 @@ PLAIN_UDP_LIMIT = 512  # RFC 1035 §4.2.1: without EDNS a UDP answer is at most 
 TCP_LIMIT = 65535
 
 
-
-
-
-
-
-
-
-
-
 # Meta-types that are not data (RFC 6895): a question for one is malformed.
 NOT_QUERYABLE = frozenset((RRType.OPT, RRType.TKEY, RRType.TSIG))
 # Answered here, never forwarded: RFC 8482 ANY, zone transfers, the obsolete mail meta-types.
@@ -63,9 +54,7 @@ class Malformed(BnsError):
     `edns` tells whether the query's OPT record was sound, so the answer may carry one.
     """
 
-    def __init__(
-        self, rcode: Rcode | None, reason: str, qend: int = 0, edns: bool = False, do: bool = False
-    ) -> None:
+    def __init__(self, rcode: Rcode | None, reason: str, qend: int = 0, edns: bool = False, do: bool = False) -> None:
         super().__init__(reason)
         self.rcode = rcode
         self.qend = qend
@@ -82,8 +71,7 @@ class Query:
     `local` marks queries answered here whatever the cache holds (other classes, ANY, zone transfers).
     """
 
-    __slots__ = ("cd", "do", "edns", "identity", "key", "limit", "local", "name", "options", "qclass", "qend",
-                 "qtype")
+    __slots__ = ("cd", "do", "edns", "identity", "key", "limit", "local", "name", "options", "qclass", "qend", "qtype")
 
     def __init__(
         self,
@@ -109,8 +97,11 @@ class Query:
         self.limit = limit
         self.options = options
         # The identity options as one hashable value: with the source address, the key of a client.
-        self.identity = b"".join(_U16.pack(code) + _U16.pack(len(value)) + value
-                                 for code, value in sorted(options.items())) if options else None
+        self.identity = (
+            b"".join(_U16.pack(code) + _U16.pack(len(value)) + value for code, value in sorted(options.items()))
+            if options
+            else None
+        )
         self.local = qclass != CLASS_IN or qtype in LOCAL_TYPES
 
     @property
@@ -234,9 +225,7 @@ def _skip_name(data: bytes, pos: int, floor: int) -> int:
         pos += length + 1
 
 
-def _read_additional(
-    data: bytes, pos: int, count: int
-) -> tuple[bool, bool, int, dict[int, bytes] | None]:
+def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int, dict[int, bytes] | None]:
     """(edns present, DO bit, client UDP size, identity options) from the additional section."""
     size = len(data)
     qend = pos
@@ -287,12 +276,11 @@ def _read_options(data: bytes, pos: int, end: int, qend: int) -> dict[int, bytes
 
 # --- answers built here -------------------------------------------------------------------------------
 
+
 def opt_record(do: bool, options: bytes = b"", ext_rcode: int = 0) -> bytes:
     """Our OPT RR: root owner, 1232-byte UDP size, version 0, the client's DO bit echoed."""
     ttl = (ext_rcode << 24) | (_EDNS_DO if do else 0)
     return b"\x00" + _RR_FIXED.pack(RRType.OPT, ADVERTISED_UDP_SIZE, ttl, len(options)) + options
-
-
 
 
 def response_flags(data: bytes, rcode: int, ra: bool = True) -> bytes:
@@ -334,8 +322,9 @@ def synthesized_answer(
     data, query = request.data, request.query
     counts = struct.pack("!HHHH", 1, answer_count, authority_count, 1 if query.edns else 0)
     opt = opt_record(query.do, ede) if query.edns else b""
-    message = (data[:2] + response_flags(data, rcode) + counts + data[HEADER_LEN : query.qend]
-               + answers + authority + opt)
+    message = (
+        data[:2] + response_flags(data, rcode) + counts + data[HEADER_LEN : query.qend] + answers + authority + opt
+    )
     if len(message) > query.limit:
         return truncated_answer(request, rcode)
     return message
@@ -347,6 +336,7 @@ def resource_record(rtype: int, ttl: int, rdata: bytes, owner: bytes = b"\xc0\x0
 
 
 # --- queries we send upstream and the replies we read ------------------------------------------------
+
 
 def upstream_query(query_id: int, question: bytes, do: bool, cd: bool) -> bytes:
     """A recursive query for `question` with our own EDNS (no client options: identity never leaves)."""
@@ -475,7 +465,3 @@ def read_name(message: bytes, pos: int) -> bytes:
             raise Malformed(Rcode.FORMERR, "name longer than 255 bytes")
         labels.append(message[pos : pos + length + 1])
         pos += length + 1
-
-
-
-

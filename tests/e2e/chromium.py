@@ -42,12 +42,27 @@ class Browser:
         assert binary is not None
         rules = ",".join(f"MAP {name} {address}" for name, address in self._resolve.items())
         self._process = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={self._profile}", f"--window-size={WIDTH},{HEIGHT}",
-             f"--host-resolver-rules={rules},EXCLUDE localhost", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", "about:blank"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={WIDTH},{HEIGHT}",
+                f"--host-resolver-rules={rules},EXCLUDE localhost",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         endpoint = await asyncio.wait_for(asyncio.to_thread(self._devtools_endpoint), 30)
         self._session = aiohttp.ClientSession()
         port = re.search(r":(\d+)/", endpoint).group(1)  # type: ignore[union-attr]
@@ -57,8 +72,9 @@ class Browser:
         self._ws = await self._session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
         self._reader = asyncio.create_task(self._read())
         await self.send("Page.enable")
-        await self.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1,
-                        mobile=False)
+        await self.send(
+            "Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False
+        )
         return self
 
     def _devtools_endpoint(self) -> str:
@@ -121,8 +137,10 @@ class Browser:
 
     async def click(self, selector: str) -> None:
         """A real click (mouse down and up at the element's centre), then wait for the next page load."""
-        box = await self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                                  ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        box = await self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         self._drain()
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
@@ -141,4 +159,5 @@ class Browser:
             "new Promise(done => { const image = new Image(); image.onload = () => { "
             "const canvas = document.createElement('canvas'); canvas.width = image.width; "
             "canvas.height = image.height; const context = canvas.getContext('2d'); context.drawImage(image, 0, 0); "
-            f"done(Array.from(context.getImageData({x}, {y}, 1, 1).data)); }}; image.src = {json.dumps(data_url)}; }})")
+            f"done(Array.from(context.getImageData({x}, {y}, 1, 1).data)); }}; image.src = {json.dumps(data_url)}; }})"
+        )

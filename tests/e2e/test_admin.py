@@ -36,8 +36,9 @@ def cli(api: str, *args: str, token: str | None = ADMIN) -> subprocess.Completed
     return subprocess.run(bns(*args, *extra), capture_output=True, text=True, timeout=60)
 
 
-def http(api: str, method: str, path: str, body: object = None, token: str | None = ADMIN,
-         data: bytes | None = None) -> tuple[int, object]:
+def http(
+    api: str, method: str, path: str, body: object = None, token: str | None = ADMIN, data: bytes | None = None
+) -> tuple[int, object]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if body is not None:
         data = json.dumps(body).encode()
@@ -57,8 +58,9 @@ def http(api: str, method: str, path: str, body: object = None, token: str | Non
 def ede_text(port: int, name: str, mac: str | None = None) -> str | None:
     """The EDE text of the answer (None when the name was not blocked)."""
     options = [dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex(mac.replace(":", "")))] if mac else []
-    response = dns.query.udp(dns.message.make_query(name, "A", use_edns=0, options=options), "127.0.0.1",
-                             port=port, timeout=3)
+    response = dns.query.udp(
+        dns.message.make_query(name, "A", use_edns=0, options=options), "127.0.0.1", port=port, timeout=3
+    )
     texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
     return texts[0] if texts and response.rcode() == dns.rcode.NXDOMAIN else None
 
@@ -78,31 +80,37 @@ def every_worker(port: int, name: str, expected: str | None, mac: str | None = N
 def node_config(path: Path, store: str, **admin: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in admin.items())
-    path.write_text(f"{store}\n[lists]\ncache_dir = \"{path.parent / 'lists'}\"\ncheck_interval = 0.2\n"
-                    f"[identity]\ntrusted_networks = [\"127.0.0.1/32\"]\n"
-                    f"[admin]\ntokens = [\"{ADMIN}\"]\nread_tokens = [\"{READ}\"]\n{extra}")
+    path.write_text(
+        f'{store}\n[lists]\ncache_dir = "{path.parent / "lists"}"\ncheck_interval = 0.2\n'
+        f'[identity]\ntrusted_networks = ["127.0.0.1/32"]\n'
+        f'[admin]\ntokens = ["{ADMIN}"]\nread_tokens = ["{READ}"]\n{extra}'
+    )
     return path
 
 
 def compiled(tmp_path: Path, category: str) -> Path:
     out = tmp_path / f"{category}.bns"
-    result = subprocess.run(bns("lists", "compile", "--out", str(out), "--source",
-                                f"{category}={FIXTURES / f'{category}.txt.gz'}"),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        bns("lists", "compile", "--out", str(out), "--source", f"{category}={FIXTURES / f'{category}.txt.gz'}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return out
 
 
 def start(stack: ExitStack, config: Path, upstream) -> tuple[int, str]:
-    _process, port, api = stack.enter_context(node("--config", str(config), "--listen", "127.0.0.1:0",
-                                                   "--upstream", upstream.address, "--workers", "2"))
+    _process, port, api = stack.enter_context(
+        node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2")
+    )
     assert api is not None
     return port, api
 
 
 @pytest.fixture
 def redis_store(shared_redis, redis_prefix) -> str:
-    return f"[store]\nredis = \"{shared_redis.url}\"\nprefix = \"{redis_prefix}\""
+    return f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
 
 
 def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstream, redis_store):
@@ -115,8 +123,9 @@ def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstre
         pushed = cli(api_a, "lists", "push", str(gore), "--json")
         assert pushed.returncode == 0, pushed.stderr
         version = json.loads(pushed.stdout)["version"]
-        took = max(within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore"))
-                   for port in (port_a, port_b))
+        took = max(
+            within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore")) for port in (port_a, port_b)
+        )
         assert took < 5
 
         corrupt = tmp_path / "corrupt.bns"
@@ -134,16 +143,16 @@ def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstre
 
         assert cli(api_a, "lists", "push", str(weapons)).returncode == 0
         for port in (port_a, port_b, port_c):
-            within(5, lambda port=port: every_worker(port, WEAPON, "blocked: weapons")
-                   and every_worker(port, GORE, None))
+            within(
+                5, lambda port=port: every_worker(port, WEAPON, "blocked: weapons") and every_worker(port, GORE, None)
+            )
         assert cli(api_c, "lists", "rollback", version).returncode == 0
         for port in (port_a, port_b, port_c):
             within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore"))
         assert cli(api_c, "lists", "rollback", "0123456789abcdef").returncode == 3
 
 
-def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_second(tmp_path, upstream,
-                                                                                   redis_store):
+def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_second(tmp_path, upstream, redis_store):
     with ExitStack() as stack:
         port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
         port_b, _api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
@@ -165,22 +174,26 @@ def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_secon
 
 @pytest.fixture
 def file_node(tmp_path, upstream):
-    config = node_config(tmp_path / "n" / "bns.toml", f"[store]\nfile = \"{tmp_path / 'policies.json'}\"",
-                         max_upload=131072)
+    config = node_config(
+        tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"', max_upload=131072
+    )
     with ExitStack() as stack:
         yield start(stack, config, upstream)
 
 
-@pytest.mark.parametrize(("method", "path", "token", "status"), [
-    ("GET", "/v1/sites", None, 401),
-    ("GET", "/v1/sites", "wrong-token-0000000000000", 401),
-    ("GET", "/v1/sites", READ, 200),
-    ("GET", "/health", None, 401),
-    ("GET", "/metrics", READ, 200),
-    ("PUT", "/v1/sites/x", READ, 403),
-    ("POST", "/v1/lists/rollback", READ, 403),
-    ("PUT", "/v1/sites/x", ADMIN, 200),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "token", "status"),
+    [
+        ("GET", "/v1/sites", None, 401),
+        ("GET", "/v1/sites", "wrong-token-0000000000000", 401),
+        ("GET", "/v1/sites", READ, 200),
+        ("GET", "/health", None, 401),
+        ("GET", "/metrics", READ, 200),
+        ("PUT", "/v1/sites/x", READ, 403),
+        ("POST", "/v1/lists/rollback", READ, 403),
+        ("PUT", "/v1/sites/x", ADMIN, 200),
+    ],
+)
 def test_auth_matrix(file_node, method, path, token, status):
     _port, api = file_node
     got, body = http(api, method, path, {} if method != "GET" else None, token=token)
@@ -204,25 +217,28 @@ def test_cli_exit_codes_say_what_happened(file_node):
     assert shown.returncode == 0 and "127.0.0.0/8" in shown.stdout
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "field"), [
-    ("PUT", "/v1/sites/home/devices/tv", {"macs": ["nope"]}, 422, "devices.tv.macs[0]"),
-    ("PUT", "/v1/sites/home/policy", {"block": ["gambling"]}, 422, "policy.block[0]"),
-    ("PUT", "/v1/sites/home/groups/kids/policy", {"schedules": [{"name": "x"}]}, 404, None),
-    ("PUT", "/v1/sites/home/policy", {"schedules": [{"name": "x"}]}, 422, "policy.schedules[0].days"),
-    ("PUT", "/v1/sites/home/policy", {"answer": "silence"}, 422, "policy.answer"),
-    ("PATCH", "/v1/sites/home", {"timezone": "Mars/Olympus"}, 422, "timezone"),
-    ("PATCH", "/v1/sites/home", {"networks": ["10.0.0.0/33"]}, 422, "networks[0]"),
-    ("PATCH", "/v1/sites/home", {"colour": "red"}, 422, "colour"),
-    ("PUT", "/v1/sites/home/devices/tv", {"group": "nobody"}, 422, "devices.tv.group"),
-    ("POST", "/v1/sites/home/pause", {"minutes": -5}, 422, "minutes"),
-    ("POST", "/v1/sites/home/pause", {"until": "tomorrow"}, 422, "paused_until"),
-    ("POST", "/v1/sites/home/devices/ghost/pause", {}, 404, None),
-    ("PATCH", "/v1/sites/ghost", {"mode": "device"}, 404, None),
-    ("POST", "/v1/why", {"address": "127.0.0.1"}, 422, "name"),
-    ("POST", "/v1/why", {"name": "a.example", "address": "127.0.0.1", "mac": "zz"}, 422, "mac"),
-    ("POST", "/v1/lists/rollback", {}, 422, "version"),
-    ("POST", "/v1/lists/rollback", {"version": "feedfeedfeedfeed"}, 404, None),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("PUT", "/v1/sites/home/devices/tv", {"macs": ["nope"]}, 422, "devices.tv.macs[0]"),
+        ("PUT", "/v1/sites/home/policy", {"block": ["gambling"]}, 422, "policy.block[0]"),
+        ("PUT", "/v1/sites/home/groups/kids/policy", {"schedules": [{"name": "x"}]}, 404, None),
+        ("PUT", "/v1/sites/home/policy", {"schedules": [{"name": "x"}]}, 422, "policy.schedules[0].days"),
+        ("PUT", "/v1/sites/home/policy", {"answer": "silence"}, 422, "policy.answer"),
+        ("PATCH", "/v1/sites/home", {"timezone": "Mars/Olympus"}, 422, "timezone"),
+        ("PATCH", "/v1/sites/home", {"networks": ["10.0.0.0/33"]}, 422, "networks[0]"),
+        ("PATCH", "/v1/sites/home", {"colour": "red"}, 422, "colour"),
+        ("PUT", "/v1/sites/home/devices/tv", {"group": "nobody"}, 422, "devices.tv.group"),
+        ("POST", "/v1/sites/home/pause", {"minutes": -5}, 422, "minutes"),
+        ("POST", "/v1/sites/home/pause", {"until": "tomorrow"}, 422, "paused_until"),
+        ("POST", "/v1/sites/home/devices/ghost/pause", {}, 404, None),
+        ("PATCH", "/v1/sites/ghost", {"mode": "device"}, 404, None),
+        ("POST", "/v1/why", {"address": "127.0.0.1"}, 422, "name"),
+        ("POST", "/v1/why", {"name": "a.example", "address": "127.0.0.1", "mac": "zz"}, 422, "mac"),
+        ("POST", "/v1/lists/rollback", {}, 422, "version"),
+        ("POST", "/v1/lists/rollback", {"version": "feedfeedfeedfeed"}, 404, None),
+    ],
+)
 def test_every_resource_refuses_bad_writes_naming_the_field(file_node, method, path, body, status, field):
     _port, api = file_node
     assert http(api, "PUT", "/v1/sites/home", {"networks": ["127.0.0.0/8"], "mode": "device"})[0] == 200
@@ -245,9 +261,19 @@ def test_bad_json_and_oversized_uploads_are_refused(file_node):
 def test_without_redis_publish_swaps_the_local_list(file_node, tmp_path):
     _port, api = file_node
     small = tmp_path / "small.bns"
-    result = subprocess.run(bns("lists", "compile", "--out", str(small), "--source",
-                                f"drugs={FIXTURES / 'formats' / 'blocklistproject-drugs.dnsmasq.conf'}"),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        bns(
+            "lists",
+            "compile",
+            "--out",
+            str(small),
+            "--source",
+            f"drugs={FIXTURES / 'formats' / 'blocklistproject-drugs.dnsmasq.conf'}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     got, answer = http(api, "POST", "/v1/lists", data=small.read_bytes())
     assert got == 201, answer
@@ -275,11 +301,18 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
         port, api = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
         assert cli(api, "lists", "push", str(gore)).returncode == 0
         within(5, lambda: every_worker(port, GORE, "blocked: violence-gore"))
-        site = {"networks": ["127.0.0.0/8"], "mode": "device", "default_group": "others",
-                "groups": {"kids": {"policy": {"block": ["violence-gore"], "deny": ["games.example"],
-                                               "allow": ["ok.14words.com"]}},
-                           "others": {"policy": {"block": []}}},
-                "devices": {"tablet": {"macs": [MAC], "group": "kids"}}}
+        site = {
+            "networks": ["127.0.0.0/8"],
+            "mode": "device",
+            "default_group": "others",
+            "groups": {
+                "kids": {
+                    "policy": {"block": ["violence-gore"], "deny": ["games.example"], "allow": ["ok.14words.com"]}
+                },
+                "others": {"policy": {"block": []}},
+            },
+            "devices": {"tablet": {"macs": [MAC], "group": "kids"}},
+        }
         assert http(api, "PUT", "/v1/sites/home", site)[0] == 200
         for mac in (MAC, None):
             for name in (GORE, "www." + GORE, "ok.14words.com", "games.example", "x.games.example", "a.example"):
@@ -298,8 +331,7 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
                 except AssertionError:
                     raise AssertionError(f"why and the answer disagree: {seen[-1]}") from None
         why = http(api, "POST", "/v1/why", {"name": "x.games.example", "address": "127.0.0.1", "mac": MAC})[1]
-        assert (why["level"], why["rule"], why["entry"], why["device"]) == ("group", "deny", "games.example",
-                                                                            "tablet")
+        assert (why["level"], why["rule"], why["entry"], why["device"]) == ("group", "deny", "games.example", "tablet")
         why = http(api, "POST", "/v1/why", {"name": "www." + GORE, "address": "127.0.0.1", "mac": MAC})[1]
         assert (why["rule"], why["entry"], why["categories"]) == ("category", GORE, ["violence-gore"])
         time.sleep(1.5)  # the workers write their counters every second
@@ -310,9 +342,12 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_the_admin_process_yields_the_cpu_to_the_workers(tmp_path, upstream):
-    config = node_config(tmp_path / "n" / "bns.toml", f"[store]\nfile = \"{tmp_path / 'policies.json'}\"")
-    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
-              "--workers", "2") as (process, _port, api):
+    config = node_config(tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"')
+    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2") as (
+        process,
+        _port,
+        api,
+    ):
         assert http(api, "GET", "/health", token=READ)[0] == 200
         children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
         admin = children[-1]  # spawned after the workers

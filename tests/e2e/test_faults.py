@@ -34,8 +34,12 @@ def gore_list(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = directory / "gore.txt"
     source.write_text(f"{LISTED}\n")
     out = directory / "gore.bns"
-    result = subprocess.run(bns("lists", "compile", "--out", str(out), "--source", f"violence-gore={source}"),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        bns("lists", "compile", "--out", str(out), "--source", f"violence-gore={source}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -55,8 +59,9 @@ def test_a_second_bns_on_a_served_port_refuses_to_start(tmp_path, upstream, gore
     port = free_port()
     common = ("--upstream", upstream.address, "--workers", "2", "--admin-listen", "")
     with serving("--listen", f"127.0.0.1:{port}", "--lists", str(gore_list), *common) as (first, _port):
-        second = subprocess.run(bns("serve", "--listen", f"127.0.0.1:{port}", *common), capture_output=True,
-                                text=True, timeout=30)
+        second = subprocess.run(
+            bns("serve", "--listen", f"127.0.0.1:{port}", *common), capture_output=True, text=True, timeout=30
+        )
         assert second.returncode == 1
         assert f"cannot listen on 127.0.0.1:{port}: another bns serve (pid {first.pid}) serves it" in second.stderr
         # every query reaches the instance with the list
@@ -73,8 +78,12 @@ def test_a_foreign_server_on_the_port_is_named(upstream, protocol):
         if protocol == "tcp":
             foreign.listen()
         port = foreign.getsockname()[1]
-        result = subprocess.run(bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
-                                    "--admin-listen", ""), capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address, "--admin-listen", ""),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode == 1
     assert f"another process serves {protocol} there (pid {os.getpid()}" in result.stderr
     assert f"ss -{protocol[0]}lnp 'sport = :{port}'" in result.stderr
@@ -83,17 +92,33 @@ def test_a_foreign_server_on_the_port_is_named(upstream, protocol):
 @pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed (Debian: dnsmasq-base)")
 def test_dnsmasq_on_the_port_is_named(upstream):
     port = free_port()
-    dnsmasq = subprocess.Popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-                                "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
-                                "--pid-file=", "--user=" + os.environ.get("USER", "root")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dnsmasq = subprocess.Popen(
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            f"--port={port}",
+            "--pid-file=",
+            "--user=" + os.environ.get("USER", "root"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while subprocess.run(["ss", "-ulnH", f"sport = :{port}"], capture_output=True, text=True).stdout == "":
             assert time.monotonic() < deadline, "dnsmasq did not start"
             time.sleep(0.05)
-        result = subprocess.run(bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
-                                    "--admin-listen", ""), capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address, "--admin-listen", ""),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         dnsmasq.terminate()
         dnsmasq.wait(10)
@@ -105,7 +130,9 @@ def test_the_port_is_free_again_once_a_bns_stops(upstream):
     port = free_port()
     for _ in range(2):
         with serving("--listen", f"127.0.0.1:{port}", "--upstream", upstream.address, "--admin-listen", "") as (
-                process, _port):
+            process,
+            _port,
+        ):
             assert answer_addresses(ask(port, "again.example"))
             process.send_signal(signal.SIGTERM)
             assert process.wait(10) == 0
@@ -114,16 +141,21 @@ def test_the_port_is_free_again_once_a_bns_stops(upstream):
 # --- a node never answers before its list is in ---------------------------------------------------------------
 
 
-def test_a_late_node_answers_nothing_from_before_its_list_is_in(tmp_path, upstream, gore_list, shared_redis,
-                                                                redis_prefix):
+def test_a_late_node_answers_nothing_from_before_its_list_is_in(
+    tmp_path, upstream, gore_list, shared_redis, redis_prefix
+):
     publish(shared_redis.url, redis_prefix, gore_list, tmp_path)
     port = free_port()
-    config = write_config(tmp_path / "late.toml", store={"redis": shared_redis.url, "prefix": redis_prefix},
-                          lists={"cache_dir": str(tmp_path / "cache"), "check_interval": 1.0})
+    config = write_config(
+        tmp_path / "late.toml",
+        store={"redis": shared_redis.url, "prefix": redis_prefix},
+        lists={"cache_dir": str(tmp_path / "cache"), "check_interval": 1.0},
+    )
     with Hammer(port, listed_query, timeout=0.1) as hammer:
         time.sleep(0.1)
-        with serving("--config", str(config), "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address,
-                     "--workers", "2"):
+        with serving(
+            "--config", str(config), "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address, "--workers", "2"
+        ):
             started = time.monotonic()
             while hammer.outcomes["NXDOMAIN"] < 200:
                 assert time.monotonic() - started < 10
@@ -134,17 +166,24 @@ def test_a_late_node_answers_nothing_from_before_its_list_is_in(tmp_path, upstre
 
 
 def test_a_node_of_a_fleet_with_nothing_published_starts_at_once(tmp_path, upstream, shared_redis, redis_prefix):
-    config = write_config(tmp_path / "fresh.toml", store={"redis": shared_redis.url, "prefix": redis_prefix},
-                          lists={"cache_dir": str(tmp_path / "cache")})
+    config = write_config(
+        tmp_path / "fresh.toml",
+        store={"redis": shared_redis.url, "prefix": redis_prefix},
+        lists={"cache_dir": str(tmp_path / "cache")},
+    )
     with serving("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address) as (_p, port):
         assert answer_addresses(ask(port, LISTED))  # nothing is published: nothing to wait for
 
 
-def test_a_node_that_cannot_reach_redis_waits_then_serves_the_list_it_holds(tmp_path, upstream, gore_list,
-                                                                             own_redis, redis_prefix):
+def test_a_node_that_cannot_reach_redis_waits_then_serves_the_list_it_holds(
+    tmp_path, upstream, gore_list, own_redis, redis_prefix
+):
     publish(own_redis.url, redis_prefix, gore_list, tmp_path)
-    config = write_config(tmp_path / "node.toml", store={"redis": own_redis.url, "prefix": redis_prefix},
-                          lists={"cache_dir": str(tmp_path / "cache"), "ready_timeout": 1.0})
+    config = write_config(
+        tmp_path / "node.toml",
+        store={"redis": own_redis.url, "prefix": redis_prefix},
+        lists={"cache_dir": str(tmp_path / "cache"), "ready_timeout": 1.0},
+    )
     common = ("--config", str(config), "--upstream", upstream.address, "--admin-listen", "")
     with serving("--listen", "127.0.0.1:0", *common) as (_process, port):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN  # installed the published list
@@ -155,16 +194,29 @@ def test_a_node_that_cannot_reach_redis_waits_then_serves_the_list_it_holds(tmp_
     assert hammer.outcomes["resolved"] == 0, hammer.outcomes
 
 
-def test_a_node_holding_no_list_waits_for_redis_however_long(tmp_path, upstream, gore_list, own_redis,
-                                                              redis_prefix):
+def test_a_node_holding_no_list_waits_for_redis_however_long(tmp_path, upstream, gore_list, own_redis, redis_prefix):
     publish(own_redis.url, redis_prefix, gore_list, tmp_path)
     own_redis.kill()
     port = free_port()
-    config = write_config(tmp_path / "node.toml", store={"redis": own_redis.url, "prefix": redis_prefix},
-                          lists={"cache_dir": str(tmp_path / "cache"), "ready_timeout": 0.5})
-    process = subprocess.Popen(bns("serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-                                   "--upstream", upstream.address, "--admin-listen", ""),
-                               stderr=subprocess.DEVNULL)
+    config = write_config(
+        tmp_path / "node.toml",
+        store={"redis": own_redis.url, "prefix": redis_prefix},
+        lists={"cache_dir": str(tmp_path / "cache"), "ready_timeout": 0.5},
+    )
+    process = subprocess.Popen(
+        bns(
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            upstream.address,
+            "--admin-listen",
+            "",
+        ),
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with Hammer(port, listed_query) as hammer:
             time.sleep(2.5)
@@ -187,9 +239,12 @@ def test_a_restart_with_a_corrupt_list_file_serves_the_last_verified_list(tmp_pa
     served = tmp_path / "served.bns"
     shutil.copyfile(gore_list, served)
     token = "health-token-for-tests-01"
-    config = write_config(tmp_path / "node.toml", lists={"path": str(served), "cache_dir": str(tmp_path / "cache"),
-                                                          "check_interval": 0.1},
-                          admin={"tokens": [token]}, store={"file": ""})
+    config = write_config(
+        tmp_path / "node.toml",
+        lists={"path": str(served), "cache_dir": str(tmp_path / "cache"), "check_interval": 0.1},
+        admin={"tokens": [token]},
+        store={"file": ""},
+    )
     common = ("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address)
     with serving(*common) as (_process, port):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
@@ -211,10 +266,23 @@ def test_a_restart_with_a_corrupt_list_file_serves_the_last_verified_list(tmp_pa
 def test_a_corrupt_list_file_and_no_verified_list_refuses_to_start(tmp_path, upstream, gore_list):
     served = tmp_path / "served.bns"
     served.write_bytes(gore_list.read_bytes()[:100])
-    result = subprocess.run(bns("serve", "--lists", str(served), "--listen", "127.0.0.1:0", "--upstream",
-                                upstream.address, "--admin-listen", ""),
-                            capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})  # a cache with no verified list
+    result = subprocess.run(
+        bns(
+            "serve",
+            "--lists",
+            str(served),
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream.address,
+            "--admin-listen",
+            "",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # a cache with no verified list
     assert result.returncode == 1
     assert "holds no earlier verified list" in result.stderr
 
@@ -222,8 +290,7 @@ def test_a_corrupt_list_file_and_no_verified_list_refuses_to_start(tmp_path, ups
 def test_run_directories_left_by_killed_supervisors_are_removed(tmp_path, upstream):
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "node.toml", lists={"cache_dir": str(cache)}, store={"file": ""})
-    common = ("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
-              "--admin-listen", "")
+    common = ("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--admin-listen", "")
     (cache / "run-999999999").mkdir(parents=True)  # from an older bns whose process is long gone
     with serving(*common) as (process, _port):
         killed = cache / f"run-{process.pid}"
@@ -257,11 +324,18 @@ def test_sighup_applies_what_can_change_live_and_never_stops_the_server(tmp_path
     token, new_token = "sighup-token-for-tests-01", "sighup-token-for-tests-02"
     path = tmp_path / "node.toml"
     sections: dict[str, dict[str, object]] = {
-        "upstream": {"servers": [upstream.address]}, "lists": {"path": str(gore_list)},
-        "admin": {"tokens": [token]}, "store": {"file": ""}, "log": {"level": "info"}, "server": {"workers": 2}}
+        "upstream": {"servers": [upstream.address]},
+        "lists": {"path": str(gore_list)},
+        "admin": {"tokens": [token]},
+        "store": {"file": ""},
+        "log": {"level": "info"},
+        "server": {"workers": 2},
+    }
     write_config(path, **sections)
-    with ScriptedUpstream(script=Script(ttl=300)) as second, \
-            node("--config", str(path), "--listen", "127.0.0.1:0") as (process, port, api):
+    with (
+        ScriptedUpstream(script=Script(ttl=300)) as second,
+        node("--config", str(path), "--listen", "127.0.0.1:0") as (process, port, api),
+    ):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
         assert answer_addresses(ask(port, "first.example"))
         # upstreams, the default policy, the tokens: live; the worker count needs a restart

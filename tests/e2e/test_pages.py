@@ -25,9 +25,13 @@ from tests.e2e.test_process import bns, node
 pytestmark = pytest.mark.e2e
 PHISH, BOTH, DRUGS, FINE = "phish.example", "both.example", "drugs.example", "fine.example"
 LAPTOP, PHONE, STRANGER = "127.0.0.1", "127.0.0.2", "127.0.0.3"  # the phone and stranger: other sources
-SITE = {"name": "Home", "networks": ["127.0.0.0/8"], "mode": "device", "timezone": "Asia/Tokyo",
-        "devices": {"laptop": {"name": "Laptop", "addresses": [LAPTOP]},
-                    "phone": {"name": "Phone", "addresses": [PHONE]}}}
+SITE = {
+    "name": "Home",
+    "networks": ["127.0.0.0/8"],
+    "mode": "device",
+    "timezone": "Asia/Tokyo",
+    "devices": {"laptop": {"name": "Laptop", "addresses": [LAPTOP]}, "phone": {"name": "Phone", "addresses": [PHONE]}},
+}
 
 
 def page_address() -> tuple[str, int]:
@@ -44,16 +48,22 @@ def page_node(tmp_path: Path, upstream, store: str, put_site: bool = True) -> It
     tsv = tmp_path / "names.tsv"
     tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n")
     artifact = tmp_path / "lists.bns"
-    compiled = subprocess.run(bns("lists", "compile", "--out", str(artifact), "--tsv", str(tsv)),
-                              capture_output=True, text=True, timeout=60)
+    compiled = subprocess.run(
+        bns("lists", "compile", "--out", str(artifact), "--tsv", str(tsv)), capture_output=True, text=True, timeout=60
+    )
     assert compiled.returncode == 0, compiled.stderr
     address, port = page_address()
     config = tmp_path / "bns.toml"
-    config.write_text(f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n'
-                      f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
-                      f'[pages]\nport = {port}\npass_minutes = 30\n[admin]\ntokens = ["{ADMIN}"]\n')
-    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
-              "--workers", "2") as (_process, dns_port, api):
+    config.write_text(
+        f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
+        f'[pages]\nport = {port}\npass_minutes = 30\n[admin]\ntokens = ["{ADMIN}"]\n'
+    )
+    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2") as (
+        _process,
+        dns_port,
+        api,
+    ):
         assert api is not None
         if put_site:
             assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
@@ -62,24 +72,33 @@ def page_node(tmp_path: Path, upstream, store: str, put_site: bool = True) -> It
 
 def resolve(dns_port: int, name: str, source: str = LAPTOP) -> tuple[list[str], str | None]:
     """The A addresses answered to `source`, and the EDE text if any."""
-    response = dns.query.udp(dns.message.make_query(name, "A", use_edns=0), "127.0.0.1", port=dns_port, timeout=3,
-                             source=source)
+    response = dns.query.udp(
+        dns.message.make_query(name, "A", use_edns=0), "127.0.0.1", port=dns_port, timeout=3, source=source
+    )
     addresses = [item.address for rrset in response.answer for item in rrset if hasattr(item, "address")]
     texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
     return addresses, texts[0] if texts else None
 
 
-def fetch(address: str, port: int, name: str, source: str = LAPTOP, token: str | None = None,
-          **headers: str) -> tuple[int, str]:
+def fetch(
+    address: str, port: int, name: str, source: str = LAPTOP, token: str | None = None, **headers: str
+) -> tuple[int, str]:
     """GET the page for `name` (or POST its continue form with `token`) from `source`, as a browser would."""
     connection = HTTPConnection(address, port, timeout=10, source_address=(source, 0))
     try:
         if token is None:
             connection.request("GET", "/some/path?q=1", headers={"Host": name})
         else:
-            connection.request("POST", "/.well-known/bns/continue", body=f"token={token}",
-                               headers={"Host": name, "Content-Type": "application/x-www-form-urlencoded",
-                                        **{key.replace("_", "-"): value for key, value in headers.items()}})
+            connection.request(
+                "POST",
+                "/.well-known/bns/continue",
+                body=f"token={token}",
+                headers={
+                    "Host": name,
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    **{key.replace("_", "-"): value for key, value in headers.items()},
+                },
+            )
         response = connection.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -180,7 +199,8 @@ def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store)
                 warning_text = await browser.evaluate("document.body.innerText")
                 button_at = await browser.evaluate(
                     "(() => { const r = document.querySelector('#continue').getBoundingClientRect();"
-                    " return [Math.round(r.x + 8), Math.round(r.y + r.height / 2)]; })()")
+                    " return [Math.round(r.x + 8), Math.round(r.y + r.height / 2)]; })()"
+                )
                 warning_png = await browser.screenshot(tmp_path / "warning.png")
                 await browser.click("#continue")
                 opened_text = await browser.evaluate("document.body.innerText")
@@ -203,8 +223,12 @@ def test_with_redis_down_the_node_starts_and_the_page_says_try_again(tmp_path, u
     with socket.socket() as probe:  # a port nobody listens on: Redis is down from the start
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
-    with page_node(tmp_path, upstream, f'[store]\nredis = "redis://127.0.0.1:{dead}/0"', put_site=False) as \
-            (dns_port, _api, address, port):
+    with page_node(tmp_path, upstream, f'[store]\nredis = "redis://127.0.0.1:{dead}/0"', put_site=False) as (
+        dns_port,
+        _api,
+        address,
+        port,
+    ):
         assert resolve(dns_port, PHISH) == ([address], "Web Protect: phishing")  # the default policy
         status, page = fetch(address, port, PHISH)
         assert status == 503 and "Try again" in page and PHISH not in page
@@ -213,8 +237,12 @@ def test_with_redis_down_the_node_starts_and_the_page_says_try_again(tmp_path, u
 def test_a_page_address_this_machine_does_not_have_fails_start_up(tmp_path):
     config = tmp_path / "bns.toml"
     config.write_text('[policy]\nwarning_page = ["192.0.2.44"]\n[pages]\nport = 8080\n[store]\nfile = ""\n')
-    result = subprocess.run(bns("serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", ""),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        bns("serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", ""),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "pages.port: cannot bind 192.0.2.44:8080" in result.stderr
     assert "pages.serve = false" in result.stderr

@@ -19,8 +19,7 @@ MAC = "02:00:00:00:00:07"
 
 
 def policy(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(bns("policy", "--config", str(config), *args), capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(bns("policy", "--config", str(config), *args), capture_output=True, text=True, timeout=60)
 
 
 def blocked_everywhere(port: int, name: str, tries: int = 20) -> bool | None:
@@ -31,8 +30,9 @@ def blocked_everywhere(port: int, name: str, tries: int = 20) -> bool | None:
     answers = set()
     for _ in range(tries):
         response = dns.query.udp(query, "127.0.0.1", port=port, timeout=2)
-        answers.add(any(option.otype == dns.edns.OptionType.EDE and option.text == "paused"
-                        for option in response.options))
+        answers.add(
+            any(option.otype == dns.edns.OptionType.EDE and option.text == "paused" for option in response.options)
+        )
     return answers.pop() if len(answers) == 1 else None
 
 
@@ -59,8 +59,9 @@ def config(request, tmp_path, redis_prefix) -> Path:
 def test_pause_through_the_cli_reaches_both_workers_within_a_second(config, upstream):
     assert policy(config, "site", "home", "--network", "127.0.0.0/8", "--mode", "device").returncode == 0
     assert policy(config, "device", "home", "tablet", "--mac", MAC).returncode == 0
-    with serving("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
-                 "--workers", "2") as (process, port):
+    with serving(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2"
+    ) as (process, port):
         assert blocked_everywhere(port, "a.example") is False
         result = policy(config, "pause", "home", "--device", "tablet", "--for", "1h")
         assert result.returncode == 0, result.stderr

@@ -97,7 +97,8 @@ def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.me
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serves_over_udp_and_tcp_with_each_worker_count(upstream, workers):
     with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", str(workers)) as (
-        process, port,
+        process,
+        port,
     ):
         assert answer_addresses(ask(port, "e2e.example"))
         assert answer_addresses(ask(port, "e2e-tcp.example", tcp=True))
@@ -177,8 +178,12 @@ def test_address_in_use_is_explained(upstream):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        result = subprocess.run(bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address),
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            bns("serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream.address),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
 
@@ -191,8 +196,10 @@ def _unprivileged_port_start() -> int:
 
 
 @pytest.mark.skipif(_unprivileged_port_start() <= 53, reason="port 53 is not privileged on this kernel")
-@pytest.mark.skipif(os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists(),
-                    reason="as root, needs setpriv to drop CAP_NET_BIND_SERVICE")
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists(),
+    reason="as root, needs setpriv to drop CAP_NET_BIND_SERVICE",
+)
 def test_port_53_without_privileges_says_so():
     command = bns("serve", "--listen", "127.0.0.1:53", "--upstream", "127.0.0.1:9")
     if os.geteuid() == 0:  # drop the one capability that lets root bind port 53

@@ -18,19 +18,26 @@ from tests.e2e.test_process import node
 pytestmark = pytest.mark.e2e
 
 
-def test_the_loss_of_the_primary_loses_no_query_and_no_acknowledged_write(tmp_path: Path, upstream,
-                                                                          sentinel_deployment, redis_prefix):
+def test_the_loss_of_the_primary_loses_no_query_and_no_acknowledged_write(
+    tmp_path: Path, upstream, sentinel_deployment, redis_prefix
+):
     deployment = sentinel_deployment
-    config = write_config(tmp_path / "node.toml", store={"redis": deployment.url, "prefix": redis_prefix},
-                          lists={"cache_dir": str(tmp_path / "cache")}, admin={"tokens": [TOKEN]},
-                          identity={"trusted_networks": ["127.0.0.1/32"]})
-    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address,
-              "--workers", "2", timeout=30) as (_process, port, api):
+    config = write_config(
+        tmp_path / "node.toml",
+        store={"redis": deployment.url, "prefix": redis_prefix},
+        lists={"cache_dir": str(tmp_path / "cache")},
+        admin={"tokens": [TOKEN]},
+        identity={"trusted_networks": ["127.0.0.1/32"]},
+    )
+    with node(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2", timeout=30
+    ) as (_process, port, api):
         assert api is not None
         site = {"networks": ["127.0.0.0/8"], "mode": "device", "devices": {"d0": {"macs": [mac(0)]}}}
         assert api_call(api, "PUT", "/v1/sites/home", site) == 200
-        known = Hammer(port, lambda _number: dns.message.make_query("cached.example", "A", use_edns=0,
-                                                                    options=[mac_option(0)]))
+        known = Hammer(
+            port, lambda _number: dns.message.make_query("cached.example", "A", use_edns=0, options=[mac_option(0)])
+        )
         new = Hammer(port, lambda number: dns.message.make_query(f"new{number}.example", "A"), new_address)
         with known, new, Writer(api, "home") as writer:
             time.sleep(2)
@@ -48,8 +55,10 @@ def test_the_loss_of_the_primary_loses_no_query_and_no_acknowledged_write(tmp_pa
             time.sleep(2)
         devices = site_devices(api, "home")
     resumed = writer.first_success_after(promoted)
-    print(f"failover: promoted {promoted - killed:.1f} s after the kill, writes resumed {resumed - promoted:.2f} s "
-          f"after; known clients {dict(known.outcomes)}, new clients {dict(new.outcomes)}")
+    print(
+        f"failover: promoted {promoted - killed:.1f} s after the kill, writes resumed {resumed - promoted:.2f} s "
+        f"after; known clients {dict(known.outcomes)}, new clients {dict(new.outcomes)}"
+    )
     for hammer in (known, new):
         assert hammer.outcomes["lost"] == 0 and hammer.outcomes["SERVFAIL"] == 0, hammer.outcomes
         assert hammer.outcomes["resolved"] > 200

@@ -14,8 +14,9 @@ from tests.e2e.test_admin import GORE, READ, WEAPON, cli, every_worker, http, no
 pytestmark = pytest.mark.e2e
 
 
-def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(tmp_path, upstream, shared_redis,
-                                                                             redis_prefix):
+def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(
+    tmp_path, upstream, shared_redis, redis_prefix
+):
     store = f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
     with ExitStack() as stack:
         port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", store), upstream)
@@ -31,16 +32,23 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(tm
         built = cli(api_b, "lists", "build", "--publish", "--json")
         assert built.returncode == 0, built.stderr
         job = json.loads(built.stdout)
-        assert job["state"] == "done" and job["published"] and set(job["per_category"]) == {"weapons",
-                                                                                             "violence-gore"}
+        assert job["state"] == "done" and job["published"] and set(job["per_category"]) == {"weapons", "violence-gore"}
         for port in (port_a, port_b):
-            within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore")
-                   and every_worker(port, WEAPON, "blocked: weapons"))
+            within(
+                5,
+                lambda port=port: (
+                    every_worker(port, GORE, "blocked: violence-gore")
+                    and every_worker(port, WEAPON, "blocked: weapons")
+                ),
+            )
         assert http(api_a, "GET", "/v1/lists")[1]["current"] == job["version"]
 
         # Removing a source and building again drops its names everywhere.
-        source = next(entry["id"] for entry in json.loads(cli(api_a, "lists", "sources", "--json").stdout)
-                      if entry["category"] == "weapons")
+        source = next(
+            entry["id"]
+            for entry in json.loads(cli(api_a, "lists", "sources", "--json").stdout)
+            if entry["category"] == "weapons"
+        )
         assert cli(api_a, "lists", "source-remove", "weapons", source).returncode == 0
         assert cli(api_a, "lists", "build", "--publish").returncode == 0
         for port in (port_a, port_b):
@@ -51,8 +59,12 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(tm
 def source_node(tmp_path, upstream):
     roots = tmp_path / "lists"
     roots.mkdir()
-    config = node_config(tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"',
-                         max_upload=16384, source_roots=[str(roots)])
+    config = node_config(
+        tmp_path / "n" / "bns.toml",
+        f'[store]\nfile = "{tmp_path / "policies.json"}"',
+        max_upload=16384,
+        source_roots=[str(roots)],
+    )
     with ExitStack() as stack:
         yield (*start(stack, config, upstream), roots)
 
@@ -119,5 +131,6 @@ def test_without_redis_a_path_source_is_read_at_each_build(source_node):
     within(5, lambda: every_worker(port, "first.example", "blocked: drugs"))
     listed.write_text("0.0.0.0 second.example\n")
     assert cli(api, "lists", "build", "--publish").returncode == 0
-    within(5, lambda: every_worker(port, "second.example", "blocked: drugs")
-           and every_worker(port, "first.example", None))
+    within(
+        5, lambda: every_worker(port, "second.example", "blocked: drugs") and every_worker(port, "first.example", None)
+    )

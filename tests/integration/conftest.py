@@ -17,8 +17,11 @@ def lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("policy-lists")
     out = directory / "lists.bns"
     sources = []
-    for category, names in (("pornography", "porn.example\n"), ("drugs", "drug.example\n"),
-                            ("malware", "malware.example\n")):
+    for category, names in (
+        ("pornography", "porn.example\n"),
+        ("drugs", "drug.example\n"),
+        ("malware", "malware.example\n"),
+    ):
         path = directory / f"{category}.txt"
         path.write_text(names)
         sources.append(Source(path, category))

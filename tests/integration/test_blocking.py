@@ -54,8 +54,9 @@ def fixture_lists(tmp_path_factory) -> Path:
 
 
 def serve(upstream, lists: Path, **policy) -> ServerThread:
-    return ServerThread(make_config([upstream.address], lists={"path": str(lists), "check_interval": 0.05},
-                                    policy=policy))
+    return ServerThread(
+        make_config([upstream.address], lists={"path": str(lists), "check_interval": 0.05}, policy=policy)
+    )
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
@@ -138,8 +139,7 @@ def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(u
     live = tmp_path / "live.bns"
     _generation_artifact(live, "first.example")
     cache = tmp_path / "cache"
-    config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(cache),
-                                                    "check_interval": 0.05})
+    config = make_config([upstream.address], lists={"path": str(live), "cache_dir": str(cache), "check_interval": 0.05})
     load_policy_and_lists(config)  # what the supervisor checks before it forks
     for number in range(4):  # other lists verified since: the cache keeps only the newest copies
         other = tmp_path / f"other{number}.bns"
@@ -183,8 +183,10 @@ def test_swap_under_load_loses_nothing_and_never_mixes_generations(upstream, tmp
             observations.append((sent, time.monotonic(), generation))
 
     with serve(upstream, live) as server:
-        threads = [threading.Thread(target=client, args=(server, "gen-a.example", "A", "B")),
-                   threading.Thread(target=client, args=(server, "gen-b.example", "B", "A"))]
+        threads = [
+            threading.Thread(target=client, args=(server, "gen-a.example", "A", "B")),
+            threading.Thread(target=client, args=(server, "gen-b.example", "B", "A")),
+        ]
         for thread in threads:
             thread.start()
         time.sleep(0.5)

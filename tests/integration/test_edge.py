@@ -89,7 +89,9 @@ def test_still_answers_after_a_storm_of_garbage(server):
 def test_dig(server, transport):
     result = subprocess.run(
         ["dig", "@127.0.0.1", "-p", str(server.port), transport, "+time=2", "+tries=1", "Dig.Example", "A"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "status: NOERROR" in result.stdout
     assert "Dig.Example.\t" in result.stdout and "192.0.2." in result.stdout
@@ -99,6 +101,8 @@ def test_dig(server, transport):
 def test_kdig_with_edns_and_cookie(server):
     result = subprocess.run(
         ["kdig", "@127.0.0.1", "-p", str(server.port), "+cookie", "+nsid", "+time=2", "kdig.example", "AAAA"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "status: NOERROR" in result.stdout and "2001:db8::" in result.stdout

@@ -55,8 +55,7 @@ def test_second_query_is_answered_from_cache_with_aged_ttl(server, upstream, tcp
 def test_concurrent_identical_misses_are_one_upstream_query(upstream):
     upstream.script.modes["slow.example"] = "delay"
     upstream.script.delay = 0.15  # under the attempt timeout: no hedged second query
-    with ServerThread(make_config([upstream.address])) as server, \
-            concurrent.futures.ThreadPoolExecutor(20) as pool:
+    with ServerThread(make_config([upstream.address])) as server, concurrent.futures.ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(lambda _: server.ask("slow.example"), range(20)))
     assert all(r.rcode() == dns.rcode.NOERROR and answer_addresses(r) for r in responses)
     assert upstream.names_seen() == ["slow.example"]
@@ -74,8 +73,11 @@ def test_upstream_slower_than_the_attempt_timeout_still_answers(upstream):
 
 
 def test_identity_options_are_not_forwarded(server, upstream):
-    options = [dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex("020000000001")),
-               dns.edns.GenericOption(OptionCode.CPE_ID, b"cpe"), dns.edns.ECSOption("198.51.100.7", 32)]
+    options = [
+        dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex("020000000001")),
+        dns.edns.GenericOption(OptionCode.CPE_ID, b"cpe"),
+        dns.edns.ECSOption("198.51.100.7", 32),
+    ]
     response = server.ask("private.example", use_edns=0, options=options)
     assert response.rcode() == dns.rcode.NOERROR
     assert upstream.seen[0].option_codes == []
@@ -162,8 +164,10 @@ def test_bad_upstream_gives_servfail_within_the_deadline(upstream, mode):
 
 def test_spoofed_reply_is_ignored_and_the_real_one_taken(upstream):
     """A reply with a wrong ID does not end the wait: a later matching reply still counts (RFC 5452)."""
-    with ScriptedUpstream(script=Script(mode="wrong_id")) as liar, \
-            ServerThread(make_config([liar.address, upstream.address])) as server:
+    with (
+        ScriptedUpstream(script=Script(mode="wrong_id")) as liar,
+        ServerThread(make_config([liar.address, upstream.address])) as server,
+    ):
         response = server.ask("target.example")
     assert answer_addresses(response)
     assert upstream.names_seen() == ["target.example"]
@@ -183,8 +187,10 @@ def test_failover_to_the_next_upstream_and_down_marking(upstream):
 
 
 def test_refused_by_one_upstream_is_asked_of_the_next(upstream):
-    with ScriptedUpstream(script=Script(mode="refused")) as refusing, \
-            ServerThread(make_config([refusing.address, upstream.address])) as server:
+    with (
+        ScriptedUpstream(script=Script(mode="refused")) as refusing,
+        ServerThread(make_config([refusing.address, upstream.address])) as server,
+    ):
         assert answer_addresses(server.ask("r.example"))
 
 

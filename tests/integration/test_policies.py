@@ -37,24 +37,46 @@ TUESDAY_NOON = datetime(2026, 11, 24, 12, 0, tzinfo=LONDON).timestamp()
 TUESDAY_NIGHT = datetime(2026, 11, 24, 22, 0, tzinfo=LONDON).timestamp()
 WEDNESDAY_MORNING = datetime(2026, 11, 25, 7, 0, tzinfo=LONDON).timestamp()
 
-MACS = {"dad": "02:00:00:00:00:01", "tablet": "02:00:00:00:00:02", "phone": "02:00:00:00:00:03",
-        "tv": "02:00:00:00:00:04", "stranger": "02:00:00:00:00:99"}
+MACS = {
+    "dad": "02:00:00:00:00:01",
+    "tablet": "02:00:00:00:00:02",
+    "phone": "02:00:00:00:00:03",
+    "tv": "02:00:00:00:00:04",
+    "stranger": "02:00:00:00:00:99",
+}
 
 SITE = {
-    "name": "Smith family", "networks": ["127.0.0.0/8"], "timezone": "Europe/London", "mode": "device",
+    "name": "Smith family",
+    "networks": ["127.0.0.0/8"],
+    "timezone": "Europe/London",
+    "mode": "device",
     "default_group": "guests",
     "groups": {
-        "kids": {"name": "Kids", "policy": {
-            "block": ["pornography", "drugs"],
-            "schedules": [{"name": "bedtime", "days": ["sun", "mon", "tue", "wed", "thu"], "from": "21:00",
-                           "to": "07:00", "block": "all"}]}},
+        "kids": {
+            "name": "Kids",
+            "policy": {
+                "block": ["pornography", "drugs"],
+                "schedules": [
+                    {
+                        "name": "bedtime",
+                        "days": ["sun", "mon", "tue", "wed", "thu"],
+                        "from": "21:00",
+                        "to": "07:00",
+                        "block": "all",
+                    }
+                ],
+            },
+        },
         "guests": {"name": "Guests", "policy": {"profile": "guest"}},
     },
     "devices": {
         "dad": {"macs": [MACS["dad"]], "policy": {"block": []}},
         "tablet": {"macs": [MACS["tablet"]], "group": "kids"},
-        "phone": {"macs": [MACS["phone"]], "group": "kids",
-                  "policy": {"block": ["pornography"], "allow": ["ok.porn.example"], "deny": ["denied.example"]}},
+        "phone": {
+            "macs": [MACS["phone"]],
+            "group": "kids",
+            "policy": {"block": ["pornography"], "allow": ["ok.porn.example"], "deny": ["denied.example"]},
+        },
         "tv": {"macs": [MACS["tv"]], "group": "guests"},
     },
 }
@@ -62,6 +84,7 @@ SITE = {
 
 def write(redis_url: str, prefix: str, work: Callable[[PolicyService], Awaitable[Any]]) -> Any:
     """Run one write through the policy service, as an admin would, on a connection of its own."""
+
     async def run() -> Any:
         store = redis_policy_store(redis_url, prefix)
         try:
@@ -80,25 +103,35 @@ class Clock:
         return self.now
 
 
-def server_for(redis_url: str, prefix: str, lists: Path, upstream, clock: Clock | None = None,
-               cold_wait: float = 1.0, **sections: dict[str, Any]) -> ServerThread:
+def server_for(
+    redis_url: str,
+    prefix: str,
+    lists: Path,
+    upstream,
+    clock: Clock | None = None,
+    cold_wait: float = 1.0,
+    **sections: dict[str, Any],
+) -> ServerThread:
     config = make_config(
-        [upstream.address], lists={"path": str(lists)},
+        [upstream.address],
+        lists={"path": str(lists)},
         store={"redis": redis_url, "prefix": prefix, "cold_wait": cold_wait},
-        identity={"trusted_networks": ["127.0.0.1/32"]}, **sections,
+        identity={"trusted_networks": ["127.0.0.1/32"]},
+        **sections,
     )
     return ServerThread(config, wall_clock=clock)
 
 
-def ask(server: ServerThread, name: str, mac: str | None = None, source: str = "127.0.0.1",
-        rdtype: str = "A") -> dns.message.Message:
+def ask(
+    server: ServerThread, name: str, mac: str | None = None, source: str = "127.0.0.1", rdtype: str = "A"
+) -> dns.message.Message:
     options = [dns.edns.GenericOption(OptionCode.MAC, bytes.fromhex(mac.replace(":", "")))] if mac else []
     query = dns.message.make_query(name, rdtype, use_edns=0, options=options)
     return dns.query.udp(query, "127.0.0.1", port=server.port, source=source, timeout=3)
 
 
 def outcome(response: dns.message.Message) -> str:
-    """"ok", or the EDE text of a blocked answer ("blocked: pornography", "Web Protect: malware"…)."""
+    """ "ok", or the EDE text of a blocked answer ("blocked: pornography", "Web Protect: malware"…)."""
     ede = [option for option in response.options if option.otype == dns.edns.OptionType.EDE]
     if response.rcode() == dns.rcode.NOERROR and not ede:
         return "ok"
@@ -151,8 +184,7 @@ def test_identity_options_from_an_untrusted_source_are_ignored(family, lists, up
 
 def test_unknown_client_gets_the_global_default(family, lists, upstream, shared_redis, redis_prefix):
     write(shared_redis.url, redis_prefix, lambda service: service.set_site_fields("smith", {"networks": []}))
-    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON),
-                    policy={"block": ["drugs"], "warn": []}) as server:
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON), policy={"block": ["drugs"], "warn": []}) as server:
         assert outcome(ask(server, "drug.example", MACS["dad"])) == "blocked: drugs"
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
 
@@ -188,8 +220,7 @@ def _eventually(check: Callable[[], bool], within: float) -> float:
     return time.monotonic() - started
 
 
-def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists, upstream, shared_redis,
-                                                                  redis_prefix):
+def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists, upstream, shared_redis, redis_prefix):
     with server_for(*family, lists, upstream) as server:
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
         write(shared_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "dad")))
@@ -211,8 +242,7 @@ def test_an_invalid_write_is_refused_whole(family, shared_redis, redis_prefix):
 def test_redis_killed_keeps_last_policies_and_comes_back(own_redis, redis_prefix, lists, upstream, caplog):
     caplog.set_level(logging.INFO, logger="resolver.worker.directory")
     write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
-    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON),
-                    cold_wait=0.05) as server:
+    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON), cold_wait=0.05) as server:
         assert outcome(ask(server, "porn.example", MACS["tablet"])) == "blocked: pornography"
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
         own_redis.kill()
@@ -238,8 +268,9 @@ def test_missed_notices_are_caught_up_by_a_resync(own_redis, redis_prefix, lists
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
         document, version = write(own_redis.url, redis_prefix, lambda service: service.get_site("smith"))
         document["devices"]["dad"]["paused_until"] = "forever"
-        own_redis.command("HSET", f"{redis_prefix}site:smith", "doc", json.dumps(document), "version",
-                          str(version + 1))  # behind the store's back: no notice
+        own_redis.command(
+            "HSET", f"{redis_prefix}site:smith", "doc", json.dumps(document), "version", str(version + 1)
+        )  # behind the store's back: no notice
         time.sleep(0.3)
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"  # nobody told the worker
         own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
@@ -248,8 +279,7 @@ def test_missed_notices_are_caught_up_by_a_resync(own_redis, redis_prefix, lists
 
 def test_a_frozen_redis_never_holds_a_new_client_longer_than_cold_wait(own_redis, redis_prefix, lists, upstream):
     write(own_redis.url, redis_prefix, lambda service: service.put_site("smith", SITE))
-    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON),
-                    cold_wait=0.02) as server:
+    with server_for(own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON), cold_wait=0.02) as server:
         own_redis.freeze()
         try:
             started = time.monotonic()
@@ -269,8 +299,11 @@ def test_cname_chain_into_a_blocked_name_is_blocked(family, lists, upstream):
 
 
 def test_safe_search_answers_with_the_restrict_name(family, lists, upstream, shared_redis, redis_prefix):
-    write(shared_redis.url, redis_prefix,
-          lambda service: service.set_policy("smith", ("device", "dad"), {"safe_search": True}))
+    write(
+        shared_redis.url,
+        redis_prefix,
+        lambda service: service.set_policy("smith", ("device", "dad"), {"safe_search": True}),
+    )
     with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:
         response = ask(server, "www.google.com", MACS["dad"])
         assert response.answer[0].rdtype == dns.rdatatype.CNAME
@@ -287,20 +320,41 @@ def test_a_real_router_dnsmasq_adds_the_cpe_id_that_picks_the_site(lists, upstre
     """dnsmasq in front of bns, as a customer's router: `--add-cpe-id` (option 65074) and `--add-subnet`
     (ECS) on every query it forwards. (Its `--add-mac` needs the client in the ARP table, which a loopback
     client never is, so MAC identity is tested with dnspython above.)"""
-    site = {"name": "Jones", "networks": ["198.51.100.0/29"], "cpe_ids": ["cpe-jones"], "mode": "network",
-            "policy": {"block": ["pornography"], "web_protect": False}}
+    site = {
+        "name": "Jones",
+        "networks": ["198.51.100.0/29"],
+        "cpe_ids": ["cpe-jones"],
+        "mode": "network",
+        "policy": {"block": ["pornography"], "web_protect": False},
+    }
     write(shared_redis.url, redis_prefix, lambda service: service.put_site("jones", site))
     with server_for(shared_redis.url, redis_prefix, lists, upstream) as server:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.1", 0))
             router_port = probe.getsockname()[1]
         router = subprocess.Popen(
-            ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-             "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={router_port}", "--pid-file=",
-             f"--server=127.0.0.1#{server.port}", "--add-cpe-id=cpe-jones", "--add-subnet=32", "--cache-size=0",
-             "--user=" + pwd.getpwuid(os.getuid()).pw_name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                f"--port={router_port}",
+                "--pid-file=",
+                f"--server=127.0.0.1#{server.port}",
+                "--add-cpe-id=cpe-jones",
+                "--add-subnet=32",
+                "--cache-size=0",
+                "--user=" + pwd.getpwuid(os.getuid()).pw_name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
+
             def through_router(name: str) -> int:
                 query = dns.message.make_query(name, "A")
                 return dns.query.udp(query, "127.0.0.1", port=router_port, timeout=3).rcode()

@@ -21,9 +21,13 @@ def test_stopping_gives_up_a_running_compile_at_its_next_progress_report(tmp_pat
     roots.mkdir()
     big = roots / "big.txt"
     big.write_text("".join(f"name{number}.example\n" for number in range(600_000)))
-    sources = Sources(LocalShelf(tmp_path / "sources"), CATALOG,
-                      LocalPublications(CATALOG, tmp_path / "served.bns", tmp_path / "versions"), (str(roots),),
-                      tmp_path / "compiles")
+    sources = Sources(
+        LocalShelf(tmp_path / "sources"),
+        CATALOG,
+        LocalPublications(CATALOG, tmp_path / "served.bns", tmp_path / "versions"),
+        (str(roots),),
+        tmp_path / "compiles",
+    )
 
     async def compile_then_stop() -> tuple[str, str, float]:
         await sources.add_path("drugs", str(big))

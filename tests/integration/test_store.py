@@ -101,8 +101,9 @@ def test_concurrent_writers_lose_nothing(make_store):
         await service.put_site("a", {"devices": {f"d{i}": {} for i in range(10)}})
         writers = [make_store() for _ in range(10)]
         try:
-            await asyncio.gather(*(PolicyService(writer).pause("a", ("device", f"d{i}"))
-                                   for i, writer in enumerate(writers)))
+            await asyncio.gather(
+                *(PolicyService(writer).pause("a", ("device", f"d{i}")) for i, writer in enumerate(writers))
+            )
         finally:
             for writer in writers:
                 await writer.close()
@@ -118,8 +119,7 @@ async def notices_of(make_store, writes, *awaited: tuple[str, str, int]) -> list
     reader = make_store()
     heard: asyncio.Queue[Change] = asyncio.Queue()
     reader.watch(heard.put)
-    following = asyncio.ensure_future(reader.connection.listen() if isinstance(reader, RedisStore)
-                                      else reader.poll())
+    following = asyncio.ensure_future(reader.connection.listen() if isinstance(reader, RedisStore) else reader.poll())
     try:
         assert (await asyncio.wait_for(heard.get(), 5)).kind == "up"
         await writes()
@@ -178,8 +178,10 @@ def test_profiles(make_store):
 
 
 def test_import_many_sites(make_store):
-    documents = [{"id": f"s{i}", "networks": [f"10.0.{i}.0/24"],
-                  "devices": {"d": {"macs": [f"02:00:00:00:00:{i:02x}"]}}} for i in range(50)]
+    documents = [
+        {"id": f"s{i}", "networks": [f"10.0.{i}.0/24"], "devices": {"d": {"macs": [f"02:00:00:00:00:{i:02x}"]}}}
+        for i in range(50)
+    ]
 
     async def work(service):
         assert await service.store.import_sites(documents) == 50

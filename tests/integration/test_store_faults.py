@@ -45,15 +45,21 @@ NOON = 1_764_000_000.0
 # the one the worker has seen, "cold" one it has not.
 WARM = {"networks": ["127.0.0.1/32"], "mode": "network", "policy": {"block": ["drugs"], "web_protect": False}}
 COLD = {"networks": ["127.0.1.0/24"], "mode": "network", "policy": {"block": ["drugs"], "web_protect": False}}
-PAUSED = {"networks": ["127.0.0.0/8"], "mode": "device", "paused_until": "forever",
-          "devices": {"known": {"macs": ["02:00:00:00:00:01"]}}}
+PAUSED = {
+    "networks": ["127.0.0.0/8"],
+    "mode": "device",
+    "paused_until": "forever",
+    "devices": {"known": {"macs": ["02:00:00:00:00:01"]}},
+}
 
 
-def worker(redis_url: str, prefix: str, lists_path: Path, upstream, cold_wait: float, **store: object
-           ) -> ServerThread:
-    config = make_config([upstream.address], lists={"path": str(lists_path)},
-                         store={"redis": redis_url, "prefix": prefix, "cold_wait": cold_wait, **store},
-                         identity={"trusted_networks": ["127.0.0.1/32"]})
+def worker(redis_url: str, prefix: str, lists_path: Path, upstream, cold_wait: float, **store: object) -> ServerThread:
+    config = make_config(
+        [upstream.address],
+        lists={"path": str(lists_path)},
+        store={"redis": redis_url, "prefix": prefix, "cold_wait": cold_wait, **store},
+        identity={"trusted_networks": ["127.0.0.1/32"]},
+    )
     return ServerThread(config, wall_clock=Clock(NOON))
 
 
@@ -83,8 +89,9 @@ def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 @pytest.mark.parametrize("fault", ["restart", "script-flush"])
-def test_new_clients_get_their_sites_policy_after_redis_forgets_the_script(two_sites, own_redis, lists, upstream,
-                                                                          caplog, fault):
+def test_new_clients_get_their_sites_policy_after_redis_forgets_the_script(
+    two_sites, own_redis, lists, upstream, caplog, fault
+):
     """A restarted (or SCRIPT FLUSHed) Redis has forgotten the lookup script: it is loaded again, and the
     clients the worker had not seen are served their site's policy, not SERVFAIL, with no traceback."""
     with worker(*two_sites, lists, upstream, cold_wait=1.0) as server:
@@ -125,8 +132,9 @@ def paused_site(own_redis, redis_prefix):
 
 
 @pytest.mark.parametrize("fault", ["frozen", "killed"])
-def test_new_devices_of_a_paused_site_stay_paused_while_redis_lags_or_is_gone(paused_site, own_redis, lists,
-                                                                               upstream, fault):
+def test_new_devices_of_a_paused_site_stay_paused_while_redis_lags_or_is_gone(
+    paused_site, own_redis, lists, upstream, fault
+):
     """The worker holds the site (one device asked before): devices it never saw get the site's policy, a
     pause, when the store is too slow (frozen) or gone (killed); never the global default, which lets
     allowed.example through. New MACs behind the known router, and new addresses of the site's network."""
@@ -282,10 +290,12 @@ def test_a_write_reported_failed_was_not_written(proxy, own_redis, redis_prefix)
     assert not _paused(own_redis, redis_prefix)
 
 
-def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(proxy, own_redis, redis_prefix,
-                                                                               tmp_path):
+def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(
+    proxy, own_redis, redis_prefix, tmp_path
+):
     """Redis goes away just after a write is applied: the API must not read the site back (and fail on that
     read) to answer; it answers from what the write made."""
+
     async def run() -> int:
         store = redis_policy_store(proxy.url, redis_prefix)
         api = api_over(store, tmp_path)
@@ -311,5 +321,14 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
     catalog, maker, lists = load_policy_and_lists(config)
     publications = LocalPublications(catalog, scratch / "served.bns", scratch / "versions")
     sources = Sources(LocalShelf(scratch / "sources"), catalog, publications, (), scratch / "compiles")
-    return Api(tokens_from(config.admin), catalog, store, publications, sources,
-               Explainer(store, maker, catalog, lists), Metrics(scratch, dict), 1 << 20, scratch / "uploads")
+    return Api(
+        tokens_from(config.admin),
+        catalog,
+        store,
+        publications,
+        sources,
+        Explainer(store, maker, catalog, lists),
+        Metrics(scratch, dict),
+        1 << 20,
+        scratch / "uploads",
+    )

@@ -89,8 +89,9 @@ def test_idle_connection_is_closed(upstream):
 def test_a_query_in_flight_keeps_the_connection_open_past_the_idle_timeout(upstream):
     upstream.script.mode = "delay"
     upstream.script.delay = 0.5
-    config = make_config([upstream.address], server={"tcp_idle_timeout": 0.2},
-                         upstream={"timeout": 1.0, "deadline": 2.0})
+    config = make_config(
+        [upstream.address], server={"tcp_idle_timeout": 0.2}, upstream={"timeout": 1.0, "deadline": 2.0}
+    )
     with ServerThread(config) as server, connect(server) as sock:
         sock.sendall(frame("patient.example", 9))
         answer = read_answer(sock)
@@ -114,8 +115,9 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(upstream):
 def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(upstream):
     upstream.script.mode = "delay"
     upstream.script.delay = 0.6
-    config = make_config([upstream.address], server={"tcp_max_connections": 2},
-                         upstream={"timeout": 1.0, "deadline": 2.0})
+    config = make_config(
+        [upstream.address], server={"tcp_max_connections": 2}, upstream={"timeout": 1.0, "deadline": 2.0}
+    )
     with ServerThread(config) as server, connect(server) as first, connect(server) as second:
         first.sendall(frame("busy1.example", 1))
         second.sendall(frame("busy2.example", 2))

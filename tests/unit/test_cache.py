@@ -19,8 +19,9 @@ CLIENT = ("192.0.2.1", 5353)
 SOA = "example.com. 900 IN SOA ns.example.com. host.example.com. 1 3600 600 86400 {minimum}"
 
 
-def scanned(name: str, *records: str, rcode: int = 0, authority: tuple[str, ...] = (),
-            ad: bool = False) -> tuple[bytes, ScannedReply]:
+def scanned(
+    name: str, *records: str, rcode: int = 0, authority: tuple[str, ...] = (), ad: bool = False
+) -> tuple[bytes, ScannedReply]:
     """(key, scanned upstream reply) for a question about `name`."""
     request = QueryParser().parse(dns.message.make_query(name, "A").to_wire(), CLIENT, tcp=False)
     question = request.query.question
@@ -50,8 +51,9 @@ def ttls_of(message: dns.message.Message) -> list[int]:
 class TestTtlRules:
     def test_positive_ttls_age_and_expire_with_the_shortest(self):
         cache = AnswerCache(CacheSettings())
-        key, reply = scanned("www.example.com", "www.example.com. 300 IN CNAME a.example.net.",
-                             "a.example.net. 60 IN A 192.0.2.1")
+        key, reply = scanned(
+            "www.example.com", "www.example.com. 300 IN CNAME a.example.net.", "a.example.net. 60 IN A 192.0.2.1"
+        )
         cache.store(key, reply, now=1000.0)
         entry = cache.get(key, 1010.5)
         assert ttls_of(served(entry, ask("www.example.com"), 1010.5)) == [290, 50]
@@ -60,8 +62,9 @@ class TestTtlRules:
 
     def test_min_and_max_ttl_clamp(self):
         cache = AnswerCache(CacheSettings(min_ttl=30, max_ttl=100))
-        key, reply = scanned("www.example.com", "www.example.com. 5 IN CNAME a.example.net.",
-                             "a.example.net. 900 IN A 192.0.2.1")
+        key, reply = scanned(
+            "www.example.com", "www.example.com. 5 IN CNAME a.example.net.", "a.example.net. 900 IN A 192.0.2.1"
+        )
         entry = cache.store(key, reply, now=0.0)
         assert ttls_of(served(entry, ask("www.example.com"), 0.0)) == [30, 100]
         assert entry.expires_at == 30
@@ -174,8 +177,9 @@ class TestRendering:
     def test_ede_travels_with_the_entry(self):
         cache = AnswerCache(CacheSettings())
         key, _ = scanned("down.example")
-        entry = cache.store(key, failure_reply(Rcode.SERVFAIL), 0.0,
-                            ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered"))
+        entry = cache.store(
+            key, failure_reply(Rcode.SERVFAIL), 0.0, ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered")
+        )
         message = served(entry, ask("down.example", use_edns=0), 0.0)
         assert message.rcode() == dns.rcode.SERVFAIL
         ede = [option for option in message.options if option.otype == dns.edns.OptionType.EDE]

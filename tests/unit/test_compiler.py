@@ -59,14 +59,17 @@ class TestMatcher:
         assert match.bits == bits("pornography", "malware")
         assert match.listed == "www.example.com"  # the longest listed suffix
 
-    @pytest.mark.parametrize("name", ["ample.com", "xexample.com", "example.co", "com", "example.com.evil",
-                                      "notevil.example", "evil.example.org"])
+    @pytest.mark.parametrize(
+        "name",
+        ["ample.com", "xexample.com", "example.co", "com", "example.com.evil", "notevil.example", "evil.example.org"],
+    )
     def test_only_label_boundaries_match(self, matcher, name):
         assert matcher.match(name).bits == 0
 
     def test_an_allow_entry_clears_only_its_own_lists_category(self, tmp_path):
-        out = compile_texts(tmp_path, malware="@@||example.com^\n||evil.example.com^\n",
-                            pornography="porn.example.com\n")
+        out = compile_texts(
+            tmp_path, malware="@@||example.com^\n||evil.example.com^\n", pornography="porn.example.com\n"
+        )
         matcher = Matcher(open_artifact(out))
         assert matcher.match("porn.example.com") == (bits("pornography"), "porn.example.com", False)
         assert matcher.match("evil.example.com").allowed  # malware, cleared by the malware list's own @@
@@ -201,9 +204,12 @@ class TestArtifactRefusal:
 
     @pytest.mark.parametrize(
         ("header", "message"),
-        [("5", "header : not an object"), ('"text"', "header : not an object"),
-         ('{"sections": []}', "header sections: missing or not a dict"),
-         ("[" * 5000 + "]" * 5000, "header is not valid JSON")],
+        [
+            ("5", "header : not an object"),
+            ('"text"', "header : not an object"),
+            ('{"sections": []}', "header sections: missing or not a dict"),
+            ("[" * 5000 + "]" * 5000, "header is not valid JSON"),
+        ],
     )
     def test_a_header_of_the_wrong_shape_is_refused_not_crashing(self, tmp_path, header, message):
         path = tmp_path / "odd.bns"
@@ -222,7 +228,10 @@ class TestArtifactRefusal:
         trie = marisa_trie.Trie(["com.example."])
         header = {"built": "x", "names": 1, "allows": 0, "categories": {}, "sources": [], "index_type": "H"}
         path = tmp_path / "bad-index.bns"
-        write_artifact(path, header, {"trie": trie.tobytes(), "index": array("H", [7]).tobytes(),
-                                      "table": array("Q", [1, 0]).tobytes()})
+        write_artifact(
+            path,
+            header,
+            {"trie": trie.tobytes(), "index": array("H", [7]).tobytes(), "table": array("Q", [1, 0]).tobytes()},
+        )
         with pytest.raises(ArtifactError, match="index points past the end of the table"):
             open_artifact(path)

@@ -72,8 +72,12 @@ def test_integers_are_accepted_for_seconds(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("9.9.9.9", Endpoint("9.9.9.9", 53)), ("127.0.0.1:5300", Endpoint("127.0.0.1", 5300)),
-     ("::1", Endpoint("::1", 53)), ("[2001:db8::1]:853", Endpoint("2001:db8::1", 853))],
+    [
+        ("9.9.9.9", Endpoint("9.9.9.9", 53)),
+        ("127.0.0.1:5300", Endpoint("127.0.0.1", 5300)),
+        ("::1", Endpoint("::1", 53)),
+        ("[2001:db8::1]:853", Endpoint("2001:db8::1", 853)),
+    ],
 )
 def test_endpoints(text, expected):
     assert parse_endpoint(text) == expected
@@ -87,8 +91,11 @@ def test_every_setting_is_described():
 
 @pytest.mark.parametrize(
     ("code", "hint"),
-    [(errno.EACCES, "CAP_NET_BIND_SERVICE"), (errno.EADDRINUSE, "already in use"),
-     (errno.EADDRNOTAVAIL, "no interface")],
+    [
+        (errno.EACCES, "CAP_NET_BIND_SERVICE"),
+        (errno.EADDRINUSE, "already in use"),
+        (errno.EADDRNOTAVAIL, "no interface"),
+    ],
 )
 def test_bind_errors_say_what_to_do(code, hint):
     error = _explain_bind_error(Endpoint("0.0.0.0", 53), OSError(code, "x"))

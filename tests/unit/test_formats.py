@@ -33,19 +33,33 @@ def write(tmp_path: Path, text: str, name: str = "list.txt") -> Path:
 class TestNames:
     @pytest.mark.parametrize(
         ("raw", "expected"),
-        [("Example.COM", "example.com"), ("www.example.com.", "www.example.com"), ("*.ads.example", "ads.example"),
-         (".example.org", "example.org"), ("bücher.de", "xn--bcher-kva.de"),
-         ("_dmarc.example.com", "_dmarc.example.com"), ("  spaced.example  ", "spaced.example")],
+        [
+            ("Example.COM", "example.com"),
+            ("www.example.com.", "www.example.com"),
+            ("*.ads.example", "ads.example"),
+            (".example.org", "example.org"),
+            ("bücher.de", "xn--bcher-kva.de"),
+            ("_dmarc.example.com", "_dmarc.example.com"),
+            ("  spaced.example  ", "spaced.example"),
+        ],
     )
     def test_normalize(self, raw, expected):
         assert normalize(raw) == expected
 
     @pytest.mark.parametrize(
         ("raw", "reason"),
-        [("1.2.3.4", "an IP address"), ("::1", "IPv6"), ("com", "no dot"), ("a..b", "empty label"),
-         ("a" * 64 + ".com", "longer than 63"), (("a" * 60 + ".") * 5 + "com", "longer than 253"),
-         ("exa mple.com", "not allowed"), ("ex%ample.com", "not allowed"), ("a.b.123", "numeric top-level"),
-         ("", "empty")],
+        [
+            ("1.2.3.4", "an IP address"),
+            ("::1", "IPv6"),
+            ("com", "no dot"),
+            ("a..b", "empty label"),
+            ("a" * 64 + ".com", "longer than 63"),
+            (("a" * 60 + ".") * 5 + "com", "longer than 253"),
+            ("exa mple.com", "not allowed"),
+            ("ex%ample.com", "not allowed"),
+            ("a.b.123", "numeric top-level"),
+            ("", "empty"),
+        ],
     )
     def test_bad_names_say_why(self, raw, reason):
         with pytest.raises(BadName, match=reason):
@@ -64,8 +78,13 @@ class TestNames:
 
 class TestFixtures:
     @pytest.mark.parametrize(
-        "name", ["urlhaus-filter.hosts.txt", "urlhaus-filter.rpz.zone", "urlhaus-filter.bind.conf",
-                 "urlhaus-filter.unbound.conf"],
+        "name",
+        [
+            "urlhaus-filter.hosts.txt",
+            "urlhaus-filter.rpz.zone",
+            "urlhaus-filter.bind.conf",
+            "urlhaus-filter.unbound.conf",
+        ],
     )
     def test_one_snapshot_in_four_syntaxes_gives_the_same_2689_names(self, name):
         entries, report = read(FORMATS_DIR / name)
@@ -75,18 +94,26 @@ class TestFixtures:
 
     @pytest.mark.parametrize(
         ("name", "expected_format"),
-        [("urlhaus-filter.hosts.txt", "hosts"), ("urlhaus-filter.rpz.zone", "rpz"),
-         ("urlhaus-filter.bind.conf", "bind"), ("urlhaus-filter.unbound.conf", "unbound"),
-         ("blocklistproject-drugs.adguard.txt", "adblock"), ("blocklistproject-drugs.dnsmasq.conf", "dnsmasq"),
-         ("blocklistproject-drugs.hosts.txt", "hosts"), ("urlhaus-filter.wildcard.head.txt", "wildcard")],
+        [
+            ("urlhaus-filter.hosts.txt", "hosts"),
+            ("urlhaus-filter.rpz.zone", "rpz"),
+            ("urlhaus-filter.bind.conf", "bind"),
+            ("urlhaus-filter.unbound.conf", "unbound"),
+            ("blocklistproject-drugs.adguard.txt", "adblock"),
+            ("blocklistproject-drugs.dnsmasq.conf", "dnsmasq"),
+            ("blocklistproject-drugs.hosts.txt", "hosts"),
+            ("urlhaus-filter.wildcard.head.txt", "wildcard"),
+        ],
     )
     def test_format_is_detected(self, name, expected_format):
         _, report = read(FORMATS_DIR / name)
         assert report.format == expected_format
 
     def test_the_drugs_list_in_three_syntaxes_agrees(self):
-        names = [{e.name for e in read(FORMATS_DIR / f"blocklistproject-drugs.{suffix}")[0]}
-                 for suffix in ("adguard.txt", "dnsmasq.conf", "hosts.txt")]
+        names = [
+            {e.name for e in read(FORMATS_DIR / f"blocklistproject-drugs.{suffix}")[0]}
+            for suffix in ("adguard.txt", "dnsmasq.conf", "hosts.txt")
+        ]
         assert names[0] == names[1] == names[2]
         assert len(names[0]) > 4900
 
@@ -98,8 +125,11 @@ class TestFixtures:
         assert reason == "an IP address, not a name" and text.startswith("*.") and number > 1
 
     def test_hosts_with_several_names_and_local_boilerplate(self, tmp_path):
-        path = write(tmp_path, "127.0.0.1 localhost\n::1 ip6-localhost ip6-loopback\n"
-                               "0.0.0.0 a.example b.example # trailing comment\n# comment\n\n:: c.example\n")
+        path = write(
+            tmp_path,
+            "127.0.0.1 localhost\n::1 ip6-localhost ip6-loopback\n"
+            "0.0.0.0 a.example b.example # trailing comment\n# comment\n\n:: c.example\n",
+        )
         entries, report = read(path)
         assert [e.name for e in entries] == ["a.example", "b.example", "c.example"]
         assert report.skipped["local name"] == 2 and report.format == "hosts"
@@ -107,43 +137,86 @@ class TestFixtures:
 
 class TestHostileLines:
     def test_adblock_rules(self, tmp_path):
-        text = "\n".join([
-            "[Adblock Plus 2.0]", "! comment", "# also a comment", "||ads.example^", "||tracker.example^$important",
-            "@@||good.ads.example^", "||*.wild.example^", "example.com##.banner", "||example.com/path^",
-            "/ad[0-9]+/", "||third.example^$third-party", "plain.example", "||1.2.3.4^", "||bad..name^",
-        ])
+        text = "\n".join(
+            [
+                "[Adblock Plus 2.0]",
+                "! comment",
+                "# also a comment",
+                "||ads.example^",
+                "||tracker.example^$important",
+                "@@||good.ads.example^",
+                "||*.wild.example^",
+                "example.com##.banner",
+                "||example.com/path^",
+                "/ad[0-9]+/",
+                "||third.example^$third-party",
+                "plain.example",
+                "||1.2.3.4^",
+                "||bad..name^",
+            ]
+        )
         entries, report = read(write(tmp_path, text), "adblock")
-        assert entries == [Entry("ads.example"), Entry("tracker.example"), Entry("good.ads.example", allow=True),
-                           Entry("wild.example"), Entry("plain.example")]
-        assert report.skipped == {"cosmetic rule": 1, "path rule (a URL, not a domain)": 1,
-                                  "regular expression rule": 1, "rule with modifiers a DNS filter cannot apply": 1}
+        assert entries == [
+            Entry("ads.example"),
+            Entry("tracker.example"),
+            Entry("good.ads.example", allow=True),
+            Entry("wild.example"),
+            Entry("plain.example"),
+        ]
+        assert report.skipped == {
+            "cosmetic rule": 1,
+            "path rule (a URL, not a domain)": 1,
+            "regular expression rule": 1,
+            "rule with modifiers a DNS filter cannot apply": 1,
+        }
         assert [sample[0] for sample in report.samples] == [13, 14]
 
     def test_rpz_actions_wildcards_and_origin(self, tmp_path):
-        text = "\n".join([
-            "$TTL 60", "$ORIGIN rpz.example.", "@ SOA ns.example. admin.example. (", " 1 3600 600 86400 60 )",
-            " NS ns.example.", "blocked.example CNAME .", "*.wild.example CNAME .", "nodata.example CNAME *.",
-            "ok.example CNAME rpz-passthru.", "abs.example.rpz.example. CNAME .", "32.1.2.0.192.rpz-ip CNAME .",
-            "dropped.example 300 IN CNAME rpz-drop.", "local.example A 127.0.0.1",
-        ])
+        text = "\n".join(
+            [
+                "$TTL 60",
+                "$ORIGIN rpz.example.",
+                "@ SOA ns.example. admin.example. (",
+                " 1 3600 600 86400 60 )",
+                " NS ns.example.",
+                "blocked.example CNAME .",
+                "*.wild.example CNAME .",
+                "nodata.example CNAME *.",
+                "ok.example CNAME rpz-passthru.",
+                "abs.example.rpz.example. CNAME .",
+                "32.1.2.0.192.rpz-ip CNAME .",
+                "dropped.example 300 IN CNAME rpz-drop.",
+                "local.example A 127.0.0.1",
+            ]
+        )
         entries, report = read(write(tmp_path, text, "zone.rpz"))
         assert report.format == "rpz"
-        assert entries == [Entry("blocked.example"), Entry("wild.example"), Entry("nodata.example"),
-                           Entry("ok.example", allow=True), Entry("abs.example"), Entry("dropped.example"),
-                           Entry("local.example")]
+        assert entries == [
+            Entry("blocked.example"),
+            Entry("wild.example"),
+            Entry("nodata.example"),
+            Entry("ok.example", allow=True),
+            Entry("abs.example"),
+            Entry("dropped.example"),
+            Entry("local.example"),
+        ]
         assert report.skipped == {"RPZ IP or name-server trigger": 1}
 
     def test_dnsmasq_rules(self, tmp_path):
-        text = ("address=/ads.example/0.0.0.0\naddress=/a.example/b.example/\nlocal=/c.example/\n"
-                "server=/d.example/\nserver=/corp.example/10.0.0.1\nno-resolv\naddress=/#/0.0.0.0\n")
+        text = (
+            "address=/ads.example/0.0.0.0\naddress=/a.example/b.example/\nlocal=/c.example/\n"
+            "server=/d.example/\nserver=/corp.example/10.0.0.1\nno-resolv\naddress=/#/0.0.0.0\n"
+        )
         entries, report = read(write(tmp_path, text), "dnsmasq")
         assert [e.name for e in entries] == ["ads.example", "a.example", "b.example", "c.example", "d.example"]
         assert report.skipped["forwarding rule (server=/name/address), not a block"] == 1
         assert report.rejected_count == 1
 
     def test_unbound_rules(self, tmp_path):
-        text = ('server:\nlocal-zone: "bad.example" always_nxdomain\nlocal-zone: "good.example" transparent\n'
-                'local-data: "x.example A 1.2.3.4"\nlocal-zone: broken\n')
+        text = (
+            'server:\nlocal-zone: "bad.example" always_nxdomain\nlocal-zone: "good.example" transparent\n'
+            'local-data: "x.example A 1.2.3.4"\nlocal-zone: broken\n'
+        )
         entries, report = read(write(tmp_path, text), "unbound")
         assert entries == [Entry("bad.example"), Entry("good.example", allow=True)]
         assert report.rejected_count == 1 and report.skipped
@@ -180,19 +253,28 @@ class TestCatalog:
     def test_packaged_catalogue(self):
         catalog = load_catalog()
         assert {c.id for c in catalog if c.action == "block"} == {
-            "criminal-skills", "drugs", "hacking", "hate", "pornography", "self-harm-suicide", "violence-gore",
-            "weapons"}
+            "criminal-skills",
+            "drugs",
+            "hacking",
+            "hate",
+            "pornography",
+            "self-harm-suicide",
+            "violence-gore",
+            "weapons",
+        }
         assert {c.id for c in catalog if c.action == "warn"} == {"malware", "phishing"}
         assert len({c.bit for c in catalog}) == len(catalog.categories)
         assert catalog.ids(catalog.mask(["drugs", "malware"])) == ["drugs", "malware"]
 
     @pytest.mark.parametrize(
         ("entry", "message"),
-        [('id = "x"\nbit = 64\ntitle = "X"\ndescription = ""\naction = "block"', "bit: 64 is outside 0..63"),
-         ('id = "x"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "hide"', "action: 'hide'"),
-         ('id = "X Y"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "block"', "id: use lowercase"),
-         ('id = "x"\nbit = 1\ntitle = "X"\naction = "block"', "description: missing"),
-         ('id = "x"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "block"\ncolour = 1', "unknown field colour")],
+        [
+            ('id = "x"\nbit = 64\ntitle = "X"\ndescription = ""\naction = "block"', "bit: 64 is outside 0..63"),
+            ('id = "x"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "hide"', "action: 'hide'"),
+            ('id = "X Y"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "block"', "id: use lowercase"),
+            ('id = "x"\nbit = 1\ntitle = "X"\naction = "block"', "description: missing"),
+            ('id = "x"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "block"\ncolour = 1', "unknown field colour"),
+        ],
     )
     def test_bad_catalogue_entries(self, tmp_path, entry, message):
         path = write(tmp_path, f"format = 1\n[[category]]\n{entry}\n", "categories.toml")
@@ -201,8 +283,9 @@ class TestCatalog:
 
     def test_duplicate_bits(self, tmp_path):
         one = 'bit = 3\ntitle = "T"\ndescription = ""\naction = "block"'
-        path = write(tmp_path, f'format = 1\n[[category]]\nid = "a"\n{one}\n[[category]]\nid = "b"\n{one}\n',
-                     "categories.toml")
+        path = write(
+            tmp_path, f'format = 1\n[[category]]\nid = "a"\n{one}\n[[category]]\nid = "b"\n{one}\n', "categories.toml"
+        )
         with pytest.raises(CatalogError, match="bit: 3 is already used by a"):
             load_catalog(path)
 
@@ -226,13 +309,15 @@ class TestReviewedEdgeCases:
         assert [e.name for e in plain_entries] == ["ok.example"]
 
     def test_rpz_dump_with_absolute_owners_and_ttl_units(self, tmp_path):
-        text = "\n".join([
-            "rpz.example. 3600 IN SOA ns.rpz.example. admin.rpz.example. 1 3600 600 86400 60",
-            "rpz.example. 3600 IN NS ns.rpz.example.",
-            "bad.com.rpz.example. 300 IN CNAME .",
-            "pass.com.rpz.example. 1h IN CNAME rpz-passthru.",
-            "slow.com.rpz.example. 1h30m in cname .",
-        ])
+        text = "\n".join(
+            [
+                "rpz.example. 3600 IN SOA ns.rpz.example. admin.rpz.example. 1 3600 600 86400 60",
+                "rpz.example. 3600 IN NS ns.rpz.example.",
+                "bad.com.rpz.example. 300 IN CNAME .",
+                "pass.com.rpz.example. 1h IN CNAME rpz-passthru.",
+                "slow.com.rpz.example. 1h30m in cname .",
+            ]
+        )
         entries, report = read(write(tmp_path, text, "dump.zone"))
         assert report.format == "rpz"
         assert entries == [Entry("bad.com"), Entry("pass.com", allow=True), Entry("slow.com")]
@@ -247,25 +332,28 @@ class TestReviewedEdgeCases:
         assert entries == [Entry("c.example", allow=True), Entry("d.example"), Entry("e.example")]
 
     def test_bind_block_comments_zone_types_and_multi_line_statements(self, tmp_path):
-        text = "\n".join([
-            'zone "blocked.example" { type master; file "null.zone"; };',
-            "/* a comment block",
-            'zone "commented.example" { type master; file "null.zone"; };',
-            "*/",
-            'zone "forwarded.example" { type forward; forwarders { 192.0.2.1; }; };',
-            'zone "spread.example" {',
-            "    type primary;",
-            '    file "null.zone";',
-            "};",
-            'options { directory "/var/cache/bind"; };',
-        ])
+        text = "\n".join(
+            [
+                'zone "blocked.example" { type master; file "null.zone"; };',
+                "/* a comment block",
+                'zone "commented.example" { type master; file "null.zone"; };',
+                "*/",
+                'zone "forwarded.example" { type forward; forwarders { 192.0.2.1; }; };',
+                'zone "spread.example" {',
+                "    type primary;",
+                '    file "null.zone";',
+                "};",
+                'options { directory "/var/cache/bind"; };',
+            ]
+        )
         entries, report = read(write(tmp_path, text, "named.conf"), "bind")
         assert [e.name for e in entries] == ["blocked.example", "spread.example"]
         assert report.skipped == {"zone of type forward": 1, "BIND statement that is not a zone": 1}
 
     def test_unbound_nodefault_is_not_a_block(self, tmp_path):
-        entries, report = read(write(tmp_path, 'local-zone: "example.org" nodefault\n'
-                                                'local-zone: "bad.example" deny\n'), "unbound")
+        entries, report = read(
+            write(tmp_path, 'local-zone: "example.org" nodefault\nlocal-zone: "bad.example" deny\n'), "unbound"
+        )
         assert entries == [Entry("bad.example")] and report.skipped["local-zone type nodefault"] == 1
 
     def test_local_names_are_never_listed(self, tmp_path):

@@ -17,16 +17,39 @@ pytestmark = pytest.mark.unit
 CATALOG = load_catalog()
 
 GOOD = {
-    "id": "smith", "name": "Smith", "networks": ["198.51.100.9/29", "2001:db8:1::/56"], "cpe_ids": ["cpe-1"],
-    "timezone": "Europe/Paris", "mode": "device", "default_group": "kids",
+    "id": "smith",
+    "name": "Smith",
+    "networks": ["198.51.100.9/29", "2001:db8:1::/56"],
+    "cpe_ids": ["cpe-1"],
+    "timezone": "Europe/Paris",
+    "mode": "device",
+    "default_group": "kids",
     "policy": {"block": ["hate"], "safe_search": True},
-    "groups": {"kids": {"name": "Kids", "policy": {
-        "profile": "guest", "allow": ["School.Example."], "deny": ["*.games.example"],
-        "schedules": [{"name": "night", "days": ["fri", "sat"], "from": "23:30", "to": "06:00", "block": "all"},
-                      {"name": "study", "days": ["mon"], "from": "16:00", "to": "18:00", "block": ["hacking"]}]},
-        "paused_until": "2026-12-01T20:00:00+01:00"}},
-    "devices": {"tab": {"name": "Tablet", "macs": ["02-00-00-00-00-0A"], "client_ids": ["a1b2"],
-                        "addresses": ["192.168.1.20"], "group": "kids", "paused_until": "forever"}},
+    "groups": {
+        "kids": {
+            "name": "Kids",
+            "policy": {
+                "profile": "guest",
+                "allow": ["School.Example."],
+                "deny": ["*.games.example"],
+                "schedules": [
+                    {"name": "night", "days": ["fri", "sat"], "from": "23:30", "to": "06:00", "block": "all"},
+                    {"name": "study", "days": ["mon"], "from": "16:00", "to": "18:00", "block": ["hacking"]},
+                ],
+            },
+            "paused_until": "2026-12-01T20:00:00+01:00",
+        }
+    },
+    "devices": {
+        "tab": {
+            "name": "Tablet",
+            "macs": ["02-00-00-00-00-0A"],
+            "client_ids": ["a1b2"],
+            "addresses": ["192.168.1.20"],
+            "group": "kids",
+            "paused_until": "forever",
+        }
+    },
 }
 
 
@@ -97,8 +120,11 @@ def broken(path: str, value: object) -> dict:
         ("devices.tab.passes", {"bad..name": "2026-12-01T20:00:00Z"}, "devices.tab.passes.bad..name: empty label"),
         ("devices.tab.passes", {"phish.example": "forever"}, "devices.tab.passes.phish.example: must be a time"),
         ("devices.tab.passes", {"phish.example": "soon"}, "is not an RFC 3339 time"),
-        ("devices.tab.passes", {f"n{i}.example": "2026-12-01T20:00:00Z" for i in range(101)},
-         "devices.tab.passes: more than 100 entries"),
+        (
+            "devices.tab.passes",
+            {f"n{i}.example": "2026-12-01T20:00:00Z" for i in range(101)},
+            "devices.tab.passes: more than 100 entries",
+        ),
     ],
 )
 def test_bad_fields_are_named_by_their_path(path, value, message):
@@ -152,8 +178,14 @@ def test_identity_from_options():
 
 
 def test_umbrella_option_as_dnsmasq_writes_it():
-    payload = (b"ODNS\x01\x00" + struct.pack("!HI", 0x0008, 1234) + struct.pack("!H", 0x0010)
-               + bytes([192, 0, 2, 7]) + struct.pack("!H", 0x0040) + bytes.fromhex("0011223344556677"))
+    payload = (
+        b"ODNS\x01\x00"
+        + struct.pack("!HI", 0x0008, 1234)
+        + struct.pack("!H", 0x0010)
+        + bytes([192, 0, 2, 7])
+        + struct.pack("!H", 0x0040)
+        + bytes.fromhex("0011223344556677")
+    )
     identity = identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload})
     assert identity == Identity("192.0.2.7", None, "0011223344556677", "umbrella-org-1234")
 

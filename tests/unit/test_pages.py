@@ -32,8 +32,7 @@ def test_another_key_or_a_changed_offer_is_refused():
     changed = json.loads(base64.urlsafe_b64decode(payload))
     changed["device"] = "phone"
     forged = base64.urlsafe_b64encode(json.dumps(changed, separators=(",", ":")).encode()).decode()
-    for bad in (f"{forged}.{mac}", payload, f"{payload}.", "", "x" * 5000, f"{payload}.{mac}x", f"{payload}.é",
-                "é.é"):
+    for bad in (f"{forged}.{mac}", payload, f"{payload}.", "", "x" * 5000, f"{payload}.{mac}x", f"{payload}.é", "é.é"):
         with pytest.raises(TokenRefused):
             TOKENS.verify(bad, 1000.0)
 

@@ -67,8 +67,10 @@ def test_explicit_lists_replace_the_defaults():
 
 @pytest.mark.parametrize(
     ("settings", "message"),
-    [({"block": ["porn"]}, "policy.block: 'porn' not in the catalogue"),
-     ({"warn": ["drugs"], "block": ["drugs"]}, "policy.warn: drugs also in policy.block")],
+    [
+        ({"block": ["porn"]}, "policy.block: 'porn' not in the catalogue"),
+        ({"warn": ["drugs"], "block": ["drugs"]}, "policy.warn: drugs also in policy.block"),
+    ],
 )
 def test_bad_policy_names_the_key(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,9 +105,14 @@ def test_warning_page_answers_its_address():
 
 @pytest.mark.parametrize(
     ("settings", "rdtype", "expected"),
-    [({"answer": "nodata"}, "A", None), ({"answer": "null"}, "A", "0.0.0.0"), ({"answer": "null"}, "AAAA", "::"),
-     ({"answer": "null"}, "MX", None), ({"answer": "page", "block_page": ["192.0.2.9"]}, "A", "192.0.2.9"),
-     ({"answer": "page", "block_page": ["192.0.2.9"]}, "AAAA", None)],
+    [
+        ({"answer": "nodata"}, "A", None),
+        ({"answer": "null"}, "A", "0.0.0.0"),
+        ({"answer": "null"}, "AAAA", "::"),
+        ({"answer": "null"}, "MX", None),
+        ({"answer": "page", "block_page": ["192.0.2.9"]}, "A", "192.0.2.9"),
+        ({"answer": "page", "block_page": ["192.0.2.9"]}, "AAAA", None),
+    ],
 )
 def test_answer_modes(settings, rdtype, expected):
     message = answer_for(policy(**settings), CATALOG.mask(["drugs"]), rdtype=rdtype)
@@ -121,16 +128,22 @@ def test_memoised_answers_keep_each_clients_id_and_case():
     verdict = policy().verdict(CATALOG.mask(["drugs"]))
     base = dns.message.make_query("Blocked.Example", "A").to_wire()
     for query_id in (1, 2):
-        message = dns.message.from_wire(answers.answer(PARSER.parse(query_id.to_bytes(2, "big") + base[2:],
-                                                                   ("192.0.2.1", 1), False), verdict))
+        message = dns.message.from_wire(
+            answers.answer(PARSER.parse(query_id.to_bytes(2, "big") + base[2:], ("192.0.2.1", 1), False), verdict)
+        )
         assert message.id == query_id and str(message.question[0].name) == "Blocked.Example."
 
 
 def test_clients_are_evicted_by_second_chance_not_by_arrival(tmp_path):
     settings = PolicySettings()
     maker = PolicyMaker(CATALOG, answering_from(settings), default_policy(settings, CATALOG))
-    directory = Directory(FileStore(tmp_path / "policies.json", CATALOG), maker, CATALOG, TrustedNetworks(()),
-                          StoreSettings(client_cache=2))
+    directory = Directory(
+        FileStore(tmp_path / "policies.json", CATALOG),
+        maker,
+        CATALOG,
+        TrustedNetworks(()),
+        StoreSettings(client_cache=2),
+    )
 
     def asks(address: str):
         return directory.client(PARSER.parse(dns.message.make_query("a.example", "A").to_wire(), (address, 1), False))

@@ -29,7 +29,10 @@ def at(year: int, month: int, day: int, hour: int, minute: int = 0, zone: ZoneIn
 
 def site(mode: str = "device", **overrides) -> dict:
     document = {
-        "id": "s", "timezone": "Europe/London", "mode": mode, "policy": {"block": ["hate"]},
+        "id": "s",
+        "timezone": "Europe/London",
+        "mode": mode,
+        "policy": {"block": ["hate"]},
         "groups": {"g": {"policy": {"block": ["drugs"]}}, "bare": {}},
         "devices": {
             "own": {"macs": ["02:00:00:00:00:01"], "group": "g", "policy": {"block": ["pornography"]}},
@@ -146,6 +149,7 @@ def test_a_category_schedule_adds_categories_in_its_window():
 
 def next_change(document: dict, device: str, now: float) -> float:
     """Follow `until` from one recomputation to the next, as a worker does, to the first different policy."""
+
     def decides(policy) -> tuple:
         return policy.blocked, policy.warned, policy.block_all.reason if policy.block_all else None
 

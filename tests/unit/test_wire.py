@@ -125,8 +125,20 @@ class TestReadQuery:
             (lambda q: q[:12] + b"\xc0\x0c" + q[-4:], Rcode.FORMERR),  # pointer to itself
             (lambda q: q[:12] + b"\x40" + b"a" * 64 + b"\x00" + q[-4:], Rcode.FORMERR),  # label of 64
         ],
-        ids=["short", "qr", "update", "notify", "qd0", "qd2", "an", "ns", "cut-name", "cut-class",
-             "pointer-loop", "label-64"],
+        ids=[
+            "short",
+            "qr",
+            "update",
+            "notify",
+            "qd0",
+            "qd2",
+            "an",
+            "ns",
+            "cut-name",
+            "cut-class",
+            "pointer-loop",
+            "label-64",
+        ],
     )
     def test_hostile_headers_and_names(self, mutate, expected):
         assert rcode_of(mutate(wire())) == expected
@@ -257,8 +269,9 @@ class TestAnswers:
         assert str(answer.question[0].name) == "MiXeD.example."
 
 
-def reply_for(query_wire: bytes, *records: str, rcode: int = 0, authority: tuple[str, ...] = (),
-              edns: bool = True) -> bytes:
+def reply_for(
+    query_wire: bytes, *records: str, rcode: int = 0, authority: tuple[str, ...] = (), edns: bool = True
+) -> bytes:
     query = dns.message.from_wire(query_wire)
     reply = dns.message.make_response(query)
     reply.set_rcode(rcode)
@@ -278,8 +291,9 @@ class TestScanReply:
         return upstream_query(0x4242, self.question, do=False, cd=False)
 
     def test_records_ttls_and_opt_removed(self):
-        reply = reply_for(self.upstream(), "www.example.com. 300 IN CNAME cdn.example.net.",
-                          "cdn.example.net. 60 IN A 192.0.2.9")
+        reply = reply_for(
+            self.upstream(), "www.example.com. 300 IN CNAME cdn.example.net.", "cdn.example.net. 60 IN A 192.0.2.9"
+        )
         assert reply_matches(reply, self.question)
         scanned = scan_reply(reply, self.question)
         assert scanned.counts == (2, 0, 0)
@@ -341,8 +355,15 @@ def test_random_bytes_never_raise_anything_but_malformed(data):
 @settings(max_examples=2000, deadline=None)
 @given(st.data())
 def test_mutated_queries_parse_or_are_answered(data):
-    base = bytearray(wire("a.b.example", "AAAA", use_edns=0, want_dnssec=True,
-                          options=[dns.edns.GenericOption(OptionCode.MAC, b"\x01\x02\x03\x04\x05\x06")]))
+    base = bytearray(
+        wire(
+            "a.b.example",
+            "AAAA",
+            use_edns=0,
+            want_dnssec=True,
+            options=[dns.edns.GenericOption(OptionCode.MAC, b"\x01\x02\x03\x04\x05\x06")],
+        )
+    )
     for _ in range(data.draw(st.integers(1, 4))):
         index = data.draw(st.integers(0, len(base) - 1))
         base[index] = data.draw(st.integers(0, 255))

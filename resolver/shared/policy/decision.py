@@ -77,8 +77,16 @@ class Answering:
     warning_page: tuple[str, ...]
     ttl: int
 
-    def verdict(self, action: Action, rule: Rule, categories: int, reason: str, code: EdeCode, text: str,
-                mode: AnswerMode | None = None) -> Verdict:
+    def verdict(
+        self,
+        action: Action,
+        rule: Rule,
+        categories: int,
+        reason: str,
+        code: EdeCode,
+        text: str,
+        mode: AnswerMode | None = None,
+    ) -> Verdict:
         mode = mode or self.mode
         page = self.block_page
         if action is Action.WARN and self.warning_page:
@@ -86,8 +94,14 @@ class Answering:
         addresses = _NULL_ADDRESSES if mode is AnswerMode.NULL else page if mode is AnswerMode.PAGE else ()
         parsed = [ipaddress.ip_address(address) for address in addresses]
         return Verdict(
-            action, rule, categories, reason, ede_option(code, text), mode,
-            tuple(a.packed for a in parsed if a.version == 4), tuple(a.packed for a in parsed if a.version == 6),
+            action,
+            rule,
+            categories,
+            reason,
+            ede_option(code, text),
+            mode,
+            tuple(a.packed for a in parsed if a.version == 4),
+            tuple(a.packed for a in parsed if a.version == 6),
             self.ttl,
         )
 
@@ -182,8 +196,15 @@ class Policy:
             return ALLOWED
         if any(suffix in self.deny for suffix in suffixes):
             if self._denied is None:
-                self._denied = self.answering.verdict(Action.BLOCK, Rule.DENY, 0, "denied by policy",
-                                                      EdeCode.BLOCKED, "blocked: denied by policy", self.mode)
+                self._denied = self.answering.verdict(
+                    Action.BLOCK,
+                    Rule.DENY,
+                    0,
+                    "denied by policy",
+                    EdeCode.BLOCKED,
+                    "blocked: denied by policy",
+                    self.mode,
+                )
             return self._denied
         if any(suffix in self.passed for suffix in suffixes):
             return PASSED
@@ -193,11 +214,13 @@ class Policy:
         blocked = hit & self.blocked
         if blocked:
             names = ", ".join(self.catalog.ids(blocked))
-            return self.answering.verdict(Action.BLOCK, Rule.CATEGORY, blocked, names, EdeCode.BLOCKED,
-                                          f"blocked: {names}", self.mode)
+            return self.answering.verdict(
+                Action.BLOCK, Rule.CATEGORY, blocked, names, EdeCode.BLOCKED, f"blocked: {names}", self.mode
+            )
         names = ", ".join(self.catalog.ids(hit))
-        return self.answering.verdict(Action.WARN, Rule.CATEGORY, hit, names, EdeCode.FILTERED,
-                                      f"Web Protect: {names}", self.mode)
+        return self.answering.verdict(
+            Action.WARN, Rule.CATEGORY, hit, names, EdeCode.FILTERED, f"Web Protect: {names}", self.mode
+        )
 
 
 class Categories(Protocol):

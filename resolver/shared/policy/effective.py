@@ -61,9 +61,11 @@ def governing(site: Site | None, device: Device | None, profiles: dict[str, Poli
     group_id = device.group if device is not None else site.default_group
     if group_id is not None:
         group = site.groups.get(group_id)
-    pauses = tuple((entity.paused_until, level) for entity, level in
-                   ((device, "device"), (group, "group"), (site, "subscriber"))
-                   if entity is not None and entity.paused_until is not None)
+    pauses = tuple(
+        (entity.paused_until, level)
+        for entity, level in ((device, "device"), (group, "group"), (site, "subscriber"))
+        if entity is not None and entity.paused_until is not None
+    )
     spec, level = None, "default"
     if site.mode == "device":
         if device is not None and device.policy is not None:
@@ -72,8 +74,9 @@ def governing(site: Site | None, device: Device | None, profiles: dict[str, Poli
             spec, level = group.policy, "group"
     elif site.policy is not None:
         spec, level = site.policy, "subscriber"
-    return Governing(_with_profile(spec, profiles), level, pauses, site.zone,
-                     device.passes if device is not None else ())
+    return Governing(
+        _with_profile(spec, profiles), level, pauses, site.zone, device.passes if device is not None else ()
+    )
 
 
 def _with_profile(spec: PolicySpec | None, profiles: dict[str, PolicySpec]) -> PolicySpec | None:
@@ -100,8 +103,10 @@ def default_policy(settings: PolicySettings, catalog: Catalog) -> Policy:
     for key, ids in (("policy.block", settings.block), ("policy.warn", settings.warn)):
         unknown = [category for category in ids or () if category not in catalog]
         if unknown:
-            raise ConfigError(f"{key}: {', '.join(map(repr, unknown))} not in the catalogue "
-                              f"(known: {', '.join(c.id for c in catalog)})")
+            raise ConfigError(
+                f"{key}: {', '.join(map(repr, unknown))} not in the catalogue "
+                f"(known: {', '.join(c.id for c in catalog)})"
+            )
     both = set(settings.block or ()) & set(settings.warn or ())
     if both:
         raise ConfigError(f"policy.warn: {', '.join(sorted(both))} also in policy.block (a category is one or other)")
@@ -114,8 +119,9 @@ def _active(schedule: Schedule, weekday: int, minute: int) -> bool:
     if schedule.start < schedule.end:
         return weekday in schedule.days and schedule.start <= minute < schedule.end
     # crosses midnight (or lasts a whole day when start == end): the evening part, then the morning after
-    return (weekday in schedule.days and minute >= schedule.start) or \
-        ((weekday - 1) % 7 in schedule.days and minute < schedule.end)
+    return (weekday in schedule.days and minute >= schedule.start) or (
+        (weekday - 1) % 7 in schedule.days and minute < schedule.end
+    )
 
 
 def _next_boundary(schedules: tuple[Schedule, ...], zone: ZoneInfo, now: float) -> float:
@@ -179,19 +185,39 @@ class PolicyMaker:
             policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked, passed)
         return policy, until
 
-    def _make(self, spec: PolicySpec | None, level: str, block_all: Verdict | None, extra_blocked: int,
-              passed: tuple[str, ...]) -> Policy:
+    def _make(
+        self,
+        spec: PolicySpec | None,
+        level: str,
+        block_all: Verdict | None,
+        extra_blocked: int,
+        passed: tuple[str, ...],
+    ) -> Policy:
         if spec is None:
             base = self.default
             if block_all is None and not passed:
                 return base
-            return Policy(base.blocked, base.warned, self.answering, self.catalog, block_all=block_all, level=level,
-                          passed=wire_names(passed))
+            return Policy(
+                base.blocked,
+                base.warned,
+                self.answering,
+                self.catalog,
+                block_all=block_all,
+                level=level,
+                passed=wire_names(passed),
+            )
         warned = self.catalog.default_mask("warn") if spec.web_protect is not False else 0
         return Policy(
-            self.catalog.mask(spec.block or ()) | extra_blocked, warned, self.answering, self.catalog,
-            mode=AnswerMode(spec.answer) if spec.answer else None, allow=wire_names(spec.allow),
-            deny=wire_names(spec.deny), block_all=block_all, safe_search=bool(spec.safe_search), level=level,
+            self.catalog.mask(spec.block or ()) | extra_blocked,
+            warned,
+            self.answering,
+            self.catalog,
+            mode=AnswerMode(spec.answer) if spec.answer else None,
+            allow=wire_names(spec.allow),
+            deny=wire_names(spec.deny),
+            block_all=block_all,
+            safe_search=bool(spec.safe_search),
+            level=level,
             passed=wire_names(passed),
         )
 
@@ -199,13 +225,15 @@ class PolicyMaker:
         verdict = self._pause_verdicts.get(level)
         if verdict is None:
             verdict = self._pause_verdicts[level] = self.answering.verdict(
-                Action.BLOCK, Rule.PAUSE, 0, f"paused ({level})", EdeCode.BLOCKED, "paused")
+                Action.BLOCK, Rule.PAUSE, 0, f"paused ({level})", EdeCode.BLOCKED, "paused"
+            )
         return verdict
 
     def _schedule_verdict(self, name: str, spec: PolicySpec) -> Verdict:
         mode = AnswerMode(spec.answer) if spec.answer else None
-        return self.answering.verdict(Action.BLOCK, Rule.SCHEDULE, 0, f"schedule {name}", EdeCode.BLOCKED,
-                                      f"schedule {name}", mode)
+        return self.answering.verdict(
+            Action.BLOCK, Rule.SCHEDULE, 0, f"schedule {name}", EdeCode.BLOCKED, f"schedule {name}", mode
+        )
 
 
 def find_device(site: Site, identity: Identity) -> Device | None:

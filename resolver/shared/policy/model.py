@@ -91,9 +91,13 @@ class PolicySpec:
             *(
                 mine if mine is not None else theirs
                 for mine, theirs in (
-                    (self.block, base.block), (self.web_protect, base.web_protect), (self.allow, base.allow),
-                    (self.deny, base.deny), (self.schedules, base.schedules),
-                    (self.safe_search, base.safe_search), (self.answer, base.answer),
+                    (self.block, base.block),
+                    (self.web_protect, base.web_protect),
+                    (self.allow, base.allow),
+                    (self.deny, base.deny),
+                    (self.schedules, base.schedules),
+                    (self.safe_search, base.safe_search),
+                    (self.answer, base.answer),
                 )
             ),
         )
@@ -154,6 +158,7 @@ class Site:
 
 # --- reading documents ---------------------------------------------------------------------------------
 
+
 def _require(condition: bool, path: str, reason: str) -> None:
     if not condition:
         raise PolicyError(path, reason)
@@ -162,13 +167,15 @@ def _require(condition: bool, path: str, reason: str) -> None:
 # The helpers below run for every field of every site a worker loads: they test first and build their
 # message only for a document at fault.
 
+
 def _table(value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PolicyError(path, f"must be an object, got {type(value).__name__}")
     if not value.keys() <= allowed:
         unknown = sorted(set(value) - allowed)
-        raise PolicyError(f"{path}.{unknown[0]}" if path else unknown[0],
-                          f"unknown field; known: {', '.join(sorted(allowed))}")
+        raise PolicyError(
+            f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; known: {', '.join(sorted(allowed))}"
+        )
     return value
 
 
@@ -270,8 +277,11 @@ def _domains(value: Any, path: str) -> tuple[str, ...]:
 def _categories(value: Any, path: str, catalog: Catalog) -> tuple[str, ...]:
     categories = []
     for index, item in enumerate(_list(value, path)):
-        _require(item in catalog, f"{path}[{index}]",
-                 f"{item!r} is not a category (known: {', '.join(c.id for c in catalog)})")
+        _require(
+            item in catalog,
+            f"{path}[{index}]",
+            f"{item!r} is not a category (known: {', '.join(c.id for c in catalog)})",
+        )
         categories.append(item)
     return tuple(dict.fromkeys(categories))
 
@@ -298,8 +308,14 @@ def _schedule(value: Any, path: str, catalog: Catalog) -> Schedule:
     else:
         block_all, categories = False, _categories(block, f"{path}.block", catalog)
         _require(bool(categories), f"{path}.block", 'must be "all" or a non-empty list of categories')
-    return Schedule(_text(entry["name"], f"{path}.name", 64), frozenset(days), _minutes(entry["from"], f"{path}.from"),
-                    _minutes(entry["to"], f"{path}.to"), block_all, categories)
+    return Schedule(
+        _text(entry["name"], f"{path}.name", 64),
+        frozenset(days),
+        _minutes(entry["from"], f"{path}.from"),
+        _minutes(entry["to"], f"{path}.to"),
+        block_all,
+        categories,
+    )
 
 
 POLICY_FIELDS = {"profile", "block", "web_protect", "allow", "deny", "schedules", "safe_search", "answer"}
@@ -313,8 +329,10 @@ def parse_policy(value: Any, path: str, catalog: Catalog) -> PolicySpec | None:
     _require(answer is None or answer in ANSWERS, f"{path}.answer", f"{answer!r} is not one of {', '.join(ANSWERS)}")
     schedules = None
     if "schedules" in entry:
-        schedules = tuple(_schedule(item, f"{path}.schedules[{index}]", catalog)
-                          for index, item in enumerate(_list(entry["schedules"], f"{path}.schedules")))
+        schedules = tuple(
+            _schedule(item, f"{path}.schedules[{index}]", catalog)
+            for index, item in enumerate(_list(entry["schedules"], f"{path}.schedules"))
+        )
         names = [schedule.name for schedule in schedules]
         _require(len(set(names)) == len(names), f"{path}.schedules", "two schedules have the same name")
     return PolicySpec(
@@ -361,8 +379,9 @@ def _passes(value: Any, path: str) -> tuple[tuple[str, float], ...]:
 
 
 def _device(device_id: str, value: Any, path: str, catalog: Catalog) -> Device:
-    entry = _table(value, path, {"name", "macs", "client_ids", "addresses", "group", "policy", "paused_until",
-                                 "passes"})
+    entry = _table(
+        value, path, {"name", "macs", "client_ids", "addresses", "group", "policy", "paused_until", "passes"}
+    )
     macs = []
     for index, item in enumerate(_list(entry.get("macs", []), f"{path}.macs")):
         try:
@@ -373,10 +392,14 @@ def _device(device_id: str, value: Any, path: str, catalog: Catalog) -> Device:
         device_id,
         _text(entry.get("name", ""), f"{path}.name"),
         tuple(macs),
-        tuple(_identifier(item, f"{path}.client_ids[{i}]")
-              for i, item in enumerate(_list(entry.get("client_ids", []), f"{path}.client_ids"))),
-        tuple(_address(item, f"{path}.addresses[{i}]")
-              for i, item in enumerate(_list(entry.get("addresses", []), f"{path}.addresses"))),
+        tuple(
+            _identifier(item, f"{path}.client_ids[{i}]")
+            for i, item in enumerate(_list(entry.get("client_ids", []), f"{path}.client_ids"))
+        ),
+        tuple(
+            _address(item, f"{path}.addresses[{i}]")
+            for i, item in enumerate(_list(entry.get("addresses", []), f"{path}.addresses"))
+        ),
         _identifier(entry["group"], f"{path}.group") if entry.get("group") is not None else None,
         parse_policy(entry.get("policy"), f"{path}.policy", catalog),
         parse_time(entry.get("paused_until"), f"{path}.paused_until"),
@@ -384,8 +407,19 @@ def _device(device_id: str, value: Any, path: str, catalog: Catalog) -> Device:
     )
 
 
-SITE_FIELDS = {"id", "name", "networks", "cpe_ids", "timezone", "mode", "policy", "paused_until", "default_group",
-               "groups", "devices"}
+SITE_FIELDS = {
+    "id",
+    "name",
+    "networks",
+    "cpe_ids",
+    "timezone",
+    "mode",
+    "policy",
+    "paused_until",
+    "default_group",
+    "groups",
+    "devices",
+}
 
 
 def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
@@ -403,9 +437,12 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
     for group_id, group in _mapping(entry.get("groups", {}), "groups").items():
         path = f"groups.{_identifier(group_id, 'groups')}"
         body = _table(group, path, {"name", "policy", "paused_until"})
-        groups[group_id] = Group(group_id, _text(body.get("name", ""), f"{path}.name"),
-                                 parse_policy(body.get("policy"), f"{path}.policy", catalog),
-                                 parse_time(body.get("paused_until"), f"{path}.paused_until"))
+        groups[group_id] = Group(
+            group_id,
+            _text(body.get("name", ""), f"{path}.name"),
+            parse_policy(body.get("policy"), f"{path}.policy", catalog),
+            parse_time(body.get("paused_until"), f"{path}.paused_until"),
+        )
     devices = {}
     raw_devices = _mapping(entry.get("devices", {}), "devices")
     seen_macs: dict[bytes, str] = {}
@@ -414,35 +451,55 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
     for device_id, device in raw_devices.items():
         path = f"devices.{_identifier(device_id, 'devices')}"
         parsed = devices[device_id] = _device(device_id, device, path, catalog)
-        _require(parsed.group is None or parsed.group in groups, f"{path}.group",
-                 f"no group {parsed.group!r} in this site")
+        _require(
+            parsed.group is None or parsed.group in groups, f"{path}.group", f"no group {parsed.group!r} in this site"
+        )
         # Checked with `if` rather than `_require`: the messages are built only for a document at fault.
         for index, mac in enumerate(parsed.macs):
             if mac in seen_macs:
-                raise PolicyError(f"{path}.macs[{index}]", f"{mac_text(mac)} already belongs to device "
-                                                            f"{seen_macs[mac]}")
+                raise PolicyError(
+                    f"{path}.macs[{index}]", f"{mac_text(mac)} already belongs to device {seen_macs[mac]}"
+                )
             seen_macs[mac] = device_id
         for index, client_id in enumerate(parsed.client_ids):
             if client_id in seen_ids:
-                raise PolicyError(f"{path}.client_ids[{index}]", f"{client_id!r} already belongs to device "
-                                                                 f"{seen_ids[client_id]}")
+                raise PolicyError(
+                    f"{path}.client_ids[{index}]", f"{client_id!r} already belongs to device {seen_ids[client_id]}"
+                )
             seen_ids[client_id] = device_id
         for index, address in enumerate(parsed.addresses):
             if address in seen_addresses:
-                raise PolicyError(f"{path}.addresses[{index}]", f"{address} already belongs to device "
-                                                                f"{seen_addresses[address]}")
+                raise PolicyError(
+                    f"{path}.addresses[{index}]", f"{address} already belongs to device {seen_addresses[address]}"
+                )
             seen_addresses[address] = device_id
     default_group = entry.get("default_group")
-    _require(default_group is None or default_group in groups, "default_group",
-             f"no group {default_group!r} in this site")
-    networks = tuple(dict.fromkeys(_network(item, f"networks[{i}]")
-                                   for i, item in enumerate(_list(entry.get("networks", []), "networks"))))
-    cpe_ids = tuple(dict.fromkeys(_identifier(item, f"cpe_ids[{i}]")
-                                  for i, item in enumerate(_list(entry.get("cpe_ids", []), "cpe_ids"))))
+    _require(
+        default_group is None or default_group in groups, "default_group", f"no group {default_group!r} in this site"
+    )
+    networks = tuple(
+        dict.fromkeys(
+            _network(item, f"networks[{i}]") for i, item in enumerate(_list(entry.get("networks", []), "networks"))
+        )
+    )
+    cpe_ids = tuple(
+        dict.fromkeys(
+            _identifier(item, f"cpe_ids[{i}]") for i, item in enumerate(_list(entry.get("cpe_ids", []), "cpe_ids"))
+        )
+    )
     return Site(
-        _identifier(entry["id"], "id"), _text(entry.get("name", ""), "name"), networks, cpe_ids, timezone, mode,
-        parse_policy(entry.get("policy"), "policy", catalog), parse_time(entry.get("paused_until"), "paused_until"),
-        default_group, groups, devices, version,
+        _identifier(entry["id"], "id"),
+        _text(entry.get("name", ""), "name"),
+        networks,
+        cpe_ids,
+        timezone,
+        mode,
+        parse_policy(entry.get("policy"), "policy", catalog),
+        parse_time(entry.get("paused_until"), "paused_until"),
+        default_group,
+        groups,
+        devices,
+        version,
     )
 
 
@@ -454,6 +511,7 @@ def parse_profile(name: str, value: Any, catalog: Catalog) -> PolicySpec:
 
 
 # --- writing documents -----------------------------------------------------------------------------------
+
 
 def policy_document(spec: PolicySpec | None) -> dict[str, Any] | None:
     if spec is None:
@@ -469,9 +527,13 @@ def policy_document(spec: PolicySpec | None) -> dict[str, Any] | None:
             document[name] = getattr(spec, name)
     if spec.schedules is not None:
         document["schedules"] = [
-            {"name": s.name, "days": [DAYS[day] for day in sorted(s.days)],
-             "from": f"{s.start // 60:02d}:{s.start % 60:02d}", "to": f"{s.end // 60:02d}:{s.end % 60:02d}",
-             "block": "all" if s.block_all else list(s.categories)}
+            {
+                "name": s.name,
+                "days": [DAYS[day] for day in sorted(s.days)],
+                "from": f"{s.start // 60:02d}:{s.start % 60:02d}",
+                "to": f"{s.end // 60:02d}:{s.end % 60:02d}",
+                "block": "all" if s.block_all else list(s.categories),
+            }
             for s in spec.schedules
         ]
     return document
@@ -480,16 +542,32 @@ def policy_document(spec: PolicySpec | None) -> dict[str, Any] | None:
 def site_document(site: Site) -> dict[str, Any]:
     """The canonical document of a site (what is stored; parse_site of it gives the same site)."""
     return {
-        "id": site.id, "name": site.name, "networks": list(site.networks), "cpe_ids": list(site.cpe_ids),
-        "timezone": site.timezone, "mode": site.mode, "policy": policy_document(site.policy),
-        "paused_until": time_document(site.paused_until), "default_group": site.default_group,
-        "groups": {g.id: {"name": g.name, "policy": policy_document(g.policy),
-                          "paused_until": time_document(g.paused_until)} for g in site.groups.values()},
-        "devices": {d.id: {"name": d.name, "macs": [mac_text(m) for m in d.macs], "client_ids": list(d.client_ids),
-                           "addresses": list(d.addresses), "group": d.group, "policy": policy_document(d.policy),
-                           "paused_until": time_document(d.paused_until),
-                           "passes": {name: time_document(until) for name, until in d.passes}}
-                    for d in site.devices.values()},
+        "id": site.id,
+        "name": site.name,
+        "networks": list(site.networks),
+        "cpe_ids": list(site.cpe_ids),
+        "timezone": site.timezone,
+        "mode": site.mode,
+        "policy": policy_document(site.policy),
+        "paused_until": time_document(site.paused_until),
+        "default_group": site.default_group,
+        "groups": {
+            g.id: {"name": g.name, "policy": policy_document(g.policy), "paused_until": time_document(g.paused_until)}
+            for g in site.groups.values()
+        },
+        "devices": {
+            d.id: {
+                "name": d.name,
+                "macs": [mac_text(m) for m in d.macs],
+                "client_ids": list(d.client_ids),
+                "addresses": list(d.addresses),
+                "group": d.group,
+                "policy": policy_document(d.policy),
+                "paused_until": time_document(d.paused_until),
+                "passes": {name: time_document(until) for name, until in d.passes},
+            }
+            for d in site.devices.values()
+        },
     }
 
 

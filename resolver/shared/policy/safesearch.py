@@ -19,8 +19,16 @@ _GOOGLE_RESTRICT = text_to_name("forcesafesearch.google.com")
 _EXACT = {
     text_to_name(name): text_to_name(target)
     for names, target in (
-        (("www.youtube.com", "m.youtube.com", "youtubei.googleapis.com", "youtube.googleapis.com",
-          "www.youtube-nocookie.com"), "restrict.youtube.com"),
+        (
+            (
+                "www.youtube.com",
+                "m.youtube.com",
+                "youtubei.googleapis.com",
+                "youtube.googleapis.com",
+                "www.youtube-nocookie.com",
+            ),
+            "restrict.youtube.com",
+        ),
         (("www.bing.com", "bing.com"), "strict.bing.com"),
         (("duckduckgo.com", "www.duckduckgo.com", "start.duckduckgo.com"), "safe.duckduckgo.com"),
     )
@@ -47,5 +55,3 @@ def restrict_name(name: bytes) -> bytes | None:
     if len(labels) == 1 or (len(labels) == 2 and labels[0] in _GOOGLE_SECOND_LEVEL):
         return _GOOGLE_RESTRICT
     return None
-
-

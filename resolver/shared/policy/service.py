@@ -63,6 +63,7 @@ class PolicyService:
 
     async def set_site_fields(self, site_id: str, fields: dict[str, Any], create: bool = True) -> Site:
         """Set some of a site's own fields (name, networks, cpe_ids, timezone, mode, default_group…)."""
+
         def change(document: SiteDocument) -> SiteDocument:
             document.update(fields)
             return document
@@ -88,6 +89,7 @@ class PolicyService:
 
     async def delete_group(self, site_id: str, group_id: str) -> Site:
         """Remove a group; its devices stay, in no group."""
+
         def change(document: SiteDocument) -> SiteDocument:
             _entity(document, ("group", group_id))
             del document["groups"][group_id]
@@ -126,6 +128,7 @@ class PolicyService:
 
     async def set_policy(self, site_id: str, target: Target, policy: dict[str, Any] | None) -> Site:
         """Set (or, with None, remove) the policy of the site, a group or a device."""
+
         def change(document: SiteDocument) -> SiteDocument:
             _entity(document, target)["policy"] = policy
             return document
@@ -159,10 +162,14 @@ class PolicyService:
     async def grant_pass(self, site_id: str, device_id: str, name: str, until: float, now: float) -> Site:
         """Let a device continue past Web Protect warnings for `name` until `until`. Passes that have ended
         are dropped; a pass already reaching further is kept as it is."""
+
         def change(document: SiteDocument) -> SiteDocument:
             device = _entity(document, ("device", device_id))
-            passes = {other: end for other, end in (device.get("passes") or {}).items()
-                      if (parse_time(end, "passes") or 0) > now}
+            passes = {
+                other: end
+                for other, end in (device.get("passes") or {}).items()
+                if (parse_time(end, "passes") or 0) > now
+            }
             current = parse_time(passes.get(name), "passes") or 0
             passes[name] = time_document(max(current, until))
             device["passes"] = passes

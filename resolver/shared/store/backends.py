@@ -50,13 +50,22 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
         return Backends(
             RedisStore(redis, catalog, settings.write_replicas),
             RedisPublications(catalog, served, redis, cache / "fetched", settled),
-            RedisShelf(redis), RedisUsedTokens(redis), Secret(config.pages.secret, redis),
-            redis.listen, redis.close)
+            RedisShelf(redis),
+            RedisUsedTokens(redis),
+            Secret(config.pages.secret, redis),
+            redis.listen,
+            redis.close,
+        )
     policies = FileStore(Path(settings.file), catalog) if settings.file else None
     return Backends(
-        policies, LocalPublications(catalog, served, cache / "versions"), LocalShelf(cache / "sources"),
-        LocalUsedTokens(), Secret(config.pages.secret, None),
-        policies.poll if policies is not None else _nothing, _nothing)
+        policies,
+        LocalPublications(catalog, served, cache / "versions"),
+        LocalShelf(cache / "sources"),
+        LocalUsedTokens(),
+        Secret(config.pages.secret, None),
+        policies.poll if policies is not None else _nothing,
+        _nothing,
+    )
 
 
 async def _nothing() -> None:

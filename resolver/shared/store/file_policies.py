@@ -105,8 +105,7 @@ class FileStore(Store):
 
     async def load_profiles(self) -> dict[str, PolicySpec]:
         self.refresh()
-        return {name: parse_profile(name, entry["doc"], self.catalog)
-                for name, entry in self._data["profiles"].items()}
+        return {name: parse_profile(name, entry["doc"], self.catalog) for name, entry in self._data["profiles"].items()}
 
     def watch(self, apply: Apply) -> None:
         self._apply = apply
@@ -188,8 +187,9 @@ class FileStore(Store):
                 for index, network in enumerate(site.networks):
                     owner = self._owner_of_network(network)
                     if owner not in (None, site.id):
-                        raise PolicyError(f"networks[{index}]", f"{network} of site {site.id} already belongs to "
-                                                                 f"site {owner}")
+                        raise PolicyError(
+                            f"networks[{index}]", f"{network} of site {site.id} already belongs to site {owner}"
+                        )
                 for cpe in site.cpe_ids:
                     if self._cpes.get(cpe, site.id) != site.id:
                         owner = self._cpes[cpe]

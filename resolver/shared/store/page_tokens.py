@@ -23,6 +23,7 @@ class UsedTokens(ABC):
     async def release(self, nonce: str) -> None:
         """Forget a claim whose pass could not be written, so that the user can press the button again."""
 
+
 class LocalUsedTokens(UsedTokens):
     """One node without Redis: its admin process is the only one that accepts tokens."""
 
@@ -41,6 +42,7 @@ class LocalUsedTokens(UsedTokens):
     async def release(self, nonce: str) -> None:
         self._used.pop(nonce, None)
 
+
 class RedisUsedTokens(UsedTokens):
     """Every node shares Redis: SET NX with the token's expiry, so a token is accepted once in the fleet."""
 
@@ -48,11 +50,15 @@ class RedisUsedTokens(UsedTokens):
         self._store = connection
 
     async def claim(self, nonce: str, expires: float) -> bool:
-        return bool(await self._store.call(self._store.client.set(self._store.key("pages", "used", nonce), "1",
-                                                                  nx=True, exat=int(expires) + 1)))
+        return bool(
+            await self._store.call(
+                self._store.client.set(self._store.key("pages", "used", nonce), "1", nx=True, exat=int(expires) + 1)
+            )
+        )
 
     async def release(self, nonce: str) -> None:
         await self._store.call(self._store.client.delete(self._store.key("pages", "used", nonce)))
+
 
 class Secret:
     """The key that signs tokens: configured, else shared by every node through Redis (made by the first

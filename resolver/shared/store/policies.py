@@ -39,8 +39,10 @@ Apply = Callable[[Change], Awaitable[None]]
 def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
     """Networks of every prefix length in use that could contain `address`, longest first."""
     ip = ipaddress.ip_address(address)
-    return [ipaddress.ip_network(f"{ip}/{length}", strict=False).compressed
-            for length in sorted(lengths.get(ip.version, ()), reverse=True)]
+    return [
+        ipaddress.ip_network(f"{ip}/{length}", strict=False).compressed
+        for length in sorted(lengths.get(ip.version, ()), reverse=True)
+    ]
 
 
 class Store(ABC):
@@ -127,12 +129,4 @@ class Store(ABC):
 # --- Redis -------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
 # --- the embedded file -------------------------------------------------------------------------------------
-
-
-

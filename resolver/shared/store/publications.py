@@ -60,8 +60,9 @@ def inspect(path: Path, catalog: Catalog) -> ListVersion:
     artifact = open_artifact(path)
     check_catalog(artifact, catalog)
     counts = {category: int(info.get("count", 0)) for category, info in artifact.header["categories"].items()}
-    return ListVersion(artifact.version, artifact.header["checksum"], path.stat().st_size, artifact.names,
-                       time.time(), counts)
+    return ListVersion(
+        artifact.version, artifact.header["checksum"], path.stat().st_size, artifact.names, time.time(), counts
+    )
 
 
 def install(source: Path, served: Path) -> None:
@@ -150,8 +151,9 @@ class LocalPublications(Publications):
 
 
 class RedisPublications(Publications):
-    def __init__(self, catalog: Catalog, served: Path, connection: RedisConnection, scratch: Path,
-                 settled: Settled | None = None) -> None:
+    def __init__(
+        self, catalog: Catalog, served: Path, connection: RedisConnection, scratch: Path, settled: Settled | None = None
+    ) -> None:
         super().__init__(catalog, served, settled)
         self.connection = connection
         self.scratch = scratch
@@ -178,9 +180,14 @@ class RedisPublications(Publications):
         described = inspect(path, self.catalog)
         data = path.read_bytes()
         chunks = [data[start : start + CHUNK] for start in range(0, len(data), CHUNK)] or [b""]
-        meta = {"checksum": described.checksum, "size": described.size, "chunks": len(chunks),
-                "names": described.names, "published_at": described.published_at,
-                "counts": json.dumps(described.counts)}
+        meta = {
+            "checksum": described.checksum,
+            "size": described.size,
+            "chunks": len(chunks),
+            "names": described.names,
+            "published_at": described.published_at,
+            "counts": json.dumps(described.counts),
+        }
         version = described.version
         async with self.connection.client.pipeline(transaction=True) as pipe:
             for number, chunk in enumerate(chunks):
@@ -198,8 +205,14 @@ class RedisPublications(Publications):
         if not meta:
             return None
         field = {key.decode(): value.decode() for key, value in meta.items()}
-        return ListVersion(version, field["checksum"], int(field["size"]), int(field["names"]),
-                           float(field["published_at"]), json.loads(field["counts"]))
+        return ListVersion(
+            version,
+            field["checksum"],
+            int(field["size"]),
+            int(field["names"]),
+            float(field["published_at"]),
+            json.loads(field["counts"]),
+        )
 
     async def versions(self) -> tuple[list[ListVersion], str | None]:
         client = self.connection.client
@@ -232,8 +245,11 @@ class RedisPublications(Publications):
         if notice.kind == "down":
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                log.warning("lists: cannot follow published versions (%s); still serving %s, retrying", notice.data,
-                            self.installed)
+                log.warning(
+                    "lists: cannot follow published versions (%s); still serving %s, retrying",
+                    notice.data,
+                    self.installed,
+                )
             return
         if notice.kind == "up" and self._down_since is not None:
             log.info("lists: following published versions again after %.1f s", time.monotonic() - self._down_since)
@@ -285,6 +301,5 @@ class RedisPublications(Publications):
             return
         finally:
             fetched.unlink(missing_ok=True)
-        log.info("lists: installed published version %s (%d names), was %s", version, described.names,
-                 self.installed)
+        log.info("lists: installed published version %s (%d names), was %s", version, described.names, self.installed)
         self._installed = version

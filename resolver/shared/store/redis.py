@@ -107,8 +107,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     unknown = set(query) - {"sentinel_password"}
     if unknown:
         raise ValueError(f"{url!r}: unknown parameter {sorted(unknown)[0]!r} (known: sentinel_password)")
-    return SentinelTarget(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, username, password,
-                          query.get("sentinel_password", [None])[0])
+    return SentinelTarget(
+        tuple(sentinels),
+        path[0],
+        int(path[1]) if len(path) == 2 else 0,
+        username,
+        password,
+        query.get("sentinel_password", [None])[0],
+    )
 
 
 def check_redis_url(url: str) -> str:
@@ -119,8 +125,9 @@ def check_redis_url(url: str) -> str:
     if scheme in _SENTINEL_SCHEMES:
         parse_sentinel_url(url)
     elif scheme not in _PLAIN_SCHEMES:
-        raise ValueError(f"{url!r}: expected redis://, rediss://, unix:// or sentinel:// "
-                         f"(sentinel://host:26379,host:26379/service)")
+        raise ValueError(
+            f"{url!r}: expected redis://, rediss://, unix:// or sentinel:// (sentinel://host:26379,host:26379/service)"
+        )
     return url
 
 
@@ -132,17 +139,26 @@ def connect(url: str, timeout: float, retries: int = 1, **options: Any) -> redis
     """A client for `url`. `retries`: calls repeated at once on a fresh connection after a connection error
     (after a restart of Redis every pooled connection is dead; 0 where a repeat must not happen unseen)."""
     settings: dict[str, Any] = {
-        "socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), retries),
-        "retry_on_error": [ConnectionError, TimeoutError] if retries else [], **options,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), retries),
+        "retry_on_error": [ConnectionError, TimeoutError] if retries else [],
+        **options,
     }
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **settings)
     target = parse_sentinel_url(url)
     sentinel = Sentinel(
         list(target.sentinels),
-        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                         "password": target.sentinel_password},
-        username=target.username, password=target.password, db=target.db, **settings,
+        sentinel_kwargs={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "password": target.sentinel_password,
+        },
+        username=target.username,
+        password=target.password,
+        db=target.db,
+        **settings,
     )
     return sentinel.master_for(target.service)
 

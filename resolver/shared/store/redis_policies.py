@@ -38,6 +38,7 @@ local found = redis.call('HMGET', KEYS[3] .. site, 'doc', 'version')
 return {site, found[1] or false, found[2] or false}
 """
 
+
 class RedisStore(Store):
     confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
 
@@ -252,13 +253,17 @@ class RedisStore(Store):
                 break
             except STORE_ERRORS as exc:
                 if time.monotonic() >= deadline:
-                    raise WriteUnknown(f"the write was sent but {self.unavailable(failure or exc)} before it "
-                                       f"could be confirmed; read it back to see whether it was applied") from None
+                    raise WriteUnknown(
+                        f"the write was sent but {self.unavailable(failure or exc)} before it "
+                        f"could be confirmed; read it back to see whether it was applied"
+                    ) from None
                 await asyncio.sleep(0.1)
         if found and acks and acks[0] < self.write_replicas:
-            raise WriteUnknown(f"the write was applied on the primary, but {acks[0]} of the "
-                               f"{self.write_replicas} replicas asked (store.write_replicas) confirmed it within "
-                               f"{self.confirm_seconds:.0f} s: it may be lost if the primary fails now")
+            raise WriteUnknown(
+                f"the write was applied on the primary, but {acks[0]} of the "
+                f"{self.write_replicas} replicas asked (store.write_replicas) confirmed it within "
+                f"{self.confirm_seconds:.0f} s: it may be lost if the primary fails now"
+            )
         return bool(found)
 
     async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
@@ -312,8 +317,12 @@ class RedisStore(Store):
             reads = self.client.pipeline(transaction=False)
             for site in chunk:
                 reads.hmget(self.key("site", site.id), "doc", "version")
-            claims = [(index_name, value, site.id) for index_name in ("net", "cpe") for site in chunk
-                      for value in (site.networks if index_name == "net" else site.cpe_ids)]
+            claims = [
+                (index_name, value, site.id)
+                for index_name in ("net", "cpe")
+                for site in chunk
+                for value in (site.networks if index_name == "net" else site.cpe_ids)
+            ]
             for index_name in ("net", "cpe"):
                 values = [value for name, value, _ in claims if name == index_name]
                 if values:
@@ -331,8 +340,10 @@ class RedisStore(Store):
                 site.version = int(version or 0) + 1
                 self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
             if not await self._commit(writes):
-                raise StoreUnavailable(f"import: sites {start + 1} to {start + len(sites[start:start + batch])} were "
-                                       f"not written (lost in a failover); the ones before were: import again")
+                raise StoreUnavailable(
+                    f"import: sites {start + 1} to {start + len(sites[start : start + batch])} were "
+                    f"not written (lost in a failover); the ones before were: import again"
+                )
         return len(sites)
 
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
@@ -353,6 +364,7 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self.connection.close()
+
 
 def _length_key(network: str) -> str:
     parsed = ipaddress.ip_network(network)

@@ -32,6 +32,7 @@ class SourceEntry:
     rejected: int
     added_at: float
 
+
 class Shelf(ABC):
     """Where the entries and the uploaded bytes are kept."""
 
@@ -46,6 +47,7 @@ class Shelf(ABC):
 
     @abstractmethod
     async def copy_upload(self, entry: SourceEntry, to: Path) -> None: ...
+
 
 class LocalShelf(Shelf):
     def __init__(self, directory: Path) -> None:
@@ -83,6 +85,7 @@ class LocalShelf(Shelf):
     async def copy_upload(self, entry: SourceEntry, to: Path) -> None:
         shutil.copyfile(self.directory / f"{entry.id}.src", to)
 
+
 class RedisShelf(Shelf):
     """Entries in one hash; an upload's bytes chunk by chunk (read off the event loop, one SET each, so a
     big file is never whole in memory), and its entry last, so a half-stored upload is never listed."""
@@ -100,8 +103,7 @@ class RedisShelf(Shelf):
             with upload.open("rb") as data:
                 for number in range(_chunks(entry.size)):
                     chunk = await asyncio.to_thread(data.read, CHUNK)
-                    await self.store.call(client.set(self.store.key("sources", "data", entry.id, str(number)),
-                                                     chunk))
+                    await self.store.call(client.set(self.store.key("sources", "data", entry.id, str(number)), chunk))
         await self.store.call(client.hset(self.store.key("sources"), entry.id, json.dumps(asdict(entry))))
 
     async def remove(self, source_id: str) -> bool:
@@ -123,6 +125,7 @@ class RedisShelf(Shelf):
         write_atomically(to, parts)
         if file_digest(to) != entry.sha256:
             raise BnsError(f"source {entry.id}: its stored bytes do not match its digest; upload it again")
+
 
 def _chunks(size: int) -> int:
     return max(1, -(-size // CHUNK))
