@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,7 +36,7 @@ class Catalog:
         self.by_id = {category.id: category for category in self.categories}
         self.by_bit = {category.bit: category for category in self.categories}
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[Category]:
         return iter(self.categories)
 
     def __contains__(self, category_id: object) -> bool:

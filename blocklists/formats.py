@@ -72,7 +72,7 @@ def open_text(path: Path) -> Iterator[str]:
             gzipped = probe.read(2) == b"\x1f\x8b"
         opener = gzip.open if gzipped else open
         # utf-8-sig: a byte-order mark at the start is not part of the first line
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline=None) as lines:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline=None) as lines:
             yield from lines
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
@@ -180,7 +180,7 @@ class _BindReader:
         self.depth = 0
 
     def _without_comments(self, line: str) -> str:
-        out = []
+        out: list[str] = []
         pos = 0
         while pos < len(line):
             if self.in_comment:

@@ -47,7 +47,7 @@ class Explainer:
         except (BadName, ValueError) as exc:
             raise PolicyError("name", str(exc)) from None
         identity = self._identity(question)
-        at = parse_time(question.get("at"), "at") if question.get("at") is not None else time.time()
+        at = parse_time(question.get("at"), "at") or time.time()
         site = device = None
         profiles = {"guest": guest_profile(self.catalog)}
         if self.store is not None:

@@ -449,7 +449,7 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         if name not in table:
             continue
         kind = hints[name]
-        if is_dataclass(kind):
+        if isinstance(kind, type) and is_dataclass(kind):
             values[name] = _build(kind, table[name], f"{prefix}{name}.")
         else:
             values[name] = _check_value(f"{prefix}{name}", kind, spec.metadata, table[name])
@@ -505,13 +505,16 @@ def load_config(
     return config
 
 
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # "server" → ServerSettings…
+
+
 def _flatten(config: Config) -> dict[str, tuple[Any, bool]]:
     """ "section.key" → (value, live) for every setting."""
     return {
         f"{section.name}.{spec.name}": (getattr(getattr(config, section.name), spec.name), spec.metadata["live"])
         for section in fields(Config)
-        for spec in fields(section.default_factory)
-    }  # type: ignore[misc]
+        for spec in fields(_SECTIONS[section.name])
+    }
 
 
 def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[str]]:
@@ -536,7 +539,7 @@ def describe_settings() -> list[tuple[str, str, str]]:
     """(key, default, description) for every setting: the reference table in the README comes from here."""
     rows = []
     for section in fields(Config):
-        for spec in fields(section.default_factory):  # type: ignore[misc]
+        for spec in fields(_SECTIONS[section.name]):
             default = spec.default
             if isinstance(default, Endpoint):
                 default = str(default)

@@ -57,15 +57,15 @@ class Supervisor:
         self,
         config: Config,
         socket_sets: list[SocketSet],
-        http: HttpSockets | None = None,
-        run: RunDirectory | None = None,
+        http: HttpSockets,
+        run: RunDirectory,
         load_config: Callable[[], Config] | None = None,
     ) -> None:
         """`run`: this node's run directory, removed when it stops. `load_config`: reads the configuration
         again (the file and the command line's flags) on SIGHUP."""
         self.config = config
         self.socket_sets = socket_sets
-        self.http = http or HttpSockets(None, [])
+        self.http = http
         self.run_directory = run
         self.load_config = load_config
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
@@ -78,8 +78,8 @@ class Supervisor:
         wakeup.setblocking(False)
         self._wakeup.setblocking(False)
         signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
-        for signum in (*CHILD_SIGNALS, signal.SIGCHLD):
-            signal.signal(signum, self._note_signal)
+        for handled in (*CHILD_SIGNALS, signal.SIGCHLD):
+            signal.signal(handled, self._note_signal)
         for index in range(len(self.socket_sets)):
             self._spawn(index)
         if self.http.admin is not None or self.http.pages or self.config.store.redis:
@@ -110,8 +110,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for socket_set in self.socket_sets:
             socket_set.close()
-        if self.run_directory is not None:
-            self.run_directory.remove()
+        self.run_directory.remove()
         log.info("stopped")
         return 1 if failed else 0
 
@@ -163,7 +162,7 @@ class Supervisor:
     def _reload(self) -> None:
         """SIGHUP: read the configuration again; apply what can change live, in every process; say what needs
         a restart. A configuration that does not load, or a list that does not verify, changes nothing."""
-        if self.load_config is None or self.run_directory is None:
+        if self.load_config is None:
             log.info("SIGHUP: nothing to reload from")
             return
         try:

@@ -91,10 +91,11 @@ class CachedAnswer:
         low = self.low_flags_ad if (data[3] & _FLAG_AD or query.do) else self.low_flags_plain
         flags = bytes((0x80 | (data[2] & 0x01), low | (data[3] & _FLAG_CD)))
         if query.edns:
-            parts = (data[:2], flags, self.counts_edns, data[HEADER_LEN : query.qend], body, self.opts[query.do])
+            message = b"".join(
+                (data[:2], flags, self.counts_edns, data[HEADER_LEN : query.qend], body, self.opts[query.do])
+            )
         else:
-            parts = (data[:2], flags, self.counts, data[HEADER_LEN : query.qend], body)
-        message = b"".join(parts)
+            message = b"".join((data[:2], flags, self.counts, data[HEADER_LEN : query.qend], body))
         if len(message) > query.limit:
             return truncated_answer(request, self.rcode)
         return message

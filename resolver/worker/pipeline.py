@@ -132,7 +132,9 @@ class Resolver:
         query = request.query
         key = target + query.key[len(query.name) :]  # the same type, class and DO/CD, for the restrict name
         now = self._clock()
-        entry = self.cache.get(key, now) or await asyncio.shield(self._fetch(key, query.do, query.cd))
+        entry = self.cache.get(key, now)
+        if entry is None:
+            entry = await asyncio.shield(self._fetch(key, query.do, query.cd))
         return safe_search_answer(request, target, entry, self._clock())
 
     def _fetch(self, key: bytes, do: bool, cd: bool) -> asyncio.Future[CachedAnswer]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -68,7 +69,7 @@ class Worker:
             self._tasks.append(loop.create_task(self._release_when_lists_are_in(self.run)))
         for sock in self.sockets.udp:
             listener = UdpListener(self.resolver, self.in_flight)
-            await loop.create_datagram_endpoint(lambda listener=listener: listener, sock=sock)
+            await loop.create_datagram_endpoint(functools.partial(_same, listener), sock=sock)
             self._udp.append(listener)
         settings = self.config.server
         for sock in self.sockets.tcp:
@@ -149,6 +150,10 @@ class Worker:
             task.cancel()
         await self.backends.close()
         self.resolver.close()
+
+
+def _same(listener: UdpListener) -> UdpListener:
+    return listener
 
 
 async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:

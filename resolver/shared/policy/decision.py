@@ -18,6 +18,7 @@ keyed on the Verdict object), and the common one, "resolves", is ready-made.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -243,7 +244,7 @@ def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = 
         if listed is PASSED:
             filtered, passed = policy.blocked, True
         elif listed is not None:
-            return policy.answered(listed)  # type: ignore[arg-type]  (the deny verdict)
+            return policy.answered(listed)  # type: ignore[arg-type]  # the deny verdict
     bits = lists.categories(name)
     if bits & filtered:
         return policy.answered(policy.verdict(bits))
@@ -252,7 +253,7 @@ def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = 
     return policy.resolving(Rule.CONTINUE if passed and bits & policy.warned else Rule.NONE, filtered)
 
 
-def judge_chain(policy: Policy, targets: list[bytes], lists: Categories, judged: int) -> Verdict | None:
+def judge_chain(policy: Policy, targets: Sequence[bytes], lists: Categories, judged: int) -> Verdict | None:
     """The verdict on the first name of an answer's CNAME chain that the policy blocks or warns on, if any."""
     if not (judged or policy.has_lists):
         return None

@@ -31,7 +31,7 @@ import binascii
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -85,22 +85,16 @@ class PolicySpec:
     answer: str | None = None
 
     def over(self, base: PolicySpec) -> PolicySpec:
-        """This spec's fields where set, `base`'s elsewhere."""
+        """This spec's fields where set, `base`'s elsewhere (the profile's name itself is not carried)."""
         return PolicySpec(
-            None,
-            *(
-                mine if mine is not None else theirs
-                for mine, theirs in (
-                    (self.block, base.block),
-                    (self.web_protect, base.web_protect),
-                    (self.allow, base.allow),
-                    (self.deny, base.deny),
-                    (self.schedules, base.schedules),
-                    (self.safe_search, base.safe_search),
-                    (self.answer, base.answer),
-                )
-            ),
+            **{
+                name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
+                for name in _SPEC_FIELDS
+            }
         )
+
+
+_SPEC_FIELDS = tuple(spec.name for spec in fields(PolicySpec) if spec.name != "profile")
 
 
 @dataclass(eq=False)
@@ -303,6 +297,7 @@ def _schedule(value: Any, path: str, catalog: Catalog) -> Schedule:
         days.add(DAYS.index(day))
     _require(bool(days), f"{path}.days", "names no day")
     block = entry["block"]
+    categories: tuple[str, ...]
     if block == "all":
         block_all, categories = True, ()
     else:

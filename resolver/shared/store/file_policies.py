@@ -9,7 +9,7 @@ import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ class FileStore(Store):
                 yield Change("networks")
 
     @contextlib.contextmanager
-    def _locked(self):  # noqa: ANN202
+    def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

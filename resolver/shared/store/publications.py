@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.typing import EncodableT, FieldT
+
 from blocklists.artifact import open_artifact, write_atomically
 from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
@@ -180,7 +182,7 @@ class RedisPublications(Publications):
         described = inspect(path, self.catalog)
         data = path.read_bytes()
         chunks = [data[start : start + CHUNK] for start in range(0, len(data), CHUNK)] or [b""]
-        meta = {
+        meta: dict[FieldT, EncodableT] = {
             "checksum": described.checksum,
             "size": described.size,
             "chunks": len(chunks),

@@ -21,6 +21,8 @@ from resolver.shared.store.redis import STORE_ERRORS, Notice, RedisConnection, i
 log = logging.getLogger(__name__)
 
 _WRITE_RETRIES = 20
+# A conflict, or a connection lost while watching (redis-py reports both as WatchError), or any other failure
+_COMMIT_FAILURES: tuple[type[BaseException], ...] = (WatchError, *STORE_ERRORS)
 _MARKER_SECONDS = 600  # how long a write's marker says it was applied
 
 # A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
@@ -226,7 +228,7 @@ class RedisStore(Store):
         pipe.set(marker, 1, ex=_MARKER_SECONDS)
         try:
             await pipe.execute()
-        except (WatchError, *STORE_ERRORS) as exc:
+        except _COMMIT_FAILURES as exc:
             # A conflict, or a connection lost while watching (redis-py reports both as WatchError): either
             # way the store decides whether it was applied.
             if not await self._applied(marker, exc):
