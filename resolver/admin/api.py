@@ -26,20 +26,24 @@ from aiohttp import web
 from blocklists.catalog import Catalog
 from blocklists.errors import BlocklistError
 from resolver.admin.metrics import Metrics
-from resolver.admin.sources import CompileBusy, Sources
+from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import AdminSettings
-from resolver.shared.errors import BnsError, StoreUnavailable, WriteUnknown
+from resolver.shared.errors import (
+    BnsError,
+    NotAllowed,
+    StoreUnavailable,
+    TooLarge,
+    Unauthenticated,
+    WriteUnknown,
+    http_status_of,
+)
 from resolver.shared.policy.model import PolicyError, Site
-from resolver.shared.policy.service import NotFound, PolicyService, Target, describe
+from resolver.shared.policy.service import PolicyService, Target, describe
 from resolver.shared.store.policies import Store
-from resolver.shared.store.publications import Publications, UnknownVersion
+from resolver.shared.store.publications import Publications
 
 READ, ADMIN = "read", "admin"
-
-
-class _TooLarge(Exception):
-    """A request body over admin.max_upload."""
 
 
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -67,6 +71,20 @@ def _written(site: Site | None) -> web.Response:
     succeeded would report the write as failed."""
     assert site is not None
     return web.json_response(describe(site))
+
+
+def _failure(exc: BnsError | BlocklistError) -> web.Response:
+    """The error response for a failure: its status, its message, the field at fault, whether a write's
+    outcome is unknown."""
+    response = _error(
+        http_status_of(exc),
+        exc.reason if isinstance(exc, PolicyError) else exc.explain() if isinstance(exc, BnsError) else str(exc),
+        field=exc.field if isinstance(exc, PolicyError) else None,
+        outcome="unknown" if isinstance(exc, WriteUnknown) else None,
+    )
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="bns"'
+    return response
 
 
 def _error(status: int, message: str, field: str | None = None, outcome: str | None = None) -> web.Response:
@@ -144,29 +162,17 @@ class Api:
                 return await handler(request)
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
-        role = self._role(request)
-        if role is None:
-            response = _error(401, "a valid bearer token is required (Authorization: Bearer <token>)")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="bns"'
-            return response
-        if route.role == ADMIN and role != ADMIN:
-            return _error(403, "this token is read-only; the operation needs an admin token")
         try:
+            role = self._role(request)
+            if role is None:
+                raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
+            if route.role == ADMIN and role != ADMIN:
+                raise NotAllowed("this token is read-only; the operation needs an admin token")
             return await handler(request)
-        except PolicyError as exc:
-            return _error(422, exc.reason, exc.field)
-        except (NotFound, UnknownVersion) as exc:
-            return _error(404, str(exc))
-        except StoreUnavailable as exc:
-            return _error(503, f"the policy store is unreachable (nothing was written): {exc}")
-        except WriteUnknown as exc:
-            return _error(504, f"the outcome of this write is unknown: {exc}", outcome="unknown")
-        except (web.HTTPRequestEntityTooLarge, _TooLarge):
-            return _error(413, f"the body is larger than admin.max_upload ({self.max_upload} bytes)")
-        except CompileBusy as exc:
-            return _error(409, str(exc))
-        except (BlocklistError, BnsError) as exc:
-            return _error(400, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return _failure(TooLarge(self.max_upload))
+        except (BnsError, BlocklistError) as exc:
+            return _failure(exc)
 
     async def _json(self, request: web.Request) -> Any:
         try:
@@ -299,6 +305,17 @@ class Api:
         site_id = request.match_info["site"]
         return _written(await self._policies().unpause(site_id, self._target(request)))
 
+    async def import_sites(self, request: web.Request) -> web.Response:
+        """Many sites at once (an array of site documents), validated whole first: a bad one writes none."""
+        documents = await self._json(request)
+        if not isinstance(documents, list):
+            raise PolicyError("", "the body must be a JSON array of site documents")
+        return web.json_response({"imported": await self._policies().store.import_sites(documents)})
+
+    async def delete_profile(self, request: web.Request) -> web.Response:
+        await self._policies().set_profile(request.match_info["profile"], None)
+        return web.json_response({"profile": request.match_info["profile"], "deleted": True})
+
     async def put_profile(self, request: web.Request) -> web.Response:
         await self._policies().set_profile(request.match_info["profile"], await self._object(request))
         return web.json_response({"profile": request.match_info["profile"]})
@@ -314,14 +331,14 @@ class Api:
     async def _received(self, request: web.Request) -> AsyncIterator[Path]:
         """The request body in a temporary file, streamed; over admin.max_upload it is a 413."""
         if request.content_length is not None and request.content_length > self.max_upload:
-            raise _TooLarge
+            raise TooLarge(self.max_upload)
         self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.scratch, suffix=".upload") as upload:
             size = 0
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
                 if size > self.max_upload:
-                    raise _TooLarge
+                    raise TooLarge(self.max_upload)
                 upload.write(chunk)
             upload.flush()
             yield Path(upload.name)
@@ -377,6 +394,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
     Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories),
     Route("GET", "/v1/sites", READ, "Every site id", Api.list_sites),
+    Route(
+        "POST",
+        "/v1/sites",
+        ADMIN,
+        "Create or replace many sites (an array of site documents), all or none",
+        Api.import_sites,
+        "Sites",
+    ),
     Route("GET", "/v1/sites/{site}", READ, "A site with its groups and devices", Api.get_site),
     Route("PUT", "/v1/sites/{site}", ADMIN, "Create or replace a whole site", Api.put_site, "Site"),
     Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),
@@ -410,6 +435,7 @@ ROUTES: tuple[Route, ...] = (
         )
     ),
     Route("PUT", "/v1/profiles/{profile}", ADMIN, "Create or change a policy profile", Api.put_profile, "Policy"),
+    Route("DELETE", "/v1/profiles/{profile}", ADMIN, "Delete a policy profile", Api.delete_profile),
     Route("POST", "/v1/why", READ, "Why a name is or is not blocked for a client at a time", Api.why, "Why"),
     Route("GET", "/v1/lists", READ, "Published list versions and the current one", Api.list_versions),
     Route("POST", "/v1/lists", ADMIN, "Publish a compiled artifact to every node", Api.publish, "Artifact"),
@@ -445,6 +471,7 @@ ROUTES: tuple[Route, ...] = (
 
 _BODIES: dict[str, dict[str, Any]] = {
     "Site": {"type": "object", "description": "A site document (see README, Policies)", "required": []},
+    "Sites": {"type": "array", "items": {"$ref": "#/components/schemas/Site"}},
     "SiteFields": {"type": "object", "description": "name, networks, cpe_ids, timezone, mode, default_group"},
     "Group": {"type": "object", "properties": {"name": {"type": "string"}, "policy": {"type": "object"}}},
     "Device": {

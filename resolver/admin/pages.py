@@ -38,9 +38,9 @@ from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
 from resolver.admin.why import Explainer
 from resolver.shared.config import PagesSettings
-from resolver.shared.errors import BnsError, StoreUnavailable
+from resolver.shared.errors import BnsError, NotFound, StoreUnavailable
 from resolver.shared.policy.model import PolicyError
-from resolver.shared.policy.service import NotFound, PolicyService
+from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.page_tokens import Secret, UsedTokens
 
 log = logging.getLogger(__name__)

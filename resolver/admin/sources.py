@@ -30,9 +30,8 @@ from blocklists.catalog import Catalog
 from blocklists.compiler import Source, compile_lists
 from blocklists.errors import BlocklistError, SourceError
 from blocklists.formats import SourceReport, file_digest, read_source
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import BnsError, Busy, NotFound
 from resolver.shared.policy.model import PolicyError
-from resolver.shared.policy.service import NotFound
 from resolver.shared.store.publications import Publications
 from resolver.shared.store.shelves import Shelf, SourceEntry
 
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 _KEEP_JOBS = 10
 
 
-class CompileBusy(BnsError):
+class CompileBusy(Busy):
     """A compile is already running on this node."""
 
 

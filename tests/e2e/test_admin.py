@@ -162,7 +162,7 @@ def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_secon
         assert cli(api_a, "device", "set", "home", "tablet", "--mac", MAC, "--group", "kids").returncode == 0
         assert every_worker(port_a, "a.example", None, MAC) and every_worker(port_b, "a.example", None, MAC)
 
-        assert cli(api_a, "pause", "home", "--device", "tablet", "--minutes", "30").returncode == 0
+        assert cli(api_a, "pause", "home", "--device", "tablet", "--for", "30m").returncode == 0
         for port in (port_a, port_b):
             assert within(1.5, lambda port=port: every_worker(port, "b.example", "paused", MAC)) <= 1.5
         assert every_worker(port_a, "b.example", None)  # another client of the site is not paused

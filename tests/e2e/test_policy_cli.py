@@ -1,4 +1,4 @@
-"""`bns policy` and `bns serve` as an admin runs them: a change reaches every worker within a second."""
+"""`bns` straight to the store (no admin API) and `bns serve` as an admin runs them: a change reaches every worker within a second."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.e2e
 MAC = "02:00:00:00:00:07"
 
 
-def policy(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(bns("policy", "--config", str(config), *args), capture_output=True, text=True, timeout=60)
+def local(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `bns` command against the store of `config` (no admin API)."""
+    return subprocess.run(bns(*args, "--config", str(config)), capture_output=True, text=True, timeout=60)
 
 
 def blocked_everywhere(port: int, name: str, tries: int = 20) -> bool | None:
@@ -57,30 +58,30 @@ def config(request, tmp_path, redis_prefix) -> Path:
 
 
 def test_pause_through_the_cli_reaches_both_workers_within_a_second(config, upstream):
-    assert policy(config, "site", "home", "--network", "127.0.0.0/8", "--mode", "device").returncode == 0
-    assert policy(config, "device", "home", "tablet", "--mac", MAC).returncode == 0
+    assert local(config, "site", "set", "home", "--network", "127.0.0.0/8", "--mode", "device").returncode == 0
+    assert local(config, "device", "set", "home", "tablet", "--mac", MAC).returncode == 0
     with serving(
         "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2"
     ) as (process, port):
         assert blocked_everywhere(port, "a.example") is False
-        result = policy(config, "pause", "home", "--device", "tablet", "--for", "1h")
+        result = local(config, "pause", "home", "--device", "tablet", "--for", "1h")
         assert result.returncode == 0, result.stderr
         assert _within(lambda: blocked_everywhere(port, "b.example"), True, 1.5) <= 1.5
-        assert policy(config, "unpause", "home", "--device", "tablet").returncode == 0
+        assert local(config, "unpause", "home", "--device", "tablet").returncode == 0
         _within(lambda: blocked_everywhere(port, "c.example"), False, 1.5)
         process.terminate()
         assert process.wait(10) == 0
 
 
 def test_cli_refuses_bad_writes_and_says_why(config):
-    assert policy(config, "site", "home", "--network", "127.0.0.0/8").returncode == 0
-    refused = policy(config, "device", "home", "tv", "--mac", "nope")
+    assert local(config, "site", "set", "home", "--network", "127.0.0.0/8").returncode == 0
+    refused = local(config, "device", "set", "home", "tv", "--mac", "nope")
     assert refused.returncode == 2 and "devices.tv.macs[0]: 'nope' is not a MAC address" in refused.stderr
-    refused = policy(config, "set", "home", "--json", '{"schedules": [{"name": "x"}]}')
+    refused = local(config, "policy", "home", "--policy", '{"schedules": [{"name": "x"}]}')
     assert refused.returncode == 2 and "policy.schedules[0].days: missing" in refused.stderr
-    missing = policy(config, "pause", "home", "--device", "ghost")
+    missing = local(config, "pause", "home", "--device", "ghost")
     assert missing.returncode == 3 and "site home has no device 'ghost'" in missing.stderr
-    shown = policy(config, "show", "home")
+    shown = local(config, "site", "show", "home", "--json")
     assert shown.returncode == 0 and '"devices": {}' in shown.stdout
 
 
@@ -92,5 +93,5 @@ def test_cli_with_redis_down_fails_with_exit_1(tmp_path):
         port = probe.getsockname()[1]
     config = tmp_path / "bns.toml"
     config.write_text(f'[store]\nredis = "redis://127.0.0.1:{port}/0"\n')
-    result = policy(config, "site", "home", "--network", "127.0.0.0/8")
+    result = local(config, "site", "set", "home", "--network", "127.0.0.0/8")
     assert result.returncode == 1 and "redis at redis://127.0.0.1" in result.stderr

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from blocklists.catalog import load_catalog
+from resolver.shared.errors import NotFound
 from resolver.shared.policy.model import PolicyError
-from resolver.shared.policy.service import NotFound, PolicyService
+from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.shared.store.policies import Change, Store
 from resolver.shared.store.redis_policies import RedisStore

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
 from resolver.shared.dns import text_to_name
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import EXIT_REFUSED, BnsError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MODES = ("network", "device")
@@ -54,6 +54,10 @@ MAX_PASSES = 100  # "continue anyway" passes per device; expired ones are droppe
 
 class PolicyError(BnsError):
     """A document that cannot be stored: `field` is the path of the offending field."""
+
+    http_status = 422
+    exit_code = EXIT_REFUSED
+    summary = "refused"
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}" if field else reason)

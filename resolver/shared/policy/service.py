@@ -10,14 +10,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from resolver.shared.errors import BnsError
+from resolver.shared.errors import NotFound
 from resolver.shared.policy.model import Site, parse_time, site_document, time_document
 from resolver.shared.store.policies import SiteDocument, Store
-
-
-class NotFound(BnsError):
-    """The site, group or device named does not exist."""
-
 
 Target = tuple[str, str | None]  # ("site", None), ("group", id) or ("device", id)
 

@@ -29,7 +29,7 @@ from redis.typing import EncodableT, FieldT
 from blocklists.artifact import open_artifact, write_atomically
 from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
-from resolver.shared.errors import BnsError, StoreUnavailable
+from resolver.shared.errors import NotFound, StoreUnavailable
 from resolver.shared.lists import check_catalog
 from resolver.shared.store.redis import Notice, RedisConnection
 
@@ -40,7 +40,7 @@ _POLL = 5.0
 _KEEP_LOCAL_VERSIONS = 10
 
 
-class UnknownVersion(BnsError):
+class UnknownVersion(NotFound):
     pass
 
 

@@ -1,0 +1,271 @@
+"""`bns lists`: compile and inspect artifacts here, and publish, roll back and build them through a node's
+admin API (`--api URL`, else $BNS_API; `--token`, else $BNS_TOKEN)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from blocklists.artifact import open_artifact
+from blocklists.catalog import Catalog, load_catalog
+from blocklists.compiler import CompileReport, Source, compile_lists, sources_from_dir
+from blocklists.formats import FORMATS
+from blocklists.matcher import Matcher
+from resolver.cli.api_client import ApiClient, ApiFailure
+from resolver.cli.output import show
+from resolver.shared.errors import EXIT_REFUSED, ConfigError
+
+_POLL = 0.25
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_lists(commands)
+
+
+def _add_lists(commands: argparse._SubParsersAction) -> None:
+    lists = commands.add_parser("lists", help="compile and inspect category blocklists")
+    actions = lists.add_subparsers(dest="action", required=True, metavar="ACTION")
+    compile_ = actions.add_parser(
+        "compile",
+        help="compile list sources into one artifact",
+        description="Compile category list sources (plain, hosts, adblock, RPZ, BIND, dnsmasq, unbound, "
+        "wildcard; gzip or not) into one artifact for `bns serve --lists`.",
+    )
+    compile_.add_argument("--out", type=Path, required=True, help="artifact to write (atomically)")
+    compile_.add_argument("--catalog", type=Path, help="category catalogue (default: the packaged one)")
+    compile_.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="CATEGORY=PATH",
+        help="a list for a category (repeatable); CATEGORY=FORMAT:PATH forces the format",
+    )
+    compile_.add_argument(
+        "--source-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a directory of <category>.txt[.gz] files (repeatable)",
+    )
+    compile_.add_argument(
+        "--tsv",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="domain<TAB>category[,category…] lines (repeatable)",
+    )
+    compile_.add_argument(
+        "--skip-unknown", action="store_true", help="skip categories the catalogue does not have instead of failing"
+    )
+    compile_.set_defaults(run=_run_lists_compile)
+    show = actions.add_parser("show", help="verify an artifact and print its header")
+    show.add_argument("artifact", type=Path)
+    show.add_argument("--match", metavar="NAME", action="append", default=[], help="also look a name up")
+    add_list_commands(actions)
+    show.set_defaults(run=_run_lists_show)
+
+
+def _parse_source(text: str, catalog: Catalog) -> Source:
+    category, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise ConfigError(f"--source {text!r}: expected CATEGORY=PATH")
+    if category not in catalog:
+        raise ConfigError(
+            f"--source {text!r}: {category!r} is not in the catalogue (known: {', '.join(c.id for c in catalog)})"
+        )
+    source_format, colon, path = rest.partition(":")
+    if colon and source_format in FORMATS:
+        return Source(Path(path), category, source_format)
+    return Source(Path(rest), category)
+
+
+def _progress_line() -> Callable[[str, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def show(stage: str, count: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2:
+            last[0] = now
+            print(f"\r\033[K{stage}: {count:,}", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _run_lists_compile(args: argparse.Namespace) -> int:
+    catalog = load_catalog(args.catalog)
+    sources = [_parse_source(text, catalog) for text in args.source]
+    for directory in args.source_dir:
+        sources += sources_from_dir(directory, catalog, args.skip_unknown)
+    sources += [Source(path) for path in args.tsv]
+    if not sources:
+        raise ConfigError("lists compile: give at least one --source, --source-dir or --tsv")
+    progress = _progress_line()
+    report = compile_lists(sources, args.out, catalog, skip_unknown=args.skip_unknown, progress=progress)
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    print(format_compile_report(report))
+    return 0
+
+
+def _run_lists_show(args: argparse.Namespace) -> int:
+    artifact = open_artifact(args.artifact)
+    header = artifact.header
+    print(
+        f"{args.artifact}: version {artifact.version}, built {header['built']}, {artifact.names:,} names, "
+        f"{header['allows']:,} allow entries, {header['size']:,} bytes"
+    )
+    for category, info in header["categories"].items():
+        print(f"  {category:20} bit {info['bit']:2}  {info['count']:>10,} names")
+    matcher = Matcher(artifact)
+    for name in args.match:
+        match = matcher.match(name)
+        verdict = (
+            "allowed by " + str(match.listed)
+            if match.allowed
+            else (f"{', '.join(load_catalog().ids(match.bits))} via {match.listed}" if match.bits else "not listed")
+        )
+        print(f"  {name}: {verdict}")
+    return 0
+
+
+def format_compile_report(report: CompileReport) -> str:
+    lines = [
+        f"wrote {report.out}: {report.names:,} names ({report.allows:,} allow entries), "
+        f"{report.size / 1e6:.1f} MB, version {report.version}, in {report.seconds:.1f} s"
+    ]
+    for category, count in report.per_category.items():
+        if count:
+            lines.append(f"  {category:20} {count:>10,}")
+    for source in report.sources:
+        skipped = sum(source.skipped.values())
+        lines.append(
+            f"  {source.path}: {source.format}, {source.lines:,} lines, {source.entries:,} entries, "
+            f"{source.rejected_count:,} rejected, {skipped:,} skipped"
+        )
+        for number, reason, text in source.samples[:5]:
+            lines.append(f"    line {number}: {reason}: {text}")
+        if source.rejected_count > 5:
+            lines.append(f"    … and {source.rejected_count - 5:,} more rejected lines")
+    return "\n".join(lines)
+
+
+# --- through the admin API -----------------------------------------------------------------------------------
+
+
+def _through_api(args: argparse.Namespace) -> int:
+    client = ApiClient(args.api, args.token)
+    show(args.call(client, args), args.json)
+    return 0
+
+
+def _upload(client: ApiClient, path_on_api: str, file: Path, args: argparse.Namespace) -> Any:
+    return client.upload(path_on_api, file, sys.stderr.isatty() and not args.json)
+
+
+def _push(client: ApiClient, args: argparse.Namespace) -> Any:
+    return _upload(client, "/v1/lists", Path(args.artifact), args)
+
+
+def _sources(client: ApiClient, args: argparse.Namespace) -> Any:
+    found = client.call("GET", "/v1/sources")
+    if args.json:
+        return found
+    return [
+        {key: entry[key] for key in ("id", "category", "kind", "name", "format", "entries", "rejected")}
+        for entry in found
+    ]
+
+
+def _source_add(client: ApiClient, args: argparse.Namespace) -> Any:
+    category = urllib.parse.quote(args.category, safe="")
+    if args.on_server:
+        return client.call("POST", f"/v1/sources/{category}/path", {"path": args.file})
+    file = Path(args.file)
+    return _upload(client, f"/v1/sources/{category}?name={urllib.parse.quote(file.name)}", file, args)
+
+
+def _source_remove(client: ApiClient, args: argparse.Namespace) -> Any:
+    category, source = (urllib.parse.quote(part, safe="") for part in (args.category, args.source))
+    return client.call("DELETE", f"/v1/sources/{category}/{source}")
+
+
+def _build(client: ApiClient, args: argparse.Namespace) -> Any:
+    """Start a compile on the server and follow it to the end, with its stage on a terminal."""
+    job = client.call("POST", "/v1/lists/compile", {"publish": args.publish})
+    progress = sys.stderr.isatty() and not args.json
+    while job["state"] == "running":
+        if progress:
+            print(f"\rcompile: {job['stage']} {job['count']:,}\033[K", end="", file=sys.stderr, flush=True)
+        time.sleep(_POLL)
+        job = client.call("GET", f"/v1/lists/compile/{job['id']}")
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    if job["state"] == "failed":
+        raise ApiFailure(f"compile failed: {job['error']}", EXIT_REFUSED)
+    return job
+
+
+def _versions(client: ApiClient, args: argparse.Namespace) -> Any:
+    found = client.call("GET", "/v1/lists")
+    if args.json:
+        return found
+    return [
+        {
+            "version": v["version"],
+            "current": "*" if v["current"] else "",
+            "names": v["names"],
+            "size": v["size"],
+            "published_at": v["published_at"],
+        }
+        for v in found["versions"]
+    ]
+
+
+def _rollback(client: ApiClient, args: argparse.Namespace) -> Any:
+    return client.call("POST", "/v1/lists/rollback", {"version": args.version})
+
+
+def _common(parser: argparse.ArgumentParser, call: Callable[[ApiClient, argparse.Namespace], Any]) -> None:
+    parser.add_argument("--api", help="the admin API (default $BNS_API, else http://127.0.0.1:5380)")
+    parser.add_argument("--token", help="its bearer token (default $BNS_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(run=_through_api, call=call)
+
+
+def add_list_commands(actions: argparse._SubParsersAction) -> None:
+    """`bns lists push | versions | rollback`, beside the local `compile` and `show`."""
+    push = actions.add_parser("push", help="publish a compiled artifact to every node (admin API)")
+    push.add_argument("artifact")
+    _common(push, _push)
+    versions = actions.add_parser("versions", help="published versions and the current one (admin API)")
+    _common(versions, _versions)
+    rollback = actions.add_parser("rollback", help="make an earlier published version current (admin API)")
+    rollback.add_argument("version")
+    _common(rollback, _rollback)
+    sources = actions.add_parser("sources", help="the list sources kept by the admin API")
+    _common(sources, _sources)
+    add = actions.add_parser("source-add", help="add a list source to a category (admin API)")
+    add.add_argument("category")
+    add.add_argument("file", help="a list file to upload (any format, gzip or not)")
+    add.add_argument(
+        "--on-server",
+        action="store_true",
+        help="FILE is a path on the server (under its admin.source_roots), read at every build",
+    )
+    _common(add, _source_add)
+    remove = actions.add_parser("source-remove", help="remove a list source (admin API)")
+    remove.add_argument("category")
+    remove.add_argument("source", help="the source's id (`bns lists sources`)")
+    _common(remove, _source_remove)
+    build = actions.add_parser("build", help="compile the API's sources on the server, with progress (admin API)")
+    build.add_argument("--publish", action="store_true", help="publish the result to every node")
+    _common(build, _build)

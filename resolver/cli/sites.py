@@ -1,0 +1,446 @@
+"""The commands that change sites, groups, devices, their policies and pauses, and profiles, and `why`: one
+grammar, whichever way the store is reached.
+
+- Through a running node's admin API (the default): `--api URL` (else $BNS_API, else
+  http://127.0.0.1:5380) and `--token TOKEN` (else $BNS_TOKEN).
+- Straight to the store of a configuration, for a single box without an API: `--config FILE` (its
+  `[store]`), or `--redis URL` / `--file PATH`.
+
+Both ways take the same flags, give the same documents and fail the same way (exit codes: see
+resolver.shared.errors): a field at fault is exit 2 with its path, a site that does not exist exit 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import time
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from resolver.admin.why import Explainer
+from resolver.cli.api_client import ApiClient, ApiFailure
+from resolver.cli.output import show
+from resolver.shared.config import load_config
+from resolver.shared.errors import ConfigError, NotFound
+from resolver.shared.loading import load_policy_and_lists
+from resolver.shared.policy.model import PolicyError, time_document
+from resolver.shared.policy.service import PolicyService, Target, describe
+from resolver.shared.store.backends import Backends, open_backends
+
+Document = dict[str, Any]
+
+
+class Sites(ABC):
+    """What the commands do, wherever the policies are. Writes return the site as the write left it."""
+
+    @abstractmethod
+    async def sites(self) -> list[str]: ...
+
+    @abstractmethod
+    async def site(self, site: str) -> Document: ...
+
+    @abstractmethod
+    async def set_site(self, site: str, fields: Document) -> Document:
+        """Create the site, or change these of its own fields."""
+
+    @abstractmethod
+    async def delete_site(self, site: str) -> Document: ...
+
+    @abstractmethod
+    async def set_member(self, site: str, kind: str, member: str, fields: Document) -> Document:
+        """Create or change a group or a device (`kind`) of a site."""
+
+    @abstractmethod
+    async def delete_member(self, site: str, kind: str, member: str) -> Document: ...
+
+    @abstractmethod
+    async def set_policy(self, site: str, target: Target, policy: Document | None) -> Document:
+        """Set the policy of the site, a group or a device; None removes it."""
+
+    @abstractmethod
+    async def pause(self, site: str, target: Target, until: float | str) -> Document:
+        """Block everything until a time (epoch seconds or RFC 3339), or "forever"."""
+
+    @abstractmethod
+    async def unpause(self, site: str, target: Target) -> Document: ...
+
+    @abstractmethod
+    async def set_profile(self, name: str, policy: Document | None) -> Document: ...
+
+    @abstractmethod
+    async def import_sites(self, documents: list[Document]) -> Document: ...
+
+    @abstractmethod
+    async def why(self, question: Document) -> Document: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class ApiSites(Sites):
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    @staticmethod
+    def _path(site: str, target: Target = ("site", None)) -> str:
+        path = f"/v1/sites/{urllib.parse.quote(site, safe='')}"
+        kind, member = target
+        return path if member is None else f"{path}/{kind}s/{urllib.parse.quote(member, safe='')}"
+
+    async def sites(self) -> list[str]:
+        return self.client.call("GET", "/v1/sites")
+
+    async def site(self, site: str) -> Document:
+        return self.client.call("GET", self._path(site))
+
+    async def set_site(self, site: str, fields: Document) -> Document:
+        try:
+            return self.client.call("PATCH", self._path(site), fields)
+        except ApiFailure as exc:
+            if exc.exit_code != NotFound.exit_code:
+                raise
+            return self.client.call("PUT", self._path(site), fields)
+
+    async def delete_site(self, site: str) -> Document:
+        return self.client.call("DELETE", self._path(site))
+
+    async def set_member(self, site: str, kind: str, member: str, fields: Document) -> Document:
+        return self.client.call("PUT", self._path(site, (kind, member)), fields)
+
+    async def delete_member(self, site: str, kind: str, member: str) -> Document:
+        return self.client.call("DELETE", self._path(site, (kind, member)))
+
+    async def set_policy(self, site: str, target: Target, policy: Document | None) -> Document:
+        path = self._path(site, target) + "/policy"
+        if policy is None:
+            return self.client.call("DELETE", path)
+        return self.client.call("PUT", path, policy)
+
+    async def pause(self, site: str, target: Target, until: float | str) -> Document:
+        body = {"until": time_document(until) if isinstance(until, float) else until}
+        return self.client.call("POST", self._path(site, target) + "/pause", body)
+
+    async def unpause(self, site: str, target: Target) -> Document:
+        return self.client.call("POST", self._path(site, target) + "/unpause", {})
+
+    async def set_profile(self, name: str, policy: Document | None) -> Document:
+        path = f"/v1/profiles/{urllib.parse.quote(name, safe='')}"
+        if policy is None:
+            return self.client.call("DELETE", path)
+        return self.client.call("PUT", path, policy)
+
+    async def import_sites(self, documents: list[Document]) -> Document:
+        return self.client.call("POST", "/v1/sites", documents)
+
+    async def why(self, question: Document) -> Document:
+        return self.client.call("POST", "/v1/why", question)
+
+
+class LocalSites(Sites):
+    """The store of a configuration, written through the same policy service the API uses."""
+
+    def __init__(self, config_path: Path | None, redis: str | None, file: str | None) -> None:
+        config = load_config(config_path)
+        store = dataclasses.replace(
+            config.store,
+            redis=redis if redis is not None else ("" if file else config.store.redis),
+            file=file or config.store.file,
+        )
+        self.config = dataclasses.replace(config, store=store)
+        self.catalog, self.maker, self.lists = load_policy_and_lists(self.config)
+        self.backends: Backends = open_backends(self.config, self.catalog)
+        if self.backends.policies is None:
+            raise ConfigError("store: no Redis and no embedded file configured; set store.redis or store.file")
+        self.service = PolicyService(self.backends.policies)
+
+    async def sites(self) -> list[str]:
+        return await self.service.list_sites()
+
+    async def site(self, site: str) -> Document:
+        document, version = await self.service.get_site(site)
+        return {**document, "version": version}
+
+    async def set_site(self, site: str, fields: Document) -> Document:
+        return describe(await self.service.set_site_fields(site, fields))
+
+    async def delete_site(self, site: str) -> Document:
+        await self.service.delete_site(site)
+        return {"deleted": site}
+
+    async def set_member(self, site: str, kind: str, member: str, fields: Document) -> Document:
+        write = self.service.put_group if kind == "group" else self.service.put_device
+        return describe(await write(site, member, fields))
+
+    async def delete_member(self, site: str, kind: str, member: str) -> Document:
+        remove = self.service.delete_group if kind == "group" else self.service.delete_device
+        return describe(await remove(site, member))
+
+    async def set_policy(self, site: str, target: Target, policy: Document | None) -> Document:
+        return describe(await self.service.set_policy(site, target, policy))
+
+    async def pause(self, site: str, target: Target, until: float | str) -> Document:
+        return describe(await self.service.pause(site, target, until))
+
+    async def unpause(self, site: str, target: Target) -> Document:
+        return describe(await self.service.unpause(site, target))
+
+    async def set_profile(self, name: str, policy: Document | None) -> Document:
+        await self.service.set_profile(name, policy)
+        return {"profile": name, "deleted": policy is None}
+
+    async def import_sites(self, documents: list[Document]) -> Document:
+        return {"imported": await self.service.store.import_sites(documents)}
+
+    async def why(self, question: Document) -> Document:
+        return await Explainer(self.service.store, self.maker, self.catalog, self.lists).explain(question)
+
+    async def close(self) -> None:
+        await self.backends.close()
+
+
+# --- the commands --------------------------------------------------------------------------------------------
+
+Command = Callable[[Sites, argparse.Namespace], Coroutine[Any, Any, Any]]
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if getattr(args, "target_group", None):
+        return ("group", args.target_group)
+    if getattr(args, "target_device", None):
+        return ("device", args.target_device)
+    return ("site", None)
+
+
+def _summary(document: Document) -> Document:
+    return {
+        "id": document["id"],
+        "mode": document.get("mode"),
+        "timezone": document.get("timezone"),
+        "networks": document.get("networks"),
+        "paused_until": document.get("paused_until"),
+        "policy": document.get("policy"),
+        "groups": sorted(document.get("groups", {})),
+        "devices": [
+            f"{device_id} ({','.join(entry.get('macs', [])) or '-'}; group {entry.get('group') or '-'})"
+            for device_id, entry in sorted(document.get("devices", {}).items())
+        ],
+        "version": document.get("version"),
+    }
+
+
+def _json_argument(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise PolicyError(what, f"not valid JSON: {exc}") from None
+
+
+def _policy(args: argparse.Namespace) -> Document | None:
+    if args.policy_file is not None:
+        return _json_argument(Path(args.policy_file).read_text(), str(args.policy_file))
+    return _json_argument(args.policy, "--policy")
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _until(args: argparse.Namespace) -> float | str:
+    if args.duration is None:
+        return args.until or "forever"
+    unit = args.duration[-1:]
+    if unit not in _DURATION or not args.duration[:-1].isdigit():
+        raise ConfigError(f"--for {args.duration!r}: expected a number and s, m, h or d (e.g. 30m)")
+    return time.time() + int(args.duration[:-1]) * _DURATION[unit]
+
+
+def _fields(args: argparse.Namespace, names: tuple[str, ...]) -> Document:
+    fields = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = (value or None) if name in ("group", "default_group") else value
+    return fields
+
+
+async def _site_show(sites: Sites, args: argparse.Namespace) -> Any:
+    if args.site is None:
+        return await sites.sites()
+    return await sites.site(args.site)
+
+
+async def _site_set(sites: Sites, args: argparse.Namespace) -> Any:
+    fields = _fields(args, ("name", "networks", "cpe_ids", "timezone", "mode", "default_group"))
+    return await sites.set_site(args.site, fields)
+
+
+async def _site_delete(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.delete_site(args.site)
+
+
+async def _site_import(sites: Sites, args: argparse.Namespace) -> Any:
+    lines = Path(args.path).read_text().splitlines()
+    documents = [_json_argument(line, f"{args.path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+    return await sites.import_sites(documents)
+
+
+async def _member_set(sites: Sites, args: argparse.Namespace) -> Any:
+    names = ("name",) if args.kind == "group" else ("name", "macs", "client_ids", "addresses", "group")
+    return await sites.set_member(args.site, args.kind, args.member, _fields(args, names))
+
+
+async def _member_delete(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.delete_member(args.site, args.kind, args.member)
+
+
+async def _policy_set(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.set_policy(args.site, _target(args), None if args.clear else _policy(args))
+
+
+async def _pause(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.pause(args.site, _target(args), _until(args))
+
+
+async def _unpause(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.unpause(args.site, _target(args))
+
+
+async def _profile_set(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.set_profile(args.name, None if args.delete else _policy(args))
+
+
+async def _why(sites: Sites, args: argparse.Namespace) -> Any:
+    question = {
+        "name": args.name,
+        "address": args.address,
+        "mac": args.mac,
+        "client_id": args.client_id,
+        "cpe_id": args.cpe_id,
+        "at": args.at,
+    }
+    return await sites.why({key: value for key, value in question.items() if value is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    async def work() -> Any:
+        local = args.config is not None or args.redis is not None or args.file is not None
+        sites: Sites = (
+            LocalSites(args.config, args.redis, args.file) if local else ApiSites(ApiClient(args.api, args.token))
+        )
+        try:
+            return await args.command(sites, args)
+        finally:
+            await sites.close()
+
+    result = asyncio.run(work())
+    if isinstance(result, dict) and "groups" in result and not args.json:
+        result = _summary(result)
+    show(result, args.json)
+    return 0
+
+
+# --- the grammar ---------------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, command: Command) -> None:
+    where = parser.add_argument_group("where the policies are (default: the admin API)")
+    where.add_argument("--api", help="the admin API (default $BNS_API, else http://127.0.0.1:5380)")
+    where.add_argument("--token", help="its bearer token (default $BNS_TOKEN)")
+    where.add_argument("--config", type=Path, metavar="FILE", help="no API: the store of this configuration")
+    where.add_argument("--redis", metavar="URL", help="no API: this Redis")
+    where.add_argument("--file", metavar="PATH", help="no API: this embedded policy file")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(run=run, command=command)
+
+
+def _policy_source(parser: argparse.ArgumentParser, clear: str) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--policy", metavar="JSON", help="the policy as JSON (see README, Policies)")
+    source.add_argument("--policy-file", metavar="FILE", help="a file holding the policy JSON")
+    source.add_argument(f"--{clear}", action="store_true", help="remove it")
+
+
+def _target_options(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--group", dest="target_group", metavar="GROUP", help="a group of the site")
+    target.add_argument("--device", dest="target_device", metavar="DEVICE", help="a device of the site")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    site = commands.add_parser("site", help="sites (subscribers)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show_site = site.add_parser("show", help="a site, or every site id")
+    show_site.add_argument("site", nargs="?")
+    _common(show_site, _site_show)
+    change = site.add_parser("set", help="create a site or change its own fields")
+    change.add_argument("site")
+    change.add_argument("--name")
+    change.add_argument("--network", dest="networks", action="append", metavar="CIDR")
+    change.add_argument("--cpe-id", dest="cpe_ids", action="append", metavar="ID")
+    change.add_argument("--timezone", metavar="ZONE", help="e.g. Europe/London (schedules use it)")
+    change.add_argument("--mode", choices=("network", "device"))
+    change.add_argument("--default-group", metavar="GROUP", help="the group of devices the site does not know")
+    _common(change, _site_set)
+    delete = site.add_parser("delete", help="delete a site")
+    delete.add_argument("site")
+    _common(delete, _site_delete)
+    load = site.add_parser("import", help="create or replace many sites from a file of JSON lines")
+    load.add_argument("path", help="one site document per line")
+    _common(load, _site_import)
+
+    for kind in ("group", "device"):
+        member = commands.add_parser(kind, help=f"{kind}s of a site").add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        )
+        change = member.add_parser("set", help=f"create or change a {kind}")
+        change.add_argument("site")
+        change.add_argument("member", metavar=kind.upper())
+        change.add_argument("--name")
+        if kind == "device":
+            change.add_argument("--mac", dest="macs", action="append", help="a MAC address (EDNS 65001/65073)")
+            change.add_argument("--client-id", dest="client_ids", action="append", help="a client id")
+            change.add_argument("--address", dest="addresses", action="append", help="an address of the device")
+            change.add_argument("--group", help="the device's group ('' for none)")
+        change.set_defaults(kind=kind)
+        _common(change, _member_set)
+        delete = member.add_parser("delete", help=f"delete a {kind}")
+        delete.add_argument("site")
+        delete.add_argument("member", metavar=kind.upper())
+        delete.set_defaults(kind=kind)
+        _common(delete, _member_delete)
+
+    policy = commands.add_parser("policy", help="set or clear the policy of a site, a group or a device")
+    policy.add_argument("site")
+    _target_options(policy)
+    _policy_source(policy, "clear")
+    _common(policy, _policy_set)
+
+    for name, command in (("pause", _pause), ("unpause", _unpause)):
+        parser = commands.add_parser(name, help=f"{name} a site, a group or a device")
+        parser.add_argument("site")
+        _target_options(parser)
+        if name == "pause":
+            until = parser.add_mutually_exclusive_group()
+            until.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h, 1d")
+            until.add_argument("--until", help="an RFC 3339 time (default: until unpaused)")
+        _common(parser, command)
+
+    profile = commands.add_parser("profile", help="set or delete a policy profile (e.g. guest)")
+    profile.add_argument("name")
+    _policy_source(profile, "delete")
+    _common(profile, _profile_set)
+
+    why = commands.add_parser("why", help="why a name is or is not blocked for a client")
+    why.add_argument("name")
+    why.add_argument("--address", required=True, help="the client's address (or its ECS address)")
+    why.add_argument("--mac")
+    why.add_argument("--client-id")
+    why.add_argument("--cpe-id")
+    why.add_argument("--at", help="an RFC 3339 time (default: now)")
+    _common(why, _why)
