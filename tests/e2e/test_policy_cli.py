@@ -1,4 +1,5 @@
-"""`bns` straight to the store (no admin API) and `bns serve` as an admin runs them: a change reaches every worker within a second."""
+"""`bns` straight to the store (no admin API), and `bns serve` beside it: a change reaches every worker
+within a second."""
 
 from __future__ import annotations
 
