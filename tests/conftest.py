@@ -6,8 +6,9 @@ import asyncio
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import uvloop
 from bench.redis_processes import RedisServer, SentinelDeployment
 from bench.upstream import Script, ScriptedUpstream
 from blocklists.catalog import load_catalog
+from blocklists.compiler import Source, compile_lists
 from resolver.shared.config import Config, load_config
 from resolver.shared.sockets import bind_sockets
 from resolver.shared.store.redis import RedisConnection
@@ -28,6 +30,15 @@ from resolver.worker.process import Worker
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole-process tests (e2e) are the slow ones: marked `slow` (`-m "not slow"` leaves them out) and run
+    after the rest, so a plain `pytest` reports a broken unit or integration test within a minute."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 def make_config(upstreams: list[str], **sections: dict[str, Any]) -> Config:
@@ -168,3 +179,30 @@ def redis_policy_store(url: str, prefix: str) -> RedisStore:
 @pytest.fixture
 def redis_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compiled list with one name per category the policy tests use."""
+    directory = tmp_path_factory.mktemp("policy-lists")
+    out = directory / "lists.bns"
+    sources = []
+    for category, names in (
+        ("pornography", "porn.example\n"),
+        ("drugs", "drug.example\n"),
+        ("malware", "malware.example\n"),
+    ):
+        path = directory / f"{category}.txt"
+        path.write_text(names)
+        sources.append(Source(path, category))
+    compile_lists(sources, out, load_catalog())
+    return out
+
+
+def eventually(check: Callable[[], object], within: float) -> float:
+    """Seconds until `check()` is true, polled; fails the test after `within` seconds."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
@@ -20,7 +19,7 @@ import pytest
 
 from resolver.admin.api import ROUTES
 from resolver.shared.dns import OptionCode
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, eventually
 from tests.e2e.test_process import bns, node
 
 pytestmark = pytest.mark.e2e
@@ -63,14 +62,6 @@ def ede_text(port: int, name: str, mac: str | None = None) -> str | None:
     )
     texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
     return texts[0] if texts and response.rcode() == dns.rcode.NXDOMAIN else None
-
-
-def within(seconds: float, check) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < seconds, f"not within {seconds} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def every_worker(port: int, name: str, expected: str | None, mac: str | None = None, tries: int = 12) -> bool:
@@ -124,7 +115,8 @@ def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstre
         assert pushed.returncode == 0, pushed.stderr
         version = json.loads(pushed.stdout)["version"]
         took = max(
-            within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore")) for port in (port_a, port_b)
+            eventually(lambda port=port: every_worker(port, GORE, "blocked: violence-gore"), 5)
+            for port in (port_a, port_b)
         )
         assert took < 5
 
@@ -139,16 +131,16 @@ def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstre
         assert versions["current"] == version and len(versions["versions"]) == 1
 
         port_c, api_c = start(stack, node_config(tmp_path / "c" / "bns.toml", redis_store), upstream)
-        within(5, lambda: every_worker(port_c, GORE, "blocked: violence-gore"))
+        eventually(lambda: every_worker(port_c, GORE, "blocked: violence-gore"), 5)
 
         assert cli(api_a, "lists", "push", str(weapons)).returncode == 0
         for port in (port_a, port_b, port_c):
-            within(
-                5, lambda port=port: every_worker(port, WEAPON, "blocked: weapons") and every_worker(port, GORE, None)
+            eventually(
+                lambda port=port: every_worker(port, WEAPON, "blocked: weapons") and every_worker(port, GORE, None), 5
             )
         assert cli(api_c, "lists", "rollback", version).returncode == 0
         for port in (port_a, port_b, port_c):
-            within(5, lambda port=port: every_worker(port, GORE, "blocked: violence-gore"))
+            eventually(lambda port=port: every_worker(port, GORE, "blocked: violence-gore"), 5)
         assert cli(api_c, "lists", "rollback", "0123456789abcdef").returncode == 3
 
 
@@ -164,12 +156,12 @@ def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_secon
 
         assert cli(api_a, "pause", "home", "--device", "tablet", "--for", "30m").returncode == 0
         for port in (port_a, port_b):
-            assert within(1.5, lambda port=port: every_worker(port, "b.example", "paused", MAC)) <= 1.5
+            assert eventually(lambda port=port: every_worker(port, "b.example", "paused", MAC), 1.5) <= 1.5
         assert every_worker(port_a, "b.example", None)  # another client of the site is not paused
 
         assert cli(api_a, "unpause", "home", "--device", "tablet").returncode == 0
         for port in (port_a, port_b):
-            within(1.5, lambda port=port: every_worker(port, "c.example", None, MAC))
+            eventually(lambda port=port: every_worker(port, "c.example", None, MAC), 1.5)
 
 
 @pytest.fixture
@@ -277,7 +269,7 @@ def test_without_redis_publish_swaps_the_local_list(file_node, tmp_path):
     assert result.returncode == 0, result.stderr
     got, answer = http(api, "POST", "/v1/lists", data=small.read_bytes())
     assert got == 201, answer
-    within(5, lambda: http(api, "GET", "/health", token=READ)[1]["lists_version"] == answer["version"])
+    eventually(lambda: http(api, "GET", "/health", token=READ)[1]["lists_version"] == answer["version"], 5)
     assert http(api, "GET", "/v1/lists", token=READ)[1]["current"] == answer["version"]
 
 
@@ -300,7 +292,7 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
     with ExitStack() as stack:
         port, api = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
         assert cli(api, "lists", "push", str(gore)).returncode == 0
-        within(5, lambda: every_worker(port, GORE, "blocked: violence-gore"))
+        eventually(lambda: every_worker(port, GORE, "blocked: violence-gore"), 5)
         site = {
             "networks": ["127.0.0.0/8"],
             "mode": "device",
@@ -327,16 +319,16 @@ def test_why_agrees_with_the_answers(tmp_path, upstream, redis_store):
                     return verdict == answered
 
                 try:
-                    within(2, agreed)
+                    eventually(agreed, 2)
                 except AssertionError:
                     raise AssertionError(f"why and the answer disagree: {seen[-1]}") from None
         why = http(api, "POST", "/v1/why", {"name": "x.games.example", "address": "127.0.0.1", "mac": MAC})[1]
         assert (why["level"], why["rule"], why["entry"], why["device"]) == ("group", "deny", "games.example", "tablet")
         why = http(api, "POST", "/v1/why", {"name": "www." + GORE, "address": "127.0.0.1", "mac": MAC})[1]
         assert (why["rule"], why["entry"], why["categories"]) == ("category", GORE, ["violence-gore"])
-        time.sleep(1.5)  # the workers write their counters every second
+        counted = 'bns_queries_total{verdict="blocked",category="violence-gore",reason=""}'
+        eventually(lambda: counted in http(api, "GET", "/metrics", token=READ)[1], 3)  # counters: every second
         metrics = http(api, "GET", "/metrics", token=READ)[1]
-        assert 'bns_queries_total{verdict="blocked",category="violence-gore",reason=""}' in metrics
         assert "bns_store_up 1" in metrics
 
 

@@ -18,8 +18,9 @@ import dns.message
 import dns.query
 import pytest
 
+from tests.conftest import eventually
 from tests.e2e.chromium import Browser, chromium_binary
-from tests.e2e.test_admin import ADMIN, http, within
+from tests.e2e.test_admin import ADMIN, http
 from tests.e2e.test_process import bns, node
 
 pytestmark = pytest.mark.e2e
@@ -132,7 +133,7 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
         assert status == 403 and "must be pressed by you" in page
         status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="navigate")
         assert status == 200 and "is open on this device" in page and "JST" in page  # the site's clock
-        took = within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
+        took = eventually(lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None), 2)
         assert took < 1.5
         addresses, _ = resolve(dns_port, "www." + PHISH)
         assert addresses and addresses != [address]  # a pass covers the subdomains
@@ -181,7 +182,7 @@ def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, 
 
         # A paused device: everything is blocked, and the page says why.
         assert http(api, "POST", "/v1/sites/home/devices/phone/pause", {"minutes": 5})[0] == 200
-        within(2, lambda: resolve(dns_port, FINE, PHONE) == ([address], "paused"))
+        eventually(lambda: resolve(dns_port, FINE, PHONE) == ([address], "paused"), 2)
         status, page = fetch(address, port, FINE, source=PHONE)
         assert status == 403 and "paused for this device" in page and "Continue anyway" not in page
 
@@ -215,7 +216,7 @@ def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store)
         # The screenshot shows the warning's colour around the card and the dark button on it.
         assert background[:3] == [0xF6, 0xD7, 0xD2]
         assert max(button[:3]) < 0x40
-        within(2, lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None))
+        eventually(lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None), 2)
         assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer[0] == [address], tries=4)
 
 

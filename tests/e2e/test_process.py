@@ -132,7 +132,10 @@ def test_sigterm_drains_queries_in_flight(upstream):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             udp = pool.submit(ask, port, "draining.example")
             tcp = pool.submit(ask, port, "draining-tcp.example", True)
-            time.sleep(0.2)  # both queries are now waiting on the upstream
+            deadline = time.monotonic() + 5
+            while len(upstream.names_seen()) < 2:  # both queries are now waiting on the upstream
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             process.send_signal(signal.SIGTERM)
             assert answer_addresses(udp.result())
             assert answer_addresses(tcp.result())

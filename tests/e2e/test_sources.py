@@ -8,8 +8,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.conftest import FIXTURES
-from tests.e2e.test_admin import GORE, READ, WEAPON, cli, every_worker, http, node_config, start, within
+from tests.conftest import FIXTURES, eventually
+from tests.e2e.test_admin import GORE, READ, WEAPON, cli, every_worker, http, node_config, start
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +34,12 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(
         job = json.loads(built.stdout)
         assert job["state"] == "done" and job["published"] and set(job["per_category"]) == {"weapons", "violence-gore"}
         for port in (port_a, port_b):
-            within(
-                5,
+            eventually(
                 lambda port=port: (
                     every_worker(port, GORE, "blocked: violence-gore")
                     and every_worker(port, WEAPON, "blocked: weapons")
                 ),
+                5,
             )
         assert http(api_a, "GET", "/v1/lists")[1]["current"] == job["version"]
 
@@ -52,7 +52,7 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(
         assert cli(api_a, "lists", "source-remove", "weapons", source).returncode == 0
         assert cli(api_a, "lists", "build", "--publish").returncode == 0
         for port in (port_a, port_b):
-            within(5, lambda port=port: every_worker(port, WEAPON, None))
+            eventually(lambda port=port: every_worker(port, WEAPON, None), 5)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_a_path_source_is_checked_again_at_build_and_removed_only_from_its_categ
     listed.symlink_to(secret)  # swapped for a link out of the roots after it was added
     got, job = http(api, "POST", "/v1/lists/compile", data=b"")  # no body: publish defaults to false
     assert got == 202
-    within(10, lambda: http(api, "GET", f"/v1/lists/compile/{job['id']}")[1]["state"] != "running")
+    eventually(lambda: http(api, "GET", f"/v1/lists/compile/{job['id']}")[1]["state"] != "running", 10)
     finished = http(api, "GET", f"/v1/lists/compile/{job['id']}")[1]
     assert finished["state"] == "failed" and "admin.source_roots" in finished["error"]
     assert "not-a-list" not in finished["error"]
@@ -128,9 +128,9 @@ def test_without_redis_a_path_source_is_read_at_each_build(source_node):
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["format"] == "hosts"
     assert cli(api, "lists", "build", "--publish").returncode == 0
-    within(5, lambda: every_worker(port, "first.example", "blocked: drugs"))
+    eventually(lambda: every_worker(port, "first.example", "blocked: drugs"), 5)
     listed.write_text("0.0.0.0 second.example\n")
     assert cli(api, "lists", "build", "--publish").returncode == 0
-    within(
-        5, lambda: every_worker(port, "second.example", "blocked: drugs") and every_worker(port, "first.example", None)
+    eventually(
+        lambda: every_worker(port, "second.example", "blocked: drugs") and every_worker(port, "first.example", None), 5
     )

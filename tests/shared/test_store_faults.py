@@ -35,7 +35,7 @@ from resolver.shared.store.publications import LocalPublications
 from resolver.shared.store.redis_policies import RedisStore
 from resolver.shared.store.shelves import LocalShelf
 from tests.conftest import ServerThread, make_config, redis_policy_store
-from tests.integration.test_policies import Clock, ask, outcome, write
+from tests.worker.test_policies import Clock, ask, outcome, write
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()

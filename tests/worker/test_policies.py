@@ -28,7 +28,7 @@ import pytest
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
 from resolver.shared.policy.service import PolicyService
-from tests.conftest import ServerThread, answer_addresses, make_config, redis_policy_store
+from tests.conftest import ServerThread, answer_addresses, eventually, make_config, redis_policy_store
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog()
@@ -212,21 +212,13 @@ def test_pause_beats_allow_and_ends_at_its_time(family, lists, upstream, shared_
         assert outcome(ask(server, "ok.porn.example", MACS["phone"])) == "ok"
 
 
-def _eventually(check: Callable[[], bool], within: float) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < within, f"not within {within} s"
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists, upstream, shared_redis, redis_prefix):
     with server_for(*family, lists, upstream) as server:
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"
         write(shared_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "dad")))
-        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 1.0)
+        eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 1.0)
         write(shared_redis.url, redis_prefix, lambda service: service.unpause("smith", ("device", "dad")))
-        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "ok", 1.0)
+        eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "ok", 1.0)
 
 
 def test_an_invalid_write_is_refused_whole(family, shared_redis, redis_prefix):
@@ -256,7 +248,7 @@ def test_redis_killed_keeps_last_policies_and_comes_back(own_redis, redis_prefix
         assert "policy store unavailable" in caplog.text
         own_redis.start()  # same data (append-only file)
         write(own_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "dad")))
-        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
+        eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
         assert "policy store reachable again" in caplog.text
 
 
@@ -274,7 +266,7 @@ def test_missed_notices_are_caught_up_by_a_resync(own_redis, redis_prefix, lists
         time.sleep(0.3)
         assert outcome(ask(server, "porn.example", MACS["dad"])) == "ok"  # nobody told the worker
         own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
-        _eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
+        eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "paused", 5.0)
 
 
 def test_a_frozen_redis_never_holds_a_new_client_longer_than_cold_wait(own_redis, redis_prefix, lists, upstream):

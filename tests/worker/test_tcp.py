@@ -121,7 +121,10 @@ def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(upstream):
     with ServerThread(config) as server, connect(server) as first, connect(server) as second:
         first.sendall(frame("busy1.example", 1))
         second.sendall(frame("busy2.example", 2))
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while server.call(lambda: len(server.worker.connections)) < 2:  # both accepted
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with connect(server) as third:
             assert closed_by_server(third)
         assert read_answer(first).id == 1 and read_answer(second).id == 2
