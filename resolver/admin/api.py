@@ -513,6 +513,11 @@ _BODIES: dict[str, dict[str, Any]] = {
             "client_id": {"type": "string"},
             "cpe_id": {"type": "string"},
             "at": {"type": "string"},
+            "cnames": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "the CNAME chain an upstream answered the name with, judged like the resolver",
+            },
         },
     },
     "Rollback": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},

@@ -14,7 +14,7 @@ from blocklists.names import BadName, normalize
 from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.identity import Identity
 from resolver.shared.lists import Lists
-from resolver.shared.policy.decision import Policy, Rule, Verdict, decide
+from resolver.shared.policy.decision import Policy, Rule, Verdict, decide, judge_chain
 from resolver.shared.policy.effective import PolicyMaker, find_device, governing, guest_profile
 from resolver.shared.policy.model import PolicyError, parse_mac, parse_time
 from resolver.shared.policy.safesearch import restrict_name
@@ -29,6 +29,15 @@ def _suffixes(wire: bytes) -> list[bytes]:
     return out
 
 
+def _wire_name(text: object, field: str) -> bytes:
+    if not isinstance(text, str):
+        raise PolicyError(field, "missing: a name")
+    try:
+        return text_to_name(normalize(text))
+    except (BadName, ValueError) as exc:
+        raise PolicyError(field, str(exc)) from None
+
+
 class Explainer:
     def __init__(self, store: Store | None, maker: PolicyMaker, catalog: Catalog, lists: Lists) -> None:
         self.store = store
@@ -37,15 +46,14 @@ class Explainer:
         self.lists = lists
 
     async def explain(self, question: dict[str, Any]) -> dict[str, Any]:
-        """`question`: name, address, and optionally mac, client_id, cpe_id, at (RFC 3339). Raises
-        PolicyError naming the field at fault."""
-        name = question.get("name")
-        if not isinstance(name, str):
-            raise PolicyError("name", "missing: the name to explain")
-        try:
-            wire = text_to_name(normalize(name))
-        except (BadName, ValueError) as exc:
-            raise PolicyError("name", str(exc)) from None
+        """`question`: name, address, and optionally mac, client_id, cpe_id, at (RFC 3339), and cnames: the
+        CNAME chain an upstream answered the name with, to judge as the resolver would. Raises PolicyError
+        naming the field at fault."""
+        wire = _wire_name(question.get("name"), "name")
+        chain = question.get("cnames") or []
+        if not isinstance(chain, list):
+            raise PolicyError("cnames", "must be a list of names")
+        targets = [_wire_name(target, f"cnames[{index}]") for index, target in enumerate(chain)]
         identity = self._identity(question)
         at = parse_time(question.get("at"), "at") or time.time()
         site = device = None
@@ -56,7 +64,7 @@ class Explainer:
             profiles.update(await self.store.load_profiles())
         rule = governing(site, device, profiles)
         policy, until = self.maker.effective(rule, at)
-        decision = self._decide(policy, wire)
+        decision = self._decide(policy, wire, targets)
         return {
             "name": name_to_text(wire),
             "address": identity.address,
@@ -83,11 +91,20 @@ class Explainer:
                 raise PolicyError("mac", str(exc)) from None
         return Identity(address, mac, question.get("client_id"), question.get("cpe_id"))
 
-    def _decide(self, policy: Policy, wire: bytes) -> dict[str, Any]:
-        """The resolver's decision (the same function), and which entry of which list made it."""
+    def _decide(self, policy: Policy, wire: bytes, targets: list[bytes]) -> dict[str, Any]:
+        """The resolver's decision (the same functions), and which entry of which list made it."""
         decision = decide(policy, wire, self.lists.snapshot)
         if decision.verdict is not None:
             return {**self._verdict(decision.verdict), "entry": self._entry(policy, wire, decision.rule)}
+        if targets and decision.chain is not None:
+            found = judge_chain(policy, targets, self.lists.snapshot, decision.chain)
+            if found is not None:
+                via, verdict = found
+                return {
+                    **self._verdict(verdict),
+                    "entry": self._entry(policy, via, verdict.rule),
+                    "via": name_to_text(via),
+                }
         match = self.lists.snapshot.matcher.match(name_to_text(wire))
         explained = {
             "verdict": "allowed",

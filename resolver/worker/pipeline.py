@@ -112,9 +112,9 @@ class Resolver:
         entry = self.cache.get(query.key, now)
         if entry is not None:
             if entry.cname_targets and decision.chain is not None:
-                verdict = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
-                if verdict is not None:
-                    return self.blocked.answer(request, verdict)
+                found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
+                if found is not None:
+                    return self.blocked.answer(request, found[1])
             return entry.render(request, now)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         return asyncio.ensure_future(self._resolve(request, policy, decision.chain))
@@ -123,9 +123,9 @@ class Resolver:
         query = request.query
         entry = await asyncio.shield(self._fetch(query.key, query.do, query.cd))
         if entry.cname_targets and chain is not None:
-            verdict = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
-            if verdict is not None:
-                return self.blocked.answer(request, verdict)
+            found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
+            if found is not None:
+                return self.blocked.answer(request, found[1])
         return entry.render(request, self._clock())
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:

@@ -253,12 +253,14 @@ def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = 
     return policy.resolving(Rule.CONTINUE if passed and bits & policy.warned else Rule.NONE, filtered)
 
 
-def judge_chain(policy: Policy, targets: Sequence[bytes], lists: Categories, judged: int) -> Verdict | None:
-    """The verdict on the first name of an answer's CNAME chain that the policy blocks or warns on, if any."""
+def judge_chain(
+    policy: Policy, targets: Sequence[bytes], lists: Categories, judged: int
+) -> tuple[bytes, Verdict] | None:
+    """The first name of an answer's CNAME chain that the policy blocks or warns on, with its verdict."""
     if not (judged or policy.has_lists):
         return None
     for target in targets:
         verdict = decide(policy, target, lists, judged).verdict
         if verdict is not None:
-            return verdict
+            return target, verdict
     return None
