@@ -59,7 +59,8 @@ class Explainer:
         site = device = None
         profiles = {"guest": guest_profile(self.catalog)}
         if self.store is not None:
-            _site_id, site = await self.store.resolve_site(identity.address, identity.cpe_id)
+            located = await self.store.locate(identity.address, identity.cpe_id)
+            site = await self.store.load_site(located[0]) if located is not None else None
             device = find_device(site, identity) if site is not None else None
             profiles.update(await self.store.load_profiles())
         rule = governing(site, device, profiles)

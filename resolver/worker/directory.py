@@ -139,6 +139,7 @@ class Directory:
         self._site_of: dict[tuple[str, str | None], str | None] = {}
         self._stand_ins: dict[Hashable, Client] = {}  # the best-known clients given while the store lags
         self._resolving: dict[Hashable, asyncio.Future[Client]] = {}
+        self._loading: dict[str, asyncio.Future[Site | None]] = {}
         self.down_since: float | None = None
         self._retry_at = 0.0
         self._needs_resync = False
@@ -250,17 +251,30 @@ class Directory:
                 self._sites.move_to_end(site_id)
                 return site
         assert self.store is not None
-        site_id, site = await self.store.resolve_site(identity.address, identity.cpe_id)
+        located = await self.store.locate(identity.address, identity.cpe_id)
         if len(self._site_of) >= self._settings.client_cache:
             self._site_of.clear()
-        self._site_of[lookup] = site_id
-        if site is None:
+        self._site_of[lookup] = located[0] if located is not None else None
+        if located is None:
             return None
-        held = self._sites.get(site.id)
-        if held is not None and held.version >= site.version:
-            return held  # loaded meanwhile by another client of the same site
-        self._hold_site(site)
+        site_id, version = located
+        held = self._sites.get(site_id)
+        if held is not None and held.version >= version:
+            self._sites.move_to_end(site_id)
+            return held  # the site of thousands of devices is fetched and parsed once, not per device
+        site = await self._load(site_id)
+        if site is not None:
+            self._hold_site(site)
         return site
+
+    async def _load(self, site_id: str) -> Site | None:
+        """One load of a site however many of its new clients ask for it at once."""
+        loading = self._loading.get(site_id)
+        if loading is None:
+            assert self.store is not None
+            loading = self._loading[site_id] = asyncio.ensure_future(self.store.load_site(site_id))
+            loading.add_done_callback(lambda _done: self._loading.pop(site_id, None))
+        return await asyncio.shield(loading)
 
     def _hold_site(self, site: Site, used: bool = True) -> None:
         """Hold `site` (a newer version replaces the old in place; `used` counts as a use for the LRU)."""

@@ -61,10 +61,14 @@ class Store(ABC):
     @abstractmethod
     async def find_site(self, address: str, cpe_id: str | None) -> str | None: ...
 
-    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
-        """The site a client belongs to (by CPE id, else by address) and the site itself."""
+    async def locate(self, address: str, cpe_id: str | None) -> tuple[str, int] | None:
+        """The site a client belongs to (by CPE id, else by address) and its version, without the document:
+        a worker that holds that version already need not fetch and parse it again (a site of thousands of
+        devices is a large document)."""
         site_id = await self.find_site(address, cpe_id)
-        return site_id, (await self.load_site(site_id) if site_id is not None else None)
+        if site_id is None:
+            return None
+        return site_id, (await self.site_versions([site_id]))[site_id]
 
     @abstractmethod
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]: ...

@@ -26,8 +26,8 @@ _COMMIT_FAILURES: tuple[type[BaseException], ...] = (WatchError, *STORE_ERRORS)
 _MARKER_SECONDS = 600  # how long a write's marker says it was applied
 
 # A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
-# candidates come longest first), then the site's document and version.
-_RESOLVE_SCRIPT = """
+# candidates come longest first), and the site's version.
+_LOCATE_SCRIPT = """
 local site = false
 if ARGV[1] ~= '' then site = redis.call('HGET', KEYS[1], ARGV[1]) end
 local i = 2
@@ -36,8 +36,7 @@ while not site and i <= #ARGV do
   i = i + 1
 end
 if not site then return {} end
-local found = redis.call('HMGET', KEYS[3] .. site, 'doc', 'version')
-return {site, found[1] or false, found[2] or false}
+return {site, redis.call('HGET', KEYS[3] .. site, 'version') or false}
 """
 
 
@@ -53,7 +52,7 @@ class RedisStore(Store):
         self.unavailable = connection.unavailable
         self.write_replicas = write_replicas if write_replicas >= 0 else int(is_sentinel(connection.url))
         self._lengths: dict[int, list[int]] | None = None
-        self._resolve_sha: str | None = None
+        self._locate_sha: str | None = None
         self._queued: list[tuple[list[str], asyncio.Future[Any]]] = []
 
     async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
@@ -93,7 +92,7 @@ class RedisStore(Store):
                 return site_id.decode()
         return None
 
-    async def resolve_site(self, address: str, cpe_id: str | None) -> tuple[str | None, Site | None]:
+    async def locate(self, address: str, cpe_id: str | None) -> tuple[str, int] | None:
         """One script call per client; the calls of every client arriving in the same loop iteration go
         to Redis in one pipeline (a burst of new clients costs a round trip, not one each)."""
         if self._lengths is None:
@@ -104,21 +103,14 @@ class RedisStore(Store):
         if len(self._queued) == 1:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
         found = await future
-        if not found:
-            return None, None
-        site_id, raw, version = found[0].decode(), found[1], found[2]
-        if not raw:
-            return site_id, None
-        try:
-            return site_id, parse_site(json.loads(raw), self.catalog, int(version or 0))
-        except PolicyError as exc:
-            log.error("site %s in redis is invalid (%s); ignoring it", site_id, exc)
-            return site_id, None
+        if not found or not found[1]:
+            return None
+        return found[0].decode(), int(found[1])
 
     async def _flush(self) -> None:
         queued, self._queued = self._queued, []
         try:
-            results = await self.call(self._run_resolve([arguments for arguments, _future in queued]))
+            results = await self.call(self._run_locate([arguments for arguments, _future in queued]))
         except Exception as exc:  # StoreUnavailable, or anything else: every waiter must hear of it
             for _arguments, future in queued:
                 if not future.done():
@@ -128,20 +120,20 @@ class RedisStore(Store):
             if not future.done():
                 future.set_result(result)
 
-    async def _run_resolve(self, calls: list[list[str]]) -> list[Any]:
+    async def _run_locate(self, calls: list[list[str]]) -> list[Any]:
         """EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, a second round trip
         on every call. A restarted Redis has forgotten the script: load it again and repeat once."""
         keys = [self.key("cpe"), self.key("net"), self.key("site", "")]
         for attempt in (1, 2):
-            if self._resolve_sha is None:
-                self._resolve_sha = await self.client.script_load(_RESOLVE_SCRIPT)
+            if self._locate_sha is None:
+                self._locate_sha = await self.client.script_load(_LOCATE_SCRIPT)
             pipe = self.client.pipeline(transaction=False)
             for arguments in calls:
-                pipe.evalsha(self._resolve_sha, len(keys), *keys, *arguments)
+                pipe.evalsha(self._locate_sha, len(keys), *keys, *arguments)
             try:
                 return await pipe.execute()
             except NoScriptError:  # restarted, failed over or SCRIPT FLUSHed
-                self._resolve_sha = None
+                self._locate_sha = None
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
