@@ -163,7 +163,7 @@ class Directory:
 
     def key(self, request: Request) -> Hashable:
         source = request.client[0]
-        identity = request.query.identity
+        identity = request.identity
         if identity is not None and source in self.trusted:
             return source, identity
         return source
@@ -227,7 +227,7 @@ class Directory:
     @staticmethod
     def _identity(key: Hashable, request: Request) -> Identity:
         source = request.client[0]
-        return identity_from(source, request.query.options) if isinstance(key, tuple) else Identity(source)
+        return identity_from(source, request.options) if isinstance(key, tuple) else Identity(source)
 
     async def _build(self, key: Hashable, request: Request) -> Client:
         identity = self._identity(key, request)

@@ -71,20 +71,10 @@ class Query:
     `local` marks queries answered here whatever the cache holds (other classes, ANY, zone transfers).
     """
 
-    __slots__ = ("cd", "do", "edns", "identity", "key", "limit", "local", "name", "options", "qclass", "qend", "qtype")
+    __slots__ = ("cd", "do", "edns", "key", "limit", "local", "name", "qclass", "qend", "qtype")
 
     def __init__(
-        self,
-        qend: int,
-        name: bytes,
-        key: bytes,
-        qtype: int,
-        qclass: int,
-        edns: bool,
-        do: bool,
-        cd: bool,
-        limit: int,
-        options: dict[int, bytes] | None,
+        self, qend: int, name: bytes, key: bytes, qtype: int, qclass: int, edns: bool, do: bool, cd: bool, limit: int
     ) -> None:
         self.qend = qend
         self.name = name
@@ -95,13 +85,6 @@ class Query:
         self.do = do
         self.cd = cd
         self.limit = limit
-        self.options = options
-        # The identity options as one hashable value: with the source address, the key of a client.
-        self.identity = (
-            b"".join(_U16.pack(code) + _U16.pack(len(value)) + value for code, value in sorted(options.items()))
-            if options
-            else None
-        )
         self.local = qclass != CLASS_IN or qtype in LOCAL_TYPES
 
     @property
@@ -111,14 +94,25 @@ class Query:
 
 
 class Request:
-    """One arrival of a query: its bytes (ID included), who sent it, and what parsing them gave."""
+    """One arrival of a query: its bytes (ID included), who sent it, what parsing them gave, and the identity
+    options it carries (`options` by code, `identity` the same as one hashable value: with the source
+    address, the key of a client), which only a trusted source is believed about."""
 
-    __slots__ = ("client", "data", "query")
+    __slots__ = ("client", "data", "identity", "options", "query")
 
-    def __init__(self, data: bytes, client: tuple[str, int], query: Query) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        client: tuple[str, int],
+        query: Query,
+        options: dict[int, bytes] | None = None,
+        identity: bytes | None = None,
+    ) -> None:
         self.data = data
         self.client = client
         self.query = query
+        self.options = options
+        self.identity = identity
 
 
 # Real queries are well under this (a name, an OPT, a cookie, RFC 8467 padding to 128); a bigger one is
@@ -127,34 +121,74 @@ MAX_INTERNED = 512
 
 
 class QueryParser:
-    """Parses queries, interning the result by the bytes after the ID.
+    """Parses queries, interning the result by what decides it: everything but the ID and the EDNS options.
 
-    Clients ask the same few thousand questions in the same bytes over and over; a dict lookup on those bytes
-    replaces the label walk, the EDNS walk and the key building, and hands later stages the same Query object
-    for the same bytes. Malformed queries are never interned. The memo is emptied when full: a flood of
-    unique names costs one dict insert each, and nothing grows without bound.
+    Real traffic repeats the same few thousand questions, but not in the same bytes: every client sends its
+    own DNS cookie, a router adds each device's ECS and MAC options. So a query is looked up by its bytes
+    from the flags to the end of its OPT record's fixed part (flags, counts, question, UDP size, DO bit),
+    and the option bytes are looked up apart, in a second memo that turns them into the identity options (a
+    client's cookie repeats too). Both lookups replace the label walk, the EDNS walk and the key building;
+    later stages get the same Query object for the same question and flags, and memoise on it.
+
+    Where the question ends is guessed with one `find` of the first zero byte after the header. A memo hit
+    proves the guess: the interned query's question, byte for byte the same, ended there when it was parsed
+    in full. Anything the memos do not know is parsed in full (and refused there if malformed); only
+    queries of the two usual shapes (no additional record, or one OPT record running to the end) are
+    interned. Both memos are emptied when full: a flood of unique names costs one dict insert each.
     """
 
     def __init__(self, size: int = 16384) -> None:
         self._size = size
         self._memos: tuple[dict[bytes, Query], dict[bytes, Query]] = ({}, {})
+        self._options: dict[bytes, tuple[dict[int, bytes] | None, bytes | None]] = {}
 
     def parse(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
-        if len(data) > MAX_INTERNED:
-            return Request(data, client, read_query(data, tcp))
-        memo = self._memos[tcp]
-        after_id = data[2:]
-        query = memo.get(after_id)
-        if query is None:
-            query = read_query(data, tcp)
-            if len(memo) >= self._size:
-                memo.clear()
-            memo[after_id] = query
-        return Request(data, client, query)
+        size = len(data)
+        end = data.find(0, HEADER_LEN) + 5  # the question's end, if the memo proves it (see above)
+        if size <= MAX_INTERNED and end > 4 and not data[10]:
+            query = None
+            if not data[11]:
+                if size == end:
+                    query = self._memos[tcp].get(data[2:])
+            elif data[11] == 1 and size >= end + 11 and (data[end + 9] << 8 | data[end + 10]) == size - end - 11:
+                query = self._memos[tcp].get(data[2 : end + 11])
+            if query is not None:
+                if size <= end + 11:  # no options
+                    return Request(data, client, query)
+                known = self._options.get(data[end + 11 :])
+                if known is not None:
+                    return Request(data, client, query, *known)
+        return self._parse_whole(data, client, tcp)
+
+    def _parse_whole(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
+        query, rdata = read_query(data, tcp)
+        options = _identity_options(data, rdata[0], rdata[1], query.qend) if rdata is not None else None
+        identity = (
+            b"".join(_U16.pack(code) + _U16.pack(len(value)) + value for code, value in sorted(options.items()))
+            if options
+            else None
+        )
+        size, qend = len(data), query.qend
+        if size <= MAX_INTERNED and not data[10]:
+            key = None
+            if not data[11] and size == qend:
+                key = data[2:]
+            elif data[11] == 1 and rdata is not None and rdata[0] == qend + 11 and rdata[1] == size:
+                key = data[2 : qend + 11]
+                if len(self._options) >= self._size:
+                    self._options.clear()
+                self._options[data[qend + 11 :]] = (options, identity)
+            if key is not None:
+                memo = self._memos[tcp]
+                if len(memo) >= self._size:
+                    memo.clear()
+                memo[key] = query
+        return Request(data, client, query, options, identity)
 
 
-def read_query(data: bytes, tcp: bool) -> Query:
-    """Read a query. Raises Malformed (with the rcode to answer, or None for silence) on anything unusable."""
+def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
+    """Read a query, and where its OPT record's options are (start, end), if it has one. Raises Malformed
+    (with the rcode to answer, or None for silence) on anything unusable."""
     size = len(data)
     if size < HEADER_LEN:
         raise Malformed(None, "shorter than a DNS header")
@@ -189,19 +223,19 @@ def read_query(data: bytes, tcp: bool) -> Query:
     cd = bool(data[3] & _FLAG_CD)
     edns = do = False
     limit = TCP_LIMIT if tcp else PLAIN_UDP_LIMIT
-    options = None
+    rdata = None
     if data[10] or data[11]:
-        edns, do, udp_size, options = _read_additional(data, qend, data[10] << 8 | data[11])
+        edns, do, udp_size, rdata = _read_additional(data, qend, data[10] << 8 | data[11])
         if edns and not tcp:
             # RFC 6891 §6.2.5: the smaller of the two sizes; ours (1232) keeps answers unfragmented and
             # caps what a spoofed query can reflect.
             limit = min(max(udp_size, PLAIN_UDP_LIMIT), ADVERTISED_UDP_SIZE)
     state = (STATE_DO if do else 0) | (STATE_CD if cd else 0)
     key = name + data[name_end:qend] + bytes((state,))
-    query = Query(qend, name, key, qtype, qclass, edns, do, cd, limit, options)
+    query = Query(qend, name, key, qtype, qclass, edns, do, cd, limit)
     if qtype in NOT_QUERYABLE:
         raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried", qend, edns, do)
-    return query
+    return query, rdata
 
 
 def _skip_name(data: bytes, pos: int, floor: int) -> int:
@@ -225,13 +259,14 @@ def _skip_name(data: bytes, pos: int, floor: int) -> int:
         pos += length + 1
 
 
-def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int, dict[int, bytes] | None]:
-    """(edns present, DO bit, client UDP size, identity options) from the additional section."""
+def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int, tuple[int, int] | None]:
+    """(edns present, DO bit, client UDP size, where the OPT's options are) from the additional section; the
+    options are checked here (a malformed one is FORMERR), and read by `_identity_options`."""
     size = len(data)
     qend = pos
     edns = do = False
     udp_size = PLAIN_UDP_LIMIT
-    options: dict[int, bytes] | None = None
+    span: tuple[int, int] | None = None
     for _ in range(count):
         owner = pos
         pos = _skip_name(data, pos, owner)
@@ -253,11 +288,14 @@ def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int
         udp_size = rclass
         if (ttl >> 16) & 0xFF:  # before the options: a later version may lay them out differently
             raise Malformed(Rcode.BADVERS, f"EDNS version {(ttl >> 16) & 0xFF}", qend, edns=True, do=do)
-        options = _read_options(data, rdata, pos, qend)
-    return edns, do, udp_size, options
+        _identity_options(data, rdata, pos, qend)
+        span = (rdata, pos)
+    return edns, do, udp_size, span
 
 
-def _read_options(data: bytes, pos: int, end: int, qend: int) -> dict[int, bytes] | None:
+def _identity_options(data: bytes, pos: int, end: int, qend: int) -> dict[int, bytes] | None:
+    """The identity options among the EDNS options at data[pos:end], by code; Malformed if they do not
+    parse."""
     options: dict[int, bytes] | None = None
     while pos < end:
         if pos + 4 > end:
