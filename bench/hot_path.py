@@ -156,6 +156,27 @@ def measure(names: list[str], rounds: int, profile: bool, data: Path) -> dict[st
     return results
 
 
+def memory(count: int, data: Path) -> float:
+    """Bytes of this process's RSS per cached answer: `count` distinct names stored and then asked once each
+    (so the parser's memo and each answer's rendering are in it too), as a worker holds them."""
+    names = [f"n{index}.{name}" for index, name in enumerate(top_site_names(data, 1000) * (count // 1000 + 1))]
+    with tempfile.TemporaryDirectory() as scratch:
+        bench = Bench(Path(scratch), ["listed.example"], 0)
+        bench.resolver.cache._settings = load_config(None, {"cache": {"size": count}}).cache
+        queries = [wire_query(name, [], 1) for name in names[:count]]
+        before = _rss()
+        bench.cache_names(names[:count])
+        bench.round(queries)
+        return (_rss() - before) / count
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -163,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                                                            "mixed"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--memory", type=int, metavar="ANSWERS", help="instead: RSS per cached answer")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(f"{memory(args.memory, args.data):.0f} bytes of RSS per cached answer ({args.memory:,} answers)")
+        return 0
     results = measure(args.workload, args.rounds, args.profile, args.data)
     for name, values in results.items():
         print(f"{name:14} {statistics.median(values):6.2f} µs per query (rounds: "

@@ -2,7 +2,8 @@
 
     python -m bench.peers --data ../shared/data --runs 3 --seconds 8 [--plot bench/peers.png]
 
-Every server gets the same ~1 M listed names (bns: its compiled artifact; unbound: `local-zone … always_nxdomain`;
+`responder` is the floor of a Python server: a uvloop UDP protocol that turns each query into an empty
+answer and does nothing else. Every other server gets the same ~1 M listed names (bns: its compiled artifact; unbound: `local-zone … always_nxdomain`;
 dnsdist: a SuffixMatchNode answering NXDOMAIN; pdns-recursor and knot-resolver: an RPZ zone) and forwards
 everything else to the same scripted upstream on loopback. Each server runs pinned to core 0 with one
 thread or worker; dnsperf sends from core 1 at a fixed rate, so every server answers the same queries and
@@ -321,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--synthetic", type=int, default=0, help="this many synthetic listed names instead")
     parser.add_argument("--workload", nargs="+", default=["blocked", "cached", "mixed", "cookie", "router", "misses"])
-    parser.add_argument("--servers", nargs="+", default=["unbound", "dnsdist", "pdns-recursor", "knot-resolver",
-                                                            "bns", "bns per-device"])
+    parser.add_argument("--servers", nargs="+", default=["responder", "unbound", "dnsdist", "pdns-recursor",
+                                                            "knot-resolver", "bns", "bns per-device"])
     parser.add_argument("--plot", type=Path, help="write the table as a PNG chart here")
     args = parser.parse_args(argv)
     if not have_dnsperf():
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.start()
         stack.callback(redis.stop)
         makers: dict[str, Callable[[Path, int], list[str] | None]] = {
+            "responder": lambda d, p: [sys.executable, "-m", "bench.responder", "--port", str(p)],
             "unbound": lambda d, p: unbound(d, p, upstream, listed),
             "dnsdist": lambda d, p: dnsdist(d, p, upstream, listed),
             "pdns-recursor": lambda d, p: pdns_recursor(d, p, upstream, listed),

@@ -25,10 +25,11 @@ def _soa(ttl: int) -> bytes:
 
 
 class BlockedAnswers:
-    """Builds the answer for (query, verdict) once; later ones are the client's ID plus the memoised rest.
+    """Answers for (query, verdict): each verdict's records, authority and OPT made once per shape of query,
+    and each query's answer memoised (the client's ID plus the rest).
 
-    Both keys are interned objects (the parser's Query, the policy's Verdict), so the memo is exact. It is
-    emptied when full."""
+    Both memo keys are interned objects (the parser's Query, the policy's Verdict), so the memo is exact. It
+    is as large as the parser's memo and emptied when full."""
 
     def __init__(self, size: int = 16384) -> None:
         self._size = size

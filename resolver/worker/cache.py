@@ -4,13 +4,12 @@ One cache per worker, shared by every policy: filtering runs before it, so one c
 device that may see it. An answer is the client's ID and question bytes (0x20 case echoed), the cached
 records with their TTLs aged, and an OPT record when the client sent one. Everything after the ID depends
 only on the parsed Query (interned by the parser) and the age in whole seconds, so each entry keeps its last
-rendering: a repeated hit is a dict lookup, an LRU bump and one concatenation.
+rendering: a repeated hit is a dict lookup, a used mark and one concatenation.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 
 from resolver.shared.config import CacheSettings
 from resolver.shared.dns import Rcode
@@ -22,27 +21,57 @@ _FLAG_AD = 0x20
 _FLAG_CD = 0x10
 
 
-class CachedAnswer:
-    """One reply, ready to be served to any client that asks the same question."""
+class _Form:
+    """What many answers have in common (their counts, flags, rcode, OPT records): one object for them all,
+    so that each cached answer holds only its own bytes."""
 
-    __slots__ = (
-        "_memo_age",
-        "_memo_query",
-        "_memo_tail",
-        "answer_count",
-        "body",
-        "cname_targets",
-        "counts",
-        "counts_edns",
-        "expires_at",
-        "low_flags_ad",
-        "low_flags_plain",
-        "opts",
-        "rcode",
-        "stored_at",
-        "ttl_offsets",
-        "ttls",
-    )
+    __slots__ = ("answer_count", "counts", "counts_edns", "low_flags_ad", "low_flags_plain", "opts", "rcode")
+
+    def __init__(self, counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes) -> None:
+        an, ns, ar = counts
+        self.answer_count = an
+        self.rcode = rcode
+        self.counts = struct.pack("!HHHH", 1, an, ns, ar)
+        self.counts_edns = struct.pack("!HHHH", 1, an, ns, ar + 1)
+        self.low_flags_plain = _FLAG_RA | (rcode & 0x0F)
+        # RFC 6840 §5.8: AD only goes back to a client that asked with AD or DO.
+        self.low_flags_ad = self.low_flags_plain | (_FLAG_AD if ad else 0)
+        self.opts = (opt_record(False, ede), opt_record(True, ede))
+
+
+_FORMS: dict[tuple[tuple[int, int, int], int, bool, bytes], _Form] = {}
+
+
+def _form(counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes) -> _Form:
+    key = (counts, rcode, ad, ede)
+    form = _FORMS.get(key)
+    if form is None:
+        if len(_FORMS) >= _MAX_FORMS:  # only odd replies make new ones; never let them grow the memory
+            _FORMS.clear()
+        form = _FORMS[key] = _Form(counts, rcode, ad, ede)
+    return form
+
+
+_MAX_FORMS = 4096
+_TUPLES: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _shared(offsets: tuple[int, ...]) -> tuple[int, ...]:
+    """One tuple for every answer whose TTLs sit at the same offsets (most answers look alike)."""
+    if len(_TUPLES) >= _MAX_FORMS:
+        _TUPLES.clear()
+    return _TUPLES.setdefault(offsets, offsets)
+
+
+class CachedAnswer:
+    """One reply, ready to be served to any client that asks the same question.
+
+    Its records are kept as wire bytes with the TTLs as served (clamped by the cache's rules) written in,
+    and the offsets of those TTLs; the counts, flags and OPT records come from a form shared by every answer
+    shaped alike. That is all an answer costs beyond its own bytes, and its last rendering (see `render`)."""
+
+    __slots__ = ("_memo_age", "_memo_query", "_memo_tail", "body", "cname_targets", "expires_at", "form",
+                 "stored_at", "ttl_offsets", "used")
 
     def __init__(
         self,
@@ -52,24 +81,27 @@ class CachedAnswer:
         now: float,
         ede: bytes = b"",
     ) -> None:
-        an, ns, ar = scanned.counts
-        self.answer_count = an
-        self.rcode = scanned.rcode
-        self.counts = struct.pack("!HHHH", 1, an, ns, ar)
-        self.counts_edns = struct.pack("!HHHH", 1, an, ns, ar + 1)
-        self.low_flags_plain = _FLAG_RA | (scanned.rcode & 0x0F)
-        # RFC 6840 §5.8: AD only goes back to a client that asked with AD or DO.
-        self.low_flags_ad = self.low_flags_plain | (_FLAG_AD if scanned.ad else 0)
-        self.body = scanned.body
-        self.ttl_offsets = scanned.ttl_offsets
-        self.ttls = ttls
+        self.form = _form(scanned.counts, scanned.rcode, scanned.ad, ede)
+        body = bytearray(scanned.body)
+        for offset, ttl in zip(scanned.ttl_offsets, ttls, strict=True):
+            _U32.pack_into(body, offset, ttl)
+        self.body = bytes(body)
+        self.ttl_offsets = _shared(tuple(scanned.ttl_offsets))
         self.cname_targets = tuple(scanned.cname_targets)
-        self.opts = (opt_record(False, ede), opt_record(True, ede))
         self.stored_at = now
         self.expires_at = now + lifetime
+        self.used = False  # asked since eviction last passed it over
         self._memo_query: Query | None = None
         self._memo_age = -1
         self._memo_tail = b""
+
+    @property
+    def rcode(self) -> int:
+        return self.form.rcode
+
+    @property
+    def answer_count(self) -> int:
+        return self.form.answer_count
 
     def render(self, request: Request, now: float) -> bytes:
         """The answer for `request`: its ID, flags and question, our records with TTLs aged to `now`."""
@@ -87,44 +119,58 @@ class CachedAnswer:
         # Aged again on every memo miss rather than kept: a third copy of every answer costs more memory
         # than a few struct.pack_into calls cost time, on a path that runs once per second per entry.
         body = self._age_body(age)
-        data, query = request.data, request.query
-        low = self.low_flags_ad if (data[3] & _FLAG_AD or query.do) else self.low_flags_plain
+        data, query, form = request.data, request.query, self.form
+        low = form.low_flags_ad if (data[3] & _FLAG_AD or query.do) else form.low_flags_plain
         flags = bytes((0x80 | (data[2] & 0x01), low | (data[3] & _FLAG_CD)))
         if query.edns:
             message = b"".join(
-                (data[:2], flags, self.counts_edns, data[HEADER_LEN : query.qend], body, self.opts[query.do])
+                (data[:2], flags, form.counts_edns, data[HEADER_LEN : query.qend], body, form.opts[query.do])
             )
         else:
-            message = b"".join((data[:2], flags, self.counts, data[HEADER_LEN : query.qend], body))
+            message = b"".join((data[:2], flags, form.counts, data[HEADER_LEN : query.qend], body))
         if len(message) > query.limit:
-            return truncated_answer(request, self.rcode)
+            return truncated_answer(request, form.rcode)
         return message
 
     def records(self, question_length: int, now: float) -> list[tuple[int, int, bytes]]:
         """(type, TTL aged to `now`, rdata) of the answer section, for answers assembled from this one."""
         body = self._age_body(int(now - self.stored_at))
-        return answer_records(body, HEADER_LEN + question_length, self.answer_count)
+        return answer_records(body, HEADER_LEN + question_length, self.form.answer_count)
 
     def _age_body(self, age: int) -> bytes:
-        if not self.ttl_offsets:
+        if not age or not self.ttl_offsets:
             return self.body
         body = bytearray(self.body)
-        for offset, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
+        for offset in self.ttl_offsets:
+            ttl = _U32.unpack_from(body, offset)[0]
             _U32.pack_into(body, offset, ttl - age if ttl > age else 0)
         return bytes(body)
 
 
+# Eviction passes over at most this many used answers per insert (giving each a second chance): an insert
+# never sweeps the whole cache.
+_SECOND_CHANCES = 8
+
+
 class AnswerCache:
-    """A bounded LRU of CachedAnswer keyed by `Request.key`, with the TTL rules of one place."""
+    """A bounded cache of CachedAnswer keyed by `Query.key`, with the TTL rules of one place.
+
+    Eviction is CLOCK (second chance) rather than strict LRU: a hit only marks the answer used instead of
+    relinking it, which costs a hit one attribute store instead of an ordered-dict move."""
 
     def __init__(self, settings: CacheSettings) -> None:
         self._settings = settings
-        self._entries: OrderedDict[bytes, CachedAnswer] = OrderedDict()
+        self._entries: dict[bytes, CachedAnswer] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """How many answers it keeps at most."""
+        return self._settings.size
 
     def get(self, key: bytes, now: float) -> CachedAnswer | None:
         entry = self._entries.get(key)
@@ -135,7 +181,7 @@ class AnswerCache:
             del self._entries[key]
             self.misses += 1
             return None
-        self._entries.move_to_end(key)
+        entry.used = True
         self.hits += 1
         return entry
 
@@ -144,11 +190,21 @@ class AnswerCache:
         ttls, lifetime = self._ttls(scanned)
         entry = CachedAnswer(scanned, ttls, lifetime, now, ede)
         if lifetime > 0 and self._settings.size > 0:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            if len(self._entries) > self._settings.size:
-                self._entries.popitem(last=False)
+            entries = self._entries
+            if entries.pop(key, None) is None:
+                self._make_room(entries)
+            entries[key] = entry
         return entry
+
+    def _make_room(self, entries: dict[bytes, CachedAnswer]) -> None:
+        chances = _SECOND_CHANCES
+        while len(entries) >= self._settings.size:
+            oldest = next(iter(entries))
+            entry = entries.pop(oldest)
+            if entry.used and chances:
+                chances -= 1
+                entry.used = False
+                entries[oldest] = entry
 
     def clear(self) -> None:
         self._entries.clear()

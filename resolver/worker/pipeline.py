@@ -47,10 +47,11 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.parser = QueryParser()
+        # As many queries interned as answers cached: the cache's hits are then the parser's too.
+        self.parser = QueryParser(max(cache.size, 1024))
         self.directory = directory
         self.lists = lists
-        self.blocked = BlockedAnswers()
+        self.blocked = BlockedAnswers(max(cache.size, 1024))
         self.cache = cache
         self.forwarder = forwarder
         self._clock = clock
