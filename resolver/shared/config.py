@@ -190,7 +190,7 @@ class ListsSettings:
         1.0, "seconds between checks for a newly installed artifact", minimum=0.05, maximum=3600, live=True
     )
     hot_names: int = setting(
-        100_000, "names whose categories each worker keeps at hand (a dict lookup)", minimum=1, maximum=100_000_000
+        200_000, "names whose categories each worker keeps at hand (a dict lookup)", minimum=1, maximum=100_000_000
     )
     cache_dir: str = setting(
         "",

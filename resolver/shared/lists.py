@@ -32,6 +32,7 @@ from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
 from blocklists.matcher import Matcher
 from resolver.shared.config import ListsSettings
+from resolver.shared.memo import make_room
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,9 @@ class ListSnapshot:
         return self.lookup(name) if bits is None else bits
 
     def lookup(self, name: bytes) -> int:
-        """Categories of a name not in `hot` yet: a trie walk, remembered (the dict is emptied when full)."""
+        """Categories of a name not in `hot` yet: a trie walk, remembered (the oldest half forgotten when full)."""
         bits = self.matcher.bits_of_wire(name)
-        if len(self.hot) >= self._hot_size:
-            self.hot.clear()
+        make_room(self.hot, self._hot_size)
         self.hot[name] = bits
         return bits
 

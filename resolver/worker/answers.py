@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 from resolver.shared.dns import Rcode, RRType, text_to_name
+from resolver.shared.memo import make_room
 from resolver.shared.policy.decision import AnswerMode, Verdict
 from resolver.worker.cache import CachedAnswer
 from resolver.worker.wire import Query, Request, resource_record, synthesized_answer
@@ -29,7 +30,7 @@ class BlockedAnswers:
     and each query's answer memoised (the client's ID plus the rest).
 
     Both memo keys are interned objects (the parser's Query, the policy's Verdict), so the memo is exact. It
-    is as large as the parser's memo and emptied when full."""
+    is as large as the parser's memo and forgets its oldest half when full."""
 
     def __init__(self, size: int = 16384) -> None:
         self._size = size
@@ -41,8 +42,7 @@ class BlockedAnswers:
         key = (request.query, verdict)
         tail = self._memo.get(key)
         if tail is None:
-            if len(self._memo) >= self._size:
-                self._memo.clear()
+            make_room(self._memo, self._size)
             tail = self._memo[key] = build_blocked_answer(request, verdict)[2:]
         return request.data[:2] + tail
 

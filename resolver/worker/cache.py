@@ -19,6 +19,7 @@ _U32 = struct.Struct("!I")
 _FLAG_RA = 0x80
 _FLAG_AD = 0x20
 _FLAG_CD = 0x10
+_FLAG_TC = 0x02  # in the high flags byte
 
 
 class _Form:
@@ -53,6 +54,7 @@ def _form(counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes) -> _Fo
 
 
 _MAX_FORMS = 4096
+_LIFETIMES: dict[int, int] = {}
 _TUPLES: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
@@ -70,8 +72,19 @@ class CachedAnswer:
     and the offsets of those TTLs; the counts, flags and OPT records come from a form shared by every answer
     shaped alike. That is all an answer costs beyond its own bytes, and its last rendering (see `render`)."""
 
-    __slots__ = ("_memo_age", "_memo_query", "_memo_tail", "body", "cname_targets", "expires_at", "form",
-                 "stored_at", "ttl_offsets", "used")
+    __slots__ = (
+        "_body_at",
+        "_memo_age",
+        "_memo_query",
+        "_memo_tail",
+        "body",
+        "cname_targets",
+        "form",
+        "lifetime",
+        "stored_at",
+        "ttl_offsets",
+        "used",
+    )
 
     def __init__(
         self,
@@ -85,15 +98,20 @@ class CachedAnswer:
         body = bytearray(scanned.body)
         for offset, ttl in zip(scanned.ttl_offsets, ttls, strict=True):
             _U32.pack_into(body, offset, ttl)
-        self.body = bytes(body)
+        self.body: bytes | None = bytes(body)
         self.ttl_offsets = _shared(tuple(scanned.ttl_offsets))
         self.cname_targets = tuple(scanned.cname_targets)
         self.stored_at = now
-        self.expires_at = now + lifetime
+        self.lifetime = _LIFETIMES.setdefault(lifetime, lifetime)  # few distinct values: shared int objects
         self.used = False  # asked since eviction last passed it over
         self._memo_query: Query | None = None
         self._memo_age = -1
         self._memo_tail = b""
+        self._body_at = 0  # where the records are in `_memo_tail`, once `body` is dropped for it
+
+    @property
+    def expires_at(self) -> float:
+        return self.stored_at + self.lifetime
 
     @property
     def rcode(self) -> int:
@@ -113,6 +131,10 @@ class CachedAnswer:
         self._memo_query = query
         self._memo_age = age
         self._memo_tail = message[2:]
+        if self.body is not None and not message[2] & _FLAG_TC:
+            # The records are in the rendering now: keep them once, not twice.
+            self._body_at = query.qend - 2
+            self.body = None
         return message
 
     def _render(self, request: Request, age: int) -> bytes:
@@ -138,13 +160,27 @@ class CachedAnswer:
         return answer_records(body, HEADER_LEN + question_length, self.form.answer_count)
 
     def _age_body(self, age: int) -> bytes:
-        if not age or not self.ttl_offsets:
-            return self.body
-        body = bytearray(self.body)
+        """The records with their TTLs aged by `age`: from the kept bytes (age 0), or from the last rendering
+        (aged by its own age already)."""
+        if self.body is not None:
+            body, aged = self.body, 0
+        else:
+            tail, start = self._memo_tail, self._body_at
+            body, aged = tail[start : start + self._body_length(tail)], self._memo_age
+        if age == aged or not self.ttl_offsets:
+            return body
+        more = age - aged
+        aging = bytearray(body)
         for offset in self.ttl_offsets:
-            ttl = _U32.unpack_from(body, offset)[0]
-            _U32.pack_into(body, offset, ttl - age if ttl > age else 0)
-        return bytes(body)
+            ttl = _U32.unpack_from(aging, offset)[0]
+            _U32.pack_into(aging, offset, ttl - more if ttl > more else 0)
+        return bytes(aging)
+
+    def _body_length(self, tail: bytes) -> int:
+        """The records' length in the last rendering: what follows the question, less our OPT record."""
+        query = self._memo_query
+        assert query is not None
+        return len(tail) - self._body_at - (len(self.form.opts[0]) if query.edns else 0)
 
 
 # Eviction passes over at most this many used answers per insert (giving each a second chance): an insert
@@ -177,7 +213,7 @@ class AnswerCache:
         if entry is None:
             self.misses += 1
             return None
-        if entry.expires_at <= now:
+        if now - entry.stored_at >= entry.lifetime:
             del self._entries[key]
             self.misses += 1
             return None

@@ -172,8 +172,10 @@ class Directory:
         """The client a query is from, if this worker knows it; None means: call `resolve`."""
         if self.store is None:
             return self.default_client
-        key = self.key(request)
-        client = self._clients.get(key)
+        # `key`, written out: one call less per query.
+        source = request.client[0]
+        identity = request.identity
+        client = self._clients.get((source, identity) if identity is not None and source in self.trusted else source)
         if client is not None:
             client.used = True
         return client

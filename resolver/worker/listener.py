@@ -84,11 +84,19 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.draining:
             return  # stopping: a query read now could not be answered in time; the client retries elsewhere
-        reply = answer_safely(self._resolver, data, addr, False)
-        if reply is None:
-            return
+        # answer_safely's work, written out: one call less per datagram on the busiest path.
+        reply: bytes | asyncio.Future[bytes] | None
+        try:
+            reply = self._resolver.answer(data, addr, False)
+        except Malformed as error:
+            reply = error_answer(data, error) if error.rcode is not None else None
+        except Exception:
+            _failures.exception("query failed inside the pipeline")
+            reply = servfail_for(data)
         if type(reply) is bytes:
             self._transport.sendto(reply, addr)  # type: ignore[union-attr]
+            return
+        if reply is None:
             return
         self._in_flight.track(reply)  # type: ignore[arg-type]
         reply.add_done_callback(lambda future: self._send(future, data, addr))  # type: ignore[union-attr]

@@ -47,11 +47,12 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        # As many queries interned as answers cached: the cache's hits are then the parser's too.
-        self.parser = QueryParser(max(cache.size, 1024))
+        # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
+        # of blocked names as large as the cache (whose answers are not cached) still fits.
+        self.parser = QueryParser(max(cache.size * 2, 1024))
         self.directory = directory
         self.lists = lists
-        self.blocked = BlockedAnswers(max(cache.size, 1024))
+        self.blocked = BlockedAnswers(max(cache.size * 2, 1024))
         self.cache = cache
         self.forwarder = forwarder
         self._clock = clock

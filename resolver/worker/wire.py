@@ -11,6 +11,7 @@ import struct
 
 from resolver.shared.dns import CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
+from resolver.shared.memo import make_room
 
 HEADER_LEN = 12
 ADVERTISED_UDP_SIZE = 1232  # RFC 6891 §6.2.5 and the DNS Flag Day 2020 value: no IP fragmentation
@@ -41,6 +42,8 @@ _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _OPTION_HEAD = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
+
+_LIMITS: dict[int, int] = {}
 
 # Cache-key state byte: the query flags that change the upstream's answer.
 STATE_DO = 1
@@ -134,7 +137,7 @@ class QueryParser:
     proves the guess: the interned query's question, byte for byte the same, ended there when it was parsed
     in full. Anything the memos do not know is parsed in full (and refused there if malformed); only
     queries of the two usual shapes (no additional record, or one OPT record running to the end) are
-    interned. Both memos are emptied when full: a flood of unique names costs one dict insert each.
+    interned. Both memos forget their oldest half when full: a flood of unique names costs a dict insert each.
     """
 
     def __init__(self, size: int = 16384) -> None:
@@ -175,13 +178,11 @@ class QueryParser:
                 key = data[2:]
             elif data[11] == 1 and rdata is not None and rdata[0] == qend + 11 and rdata[1] == size:
                 key = data[2 : qend + 11]
-                if len(self._options) >= self._size:
-                    self._options.clear()
+                make_room(self._options, self._size)
                 self._options[data[qend + 11 :]] = (options, identity)
             if key is not None:
                 memo = self._memos[tcp]
-                if len(memo) >= self._size:
-                    memo.clear()
+                make_room(memo, self._size)
                 memo[key] = query
         return Request(data, client, query, options, identity)
 
@@ -229,7 +230,8 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
         if edns and not tcp:
             # RFC 6891 §6.2.5: the smaller of the two sizes; ours (1232) keeps answers unfragmented and
             # caps what a spoofed query can reflect.
-            limit = min(max(udp_size, PLAIN_UDP_LIMIT), ADVERTISED_UDP_SIZE)
+            size = min(max(udp_size, PLAIN_UDP_LIMIT), ADVERTISED_UDP_SIZE)
+            limit = _LIMITS.setdefault(size, size)  # one int object per size, not one per interned query
     state = (STATE_DO if do else 0) | (STATE_CD if cd else 0)
     key = name + data[name_end:qend] + bytes((state,))
     query = Query(qend, name, key, qtype, qclass, edns, do, cd, limit)

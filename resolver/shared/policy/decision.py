@@ -225,9 +225,12 @@ class Policy:
 
 
 class Categories(Protocol):
-    """Where `decide` finds a name's categories: a list snapshot (resolver.shared.lists)."""
+    """Where `decide` finds a name's categories: a list snapshot (resolver.shared.lists): the names looked up
+    lately, else a lookup in the list."""
 
-    def categories(self, name: bytes) -> int: ...
+    hot: dict[bytes, int]
+
+    def lookup(self, name: bytes) -> int: ...
 
 
 def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = None) -> Decision:
@@ -245,7 +248,9 @@ def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = 
             filtered, passed = policy.blocked, True
         elif listed is not None:
             return policy.answered(listed)  # type: ignore[arg-type]  # the deny verdict
-    bits = lists.categories(name)
+    bits = lists.hot.get(name)
+    if bits is None:
+        bits = lists.lookup(name)
     if bits & filtered:
         return policy.answered(policy.verdict(bits))
     if filtered == policy.filtered:
