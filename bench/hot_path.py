@@ -69,19 +69,38 @@ class Bench:
         artifact = directory / "lists.bns"
         compile_lists([Source(source, "pornography")], artifact, CATALOG)
         store_file = directory / "policies.json"
-        config = load_config(None, {"store": {"file": str(store_file) if devices else "", "cold_wait": 5.0},
-                                    "identity": {"trusted_networks": ["127.0.0.0/8"]}})
+        config = load_config(
+            None,
+            {
+                "store": {"file": str(store_file) if devices else "", "cold_wait": 5.0},
+                "identity": {"trusted_networks": ["127.0.0.0/8"]},
+            },
+        )
         store = FileStore(store_file, CATALOG) if devices else None
         if store is not None:
-            site = {"networks": ["127.0.0.0/8", "10.0.0.0/8"], "mode": "device", "default_group": "family",
-                    "groups": {"family": {"policy": {"profile": "guest"}}},
-                    "devices": {f"d{device}": {"macs": [":".join(f"{b:02x}" for b in b"\x02\x00" + struct.pack(
-                        "!I", device))], "group": "family"} for device in range(devices)}}
+            site = {
+                "networks": ["127.0.0.0/8", "10.0.0.0/8"],
+                "mode": "device",
+                "default_group": "family",
+                "groups": {"family": {"policy": {"profile": "guest"}}},
+                "devices": {
+                    f"d{device}": {
+                        "macs": [":".join(f"{b:02x}" for b in b"\x02\x00" + struct.pack("!I", device))],
+                        "group": "family",
+                    }
+                    for device in range(devices)
+                },
+            }
             asyncio.run(PolicyService(store).put_site("home", site))
         self.cache = AnswerCache(config.cache)
         lists = Lists(artifact, CATALOG, config.lists.hot_names, 1.0, directory / "cache")
-        self.directory = Directory(store, policy_maker(config, CATALOG), CATALOG,
-                                   TrustedNetworks(config.identity.trusted_networks), config.store)
+        self.directory = Directory(
+            store,
+            policy_maker(config, CATALOG),
+            CATALOG,
+            TrustedNetworks(config.identity.trusted_networks),
+            config.store,
+        )
         self.resolver = Resolver(self.cache, Forwarder(config.upstream), lists, self.directory)
         self.listener = UdpListener(self.resolver, InFlight())
         self.transport = _Dropped()
@@ -96,11 +115,13 @@ class Bench:
 
     def warm(self, queries: list[bytes]) -> None:
         """Every client known (their first query awaits the store) and every answer made once."""
+
         async def run() -> None:
             for data in queries:
                 answer = self.resolver.answer(data, CLIENT, False)
                 if not isinstance(answer, bytes):
                     await answer
+
         asyncio.run(run())
 
     def round(self, queries: list[bytes]) -> float:
@@ -122,13 +143,18 @@ def workloads(data: Path, rng: random.Random, listed: list[str]) -> dict[str, tu
     ident = lambda: rng.randrange(65536)  # noqa: E731
     return {
         "cached": ([wire_query(name, [], 1) for name in cached], 0),
-        "cookie": ([wire_query(rng.choice(cached), [(COOKIE, rng.choice(cookies))], ident())
-                    for _ in range(100_000)], 0),
+        "cookie": (
+            [wire_query(rng.choice(cached), [(COOKIE, rng.choice(cookies))], ident()) for _ in range(100_000)],
+            0,
+        ),
         "router": ([wire_query(rng.choice(cached), rng.choice(devices), ident()) for _ in range(100_000)], 10_000),
         "router global": ([wire_query(rng.choice(cached), rng.choice(devices), ident()) for _ in range(100_000)], 0),
         "blocked": ([wire_query(name, [], ident()) for name in blocked], 0),
-        "mixed": ([wire_query(rng.choice(cached), [], ident()) for _ in range(70_000)]
-                  + [wire_query(name, [], ident()) for name in rng.sample(blocked, 30_000)], 0),
+        "mixed": (
+            [wire_query(rng.choice(cached), [], ident()) for _ in range(70_000)]
+            + [wire_query(name, [], ident()) for name in rng.sample(blocked, 30_000)],
+            0,
+        ),
     }, cached
 
 
@@ -180,8 +206,9 @@ def _rss() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--workload", nargs="+", default=["cached", "cookie", "router", "router global", "blocked",
-                                                           "mixed"])
+    parser.add_argument(
+        "--workload", nargs="+", default=["cached", "cookie", "router", "router global", "blocked", "mixed"]
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory", type=int, metavar="ANSWERS", help="instead: RSS per cached answer")
@@ -191,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = measure(args.workload, args.rounds, args.profile, args.data)
     for name, values in results.items():
-        print(f"{name:14} {statistics.median(values):6.2f} µs per query (rounds: "
-              f"{', '.join(f'{value:.2f}' for value in values)})")
+        print(
+            f"{name:14} {statistics.median(values):6.2f} µs per query (rounds: "
+            f"{', '.join(f'{value:.2f}' for value in values)})"
+        )
     return 0
 
 

@@ -3,8 +3,9 @@
     python -m bench.peers --data ../shared/data --runs 3 --seconds 8 [--plot bench/peers.png]
 
 `responder` is the floor of a Python server: a uvloop UDP protocol that turns each query into an empty
-answer and does nothing else. Every other server gets the same ~1 M listed names (bns: its compiled artifact; unbound: `local-zone … always_nxdomain`;
-dnsdist: a SuffixMatchNode answering NXDOMAIN; pdns-recursor and knot-resolver: an RPZ zone) and forwards
+answer and does nothing else. Every other server gets the same ~1 M listed names (bns: its compiled
+artifact; unbound: `local-zone … always_nxdomain`; dnsdist: a SuffixMatchNode answering NXDOMAIN;
+pdns-recursor and knot-resolver: an RPZ zone) and forwards
 everything else to the same scripted upstream on loopback. Each server runs pinned to core 0 with one
 thread or worker; dnsperf sends from core 1 at a fixed rate, so every server answers the same queries and
 its CPU time per answered query (all its processes, from /proc) is comparable. Servers not installed are
@@ -16,7 +17,7 @@ Workloads (generated; real names from `--data` where present, synthetic otherwis
 - mixed: 70 % cached, 30 % blocked;
 - cookie: each query from one of 10,000 clients with its own DNS cookie (RFC 7873), cached names;
 - router: cookie + ECS + MAC options, as a customer's router adds them, 10,000 devices;
-- misses: 1 M distinct names, none cached (each goes upstream).
+- misses: 1 M distinct names, none cached (each goes upstream; each run asks names of its own).
 """
 
 from __future__ import annotations
@@ -36,15 +37,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.faults import write_config
-from bench.harness import DEFAULT_DATA, REPO, free_port, machine, median, running, top_site_names
+from bench.harness import DEFAULT_DATA, REPO, bns_command, free_port, machine, median, running, top_site_names
 from bench.load import LoadResult, have_dnsperf, process_tree_cpu, write_query_file
 from bench.policies import write_binary_queries
 from bench.redis_processes import RedisServer
 
 SERVER_CORE, LOAD_CORE = "0", "1"
 COOKIE, ECS, MAC = 10, 8, 65001
-CATEGORY_FILES = ("criminal-skills", "drugs", "hacking", "hate", "malware", "phishing", "pornography",
-                  "violence-gore", "weapons")
+CATEGORY_FILES = (
+    "criminal-skills",
+    "drugs",
+    "hacking",
+    "hate",
+    "malware",
+    "phishing",
+    "pornography",
+    "violence-gore",
+    "weapons",
+)
 
 
 # --- data and workloads --------------------------------------------------------------------------------------
@@ -92,6 +102,10 @@ class Workload:
     binary: bool
     rate: int
     describe: str
+    fresh: Callable[[int], Path] | None = None  # a file of its own per run (names no run has asked before)
+
+    def path_for(self, run: int) -> Path:
+        return self.fresh(run) if self.fresh is not None else self.path
 
 
 def workloads(directory: Path, data: Path, listed: list[str], rng: random.Random, only: list[str]) -> list[Workload]:
@@ -117,13 +131,28 @@ def workloads(directory: Path, data: Path, listed: list[str], rng: random.Random
     rng.shuffle(mixed)
     text("mixed", mixed, 30_000, "70 % cached, 30 % blocked")
     cookies = [rng.randbytes(8) for _ in range(10_000)]
-    binary("cookie", [wire_query(rng.choice(cached), [(COOKIE, rng.choice(cookies))], rng.randrange(65536))
-                      for _ in range(100_000)], 30_000, "per-client DNS cookies, 10,000 clients, cached names")
+    binary(
+        "cookie",
+        [wire_query(rng.choice(cached), [(COOKIE, rng.choice(cookies))], rng.randrange(65536)) for _ in range(100_000)],
+        30_000,
+        "per-client DNS cookies, 10,000 clients, cached names",
+    )
     devices = [device_options(device, rng, cookies[device]) for device in range(10_000)]
-    binary("router", [wire_query(rng.choice(cached), rng.choice(devices), rng.randrange(65536))
-                      for _ in range(100_000)], 30_000, "cookie + ECS + MAC from a router, 10,000 devices")
-    text("misses", [f"u{index}.miss{index % 1000}.example" for index in range(1_000_000)], 10_000,
-         "1 M distinct names, each asked upstream")
+    binary(
+        "router",
+        [wire_query(rng.choice(cached), rng.choice(devices), rng.randrange(65536)) for _ in range(100_000)],
+        30_000,
+        "cookie + ECS + MAC from a router, 10,000 devices",
+    )
+    if "misses" in only:
+
+        def fresh(run: int) -> Path:
+            path = directory / f"misses-{run}.txt"
+            if not path.exists():
+                write_query_file([f"u{index}.r{run}.miss{index % 1000}.example" for index in range(1_000_000)], path)
+            return path
+
+        made.append(Workload("misses", fresh(0), False, 10_000, "1 M distinct names, each asked upstream", fresh))
     return made
 
 
@@ -220,10 +249,23 @@ def pdns_recursor(directory: Path, port: int, upstream: int, listed: list[str]) 
     lua.write_text(f'rpzFile("{zone}", {{defpol=Policy.NXDOMAIN}})\n')
     socket_dir = directory / "recursor"
     socket_dir.mkdir(exist_ok=True)
-    return [binary, "--local-address=127.0.0.1", f"--local-port={port}", "--daemon=no", "--quiet=yes",
-            f"--forward-zones-recurse=.=127.0.0.1:{upstream}", "--threads=1", "--pdns-distributes-queries=no",
-            f"--lua-config-file={lua}", "--dnssec=off", f"--socket-dir={socket_dir}", "--allow-from=127.0.0.0/8",
-            "--max-cache-entries=1000000", "--config-dir=/nonexistent", "--disable-packetcache=no"]
+    return [
+        binary,
+        "--local-address=127.0.0.1",
+        f"--local-port={port}",
+        "--daemon=no",
+        "--quiet=yes",
+        f"--forward-zones-recurse=.=127.0.0.1:{upstream}",
+        "--threads=1",
+        "--pdns-distributes-queries=no",
+        f"--lua-config-file={lua}",
+        "--dnssec=off",
+        f"--socket-dir={socket_dir}",
+        "--allow-from=127.0.0.0/8",
+        "--max-cache-entries=1000000",
+        "--config-dir=/nonexistent",
+        "--disable-packetcache=no",
+    ]
 
 
 def knot_resolver(directory: Path, port: int, upstream: int, listed: list[str]) -> list[str] | None:
@@ -245,14 +287,16 @@ policy.add(policy.all(policy.FORWARD('127.0.0.1@{upstream}')))
 
 
 def bns(port: int, upstream: int, artifact: Path, config: Path) -> list[str]:
-    return [sys.executable, "-m", "resolver", "serve", "--listen", f"127.0.0.1:{port}", "--upstream",
-            f"127.0.0.1:{upstream}", "--workers", "1", "--log-level", "warning", "--admin-listen", "",
-            "--lists", str(artifact), "--config", str(config)]
+    return bns_command(port, upstream, 1, "--lists", str(artifact), "--config", str(config))
 
 
 def compile_artifact(sources: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "resolver", "lists", "compile", "--out", str(out), "--source-dir",
-                    str(sources)], check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "resolver", "lists", "compile", "--out", str(out), "--source-dir", str(sources)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
 
 
 def per_device_site(redis: RedisServer) -> None:
@@ -263,10 +307,20 @@ def per_device_site(redis: RedisServer) -> None:
     from resolver.shared.policy.service import PolicyService
     from tests.conftest import redis_policy_store
 
-    devices = {f"d{device}": {"macs": [":".join(f"{b:02x}" for b in b"\x02\x00" + struct.pack("!I", device))],
-                              "group": "family"} for device in range(10_000)}
-    site = {"networks": ["127.0.0.0/8", "10.0.0.0/8"], "mode": "device", "default_group": "family",
-            "groups": {"family": {"policy": {"profile": "guest"}}}, "devices": devices}
+    devices = {
+        f"d{device}": {
+            "macs": [":".join(f"{b:02x}" for b in b"\x02\x00" + struct.pack("!I", device))],
+            "group": "family",
+        }
+        for device in range(10_000)
+    }
+    site = {
+        "networks": ["127.0.0.0/8", "10.0.0.0/8"],
+        "mode": "device",
+        "default_group": "family",
+        "groups": {"family": {"policy": {"profile": "guest"}}},
+        "devices": devices,
+    }
 
     async def write() -> None:
         store = redis_policy_store(redis.url, "bns:")
@@ -281,15 +335,90 @@ def per_device_site(redis: RedisServer) -> None:
 # --- measuring -----------------------------------------------------------------------------------------------
 
 
-def dnsperf(port: int, workload: Workload, seconds: float) -> LoadResult:
+def dnsperf(port: int, workload: Workload, seconds: float, run: int = 0) -> LoadResult:
     from bench.load import parse_dnsperf
 
-    command = pinned(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(workload.path), "-c", "8",
-                      "-q", "500", "-t", "2", "-l", str(seconds), "-Q", str(workload.rate), "-v"], LOAD_CORE)
+    command = pinned(
+        [
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-d",
+            str(workload.path_for(run)),
+            "-c",
+            "8",
+            "-q",
+            "500",
+            "-t",
+            "2",
+            "-l",
+            str(seconds),
+            "-Q",
+            str(workload.rate),
+            "-v",
+        ],
+        LOAD_CORE,
+    )
     if workload.binary:
         command.append("-B")
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return parse_dnsperf(output)
+
+
+def profile(server: Server, pid: int, loads: list[Workload], seconds: float, run: int) -> str:
+    """Where bns's worker spends its time on each workload: py-spy samples while dnsperf runs, as the share of
+    samples in each function's own code (self) and under it (total)."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if spy is None:
+        return "py-spy is not installed (pip install py-spy): no profile"
+    worker = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    sections = []
+    for workload in loads:
+        with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
+            recorder = subprocess.Popen(
+                pinned(
+                    [
+                        spy,
+                        "record",
+                        "--pid",
+                        str(worker),
+                        "--format",
+                        "raw",
+                        "--output",
+                        raw.name,
+                        "--rate",
+                        "200",
+                        "--nonblocking",
+                        "--duration",
+                        str(int(seconds)),
+                    ],
+                    LOAD_CORE,
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            dnsperf(server.port, workload, seconds, run)
+            recorder.wait(timeout=seconds + 30)
+            sections.append(f"{workload.name}: " + top_functions(Path(raw.name).read_text()))
+    return "\n".join(f"- {section}" for section in sections)
+
+
+def top_functions(collapsed: str, count: int = 12) -> str:
+    """The functions with the most samples of their own in py-spy's collapsed stacks ("a;b;c N" lines)."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack:
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        function = frame.split(" (")[0]
+        own[function] = own.get(function, 0) + int(samples)
+        total += int(samples)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:count]
+    return ", ".join(f"{function} {samples / max(total, 1):.0%}" for function, samples in ranked)
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -322,9 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--synthetic", type=int, default=0, help="this many synthetic listed names instead")
     parser.add_argument("--workload", nargs="+", default=["blocked", "cached", "mixed", "cookie", "router", "misses"])
-    parser.add_argument("--servers", nargs="+", default=["responder", "unbound", "dnsdist", "pdns-recursor",
-                                                            "knot-resolver", "bns", "bns per-device"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["responder", "unbound", "dnsdist", "pdns-recursor", "knot-resolver", "bns", "bns per-device"],
+    )
     parser.add_argument("--plot", type=Path, help="write the table as a PNG chart here")
+    parser.add_argument("--profile", action="store_true", help="then profile bns on each workload (py-spy)")
     args = parser.parse_args(argv)
     if not have_dnsperf():
         parser.error("this bench needs dnsperf (Debian: apt-get install dnsperf)")
@@ -337,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         compile_artifact(sources, artifact)
         loads = workloads(scratch, args.data, listed, rng, args.workload)
         upstream = free_port()
-        stack.enter_context(running(pinned([sys.executable, "-m", "bench.upstream", "--port", str(upstream)],
-                                           LOAD_CORE), upstream))
+        stack.enter_context(
+            running(pinned([sys.executable, "-m", "bench.upstream", "--port", str(upstream)], LOAD_CORE), upstream)
+        )
         redis = RedisServer(scratch / "redis", persistent=False)
         redis.directory.mkdir()
         redis.start()
@@ -349,11 +483,23 @@ def main(argv: list[str] | None = None) -> int:
             "dnsdist": lambda d, p: dnsdist(d, p, upstream, listed),
             "pdns-recursor": lambda d, p: pdns_recursor(d, p, upstream, listed),
             "knot-resolver": lambda d, p: knot_resolver(d, p, upstream, listed),
-            "bns": lambda d, p: bns(p, upstream, artifact, write_config(d / "global.toml", store={"file": ""},
-                                                                        lists={"cache_dir": str(d / "cache")})),
-            "bns per-device": lambda d, p: bns(p, upstream, artifact, write_config(
-                d / "device.toml", store={"redis": redis.url}, lists={"cache_dir": str(d / "cache-d")},
-                identity={"trusted_networks": ["127.0.0.0/8"]})),
+            "bns": lambda d, p: bns(
+                p,
+                upstream,
+                artifact,
+                write_config(d / "global.toml", store={"file": ""}, lists={"cache_dir": str(d / "cache")}),
+            ),
+            "bns per-device": lambda d, p: bns(
+                p,
+                upstream,
+                artifact,
+                write_config(
+                    d / "device.toml",
+                    store={"redis": redis.url},
+                    lists={"cache_dir": str(d / "cache-d")},
+                    identity={"trusted_networks": ["127.0.0.0/8"]},
+                ),
+            ),
         }
         servers = []
         for label in args.servers:
@@ -362,33 +508,56 @@ def main(argv: list[str] | None = None) -> int:
             if command is None:
                 notes.append(f"{label}: not installed, skipped")
                 continue
-            servers.append(Server(label, command, port,
-                                  (lambda: per_device_site(redis)) if label == "bns per-device" else (lambda: None)))
+            servers.append(
+                Server(
+                    label,
+                    command,
+                    port,
+                    (lambda: per_device_site(redis)) if label == "bns per-device" else (lambda: None),
+                )
+            )
+        pids = {server.label: stack.enter_context(running_server(server, startup=600)) for server in servers}
+        cached = next((w for w in loads if w.name == "cached"), None)
+        for run in range(args.runs):
+            # Runs interleave the servers (each workload is measured on every server before the next), and
+            # each run starts warm: the misses of the run before have pushed the cached names out.
+            for server in servers:
+                if cached is not None:
+                    dnsperf(server.port, Workload("warm", cached.path, False, 50_000, ""), 3)
+            for workload in loads:
+                for server in servers:
+                    pid = pids[server.label]
+                    before = process_tree_cpu(pid)
+                    result = dnsperf(server.port, workload, args.seconds, run)
+                    spent = process_tree_cpu(pid) - before
+                    server.cpu_us.setdefault(workload.name, []).append(spent / max(result.completed, 1) * 1e6)
+                    server.results.setdefault(workload.name, []).append(result)
+            print(
+                f"run {run + 1}: "
+                + "; ".join(
+                    f"{server.label} " + ", ".join(f"{name} {values[-1]:.2f}" for name, values in server.cpu_us.items())
+                    for server in servers
+                ),
+                file=sys.stderr,
+            )
         for server in servers:
-            with running_server(server, startup=600) as pid:
-                cached = next((w for w in loads if w.name == "cached"), None)
-                for workload in loads:  # warm: every cached name in the cache
-                    if workload.name in ("cached", "mixed", "cookie", "router") and cached is not None:
-                        dnsperf(server.port, Workload("warm", cached.path, False, 50_000, ""), 3)
-                        break
-                for _run in range(args.runs):
-                    for workload in loads:
-                        before = process_tree_cpu(pid)
-                        result = dnsperf(server.port, workload, args.seconds)
-                        spent = process_tree_cpu(pid) - before
-                        server.cpu_us.setdefault(workload.name, []).append(spent / max(result.completed, 1) * 1e6)
-                        server.results.setdefault(workload.name, []).append(result)
-                server.memory["rss"], server.memory["pss"] = memory_mb(pid)
-            print(f"{server.label}: " + ", ".join(f"{name} {median(values):.2f} µs"
-                                                   for name, values in server.cpu_us.items()), file=sys.stderr)
+            server.memory["rss"], server.memory["pss"] = memory_mb(pids[server.label])
+        profiles = {
+            server.label: profile(server, pids[server.label], loads, args.seconds, args.runs)
+            for server in servers
+            if args.profile and server.label.startswith("bns")
+        }
     print(report(servers, loads, args, notes, argv))
+    for label, text in profiles.items():
+        print(f"\nProfile of {label} (py-spy, share of the worker's samples):\n\n{text}")
     if args.plot is not None:
         plot(servers, loads, args.plot)
     return 0
 
 
-def report(servers: list[Server], loads: list[Workload], args: argparse.Namespace, notes: list[str],
-           argv: list[str] | None) -> str:
+def report(
+    servers: list[Server], loads: list[Workload], args: argparse.Namespace, notes: list[str], argv: list[str] | None
+) -> str:
     baseline = next((server for server in servers if server.label == "unbound"), servers[0])
     lines = [
         f"Command: `python -m bench.peers {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
@@ -403,27 +572,44 @@ def report(servers: list[Server], loads: list[Workload], args: argparse.Namespac
     ]
     for workload in loads:
         base = median(baseline.cpu_us[workload.name])
-        cells = [f"{median(server.cpu_us[workload.name]):.2f} ({median(server.cpu_us[workload.name]) / base:.2f}×)"
-                 for server in servers]
+        cells = [
+            f"{median(server.cpu_us[workload.name]):.2f} ({median(server.cpu_us[workload.name]) / base:.2f}×)"
+            for server in servers
+        ]
         lines.append(f"| {workload.name}: {workload.describe} | " + " | ".join(cells) + " |")
-    lines += ["", "Answers per second, p50 / p99 latency (ms), lost queries (summed over the runs):", "",
-              "| workload | " + " | ".join(server.label for server in servers) + " |",
-              "|---|" + "---|" * len(servers)]
+    lines += [
+        "",
+        "Answers per second, p50 / p99 latency (ms), lost queries (summed over the runs):",
+        "",
+        "| workload | " + " | ".join(server.label for server in servers) + " |",
+        "|---|" + "---|" * len(servers),
+    ]
     for workload in loads:
         cells = []
         for server in servers:
             results = server.results[workload.name]
             latencies = [latency for result in results for latency in result.latencies]
             ordered = sorted(latencies) or [float("nan")]
-            cells.append(f"{median([result.qps for result in results]):,.0f}; "
-                         f"{ordered[len(ordered) // 2] * 1e3:.2f} / {ordered[int(len(ordered) * 0.99)] * 1e3:.2f}; "
-                         f"{sum(result.lost for result in results)}")
+            cells.append(
+                f"{median([result.qps for result in results]):,.0f}; "
+                f"{ordered[len(ordered) // 2] * 1e3:.2f} / {ordered[int(len(ordered) * 0.99)] * 1e3:.2f}; "
+                f"{sum(result.lost for result in results)}"
+            )
         lines.append(f"| {workload.name} | " + " | ".join(cells) + " |")
-    lines += ["", "Memory after the runs (RSS / PSS, MB, all processes): " + "; ".join(
-        f"{server.label} {server.memory['rss']:.0f} / {server.memory['pss']:.0f}" for server in servers)]
-    lines += ["", "Per-run µs/query: " + "; ".join(
-        f"{server.label}: " + ", ".join(f"{name} {[round(v, 2) for v in values]}"
-                                        for name, values in server.cpu_us.items()) for server in servers)]
+    lines += [
+        "",
+        "Memory after the runs (RSS / PSS, MB, all processes): "
+        + "; ".join(f"{server.label} {server.memory['rss']:.0f} / {server.memory['pss']:.0f}" for server in servers),
+    ]
+    lines += [
+        "",
+        "Per-run µs/query: "
+        + "; ".join(
+            f"{server.label}: "
+            + ", ".join(f"{name} {[round(v, 2) for v in values]}" for name, values in server.cpu_us.items())
+            for server in servers
+        ),
+    ]
     lines += ["", *[f"Note: {note}" for note in notes]]
     return "\n".join(lines)
 
@@ -441,8 +627,9 @@ def plot(servers: list[Server], loads: list[Workload], path: Path) -> None:
         ratios = [median(server.cpu_us[w.name]) / median(baseline.cpu_us[w.name]) for w in loads]
         axes.bar([position + index * width for position in range(len(loads))], ratios, width, label=server.label)
     axes.axhline(1.5, color="red", linestyle="--", linewidth=1, label="target for bns: 1.5×")
-    axes.set_xticks([position + width * (len(servers) - 1) / 2 for position in range(len(loads))],
-                    [w.name for w in loads])
+    axes.set_xticks(
+        [position + width * (len(servers) - 1) / 2 for position in range(len(loads))], [w.name for w in loads]
+    )
     axes.set_ylabel(f"server CPU per query, ratio to {baseline.label}")
     axes.set_title("CPU per query beside unbound (same list, streams and upstream; lower is better)")
     axes.legend(fontsize=8)

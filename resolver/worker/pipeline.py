@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.lists import Lists
@@ -23,7 +24,7 @@ from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
 from resolver.worker.upstream import Forwarder, Overloaded, UpstreamFailed
-from resolver.worker.wire import QueryParser, Request, resource_record, synthesized_answer
+from resolver.worker.wire import QueryParser, Request, ScannedReply, resource_record, synthesized_answer
 
 # RFC 8482 §4.2: answer ANY with one synthesized HINFO record instead of every RRset of the name.
 _ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
@@ -119,16 +120,35 @@ class Resolver:
                     return self.blocked.answer(request, found[1])
             return entry.render(request, now)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
-        return asyncio.ensure_future(self._resolve(request, policy, decision.chain))
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fetch = self._fetch(query.key, query.do, query.cd)
+        fetch.add_done_callback(partial(self._answer_fetched, answer, request, policy, decision.chain))
+        return answer
 
-    async def _resolve(self, request: Request, policy: Policy, chain: int | None) -> bytes:
-        query = request.query
-        entry = await asyncio.shield(self._fetch(query.key, query.do, query.cd))
-        if entry.cname_targets and chain is not None:
-            found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
-            if found is not None:
-                return self.blocked.answer(request, found[1])
-        return entry.render(request, self._clock())
+    def _answer_fetched(
+        self,
+        answer: asyncio.Future[bytes],
+        request: Request,
+        policy: Policy,
+        chain: int | None,
+        fetch: asyncio.Future[CachedAnswer],
+    ) -> None:
+        # A callback, not a task per miss: the miss path is where a forwarder spends most of its CPU.
+        if answer.done():
+            return
+        if fetch.cancelled():
+            answer.cancel()
+            return
+        try:
+            entry = fetch.result()
+            if entry.cname_targets and chain is not None:
+                found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
+                if found is not None:
+                    answer.set_result(self.blocked.answer(request, found[1]))
+                    return
+            answer.set_result(entry.render(request, self._clock()))
+        except Exception as error:  # the listener turns it into SERVFAIL and logs it
+            answer.set_exception(error)
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:
         query = request.query
@@ -141,19 +161,33 @@ class Resolver:
 
     def _fetch(self, key: bytes, do: bool, cd: bool) -> asyncio.Future[CachedAnswer]:
         fetch = self._fetches.get(key)
-        if fetch is None:
-            fetch = self._fetches[key] = asyncio.ensure_future(self._fetch_upstream(key, do, cd))
-            fetch.add_done_callback(lambda _: self._fetches.pop(key, None))
+        if fetch is not None:
+            return fetch
+        fetch = asyncio.get_running_loop().create_future()
+        try:
+            upstream = self.forwarder.query(key[:-1], do, cd)
+        except Overloaded:  # not kept: the load passes
+            fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED))
+            return fetch
+        self._fetches[key] = fetch
+        upstream.add_done_callback(partial(self._fetched, key, fetch))
         return fetch
 
-    async def _fetch_upstream(self, key: bytes, do: bool, cd: bool) -> CachedAnswer:
+    def _fetched(self, key: bytes, fetch: asyncio.Future[CachedAnswer], upstream: asyncio.Future[ScannedReply]) -> None:
+        del self._fetches[key]
+        if upstream.cancelled():
+            fetch.cancel()
+            return
         try:
-            scanned = await self.forwarder.query(key[:-1], do, cd)
-        except Overloaded:
-            return CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED)  # not kept: load passes
-        except UpstreamFailed:
-            return self.cache.store(key, failure_reply(), self._clock(), _NO_UPSTREAM)
-        return self.cache.store(key, scanned, self._clock())
+            error = upstream.exception()
+            if error is None:
+                fetch.set_result(self.cache.store(key, upstream.result(), self._clock()))
+            elif isinstance(error, UpstreamFailed):
+                fetch.set_result(self.cache.store(key, failure_reply(), self._clock(), _NO_UPSTREAM))
+            else:
+                fetch.set_exception(error)
+        except Exception as failure:
+            fetch.set_exception(failure)
 
     def close(self) -> None:
         self.forwarder.close()

@@ -380,8 +380,18 @@ def resource_record(rtype: int, ttl: int, rdata: bytes, owner: bytes = b"\xc0\x0
 
 def upstream_query(query_id: int, question: bytes, do: bool, cd: bool) -> bytes:
     """A recursive query for `question` with our own EDNS (no client options: identity never leaves)."""
-    flags = bytes((_FLAG_RD, _FLAG_AD | (_FLAG_CD if cd else 0)))
-    return _U16.pack(query_id) + flags + b"\x00\x01\x00\x00\x00\x00\x00\x01" + question + opt_record(do)
+    return _U16.pack(query_id) + upstream_query_after_id(question, do, cd)
+
+
+def upstream_query_after_id(question: bytes, do: bool, cd: bool) -> bytes:
+    """`upstream_query` without its ID: what every attempt of one question sends alike."""
+    flags = _UPSTREAM_FLAGS_CD if cd else _UPSTREAM_FLAGS
+    return flags + b"\x00\x01\x00\x00\x00\x00\x00\x01" + question + _OUR_OPTS[do]
+
+
+_UPSTREAM_FLAGS = bytes((_FLAG_RD, _FLAG_AD))
+_UPSTREAM_FLAGS_CD = bytes((_FLAG_RD, _FLAG_AD | _FLAG_CD))
+_OUR_OPTS = (opt_record(False), opt_record(True))
 
 
 def reply_matches(reply: bytes, question: bytes) -> bool:
