@@ -30,7 +30,7 @@ from bench.peers import COOKIE, device_options, wire_query
 from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists
 from resolver.shared.config import load_config
-from resolver.shared.identity import TrustedNetworks
+from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
 from resolver.shared.loading import policy_maker
 from resolver.shared.policy.service import PolicyService
@@ -98,7 +98,7 @@ class Bench:
             store,
             policy_maker(config, CATALOG),
             CATALOG,
-            TrustedNetworks(config.identity.trusted_networks),
+            NetworkSet(config.identity.trusted_networks),
             config.store,
         )
         self.resolver = Resolver(self.cache, Forwarder(config.upstream), lists, self.directory)

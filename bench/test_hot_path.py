@@ -17,7 +17,7 @@ from bench.harness import DEFAULT_DATA, top_site_names
 from bench.upstream import Script, build_reply
 from blocklists.catalog import load_catalog
 from resolver.shared.config import CacheSettings, PolicySettings, StoreSettings, UpstreamSettings
-from resolver.shared.identity import TrustedNetworks
+from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
 from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
 from resolver.worker.cache import AnswerCache
@@ -51,7 +51,7 @@ def warm() -> tuple[UdpListener, list[bytes]]:
     catalog = load_catalog()
     lists = Lists(None, catalog, 100_000, 1.0)
     maker = PolicyMaker(catalog, answering_from(PolicySettings()), default_policy(PolicySettings(), catalog))
-    directory = Directory(None, maker, catalog, TrustedNetworks(()), StoreSettings())
+    directory = Directory(None, maker, catalog, NetworkSet(()), StoreSettings())
     resolver = Resolver(cache, Forwarder(UpstreamSettings()), lists, directory)
     listener = UdpListener(resolver, InFlight())
     listener.connection_made(_NoTransport())  # type: ignore[arg-type]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from resolver.shared.dns import OptionCode
+from resolver.shared.memo import make_room
 from resolver.shared.policy.model import mac_from_option
 
 _UMBRELLA_MAGIC = b"ODNS"
@@ -86,26 +88,28 @@ def identity_from(source: str, options: dict[int, bytes] | None) -> Identity:
     return Identity(address, mac, client_id, cpe_id)
 
 
-class TrustedNetworks:
-    """Whether a source address may speak for its clients; answers memoised per address."""
+class NetworkSet(dict[str, bool]):
+    """Networks, and whether an address is in one of them: `networks[address]`, memoised per address, so
+    that on the query path a known address costs one dict lookup and no call into Python. An address that is
+    not one (a scope ID aside) is in none."""
 
-    def __init__(self, networks: tuple[str, ...], memo_size: int = 65536) -> None:
-        self._networks = [ipaddress.ip_network(network) for network in networks]
-        self._memo: dict[str, bool] = {}
+    def __init__(self, networks: Iterable[str], memo_size: int = 65536) -> None:
+        super().__init__()
+        self.networks = tuple(ipaddress.ip_network(network, strict=False) for network in networks)
         self._memo_size = memo_size
 
     def __bool__(self) -> bool:
-        return bool(self._networks)
+        return bool(self.networks)
 
-    def __contains__(self, source: str) -> bool:
-        trusted = self._memo.get(source)
-        if trusted is None:
-            try:
-                address = ipaddress.ip_address(source.split("%", 1)[0])
-            except ValueError:
-                return False
-            trusted = any(address in network for network in self._networks)
-            if len(self._memo) >= self._memo_size:
-                self._memo.clear()
-            self._memo[source] = trusted
-        return trusted
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, str) and self[address]
+
+    def __missing__(self, address: str) -> bool:
+        try:
+            parsed = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        inside = any(parsed in network for network in self.networks)
+        make_room(self, self._memo_size)
+        self[address] = inside
+        return inside

@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
 from resolver.shared.errors import StoreUnavailable
-from resolver.shared.identity import Identity, TrustedNetworks, identity_from
+from resolver.shared.identity import Identity, NetworkSet, identity_from
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Policy
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
@@ -117,7 +117,7 @@ class Directory:
         store: Store | None,
         maker: PolicyMaker,
         catalog: Catalog,
-        trusted: TrustedNetworks,
+        trusted: NetworkSet,
         settings: StoreSettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,7 +164,7 @@ class Directory:
     def key(self, request: Request) -> Hashable:
         source = request.client[0]
         identity = request.identity
-        if identity is not None and source in self.trusted:
+        if identity is not None and self.trusted[source]:
             return source, identity
         return source
 
@@ -175,7 +175,7 @@ class Directory:
         # `key`, written out: one call less per query.
         source = request.client[0]
         identity = request.identity
-        client = self._clients.get((source, identity) if identity is not None and source in self.trusted else source)
+        client = self._clients.get((source, identity) if identity is not None and self.trusted[source] else source)
         if client is not None:
             client.used = True
         return client

@@ -11,7 +11,7 @@ import time
 import uvloop
 
 from resolver.shared.config import Config
-from resolver.shared.identity import TrustedNetworks
+from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import served_path
 from resolver.shared.loading import load_policy_and_lists, policy_maker
 from resolver.shared.run_directory import UNSET, RunDirectory
@@ -49,7 +49,7 @@ class Worker:
         self.catalog = catalog
         self.backends = open_backends(config, catalog)
         self.directory = Directory(
-            self.backends.policies, maker, catalog, TrustedNetworks(config.identity.trusted_networks), config.store
+            self.backends.policies, maker, catalog, NetworkSet(config.identity.trusted_networks), config.store
         )
         self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists, self.directory)
         self.in_flight = InFlight()

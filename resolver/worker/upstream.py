@@ -374,7 +374,7 @@ class _Fetch:
         now = self._loop.time()
         timeout = self._forwarder.settings.timeout
         for sock, query_id, upstream, started in attempts:
-            if sock.forget(query_id) and now - started >= timeout:
+            if sock.forget(query_id) and now - started + _EARLY >= timeout:
                 upstream.record_failure(now)  # it had its chance and stayed silent
 
 

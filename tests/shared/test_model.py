@@ -10,7 +10,7 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
-from resolver.shared.identity import Identity, TrustedNetworks, identity_from
+from resolver.shared.identity import Identity, NetworkSet, identity_from
 from resolver.shared.policy.model import PolicyError, mac_from_option, parse_site, site_document
 
 pytestmark = pytest.mark.unit
@@ -196,7 +196,7 @@ def test_truncated_umbrella_option_gives_what_it_can():
 
 
 def test_trusted_networks():
-    trusted = TrustedNetworks(("127.0.0.1/32", "2001:db8::/32"))
+    trusted = NetworkSet(("127.0.0.1/32", "2001:db8::/32"))
     assert "127.0.0.1" in trusted and "2001:db8::5" in trusted
     assert "127.0.0.2" not in trusted and "garbage" not in trusted
-    assert not TrustedNetworks(())
+    assert not NetworkSet(())

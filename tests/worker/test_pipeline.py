@@ -18,7 +18,7 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import RRType, name_to_text, text_to_name
-from resolver.shared.identity import TrustedNetworks
+from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
 from resolver.shared.loading import policy_maker
 from resolver.shared.policy.service import PolicyService
@@ -96,7 +96,7 @@ class Pipeline:
         self.now = now
         self.store = FileStore(store_path, CATALOG)
         directory = Directory(
-            self.store, policy_maker(config, CATALOG), CATALOG, TrustedNetworks(("127.0.0.1/32",)), config.store
+            self.store, policy_maker(config, CATALOG), CATALOG, NetworkSet(("127.0.0.1/32",)), config.store
         )
         self.forwarder = forwarder
         self.resolver = Resolver(

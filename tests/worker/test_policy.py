@@ -12,7 +12,7 @@ from blocklists.catalog import load_catalog
 from resolver.shared.config import PolicySettings, StoreSettings
 from resolver.shared.dns import EdeCode
 from resolver.shared.errors import ConfigError
-from resolver.shared.identity import Identity, TrustedNetworks
+from resolver.shared.identity import Identity, NetworkSet
 from resolver.shared.policy.decision import Action, AnswerMode
 from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
 from resolver.shared.store.file_policies import FileStore
@@ -141,7 +141,7 @@ def test_clients_are_evicted_by_second_chance_not_by_arrival(tmp_path):
         FileStore(tmp_path / "policies.json", CATALOG),
         maker,
         CATALOG,
-        TrustedNetworks(()),
+        NetworkSet(()),
         StoreSettings(client_cache=2),
     )
 
