@@ -40,7 +40,7 @@ from resolver.worker.directory import Directory
 from resolver.worker.listener import InFlight, UdpListener
 from resolver.worker.pipeline import Resolver
 from resolver.worker.upstream import Forwarder
-from resolver.worker.wire import QueryParser, scan_reply
+from resolver.worker.wire import scan_reply
 
 CLIENT = ("127.0.0.1", 40000)
 CATALOG = load_catalog()
@@ -107,9 +107,9 @@ class Bench:
         self.listener.connection_made(self.transport)  # type: ignore[arg-type]
 
     def cache_names(self, names: list[str]) -> None:
-        parser = QueryParser()
+        # Parsed by the resolver's own parser, as a miss is: the answer's key is then the interned query's.
         for name in names:
-            request = parser.parse(wire_query(name, []), CLIENT, tcp=False)
+            request = self.resolver.parser.parse(wire_query(name, []), CLIENT, tcp=False)
             question = request.query.question
             self.cache.store(request.query.key, scan_reply(_reply(question), question), time.monotonic())
 

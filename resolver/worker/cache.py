@@ -23,12 +23,24 @@ _FLAG_TC = 0x02  # in the high flags byte
 
 
 class _Form:
-    """What many answers have in common (their counts, flags, rcode, OPT records): one object for them all,
-    so that each cached answer holds only its own bytes."""
+    """What many answers have in common (their counts, flags, rcode, OPT records and where their TTLs are):
+    one object for them all, so that each cached answer holds only its own bytes."""
 
-    __slots__ = ("answer_count", "counts", "counts_edns", "low_flags_ad", "low_flags_plain", "opts", "rcode")
+    __slots__ = (
+        "answer_count",
+        "counts",
+        "counts_edns",
+        "low_flags_ad",
+        "low_flags_plain",
+        "opt_length",
+        "opts",
+        "rcode",
+        "ttl_offsets",
+    )
 
-    def __init__(self, counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes) -> None:
+    def __init__(
+        self, counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes, ttl_offsets: tuple[int, ...]
+    ) -> None:
         an, ns, ar = counts
         self.answer_count = an
         self.rcode = rcode
@@ -38,53 +50,49 @@ class _Form:
         # RFC 6840 §5.8: AD only goes back to a client that asked with AD or DO.
         self.low_flags_ad = self.low_flags_plain | (_FLAG_AD if ad else 0)
         self.opts = (opt_record(False, ede), opt_record(True, ede))
+        self.opt_length = len(self.opts[0])
+        self.ttl_offsets = ttl_offsets
 
 
-_FORMS: dict[tuple[tuple[int, int, int], int, bool, bytes], _Form] = {}
+_FormKey = tuple[tuple[int, int, int], int, bool, bytes, tuple[int, ...]]
+_FORMS: dict[_FormKey, _Form] = {}
+_MAX_FORMS = 4096  # only odd replies make new forms; never let them grow the memory
+_LIFETIMES: dict[int, int] = {}
+_STAMPS: dict[int, float] = {}
 
 
-def _form(counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes) -> _Form:
-    key = (counts, rcode, ad, ede)
+def _form(key: _FormKey) -> _Form:
     form = _FORMS.get(key)
     if form is None:
-        if len(_FORMS) >= _MAX_FORMS:  # only odd replies make new ones; never let them grow the memory
+        if len(_FORMS) >= _MAX_FORMS:
             _FORMS.clear()
-        form = _FORMS[key] = _Form(counts, rcode, ad, ede)
+        form = _FORMS[key] = _Form(*key)
     return form
 
 
-_MAX_FORMS = 4096
-_LIFETIMES: dict[int, int] = {}
-_TUPLES: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-
-def _shared(offsets: tuple[int, ...]) -> tuple[int, ...]:
-    """One tuple for every answer whose TTLs sit at the same offsets (most answers look alike)."""
-    if len(_TUPLES) >= _MAX_FORMS:
-        _TUPLES.clear()
-    return _TUPLES.setdefault(offsets, offsets)
+def _stamp(now: float) -> float:
+    """`now` to the whole second below, one float object per second: answers stored in the same second share
+    it. Ages are whole seconds anyway, as the TTLs they are taken from (Unbound keeps time in seconds too)."""
+    second = int(now)
+    stamp = _STAMPS.get(second)
+    if stamp is None:
+        _STAMPS.clear()  # only the current second is ever asked for again
+        stamp = _STAMPS[second] = float(second)
+    return stamp
 
 
 class CachedAnswer:
     """One reply, ready to be served to any client that asks the same question.
 
-    Its records are kept as wire bytes with the TTLs as served (clamped by the cache's rules) written in,
-    and the offsets of those TTLs; the counts, flags and OPT records come from a form shared by every answer
-    shaped alike. That is all an answer costs beyond its own bytes, and its last rendering (see `render`)."""
+    Its records are kept as wire bytes with the TTLs as served (clamped by the cache's rules) written in;
+    the counts, flags, OPT records and TTL offsets come from a form shared by every answer shaped alike.
 
-    __slots__ = (
-        "_body_at",
-        "_memo_age",
-        "_memo_query",
-        "_memo_tail",
-        "body",
-        "cname_targets",
-        "form",
-        "lifetime",
-        "stored_at",
-        "ttl_offsets",
-        "used",
-    )
+    Everything after the ID of an answer depends only on the parsed Query (interned by the parser) and the
+    age in whole seconds, so the answer keeps its last rendering, and a repeated hit is a comparison and one
+    concatenation. The records are kept once: until the first rendering `_memo_tail` holds them alone (and
+    `_memo_query` is None); after it, the rendering holds them, between the question and our OPT record."""
+
+    __slots__ = ("_memo_age", "_memo_query", "_memo_tail", "cname_targets", "form", "lifetime", "stored_at", "used")
 
     def __init__(
         self,
@@ -94,20 +102,17 @@ class CachedAnswer:
         now: float,
         ede: bytes = b"",
     ) -> None:
-        self.form = _form(scanned.counts, scanned.rcode, scanned.ad, ede)
+        self.form = _form((scanned.counts, scanned.rcode, scanned.ad, ede, tuple(scanned.ttl_offsets)))
         body = bytearray(scanned.body)
         for offset, ttl in zip(scanned.ttl_offsets, ttls, strict=True):
             _U32.pack_into(body, offset, ttl)
-        self.body: bytes | None = bytes(body)
-        self.ttl_offsets = _shared(tuple(scanned.ttl_offsets))
         self.cname_targets = tuple(scanned.cname_targets)
-        self.stored_at = now
+        self.stored_at = _stamp(now)
         self.lifetime = _LIFETIMES.setdefault(lifetime, lifetime)  # few distinct values: shared int objects
         self.used = False  # asked since eviction last passed it over
         self._memo_query: Query | None = None
-        self._memo_age = -1
-        self._memo_tail = b""
-        self._body_at = 0  # where the records are in `_memo_tail`, once `body` is dropped for it
+        self._memo_age = 0
+        self._memo_tail = bytes(body)
 
     @property
     def expires_at(self) -> float:
@@ -128,13 +133,10 @@ class CachedAnswer:
         if query is self._memo_query and age == self._memo_age:
             return request.data[:2] + self._memo_tail
         message = self._render(request, age)
-        self._memo_query = query
-        self._memo_age = age
-        self._memo_tail = message[2:]
-        if self.body is not None and not message[2] & _FLAG_TC:
-            # The records are in the rendering now: keep them once, not twice.
-            self._body_at = query.qend - 2
-            self.body = None
+        if not message[2] & _FLAG_TC:  # a truncated rendering has no records: it must not replace one that has
+            self._memo_query = query
+            self._memo_age = age
+            self._memo_tail = message[2:]
         return message
 
     def _render(self, request: Request, age: int) -> bytes:
@@ -160,27 +162,19 @@ class CachedAnswer:
         return answer_records(body, HEADER_LEN + question_length, self.form.answer_count)
 
     def _age_body(self, age: int) -> bytes:
-        """The records with their TTLs aged by `age`: from the kept bytes (age 0), or from the last rendering
-        (aged by its own age already)."""
-        if self.body is not None:
-            body, aged = self.body, 0
-        else:
-            tail, start = self._memo_tail, self._body_at
-            body, aged = tail[start : start + self._body_length(tail)], self._memo_age
-        if age == aged or not self.ttl_offsets:
+        """The records with their TTLs aged by `age`, from what is kept (see the class's docstring)."""
+        query, tail, aged = self._memo_query, self._memo_tail, self._memo_age
+        # A rendering's records: after its question (it lacks the ID), before our OPT record.
+        body = tail if query is None else tail[query.qend - 2 : len(tail) - (self.form.opt_length if query.edns else 0)]
+        offsets = self.form.ttl_offsets
+        if age == aged or not offsets:
             return body
         more = age - aged
         aging = bytearray(body)
-        for offset in self.ttl_offsets:
+        for offset in offsets:
             ttl = _U32.unpack_from(aging, offset)[0]
             _U32.pack_into(aging, offset, ttl - more if ttl > more else 0)
         return bytes(aging)
-
-    def _body_length(self, tail: bytes) -> int:
-        """The records' length in the last rendering: what follows the question, less our OPT record."""
-        query = self._memo_query
-        assert query is not None
-        return len(tail) - self._body_at - (len(self.form.opts[0]) if query.edns else 0)
 
 
 # Eviction passes over at most this many used answers per insert (giving each a second chance): an insert

@@ -37,7 +37,6 @@ _FLAG_AD = 0x20
 _FLAG_CD = 0x10
 _EDNS_DO = 0x8000
 
-_U16_PAIR = struct.Struct("!HH")
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _OPTION_HEAD = struct.Struct("!HH")
@@ -74,21 +73,35 @@ class Query:
     `local` marks queries answered here whatever the cache holds (other classes, ANY, zone transfers).
     """
 
-    __slots__ = ("cd", "do", "edns", "key", "limit", "local", "name", "qclass", "qend", "qtype")
+    __slots__ = ("edns", "key", "limit", "local", "name", "qend")
 
-    def __init__(
-        self, qend: int, name: bytes, key: bytes, qtype: int, qclass: int, edns: bool, do: bool, cd: bool, limit: int
-    ) -> None:
+    def __init__(self, qend: int, name: bytes, key: bytes, edns: bool, limit: int) -> None:
         self.qend = qend
         self.name = name
         self.key = key
-        self.qtype = qtype
-        self.qclass = qclass
         self.edns = edns
-        self.do = do
-        self.cd = cd
         self.limit = limit
-        self.local = qclass != CLASS_IN or qtype in LOCAL_TYPES
+        self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES
+
+    # What the key holds is read from it rather than kept twice: every interned query costs less memory, and
+    # the query path (a cache hit) reads none of these.
+    @property
+    def qtype(self) -> int:
+        key = self.key
+        return key[-5] << 8 | key[-4]
+
+    @property
+    def qclass(self) -> int:
+        key = self.key
+        return key[-3] << 8 | key[-2]
+
+    @property
+    def do(self) -> bool:
+        return bool(self.key[-1] & STATE_DO)
+
+    @property
+    def cd(self) -> bool:
+        return bool(self.key[-1] & STATE_CD)
 
     @property
     def question(self) -> bytes:
@@ -220,7 +233,7 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
     if qend > size:
         raise Malformed(Rcode.FORMERR, "question type/class missing")
     name = data[HEADER_LEN:name_end].lower()
-    qtype, qclass = _U16_PAIR.unpack_from(data, name_end)
+    qtype = data[name_end] << 8 | data[name_end + 1]
     cd = bool(data[3] & _FLAG_CD)
     edns = do = False
     limit = TCP_LIMIT if tcp else PLAIN_UDP_LIMIT
@@ -234,7 +247,7 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
             limit = _LIMITS.setdefault(size, size)  # one int object per size, not one per interned query
     state = (STATE_DO if do else 0) | (STATE_CD if cd else 0)
     key = name + data[name_end:qend] + bytes((state,))
-    query = Query(qend, name, key, qtype, qclass, edns, do, cd, limit)
+    query = Query(qend, name, key, edns, limit)
     if qtype in NOT_QUERYABLE:
         raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried", qend, edns, do)
     return query, rdata

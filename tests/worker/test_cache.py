@@ -174,6 +174,18 @@ class TestRendering:
         with_edns = served(entry, ask("big.example", use_edns=0, payload=1232), 1.0)
         assert not with_edns.flags & dns.flags.TC and len(with_edns.answer[0]) == 40
 
+    def test_a_truncated_rendering_does_not_cost_later_clients_the_records(self):
+        """The records are kept once, in the last rendering; a truncated one (no records) must not replace it."""
+        cache = AnswerCache(CacheSettings())
+        records = [f"big.example. 300 IN A 192.0.2.{index}" for index in range(1, 41)]
+        key, reply = scanned("big.example", *records)
+        entry = cache.store(key, reply, now=0.0)
+        assert len(served(entry, ask("big.example", use_edns=0, payload=1232), 1.0).answer[0]) == 40
+        assert served(entry, ask("big.example"), 1.0).flags & dns.flags.TC
+        for now in (1.0, 3.0):  # the same age as the memo, and older (aged from what is kept)
+            again = served(entry, ask("BIG.example", use_edns=0, payload=1232), now)
+            assert len(again.answer[0]) == 40 and again.answer[0].ttl == 300 - int(now)
+
     def test_ede_travels_with_the_entry(self):
         cache = AnswerCache(CacheSettings())
         key, _ = scanned("down.example")
