@@ -35,10 +35,12 @@ from resolver.shared.lists import Lists
 from resolver.shared.loading import policy_maker
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
+from resolver.worker.access import AccessControl
 from resolver.worker.cache import AnswerCache
 from resolver.worker.directory import Directory
 from resolver.worker.listener import InFlight, UdpListener
 from resolver.worker.pipeline import Resolver
+from resolver.worker.rate_limit import ResponseRateLimiter
 from resolver.worker.upstream import Forwarder
 from resolver.worker.wire import scan_reply
 
@@ -102,7 +104,12 @@ class Bench:
             config.store,
         )
         self.resolver = Resolver(self.cache, Forwarder(config.upstream), lists, self.directory)
-        self.listener = UdpListener(self.resolver, InFlight())
+        self.listener = UdpListener(
+            self.resolver,
+            InFlight(),
+            AccessControl(config.server, config.rate_limit),
+            ResponseRateLimiter(config.rate_limit),
+        )
         self.transport = _Dropped()
         self.listener.connection_made(self.transport)  # type: ignore[arg-type]
 

@@ -16,14 +16,23 @@ import pytest
 from bench.harness import DEFAULT_DATA, top_site_names
 from bench.upstream import Script, build_reply
 from blocklists.catalog import load_catalog
-from resolver.shared.config import CacheSettings, PolicySettings, StoreSettings, UpstreamSettings
+from resolver.shared.config import (
+    CacheSettings,
+    PolicySettings,
+    RateLimitSettings,
+    ServerSettings,
+    StoreSettings,
+    UpstreamSettings,
+)
 from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
 from resolver.shared.policy.effective import PolicyMaker, answering_from, default_policy
+from resolver.worker.access import AccessControl
 from resolver.worker.cache import AnswerCache
 from resolver.worker.directory import Directory
 from resolver.worker.listener import InFlight, UdpListener
 from resolver.worker.pipeline import Resolver
+from resolver.worker.rate_limit import ResponseRateLimiter
 from resolver.worker.upstream import Forwarder
 from resolver.worker.wire import QueryParser, scan_reply
 
@@ -53,7 +62,12 @@ def warm() -> tuple[UdpListener, list[bytes]]:
     maker = PolicyMaker(catalog, answering_from(PolicySettings()), default_policy(PolicySettings(), catalog))
     directory = Directory(None, maker, catalog, NetworkSet(()), StoreSettings())
     resolver = Resolver(cache, Forwarder(UpstreamSettings()), lists, directory)
-    listener = UdpListener(resolver, InFlight())
+    listener = UdpListener(
+        resolver,
+        InFlight(),
+        AccessControl(ServerSettings(), RateLimitSettings()),
+        ResponseRateLimiter(RateLimitSettings()),
+    )
     listener.connection_made(_NoTransport())  # type: ignore[arg-type]
     return listener, queries
 

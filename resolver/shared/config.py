@@ -86,6 +86,30 @@ def _endpoints(items: Any) -> tuple[Endpoint, ...]:
     return tuple(parse_endpoint(item) for item in items)
 
 
+def _networks(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]')
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False).compressed for item in items)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# Loopback, the private and shared (CGNAT) ranges, link-local: where the customers of a network filter are.
+# Anything else is the internet, and answering it makes an open resolver (a reflector for amplification).
+PRIVATE_NETWORKS = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     listen: tuple[Endpoint, ...] = setting(
@@ -106,6 +130,25 @@ class ServerSettings:
         100, "queries in flight per TCP connection before reading pauses", minimum=1, maximum=65535
     )
     drain_timeout: float = setting(5.0, "seconds to finish in-flight queries on SIGTERM", minimum=0, maximum=600)
+    allow: tuple[str, ...] = setting(
+        PRIVATE_NETWORKS,
+        "networks whose queries are answered (besides the networks of the sites in the policy store); "
+        'any other source gets `refused_answer`; ["0.0.0.0/0", "::/0"] answers everyone',
+        convert=_networks,
+        live=True,
+    )
+    refuse: tuple[str, ...] = setting(
+        (),
+        "networks refused although `allow` holds them (the longest matching network decides)",
+        convert=_networks,
+        live=True,
+    )
+    refused_answer: str = setting(
+        "refused",
+        "what a source outside `allow` gets: refused (REFUSED with EDE 18 Prohibited) or silence",
+        choices=("refused", "silence"),
+        live=True,
+    )
 
     @property
     def worker_count(self) -> int:
@@ -129,6 +172,22 @@ class UpstreamSettings:
     max_outstanding: int = setting(
         1000,
         "upstream queries in flight per worker; beyond it, SERVFAIL at once",
+        minimum=1,
+        maximum=1_000_000,
+        live=True,
+    )
+    max_per_zone: int = setting(
+        100,
+        "upstream queries in flight per worker for names under one domain (its last two labels, three under "
+        "co.uk and the like); beyond it, SERVFAIL at once: a flood of random names under one domain cannot "
+        "take every slot",
+        minimum=1,
+        maximum=1_000_000,
+        live=True,
+    )
+    max_per_client: int = setting(
+        100,
+        "queries one source address may have waiting for upstreams per worker; beyond it, SERVFAIL at once",
         minimum=1,
         maximum=1_000_000,
         live=True,
@@ -234,15 +293,6 @@ class PolicySettings:
     blocked_ttl: int = setting(10, "TTL of blocked answers, in seconds", minimum=0, maximum=86400, live=True)
 
 
-def _networks(items: Any) -> tuple[str, ...]:
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise ValueError('must be a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]')
-    try:
-        return tuple(ipaddress.ip_network(item, strict=False).compressed for item in items)
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-
-
 def _redis_url(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError('must be a string such as "redis://127.0.0.1:6379/0"')
@@ -294,6 +344,39 @@ class StoreSettings:
 class IdentitySettings:
     trusted_networks: tuple[str, ...] = setting(
         (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks
+    )
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """Response rate limiting (RRL) of UDP answers, as in BIND, Knot and Unbound: it makes bns a poor reflector."""
+
+    responses_per_second: int = setting(
+        100,
+        "UDP answers per second to one client prefix for one response (name and type; all NXDOMAIN alike; all "
+        "errors alike); beyond it answers are dropped or slipped; 0 = off",
+        minimum=0,
+        maximum=1_000_000,
+        live=True,
+    )
+    slip: int = setting(
+        2,
+        "every Nth rate-limited answer goes out truncated (TC=1, no records: a real client retries over TCP, "
+        "which is not limited); 0 = drop them all",
+        minimum=0,
+        maximum=100,
+        live=True,
+    )
+    ipv4_prefix: int = setting(24, "IPv4 sources sharing one budget: this prefix length", minimum=8, maximum=32)
+    ipv6_prefix: int = setting(56, "IPv6 sources sharing one budget: this prefix length", minimum=16, maximum=128)
+    exempt: tuple[str, ...] = setting(
+        PRIVATE_NETWORKS,
+        "sources never rate limited (a reflection attack spoofs the victim's public address)",
+        convert=_networks,
+        live=True,
+    )
+    table_size: int = setting(
+        100_000, "budgets kept per worker (the oldest half is forgotten when full)", minimum=1000, maximum=10_000_000
     )
 
 
@@ -396,6 +479,7 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
     log: LogSettings = field(default_factory=LogSettings)

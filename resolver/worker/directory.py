@@ -17,6 +17,8 @@
   "servfail"` refuses such queries instead. The resolution goes on meanwhile and binds the client when it
   completes. While the store is down, everything held keeps being served; the outage is logged once with
   its cause, and its end.
+- The networks of every site are loaded whole (at start, after a `networks` notice, at a resync) and handed
+  to `on_site_networks`: their sources are answered (access.py, server.allow).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
@@ -145,6 +147,9 @@ class Directory:
         self._needs_resync = False
         self._due: set[str] = set()  # sites with newer versions announced, to reload
         self._reloader: asyncio.Task[None] | None = None
+        self.on_site_networks: Callable[[Iterable[str]], None] | None = None
+        self._networks_loader: asyncio.Task[None] | None = None
+        self._networks_due = False
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -337,14 +342,16 @@ class Directory:
         """Until cancelled: retry a failed catch-up every second (the notices come through `_hear`)."""
         if self.store is None:
             return
+        await self.apply(Change("networks"))
         try:
             while True:
                 await asyncio.sleep(_RETRY_AFTER_FAILURE)
                 if self._needs_resync:
                     await self.apply(Change("resync"))
         finally:
-            if self._reloader is not None:
-                self._reloader.cancel()
+            for task in (self._reloader, self._networks_loader):
+                if task is not None:
+                    task.cancel()
 
     async def apply(self, change: Change) -> None:
         """Apply one notice. If the store fails meanwhile, what was missed is caught up by a resync later."""
@@ -365,6 +372,7 @@ class Directory:
                         self._reloader = asyncio.ensure_future(self._reload_due())
             elif change.kind == "networks":
                 self._forget_addresses()
+                self._load_site_networks_soon()
             elif change.kind == "profile":
                 await self._reload_profiles()
             elif change.kind == "resync":
@@ -381,6 +389,23 @@ class Directory:
                 await self._reload_site(self._due.pop())
         except StoreUnavailable as exc:
             self._lost_store(exc)
+
+    def _load_site_networks_soon(self) -> None:
+        self._networks_due = True
+        if self.on_site_networks is not None and (self._networks_loader is None or self._networks_loader.done()):
+            self._networks_loader = asyncio.ensure_future(self._load_site_networks())
+
+    async def _load_site_networks(self) -> None:
+        # One load for a burst of notices (an import of many sites): every network of every site is read.
+        assert self.store is not None and self.on_site_networks is not None
+        while self._networks_due:
+            await asyncio.sleep(_RELOAD_DELAY)
+            self._networks_due = False
+            try:
+                self.on_site_networks(await self.store.site_networks())
+            except StoreUnavailable as exc:
+                self._lost_store(exc)
+                return
 
     def _lost_store(self, exc: StoreUnavailable) -> None:
         """Changes may be missed from here on: the resync after the outage compares every held site."""
@@ -444,6 +469,7 @@ class Directory:
             if versions.get(site_id, 0) != self._sites[site_id].version:
                 await self._reload_site(site_id)
         self._forget_addresses()
+        self._load_site_networks_soon()
         await self._reload_profiles()
         log.info("policy store: resynchronised %d held sites", len(held))
 

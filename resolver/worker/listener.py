@@ -1,4 +1,5 @@
-"""UDP and TCP listeners: bytes in, bytes out. The one place where failures become rcodes or silence.
+"""UDP and TCP listeners: bytes in, bytes out. The one place where failures become rcodes or silence, and
+where a source is let in (access.py) and its UDP answers rate limited (rate_limit.py).
 
 TCP follows RFC 7766: two-byte length framing, pipelined queries answered as each completes (so out of
 order), an idle timeout, a cap on open connections, and a cap on queries in flight per connection that
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from resolver.shared.config import ServerSettings
 from resolver.shared.dns import Rcode
 from resolver.shared.logs import Throttled
+from resolver.worker.access import LIMITED, REFUSED, AccessControl
 from resolver.worker.pipeline import Resolver
+from resolver.worker.rate_limit import SEND, SLIP, ResponseRateLimiter
 from resolver.worker.wire import HEADER_LEN, Malformed, error_answer
 
 _U16 = struct.Struct("!H")
@@ -71,10 +74,26 @@ class InFlight:
             await asyncio.wait(set(self.futures), timeout=timeout)
 
 
+def refusal_for(
+    resolver: Resolver, access: AccessControl, data: bytes, client: tuple[str, int], tcp: bool
+) -> bytes | None:
+    """The answer to a source outside server.allow: REFUSED, or nothing (silence, or a query not worth one)."""
+    if access.silent:
+        return None
+    try:
+        return resolver.refusal(data, client, tcp)
+    except Exception:
+        return None
+
+
 class UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, resolver: Resolver, in_flight: InFlight) -> None:
+    def __init__(
+        self, resolver: Resolver, in_flight: InFlight, access: AccessControl, limiter: ResponseRateLimiter
+    ) -> None:
         self._resolver = resolver
         self._in_flight = in_flight
+        self._access = access
+        self._limiter = limiter
         self._transport: asyncio.DatagramTransport | None = None
         self.draining = False
 
@@ -84,6 +103,12 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.draining:
             return  # stopping: a query read now could not be answered in time; the client retries elsewhere
+        access = self._access[addr[0]]
+        if access == REFUSED:
+            refusal = refusal_for(self._resolver, self._access, data, addr, False)
+            if refusal is not None:
+                self._transport.sendto(refusal, addr)  # type: ignore[union-attr]
+            return
         # answer_safely's work, written out: one call less per datagram on the busiest path.
         reply: bytes | asyncio.Future[bytes] | None
         try:
@@ -94,17 +119,35 @@ class UdpListener(asyncio.DatagramProtocol):
             _failures.exception("query failed inside the pipeline")
             reply = servfail_for(data)
         if type(reply) is bytes:
+            if access == LIMITED:
+                reply = self._limited(reply, data, addr)
+                if reply is None:
+                    return
             self._transport.sendto(reply, addr)  # type: ignore[union-attr]
             return
         if reply is None:
             return
         self._in_flight.track(reply)  # type: ignore[arg-type]
-        reply.add_done_callback(lambda future: self._send(future, data, addr))  # type: ignore[union-attr]
+        reply.add_done_callback(lambda future: self._send(future, data, addr, access))  # type: ignore[union-attr]
 
-    def _send(self, future: asyncio.Future[bytes], data: bytes, addr: tuple[str, int]) -> None:
+    def _send(self, future: asyncio.Future[bytes], data: bytes, addr: tuple[str, int], access: int) -> None:
         reply = result_safely(future, data)
+        if reply is not None and access == LIMITED:
+            reply = self._limited(reply, data, addr)
         if reply is not None and self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(reply, addr)
+
+    def _limited(self, reply: bytes, data: bytes, addr: tuple[str, int]) -> bytes | None:
+        """`reply`, its truncated form, or nothing, as the source's budget allows (rate_limit.py)."""
+        verdict = self._limiter.judge(reply, addr[0])
+        if verdict == SEND:
+            return reply
+        if verdict == SLIP:
+            try:
+                return self._resolver.truncation(data, addr, reply)
+            except Exception:
+                return None
+        return None
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors about clients that went away: nothing to do
@@ -123,9 +166,12 @@ class TcpConnection(asyncio.Protocol):
         settings: ServerSettings,
         connections: set[TcpConnection],
         in_flight: InFlight,
+        access: AccessControl,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolver = resolver
+        self._access = access
+        self._refused = False
         self._settings = settings
         self._connections = connections
         self._in_flight_futures = in_flight
@@ -145,8 +191,13 @@ class TcpConnection(asyncio.Protocol):
         if len(self._connections) >= self._settings.tcp_max_connections and not self._evict_idle():
             transport.close()  # at the cap and every connection busy: refuse; the client tries elsewhere
             return
-        self._connections.add(self)
         self._peer = transport.get_extra_info("peername")[:2]
+        # TCP is not rate limited: a connection proves its source address.
+        self._refused = self._access[self._peer[0]] == REFUSED
+        if self._refused and self._access.silent:
+            transport.close()
+            return
+        self._connections.add(self)
         self._last_active = self._clock()
         self._schedule_idle_check(self._settings.tcp_idle_timeout)
 
@@ -211,7 +262,11 @@ class TcpConnection(asyncio.Protocol):
         self._update_reading()
 
     def _dispatch(self, message: bytes) -> None:
-        reply = answer_safely(self._resolver, message, self._peer, True)
+        reply: bytes | asyncio.Future[bytes] | None
+        if self._refused:
+            reply = refusal_for(self._resolver, self._access, message, self._peer, True)
+        else:
+            reply = answer_safely(self._resolver, message, self._peer, True)
         if reply is None:
             return
         if type(reply) is bytes:

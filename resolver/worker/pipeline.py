@@ -24,14 +24,24 @@ from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
 from resolver.worker.upstream import Forwarder, Overloaded, UpstreamFailed
-from resolver.worker.wire import QueryParser, Request, ScannedReply, resource_record, synthesized_answer
+from resolver.worker.wire import (
+    QueryParser,
+    Request,
+    ScannedReply,
+    resource_record,
+    synthesized_answer,
+    truncated_answer,
+)
 
 # RFC 8482 §4.2: answer ANY with one synthesized HINFO record instead of every RRset of the name.
 _ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
 _NO_UPSTREAM = ede_option(EdeCode.NO_REACHABLE_AUTHORITY, "no upstream answered")
 _OVERLOADED = ede_option(EdeCode.OTHER, "too many upstream queries in flight")
+_ZONE_BUSY = ede_option(EdeCode.OTHER, "too many upstream queries in flight for this domain")
+_CLIENT_BUSY = ede_option(EdeCode.OTHER, "too many of your queries are waiting for upstreams")
 _STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
 _NOT_READY = ede_option(EdeCode.NOT_READY, "the filter is starting: its blocklist is not in yet")
+_PROHIBITED = ede_option(EdeCode.PROHIBITED, "this resolver does not answer your network")
 
 Answer = bytes | asyncio.Future[bytes]
 
@@ -59,6 +69,10 @@ class Resolver:
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
+        # Flood isolation: a source, or a domain asked for random names, may hold only so much of the
+        # upstream capacity (upstream.max_per_client, max_per_zone); the rest is refused at once.
+        self._waiting: dict[str, int] = {}
+        self._zone_fetches: dict[bytes, int] = {}
 
     @property
     def held(self) -> bool:
@@ -72,6 +86,14 @@ class Resolver:
 
     def release(self) -> None:
         self.__dict__.pop("answer", None)
+
+    def refusal(self, data: bytes, client: tuple[str, int], tcp: bool) -> bytes:
+        """REFUSED with EDE 18, the question echoed: for a source outside server.allow. Raises Malformed."""
+        return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.REFUSED, ede=_PROHIBITED)
+
+    def truncation(self, data: bytes, client: tuple[str, int], reply: bytes) -> bytes:
+        """`reply` to the UDP query `data` cut to its question with TC=1: the client asks again over TCP."""
+        return truncated_answer(self.parser.parse(data, client, False), reply[3] & 0x0F)
 
     def _answer_not_ready(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
         return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.SERVFAIL, ede=_NOT_READY)
@@ -120,6 +142,11 @@ class Resolver:
                     return self.blocked.answer(request, found[1])
             return entry.render(request, now)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
+        source = request.client[0]
+        waiting = self._waiting.get(source, 0)
+        if waiting >= self.forwarder.settings.max_per_client:
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
+        self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fetch = self._fetch(query.key, query.do, query.cd)
         fetch.add_done_callback(partial(self._answer_fetched, answer, request, policy, decision.chain))
@@ -134,6 +161,12 @@ class Resolver:
         fetch: asyncio.Future[CachedAnswer],
     ) -> None:
         # A callback, not a task per miss: the miss path is where a forwarder spends most of its CPU.
+        source = request.client[0]
+        waiting = self._waiting[source] - 1
+        if waiting:
+            self._waiting[source] = waiting
+        else:
+            del self._waiting[source]
         if answer.done():
             return
         if fetch.cancelled():
@@ -164,17 +197,30 @@ class Resolver:
         if fetch is not None:
             return fetch
         fetch = asyncio.get_running_loop().create_future()
+        zone = registered_domain(key[:-5])
+        in_flight = self._zone_fetches.get(zone, 0)
+        if in_flight >= self.forwarder.settings.max_per_zone:  # not kept, as below
+            fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _ZONE_BUSY))
+            return fetch
         try:
             upstream = self.forwarder.query(key[:-1], do, cd)
         except Overloaded:  # not kept: the load passes
             fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED))
             return fetch
         self._fetches[key] = fetch
-        upstream.add_done_callback(partial(self._fetched, key, fetch))
+        self._zone_fetches[zone] = in_flight + 1
+        upstream.add_done_callback(partial(self._fetched, key, zone, fetch))
         return fetch
 
-    def _fetched(self, key: bytes, fetch: asyncio.Future[CachedAnswer], upstream: asyncio.Future[ScannedReply]) -> None:
+    def _fetched(
+        self, key: bytes, zone: bytes, fetch: asyncio.Future[CachedAnswer], upstream: asyncio.Future[ScannedReply]
+    ) -> None:
         del self._fetches[key]
+        in_flight = self._zone_fetches[zone] - 1
+        if in_flight:
+            self._zone_fetches[zone] = in_flight
+        else:
+            del self._zone_fetches[zone]
         if upstream.cancelled():
             fetch.cancel()
             return
@@ -191,6 +237,22 @@ class Resolver:
 
     def close(self) -> None:
         self.forwarder.close()
+
+
+def registered_domain(name: bytes) -> bytes:
+    """The domain a wire name is registered under, roughly: its last two labels, or three where the last two
+    look like a public suffix of their own (co.uk, com.au: a short label under a two-letter one). A forwarder
+    knows no zone cuts; this groups a random-subdomain flood under the name its attacker aims at."""
+    starts = []
+    pos = 0
+    while name[pos]:
+        starts.append(pos)
+        pos += name[pos] + 1
+    if len(starts) <= 2:
+        return name
+    if name[starts[-1]] == 2 and name[starts[-2]] <= 3:
+        return name[starts[-3] :]
+    return name[starts[-2] :]
 
 
 def _answer_locally(request: Request) -> bytes:

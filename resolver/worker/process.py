@@ -18,11 +18,13 @@ from resolver.shared.run_directory import UNSET, RunDirectory
 from resolver.shared.signals import handle_signals
 from resolver.shared.sockets import SocketSet
 from resolver.shared.store.backends import open_backends
+from resolver.worker.access import AccessControl
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
 from resolver.worker.listener import InFlight, TcpConnection, UdpListener
 from resolver.worker.pipeline import Resolver
+from resolver.worker.rate_limit import ResponseRateLimiter
 from resolver.worker.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class Worker:
             self.backends.policies, maker, catalog, NetworkSet(config.identity.trusted_networks), config.store
         )
         self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists, self.directory)
+        self.access = AccessControl(config.server, config.rate_limit)
+        self.directory.on_site_networks = self.access.use_site_networks
+        self.limiter = ResponseRateLimiter(config.rate_limit)
         self.in_flight = InFlight()
         self.connections: set[TcpConnection] = set()
         self._udp: list[UdpListener] = []
@@ -68,13 +73,14 @@ class Worker:
             self.resolver.hold()
             self._tasks.append(loop.create_task(self._release_when_lists_are_in(self.run)))
         for sock in self.sockets.udp:
-            listener = UdpListener(self.resolver, self.in_flight)
+            listener = UdpListener(self.resolver, self.in_flight, self.access, self.limiter)
             await loop.create_datagram_endpoint(functools.partial(_same, listener), sock=sock)
             self._udp.append(listener)
         settings = self.config.server
         for sock in self.sockets.tcp:
             server = await loop.create_server(
-                lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight), sock=sock
+                lambda: TcpConnection(self.resolver, settings, self.connections, self.in_flight, self.access),
+                sock=sock,
             )
             self._tcp.append(server)
         self._tasks += [
@@ -127,6 +133,9 @@ class Worker:
             self.directory.use_maker(policy_maker(config, self.catalog))
         if config.store != old.store:
             self.directory.use_settings(config.store)
+        if config.server != old.server or config.rate_limit != old.rate_limit:
+            self.access.configure(config.server, config.rate_limit)
+            self.limiter.configure(config.rate_limit)
         if config.upstream != old.upstream:
             retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)
             # queries already sent keep their sockets until they are answered or give up

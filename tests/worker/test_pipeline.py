@@ -17,6 +17,7 @@ import dns.rdatatype
 import pytest
 
 from blocklists.catalog import load_catalog
+from resolver.shared.config import UpstreamSettings
 from resolver.shared.dns import RRType, name_to_text, text_to_name
 from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
@@ -62,6 +63,7 @@ class ScriptedForwarder:
         self.overloaded = False
         self.replies = 0
         self.reply_seconds = 0.0
+        self.settings = UpstreamSettings()
 
     def query(self, question: bytes, do: bool, cd: bool) -> asyncio.Future[ScannedReply]:
         name = name_to_text(question[:-4])

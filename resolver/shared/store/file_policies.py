@@ -92,6 +92,10 @@ class FileStore(Store):
                 return site_id
         return None
 
+    async def site_networks(self) -> list[str]:
+        self.refresh()
+        return [network for by_length in self._networks.values() for held in by_length.values() for network in held]
+
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
         self.refresh()
         return {site_id: self._data["sites"].get(site_id, {}).get("version", 0) for site_id in site_ids}

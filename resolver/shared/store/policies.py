@@ -71,6 +71,10 @@ class Store(ABC):
         return site_id, (await self.site_versions([site_id]))[site_id]
 
     @abstractmethod
+    async def site_networks(self) -> list[str]:
+        """The networks of every site: their sources are answered (server.allow)."""
+
+    @abstractmethod
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]: ...
 
     @abstractmethod

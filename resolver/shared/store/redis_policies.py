@@ -142,6 +142,9 @@ class RedisStore(Store):
         """Prefix lengths in use are cached; a `networks` notice makes them be read again."""
         self._lengths = None
 
+    async def site_networks(self) -> list[str]:
+        return [network.decode() for network in await self.call(self.client.hkeys(self.key("net")))]
+
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
         for site_id in site_ids:
