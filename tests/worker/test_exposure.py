@@ -27,7 +27,7 @@ from resolver.shared.store.file_policies import FileStore
 from resolver.worker.access import ALLOWED, LIMITED, REFUSED, AccessControl
 from resolver.worker.pipeline import registered_domain
 from resolver.worker.rate_limit import DROP, SEND, SLIP, ResponseRateLimiter
-from tests.conftest import ServerThread, answer_addresses, eventually, make_config
+from tests.conftest import ServerThread, answer_addresses, eventually, make_config, redis_policy_store
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +259,24 @@ def test_registered_domain():
     assert registered_domain(wire("example.com")) == wire("example.com")
     assert registered_domain(wire("com")) == wire("com")
     assert registered_domain(b"\x00") == b"\x00"
+
+
+def test_the_sites_networks_come_from_redis_too(upstream, shared_redis, redis_prefix):
+    async def put(site_id: str, network: str) -> None:
+        store = redis_policy_store(shared_redis.url, redis_prefix)
+        try:
+            await PolicyService(store).put_site(site_id, {"networks": [network]})
+        finally:
+            await store.close()
+
+    asyncio.run(put("home", "127.0.0.0/24"))
+    config = make_config(
+        [upstream.address],
+        server={"allow": ["10.0.0.0/8"]},
+        store={"redis": shared_redis.url, "prefix": redis_prefix, "cold_wait": 1.0},
+    )
+    with ServerThread(config) as server:
+        eventually(lambda: answer_addresses(ask(server, "a.example.com")), within=3)
+        assert ask(server, "b.example.com", source=OTHER_PREFIX).rcode() == dns.rcode.REFUSED
+        asyncio.run(put("away", "127.0.1.0/24"))  # a change notice: every worker loads the networks again
+        eventually(lambda: answer_addresses(ask(server, "c.example.com", source=OTHER_PREFIX)), within=3)
