@@ -81,9 +81,11 @@ def started(command: list[str], *, log: Path | None = None, cwd: Path = REPO) ->
 
 
 @contextlib.contextmanager
-def running(command: list[str], port: int, *, startup: float = 15.0, log: Path | None = None) -> Iterator[int]:
+def running(
+    command: list[str], port: int, *, startup: float = 15.0, log: Path | None = None, cwd: Path = REPO
+) -> Iterator[int]:
     """Start a server process, wait until it answers on `port`, yield its pid, stop it with SIGTERM."""
-    with started(command, log=log) as process:
+    with started(command, log=log, cwd=cwd) as process:
         deadline = time.monotonic() + startup
         while not answers(port):
             if process.poll() is not None or time.monotonic() > deadline:

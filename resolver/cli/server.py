@@ -31,6 +31,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--upstream", action="append", metavar="ADDR[:PORT]", help="upstream resolver (repeatable; tried in order)"
     )
+    serve.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="network whose queries are answered (repeatable; replaces server.allow, whose default is loopback "
+        "and the private ranges)",
+    )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (0: one per core)")
     serve.add_argument("--lists", metavar="FILE", help="compiled list artifact to serve (`bns lists compile`)")
     serve.add_argument(
@@ -59,6 +66,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         overrides.setdefault("server", {})["listen"] = args.listen
     if args.workers is not None:
         overrides.setdefault("server", {})["workers"] = args.workers
+    if args.allow:
+        overrides.setdefault("server", {})["allow"] = args.allow
     if args.upstream:
         overrides.setdefault("upstream", {})["servers"] = args.upstream
     if args.lists:
