@@ -1,0 +1,95 @@
+"""Strict wire replies (issue 12), on real sockets: every error reply to an EDNS query carries an OPT record and
+the question when it could be read, RA only for QUERY."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EDNS_DO = 0x8000
+
+
+def exchange(port: int, data: bytes, timeout: float = 2.0) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(data, ("127.0.0.1", port))
+        return sock.recv(65535)
+
+
+def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", 0x4242, flags, qd, an, ns, ar)
+
+
+QUESTION = b"\x07example\x03com\x00\x00\x01\x00\x01"
+
+
+def opt(options: bytes = b"", do: bool = True, version: int = 0) -> bytes:
+    ttl = version << 16 | (EDNS_DO if do else 0)
+    return b"\x00" + struct.pack("!HHIH", 41, 1232, ttl, len(options)) + options
+
+
+def assert_opt_echoed(reply: dns.message.Message, do: bool = True) -> None:
+    assert reply.edns == 0, "a query with an OPT record gets one back"
+    assert bool(reply.ednsflags & dns.flags.DO) == do
+
+
+@pytest.mark.parametrize("opcode", [dns.opcode.NOTIFY, dns.opcode.STATUS], ids=["notify", "status"])
+def test_other_opcodes_get_notimp_with_question_and_opt_and_no_ra(server, upstream, opcode):
+    query = dns.message.make_query("example.com", "SOA", use_edns=0, want_dnssec=True)
+    query.set_opcode(opcode)
+    reply = dns.message.from_wire(exchange(server.port, query.to_wire()))
+    assert reply.rcode() == dns.rcode.NOTIMP
+    assert reply.opcode() == opcode
+    assert not reply.flags & dns.flags.RA
+    assert str(reply.question[0].name) == "example.com."
+    assert_opt_echoed(reply)
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_qdcount_other_than_one_gets_formerr_with_opt(server, count):
+    data = header(qd=count, ar=1) + QUESTION * count + opt()
+    reply = dns.message.from_wire(exchange(server.port, data))
+    assert reply.rcode() == dns.rcode.FORMERR
+    assert reply.question == []  # RFC 9619: which question would it echo?
+    assert_opt_echoed(reply)
+
+
+def test_answer_records_in_a_query_get_formerr_with_question_and_opt(server):
+    record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + b"\xc0\x00\x02\x01"
+    data = header(an=1, ar=1) + QUESTION + record + opt(do=False)
+    reply = dns.message.from_wire(exchange(server.port, data))
+    assert reply.rcode() == dns.rcode.FORMERR
+    assert str(reply.question[0].name) == "example.com."
+    assert_opt_echoed(reply, do=False)
+
+
+def test_malformed_option_gets_formerr_with_question_and_opt(server):
+    lying = struct.pack("!HH", 65001, 50) + b"\x00" * 6  # says 50 bytes, holds 6
+    reply = dns.message.from_wire(exchange(server.port, header(ar=1) + QUESTION + opt(lying)))
+    assert reply.rcode() == dns.rcode.FORMERR
+    assert str(reply.question[0].name) == "example.com."
+    assert_opt_echoed(reply)
+
+
+def test_repeated_opt_gets_formerr_with_question_and_opt(server):
+    reply = dns.message.from_wire(exchange(server.port, header(ar=2) + QUESTION + opt() + opt()))
+    assert reply.rcode() == dns.rcode.FORMERR
+    assert str(reply.question[0].name) == "example.com."
+    assert_opt_echoed(reply)
+
+
+def test_badvers_carries_question_and_opt(server, upstream):
+    reply = dns.message.from_wire(exchange(server.port, header(ar=1) + QUESTION + opt(version=1)))
+    assert reply.rcode() == dns.rcode.BADVERS  # extended: 0 in the header, 1 in the OPT record
+    assert str(reply.question[0].name) == "example.com."
+    assert_opt_echoed(reply)
+    assert upstream.seen == []
