@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from resolver.shared.dns import CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
+from resolver.shared.dns import CLASS_ANY, CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
 from resolver.shared.memo import make_room
 
@@ -54,12 +54,13 @@ class Malformed(BnsError):
     """A query that gets an error answer (or none). `rcode` None means: stay silent.
 
     What the answer echoes (the question, an OPT record) `error_answer` reads again from the query's bytes,
-    so whoever raises needs to know nothing about it.
+    so whoever raises needs to know nothing about it; `tsig` is the TSIG record a NOTAUTH answer carries.
     """
 
-    def __init__(self, rcode: Rcode | None, reason: str) -> None:
+    def __init__(self, rcode: Rcode | None, reason: str, tsig: bytes = b"") -> None:
         super().__init__(reason)
         self.rcode = rcode
+        self.tsig = tsig
 
 
 class Query:
@@ -281,12 +282,16 @@ def _skip_name(data: bytes, pos: int, floor: int) -> int:
 
 def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int, tuple[int, int] | None]:
     """(edns present, DO bit, client UDP size, where the OPT's options are) from the additional section; the
-    options are checked here (a malformed one is FORMERR), and read by `_identity_options`."""
+    options are checked here (a malformed one is FORMERR), and read by `_identity_options`.
+
+    A query signed with TSIG gets NOTAUTH with error BADKEY (RFC 8945 §5.2.1): no key is configured here, so
+    no signature can be checked, and a signed query must never get an unsigned answer. SIG(0) (RFC 2931) is
+    not looked for: such a query is answered as if it were unsigned."""
     size = len(data)
     edns = do = False
     udp_size = PLAIN_UDP_LIMIT
     span: tuple[int, int] | None = None
-    for _ in range(count):
+    for index in range(count):
         owner = pos
         pos = _skip_name(data, pos, owner)
         if pos + 10 > size:
@@ -296,8 +301,13 @@ def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int
         pos = rdata + rdlen
         if pos > size:
             raise Malformed(Rcode.FORMERR, "additional record data runs past the end")
+        if rtype == RRType.TSIG:
+            if index < count - 1:
+                raise Malformed(Rcode.FORMERR, "TSIG record is not the last record (RFC 8945 §5.2)")
+            tsig = _badkey_tsig(data, owner, rdata, pos)
+            raise Malformed(Rcode.NOTAUTH, "signed with TSIG; no key is known here", tsig)
         if rtype != RRType.OPT:
-            continue  # TSIG/SIG(0) are not supported; the query is answered as if unsigned
+            continue
         if edns:
             raise Malformed(Rcode.FORMERR, "more than one OPT record (RFC 6891 §6.1.1)")
         if data[owner] != 0:
@@ -310,6 +320,22 @@ def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int
         _identity_options(data, rdata, pos)
         span = (rdata, pos)
     return edns, do, udp_size, span
+
+
+def _badkey_tsig(data: bytes, owner: int, rdata: int, end: int) -> bytes:
+    """The unsigned TSIG record that answers the query's TSIG record (owner at `owner`, data from `rdata` to
+    `end`) with error BADKEY (RFC 8945 §5.3.2): key and algorithm names, time signed, fudge and original ID
+    copied, no MAC, no other data. Malformed if the record's data does not parse."""
+    key, algorithm = read_name(data, owner), read_name(data, rdata)
+    times = _skip_name(data, rdata, rdata)  # time signed (6 bytes), fudge (2), MAC size (2), the MAC
+    if times + 10 > end:
+        raise Malformed(Rcode.FORMERR, "TSIG record data too short")
+    original_id = times + 10 + _U16.unpack_from(data, times + 8)[0]
+    if original_id + 6 > end:
+        raise Malformed(Rcode.FORMERR, "TSIG MAC runs past the record data")
+    fields = algorithm + data[times : times + 8] + b"\x00\x00" + data[original_id : original_id + 2]
+    fields += _U16.pack(Rcode.BADKEY) + b"\x00\x00"
+    return key + _RR_FIXED.pack(RRType.TSIG, CLASS_ANY, 0, len(fields)) + fields
 
 
 def _identity_options(data: bytes, pos: int, end: int) -> dict[int, bytes] | None:
@@ -349,14 +375,14 @@ def response_flags(data: bytes, rcode: int, ra: bool = True) -> bytes:
 
 def error_answer(data: bytes, error: Malformed, ede: bytes = b"") -> bytes:
     """The answer for a query refused at the edge: header, the question when it could be read, our OPT record
-    whenever the query had one, sound or not (RFC 6891 §7: a client must tell "bad EDNS" from "no EDNS").
-    RA only for QUERY: recursion is offered for nothing else."""
+    whenever the query had one, sound or not (RFC 6891 §7: a client must tell "bad EDNS" from "no EDNS"),
+    then the error's TSIG record. RA only for QUERY: recursion is offered for nothing else."""
     assert error.rcode is not None
     qend, do = _salvage(data)
     opt = opt_record(do, ede, ext_rcode=error.rcode >> 4) if do is not None else b""
-    counts = _COUNTS.pack(1 if qend else 0, 0, 0, 1 if opt else 0)
+    counts = _COUNTS.pack(1 if qend else 0, 0, 0, (1 if opt else 0) + (1 if error.tsig else 0))
     flags = response_flags(data, error.rcode, ra=not data[2] & _FLAG_OPCODE)
-    return data[:2] + flags + counts + data[HEADER_LEN:qend] + opt
+    return data[:2] + flags + counts + data[HEADER_LEN:qend] + opt + error.tsig
 
 
 def _salvage(data: bytes) -> tuple[int, bool | None]:

@@ -1,5 +1,5 @@
 """Strict wire replies (issue 12), on real sockets: every error reply to an EDNS query carries an OPT record and
-the question when it could be read, RA only for QUERY."""
+the question when it could be read, RA only for QUERY, NOTAUTH/BADKEY for TSIG."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import struct
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
+import dns.query
 import dns.rcode
+import dns.rdataclass
+import dns.tsig
+import dns.tsigkeyring
 import pytest
 
 pytestmark = pytest.mark.integration
 
 EDNS_DO = 0x8000
+BADKEY = 17  # RFC 8945 TSIG error
 
 
 def exchange(port: int, data: bytes, timeout: float = 2.0) -> bytes:
@@ -92,4 +98,45 @@ def test_badvers_carries_question_and_opt(server, upstream):
     assert reply.rcode() == dns.rcode.BADVERS  # extended: 0 in the header, 1 in the OPT record
     assert str(reply.question[0].name) == "example.com."
     assert_opt_echoed(reply)
+    assert upstream.seen == []
+
+
+KEY_NAME = dns.name.from_text("client-key.")
+
+
+def signed_query(name: str) -> dns.message.QueryMessage:
+    query = dns.message.make_query(name, "A", use_edns=0)
+    keyring = dns.tsigkeyring.from_text({"client-key.": "c2VjcmV0IHNoYXJlZCB3aXRoIG5vYm9keSBoZXJlIQ=="})
+    query.use_tsig(keyring, KEY_NAME, algorithm=dns.tsig.HMAC_SHA256)
+    return query
+
+
+def test_tsig_signed_query_gets_notauth_with_badkey_and_is_not_forwarded(server, upstream):
+    query = signed_query("signed.example")
+    data = query.to_wire()
+    sent = query.tsig[0]
+    reply = exchange(server.port, data)
+    message = dns.message.from_wire(reply, keyring=False)  # read the TSIG record without checking a MAC
+    assert message.rcode() == dns.rcode.NOTAUTH
+    assert message.answer == [] and str(message.question[0].name) == "signed.example."
+    assert_opt_echoed(message, do=False)
+    # RFC 8945 §5.3.2: the key and algorithm named, time and fudge and original ID copied, no MAC: unsigned.
+    rdata = (
+        sent.algorithm.to_wire()
+        + struct.pack("!HIH", sent.time_signed >> 32, sent.time_signed & 0xFFFFFFFF, sent.fudge)
+        + struct.pack("!HHHH", 0, sent.original_id, BADKEY, 0)
+    )
+    record = KEY_NAME.to_wire() + struct.pack("!HHIH", 250, dns.rdataclass.ANY, 0, len(rdata)) + rdata
+    assert reply.endswith(record)
+    with pytest.raises(dns.tsig.PeerBadKey):  # what a real client makes of it
+        dns.query.udp(signed_query("signed.example"), "127.0.0.1", port=server.port, timeout=2)
+    assert upstream.seen == []
+
+
+def test_tsig_record_not_last_gets_formerr(server, upstream):
+    data = signed_query("signed.example").to_wire()
+    record = b"\x00" + struct.pack("!HHIH", 1, 1, 0, 4) + b"\xc0\x00\x02\x01"
+    data = data[:11] + bytes((data[11] + 1,)) + data[12:] + record  # another record after the TSIG
+    reply = dns.message.from_wire(exchange(server.port, data), keyring=False)
+    assert reply.rcode() == dns.rcode.FORMERR
     assert upstream.seen == []
