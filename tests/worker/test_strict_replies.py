@@ -1,10 +1,12 @@
 """Strict wire replies (issue 12), on real sockets: every error reply to an EDNS query carries an OPT record and
-the question when it could be read, RA only for QUERY, NOTAUTH/BADKEY for TSIG."""
+the question when it could be read, RA only for QUERY, NOTAUTH/BADKEY for TSIG, RD=0 from the cache only."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -13,13 +15,17 @@ import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdataclass
+import dns.rdatatype
 import dns.tsig
 import dns.tsigkeyring
 import pytest
 
+from tests.conftest import ServerThread, answer_addresses, make_config
+
 pytestmark = pytest.mark.integration
 
 EDNS_DO = 0x8000
+NOT_AUTHORITATIVE = 20  # RFC 8914 Extended DNS Error
 BADKEY = 17  # RFC 8945 TSIG error
 
 
@@ -140,3 +146,41 @@ def test_tsig_record_not_last_gets_formerr(server, upstream):
     reply = dns.message.from_wire(exchange(server.port, data), keyring=False)
     assert reply.rcode() == dns.rcode.FORMERR
     assert upstream.seen == []
+
+
+def no_recursion(name: str) -> dns.message.QueryMessage:
+    query = dns.message.make_query(name, "A", use_edns=0)
+    query.flags &= ~dns.flags.RD
+    return query
+
+
+def test_rd_clear_and_not_cached_is_refused_and_not_forwarded(server, upstream):
+    reply = dns.query.udp(no_recursion("uncached.example"), "127.0.0.1", port=server.port, timeout=2)
+    assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+    assert [error.code for error in reply.extended_errors()] == [NOT_AUTHORITATIVE]
+    assert not reply.flags & dns.flags.RD
+    assert upstream.seen == []
+
+
+def test_rd_clear_and_cached_is_answered_from_the_cache(server, upstream):
+    fetched = server.ask("cached.example", use_edns=0)
+    reply = dns.query.udp(no_recursion("cached.example"), "127.0.0.1", port=server.port, timeout=2)
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert answer_addresses(reply) == answer_addresses(fetched)
+    assert not reply.flags & dns.flags.RD  # the cached rendering echoes this client's RD, not the first's
+    assert server.ask("cached.example", use_edns=0).flags & dns.flags.RD
+    assert len(upstream.seen) == 1
+
+
+def test_rd_clear_under_safe_search_is_refused_until_the_restrict_name_is_cached(tmp_path: Path, upstream):
+    policies = tmp_path / "policies.json"
+    site = {"id": "home", "networks": ["127.0.0.0/8"], "policy": {"safe_search": True}}
+    policies.write_text(json.dumps({"format": 1, "sites": {"home": {"doc": site, "version": 1}}, "profiles": {}}))
+    with ServerThread(make_config([upstream.address], store={"file": str(policies)})) as server:
+        ask = no_recursion("www.google.com")
+        refused = dns.query.udp(ask, "127.0.0.1", port=server.port, timeout=2)
+        assert refused.rcode() == dns.rcode.REFUSED and upstream.seen == []
+        assert server.ask("www.google.com").answer[0].rdtype == dns.rdatatype.CNAME  # safe search is on
+        answered = dns.query.udp(ask, "127.0.0.1", port=server.port, timeout=2)
+        assert answered.answer[0].rdtype == dns.rdatatype.CNAME and answer_addresses(answered)
+        assert upstream.names_seen() == ["forcesafesearch.google.com"]
