@@ -1,11 +1,13 @@
 """Strict wire replies (issue 12), on real sockets: every error reply to an EDNS query carries an OPT record and
-the question when it could be read, RA only for QUERY, NOTAUTH/BADKEY for TSIG, RD=0 from the cache only."""
+the question when it could be read, RA only for QUERY, NOTAUTH/BADKEY for TSIG, RD=0 from the cache only, and
+the upstream's AD bit only when trusted and asked for."""
 
 from __future__ import annotations
 
 import json
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.flags
@@ -20,6 +22,7 @@ import dns.tsig
 import dns.tsigkeyring
 import pytest
 
+from bench.upstream import ScriptedUpstream
 from tests.conftest import ServerThread, answer_addresses, make_config
 
 pytestmark = pytest.mark.integration
@@ -184,3 +187,42 @@ def test_rd_clear_under_safe_search_is_refused_until_the_restrict_name_is_cached
         answered = dns.query.udp(ask, "127.0.0.1", port=server.port, timeout=2)
         assert answered.answer[0].rdtype == dns.rdatatype.CNAME and answer_addresses(answered)
         assert upstream.names_seen() == ["forcesafesearch.google.com"]
+
+
+@pytest.fixture
+def validating_upstream(upstream: ScriptedUpstream) -> ScriptedUpstream:
+    upstream.script.ad = True
+    return upstream
+
+
+@pytest.fixture
+def trusting_server(validating_upstream: ScriptedUpstream) -> Iterator[ServerThread]:
+    with ServerThread(make_config([validating_upstream.address], upstream={"trust_ad": True})) as running:
+        yield running
+
+
+def test_upstream_ad_is_cleared_by_default(server, validating_upstream):
+    reply = server.ask("validated.example", use_edns=0, want_dnssec=True)
+    assert answer_addresses(reply) and not reply.flags & dns.flags.AD
+
+
+@pytest.mark.parametrize(("do", "ad"), [(True, False), (False, True)], ids=["do", "ad"])
+def test_trusted_upstream_ad_is_kept_for_a_client_asking_with_do_or_ad(trusting_server, do, ad):
+    query = dns.message.make_query("validated.example", "A", use_edns=0, want_dnssec=do)
+    query.flags = query.flags | dns.flags.AD if ad else query.flags & ~dns.flags.AD
+    reply = dns.query.udp(query, "127.0.0.1", port=trusting_server.port, timeout=2)
+    assert answer_addresses(reply) and reply.flags & dns.flags.AD
+
+
+def test_trusted_upstream_ad_is_cleared_for_a_client_asking_with_neither(trusting_server):
+    query = dns.message.make_query("validated.example", "A", use_edns=0)
+    query.flags &= ~dns.flags.AD
+    reply = dns.query.udp(query, "127.0.0.1", port=trusting_server.port, timeout=2)
+    assert answer_addresses(reply) and not reply.flags & dns.flags.AD
+
+
+def test_turning_trust_ad_off_live_clears_ad_from_cached_answers(trusting_server, validating_upstream):
+    assert trusting_server.ask("validated.example", use_edns=0, want_dnssec=True).flags & dns.flags.AD
+    distrusting = make_config([validating_upstream.address], upstream={"trust_ad": False})
+    trusting_server.call(trusting_server.worker.reload, distrusting)
+    assert not trusting_server.ask("validated.example", use_edns=0, want_dnssec=True).flags & dns.flags.AD
