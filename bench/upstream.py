@@ -3,7 +3,8 @@
 It answers A and AAAA for any name with documentation addresses (192.0.2.0/24, 2001:db8::/32), other types
 with NODATA, and behaves as scripted per name or for every name: drop, delay, SERVFAIL, REFUSED, NXDOMAIN,
 truncate (TC over UDP, the full answer over TCP), big (more than 512 bytes), garbage bytes, a wrong ID,
-or a CNAME chain. Every query it receives is recorded, so a test can count upstream traffic.
+or a CNAME chain; it sets AD only when scripted to. Every query it receives is recorded, so a test can count
+upstream traffic.
 
     python -m bench.upstream --port 5301        # serve until interrupted
 """
@@ -56,6 +57,7 @@ class Script:
     ttl: int = 300
     delay: float = 0.3
     big_count: int = 40  # A records in a "big" answer
+    ad: bool = False  # set AD in every reply, as a validating upstream would for signed names
     modes: dict[str, str] = field(default_factory=dict)  # name (no trailing dot) -> mode
     cnames: dict[str, str] = field(default_factory=dict)  # name -> target, answered as CNAME + A of target
 
@@ -76,7 +78,7 @@ def build_reply(query: DNSRecord, script: Script, tcp: bool) -> bytes | None:
     mode = script.mode_for(name)
     reply = query.reply()
     reply.header.ra = 1
-    reply.header.ad = 0  # dnslib copies the query's flags; we validate nothing
+    reply.header.ad = int(script.ad)  # dnslib copies the query's flags; only the script says what was validated
     if query.ar and any(rr.rtype == QTYPE.OPT for rr in query.ar):
         reply.add_ar(EDNS0(udp_len=1232))
     soa = RR(

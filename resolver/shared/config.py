@@ -206,6 +206,11 @@ class UpstreamSettings:
         maximum=1_000_000,
         live=True,
     )
+    trust_ad: bool = setting(
+        False,
+        "keep the upstream's AD bit (only for a validating upstream on a trusted path, RFC 6840 §5.8)",
+        live=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ class Rcode(IntEnum):
     NXDOMAIN = 3
     NOTIMP = 4
     REFUSED = 5
+    NOTAUTH = 9
     BADVERS = 16  # extended: the low 4 bits go in the header, the rest in the OPT TTL
+    BADKEY = 17  # only ever in a TSIG record's error field (RFC 8945 §5.2.1)
 
 
 class RRType(IntEnum):
@@ -65,12 +67,14 @@ class EdeCode(IntEnum):
     CENSORED = 16
     FILTERED = 17
     PROHIBITED = 18
+    NOT_AUTHORITATIVE = 20
     NOT_READY = 14
     NO_REACHABLE_AUTHORITY = 22
     NETWORK_ERROR = 23
 
 
 CLASS_IN = 1
+CLASS_ANY = 255
 
 _U16 = struct.Struct("!H")
 

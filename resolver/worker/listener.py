@@ -27,7 +27,7 @@ _failures = Throttled(logging.getLogger(__name__))
 
 
 def servfail_for(data: bytes) -> bytes | None:
-    """SERVFAIL for a query a stage failed on unexpectedly (header only: the question is not trusted)."""
+    """SERVFAIL for a query a stage failed on unexpectedly (echoing what `error_answer` can read of it)."""
     if len(data) < HEADER_LEN or data[2] & 0x80:
         return None
     return error_answer(data, Malformed(Rcode.SERVFAIL, "internal error"))

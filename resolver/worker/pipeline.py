@@ -42,8 +42,13 @@ _CLIENT_BUSY = ede_option(EdeCode.OTHER, "too many of your queries are waiting f
 _STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
 _NOT_READY = ede_option(EdeCode.NOT_READY, "the filter is starting: its blocklist is not in yet")
 _PROHIBITED = ede_option(EdeCode.PROHIBITED, "this resolver does not answer your network")
+# RFC 8914 §4.21 names this code for a REFUSED to a query with RD clear; 18 Prohibited would tell the client
+# it may not use this server at all, which is not so: with RD set, it would be answered.
+_NOT_RECURSING = ede_option(EdeCode.NOT_AUTHORITATIVE, "RD is clear and the answer is not cached")
 
 Answer = bytes | asyncio.Future[bytes]
+
+_FLAG_RD = 0x01  # in the high flags byte
 
 
 class Resolver:
@@ -141,6 +146,9 @@ class Resolver:
                 if found is not None:
                     return self.blocked.answer(request, found[1])
             return entry.render(request, now)
+        refusal = _refuse_recursion(request)
+        if refusal is not None:
+            return refusal
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         source = request.client[0]
         waiting = self._waiting.get(source, 0)
@@ -189,6 +197,9 @@ class Resolver:
         now = self._clock()
         entry = self.cache.get(key, now)
         if entry is None:
+            refusal = _refuse_recursion(request)
+            if refusal is not None:
+                return refusal
             entry = await asyncio.shield(self._fetch(key, query.do, query.cd))
         return safe_search_answer(request, target, entry, self._clock())
 
@@ -253,6 +264,14 @@ def registered_domain(name: bytes) -> bytes:
     if name[starts[-1]] == 2 and name[starts[-2]] <= 3:
         return name[starts[-3] :]
     return name[starts[-2] :]
+
+
+def _refuse_recursion(request: Request) -> bytes | None:
+    """REFUSED for a query with RD clear, which is answered from the cache only and never forwarded
+    (RFC 1034 §4.3.1); None for one that may be. Asked on a cache miss only: a hit costs nothing more."""
+    if request.data[2] & _FLAG_RD:
+        return None
+    return synthesized_answer(request, Rcode.REFUSED, ede=_NOT_RECURSING)
 
 
 def _answer_locally(request: Request) -> bytes:

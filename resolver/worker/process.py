@@ -140,6 +140,8 @@ class Worker:
             retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)
             # queries already sent keep their sockets until they are answered or give up
             asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired.close)
+            if config.upstream.trust_ad != old.upstream.trust_ad:
+                self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
 
     async def stop(self) -> None:
         """Stop reading, answer what was read, then close: within `server.drain_timeout`."""

@@ -321,6 +321,10 @@ class _Fetch:
             return
         upstream.record_success()
         forwarder = self._forwarder
+        # RFC 4035 §3.2.3, RFC 6840 §5.8: nothing validated the hop from the upstream to us, so its AD bit is
+        # believed only when upstream.trust_ad says so; decided once per reply, before it is cached, so a
+        # cache hit pays nothing for it.
+        scanned.ad = scanned.ad and forwarder.settings.trust_ad
         forwarder.replies += 1
         forwarder.reply_seconds += self._loop.time() - started
         if scanned.rcode not in _REFUSALS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from resolver.shared.dns import CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
+from resolver.shared.dns import CLASS_ANY, CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
 from resolver.shared.memo import make_room
 
@@ -39,6 +39,7 @@ _EDNS_DO = 0x8000
 
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
+_COUNTS = struct.Struct("!HHHH")  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT
 _OPTION_HEAD = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
 
@@ -52,16 +53,14 @@ STATE_CD = 2
 class Malformed(BnsError):
     """A query that gets an error answer (or none). `rcode` None means: stay silent.
 
-    `qend` is the end of the question when the question could be read, so the answer can echo it;
-    `edns` tells whether the query's OPT record was sound, so the answer may carry one.
+    What the answer echoes (the question, an OPT record) `error_answer` reads again from the query's bytes,
+    so whoever raises needs to know nothing about it; `tsig` is the TSIG record a NOTAUTH answer carries.
     """
 
-    def __init__(self, rcode: Rcode | None, reason: str, qend: int = 0, edns: bool = False, do: bool = False) -> None:
+    def __init__(self, rcode: Rcode | None, reason: str, tsig: bytes = b"") -> None:
         super().__init__(reason)
         self.rcode = rcode
-        self.qend = qend
-        self.edns = edns
-        self.do = do
+        self.tsig = tsig
 
 
 class Query:
@@ -178,7 +177,7 @@ class QueryParser:
 
     def _parse_whole(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
         query, rdata = read_query(data, tcp)
-        options = _identity_options(data, rdata[0], rdata[1], query.qend) if rdata is not None else None
+        options = _identity_options(data, rdata[0], rdata[1]) if rdata is not None else None
         identity = (
             b"".join(_U16.pack(code) + _U16.pack(len(value)) + value for code, value in sorted(options.items()))
             if options
@@ -214,24 +213,8 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
         raise Malformed(Rcode.FORMERR, "QDCOUNT is not 1 (RFC 9619)")
     if data[6] or data[7] or data[8] or data[9]:
         raise Malformed(Rcode.FORMERR, "a query with answer or authority records")
-    # The question name, label by label. Nothing but the header precedes it, so a compression pointer here
-    # can only loop or point into the header: any label length above 63 (pointers included) is refused.
-    pos = HEADER_LEN
-    while True:
-        if pos >= size:
-            raise Malformed(Rcode.FORMERR, "question name runs past the end")
-        length = data[pos]
-        if length == 0:
-            break
-        if length > MAX_LABEL_LEN:
-            raise Malformed(Rcode.FORMERR, "compression pointer or label longer than 63 in the question")
-        pos += length + 1
-    name_end = pos + 1
-    if name_end - HEADER_LEN > MAX_NAME_LEN:
-        raise Malformed(Rcode.FORMERR, "question name longer than 255 bytes")
-    qend = name_end + 4
-    if qend > size:
-        raise Malformed(Rcode.FORMERR, "question type/class missing")
+    qend = _question_end(data)
+    name_end = qend - 4
     name = data[HEADER_LEN:name_end].lower()
     qtype = data[name_end] << 8 | data[name_end + 1]
     cd = bool(data[3] & _FLAG_CD)
@@ -249,8 +232,31 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
     key = name + data[name_end:qend] + bytes((state,))
     query = Query(qend, name, key, edns, limit)
     if qtype in NOT_QUERYABLE:
-        raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried", qend, edns, do)
+        raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried")
     return query, rdata
+
+
+def _question_end(data: bytes) -> int:
+    """Where the question after the header ends. Nothing but the header precedes it, so a compression
+    pointer in its name can only loop or point into the header: any label length above 63 (pointers
+    included) is refused."""
+    size = len(data)
+    pos = HEADER_LEN
+    while True:
+        if pos >= size:
+            raise Malformed(Rcode.FORMERR, "question name runs past the end")
+        length = data[pos]
+        if length == 0:
+            break
+        if length > MAX_LABEL_LEN:
+            raise Malformed(Rcode.FORMERR, "compression pointer or label longer than 63 in the question")
+        pos += length + 1
+    name_end = pos + 1
+    if name_end - HEADER_LEN > MAX_NAME_LEN:
+        raise Malformed(Rcode.FORMERR, "question name longer than 255 bytes")
+    if name_end + 4 > size:
+        raise Malformed(Rcode.FORMERR, "question type/class missing")
+    return name_end + 4
 
 
 def _skip_name(data: bytes, pos: int, floor: int) -> int:
@@ -276,49 +282,73 @@ def _skip_name(data: bytes, pos: int, floor: int) -> int:
 
 def _read_additional(data: bytes, pos: int, count: int) -> tuple[bool, bool, int, tuple[int, int] | None]:
     """(edns present, DO bit, client UDP size, where the OPT's options are) from the additional section; the
-    options are checked here (a malformed one is FORMERR), and read by `_identity_options`."""
+    options are checked here (a malformed one is FORMERR), and read by `_identity_options`.
+
+    A query signed with TSIG gets NOTAUTH with error BADKEY (RFC 8945 §5.2.1): no key is configured here, so
+    no signature can be checked, and a signed query must never get an unsigned answer. SIG(0) (RFC 2931) is
+    not looked for: such a query is answered as if it were unsigned."""
     size = len(data)
-    qend = pos
     edns = do = False
     udp_size = PLAIN_UDP_LIMIT
     span: tuple[int, int] | None = None
-    for _ in range(count):
+    for index in range(count):
         owner = pos
         pos = _skip_name(data, pos, owner)
         if pos + 10 > size:
-            raise Malformed(Rcode.FORMERR, "additional record runs past the end", qend)
+            raise Malformed(Rcode.FORMERR, "additional record runs past the end")
         rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, pos)
         rdata = pos + 10
         pos = rdata + rdlen
         if pos > size:
-            raise Malformed(Rcode.FORMERR, "additional record data runs past the end", qend)
+            raise Malformed(Rcode.FORMERR, "additional record data runs past the end")
+        if rtype == RRType.TSIG:
+            if index < count - 1:
+                raise Malformed(Rcode.FORMERR, "TSIG record is not the last record (RFC 8945 §5.2)")
+            tsig = _badkey_tsig(data, owner, rdata, pos)
+            raise Malformed(Rcode.NOTAUTH, "signed with TSIG; no key is known here", tsig)
         if rtype != RRType.OPT:
-            continue  # TSIG/SIG(0) are not supported; the query is answered as if unsigned
+            continue
         if edns:
-            raise Malformed(Rcode.FORMERR, "more than one OPT record (RFC 6891 §6.1.1)", qend)
+            raise Malformed(Rcode.FORMERR, "more than one OPT record (RFC 6891 §6.1.1)")
         if data[owner] != 0:
-            raise Malformed(Rcode.FORMERR, "OPT record owner is not the root", qend)
+            raise Malformed(Rcode.FORMERR, "OPT record owner is not the root")
         edns = True
         do = bool(ttl & _EDNS_DO)
         udp_size = rclass
         if (ttl >> 16) & 0xFF:  # before the options: a later version may lay them out differently
-            raise Malformed(Rcode.BADVERS, f"EDNS version {(ttl >> 16) & 0xFF}", qend, edns=True, do=do)
-        _identity_options(data, rdata, pos, qend)
+            raise Malformed(Rcode.BADVERS, f"EDNS version {(ttl >> 16) & 0xFF}")
+        _identity_options(data, rdata, pos)
         span = (rdata, pos)
     return edns, do, udp_size, span
 
 
-def _identity_options(data: bytes, pos: int, end: int, qend: int) -> dict[int, bytes] | None:
+def _badkey_tsig(data: bytes, owner: int, rdata: int, end: int) -> bytes:
+    """The unsigned TSIG record that answers the query's TSIG record (owner at `owner`, data from `rdata` to
+    `end`) with error BADKEY (RFC 8945 §5.3.2): key and algorithm names, time signed, fudge and original ID
+    copied, no MAC, no other data. Malformed if the record's data does not parse."""
+    key, algorithm = read_name(data, owner), read_name(data, rdata)
+    times = _skip_name(data, rdata, rdata)  # time signed (6 bytes), fudge (2), MAC size (2), the MAC
+    if times + 10 > end:
+        raise Malformed(Rcode.FORMERR, "TSIG record data too short")
+    original_id = times + 10 + _U16.unpack_from(data, times + 8)[0]
+    if original_id + 6 > end:
+        raise Malformed(Rcode.FORMERR, "TSIG MAC runs past the record data")
+    fields = algorithm + data[times : times + 8] + b"\x00\x00" + data[original_id : original_id + 2]
+    fields += _U16.pack(Rcode.BADKEY) + b"\x00\x00"
+    return key + _RR_FIXED.pack(RRType.TSIG, CLASS_ANY, 0, len(fields)) + fields
+
+
+def _identity_options(data: bytes, pos: int, end: int) -> dict[int, bytes] | None:
     """The identity options among the EDNS options at data[pos:end], by code; Malformed if they do not
     parse."""
     options: dict[int, bytes] | None = None
     while pos < end:
         if pos + 4 > end:
-            raise Malformed(Rcode.FORMERR, "EDNS option header runs past the OPT data", qend)
+            raise Malformed(Rcode.FORMERR, "EDNS option header runs past the OPT data")
         code, length = _OPTION_HEAD.unpack_from(data, pos)
         pos += 4
         if pos + length > end:
-            raise Malformed(Rcode.FORMERR, f"EDNS option {code} runs past the OPT data", qend)
+            raise Malformed(Rcode.FORMERR, f"EDNS option {code} runs past the OPT data")
         if code in IDENTITY_OPTIONS:
             if options is None:
                 options = {}
@@ -344,12 +374,44 @@ def response_flags(data: bytes, rcode: int, ra: bool = True) -> bytes:
 
 
 def error_answer(data: bytes, error: Malformed, ede: bytes = b"") -> bytes:
-    """The answer for a query refused at the edge: header, the question when it could be read, OPT if sound."""
+    """The answer for a query refused at the edge: header, the question when it could be read, our OPT record
+    whenever the query had one, sound or not (RFC 6891 §7: a client must tell "bad EDNS" from "no EDNS"),
+    then the error's TSIG record. RA only for QUERY: recursion is offered for nothing else."""
     assert error.rcode is not None
-    question = data[HEADER_LEN : error.qend] if error.qend else b""
-    counts = struct.pack("!HHHH", 1 if question else 0, 0, 0, 1 if error.edns else 0)
-    opt = opt_record(error.do, ede, ext_rcode=error.rcode >> 4) if error.edns else b""
-    return data[:2] + response_flags(data, error.rcode) + counts + question + opt
+    qend, do = _salvage(data)
+    opt = opt_record(do, ede, ext_rcode=error.rcode >> 4) if do is not None else b""
+    counts = _COUNTS.pack(1 if qend else 0, 0, 0, (1 if opt else 0) + (1 if error.tsig else 0))
+    flags = response_flags(data, error.rcode, ra=not data[2] & _FLAG_OPCODE)
+    return data[:2] + flags + counts + data[HEADER_LEN:qend] + opt + error.tsig
+
+
+def _salvage(data: bytes) -> tuple[int, bool | None]:
+    """What an error answer can echo of a refused query, read on the error path only, best effort: where the
+    question ends (0 unless QDCOUNT is 1 and the question reads cleanly) and the DO bit of the first OPT
+    record in the additional section (None if none is found). The walk stops at the first thing that does
+    not parse; what it found before stands."""
+    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(data, 4)
+    size = len(data)
+    qend = 0
+    try:
+        if qdcount == 1:
+            pos = qend = _question_end(data)
+        else:
+            pos = HEADER_LEN
+            for _ in range(qdcount):
+                pos = _skip_name(data, pos, pos) + 4
+        before_additional = ancount + nscount
+        for index in range(before_additional + arcount):
+            fixed = _skip_name(data, pos, pos)
+            if fixed + 10 > size:
+                break
+            rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, fixed)
+            if rtype == RRType.OPT and index >= before_additional:
+                return qend, bool(ttl & _EDNS_DO)  # its data may run past the end: it still was an OPT
+            pos = fixed + 10 + rdlen
+    except Malformed:
+        pass
+    return qend, None
 
 
 def truncated_answer(request: Request, rcode: int = Rcode.NOERROR) -> bytes:
@@ -426,7 +488,8 @@ def is_truncated(reply: bytes) -> bool:
 
 class ScannedReply:
     """An upstream reply taken apart once: the records after the question (without the OPT record), the
-    offsets of their TTLs, and what caching and the CNAME check need to know."""
+    offsets of their TTLs, and what caching and the CNAME check need to know. `ad` is the reply's AD bit
+    until the forwarder, which alone knows whether the upstream is trusted, clears it (upstream.trust_ad)."""
 
     __slots__ = ("ad", "body", "cname_targets", "counts", "negative_ttl", "rcode", "ttl_offsets", "ttls")
 

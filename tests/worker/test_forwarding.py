@@ -224,6 +224,7 @@ def test_zone_transfers_and_other_classes_are_refused(server, upstream, rdtype, 
 
 
 def test_rd_flag_is_echoed(server):
+    server.ask("nord.example")  # cached: a query without RD is answered from the cache only
     query = dns.message.make_query("nord.example", "A")
     query.flags &= ~dns.flags.RD
     response = dns.query.udp(query, "127.0.0.1", port=server.port, timeout=2)

@@ -157,7 +157,7 @@ class TestReadQuery:
     def test_edns_version_1_is_badvers(self):
         with pytest.raises(Malformed) as caught:
             read_query(wire(use_edns=1), tcp=False)[0]
-        assert caught.value.rcode == Rcode.BADVERS and caught.value.edns
+        assert caught.value.rcode == Rcode.BADVERS
 
     def test_two_opt_records(self):
         query = wire(use_edns=0)
@@ -223,8 +223,8 @@ class TestQueryParser:
 
 
 class TestAnswers:
-    def test_formerr_echoes_id_and_question_when_readable(self):
-        query = wire("x.example", use_edns=0)
+    def test_formerr_echoes_id_question_and_opt_when_readable(self):
+        query = wire("x.example", use_edns=0, want_dnssec=True)
         bad = query + b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)  # a second OPT
         bad = with_header(bad, ar=2)
         with pytest.raises(Malformed) as caught:
@@ -233,7 +233,7 @@ class TestAnswers:
         assert answer.id == struct.unpack("!H", query[:2])[0]
         assert answer.rcode() == dns.rcode.FORMERR
         assert str(answer.question[0].name) == "x.example."
-        assert answer.edns < 0  # a broken OPT is not answered with one
+        assert answer.edns == 0 and answer.ednsflags & dns.flags.DO  # RFC 6891 §7: bad EDNS is not no EDNS
 
     def test_badvers_answer(self):
         query = wire(use_edns=1)
@@ -243,14 +243,21 @@ class TestAnswers:
         assert answer.rcode() == dns.rcode.BADVERS
         assert answer.edns == 0
 
-    def test_notimp_has_no_question(self):
+    def test_notimp_echoes_opcode_and_question_without_ra(self):
         query = with_header(wire(), flags=0x2800)
         with pytest.raises(Malformed) as caught:
             read_query(query, tcp=False)[0]
         answer = error_answer(query, caught.value)
         assert answer[3] & 0x0F == Rcode.NOTIMP
-        assert answer[4:6] == b"\x00\x00"
+        assert answer[4:6] == b"\x00\x01" and answer[12:] == query[12:]
         assert answer[2] & 0x78 == 0x28  # the opcode is echoed
+        assert not answer[3] & 0x80  # RA: recursion is offered for QUERY only
+
+    def test_unreadable_question_is_not_echoed(self):
+        query = with_header(wire(), flags=0x2800)[:-3]
+        with pytest.raises(Malformed) as caught:
+            read_query(query, tcp=False)[0]
+        assert error_answer(query, caught.value)[4:] == b"\x00" * 8
 
     def test_truncated_answer(self):
         parser = QueryParser()
