@@ -137,14 +137,19 @@ class UpstreamSettings:
     down_for: float = setting(
         5.0, "seconds a down upstream is skipped before it is tried again", minimum=0.1, maximum=3600, live=True
     )
-    sockets: int = setting(
-        8, "UDP sockets per upstream per worker, each on its own random source port", minimum=1, maximum=1024, live=True
-    )
     socket_queries: int = setting(
-        1000,
-        "queries sent on a UDP socket before it is replaced (new random port)",
+        1,
+        "queries a UDP socket carries, each on the socket's random source port, before a new socket (and port) "
+        "takes over; 1: every query has a socket of its own, closed when its query ends (RFC 5452 §9.2)",
         minimum=1,
         maximum=1_000_000,
+        live=True,
+    )
+    sockets: int = setting(
+        8,
+        "with socket_queries above 1: UDP sockets per upstream per worker that queries share",
+        minimum=1,
+        maximum=1024,
         live=True,
     )
 

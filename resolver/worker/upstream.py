@@ -1,9 +1,10 @@
 """Forwarding to upstream resolvers, with the spoofing resistance of RFC 5452.
 
-Every query gets a random ID and leaves from one of a pool of connected UDP sockets, each bound by the kernel
-to a random source port and replaced after `socket_queries` uses. A reply is taken only if it arrives on
-that socket (the kernel checks address and port), carries the ID we sent and repeats our question; anything
-else is ignored and the real reply is still awaited. A truncated reply is asked again over TCP.
+Every query gets a random ID and leaves from a connected UDP socket the kernel bound to a random source
+port: by default a socket of its own, closed as soon as its query ends (`socket_queries` = 1), else one of
+a pool of `sockets` replaced after `socket_queries` uses. A reply is taken only if it arrives on that socket
+(the kernel checks address and port), carries the ID we sent and repeats our question; anything else is
+ignored and the real reply is still awaited. A truncated reply is asked again over TCP.
 
 Attempts are hedged, not abandoned: when an upstream has not answered within `timeout`, the next one is
 asked too and the first usable reply wins, so an upstream that is merely slow (a cold recursion can take a
@@ -57,28 +58,48 @@ class Overloaded(BnsError):
     """Too many upstream queries in flight: the query is refused at once rather than queued."""
 
 
-class _RandomIds:
+# An ID is not given again within this many queries, so 1,000 queries carry 1,000 IDs (drawn freely, about 8
+# would repeat). Leaving out the last 1,024 of 65,536 costs a guesser 0.02 bits.
+_ID_REUSE_AFTER = 1024
+
+
+class _Randomness:
     """Query IDs from the kernel's CSPRNG (RFC 5452 §9.2), read 8 KB at a time: one getrandom call per 4,096
     IDs rather than one per query. A forked child starts a pool of its own."""
 
     def __init__(self) -> None:
         self._pool = b""
         self._at = 0
+        self._recent_ids: set[int] = set()
+        self._id_ring = [-1] * _ID_REUSE_AFTER  # the last IDs given, oldest at `_ring_at`
+        self._ring_at = 0
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._pool, self._at = b"", 0
 
-    def next(self) -> int:
-        pool, at = self._pool, self._at
-        if at >= len(pool):
-            pool = self._pool = os.urandom(8192)
+    def take(self, size: int) -> bytes:
+        at = self._at
+        if at + size > len(self._pool):
+            self._pool = os.urandom(8192)
             at = 0
-        self._at = at + 2
-        return pool[at] << 8 | pool[at + 1]
+        self._at = at + size
+        return self._pool[at : at + size]
+
+    def query_id(self) -> int:
+        recent = self._recent_ids
+        query_id = int.from_bytes(self.take(2))
+        while query_id in recent:
+            query_id = int.from_bytes(self.take(2))
+        ring, at = self._id_ring, self._ring_at
+        recent.discard(ring[at])
+        recent.add(query_id)
+        ring[at] = query_id
+        self._ring_at = (at + 1) % _ID_REUSE_AFTER
+        return query_id
 
 
-_ids = _RandomIds()
+_random = _Randomness()
 
 
 class _Socket:
@@ -89,9 +110,8 @@ class _Socket:
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         endpoint = upstream.endpoint
-        sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
+        sock = socket.socket(endpoint.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             # A UDP connect is immediate (no packet, no name lookup): the kernel picks a random source port
             # and from then on drops datagrams from any other address or port.
             sock.connect((endpoint.host, endpoint.port))
@@ -110,9 +130,9 @@ class _Socket:
     def send(self, fetch: _Fetch, started: float) -> int:
         """Send `fetch`'s question under a fresh random ID; the ID. Raises OSError."""
         pending = self.pending
-        query_id = _ids.next()
+        query_id = _random.query_id()
         while query_id in pending:
-            query_id = _ids.next()
+            query_id = _random.query_id()
         self._sock.send(_U16.pack(query_id) + fetch.message)
         pending[query_id] = (fetch, started)
         self.uses += 1
@@ -121,11 +141,16 @@ class _Socket:
     def forget(self, query_id: int) -> bool:
         """Stop waiting for `query_id`; whether it was still awaited."""
         awaited = self.pending.pop(query_id, None) is not None
-        if self.retired and not self.pending:
-            self.close()
+        self._close_if_done()
         return awaited
 
+    def _close_if_done(self) -> None:
+        # A retired socket closes as soon as nothing is pending on it: it holds a descriptor and a port.
+        if self.retired and not self.pending:
+            self.close()
+
     def _readable(self) -> None:
+        upstream = self.upstream
         for _ in range(_READS_PER_WAKEUP):
             try:
                 data = self._sock.recv(_MAX_REPLY)
@@ -141,8 +166,10 @@ class _Socket:
             waiter = self.pending.get(query_id)
             if waiter is None or not reply_matches(data, waiter[0].question):
                 continue  # late, duplicate or forged: the real reply may still come
+            fetch = waiter[0]
             del self.pending[query_id]
-            waiter[0].replied(self.upstream, waiter[1], data)
+            self._close_if_done()
+            fetch.replied(upstream, waiter[1], data)
             if self.closed:
                 return
 
@@ -150,8 +177,7 @@ class _Socket:
         pending, self.pending = self.pending, {}
         for fetch, _started in pending.values():
             fetch.attempt_failed(self.upstream, error)
-        if self.retired:
-            self.close()
+        self._close_if_done()
 
     def close(self) -> None:
         if not self.closed:
@@ -187,7 +213,8 @@ class Upstream:
             self.down_until = now + self._settings.down_for
 
     def send(self, fetch: _Fetch, loop: asyncio.AbstractEventLoop, started: float) -> tuple[_Socket, int]:
-        """Send `fetch`'s question over UDP from one of the pool's sockets; (socket, ID). Raises OSError."""
+        """Send `fetch`'s question over UDP from a socket of the pool, a new one (on a new port) in a slot whose
+        socket has carried `socket_queries`; (socket, ID). Raises OSError."""
         sockets = self._sockets
         slot = random.randrange(len(sockets))
         sock = sockets[slot]
@@ -204,13 +231,13 @@ class Upstream:
         time by cancelling."""
         reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
         try:
-            query_id = _ids.next()
+            query_id = _random.query_id()
             message = upstream_query(query_id, question, do, cd)
             writer.write(_U16.pack(len(message)) + message)
             while True:
                 length = _U16.unpack(await reader.readexactly(2))[0]
                 reply = await reader.readexactly(length)
-                if reply[:2] == _U16.pack(query_id) and reply_matches(reply, question):
+                if reply[:2] == message[:2] and reply_matches(reply, question):
                     return reply
         finally:
             writer.close()
@@ -284,8 +311,9 @@ class _Fetch:
         self._launched += 1
         try:
             sock, query_id = upstream.send(self, loop, now)
-        except OSError as error:
+        except OSError as error:  # no descriptor or port left (EMFILE, EADDRINUSE), no route: a failed attempt
             log.debug("upstream %s: sending failed: %r", upstream.endpoint, error)
+            self._forwarder.send_errors += 1
             upstream.record_failure(now)
         else:
             self._attempts.append((sock, query_id, upstream, now))
@@ -383,11 +411,13 @@ class Forwarder:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        # For metrics: attempts that could not be sent, accepted replies and the seconds spent waiting for them.
+        self.send_errors = 0
+        self.replies = 0
+        self.reply_seconds = 0.0
         self.upstreams = [Upstream(endpoint, settings) for endpoint in settings.servers]
         self.outstanding = 0
         self._alarms: Alarms | None = None
-        self.replies = 0  # accepted replies, and the seconds spent waiting for them (metrics)
-        self.reply_seconds = 0.0
 
     @property
     def alarms(self) -> Alarms:

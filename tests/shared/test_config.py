@@ -66,6 +66,12 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+def test_a_config_written_for_socket_pools_still_loads(tmp_path):
+    upstream = load_config(write(tmp_path, "[upstream]\nsockets = 8\nsocket_queries = 1000\n")).upstream
+    assert (upstream.sockets, upstream.socket_queries) == (8, 1000)
+    assert load_config().upstream.socket_queries == 1  # by default a socket, and a port, per query
+
+
 def test_integers_are_accepted_for_seconds(tmp_path):
     assert load_config(write(tmp_path, "[upstream]\ntimeout = 1\n")).upstream.timeout == 1.0
 

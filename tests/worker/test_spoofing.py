@@ -1,0 +1,142 @@
+"""Spoofing resistance (RFC 5452) through a real worker and the scripted upstream on loopback: a fresh source
+port and ID per upstream query, hedges that go to another upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+
+import dns.message
+import dns.rcode
+import pytest
+import uvloop
+
+from bench.upstream import Script, ScriptedUpstream
+from resolver.shared.config import UpstreamSettings, parse_endpoint
+from resolver.shared.dns import text_to_name
+from resolver.worker.upstream import Forwarder, UpstreamFailed
+from tests.conftest import ServerThread, answer_addresses, make_config
+
+pytestmark = pytest.mark.integration
+
+# Generous: a thousand misses on a busy two-core machine must not be hedged or time out.
+PATIENT = {"timeout": 2.0, "deadline": 4.0}
+
+
+def ask_all(port: int, names: list[str], batch: int = 50) -> dict[str, dns.message.Message]:
+    """Each name asked once over UDP, `batch` at a time in flight; the responses by name."""
+    responses: dict[str, dns.message.Message] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        for start in range(0, len(names), batch):
+            waiting = {}
+            for query_id, name in enumerate(names[start : start + batch]):
+                query = dns.message.make_query(name, "A")
+                query.id = query_id  # distinct within the batch, so responses pair up
+                waiting[query_id] = name
+                client.sendto(query.to_wire(), ("127.0.0.1", port))
+            while waiting:
+                response = dns.message.from_wire(client.recv(4096))
+                responses[waiting.pop(response.id)] = response
+    return responses
+
+
+def test_a_thousand_misses_use_at_least_500_source_ports_and_990_ids(upstream):
+    names = [f"host{index}.spoof.example" for index in range(1000)]
+    with ServerThread(make_config([upstream.address], upstream=PATIENT)) as server:
+        responses = ask_all(server.port, names)
+    assert all(response.rcode() == dns.rcode.NOERROR for response in responses.values())
+    first = upstream.seen[:1000]
+    assert sorted(seen.name for seen in first) == sorted(names)  # one upstream query per name, no hedges
+    ports = len({seen.source_port for seen in first})
+    ids = len({seen.query_id for seen in first})
+    print(f"distinct per 1,000 upstream queries: {ports} source ports, {ids} IDs")
+    assert ports >= 500
+    assert ids >= 990
+
+
+def test_the_hedge_goes_to_the_next_upstream(upstream):
+    """An upstream silent for `timeout` gets no second query while another upstream can be asked."""
+    with ScriptedUpstream(script=Script(mode="delay", delay=1.5)) as slow:
+        config = make_config([slow.address, upstream.address], upstream={"timeout": 0.25, "deadline": 2.0})
+        with ServerThread(config) as server:
+            response = server.ask("hedged.example")
+    assert answer_addresses(response)
+    assert slow.names_seen() == ["hedged.example"]
+    assert upstream.names_seen() == ["hedged.example"]
+
+
+def forwarder_for(upstream: ScriptedUpstream, **settings: object) -> Forwarder:
+    return Forwarder(UpstreamSettings(servers=(parse_endpoint(upstream.address),), **settings))  # type: ignore[arg-type]
+
+
+def question(name: str) -> bytes:
+    return text_to_name(name) + b"\x00\x01\x00\x01"
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_by_default_each_query_has_a_socket_closed_when_it_ends(upstream):
+    upstream.script.mode = "delay"
+    upstream.script.delay = 0.2
+
+    async def scenario() -> tuple[int, int, int]:
+        forwarder = forwarder_for(upstream)
+        before = open_descriptors()
+        queries = [forwarder.query(question(f"fd{index}.example"), False, False) for index in range(20)]
+        await asyncio.sleep(0.1)
+        during = open_descriptors() - before
+        await asyncio.gather(*queries)
+        after = open_descriptors() - before
+        forwarder.close()
+        return during, after, len({seen.source_port for seen in upstream.seen})
+
+    during, after, ports = uvloop.run(scenario())
+    assert during >= 20  # one socket per query in flight
+    assert after == 0  # each closed as its query ended
+    assert ports == 20
+
+
+def test_a_socket_that_cannot_be_opened_is_a_failed_attempt_and_counted(upstream, monkeypatch):
+    """EMFILE (out of descriptors) or EADDRINUSE (out of ports) fails that attempt only: the next attempt,
+    `timeout` later, may succeed."""
+    failures = [OSError(errno.EMFILE, "Too many open files"), OSError(errno.EADDRINUSE, "Address in use")]
+    real_socket = socket.socket
+
+    def scarce_socket(*args: object, **kwargs: object) -> socket.socket:
+        if failures:
+            raise failures.pop(0)
+        return real_socket(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[int, int]:
+        forwarder = forwarder_for(upstream, timeout=0.05, deadline=1.0)
+        monkeypatch.setattr(socket, "socket", scarce_socket)
+        reply = await forwarder.query(question("scarce.example"), False, False)
+        monkeypatch.undo()
+        forwarder.close()
+        return reply.rcode, forwarder.send_errors
+
+    assert uvloop.run(scenario()) == (0, 2)
+    assert upstream.names_seen() == ["scarce.example"]
+
+
+def test_a_fetch_whose_sockets_all_fail_ends_at_the_deadline(upstream, monkeypatch):
+    def no_socket(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def scenario() -> int:
+        forwarder = forwarder_for(upstream, timeout=0.05, deadline=0.3)
+        monkeypatch.setattr(socket, "socket", no_socket)
+        with pytest.raises(UpstreamFailed):
+            await forwarder.query(question("none.example"), False, False)
+        monkeypatch.undo()
+        forwarder.close()
+        return forwarder.send_errors
+
+    assert uvloop.run(scenario()) >= 3
+    assert not upstream.seen
