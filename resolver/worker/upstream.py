@@ -4,7 +4,7 @@ Every query gets a random ID and leaves from a connected UDP socket the kernel b
 port: by default a socket of its own, closed as soon as its query ends (`socket_queries` = 1), else one of
 a pool of `sockets` replaced after `socket_queries` uses. A reply is taken only if it arrives on that socket
 (the kernel checks address and port), carries the ID we sent and repeats our question; anything else is
-ignored and the real reply is still awaited. A truncated reply is asked again over TCP.
+counted by reason, ignored, and the real reply still awaited. A truncated reply is asked again over TCP.
 
 Attempts are hedged, not abandoned: when an upstream has not answered within `timeout`, the next one is
 asked too and the first usable reply wins, so an upstream that is merely slow (a cold recursion can take a
@@ -32,8 +32,9 @@ from resolver.worker.alarms import Alarms
 from resolver.worker.wire import (
     HEADER_LEN,
     Malformed,
+    Rejected,
     ScannedReply,
-    reply_matches,
+    reply_fault,
     scan_reply,
     upstream_query,
     upstream_query_after_id,
@@ -160,13 +161,20 @@ class _Socket:
                 # ICMP port unreachable for an earlier datagram: the upstream is not listening; fail fast.
                 self._fail_all(error)
                 return
+            # Anything refused here may be forged: it is counted and ignored, and the real reply may still come.
             if len(data) < HEADER_LEN:
+                upstream.rejected[Rejected.MALFORMED] += 1
                 continue
             query_id = data[0] << 8 | data[1]
             waiter = self.pending.get(query_id)
-            if waiter is None or not reply_matches(data, waiter[0].question):
-                continue  # late, duplicate or forged: the real reply may still come
+            if waiter is None:
+                upstream.rejected[Rejected.WRONG_ID] += 1
+                continue
             fetch = waiter[0]
+            fault = reply_fault(data, fetch.question)
+            if fault is not None:
+                upstream.rejected[fault] += 1
+                continue
             del self.pending[query_id]
             self._close_if_done()
             fetch.replied(upstream, waiter[1], data)
@@ -187,12 +195,14 @@ class _Socket:
 
 
 class Upstream:
-    """One upstream server: its sockets and its health."""
+    """One upstream server: its sockets and its health. `rejected` counts the replies refused on its sockets
+    (shared by the forwarder's upstreams)."""
 
-    def __init__(self, endpoint: Endpoint, settings: UpstreamSettings) -> None:
+    def __init__(self, endpoint: Endpoint, settings: UpstreamSettings, rejected: dict[Rejected, int]) -> None:
         self.endpoint = endpoint
         self._settings = settings
         self._sockets: list[_Socket | None] = [None] * settings.sockets
+        self.rejected = rejected
         self.failures = 0
         self.down_until = 0.0
 
@@ -237,8 +247,10 @@ class Upstream:
             while True:
                 length = _U16.unpack(await reader.readexactly(2))[0]
                 reply = await reader.readexactly(length)
-                if reply[:2] == message[:2] and reply_matches(reply, question):
+                fault = Rejected.WRONG_ID if reply[:2] != message[:2] else reply_fault(reply, question)
+                if fault is None:
                     return reply
+                self.rejected[fault] += 1
         finally:
             writer.close()
 
@@ -345,6 +357,7 @@ class _Fetch:
         try:
             scanned = scan_reply(data, self.question)
         except Malformed as error:
+            upstream.rejected[Rejected.MALFORMED] += 1
             self.attempt_failed(upstream, error)
             return
         upstream.record_success()
@@ -411,11 +424,13 @@ class Forwarder:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        # For metrics: attempts that could not be sent, accepted replies and the seconds spent waiting for them.
+        # For metrics: replies refused by reason, attempts that could not be sent, accepted replies and the
+        # seconds spent waiting for them.
+        self.rejected = dict.fromkeys(Rejected, 0)
         self.send_errors = 0
         self.replies = 0
         self.reply_seconds = 0.0
-        self.upstreams = [Upstream(endpoint, settings) for endpoint in settings.servers]
+        self.upstreams = [Upstream(endpoint, settings, self.rejected) for endpoint in settings.servers]
         self.outstanding = 0
         self._alarms: Alarms | None = None
 

@@ -8,6 +8,7 @@ is read as offsets into its own bytes, and answers are assembled from byte strin
 from __future__ import annotations
 
 import struct
+from enum import StrEnum
 
 from resolver.shared.dns import CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
@@ -407,17 +408,25 @@ _UPSTREAM_FLAGS_CD = bytes((_FLAG_RD, _FLAG_AD | _FLAG_CD))
 _OUR_OPTS = (opt_record(False), opt_record(True))
 
 
-def reply_matches(reply: bytes, question: bytes) -> bool:
-    """RFC 5452: a reply is ours only if it is a response to QUERY carrying exactly our question."""
+class Rejected(StrEnum):
+    """Why an upstream reply was not taken (counted per reason in metrics)."""
+
+    WRONG_ID = "wrong_id"  # no query awaits that ID on the socket it came to: forged, or late
+    WRONG_QUESTION = "wrong_question"  # another name, type or class
+    MALFORMED = "malformed"  # not a reply to one question, or records that do not parse
+
+
+def reply_fault(reply: bytes, question: bytes) -> Rejected | None:
+    """Why `reply` is not the answer to `question` (RFC 5452 §9.1), or None if it is: a response to QUERY
+    repeating our question, its name ignoring case (the type and class are numbers, compared exactly: HTTPS
+    is 0x0041, "A")."""
+    if len(reply) < HEADER_LEN or reply[2] & (_FLAG_QR | _FLAG_OPCODE) != _FLAG_QR or reply[4:6] != b"\x00\x01":
+        return Rejected.MALFORMED
     name_end = HEADER_LEN + len(question) - 4
-    return (
-        len(reply) >= name_end + 4
-        and reply[2] & (_FLAG_QR | _FLAG_OPCODE) == _FLAG_QR
-        and reply[4:6] == b"\x00\x01"
-        # only the name is case-insensitive: lowercasing type bytes would turn HTTPS (0x0041) into 0x0061
-        and reply[HEADER_LEN:name_end].lower() == question[:-4]
-        and reply[name_end : name_end + 4] == question[-4:]
-    )
+    # a reply too short to hold our question fails the first test
+    if reply[name_end : name_end + 4] != question[-4:] or reply[HEADER_LEN:name_end].lower() != question[:-4]:
+        return Rejected.WRONG_QUESTION
+    return None
 
 
 def is_truncated(reply: bytes) -> bool:
@@ -442,7 +451,7 @@ class ScannedReply:
 
 
 def scan_reply(reply: bytes, question: bytes) -> ScannedReply:
-    """Walk every record of a reply that `reply_matches` accepted. Raises Malformed if it is not sound."""
+    """Walk every record of a reply that `reply_fault` found no fault with. Raises Malformed if it is not sound."""
     qend = HEADER_LEN + len(question)
     an, ns, ar = struct.unpack_from("!HHH", reply, 6)
     scanned = ScannedReply()

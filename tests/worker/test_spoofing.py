@@ -1,5 +1,5 @@
 """Spoofing resistance (RFC 5452) through a real worker and the scripted upstream on loopback: a fresh source
-port and ID per upstream query, hedges that go to another upstream."""
+port and ID per upstream query, refused replies counted, hedges that go to another upstream."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import uvloop
 from bench.upstream import Script, ScriptedUpstream
 from resolver.shared.config import UpstreamSettings, parse_endpoint
 from resolver.shared.dns import text_to_name
+from resolver.worker.counters import worker_counters
 from resolver.worker.upstream import Forwarder, UpstreamFailed
 from tests.conftest import ServerThread, answer_addresses, make_config
 
@@ -43,6 +44,13 @@ def ask_all(port: int, names: list[str], batch: int = 50) -> dict[str, dns.messa
     return responses
 
 
+def rejected(server: ServerThread) -> dict[str, int]:
+    """The worker's refused-reply counters as it exports them for metrics."""
+    assert server.worker is not None
+    counters = server.call(worker_counters, server.worker.resolver, server.worker.catalog)
+    return counters["upstream_rejected"]
+
+
 def test_a_thousand_misses_use_at_least_500_source_ports_and_990_ids(upstream):
     names = [f"host{index}.spoof.example" for index in range(1000)]
     with ServerThread(make_config([upstream.address], upstream=PATIENT)) as server:
@@ -55,6 +63,16 @@ def test_a_thousand_misses_use_at_least_500_source_ports_and_990_ids(upstream):
     print(f"distinct per 1,000 upstream queries: {ports} source ports, {ids} IDs")
     assert ports >= 500
     assert ids >= 990
+
+
+@pytest.mark.parametrize("mode", ["wrong_id", "wrong_question"])
+def test_replies_failing_a_check_are_counted_by_reason(upstream, mode):
+    upstream.script.mode = mode
+    with ServerThread(make_config([upstream.address], upstream={"timeout": 0.25, "deadline": 0.6})) as server:
+        assert server.ask("counted.example").rcode() == dns.rcode.SERVFAIL
+        counted = rejected(server)
+    assert 1 <= counted[mode] <= len(upstream.seen)
+    assert sum(counted.values()) == counted[mode]
 
 
 def test_the_hedge_goes_to_the_next_upstream(upstream):

@@ -20,9 +20,10 @@ from resolver.worker.wire import (
     TCP_LIMIT,
     Malformed,
     QueryParser,
+    Rejected,
     error_answer,
     read_query,
-    reply_matches,
+    reply_fault,
     scan_reply,
     synthesized_answer,
     truncated_answer,
@@ -295,7 +296,7 @@ class TestScanReply:
         reply = reply_for(
             self.upstream(), "www.example.com. 300 IN CNAME cdn.example.net.", "cdn.example.net. 60 IN A 192.0.2.9"
         )
-        assert reply_matches(reply, self.question)
+        assert reply_fault(reply, self.question) is None
         scanned = scan_reply(reply, self.question)
         assert scanned.counts == (2, 0, 0)
         assert scanned.ttls == [300, 60]
@@ -313,17 +314,22 @@ class TestScanReply:
     def test_reply_to_another_question_does_not_match(self):
         other = text_to_name("evil.example") + b"\x00\x01\x00\x01"
         reply = reply_for(upstream_query(1, other, do=False, cd=False), "evil.example. 60 IN A 192.0.2.66")
-        assert not reply_matches(reply, self.question)
+        assert reply_fault(reply, self.question) is Rejected.WRONG_QUESTION
 
     def test_type_bytes_are_compared_exactly(self):
         https = text_to_name("www.example.com") + b"\x00\x41\x00\x01"
         reply = reply_for(upstream_query(1, https, do=False, cd=False))
-        assert reply_matches(reply, https)
+        assert reply_fault(reply, https) is None
         type97 = https[:-4] + b"\x00\x61\x00\x01"
-        assert not reply_matches(reply, type97)
+        assert reply_fault(reply, type97) is Rejected.WRONG_QUESTION
 
     def test_a_query_is_not_a_reply(self):
-        assert not reply_matches(self.upstream(), self.question)
+        assert reply_fault(self.upstream(), self.question) is Rejected.MALFORMED
+
+    def test_too_short_for_our_question_is_another_question(self):
+        reply = reply_for(self.upstream(), edns=False)
+        assert reply_fault(reply[:20], self.question) is Rejected.WRONG_QUESTION
+        assert reply_fault(reply[:11], self.question) is Rejected.MALFORMED
 
     def test_compression_loop_in_reply_is_malformed(self):
         reply = bytearray(reply_for(self.upstream(), "www.example.com. 60 IN A 192.0.2.1", edns=False))
