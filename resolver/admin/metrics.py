@@ -86,7 +86,7 @@ class Metrics:
             "# TYPE bns_upstream_latency_seconds_sum counter",
             _line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
             "# HELP bns_upstream_rejected_replies_total Upstream replies refused (RFC 5452), by reason: wrong_id,"
-            " wrong_question, malformed.",
+            " wrong_question, wrong_case (0x20), malformed.",
             "# TYPE bns_upstream_rejected_replies_total counter",
             *(
                 _line("bns_upstream_rejected_replies_total", count, {"reason": reason})

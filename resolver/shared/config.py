@@ -79,10 +79,15 @@ def setting(
 
 
 def _endpoints(items: Any) -> tuple[Endpoint, ...]:
+    endpoints = _endpoint_list(items)
+    if not endpoints:
+        raise ValueError("must name at least one address")
+    return endpoints
+
+
+def _endpoint_list(items: Any) -> tuple[Endpoint, ...]:
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise ValueError('must be a list of strings such as ["127.0.0.1:53", "[::1]:53"]')
-    if not items:
-        raise ValueError("must name at least one address")
     return tuple(parse_endpoint(item) for item in items)
 
 
@@ -150,6 +155,19 @@ class UpstreamSettings:
         "with socket_queries above 1: UDP sockets per upstream per worker that queries share",
         minimum=1,
         maximum=1024,
+        live=True,
+    )
+    case_randomization: bool = setting(
+        True,
+        "0x20: send question names upstream in randomly mixed letter case and take only a reply that repeats "
+        "the name letter for letter",
+        live=True,
+    )
+    keep_case: tuple[Endpoint, ...] = setting(
+        (),
+        "upstreams (as in upstream.servers) that do not repeat a name's letter case: asked in lowercase, "
+        "their replies compared ignoring case",
+        convert=_endpoint_list,
         live=True,
     )
 
@@ -411,6 +429,9 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
     if config.cache.min_ttl > config.cache.max_ttl:
         raise ConfigError(f"cache.min_ttl: {config.cache.min_ttl} is above cache.max_ttl ({config.cache.max_ttl})")
+    strangers = [str(endpoint) for endpoint in config.upstream.keep_case if endpoint not in config.upstream.servers]
+    if strangers:
+        raise ConfigError(f"upstream.keep_case: {', '.join(strangers)} is not in upstream.servers")
     if config.upstream.deadline < config.upstream.timeout:
         raise ConfigError(
             f"upstream.deadline: {config.upstream.deadline} is shorter than upstream.timeout "

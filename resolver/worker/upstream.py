@@ -2,9 +2,11 @@
 
 Every query gets a random ID and leaves from a connected UDP socket the kernel bound to a random source
 port: by default a socket of its own, closed as soon as its query ends (`socket_queries` = 1), else one of
-a pool of `sockets` replaced after `socket_queries` uses. A reply is taken only if it arrives on that socket
-(the kernel checks address and port), carries the ID we sent and repeats our question; anything else is
-counted by reason, ignored, and the real reply still awaited. A truncated reply is asked again over TCP.
+a pool of `sockets` replaced after `socket_queries` uses. Its name goes out in randomly mixed letter case
+(0x20) unless the upstream is in `keep_case`. A reply is taken only if it arrives on that socket (the kernel
+checks address and port), carries the ID we sent and repeats our question, name letter for letter; anything
+else is counted by reason, ignored, and the real reply still awaited. A truncated reply is asked again over
+TCP, in lowercase: an off-path forger cannot answer on a connection it cannot see.
 
 Attempts are hedged, not abandoned: when an upstream has not answered within `timeout`, the next one is
 asked too and the first usable reply wins, so an upstream that is merely slow (a cold recursion can take a
@@ -34,10 +36,10 @@ from resolver.worker.wire import (
     Malformed,
     Rejected,
     ScannedReply,
+    mix_case,
     reply_fault,
     scan_reply,
     upstream_query,
-    upstream_query_after_id,
 )
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,9 @@ _ID_REUSE_AFTER = 1024
 
 
 class _Randomness:
-    """Query IDs from the kernel's CSPRNG (RFC 5452 §9.2), read 8 KB at a time: one getrandom call per 4,096
-    IDs rather than one per query. A forked child starts a pool of its own."""
+    """Query IDs (RFC 5452 §9.2) and 0x20 case bits from the kernel's CSPRNG, read 8 KB at a time: one
+    getrandom call per few hundred queries rather than two per query. A forked child starts a pool of its
+    own."""
 
     def __init__(self) -> None:
         self._pool = b""
@@ -134,7 +137,7 @@ class _Socket:
         query_id = _random.query_id()
         while query_id in pending:
             query_id = _random.query_id()
-        self._sock.send(_U16.pack(query_id) + fetch.message)
+        self._sock.send(upstream_query(query_id, fetch.question_for(self.upstream), fetch.do, fetch.cd))
         pending[query_id] = (fetch, started)
         self.uses += 1
         return query_id
@@ -171,7 +174,7 @@ class _Socket:
                 upstream.rejected[Rejected.WRONG_ID] += 1
                 continue
             fetch = waiter[0]
-            fault = reply_fault(data, fetch.question)
+            fault = reply_fault(data, fetch.question_for(upstream), upstream.mixes_case)
             if fault is not None:
                 upstream.rejected[fault] += 1
                 continue
@@ -195,13 +198,14 @@ class _Socket:
 
 
 class Upstream:
-    """One upstream server: its sockets and its health. `rejected` counts the replies refused on its sockets
-    (shared by the forwarder's upstreams)."""
+    """One upstream server: its sockets, whether it is asked in mixed case, and its health. `rejected`
+    counts the replies refused on its sockets (shared by the forwarder's upstreams)."""
 
     def __init__(self, endpoint: Endpoint, settings: UpstreamSettings, rejected: dict[Rejected, int]) -> None:
         self.endpoint = endpoint
         self._settings = settings
         self._sockets: list[_Socket | None] = [None] * settings.sockets
+        self.mixes_case = settings.case_randomization and endpoint not in settings.keep_case
         self.rejected = rejected
         self.failures = 0
         self.down_until = 0.0
@@ -247,7 +251,7 @@ class Upstream:
             while True:
                 length = _U16.unpack(await reader.readexactly(2))[0]
                 reply = await reader.readexactly(length)
-                fault = Rejected.WRONG_ID if reply[:2] != message[:2] else reply_fault(reply, question)
+                fault = Rejected.WRONG_ID if reply[:2] != message[:2] else reply_fault(reply, question, False)
                 if fault is None:
                     return reply
                 self.rejected[fault] += 1
@@ -280,7 +284,7 @@ class _Fetch:
         "cd",
         "do",
         "future",
-        "message",
+        "mixed",
         "question",
     )
 
@@ -290,9 +294,10 @@ class _Fetch:
         self._forwarder = forwarder
         self._loop = loop
         self.question = question
+        # Once per fetch, not per attempt: a hedge repeats the same letters, and a reply to either matches.
+        self.mixed = mix_case(question, _random.take(len(question))) if forwarder.mixes_case else question
         self.do = do
         self.cd = cd
-        self.message = upstream_query_after_id(question, do, cd)  # each attempt puts its own ID in front
         self.future: asyncio.Future[ScannedReply] = loop.create_future()
         now = loop.time()
         self._deadline = now + forwarder.settings.deadline
@@ -303,6 +308,10 @@ class _Fetch:
         self._refused_by: set[Upstream] = set()
         self._tcp: asyncio.Task[bytes] | None = None
         self._launch()
+
+    def question_for(self, upstream: Upstream) -> bytes:
+        """The question as `upstream` is asked it: in mixed case unless it is in `keep_case`."""
+        return self.mixed if upstream.mixes_case else self.question
 
     def _alarm(self, launched: int) -> None:
         """The alarm set by launch number `launched`: it matters only if no launch came after it."""
@@ -431,6 +440,7 @@ class Forwarder:
         self.replies = 0
         self.reply_seconds = 0.0
         self.upstreams = [Upstream(endpoint, settings, self.rejected) for endpoint in settings.servers]
+        self.mixes_case = any(upstream.mixes_case for upstream in self.upstreams)
         self.outstanding = 0
         self._alarms: Alarms | None = None
 

@@ -1,5 +1,6 @@
 """Spoofing resistance (RFC 5452) through a real worker and the scripted upstream on loopback: a fresh source
-port and ID per upstream query, refused replies counted, hedges that go to another upstream."""
+port and ID per upstream query, 0x20 mixed case checked in replies, refused replies counted, hedges that go
+to another upstream."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dns.rcode
 import pytest
 import uvloop
 
-from bench.upstream import Script, ScriptedUpstream
+from bench.upstream import FORGED_ADDRESS, Script, ScriptedUpstream
 from resolver.shared.config import UpstreamSettings, parse_endpoint
 from resolver.shared.dns import text_to_name
 from resolver.worker.counters import worker_counters
@@ -44,6 +45,11 @@ def ask_all(port: int, names: list[str], batch: int = 50) -> dict[str, dns.messa
     return responses
 
 
+def upper_case_share(names: list[str]) -> float:
+    letters = [char for name in names for char in name if char.isalpha()]
+    return sum(char.isupper() for char in letters) / len(letters)
+
+
 def rejected(server: ServerThread) -> dict[str, int]:
     """The worker's refused-reply counters as it exports them for metrics."""
     assert server.worker is not None
@@ -63,6 +69,62 @@ def test_a_thousand_misses_use_at_least_500_source_ports_and_990_ids(upstream):
     print(f"distinct per 1,000 upstream queries: {ports} source ports, {ids} IDs")
     assert ports >= 500
     assert ids >= 990
+
+
+def test_upstream_names_are_mixed_case_and_clients_see_their_own(upstream):
+    names = [f"Name{index}.Mixed.Example" for index in range(200)]
+    with ServerThread(make_config([upstream.address], upstream=PATIENT)) as server:
+        responses = ask_all(server.port, names)
+        again = server.ask("name7.mixed.example")  # the cache key is lowercase whatever went upstream
+    sent = [seen.wire_name for seen in upstream.seen]
+    share = upper_case_share(sent)
+    print(f"upper-case letters in upstream names: {share:.1%}")
+    assert share >= 0.30
+    for name, response in responses.items():
+        assert response.question[0].name.to_text() == name + "."
+        assert response.answer[0].name.to_text() == name + "."
+    assert again.answer[0].name.to_text() == "name7.mixed.example."
+    assert len(upstream.seen) == len(names)
+
+
+def test_an_upstream_in_keep_case_is_asked_in_lowercase_and_the_others_in_mixed_case(upstream):
+    upstream.script.modes["passed-on.kept.example"] = "drop"
+    with ScriptedUpstream() as preserving:
+        config = make_config(
+            [upstream.address, preserving.address],
+            upstream={"timeout": 1.0, "deadline": 4.0, "keep_case": [upstream.address]},
+        )
+        with ServerThread(config) as server:
+            responses = ask_all(server.port, [f"Name{index}.Kept.Example" for index in range(200)])
+            hedged = server.ask("Passed-On.Kept.Example", timeout=5)
+    assert all(answer_addresses(response) for response in responses.values())
+    assert len(upstream.seen) == 201
+    assert upper_case_share([seen.wire_name for seen in upstream.seen]) == 0
+    assert answer_addresses(hedged)
+    assert [seen.name for seen in preserving.seen] == ["passed-on.kept.example"]
+    assert upper_case_share([seen.wire_name for seen in preserving.seen]) > 0
+
+
+def test_a_forged_reply_in_the_other_case_is_refused_counted_and_the_real_one_taken(upstream):
+    upstream.script.mode = "wrong_case"
+    upstream.script.delay = 0.1  # the forgery comes first, the real reply this much later
+    with ServerThread(make_config([upstream.address], upstream=PATIENT)) as server:
+        response = server.ask("bank.example")
+        assert FORGED_ADDRESS not in answer_addresses(response)
+        assert answer_addresses(response)[0].startswith("192.0.2.")
+        assert rejected(server)["wrong_case"] == 1
+    assert len(upstream.seen) == 1
+
+
+def test_only_forged_replies_give_servfail_at_the_deadline_never_the_forgery(upstream):
+    upstream.script.mode = "wrong_case"
+    upstream.script.delay = 5.0  # the real reply comes after the deadline
+    with ServerThread(make_config([upstream.address], upstream={"timeout": 0.25, "deadline": 1.0})) as server:
+        for _ in range(2):  # the second from the cache: a cached forgery would show there
+            response = server.ask("bank.example")
+            assert response.rcode() == dns.rcode.SERVFAIL and not response.answer
+        counted = rejected(server)
+    assert 2 <= counted["wrong_case"] <= len(upstream.seen)  # a forgery for every attempt
 
 
 @pytest.mark.parametrize("mode", ["wrong_id", "wrong_question"])
