@@ -3,8 +3,10 @@
 It answers A and AAAA for any name with documentation addresses (192.0.2.0/24, 2001:db8::/32), other types
 with NODATA, and behaves as scripted per name or for every name: drop, delay, SERVFAIL, REFUSED, NXDOMAIN,
 truncate (TC over UDP, the full answer over TCP), big (more than 512 bytes), garbage bytes, a wrong ID,
-or a CNAME chain; it sets AD only when scripted to. Every query it receives is recorded, so a test can count
-upstream traffic.
+a wrong question, wrong_case (over UDP a forged reply first: the question's letters in the other case, as a
+forger who guessed the 0x20 bits wrong would send, and an address of the forger's; the real reply follows
+after `delay`), or a CNAME chain; it sets AD only when scripted to. Every query it receives is recorded,
+with the letter case it came in, so a test can count upstream traffic.
 
     python -m bench.upstream --port 5301        # serve until interrupted
 """
@@ -19,10 +21,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 MODES = (
     "answer",
@@ -36,14 +38,17 @@ MODES = (
     "garbage",
     "wrong_id",
     "wrong_question",
+    "wrong_case",
 )
+FORGED_ADDRESS = "203.0.113.66"  # what forged replies point at (TEST-NET-3): never a real answer here
 
 
 @dataclass
 class Seen:
     """One query as the upstream received it."""
 
-    name: str
+    name: str  # lowercased
+    wire_name: str  # as it came, letter case kept (0x20)
     qtype: str
     tcp: bool
     option_codes: list[int]
@@ -123,6 +128,15 @@ def build_reply(query: DNSRecord, script: Script, tcp: bool) -> bytes | None:
     return data
 
 
+def forged_reply(query: DNSRecord, script: Script) -> bytes:
+    """The forgery of `wrong_case` mode: right ID, right port, the question's letters in the other case, and
+    an A record of the forger's."""
+    qname = DNSLabel(str(query.q.qname).swapcase())
+    forged = DNSRecord(DNSHeader(id=query.header.id, qr=1, rd=query.header.rd, ra=1), q=DNSQuestion(qname, QTYPE.A))
+    forged.add_answer(RR(qname, QTYPE.A, ttl=script.ttl, rdata=A(FORGED_ADDRESS)))
+    return forged.pack()
+
+
 class ScriptedUpstream:
     """The server, on its own event loop in a background thread (`with ScriptedUpstream() as upstream:`)."""
 
@@ -191,26 +205,32 @@ class ScriptedUpstream:
             server.close()
             transport.close()
 
-    async def reply_to(self, data: bytes, tcp: bool, source_port: int) -> bytes | None:
+    async def replies_to(self, data: bytes, tcp: bool, source_port: int) -> AsyncIterator[bytes]:
+        """What is sent back for `data`, in order, each when it is due."""
         try:
             query = DNSRecord.parse(data)
         except Exception:
-            return None
-        name = str(query.q.qname).rstrip(".").lower()
+            return
+        wire_name = str(query.q.qname).rstrip(".")
+        name = wire_name.lower()
         options = [opt.code for rr in query.ar if rr.rtype == QTYPE.OPT for opt in rr.rdata]
-        self.seen.append(Seen(name, QTYPE[query.q.qtype], tcp, options, query.header.id, source_port))
+        self.seen.append(Seen(name, wire_name, QTYPE[query.q.qtype], tcp, options, query.header.id, source_port))
         mode = self.script.mode_for(name)
-        if mode == "delay":
+        if mode == "wrong_case" and not tcp:
+            yield forged_reply(query, self.script)
+        if mode in ("delay", "wrong_case"):
             await asyncio.sleep(self.script.delay)
-        return build_reply(query, self.script, tcp)
+        reply = build_reply(query, self.script, tcp)
+        if reply is not None:
+            yield reply
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 length = struct.unpack("!H", await reader.readexactly(2))[0]
                 peer_port = writer.get_extra_info("peername")[1]
-                reply = await self.reply_to(await reader.readexactly(length), tcp=True, source_port=peer_port)
-                if reply is not None:
+                data = await reader.readexactly(length)
+                async for reply in self.replies_to(data, tcp=True, source_port=peer_port):
                     writer.write(struct.pack("!H", len(reply)) + reply)
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -234,9 +254,9 @@ class _UdpSide(asyncio.DatagramProtocol):
         task.add_done_callback(self._answering.discard)
 
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = await self.upstream.reply_to(data, tcp=False, source_port=addr[1])
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
+        async for reply in self.upstream.replies_to(data, tcp=False, source_port=addr[1]):
+            if self.transport is not None:
+                self.transport.sendto(reply, addr)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Prometheus metrics of a node: each worker writes its counters to a small file every second; the admin
 process adds them up when scraped. Counting stays off the query path: the cache already counts its hits
-and misses, the blocked-answer builder its verdicts, the forwarder its replies."""
+and misses, the blocked-answer builder its verdicts, the forwarder the replies it took and refused."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ class Metrics:
                 verdicts[key] = verdicts.get(key, 0) + count
         replies = sum(w["upstream_replies"] for w in workers)
         seconds = sum(w["upstream_seconds"] for w in workers)
+        rejected: dict[str, int] = {}
+        for worker in workers:
+            for reason, count in worker["upstream_rejected"].items():
+                rejected[reason] = rejected.get(reason, 0) + count
+        send_errors = sum(w["upstream_send_errors"] for w in workers)
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -80,6 +85,17 @@ class Metrics:
             "# HELP bns_upstream_latency_seconds_sum Seconds spent waiting for those replies.",
             "# TYPE bns_upstream_latency_seconds_sum counter",
             _line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
+            "# HELP bns_upstream_rejected_replies_total Upstream replies refused (RFC 5452), by reason: wrong_id,"
+            " wrong_question, wrong_case (0x20), malformed.",
+            "# TYPE bns_upstream_rejected_replies_total counter",
+            *(
+                _line("bns_upstream_rejected_replies_total", count, {"reason": reason})
+                for reason, count in sorted(rejected.items())
+            ),
+            "# HELP bns_upstream_send_errors_total Upstream queries that could not be sent (no descriptor, port or"
+            " route).",
+            "# TYPE bns_upstream_send_errors_total counter",
+            _line("bns_upstream_send_errors_total", send_errors),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

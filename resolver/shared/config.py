@@ -79,10 +79,15 @@ def setting(
 
 
 def _endpoints(items: Any) -> tuple[Endpoint, ...]:
+    endpoints = _endpoint_list(items)
+    if not endpoints:
+        raise ValueError("must name at least one address")
+    return endpoints
+
+
+def _endpoint_list(items: Any) -> tuple[Endpoint, ...]:
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise ValueError('must be a list of strings such as ["127.0.0.1:53", "[::1]:53"]')
-    if not items:
-        raise ValueError("must name at least one address")
     return tuple(parse_endpoint(item) for item in items)
 
 
@@ -196,12 +201,10 @@ class UpstreamSettings:
     down_for: float = setting(
         5.0, "seconds a down upstream is skipped before it is tried again", minimum=0.1, maximum=3600, live=True
     )
-    sockets: int = setting(
-        8, "UDP sockets per upstream per worker, each on its own random source port", minimum=1, maximum=1024, live=True
-    )
     socket_queries: int = setting(
-        1000,
-        "queries sent on a UDP socket before it is replaced (new random port)",
+        1,
+        "queries a UDP socket carries, each on the socket's random source port, before a new socket (and port) "
+        "takes over; 1: every query has a socket of its own, closed when its query ends (RFC 5452 §9.2)",
         minimum=1,
         maximum=1_000_000,
         live=True,
@@ -209,6 +212,26 @@ class UpstreamSettings:
     trust_ad: bool = setting(
         False,
         "keep the upstream's AD bit (only for a validating upstream on a trusted path, RFC 6840 §5.8)",
+        live=True,
+    )
+    sockets: int = setting(
+        8,
+        "with socket_queries above 1: UDP sockets per upstream per worker that queries share",
+        minimum=1,
+        maximum=1024,
+        live=True,
+    )
+    case_randomization: bool = setting(
+        True,
+        "0x20: send question names upstream in randomly mixed letter case and take only a reply that repeats "
+        "the name letter for letter",
+        live=True,
+    )
+    keep_case: tuple[Endpoint, ...] = setting(
+        (),
+        "upstreams (as in upstream.servers) that do not repeat a name's letter case: asked in lowercase, "
+        "their replies compared ignoring case",
+        convert=_endpoint_list,
         live=True,
     )
 
@@ -495,6 +518,9 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
     if config.cache.min_ttl > config.cache.max_ttl:
         raise ConfigError(f"cache.min_ttl: {config.cache.min_ttl} is above cache.max_ttl ({config.cache.max_ttl})")
+    strangers = [str(endpoint) for endpoint in config.upstream.keep_case if endpoint not in config.upstream.servers]
+    if strangers:
+        raise ConfigError(f"upstream.keep_case: {', '.join(strangers)} is not in upstream.servers")
     if config.upstream.deadline < config.upstream.timeout:
         raise ConfigError(
             f"upstream.deadline: {config.upstream.deadline} is shorter than upstream.timeout "

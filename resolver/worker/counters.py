@@ -31,6 +31,8 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
         "verdicts": verdicts,
         "upstream_replies": forwarder.replies,
         "upstream_seconds": forwarder.reply_seconds,
+        "upstream_rejected": dict(forwarder.rejected),
+        "upstream_send_errors": forwarder.send_errors,
         "lists_version": resolver.lists.snapshot.version,
     }
 

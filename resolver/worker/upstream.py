@@ -1,9 +1,12 @@
 """Forwarding to upstream resolvers, with the spoofing resistance of RFC 5452.
 
-Every query gets a random ID and leaves from one of a pool of connected UDP sockets, each bound by the kernel
-to a random source port and replaced after `socket_queries` uses. A reply is taken only if it arrives on
-that socket (the kernel checks address and port), carries the ID we sent and repeats our question; anything
-else is ignored and the real reply is still awaited. A truncated reply is asked again over TCP.
+Every query gets a random ID and leaves from a connected UDP socket the kernel bound to a random source
+port: by default a socket of its own, closed as soon as its query ends (`socket_queries` = 1), else one of
+a pool of `sockets` replaced after `socket_queries` uses. Its name goes out in randomly mixed letter case
+(0x20) unless the upstream is in `keep_case`. A reply is taken only if it arrives on that socket (the kernel
+checks address and port), carries the ID we sent and repeats our question, name letter for letter; anything
+else is counted by reason, ignored, and the real reply still awaited. A truncated reply is asked again over
+TCP, in lowercase: an off-path forger cannot answer on a connection it cannot see.
 
 Attempts are hedged, not abandoned: when an upstream has not answered within `timeout`, the next one is
 asked too and the first usable reply wins, so an upstream that is merely slow (a cold recursion can take a
@@ -31,11 +34,12 @@ from resolver.worker.alarms import Alarms
 from resolver.worker.wire import (
     HEADER_LEN,
     Malformed,
+    Rejected,
     ScannedReply,
-    reply_matches,
+    mix_case,
+    reply_fault,
     scan_reply,
     upstream_query,
-    upstream_query_after_id,
 )
 
 log = logging.getLogger(__name__)
@@ -57,28 +61,49 @@ class Overloaded(BnsError):
     """Too many upstream queries in flight: the query is refused at once rather than queued."""
 
 
-class _RandomIds:
-    """Query IDs from the kernel's CSPRNG (RFC 5452 §9.2), read 8 KB at a time: one getrandom call per 4,096
-    IDs rather than one per query. A forked child starts a pool of its own."""
+# An ID is not given again within this many queries, so 1,000 queries carry 1,000 IDs (drawn freely, about 8
+# would repeat). Leaving out the last 1,024 of 65,536 costs a guesser 0.02 bits.
+_ID_REUSE_AFTER = 1024
+
+
+class _Randomness:
+    """Query IDs (RFC 5452 §9.2) and 0x20 case bits from the kernel's CSPRNG, read 8 KB at a time: one
+    getrandom call per few hundred queries rather than two per query. A forked child starts a pool of its
+    own."""
 
     def __init__(self) -> None:
         self._pool = b""
         self._at = 0
+        self._recent_ids: set[int] = set()
+        self._id_ring = [-1] * _ID_REUSE_AFTER  # the last IDs given, oldest at `_ring_at`
+        self._ring_at = 0
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._pool, self._at = b"", 0
 
-    def next(self) -> int:
-        pool, at = self._pool, self._at
-        if at >= len(pool):
-            pool = self._pool = os.urandom(8192)
+    def take(self, size: int) -> bytes:
+        at = self._at
+        if at + size > len(self._pool):
+            self._pool = os.urandom(8192)
             at = 0
-        self._at = at + 2
-        return pool[at] << 8 | pool[at + 1]
+        self._at = at + size
+        return self._pool[at : at + size]
+
+    def query_id(self) -> int:
+        recent = self._recent_ids
+        query_id = int.from_bytes(self.take(2))
+        while query_id in recent:
+            query_id = int.from_bytes(self.take(2))
+        ring, at = self._id_ring, self._ring_at
+        recent.discard(ring[at])
+        recent.add(query_id)
+        ring[at] = query_id
+        self._ring_at = (at + 1) % _ID_REUSE_AFTER
+        return query_id
 
 
-_ids = _RandomIds()
+_random = _Randomness()
 
 
 class _Socket:
@@ -89,9 +114,8 @@ class _Socket:
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         endpoint = upstream.endpoint
-        sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
+        sock = socket.socket(endpoint.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             # A UDP connect is immediate (no packet, no name lookup): the kernel picks a random source port
             # and from then on drops datagrams from any other address or port.
             sock.connect((endpoint.host, endpoint.port))
@@ -110,10 +134,10 @@ class _Socket:
     def send(self, fetch: _Fetch, started: float) -> int:
         """Send `fetch`'s question under a fresh random ID; the ID. Raises OSError."""
         pending = self.pending
-        query_id = _ids.next()
+        query_id = _random.query_id()
         while query_id in pending:
-            query_id = _ids.next()
-        self._sock.send(_U16.pack(query_id) + fetch.message)
+            query_id = _random.query_id()
+        self._sock.send(upstream_query(query_id, fetch.question_for(self.upstream), fetch.do, fetch.cd))
         pending[query_id] = (fetch, started)
         self.uses += 1
         return query_id
@@ -121,11 +145,16 @@ class _Socket:
     def forget(self, query_id: int) -> bool:
         """Stop waiting for `query_id`; whether it was still awaited."""
         awaited = self.pending.pop(query_id, None) is not None
-        if self.retired and not self.pending:
-            self.close()
+        self._close_if_done()
         return awaited
 
+    def _close_if_done(self) -> None:
+        # A retired socket closes as soon as nothing is pending on it: it holds a descriptor and a port.
+        if self.retired and not self.pending:
+            self.close()
+
     def _readable(self) -> None:
+        upstream = self.upstream
         for _ in range(_READS_PER_WAKEUP):
             try:
                 data = self._sock.recv(_MAX_REPLY)
@@ -135,14 +164,23 @@ class _Socket:
                 # ICMP port unreachable for an earlier datagram: the upstream is not listening; fail fast.
                 self._fail_all(error)
                 return
+            # Anything refused here may be forged: it is counted and ignored, and the real reply may still come.
             if len(data) < HEADER_LEN:
+                upstream.rejected[Rejected.MALFORMED] += 1
                 continue
             query_id = data[0] << 8 | data[1]
             waiter = self.pending.get(query_id)
-            if waiter is None or not reply_matches(data, waiter[0].question):
-                continue  # late, duplicate or forged: the real reply may still come
+            if waiter is None:
+                upstream.rejected[Rejected.WRONG_ID] += 1
+                continue
+            fetch = waiter[0]
+            fault = reply_fault(data, fetch.question_for(upstream), upstream.mixes_case)
+            if fault is not None:
+                upstream.rejected[fault] += 1
+                continue
             del self.pending[query_id]
-            waiter[0].replied(self.upstream, waiter[1], data)
+            self._close_if_done()
+            fetch.replied(upstream, waiter[1], data)
             if self.closed:
                 return
 
@@ -150,8 +188,7 @@ class _Socket:
         pending, self.pending = self.pending, {}
         for fetch, _started in pending.values():
             fetch.attempt_failed(self.upstream, error)
-        if self.retired:
-            self.close()
+        self._close_if_done()
 
     def close(self) -> None:
         if not self.closed:
@@ -161,12 +198,15 @@ class _Socket:
 
 
 class Upstream:
-    """One upstream server: its sockets and its health."""
+    """One upstream server: its sockets, whether it is asked in mixed case, and its health. `rejected`
+    counts the replies refused on its sockets (shared by the forwarder's upstreams)."""
 
-    def __init__(self, endpoint: Endpoint, settings: UpstreamSettings) -> None:
+    def __init__(self, endpoint: Endpoint, settings: UpstreamSettings, rejected: dict[Rejected, int]) -> None:
         self.endpoint = endpoint
         self._settings = settings
         self._sockets: list[_Socket | None] = [None] * settings.sockets
+        self.mixes_case = settings.case_randomization and endpoint not in settings.keep_case
+        self.rejected = rejected
         self.failures = 0
         self.down_until = 0.0
 
@@ -187,7 +227,8 @@ class Upstream:
             self.down_until = now + self._settings.down_for
 
     def send(self, fetch: _Fetch, loop: asyncio.AbstractEventLoop, started: float) -> tuple[_Socket, int]:
-        """Send `fetch`'s question over UDP from one of the pool's sockets; (socket, ID). Raises OSError."""
+        """Send `fetch`'s question over UDP from a socket of the pool, a new one (on a new port) in a slot whose
+        socket has carried `socket_queries`; (socket, ID). Raises OSError."""
         sockets = self._sockets
         slot = random.randrange(len(sockets))
         sock = sockets[slot]
@@ -204,14 +245,16 @@ class Upstream:
         time by cancelling."""
         reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
         try:
-            query_id = _ids.next()
+            query_id = _random.query_id()
             message = upstream_query(query_id, question, do, cd)
             writer.write(_U16.pack(len(message)) + message)
             while True:
                 length = _U16.unpack(await reader.readexactly(2))[0]
                 reply = await reader.readexactly(length)
-                if reply[:2] == _U16.pack(query_id) and reply_matches(reply, question):
+                fault = Rejected.WRONG_ID if reply[:2] != message[:2] else reply_fault(reply, question, False)
+                if fault is None:
                     return reply
+                self.rejected[fault] += 1
         finally:
             writer.close()
 
@@ -241,7 +284,7 @@ class _Fetch:
         "cd",
         "do",
         "future",
-        "message",
+        "mixed",
         "question",
     )
 
@@ -251,9 +294,10 @@ class _Fetch:
         self._forwarder = forwarder
         self._loop = loop
         self.question = question
+        # Once per fetch, not per attempt: a hedge repeats the same letters, and a reply to either matches.
+        self.mixed = mix_case(question, _random.take(len(question))) if forwarder.mixes_case else question
         self.do = do
         self.cd = cd
-        self.message = upstream_query_after_id(question, do, cd)  # each attempt puts its own ID in front
         self.future: asyncio.Future[ScannedReply] = loop.create_future()
         now = loop.time()
         self._deadline = now + forwarder.settings.deadline
@@ -264,6 +308,10 @@ class _Fetch:
         self._refused_by: set[Upstream] = set()
         self._tcp: asyncio.Task[bytes] | None = None
         self._launch()
+
+    def question_for(self, upstream: Upstream) -> bytes:
+        """The question as `upstream` is asked it: in mixed case unless it is in `keep_case`."""
+        return self.mixed if upstream.mixes_case else self.question
 
     def _alarm(self, launched: int) -> None:
         """The alarm set by launch number `launched`: it matters only if no launch came after it."""
@@ -284,8 +332,9 @@ class _Fetch:
         self._launched += 1
         try:
             sock, query_id = upstream.send(self, loop, now)
-        except OSError as error:
+        except OSError as error:  # no descriptor or port left (EMFILE, EADDRINUSE), no route: a failed attempt
             log.debug("upstream %s: sending failed: %r", upstream.endpoint, error)
+            self._forwarder.send_errors += 1
             upstream.record_failure(now)
         else:
             self._attempts.append((sock, query_id, upstream, now))
@@ -317,6 +366,7 @@ class _Fetch:
         try:
             scanned = scan_reply(data, self.question)
         except Malformed as error:
+            upstream.rejected[Rejected.MALFORMED] += 1
             self.attempt_failed(upstream, error)
             return
         upstream.record_success()
@@ -387,11 +437,16 @@ class Forwarder:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        self.upstreams = [Upstream(endpoint, settings) for endpoint in settings.servers]
+        # For metrics: replies refused by reason, attempts that could not be sent, accepted replies and the
+        # seconds spent waiting for them.
+        self.rejected = dict.fromkeys(Rejected, 0)
+        self.send_errors = 0
+        self.replies = 0
+        self.reply_seconds = 0.0
+        self.upstreams = [Upstream(endpoint, settings, self.rejected) for endpoint in settings.servers]
+        self.mixes_case = any(upstream.mixes_case for upstream in self.upstreams)
         self.outstanding = 0
         self._alarms: Alarms | None = None
-        self.replies = 0  # accepted replies, and the seconds spent waiting for them (metrics)
-        self.reply_seconds = 0.0
 
     @property
     def alarms(self) -> Alarms:

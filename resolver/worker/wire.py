@@ -8,6 +8,7 @@ is read as offsets into its own bytes, and answers are assembled from byte strin
 from __future__ import annotations
 
 import struct
+from enum import StrEnum
 
 from resolver.shared.dns import CLASS_ANY, CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
@@ -455,31 +456,52 @@ def resource_record(rtype: int, ttl: int, rdata: bytes, owner: bytes = b"\xc0\x0
 
 def upstream_query(query_id: int, question: bytes, do: bool, cd: bool) -> bytes:
     """A recursive query for `question` with our own EDNS (no client options: identity never leaves)."""
-    return _U16.pack(query_id) + upstream_query_after_id(question, do, cd)
-
-
-def upstream_query_after_id(question: bytes, do: bool, cd: bool) -> bytes:
-    """`upstream_query` without its ID: what every attempt of one question sends alike."""
     flags = _UPSTREAM_FLAGS_CD if cd else _UPSTREAM_FLAGS
-    return flags + b"\x00\x01\x00\x00\x00\x00\x00\x01" + question + _OUR_OPTS[do]
+    return _U16.pack(query_id) + flags + b"\x00\x01\x00\x00\x00\x00\x00\x01" + question + _OUR_OPTS[do]
 
 
 _UPSTREAM_FLAGS = bytes((_FLAG_RD, _FLAG_AD))
 _UPSTREAM_FLAGS_CD = bytes((_FLAG_RD, _FLAG_AD | _FLAG_CD))
 _OUR_OPTS = (opt_record(False), opt_record(True))
 
+# The 0x20 bit of every lowercase letter; other bytes (digits, hyphens, label lengths, which are at most 63)
+# have none to flip.
+_LETTER_CASE_BITS = bytes(0x20 if 0x61 <= byte <= 0x7A else 0 for byte in range(256))
 
-def reply_matches(reply: bytes, question: bytes) -> bool:
-    """RFC 5452: a reply is ours only if it is a response to QUERY carrying exactly our question."""
+
+def mix_case(question: bytes, noise: bytes) -> bytes:
+    """0x20 encoding (draft-vixie-dnsext-dns0x20): `question` (name in lowercase, type, class) with each
+    letter of its name upper-cased where the byte of `noise` (as long as `question`) at the same place has
+    its 0x20 bit set. Whole-number arithmetic on the bytes: no loop over letters in Python."""
+    flips = int.from_bytes(question.translate(_LETTER_CASE_BITS)) & int.from_bytes(noise)
+    flips >>= 32  # type and class are numbers: HTTPS (0x0041) is no letter to flip
+    return (int.from_bytes(question) ^ (flips << 32)).to_bytes(len(question))
+
+
+class Rejected(StrEnum):
+    """Why an upstream reply was not taken (counted per reason in metrics)."""
+
+    WRONG_ID = "wrong_id"  # no query awaits that ID on the socket it came to: forged, or late
+    WRONG_QUESTION = "wrong_question"  # another name, type or class
+    WRONG_CASE = "wrong_case"  # our name in other letter case: a forger who guessed the 0x20 bits wrong
+    MALFORMED = "malformed"  # not a reply to one question, or records that do not parse
+
+
+def reply_fault(reply: bytes, question: bytes, exact_case: bool) -> Rejected | None:
+    """Why `reply` is not the answer to `question` as we sent it (RFC 5452 §9.1), or None if it is: a
+    response to QUERY repeating our question, its name letter for letter when `exact_case` (0x20), else
+    ignoring case (the type and class are numbers, always compared exactly: HTTPS is 0x0041, "A")."""
+    if len(reply) < HEADER_LEN or reply[2] & (_FLAG_QR | _FLAG_OPCODE) != _FLAG_QR or reply[4:6] != b"\x00\x01":
+        return Rejected.MALFORMED
     name_end = HEADER_LEN + len(question) - 4
-    return (
-        len(reply) >= name_end + 4
-        and reply[2] & (_FLAG_QR | _FLAG_OPCODE) == _FLAG_QR
-        and reply[4:6] == b"\x00\x01"
-        # only the name is case-insensitive: lowercasing type bytes would turn HTTPS (0x0041) into 0x0061
-        and reply[HEADER_LEN:name_end].lower() == question[:-4]
-        and reply[name_end : name_end + 4] == question[-4:]
-    )
+    if reply[name_end : name_end + 4] != question[-4:]:  # also when the reply is too short to hold it
+        return Rejected.WRONG_QUESTION
+    name, sent = reply[HEADER_LEN:name_end], question[:-4]
+    if name == sent:
+        return None
+    if name.lower() != sent.lower():
+        return Rejected.WRONG_QUESTION
+    return Rejected.WRONG_CASE if exact_case else None
 
 
 def is_truncated(reply: bytes) -> bool:
@@ -505,7 +527,7 @@ class ScannedReply:
 
 
 def scan_reply(reply: bytes, question: bytes) -> ScannedReply:
-    """Walk every record of a reply that `reply_matches` accepted. Raises Malformed if it is not sound."""
+    """Walk every record of a reply that `reply_fault` found no fault with. Raises Malformed if it is not sound."""
     qend = HEADER_LEN + len(question)
     an, ns, ar = struct.unpack_from("!HHH", reply, 6)
     scanned = ScannedReply()

@@ -51,6 +51,10 @@ def test_file_values_and_flag_overrides(tmp_path):
         ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of debug, info, warning, error"),
         ("[cache]\nmin_ttl = 600\nmax_ttl = 60\n", "cache.min_ttl: 600 is above cache.max_ttl"),
         ("[upstream]\ntimeout = 3.0\ndeadline = 1.0\n", "upstream.deadline: 1.0 is shorter"),
+        ("[upstream]\nkeep_case = ['dns.example']\n", "upstream.keep_case: 'dns.example' is not an IP address"),
+        ("[upstream]\nkeep_case = '9.9.9.9'\n", "upstream.keep_case: must be a list"),
+        ("[upstream]\nkeep_case = ['192.0.2.1']\n", "upstream.keep_case: 192.0.2.1:53 is not in upstream.servers"),
+        ("[upstream]\ncase_randomization = 'yes'\n", "upstream.case_randomization: must be true or false"),
         ("server = 3\n", "server: must be a table"),
         ("[server\n", "not valid TOML"),
     ],
@@ -64,6 +68,19 @@ def test_bad_files_name_the_key_and_the_reason(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_upstreams_that_keep_case_are_named_as_in_servers(tmp_path):
+    text = "[upstream]\nservers = ['9.9.9.9', '[2620:fe::fe]:53']\nkeep_case = ['9.9.9.9:53', '2620:fe::fe']\n"
+    upstream = load_config(write(tmp_path, text)).upstream
+    assert upstream.keep_case == upstream.servers
+    assert upstream.case_randomization
+
+
+def test_a_config_written_for_socket_pools_still_loads(tmp_path):
+    upstream = load_config(write(tmp_path, "[upstream]\nsockets = 8\nsocket_queries = 1000\n")).upstream
+    assert (upstream.sockets, upstream.socket_queries) == (8, 1000)
+    assert load_config().upstream.socket_queries == 1  # by default a socket, and a port, per query
 
 
 def test_integers_are_accepted_for_seconds(tmp_path):

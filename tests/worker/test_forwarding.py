@@ -89,7 +89,7 @@ def test_upstream_queries_use_random_ids_and_ports(server, upstream):
     ids = {seen.query_id for seen in upstream.seen}
     ports = {seen.source_port for seen in upstream.seen}
     assert len(ids) >= 38  # 40 draws from 65536: a repeat is possible, many are not
-    assert len(ports) >= 4  # spread over the socket pool (8 sockets, each on its own kernel-chosen port)
+    assert len(ports) >= 35  # a socket per query, each on a kernel-chosen random port
 
 
 def test_nxdomain_is_cached_per_soa(server, upstream):

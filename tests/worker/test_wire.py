@@ -20,9 +20,11 @@ from resolver.worker.wire import (
     TCP_LIMIT,
     Malformed,
     QueryParser,
+    Rejected,
     error_answer,
+    mix_case,
     read_query,
-    reply_matches,
+    reply_fault,
     scan_reply,
     synthesized_answer,
     truncated_answer,
@@ -302,7 +304,7 @@ class TestScanReply:
         reply = reply_for(
             self.upstream(), "www.example.com. 300 IN CNAME cdn.example.net.", "cdn.example.net. 60 IN A 192.0.2.9"
         )
-        assert reply_matches(reply, self.question)
+        assert reply_fault(reply, self.question, exact_case=True) is None
         scanned = scan_reply(reply, self.question)
         assert scanned.counts == (2, 0, 0)
         assert scanned.ttls == [300, 60]
@@ -320,17 +322,31 @@ class TestScanReply:
     def test_reply_to_another_question_does_not_match(self):
         other = text_to_name("evil.example") + b"\x00\x01\x00\x01"
         reply = reply_for(upstream_query(1, other, do=False, cd=False), "evil.example. 60 IN A 192.0.2.66")
-        assert not reply_matches(reply, self.question)
+        assert reply_fault(reply, self.question, exact_case=False) is Rejected.WRONG_QUESTION
 
     def test_type_bytes_are_compared_exactly(self):
         https = text_to_name("www.example.com") + b"\x00\x41\x00\x01"
         reply = reply_for(upstream_query(1, https, do=False, cd=False))
-        assert reply_matches(reply, https)
+        assert reply_fault(reply, https, exact_case=False) is None
         type97 = https[:-4] + b"\x00\x61\x00\x01"
-        assert not reply_matches(reply, type97)
+        assert reply_fault(reply, type97, exact_case=False) is Rejected.WRONG_QUESTION
 
     def test_a_query_is_not_a_reply(self):
-        assert not reply_matches(self.upstream(), self.question)
+        assert reply_fault(self.upstream(), self.question, exact_case=False) is Rejected.MALFORMED
+
+    def test_too_short_for_our_question_is_another_question(self):
+        reply = reply_for(self.upstream(), edns=False)
+        assert reply_fault(reply[:20], self.question, exact_case=False) is Rejected.WRONG_QUESTION
+        assert reply_fault(reply[:11], self.question, exact_case=False) is Rejected.MALFORMED
+
+    def test_with_0x20_the_name_must_come_back_letter_for_letter(self):
+        sent = mix_case(self.question, b"\xff" * len(self.question))
+        assert sent[:-4] == text_to_name("www.example.com").upper()
+        reply = reply_for(upstream_query(7, sent, do=False, cd=False), "WWW.EXAMPLE.COM. 60 IN A 192.0.2.1")
+        assert reply_fault(reply, sent, exact_case=True) is None
+        lowered = reply_for(self.upstream(), "www.example.com. 60 IN A 192.0.2.1")
+        assert reply_fault(lowered, sent, exact_case=True) is Rejected.WRONG_CASE
+        assert reply_fault(lowered, self.question, exact_case=False) is None  # an upstream in keep_case
 
     def test_compression_loop_in_reply_is_malformed(self):
         reply = bytearray(reply_for(self.upstream(), "www.example.com. 60 IN A 192.0.2.1", edns=False))
@@ -346,6 +362,25 @@ class TestScanReply:
         reply = with_header(reply, an=2, ar=1) + tail
         with contextlib.suppress(Malformed):
             scan_reply(reply, self.question)
+
+
+class TestMixCase:
+    def test_only_the_letters_of_the_name_change_case(self):
+        question = text_to_name("a-1.example") + b"\x00\x61\x00\x01"  # type 97 is the byte "a"
+        mixed = mix_case(question, b"\xff" * len(question))
+        assert mixed == text_to_name("a-1.example").upper() + b"\x00\x61\x00\x01"
+        assert mix_case(question, bytes(len(question))) == question
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(min_size=1, max_size=40))
+    def test_noise_picks_the_letters_and_nothing_else_changes(self, seed):
+        question = text_to_name("www.mixed-case.example") + b"\x00\x41\x00\x01"
+        noise = (seed * len(question))[: len(question)]
+        mixed = mix_case(question, noise)
+        assert mixed.lower() == question.lower() and mixed[-4:] == question[-4:]
+        for sent, plain, bits in zip(mixed[:-4], question[:-4], noise[:-4], strict=True):
+            flipped = chr(plain).isalpha() and bits & 0x20
+            assert sent == (plain ^ 0x20 if flipped else plain)
 
 
 @settings(max_examples=2000, deadline=None)
