@@ -60,6 +60,10 @@ class Metrics:
             for reason, count in worker["upstream_rejected"].items():
                 rejected[reason] = rejected.get(reason, 0) + count
         send_errors = sum(w["upstream_send_errors"] for w in workers)
+        shed: dict[str, int] = {}
+        for worker in workers:
+            for reason, count in worker.get("shed", {}).items():
+                shed[reason] = shed.get(reason, 0) + count
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -96,6 +100,10 @@ class Metrics:
             " route).",
             "# TYPE bns_upstream_send_errors_total counter",
             _line("bns_upstream_send_errors_total", send_errors),
+            "# HELP bns_shed_total Queries not answered in full, by reason: refused_source (server.allow),"
+            " rate_limit_dropped and rate_limit_slipped (RRL), client_busy and zone_busy (flood isolation).",
+            "# TYPE bns_shed_total counter",
+            *(_line("bns_shed_total", count, {"reason": reason}) for reason, count in sorted(shed.items())),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

@@ -56,6 +56,7 @@ class AccessControl(dict[str, int]):
         memo_size: int = 65536,
     ) -> None:
         super().__init__()
+        self.refused = 0  # queries refused (metrics; counted by the listeners)
         self._memo_size = memo_size
         self._site_networks = _Networks(site_networks)
         self.configure(server, rate_limit)

@@ -78,6 +78,7 @@ def refusal_for(
     resolver: Resolver, access: AccessControl, data: bytes, client: tuple[str, int], tcp: bool
 ) -> bytes | None:
     """The answer to a source outside server.allow: REFUSED, or nothing (silence, or a query not worth one)."""
+    access.refused += 1
     if access.silent:
         return None
     try:

@@ -78,6 +78,7 @@ class Resolver:
         # upstream capacity (upstream.max_per_client, max_per_zone); the rest is refused at once.
         self._waiting: dict[str, int] = {}
         self._zone_fetches: dict[bytes, int] = {}
+        self.shed_clients = self.shed_zones = 0  # queries so refused (metrics)
 
     @property
     def held(self) -> bool:
@@ -153,6 +154,7 @@ class Resolver:
         source = request.client[0]
         waiting = self._waiting.get(source, 0)
         if waiting >= self.forwarder.settings.max_per_client:
+            self.shed_clients += 1
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
         self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -211,6 +213,7 @@ class Resolver:
         zone = registered_domain(key[:-5])
         in_flight = self._zone_fetches.get(zone, 0)
         if in_flight >= self.forwarder.settings.max_per_zone:  # not kept, as below
+            self.shed_zones += 1
             fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _ZONE_BUSY))
             return fetch
         try:

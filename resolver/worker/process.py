@@ -96,10 +96,21 @@ class Worker:
                             **worker_counters(self.resolver, self.catalog),
                             "ready": self.ready,
                             "lists_fallback": self.lists.fallback,
+                            "shed": self.shed(),
                         },
                     )
                 )
             )
+
+    def shed(self) -> dict[str, int]:
+        """Queries not answered in full, by why (metrics: bns_shed_total)."""
+        return {
+            "refused_source": self.access.refused,
+            "rate_limit_dropped": self.limiter.dropped,
+            "rate_limit_slipped": self.limiter.slipped,
+            "client_busy": self.resolver.shed_clients,
+            "zone_busy": self.resolver.shed_zones,
+        }
 
     async def _release_when_lists_are_in(self, run: RunDirectory) -> None:
         started = time.monotonic()

@@ -65,6 +65,7 @@ def test_a_source_outside_allow_is_refused_and_never_reaches_the_upstream(upstre
         assert str(response.question[0].name) == "www.example.com."
         assert response.edns == 0
         assert ask(server, "www.example.com", tcp=True).rcode() == dns.rcode.REFUSED
+        assert server.worker is not None and server.worker.shed()["refused_source"] == 2
     assert upstream_names(upstream) == []
 
 
@@ -163,7 +164,8 @@ def test_rate_limiting_drops_and_slips_a_flood_from_one_prefix_but_not_another(u
         time.sleep(1.0)
         assert burst(server, ["big.example.com"] * 5)["full"] == 5  # the budget refills
         assert server.worker is not None
-        assert server.worker.limiter.slipped >= 80 and server.worker.limiter.dropped >= 80
+        shed = server.worker.shed()
+        assert shed["rate_limit_slipped"] >= 80 and shed["rate_limit_dropped"] >= 80
 
 
 def test_random_nxdomain_names_share_one_budget():
@@ -231,6 +233,7 @@ def test_a_client_flooding_unique_names_is_shed_and_others_still_reach_the_upstr
             started = time.monotonic()
             assert answer_addresses(ask(server, "calm.example.net", source=OTHER_PREFIX, timeout=3))
             assert time.monotonic() - started < 1.8
+            assert server.worker is not None and server.worker.shed()["client_busy"] == 40
             sock.close()
         assert len([name for name in upstream_names(upstream) if name.startswith("f")]) == 20
 
@@ -246,6 +249,7 @@ def test_a_flooded_domain_gets_only_its_share_of_the_upstream():
             quick = replies(sock, 0.5)
             assert len(quick) == 40 and all(response.rcode() == dns.rcode.SERVFAIL for response in quick)
             assert answer_addresses(ask(server, "www.bystander.co.uk", timeout=3))  # another domain
+            assert server.worker is not None and server.worker.shed()["zone_busy"] == 40
             sock.close()
         assert len([name for name in upstream_names(upstream) if name.endswith("victim.co.uk")]) == 10
 
