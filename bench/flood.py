@@ -4,8 +4,10 @@
 
 - flood: one source sends 3,000 queries per second (`--flood-qps`) for unique names under one domain, which
   the upstream answers after 1 s; another source, in another /24, asks cached names at 100 qps. Reported:
-  that client's p50/p99 latency and its lost queries (no answer within 2 s), what the flood got back, the
-  queries the flood sent upstream, and the server's CPU seconds.
+  that client's p50/p99 latency and its lost queries (no answer within 2 s), what the flood got back, and
+  the server's CPU seconds.
+- spoofing: 1,000 distinct names asked through bns (100 at a time) of a scripted upstream that records each
+  query: distinct source ports and IDs among them, and the share of upper-case letters in their names (0x20).
 - reflection: one source sends 5,000 qps for one large answer (40 A records, 680 bytes for a 45-byte query),
   with loopback rate limited like any public source (`rate_limit.exempt = []`, the default rate); a second
   source in another /24 asks the same at 50 qps. Reported: the attacker's queries answered in full,
@@ -13,7 +15,8 @@
 
 Each scenario runs `--runs` times against a fresh bns with one worker (and, with `--baseline`, the bns of
 another checkout, the runs interleaved); figures are medians. The upstream is a scripted server in its own
-process. Only loopback is used; the load is bounded by rate and time.
+process (in the bench's for spoofing, where it records). Only loopback is used; the load is bounded by rate
+and time.
 """
 
 from __future__ import annotations
@@ -217,7 +220,33 @@ def reflection_run(
     }
 
 
-SCENARIOS = {"flood": flood_run, "reflection": reflection_run}
+def spoofing_run(
+    target: Target, upstream_port: int, directory: Path, args: argparse.Namespace, run: int
+) -> dict[str, float]:
+    with ScriptedUpstream() as upstream, bns(target, upstream.port, directory) as (port, _pid):
+        names = [f"s{run}n{index}.spoof.example.org" for index in range(1000)]
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((BYSTANDER, 0))
+        sock.settimeout(PROBE_TIMEOUT)
+        for start in range(0, len(names), 100):  # 100 at a time, each batch answered before the next
+            for index, name in enumerate(names[start : start + 100]):
+                sock.sendto(dns.message.make_query(name, "A", id=index).to_wire(), ("127.0.0.1", port))
+            with contextlib.suppress(TimeoutError):
+                for _ in range(100):
+                    sock.recv(65535)
+        sock.close()
+        seen = [item for item in upstream.seen if item.name.startswith(f"s{run}n")][:1000]
+    letters = [char for item in seen for char in item.wire_name if char.isalpha()]
+    return {
+        "upstream queries": len(seen),
+        "distinct ports": len({item.source_port for item in seen}),
+        "distinct IDs": len({item.query_id for item in seen}),
+        "upper-case letters %": 100 * sum(char.isupper() for char in letters) / max(len(letters), 1),
+    }
+
+
+SCENARIOS = {"flood": flood_run, "reflection": reflection_run, "spoofing": spoofing_run}
 
 
 def table(name: str, targets: list[Target], runs: dict[str, list[dict[str, float]]]) -> list[str]:
