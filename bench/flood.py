@@ -111,7 +111,7 @@ async def paced_client(port: int, source: str, names: list[str], qps: int, secon
             started = pending.pop(data[0] << 8 | data[1], None)
             if started is None:
                 continue
-            tally.latencies.append(loop.time() - started)
+            tally.latencies.append(time.perf_counter() - started)
             tally.rcodes[data[3] & 0x0F] = tally.rcodes.get(data[3] & 0x0F, 0) + 1
             if data[2] & 0x02:
                 tally.truncated += 1
@@ -126,7 +126,7 @@ async def paced_client(port: int, source: str, names: list[str], qps: int, secon
             due = int((loop.time() - start) * qps) - tally.sent
             for _ in range(due):
                 next_id = (next_id + 1) & 0xFFFF
-                pending[next_id] = loop.time()
+                pending[next_id] = time.perf_counter()
                 with contextlib.suppress(BlockingIOError):
                     sock.send(next_id.to_bytes(2, "big") + wire[tally.sent % len(wire)])
                 tally.sent += 1
@@ -254,7 +254,7 @@ def table(name: str, targets: list[Target], runs: dict[str, list[dict[str, float
     lines = [f"| {name} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for target in targets:
         results = runs[target.label]
-        cells = [f"{median([result[column] for result in results]):,.1f}" for column in columns]
+        cells = [f"{median([result[column] for result in results]):,.2f}" for column in columns]
         lines.append(f"| {target.label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -262,7 +262,7 @@ def table(name: str, targets: list[Target], runs: dict[str, list[dict[str, float
         + "; ".join(
             f"{target.label}: "
             + ", ".join(
-                f"{column} {[round(result[column], 1) for result in runs[target.label]]}" for column in columns[:3]
+                f"{column} {[round(result[column], 2) for result in runs[target.label]]}" for column in columns[:3]
             )
             for target in targets
         )
