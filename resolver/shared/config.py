@@ -192,7 +192,8 @@ class UpstreamSettings:
     )
     max_per_client: int = setting(
         100,
-        "queries one source address may have waiting for upstreams per worker; beyond it, SERVFAIL at once",
+        "queries one client (a source address; a device behind a router of identity.trusted_networks) may have "
+        "waiting for upstreams per worker; beyond it, SERVFAIL at once",
         minimum=1,
         maximum=1_000_000,
         live=True,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import partial
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
@@ -76,7 +76,7 @@ class Resolver:
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
         # Flood isolation: a source, or a domain asked for random names, may hold only so much of the
         # upstream capacity (upstream.max_per_client, max_per_zone); the rest is refused at once.
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[Hashable, int] = {}
         self._zone_fetches: dict[bytes, int] = {}
         self.shed_clients = self.shed_zones = 0  # queries so refused (metrics)
 
@@ -151,7 +151,7 @@ class Resolver:
         if refusal is not None:
             return refusal
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
-        source = request.client[0]
+        source = self.directory.key(request)  # a device behind a trusted router is a client of its own
         waiting = self._waiting.get(source, 0)
         if waiting >= self.forwarder.settings.max_per_client:
             self.shed_clients += 1
@@ -171,7 +171,7 @@ class Resolver:
         fetch: asyncio.Future[CachedAnswer],
     ) -> None:
         # A callback, not a task per miss: the miss path is where a forwarder spends most of its CPU.
-        source = request.client[0]
+        source = self.directory.key(request)
         waiting = self._waiting[source] - 1
         if waiting:
             self._waiting[source] = waiting
