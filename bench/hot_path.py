@@ -107,7 +107,7 @@ class Bench:
         self.listener = UdpListener(
             self.resolver,
             InFlight(),
-            AccessControl(config.server, config.rate_limit),
+            AccessControl(config.server, config.rate_limit, config.identity),
             ResponseRateLimiter(config.rate_limit),
         )
         self.transport = _Dropped()

@@ -18,6 +18,7 @@ from bench.upstream import Script, build_reply
 from blocklists.catalog import load_catalog
 from resolver.shared.config import (
     CacheSettings,
+    IdentitySettings,
     PolicySettings,
     RateLimitSettings,
     ServerSettings,
@@ -65,7 +66,7 @@ def warm() -> tuple[UdpListener, list[bytes]]:
     listener = UdpListener(
         resolver,
         InFlight(),
-        AccessControl(ServerSettings(), RateLimitSettings()),
+        AccessControl(ServerSettings(), RateLimitSettings(), IdentitySettings()),
         ResponseRateLimiter(RateLimitSettings()),
     )
     listener.connection_made(_NoTransport())  # type: ignore[arg-type]

@@ -396,6 +396,12 @@ class RateLimitSettings:
         maximum=100,
         live=True,
     )
+    limit_sites: bool = setting(
+        False,
+        "rate limit the sites' networks and identity.trusted_networks too (by default the operator's known "
+        "customers and routers are exempt: a school behind one address asks more than any stranger)",
+        live=True,
+    )
     ipv4_prefix: int = setting(24, "IPv4 sources sharing one budget: this prefix length", minimum=8, maximum=32)
     ipv6_prefix: int = setting(56, "IPv6 sources sharing one budget: this prefix length", minimum=16, maximum=128)
     exempt: tuple[str, ...] = setting(

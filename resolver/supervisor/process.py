@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -253,8 +254,31 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def raise_descriptor_limit(config: Config) -> None:
+    """Every upstream query has a socket of its own (RFC 5452 ports), and a hedged one several: take the hard
+    limit on open files, which systemd and containers leave far above the soft 1,024; say so when even that
+    is short of what a worker may need at its caps."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    upstream = config.upstream
+    attempts = int(upstream.deadline / upstream.timeout) + 1
+    need = upstream.max_outstanding * attempts + config.server.tcp_max_connections + 256
+    have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if have < need:
+        log.warning(
+            "open files are limited to %d per process; a worker at upstream.max_outstanding and "
+            "server.tcp_max_connections may need %d (raise `ulimit -n`, or LimitNOFILE= in the unit)",
+            have,
+            need,
+        )
+
+
 def serve(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
+    raise_descriptor_limit(config)
     try:
         run = RunDirectory.create(cache_dir_of(config.lists))
     except OSError as exc:

@@ -75,16 +75,25 @@ class InFlight:
 
 
 def refusal_for(
-    resolver: Resolver, access: AccessControl, data: bytes, client: tuple[str, int], tcp: bool
+    resolver: Resolver,
+    access: AccessControl,
+    data: bytes,
+    client: tuple[str, int],
+    tcp: bool,
+    limiter: ResponseRateLimiter | None = None,
 ) -> bytes | None:
-    """The answer to a source outside server.allow: REFUSED, or nothing (silence, or a query not worth one)."""
+    """The answer to a source outside server.allow: REFUSED, or nothing (silence, a query not worth one, or
+    over UDP beyond the rate limit: a forged source must not turn refusals into a flood either)."""
     access.refused += 1
     if access.silent:
         return None
     try:
-        return resolver.refusal(data, client, tcp)
+        refusal = resolver.refusal(data, client, tcp)
     except Exception:
         return None
+    if limiter is not None and limiter.limiting and limiter.judge(refusal, client[0]) != SEND:
+        return None
+    return refusal
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -106,7 +115,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return  # stopping: a query read now could not be answered in time; the client retries elsewhere
         access = self._access[addr[0]]
         if access == REFUSED:
-            refusal = refusal_for(self._resolver, self._access, data, addr, False)
+            refusal = refusal_for(self._resolver, self._access, data, addr, False, self._limiter)
             if refusal is not None:
                 self._transport.sendto(refusal, addr)  # type: ignore[union-attr]
             return
@@ -172,7 +181,6 @@ class TcpConnection(asyncio.Protocol):
     ) -> None:
         self._resolver = resolver
         self._access = access
-        self._refused = False
         self._settings = settings
         self._connections = connections
         self._in_flight_futures = in_flight
@@ -189,14 +197,13 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._peer = transport.get_extra_info("peername")[:2]
+        # Before eviction: a refused source must not push out an idle connection of a client.
+        if self._access[self._peer[0]] == REFUSED and self._access.silent:
+            transport.close()
+            return
         if len(self._connections) >= self._settings.tcp_max_connections and not self._evict_idle():
             transport.close()  # at the cap and every connection busy: refuse; the client tries elsewhere
-            return
-        self._peer = transport.get_extra_info("peername")[:2]
-        # TCP is not rate limited: a connection proves its source address.
-        self._refused = self._access[self._peer[0]] == REFUSED
-        if self._refused and self._access.silent:
-            transport.close()
             return
         self._connections.add(self)
         self._last_active = self._clock()
@@ -264,7 +271,9 @@ class TcpConnection(asyncio.Protocol):
 
     def _dispatch(self, message: bytes) -> None:
         reply: bytes | asyncio.Future[bytes] | None
-        if self._refused:
+        # Judged per message, so a reload's new rules reach open connections; TCP is never rate limited: a
+        # connection proves its source address.
+        if self._access[self._peer[0]] == REFUSED:
             reply = refusal_for(self._resolver, self._access, message, self._peer, True)
         else:
             reply = answer_safely(self._resolver, message, self._peer, True)

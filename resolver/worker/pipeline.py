@@ -28,6 +28,8 @@ from resolver.worker.wire import (
     QueryParser,
     Request,
     ScannedReply,
+    read_query,
+    registered_domain,
     resource_record,
     synthesized_answer,
     truncated_answer,
@@ -41,7 +43,8 @@ _ZONE_BUSY = ede_option(EdeCode.OTHER, "too many upstream queries in flight for 
 _CLIENT_BUSY = ede_option(EdeCode.OTHER, "too many of your queries are waiting for upstreams")
 _STORE_NOT_READY = ede_option(EdeCode.NOT_READY, "the policy store cannot be reached")
 _NOT_READY = ede_option(EdeCode.NOT_READY, "the filter is starting: its blocklist is not in yet")
-_PROHIBITED = ede_option(EdeCode.PROHIBITED, "this resolver does not answer your network")
+# No text: a refusal goes to strangers, whose source may be forged, and must be no larger than their query.
+_PROHIBITED = ede_option(EdeCode.PROHIBITED)
 # RFC 8914 §4.21 names this code for a REFUSED to a query with RD clear; 18 Prohibited would tell the client
 # it may not use this server at all, which is not so: with RD set, it would be answered.
 _NOT_RECURSING = ede_option(EdeCode.NOT_AUTHORITATIVE, "RD is clear and the answer is not cached")
@@ -95,7 +98,8 @@ class Resolver:
 
     def refusal(self, data: bytes, client: tuple[str, int], tcp: bool) -> bytes:
         """REFUSED with EDE 18, the question echoed: for a source outside server.allow. Raises Malformed."""
-        return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.REFUSED, ede=_PROHIBITED)
+        query, _options = read_query(data, tcp)  # not interned: strangers' queries must not evict our clients'
+        return synthesized_answer(Request(data, client, query), Rcode.REFUSED, ede=_PROHIBITED)
 
     def truncation(self, data: bytes, client: tuple[str, int], reply: bytes) -> bytes:
         """`reply` to the UDP query `data` cut to its question with TC=1: the client asks again over TCP."""
@@ -251,22 +255,6 @@ class Resolver:
 
     def close(self) -> None:
         self.forwarder.close()
-
-
-def registered_domain(name: bytes) -> bytes:
-    """The domain a wire name is registered under, roughly: its last two labels, or three where the last two
-    look like a public suffix of their own (co.uk, com.au: a short label under a two-letter one). A forwarder
-    knows no zone cuts; this groups a random-subdomain flood under the name its attacker aims at."""
-    starts = []
-    pos = 0
-    while name[pos]:
-        starts.append(pos)
-        pos += name[pos] + 1
-    if len(starts) <= 2:
-        return name
-    if name[starts[-1]] == 2 and name[starts[-2]] <= 3:
-        return name[starts[-3] :]
-    return name[starts[-2] :]
 
 
 def _refuse_recursion(request: Request) -> bytes | None:

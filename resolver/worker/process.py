@@ -54,7 +54,7 @@ class Worker:
             self.backends.policies, maker, catalog, NetworkSet(config.identity.trusted_networks), config.store
         )
         self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists, self.directory)
-        self.access = AccessControl(config.server, config.rate_limit)
+        self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks
         self.limiter = ResponseRateLimiter(config.rate_limit)
         self.in_flight = InFlight()
@@ -145,7 +145,7 @@ class Worker:
         if config.store != old.store:
             self.directory.use_settings(config.store)
         if config.server != old.server or config.rate_limit != old.rate_limit:
-            self.access.configure(config.server, config.rate_limit)
+            self.access.configure(config.server, config.rate_limit, config.identity)
             self.limiter.configure(config.rate_limit)
         if config.upstream != old.upstream:
             retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)

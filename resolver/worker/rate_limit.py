@@ -2,10 +2,11 @@
 
 A reflection attack sends small queries with a victim's address as the source and lets the server's larger
 answers flood the victim. UDP proves no source address, so the answers a source prefix (a /24, a /56) gets
-are budgeted: per second, `responses_per_second` of each distinct response (the question for NOERROR; all
-NXDOMAIN answers alike, so random names do not make fresh budgets; all other errors alike). Beyond the budget
-an answer is dropped, except every `slip`-th, which goes out truncated with no records: a real client behind
-a spoofed-looking prefix retries over TCP, which needs a real address and is never limited.
+are budgeted: per second, `responses_per_second` of each distinct response (the question for NOERROR;
+NXDOMAIN per registered domain, so random names under one do not make fresh budgets; all other errors
+alike). Beyond the budget an answer is dropped, except every `slip`-th, which goes out truncated with no
+records: a real client behind a spoofed-looking prefix retries over TCP, which needs a real address and is
+never limited. Refusals of strangers are budgeted the same way, and never slipped.
 
 Budgets are token buckets refilled at the rate and holding at most one second's worth, kept per worker (a
 source's queries reach one worker while its source port stays the same) and forgotten oldest half first.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from resolver.shared.config import RateLimitSettings
 from resolver.shared.dns import Rcode
 from resolver.shared.memo import make_room
+from resolver.worker.wire import registered_domain
 
 SEND, SLIP, DROP = 0, 1, 2
 
@@ -40,6 +42,7 @@ class ResponseRateLimiter:
         self._settings = settings
         self._rate = float(settings.responses_per_second)
         self._slip = settings.slip
+        self.limiting = settings.responses_per_second > 0
 
     def judge(self, reply: bytes, source: str) -> int:
         """SEND, SLIP (send it truncated) or DROP the UDP answer `reply` to `source`."""
@@ -47,8 +50,11 @@ class ResponseRateLimiter:
         if rcode == Rcode.NOERROR:
             end = reply.find(0, _HEADER) + 5
             response = reply[_HEADER:end].lower()
+        elif rcode == Rcode.NXDOMAIN:
+            # one budget per domain: random names under it make no fresh budget, blocked names elsewhere do
+            response = registered_domain(reply[_HEADER : reply.find(0, _HEADER) + 1].lower())
         else:
-            response = b""  # NXDOMAIN, and errors, share one budget per prefix each
+            response = b""  # every other error shares one budget per prefix
         prefix = self._prefixes.get(source)
         if prefix is None:
             prefix = self._prefix(source)

@@ -358,6 +358,48 @@ def _identity_options(data: bytes, pos: int, end: int) -> dict[int, bytes] | Non
     return options
 
 
+# Second-level labels under which a country's names are registered (co.uk, com.au, ne.jp, gov.br…): the
+# few a public suffix list would add that matter for grouping; a forwarder knows no zone cuts.
+_SECOND_LEVELS = frozenset(
+    (
+        b"co",
+        b"com",
+        b"net",
+        b"org",
+        b"gov",
+        b"edu",
+        b"ac",
+        b"or",
+        b"ne",
+        b"go",
+        b"gob",
+        b"nic",
+        b"mil",
+        b"ltd",
+        b"plc",
+        b"sch",
+    )
+)
+
+
+def registered_domain(name: bytes) -> bytes:
+    """The domain a lowercased wire name is registered under, roughly: its last two labels, three under a
+    country's second level (victim.co.uk, not co.uk). It groups a random-subdomain flood under the name its
+    attacker aims at (upstream.max_per_zone) and random NXDOMAIN answers under one budget (rate_limit.py)."""
+    starts = []
+    pos = 0
+    size = len(name)
+    while pos < size and name[pos]:
+        starts.append(pos)
+        pos += name[pos] + 1
+    if len(starts) <= 2:
+        return name
+    last = starts[-1]
+    if name[last] == 2 and name[starts[-2] + 1 : last] in _SECOND_LEVELS:
+        return name[starts[-3] :]
+    return name[starts[-2] :]
+
+
 # --- answers built here -------------------------------------------------------------------------------
 
 

@@ -20,13 +20,13 @@ import pytest
 
 from bench.upstream import Script, ScriptedUpstream
 from blocklists.catalog import load_catalog
-from resolver.shared.config import RateLimitSettings, ServerSettings, load_config
+from resolver.shared.config import IdentitySettings, RateLimitSettings, ServerSettings, load_config
 from resolver.shared.errors import ConfigError
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.worker.access import ALLOWED, LIMITED, REFUSED, AccessControl
-from resolver.worker.pipeline import registered_domain
 from resolver.worker.rate_limit import DROP, SEND, SLIP, ResponseRateLimiter
+from resolver.worker.wire import registered_domain
 from tests.conftest import ServerThread, answer_addresses, eventually, make_config, redis_policy_store
 
 pytestmark = pytest.mark.integration
@@ -66,6 +66,22 @@ def test_a_source_outside_allow_is_refused_and_never_reaches_the_upstream(upstre
         assert response.edns == 0
         assert ask(server, "www.example.com", tcp=True).rcode() == dns.rcode.REFUSED
         assert server.worker is not None and server.worker.shed()["refused_source"] == 2
+    assert upstream_names(upstream) == []
+
+
+def test_a_refused_source_never_reaches_the_policy_store_and_its_refusals_are_rate_limited(upstream, tmp_path):
+    path = tmp_path / "policies.json"
+    asyncio.run(PolicyService(FileStore(path, load_catalog())).put_site("home", {"networks": ["10.0.0.0/8"]}))
+    config = make_config(
+        [upstream.address],
+        server={"allow": ["10.0.0.0/8"]},
+        store={"file": str(path)},
+        rate_limit={"responses_per_second": 10, "slip": 2},
+    )
+    with ServerThread(config) as server:
+        seen = burst(server, [f"n{index}.example.com" for index in range(60)])
+        assert seen["truncated"] == 0 and 10 <= seen["full"] <= 15  # refusals are never slipped
+        assert server.worker is not None and len(server.worker.directory) == 0  # no client was looked up
     assert upstream_names(upstream) == []
 
 
@@ -110,19 +126,26 @@ def test_a_bad_network_fails_at_start_up_naming_the_key():
 
 
 def test_access_verdicts():
-    server = ServerSettings(allow=("10.0.0.0/8", "2001:db8::/32"), refuse=("10.9.0.0/16",))
-    access = AccessControl(server, RateLimitSettings(exempt=("10.1.0.0/16",)), site_networks=["192.0.2.0/24"])
+    server = ServerSettings(allow=("10.0.0.0/8", "2001:db8::/32"), refuse=("10.9.0.0/16", "198.51.100.128/25"))
+    limits = RateLimitSettings(exempt=("10.1.0.0/16",))
+    sites = ["192.0.2.0/24", "198.51.100.0/24", "0.0.0.0/0", "::/0", "2001:db8:9::/48"]
+    access = AccessControl(server, limits, IdentitySettings(trusted_networks=("10.3.0.0/16",)), site_networks=sites)
     assert access["10.1.2.3"] == ALLOWED  # exempt from rate limiting
+    assert access["10.3.2.3"] == ALLOWED  # a trusted router
     assert access["10.2.2.3"] == LIMITED
     assert access["10.9.2.3"] == REFUSED
-    assert access["192.0.2.9"] == LIMITED  # a site's network
+    assert access["192.0.2.9"] == ALLOWED  # a site's network: answered, not limited by default
+    assert access["198.51.100.200"] == REFUSED  # refuse beats a site's network, however specific
     assert access["::ffff:10.1.2.3"] == ALLOWED  # IPv4 seen through a dual-stack socket
     assert access["2001:db8::1"] == LIMITED
-    assert access["198.51.100.1"] == REFUSED
+    assert access["198.51.101.1"] == REFUSED  # a site's 0.0.0.0/0 opens nothing
+    assert access["2001:db9::1"] == REFUSED  # nor its ::/0
     assert access["not an address"] == REFUSED
     access.use_site_networks([])
     assert access["192.0.2.9"] == REFUSED
-    off = AccessControl(server, RateLimitSettings(responses_per_second=0))
+    limited = AccessControl(server, RateLimitSettings(limit_sites=True), IdentitySettings(), site_networks=sites)
+    assert limited["192.0.2.9"] == LIMITED
+    off = AccessControl(server, RateLimitSettings(responses_per_second=0), IdentitySettings())
     assert off["10.2.2.3"] == ALLOWED  # no rate limiting: nobody is limited
 
 
@@ -234,7 +257,10 @@ def test_a_client_flooding_unique_names_is_shed_and_others_still_reach_the_upstr
             assert answer_addresses(ask(server, "calm.example.net", source=OTHER_PREFIX, timeout=3))
             assert time.monotonic() - started < 1.8
             assert server.worker is not None and server.worker.shed()["client_busy"] == 40
+            assert len(replies(sock, 2.0)) == 20  # the upstream's answers, after its second
             sock.close()
+            resolver = server.worker.resolver
+            assert server.call(lambda: (resolver._waiting, resolver._zone_fetches)) == ({}, {})  # nothing leaks
         assert len([name for name in upstream_names(upstream) if name.startswith("f")]) == 20
 
 
@@ -250,7 +276,10 @@ def test_a_flooded_domain_gets_only_its_share_of_the_upstream():
             assert len(quick) == 40 and all(response.rcode() == dns.rcode.SERVFAIL for response in quick)
             assert answer_addresses(ask(server, "www.bystander.co.uk", timeout=3))  # another domain
             assert server.worker is not None and server.worker.shed()["zone_busy"] == 40
+            assert len(replies(sock, 2.0)) == 10
             sock.close()
+            resolver = server.worker.resolver
+            assert server.call(lambda: (resolver._waiting, resolver._zone_fetches)) == ({}, {})
         assert len([name for name in upstream_names(upstream) if name.endswith("victim.co.uk")]) == 10
 
 
@@ -260,6 +289,9 @@ def test_registered_domain():
 
     assert registered_domain(wire("a.b.example.com")) == wire("example.com")
     assert registered_domain(wire("x.y.victim.co.uk")) == wire("victim.co.uk")
+    assert registered_domain(wire("r1.abc.io")) == wire("abc.io")  # a short name under a ccTLD is no suffix
+    assert registered_domain(wire("r1.bit.ly")) == wire("bit.ly")
+    assert registered_domain(wire("r1.t.co")) == wire("t.co")
     assert registered_domain(wire("example.com")) == wire("example.com")
     assert registered_domain(wire("com")) == wire("com")
     assert registered_domain(b"\x00") == b"\x00"
