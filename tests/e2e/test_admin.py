@@ -345,3 +345,27 @@ def test_the_admin_process_yields_the_cpu_to_the_workers(tmp_path, upstream):
         admin = children[-1]  # spawned after the workers
         assert os.sched_getscheduler(admin) == os.SCHED_IDLE and os.getpriority(os.PRIO_PROCESS, admin) == 19
         assert all(os.sched_getscheduler(worker) == os.SCHED_OTHER for worker in children[:-1])
+
+
+def test_site_import_and_profile_deletion_through_the_api(file_node):
+    _port, api = file_node
+    sites = [{"id": "i1", "networks": ["192.0.2.0/25"]}, {"id": "i2", "networks": ["192.0.2.128/25"]}]
+    assert http(api, "POST", "/v1/sites", sites) == (200, {"imported": 2})
+    status, listed = http(api, "GET", "/v1/sites")
+    assert status == 200 and {"i1", "i2"} <= set(listed)  # type: ignore[arg-type]
+    clash = [{"id": "i3", "networks": ["192.0.2.0/25"]}]  # i1's network: the whole import is refused
+    status, body = http(api, "POST", "/v1/sites", clash)
+    assert status == 422 and "i1" in body["error"]["message"]  # type: ignore[index]
+    assert http(api, "GET", "/v1/sites/i3")[0] == 404
+    assert http(api, "PUT", "/v1/profiles/strict", {"deny": ["bad.example"]})[0] == 200
+    site = {
+        "networks": ["192.0.2.0/25"],
+        "mode": "device",
+        "default_group": "g",
+        "groups": {"g": {"policy": {"profile": "strict"}}},
+    }
+    assert http(api, "PUT", "/v1/sites/i1", site)[0] == 200
+    question = {"name": "bad.example", "address": "192.0.2.5"}
+    assert http(api, "POST", "/v1/why", question)[1]["verdict"] == "blocked"  # type: ignore[index]
+    assert http(api, "DELETE", "/v1/profiles/strict")[0] == 200
+    assert http(api, "POST", "/v1/why", question)[1]["verdict"] == "allowed"  # type: ignore[index]

@@ -3,8 +3,10 @@ within a second."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import dns.edns
 import dns.message
@@ -88,3 +90,37 @@ def test_cli_with_redis_down_fails_with_exit_1(tmp_path):
     config.write_text(f'[store]\nredis = "redis://127.0.0.1:{port}/0"\n')
     result = local(config, "site", "set", "home", "--network", "127.0.0.0/8")
     assert result.returncode == 1 and "redis at redis://127.0.0.1" in result.stderr
+
+
+def test_the_rest_of_the_grammar_against_the_file_store(tmp_path):
+    """site import / delete, group set / delete, device delete, profile set / delete, why: each once, by its
+    exit code and its JSON."""
+    config = tmp_path / "bns.toml"
+    config.write_text(f'[store]\nfile = "{tmp_path / "policies.json"}"\n')
+    sites = tmp_path / "sites.jsonl"
+    sites.write_text(
+        '{"id": "a", "networks": ["192.0.2.0/24"], "mode": "device", "groups": {"kids": {"policy": {}}}}\n'
+        '{"id": "b", "networks": ["198.51.100.0/24"]}\n'
+    )
+
+    def ok(*args: str) -> Any:
+        result = local(config, *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert ok("site", "import", str(sites)) == {"imported": 2}
+    assert ok("site", "show") == ["a", "b"]
+    assert "teens" in ok("group", "set", "a", "teens", "--name", "Teens")["groups"]
+    ok("device", "set", "a", "tab", "--mac", MAC, "--group", "kids")
+    ok("policy", "a", "--device", "tab", "--policy", '{"deny": ["bad.example"]}')
+    why = ok("why", "www.bad.example", "--address", "192.0.2.7", "--mac", MAC)
+    assert why["verdict"] == "blocked" and why["device"] == "tab" and why["rule"] == "deny"
+    assert "tab" not in ok("device", "delete", "a", "tab")["devices"]
+    why = ok("why", "www.bad.example", "--address", "192.0.2.7", "--mac", MAC)
+    assert why["verdict"] == "allowed" and why["device"] is None
+    assert "teens" not in ok("group", "delete", "a", "teens")["groups"]
+    assert ok("profile", "strict", "--policy", '{"block": ["drugs"]}') == {"deleted": False, "profile": "strict"}
+    assert ok("profile", "strict", "--delete")["deleted"] is True
+    ok("site", "delete", "b")
+    gone = local(config, "site", "show", "b")
+    assert gone.returncode == 3 and "b" in gone.stderr
