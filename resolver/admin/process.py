@@ -19,6 +19,7 @@ from resolver.admin.why import Explainer
 from resolver.shared.config import Config
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.lists import cache_dir_of, served_path
+from resolver.shared.loading import load_policy_and_lists, policy_maker
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.run_directory import RunDirectory
 from resolver.shared.signals import handle_signals
@@ -37,7 +38,6 @@ _NOT_READY_LOG_INTERVAL = 5.0
 
 class AdminNode:
     def __init__(self, config: Config, http: HttpSockets, run: RunDirectory) -> None:
-        from resolver.shared.loading import load_policy_and_lists  # noqa: PLC0415  (server imports this module)
 
         self.config = config
         self.http = http
@@ -110,7 +110,6 @@ class AdminNode:
 
     def reload(self, config: Config) -> None:
         """Apply a configuration reloaded on SIGHUP (only the keys marked live differ from the current one)."""
-        from resolver.shared.loading import policy_maker  # noqa: PLC0415  (server imports this module)
 
         old, self.config = self.config, config
         logging.getLogger().setLevel(config.log.level.upper())
