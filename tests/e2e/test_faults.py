@@ -20,7 +20,7 @@ import pytest
 from bench.faults import Hammer, publish, write_config
 from bench.harness import free_port
 from bench.upstream import Script, ScriptedUpstream
-from tests.conftest import answer_addresses
+from tests.conftest import answer_addresses, eventually
 from tests.e2e.test_admin import http
 from tests.e2e.test_process import bns, node, serving
 
@@ -197,11 +197,13 @@ def test_a_node_that_cannot_reach_redis_waits_then_serves_the_list_it_holds(
 def test_a_node_holding_no_list_waits_for_redis_however_long(tmp_path, upstream, gore_list, own_redis, redis_prefix):
     publish(own_redis.url, redis_prefix, gore_list, tmp_path)
     own_redis.kill()
-    port = free_port()
+    port, admin = free_port(), free_port()
+    token = "health-token-for-tests-02"
     config = write_config(
         tmp_path / "node.toml",
         store={"redis": own_redis.url, "prefix": redis_prefix},
         lists={"cache_dir": str(tmp_path / "cache"), "ready_timeout": 0.5},
+        admin={"tokens": [token]},
     )
     process = subprocess.Popen(
         bns(
@@ -213,19 +215,24 @@ def test_a_node_holding_no_list_waits_for_redis_however_long(tmp_path, upstream,
             "--upstream",
             upstream.address,
             "--admin-listen",
-            "",
+            f"127.0.0.1:{admin}",
         ),
         stderr=subprocess.DEVNULL,
     )
+    api = f"http://127.0.0.1:{admin}"
     try:
         with Hammer(port, listed_query) as hammer:
             time.sleep(2.5)
             assert hammer.outcomes["not ready"] > 0 and hammer.outcomes["resolved"] == 0, hammer.outcomes
+            status, health = http(api, "GET", "/health", token=token)
+            assert status == 503 and health["status"] == "starting", health  # what a load balancer reads
+            assert "bns_ready 0" in http(api, "GET", "/metrics", token=token)[1]
             own_redis.start()
             started = time.monotonic()
             while ask(port, LISTED).rcode() != dns.rcode.NXDOMAIN:
                 assert time.monotonic() - started < 10, "the node never got its list"
                 time.sleep(0.05)
+            eventually(lambda: http(api, "GET", "/health", token=token)[0] == 200, within=5)
         assert hammer.outcomes["resolved"] == 0, hammer.outcomes
     finally:
         process.terminate()
