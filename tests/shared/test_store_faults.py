@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.edns
 import dns.message
@@ -338,3 +340,37 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
         1 << 20,
         scratch / "uploads",
     )
+
+
+def test_an_api_write_whose_outcome_cannot_be_learnt_is_504_and_the_cli_exits_5(
+    proxy, own_redis, redis_prefix, tmp_path
+):
+    """The store's WriteUnknown as a client sees it: HTTP 504 with outcome "unknown", and exit code 5 from
+    the CLI through the API; never "failed"."""
+
+    async def run() -> tuple[int, dict[str, Any], int, bytes]:
+        store = redis_policy_store(proxy.url, redis_prefix)
+        store.confirm_seconds = 0.5
+        api = api_over(store, tmp_path)
+        loop = asyncio.get_running_loop()
+        async with TestClient(TestServer(api.app())) as client:
+            headers = {"Authorization": f"Bearer {API_TOKEN}"}
+            assert (await client.put("/v1/sites/home", json={"name": "home"}, headers=headers)).status == 200
+            proxy.cut = EXEC_APPLIED  # the write reaches Redis; its reply and every check after it do not
+            loop.call_later(2.0, proxy.refusing.clear)
+            response = await client.post("/v1/sites/home/pause", json={}, headers=headers)
+            status, body = response.status, await response.json()
+            await asyncio.sleep(2.2)  # Redis reachable again
+            proxy.cut = EXEC_APPLIED
+            loop.call_later(2.0, proxy.refusing.clear)
+            command = [sys.executable, "-m", "resolver", "unpause", "home", "--api", str(client.make_url(""))]
+            cli = await asyncio.create_subprocess_exec(
+                *command, "--token", API_TOKEN, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            _out, err = await cli.communicate()
+        await store.close()
+        return status, body, cli.returncode or 0, err
+
+    status, body, code, err = asyncio.run(run())
+    assert status == 504 and body["error"]["outcome"] == "unknown", body
+    assert code == 5, err
