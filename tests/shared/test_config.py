@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from resolver.shared.config import Endpoint, describe_settings, load_config, parse_endpoint
+from resolver.shared.config import Endpoint, describe_settings, load_config, parse_endpoint, reloaded
 from resolver.shared.errors import ConfigError
 from resolver.shared.sockets import _explain_bind_error
+from resolver.shared.store.redis import SentinelTarget, check_redis_url, parse_sentinel_url
 
 pytestmark = pytest.mark.unit
 
@@ -117,3 +118,52 @@ def test_every_setting_is_described():
 def test_bind_errors_say_what_to_do(code, hint):
     error = _explain_bind_error(Endpoint("0.0.0.0", 53), OSError(code, "x"))
     assert "0.0.0.0:53" in str(error) and hint in str(error)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sentinel://s1:26380,s2/bns", SentinelTarget((("s1", 26380), ("s2", 26379)), "bns")),
+        ("sentinel://[::1]:5000/bns/3", SentinelTarget((("::1", 5000),), "bns", 3)),
+        (
+            "redis+sentinel://user:pa%40ss@s1/bns?sentinel_password=x",
+            SentinelTarget((("s1", 26379),), "bns", 0, "user", "pa@ss", "x"),
+        ),
+    ],
+)
+def test_sentinel_urls(url, expected):
+    assert parse_sentinel_url(url) == expected
+    assert check_redis_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sentinel://s1:port/bns", "is not a number"),
+        ("sentinel://s1", "the path must be /service"),
+        ("sentinel://s1/bns/zero", "the path must be /service"),
+        ("sentinel://s1/bns?password=x", "unknown parameter 'password'"),
+        ("http://s1/0", "expected redis://"),
+    ],
+)
+def test_bad_redis_urls_say_what_is_wrong(url, message):
+    with pytest.raises(ValueError, match=message):
+        check_redis_url(url)
+    with pytest.raises(ConfigError, match=r"store\.redis"):
+        load_config(None, {"store": {"redis": url}})
+
+
+def test_a_reload_applies_the_live_keys_and_names_the_others():
+    current = load_config(None, {"upstream": {"servers": ["192.0.2.1"]}, "server": {"workers": 1}})
+    loaded = load_config(
+        None, {"upstream": {"servers": ["192.0.2.2"]}, "server": {"workers": 4}, "log": {"level": "debug"}}
+    )
+    merged, applied, restart = reloaded(current, loaded)
+    assert sorted(applied) == ["log.level", "upstream.servers"]
+    assert restart == ["server.workers"]
+    assert merged.upstream.servers == loaded.upstream.servers and merged.log.level == "debug"
+    assert merged.server.workers == 1  # needs a restart: the running value stays
+    # `answer` is live but the page addresses it needs are not: the mix is refused whole
+    paged = load_config(None, {"policy": {"answer": "page", "block_page": ["192.0.2.9"]}})
+    with pytest.raises(ConfigError, match=r"policy\.answer"):
+        reloaded(current, paged)
