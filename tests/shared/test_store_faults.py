@@ -374,3 +374,40 @@ def test_an_api_write_whose_outcome_cannot_be_learnt_is_504_and_the_cli_exits_5(
     status, body, code, err = asyncio.run(run())
     assert status == 504 and body["error"]["outcome"] == "unknown", body
     assert code == 5, err
+
+
+SCHEDULED = {
+    "networks": ["127.0.0.0/8"],
+    "mode": "device",
+    "default_group": "family",
+    "groups": {
+        "family": {
+            "policy": {  # blocks everything 15:00–17:00 UTC, which holds the workers' clock (NOON is 16:00 UTC)
+                "schedules": [
+                    {
+                        "name": "homework",
+                        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                        "from": "15:00",
+                        "to": "17:00",
+                        "block": "all",
+                    }
+                ]
+            }
+        }
+    },
+    "devices": {"known": {"macs": ["02:00:00:00:00:01"], "group": "family"}},
+}
+
+
+def test_new_devices_of_a_site_in_a_scheduled_block_stay_blocked_while_redis_is_gone(
+    own_redis, redis_prefix, lists, upstream
+):
+    write(own_redis.url, redis_prefix, lambda service: service.put_site("home", SCHEDULED))
+    with worker(own_redis.url, redis_prefix, lists, upstream, cold_wait=0.01) as server:
+        eventually(
+            lambda: outcome(ask(server, "allowed.example", "02:00:00:00:00:01")) == "schedule homework", within=5
+        )
+        own_redis.kill()
+        answers = [outcome(ask(server, "allowed.example", mac(2000 + number))) for number in range(50)]
+        answers += [outcome(ask(server, "allowed.example", source=f"127.0.3.{host}")) for host in range(1, 51)]
+    assert answers == ["schedule homework"] * 100
