@@ -39,7 +39,7 @@ import uvloop
 from bench.faults import write_config
 from bench.harness import REPO, bns_command, free_port, machine, median, running, started
 from bench.load import have_dnsperf, process_tree_cpu, run_dnsperf, write_query_file
-from bench.upstream import Script, ScriptedUpstream
+from bench.upstream import Script, ScriptedUpstream, serve_until_interrupted
 
 FLOOD_ZONE = "flood.example"
 BIG_NAME = "big.example.net"
@@ -58,15 +58,7 @@ class _FloodScript(Script):
 
 
 def serve_upstream(port: int) -> None:
-    upstream = ScriptedUpstream("127.0.0.1", port, _FloodScript(ttl=86400, delay=1.0))
-
-    async def forever() -> None:
-        async with upstream.serving():
-            print(f"scripted upstream on {upstream.address}", flush=True)
-            await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(forever())
+    serve_until_interrupted(ScriptedUpstream("127.0.0.1", port, _FloodScript(ttl=86400, delay=1.0)))
 
 
 # --- clients -------------------------------------------------------------------------------------------------

@@ -265,7 +265,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5301)
     parser.add_argument("--ttl", type=int, default=86400)
     args = parser.parse_args()
-    upstream = ScriptedUpstream(args.host, args.port, Script(ttl=args.ttl))
+    serve_until_interrupted(ScriptedUpstream(args.host, args.port, Script(ttl=args.ttl)))
+
+
+def serve_until_interrupted(upstream: ScriptedUpstream) -> None:
+    """Serve on this thread (uvloop) until interrupted: the upstream as a process of its own."""
+    import uvloop
 
     async def forever() -> None:
         async with upstream.serving():
@@ -273,7 +278,7 @@ def main() -> None:
             await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(forever())
+        uvloop.run(forever())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable
 from functools import partial
+from typing import Any
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.lists import Lists
@@ -163,24 +164,20 @@ class Resolver:
         self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fetch = self._fetch(query.key, query.do, query.cd)
-        fetch.add_done_callback(partial(self._answer_fetched, answer, request, policy, decision.chain))
+        fetch.add_done_callback(partial(self._answer_fetched, answer, request, source, policy, decision.chain))
         return answer
 
     def _answer_fetched(
         self,
         answer: asyncio.Future[bytes],
         request: Request,
+        source: Hashable,
         policy: Policy,
         chain: int | None,
         fetch: asyncio.Future[CachedAnswer],
     ) -> None:
         # A callback, not a task per miss: the miss path is where a forwarder spends most of its CPU.
-        source = self.directory.key(request)
-        waiting = self._waiting[source] - 1
-        if waiting:
-            self._waiting[source] = waiting
-        else:
-            del self._waiting[source]
+        _count_down(self._waiting, source)
         if answer.done():
             return
         if fetch.cancelled():
@@ -234,11 +231,7 @@ class Resolver:
         self, key: bytes, zone: bytes, fetch: asyncio.Future[CachedAnswer], upstream: asyncio.Future[ScannedReply]
     ) -> None:
         del self._fetches[key]
-        in_flight = self._zone_fetches[zone] - 1
-        if in_flight:
-            self._zone_fetches[zone] = in_flight
-        else:
-            del self._zone_fetches[zone]
+        _count_down(self._zone_fetches, zone)
         if upstream.cancelled():
             fetch.cancel()
             return
@@ -255,6 +248,15 @@ class Resolver:
 
     def close(self) -> None:
         self.forwarder.close()
+
+
+def _count_down(counts: dict[Any, int], key: Hashable) -> None:
+    """One less for `key`; none left, no entry: the flood-isolation tables hold only what is in flight."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _refuse_recursion(request: Request) -> bytes | None:
