@@ -44,7 +44,9 @@ def page_address() -> tuple[str, int]:
 
 
 @contextmanager
-def page_node(tmp_path: Path, upstream, store: str, put_site: bool = True) -> Iterator[tuple[int, str, str, int]]:
+def page_node(
+    tmp_path: Path, upstream, store: str, put_site: bool = True, lists: str = ""
+) -> Iterator[tuple[int, str, str, int]]:
     """A node whose warnings and blocks answer with the page address: (DNS port, API, page address, port)."""
     tsv = tmp_path / "names.tsv"
     tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n")
@@ -56,11 +58,21 @@ def page_node(tmp_path: Path, upstream, store: str, put_site: bool = True) -> It
     address, port = page_address()
     config = tmp_path / "bns.toml"
     config.write_text(
-        f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n{lists}\n'
         f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
         f'[pages]\nport = {port}\npass_minutes = 30\n[admin]\ntokens = ["{ADMIN}"]\n'
     )
-    with node("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "2") as (
+    with node(
+        "--config",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream.address,
+        "--workers",
+        "2",
+        token=ADMIN,
+    ) as (
         _process,
         dns_port,
         api,
@@ -224,7 +236,13 @@ def test_with_redis_down_the_node_starts_and_the_page_says_try_again(tmp_path, u
     with socket.socket() as probe:  # a port nobody listens on: Redis is down from the start
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
-    with page_node(tmp_path, upstream, f'[store]\nredis = "redis://127.0.0.1:{dead}/0"', put_site=False) as (
+    with page_node(
+        tmp_path,
+        upstream,
+        f'[store]\nredis = "redis://127.0.0.1:{dead}/0"',
+        put_site=False,
+        lists="ready_timeout = 2",  # it serves its list once Redis has not answered for this long
+    ) as (
         dns_port,
         _api,
         address,

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,8 +44,11 @@ def serving(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Pope
 
 
 @contextmanager
-def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int, str | None]]:
-    """`bns serve` as `serving` starts it, with the URL of its admin API (None if it has none)."""
+def node(
+    *args: str, timeout: float = 15.0, token: str | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, str | None]]:
+    """`bns serve` as `serving` starts it, with the URL of its admin API (None if it has none). Given a token
+    its API takes, it also waits until /health says every worker is ready."""
     if "--admin-listen" not in args:
         args = (*args, "--admin-listen", "127.0.0.1:0")
     process = subprocess.Popen(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -66,6 +71,8 @@ def node(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[s
             assert found, f"bns serve did not report its admin API: {line!r}"
             admin = found.group(1)
         wait_until_ready(host, port, deadline)
+        if admin is not None and token is not None:
+            wait_until_healthy(admin, token, deadline)
         yield process, port, admin
     finally:
         if process.poll() is None:
@@ -87,6 +94,22 @@ def wait_until_ready(host: str, port: int, deadline: float) -> None:
         if not in_a_row:
             assert time.monotonic() < deadline, "bns serve did not become ready"
             time.sleep(0.02)
+
+
+def wait_until_healthy(admin: str, token: str, deadline: float) -> None:
+    """Until /health says every worker is ready. Answers alone can mislead: when workers get ready seconds
+    apart (each waits for Redis on its own clock), a run of ready answers can all come from the one that is."""
+    request = urllib.request.Request(admin + "/health", headers={"Authorization": f"Bearer {token}"})
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=3) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                raise
+        assert time.monotonic() < deadline, "bns serve's /health did not say ready"
+        time.sleep(0.05)
 
 
 def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.message.Message:
