@@ -20,7 +20,7 @@ from resolver.shared.logs import Throttled
 from resolver.worker.access import LIMITED, REFUSED, AccessControl
 from resolver.worker.pipeline import Resolver
 from resolver.worker.rate_limit import SEND, SLIP, ResponseRateLimiter
-from resolver.worker.wire import HEADER_LEN, Malformed, error_answer
+from resolver.worker.wire import HEADER_LEN, Malformed, Peer, error_answer
 
 _U16 = struct.Struct("!H")
 _failures = Throttled(logging.getLogger(__name__))
@@ -33,9 +33,7 @@ def servfail_for(data: bytes) -> bytes | None:
     return error_answer(data, Malformed(Rcode.SERVFAIL, "internal error"))
 
 
-def answer_safely(
-    resolver: Resolver, data: bytes, client: tuple[str, int], tcp: bool
-) -> bytes | asyncio.Future[bytes] | None:
+def answer_safely(resolver: Resolver, data: bytes, client: Peer, tcp: bool) -> bytes | asyncio.Future[bytes] | None:
     """Run the pipeline; nothing raises out of here."""
     try:
         return resolver.answer(data, client, tcp)
@@ -78,7 +76,7 @@ def refusal_for(
     resolver: Resolver,
     access: AccessControl,
     data: bytes,
-    client: tuple[str, int],
+    client: Peer,
     tcp: bool,
     limiter: ResponseRateLimiter | None = None,
 ) -> bytes | None:
@@ -110,7 +108,7 @@ class UdpListener(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Peer) -> None:
         if self.draining:
             return  # stopping: a query read now could not be answered in time; the client retries elsewhere
         access = self._access[addr[0]]
@@ -140,14 +138,14 @@ class UdpListener(asyncio.DatagramProtocol):
         self._in_flight.track(reply)  # type: ignore[arg-type]
         reply.add_done_callback(lambda future: self._send(future, data, addr, access))  # type: ignore[union-attr]
 
-    def _send(self, future: asyncio.Future[bytes], data: bytes, addr: tuple[str, int], access: int) -> None:
+    def _send(self, future: asyncio.Future[bytes], data: bytes, addr: Peer, access: int) -> None:
         reply = result_safely(future, data)
         if reply is not None and access == LIMITED:
             reply = self._limited(reply, data, addr)
         if reply is not None and self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(reply, addr)
 
-    def _limited(self, reply: bytes, data: bytes, addr: tuple[str, int]) -> bytes | None:
+    def _limited(self, reply: bytes, data: bytes, addr: Peer) -> bytes | None:
         """`reply`, its truncated form, or nothing, as the source's budget allows (rate_limit.py)."""
         verdict = self._limiter.judge(reply, addr[0])
         if verdict == SEND:
@@ -187,7 +185,7 @@ class TcpConnection(asyncio.Protocol):
         self._clock = clock
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._peer: tuple[str, int] = ("", 0)
+        self._peer: Peer = ("", 0)
         self._in_flight = 0
         self._reading_paused = False
         self._writing_paused = False

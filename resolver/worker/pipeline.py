@@ -24,8 +24,9 @@ from resolver.shared.policy.safesearch import restrict_name
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
-from resolver.worker.upstream import Forwarder, Overloaded, UpstreamFailed
+from resolver.worker.upstream import Forwarding, Overloaded, UpstreamFailed
 from resolver.worker.wire import (
+    Peer,
     QueryParser,
     Request,
     ScannedReply,
@@ -61,7 +62,7 @@ class Resolver:
     def __init__(
         self,
         cache: AnswerCache,
-        forwarder: Forwarder,
+        forwarder: Forwarding,
         lists: Lists,
         directory: Directory,
         clock: Callable[[], float] = time.monotonic,
@@ -83,35 +84,30 @@ class Resolver:
         self._waiting: dict[Hashable, int] = {}
         self._zone_fetches: dict[bytes, int] = {}
         self.shed_clients = self.shed_zones = 0  # queries so refused (metrics)
-
-    @property
-    def held(self) -> bool:
-        return "answer" in self.__dict__
+        self.held = False
 
     def hold(self) -> None:
         """Until `release`, answer every query SERVFAIL with EDE 14 Not Ready (RFC 8914): the node is not
-        ready to filter. An instance attribute shadows `answer`, so the query path pays nothing once
-        released."""
-        self.answer = self._answer_not_ready  # type: ignore[method-assign]
+        ready to filter."""
+        self.held = True
 
     def release(self) -> None:
-        self.__dict__.pop("answer", None)
+        self.held = False
 
-    def refusal(self, data: bytes, client: tuple[str, int], tcp: bool) -> bytes:
+    def refusal(self, data: bytes, client: Peer, tcp: bool) -> bytes:
         """REFUSED with EDE 18, the question echoed: for a source outside server.allow. Raises Malformed."""
         query, _options = read_query(data, tcp)  # not interned: strangers' queries must not evict our clients'
         return synthesized_answer(Request(data, client, query), Rcode.REFUSED, ede=_PROHIBITED)
 
-    def truncation(self, data: bytes, client: tuple[str, int], reply: bytes) -> bytes:
+    def truncation(self, data: bytes, client: Peer, reply: bytes) -> bytes:
         """`reply` to the UDP query `data` cut to its question with TC=1: the client asks again over TCP."""
         return truncated_answer(self.parser.parse(data, client, False), reply[3] & 0x0F)
 
-    def _answer_not_ready(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
-        return synthesized_answer(self.parser.parse(data, client, tcp), Rcode.SERVFAIL, ede=_NOT_READY)
-
-    def answer(self, data: bytes, client: tuple[str, int], tcp: bool) -> Answer:
+    def answer(self, data: bytes, client: Peer, tcp: bool) -> Answer:
         # parse: the lowercased name, type, class, EDNS and identity options, interned by the bytes.
         request = self.parser.parse(data, client, tcp)
+        if self.held:
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
         # local: what we never forward (RFC 8482 ANY, zone transfers, other classes).
         if request.query.local:
             return _answer_locally(request)

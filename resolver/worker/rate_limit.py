@@ -47,12 +47,12 @@ class ResponseRateLimiter:
     def judge(self, reply: bytes, source: str) -> int:
         """SEND, SLIP (send it truncated) or DROP the UDP answer `reply` to `source`."""
         rcode = reply[3] & 0x0F
-        if rcode == Rcode.NOERROR:
-            end = reply.find(0, _HEADER) + 5
-            response = reply[_HEADER:end].lower()
-        elif rcode == Rcode.NXDOMAIN:
+        name_end = reply.find(0, _HEADER) + 1  # 0: no question (and the slices below must not end before 12)
+        if rcode == Rcode.NOERROR and name_end:
+            response = reply[_HEADER : name_end + 4].lower()
+        elif rcode == Rcode.NXDOMAIN and name_end:
             # one budget per domain: random names under it make no fresh budget, blocked names elsewhere do
-            response = registered_domain(reply[_HEADER : reply.find(0, _HEADER) + 1].lower())
+            response = registered_domain(reply[_HEADER:name_end].lower())
         else:
             response = b""  # every other error shares one budget per prefix
         prefix = self._prefixes.get(source)

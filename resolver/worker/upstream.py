@@ -26,6 +26,7 @@ import os
 import random
 import socket
 import struct
+from typing import Protocol
 
 from resolver.shared.config import Endpoint, UpstreamSettings
 from resolver.shared.dns import Rcode
@@ -430,6 +431,20 @@ class _Fetch:
         for sock, query_id, upstream, started in attempts:
             if sock.forget(query_id) and now - started + _EARLY >= timeout:
                 upstream.record_failure(now)  # it had its chance and stayed silent
+
+
+class Forwarding(Protocol):
+    """What the query path and its counters use of a forwarder (the tests' scripted upstream has as much)."""
+
+    settings: UpstreamSettings
+    rejected: dict[Rejected, int]
+    send_errors: int
+    replies: int
+    reply_seconds: float
+
+    def query(self, question: bytes, do: bool, cd: bool) -> asyncio.Future[ScannedReply]: ...
+
+    def close(self) -> None: ...
 
 
 class Forwarder:

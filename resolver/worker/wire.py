@@ -18,6 +18,9 @@ HEADER_LEN = 12
 ADVERTISED_UDP_SIZE = 1232  # RFC 6891 §6.2.5 and the DNS Flag Day 2020 value: no IP fragmentation
 PLAIN_UDP_LIMIT = 512  # RFC 1035 §4.2.1: without EDNS a UDP answer is at most 512 bytes
 TCP_LIMIT = 65535
+# A client's socket address as the event loop gives it: (host, port) over IPv4, (host, port, flow info, scope
+# id) over IPv6. Both are spelled out: compiled, a tuple type is checked, length included.
+Peer = tuple[str, int] | tuple[str, int, int, int]
 
 
 # Meta-types that are not data (RFC 6895): a question for one is malformed.
@@ -119,7 +122,7 @@ class Request:
     def __init__(
         self,
         data: bytes,
-        client: tuple[str, int],
+        client: Peer,
         query: Query,
         options: dict[int, bytes] | None = None,
         identity: bytes | None = None,
@@ -158,7 +161,7 @@ class QueryParser:
         self._memos: tuple[dict[bytes, Query], dict[bytes, Query]] = ({}, {})
         self._options: dict[bytes, tuple[dict[int, bytes] | None, bytes | None]] = {}
 
-    def parse(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
+    def parse(self, data: bytes, client: Peer, tcp: bool) -> Request:
         size = len(data)
         end = data.find(0, HEADER_LEN) + 5  # the question's end, if the memo proves it (see above)
         if size <= MAX_INTERNED and end > 4 and not data[10]:
@@ -176,7 +179,7 @@ class QueryParser:
                     return Request(data, client, query, *known)
         return self._parse_whole(data, client, tcp)
 
-    def _parse_whole(self, data: bytes, client: tuple[str, int], tcp: bool) -> Request:
+    def _parse_whole(self, data: bytes, client: Peer, tcp: bool) -> Request:
         query, rdata = read_query(data, tcp)
         options = _identity_options(data, rdata[0], rdata[1]) if rdata is not None else None
         identity = (
@@ -425,7 +428,8 @@ def error_answer(data: bytes, error: Malformed, ede: bytes = b"") -> bytes:
     opt = opt_record(do, ede, ext_rcode=error.rcode >> 4) if do is not None else b""
     counts = _COUNTS.pack(1 if qend else 0, 0, 0, (1 if opt else 0) + (1 if error.tsig else 0))
     flags = response_flags(data, error.rcode, ra=not data[2] & _FLAG_OPCODE)
-    return data[:2] + flags + counts + data[HEADER_LEN:qend] + opt + error.tsig
+    question = data[HEADER_LEN:qend] if qend else b""  # compiled, a slice ending before it starts fails
+    return data[:2] + flags + counts + question + opt + error.tsig
 
 
 def _salvage(data: bytes) -> tuple[int, bool | None]:

@@ -144,6 +144,7 @@ def test_ipv6_listener(upstream):
     with serving("--listen", "[::1]:0", "--upstream", upstream.address, "--workers", "1") as (process, port):
         query = dns.message.make_query("v6.example", "A")
         assert answer_addresses(dns.query.udp(query, "::1", port=port, timeout=3))
+        assert answer_addresses(dns.query.tcp(query, "::1", port=port, timeout=3))
         process.terminate()
         assert process.wait(10) == 0
 

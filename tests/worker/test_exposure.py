@@ -220,6 +220,14 @@ def test_rate_limiter_budgets():
     assert limiter.judge(reply, "192.0.2.1") != SEND
 
 
+@pytest.mark.parametrize("flags", [b"\x81\x80", b"\x81\x83", b"\x81\x81"])  # NOERROR, NXDOMAIN, FORMERR
+def test_a_reply_with_no_question_is_judged_too(flags):
+    """An error answer to a query whose question could not be read is the header alone (and maybe an OPT)."""
+    limiter = ResponseRateLimiter(RateLimitSettings(responses_per_second=1, slip=0), clock=lambda: 0.0)
+    bare = b"\x12\x34" + flags + bytes(8)
+    assert [limiter.judge(bare, "192.0.2.1") for _ in range(2)] == [SEND, DROP]
+
+
 # --- flood isolation -----------------------------------------------------------------------------------------
 
 

@@ -96,7 +96,7 @@ def test_warning_without_page_is_answered_like_a_block_with_ede_17():
 
 
 def test_warning_page_answers_its_address():
-    warn_policy = policy(warning_page=["192.0.2.80", "2001:db8::80"])
+    warn_policy = policy(warning_page=("192.0.2.80", "2001:db8::80"))
     v4 = answer_for(warn_policy, CATALOG.mask(["malware"]), use_edns=0)
     assert [rr.address for rr in v4.answer[0]] == ["192.0.2.80"]
     v6 = answer_for(warn_policy, CATALOG.mask(["malware"]), rdtype="AAAA")
@@ -110,8 +110,8 @@ def test_warning_page_answers_its_address():
         ({"answer": "null"}, "A", "0.0.0.0"),
         ({"answer": "null"}, "AAAA", "::"),
         ({"answer": "null"}, "MX", None),
-        ({"answer": "page", "block_page": ["192.0.2.9"]}, "A", "192.0.2.9"),
-        ({"answer": "page", "block_page": ["192.0.2.9"]}, "AAAA", None),
+        ({"answer": "page", "block_page": ("192.0.2.9",)}, "A", "192.0.2.9"),
+        ({"answer": "page", "block_page": ("192.0.2.9",)}, "AAAA", None),
     ],
 )
 def test_answer_modes(settings, rdtype, expected):

@@ -144,7 +144,7 @@ class Policy:
     _verdicts: dict[int, Verdict] = field(init=False, default_factory=dict)
     _decisions: dict[Verdict | tuple[Rule, int | None], Decision] = field(init=False, default_factory=dict)
     _listed: dict[bytes, object] = field(init=False, default_factory=dict)
-    _denied: Verdict | None = field(init=False, default=None)
+    _denied: Verdict | None = field(init=False)  # set below: compiled, an init=False default is never set
 
     def __post_init__(self) -> None:
         self.warned &= ~self.blocked  # a category both blocked and warned is blocked
@@ -152,6 +152,7 @@ class Policy:
         self.has_lists = bool(self.allow or self.deny or self.passed)
         self.plain = self.block_all is None and not self.has_lists and not self.safe_search
         self.resolves = Decision(None, Rule.NONE, self.filtered)
+        self._denied = None
 
     def answered(self, verdict: Verdict) -> Decision:
         """The decision that answers with `verdict` (made once per policy and verdict)."""
