@@ -9,7 +9,8 @@ pdns-recursor and knot-resolver: an RPZ zone) and forwards
 everything else to the same scripted upstream on loopback. Each server runs pinned to core 0 with one
 thread or worker; dnsperf sends from core 1 at a fixed rate, so every server answers the same queries and
 its CPU time per answered query (all its processes, from /proc) is comparable. Servers not installed are
-skipped with a note. Figures are medians of `--runs` interleaved runs and ratios to unbound in the same run,
+skipped with a note. `bns` runs its compiled hot path; `bns plain Python` the same code as Python
+(BNS_PURE_PYTHON=1), as on a machine that could not compile it. Figures are medians of `--runs` interleaved runs and ratios to unbound in the same run,
 after one pass of every server through each workload (steady state; that first pass is reported apart).
 
 Workloads (generated; real names from `--data` where present, synthetic otherwise):
@@ -460,7 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["responder", "unbound", "dnsdist", "pdns-recursor", "knot-resolver", "bns", "bns per-device"],
+        default=[
+            "responder",
+            "unbound",
+            "dnsdist",
+            "pdns-recursor",
+            "knot-resolver",
+            "bns",
+            "bns per-device",
+            "bns plain Python",
+        ],
     )
     parser.add_argument("--plot", type=Path, help="write the table as a PNG chart here")
     parser.add_argument("--profile", action="store_true", help="then profile bns on each workload (py-spy)")
@@ -497,6 +507,21 @@ def main(argv: list[str] | None = None) -> int:
                     d / "global.toml", store={"file": ""}, lists={"cache_dir": str(d / "cache")}, upstream=UNCAPPED
                 ),
             ),
+            "bns plain Python": lambda d, p: [
+                "env",
+                "BNS_PURE_PYTHON=1",  # the fallback where the hot path could not be compiled
+                *bns(
+                    p,
+                    upstream,
+                    artifact,
+                    write_config(
+                        d / "plain.toml",
+                        store={"file": ""},
+                        lists={"cache_dir": str(d / "cache-p")},
+                        upstream=UNCAPPED,
+                    ),
+                ),
+            ],
             "bns per-device": lambda d, p: bns(
                 p,
                 upstream,
