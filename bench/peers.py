@@ -10,8 +10,9 @@ everything else to the same scripted upstream on loopback. Each server runs pinn
 thread or worker; dnsperf sends from core 1 at a fixed rate, so every server answers the same queries and
 its CPU time per answered query (all its processes, from /proc) is comparable. Servers not installed are
 skipped with a note. `bns` runs its compiled hot path; `bns plain Python` the same code as Python
-(BNS_PURE_PYTHON=1), as on a machine that could not compile it. Figures are medians of `--runs` interleaved runs and ratios to unbound in the same run,
-after one pass of every server through each workload (steady state; that first pass is reported apart).
+(BNS_PURE_PYTHON=1), as on a machine that could not compile it. Figures are medians of `--runs`
+interleaved runs and ratios to unbound in the same run, after one pass of every server through each
+workload (steady state; that first pass is reported apart).
 
 Workloads (generated; real names from `--data` where present, synthetic otherwise):
 - blocked: 100,000 distinct listed names and subdomains of them;

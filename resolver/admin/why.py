@@ -94,7 +94,7 @@ class Explainer:
 
     def _decide(self, policy: Policy, wire: bytes, targets: list[bytes]) -> dict[str, Any]:
         """The resolver's decision (the same functions), and which entry of which list made it."""
-        decision = decide(policy, wire, self.lists.snapshot)
+        decision = decide(policy, wire, self.lists.snapshot.categories(wire))
         if decision.verdict is not None:
             return {**self._verdict(decision.verdict), "entry": self._entry(policy, wire, decision.rule)}
         if targets and decision.chain is not None:

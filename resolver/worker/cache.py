@@ -3,8 +3,8 @@
 One cache per worker, shared by every policy: filtering runs before it, so one cached answer serves every
 device that may see it. An answer is the client's ID and question bytes (0x20 case echoed), the cached
 records with their TTLs aged, and an OPT record when the client sent one. Everything after the ID depends
-only on the parsed Query (interned by the parser) and the age in whole seconds, so each entry keeps its last
-rendering: a repeated hit is a dict lookup, a used mark and one concatenation.
+only on the parsed Query (interned by the parser) and the age in whole seconds: a hit is a dict lookup, a
+used mark and one join.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import struct
 
 from resolver.shared.config import CacheSettings
 from resolver.shared.dns import Rcode
-from resolver.worker.wire import HEADER_LEN, Query, Request, ScannedReply, answer_records, opt_record, truncated_answer
+from resolver.worker.wire import HEADER_LEN, Request, ScannedReply, answer_records, opt_record, truncated_answer
 
 _U32 = struct.Struct("!I")
 _FLAG_RA = 0x80
@@ -84,15 +84,12 @@ def _stamp(now: float) -> float:
 class CachedAnswer:
     """One reply, ready to be served to any client that asks the same question.
 
-    Its records are kept as wire bytes with the TTLs as served (clamped by the cache's rules) written in;
-    the counts, flags, OPT records and TTL offsets come from a form shared by every answer shaped alike.
+    Its records are kept once, as wire bytes, with the TTLs as served (clamped by the cache's rules) aged to
+    the last second it was asked in; the counts, flags, OPT records and TTL offsets come from a form shared
+    by every answer shaped alike. An answer is the client's ID, flags and question bytes (so 0x20 case is
+    echoed), these records and our OPT record: one join, the TTLs rewritten at most once a second."""
 
-    Everything after the ID of an answer depends only on the parsed Query (interned by the parser) and the
-    age in whole seconds, so the answer keeps its last rendering, and a repeated hit is a comparison and one
-    concatenation. The records are kept once: until the first rendering `_memo_tail` holds them alone (and
-    `_memo_query` is None); after it, the rendering holds them, between the question and our OPT record."""
-
-    __slots__ = ("_memo_age", "_memo_query", "_memo_tail", "cname_targets", "form", "lifetime", "stored_at", "used")
+    __slots__ = ("_aged", "_body", "cname_targets", "form", "lifetime", "stored_at", "used")
 
     def __init__(
         self,
@@ -110,9 +107,8 @@ class CachedAnswer:
         self.stored_at = _stamp(now)
         self.lifetime = _LIFETIMES.setdefault(lifetime, lifetime)  # few distinct values: shared int objects
         self.used = False  # asked since eviction last passed it over
-        self._memo_query: Query | None = None
-        self._memo_age = 0
-        self._memo_tail = bytes(body)
+        self._aged = 0
+        self._body = bytes(body)
 
     @property
     def expires_at(self) -> float:
@@ -128,21 +124,7 @@ class CachedAnswer:
 
     def render(self, request: Request, now: float) -> bytes:
         """The answer for `request`: its ID, flags and question, our records with TTLs aged to `now`."""
-        age = int(now - self.stored_at)
-        query = request.query
-        if query is self._memo_query and age == self._memo_age:
-            return request.data[:2] + self._memo_tail
-        message = self._render(request, age)
-        if not message[2] & _FLAG_TC:  # a truncated rendering has no records: it must not replace one that has
-            self._memo_query = query
-            self._memo_age = age
-            self._memo_tail = message[2:]
-        return message
-
-    def _render(self, request: Request, age: int) -> bytes:
-        # Aged again on every memo miss rather than kept: a third copy of every answer costs more memory
-        # than a few struct.pack_into calls cost time, on a path that runs once per second per entry.
-        body = self._age_body(age)
+        body = self._age_body(int(now - self.stored_at))
         data, query, form = request.data, request.query, self.form
         low = form.low_flags_ad if (data[3] & _FLAG_AD or query.do) else form.low_flags_plain
         flags = bytes((0x80 | (data[2] & 0x01), low | (data[3] & _FLAG_CD)))
@@ -162,19 +144,19 @@ class CachedAnswer:
         return answer_records(body, HEADER_LEN + question_length, self.form.answer_count)
 
     def _age_body(self, age: int) -> bytes:
-        """The records with their TTLs aged by `age`, from what is kept (see the class's docstring)."""
-        query, tail, aged = self._memo_query, self._memo_tail, self._memo_age
-        # A rendering's records: after its question (it lacks the ID), before our OPT record.
-        body = tail if query is None else tail[query.qend - 2 : len(tail) - (self.form.opt_length if query.edns else 0)]
+        """The records with their TTLs aged by `age` seconds (kept: the next second's clients get them)."""
+        body = self._body
         offsets = self.form.ttl_offsets
-        if age == aged or not offsets:
+        if age == self._aged or not offsets:
             return body
-        more = age - aged
+        more = age - self._aged
         aging = bytearray(body)
         for offset in offsets:
             ttl = _U32.unpack_from(aging, offset)[0]
             _U32.pack_into(aging, offset, ttl - more if ttl > more else 0)
-        return bytes(aging)
+        self._body = body = bytes(aging)
+        self._aged = age
+        return body
 
 
 # Eviction passes over at most this many used answers per insert (giving each a second chance): an insert

@@ -131,7 +131,11 @@ class Resolver:
         policy = known.policy if now < known.until else known.refresh(now)
         # filter: the one decision (shared/policy/decision.py). Before the cache, which is shared by every
         # client whose policy lets the name through.
-        decision = decide(policy, query.name, self.lists.snapshot)
+        snapshot = self.lists.snapshot
+        if query.listed_in is not snapshot:  # first sight of this query, or a new list since
+            query.bits = snapshot.lookup(query.name)
+            query.listed_in = snapshot
+        decision = decide(policy, query.name, query.bits)
         if decision.verdict is not None:
             return self.blocked.answer(request, decision.verdict)
         # safe search: the engine's restrict name instead of the name asked.
@@ -192,7 +196,7 @@ class Resolver:
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:
         query = request.query
-        key = target + query.key[len(query.name) :]  # the same type, class and DO/CD, for the restrict name
+        key = target + query.key[-5:]  # the same type, class and DO/CD, for the restrict name
         now = self._clock()
         entry = self.cache.get(key, now)
         if entry is None:

@@ -71,23 +71,34 @@ class Query:
     """Everything a query's bytes say apart from its ID: the same bytes always give the same Query, so the
     parser interns them (see QueryParser) and later stages may memoise on the object itself.
 
-    `name` is the question name in lowercased wire form; `key` (name, type, class, state byte) is what the
-    cache and the upstream coalescing are keyed on; `limit` is the largest answer the client can take;
-    `local` marks queries answered here whatever the cache holds (other classes, ANY, zone transfers).
+    `key` (the question name in lowercased wire form, type, class, state byte) is what the cache and the
+    upstream coalescing are keyed on; `limit` is the largest answer the client can take; `local` marks
+    queries answered here whatever the cache holds (other classes, ANY, zone transfers). `bits` are the
+    name's categories in the list snapshot `listed_in` (the query path's memo: a name asked again costs no
+    lookup until the list is swapped).
     """
 
-    __slots__ = ("edns", "key", "limit", "local", "name", "qend")
+    __slots__ = ("bits", "edns", "key", "limit", "listed_in", "local")
 
-    def __init__(self, qend: int, name: bytes, key: bytes, edns: bool, limit: int) -> None:
-        self.qend = qend
-        self.name = name
+    def __init__(self, key: bytes, edns: bool, limit: int) -> None:
         self.key = key
         self.edns = edns
         self.limit = limit
         self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES
+        self.bits = 0
+        self.listed_in: object = None
 
-    # What the key holds is read from it rather than kept twice: every interned query costs less memory, and
-    # the query path (a cache hit) reads none of these.
+    # What the key holds is read from it rather than kept twice: every interned query costs less memory.
+    @property
+    def qend(self) -> int:
+        """Where the question ends in the query's bytes (after the header, the name, its type and class)."""
+        return len(self.key) + HEADER_LEN - 1
+
+    @property
+    def name(self) -> bytes:
+        """The question name, lowercased wire form."""
+        return self.key[:-5]
+
     @property
     def qtype(self) -> int:
         key = self.key
@@ -219,7 +230,6 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
         raise Malformed(Rcode.FORMERR, "a query with answer or authority records")
     qend = _question_end(data)
     name_end = qend - 4
-    name = data[HEADER_LEN:name_end].lower()
     qtype = data[name_end] << 8 | data[name_end + 1]
     cd = bool(data[3] & _FLAG_CD)
     edns = do = False
@@ -233,8 +243,8 @@ def read_query(data: bytes, tcp: bool) -> tuple[Query, tuple[int, int] | None]:
             size = min(max(udp_size, PLAIN_UDP_LIMIT), ADVERTISED_UDP_SIZE)
             limit = _LIMITS.setdefault(size, size)  # one int object per size, not one per interned query
     state = (STATE_DO if do else 0) | (STATE_CD if cd else 0)
-    key = name + data[name_end:qend] + bytes((state,))
-    query = Query(qend, name, key, edns, limit)
+    key = data[HEADER_LEN:name_end].lower() + data[name_end:qend] + bytes((state,))  # the name alone lowercased
+    query = Query(key, edns, limit)
     if qtype in NOT_QUERYABLE:
         raise Malformed(Rcode.FORMERR, f"type {qtype} cannot be queried")
     return query, rdata

@@ -226,17 +226,15 @@ class Policy:
 
 
 class Categories(Protocol):
-    """Where `decide` finds a name's categories: a list snapshot (resolver.shared.lists): the names looked up
-    lately, else a lookup in the list."""
+    """Where a name's categories are found: a list snapshot (resolver.shared.lists)."""
 
-    hot: dict[bytes, int]
-
-    def lookup(self, name: bytes) -> int: ...
+    def categories(self, name: bytes) -> int: ...
 
 
-def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = None) -> Decision:
-    """The decision for a lowercased wire name, by the rules of the module's docstring, in their order.
-    `judged`: the categories that count for a name of a CNAME chain (the asked name's decision's `chain`)."""
+def decide(policy: Policy, name: bytes, bits: int, judged: int | None = None) -> Decision:
+    """The decision for a lowercased wire name in categories `bits`, by the rules of the module's docstring,
+    in their order. `judged`: the categories that count for a name of a CNAME chain (the asked name's
+    decision's `chain`)."""
     if policy.block_all is not None:
         return policy.answered(policy.block_all)
     filtered = policy.filtered if judged is None else judged
@@ -249,9 +247,6 @@ def decide(policy: Policy, name: bytes, lists: Categories, judged: int | None = 
             filtered, passed = policy.blocked, True
         elif listed is not None:
             return policy.answered(listed)  # type: ignore[arg-type]  # the deny verdict
-    bits = lists.hot.get(name)
-    if bits is None:
-        bits = lists.lookup(name)
     if bits & filtered:
         return policy.answered(policy.verdict(bits))
     if filtered == policy.filtered:
@@ -266,7 +261,7 @@ def judge_chain(
     if not (judged or policy.has_lists):
         return None
     for target in targets:
-        verdict = decide(policy, target, lists, judged).verdict
+        verdict = decide(policy, target, lists.categories(target), judged).verdict
         if verdict is not None:
             return target, verdict
     return None
