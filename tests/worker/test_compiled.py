@@ -38,3 +38,18 @@ def test_the_install_compiled_the_whole_hot_path_or_none_of_it():
     assert all(compiled) or not any(compiled), dict(zip(MODULES, compiled, strict=True))
     if os.environ.get("BNS_REQUIRE_COMPILED"):  # CI: a build that fell back to Python must not pass unseen
         assert all(compiled), "BNS_REQUIRE_COMPILED is set but the hot path runs as plain Python"
+
+
+def test_no_compiled_module_is_older_than_its_source():
+    """An editable install compiles in place: after a change to a hot-path module, its stale .so would run
+    instead of the change (`pip install -e .` again, or run with BNS_PURE_PYTHON=1)."""
+    stale = [
+        path
+        for path, compiled in zip(HOT_PATH, module_files(pure=False), strict=True)
+        if not compiled.endswith(".py") and os.path.getmtime(compiled) < os.path.getmtime(compiled_source(path))
+    ]
+    assert not stale, f"rebuild (pip install -e .): {stale}"
+
+
+def compiled_source(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), path)
