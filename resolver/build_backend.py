@@ -34,6 +34,7 @@ HOT_PATH = [
     "resolver/worker/listener.py",
     "resolver/worker/pipeline.py",
     "resolver/worker/rate_limit.py",
+    "resolver/worker/threats.py",
     "resolver/worker/upstream.py",
     "resolver/worker/wire.py",
 ]

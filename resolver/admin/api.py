@@ -226,6 +226,9 @@ class Api:
             body["lists_fallback"] = f"serving the last verified list: {fallback}"
         return web.json_response(body, status=200 if ready else 503)
 
+    async def alerts(self, request: web.Request) -> web.Response:
+        return web.json_response(self.metrics.alerts(request.match_info["site"]))
+
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
 
@@ -403,6 +406,9 @@ ROUTES: tuple[Route, ...] = (
         "Sites",
     ),
     Route("GET", "/v1/sites/{site}", READ, "A site with its groups and devices", Api.get_site),
+    Route(
+        "GET", "/v1/sites/{site}/alerts", READ, "The newest threat alerts of a site's clients on this node", Api.alerts
+    ),
     Route("PUT", "/v1/sites/{site}", ADMIN, "Create or replace a whole site", Api.put_site, "Site"),
     Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),
     Route("DELETE", "/v1/sites/{site}", ADMIN, "Delete a site", Api.delete_site),

@@ -45,6 +45,16 @@ class Metrics:
                 continue  # being replaced this instant: next scrape
         return out
 
+    def alerts(self, site: str | None = None) -> list[dict[str, Any]]:
+        """The newest threat alerts of this node's workers (of one site if given), newest first."""
+        found = [
+            alert
+            for worker in self._workers()
+            for alert in worker.get("threat_alerts", [])
+            if site is None or alert.get("site") == site
+        ]
+        return sorted(found, key=lambda alert: alert["at"], reverse=True)
+
     def render(self) -> str:
         workers = self._workers()
         hits = sum(w["cache_hits"] for w in workers)
@@ -64,6 +74,10 @@ class Metrics:
         for worker in workers:
             for reason, count in worker.get("shed", {}).items():
                 shed[reason] = shed.get(reason, 0) + count
+        threats: dict[str, int] = {}
+        for worker in workers:
+            for reason, count in worker.get("threats", {}).items():
+                threats[reason] = threats.get(reason, 0) + count
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -104,6 +118,10 @@ class Metrics:
             " rate_limit_dropped and rate_limit_slipped (RRL), client_busy and zone_busy (flood isolation).",
             "# TYPE bns_shed_total counter",
             *(_line("bns_shed_total", count, {"reason": reason}) for reason, count in sorted(shed.items())),
+            "# HELP bns_threat_alerts_total Clients flagged, by reason: dga (a machine-made name), tunnel (DNS"
+            " tunnelling), or the threat category of a listed name asked for (malware, phishing).",
+            "# TYPE bns_threat_alerts_total counter",
+            *(_line("bns_threat_alerts_total", count, {"reason": reason}) for reason, count in sorted(threats.items())),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

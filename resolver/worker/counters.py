@@ -4,6 +4,7 @@ stays off the query path: the cache, the blocked-answer builder and the forwarde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -25,6 +26,7 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
             key = f"{verdict.action}|{category}|{verdict.reason if not verdict.categories else ''}"
             verdicts[key] = verdicts.get(key, 0) + count
     forwarder = resolver.forwarder
+    threats = resolver.threats
     return {
         "cache_hits": resolver.cache.hits,
         "cache_misses": resolver.cache.misses,
@@ -34,6 +36,8 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
         "upstream_rejected": dict(forwarder.rejected),
         "upstream_send_errors": forwarder.send_errors,
         "lists_version": resolver.lists.snapshot.version,
+        "threats": dict(threats.counts),
+        "threat_alerts": [dataclasses.asdict(alert) for alert in threats.recent],
     }
 
 

@@ -130,6 +130,7 @@ class Directory:
         self.trusted = trusted
         self._settings = settings
         self._clock = clock
+        self.catalog = catalog
         self.profiles: dict[str, PolicySpec] = {"guest": guest_profile(catalog)}
         self._builtin_profiles = dict(self.profiles)
         self.default_client = Client(Identity(""), None, governing(None, None, self.profiles), maker)

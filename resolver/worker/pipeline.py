@@ -24,6 +24,7 @@ from resolver.shared.policy.safesearch import restrict_name
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
+from resolver.worker.threats import ThreatWatch
 from resolver.worker.upstream import Forwarding, Overloaded, UpstreamFailed
 from resolver.worker.wire import (
     Peer,
@@ -84,6 +85,11 @@ class Resolver:
         self._waiting: dict[Hashable, int] = {}
         self._zone_fetches: dict[bytes, int] = {}
         self.shed_clients = self.shed_zones = 0  # queries so refused (metrics)
+        # threats: signs of infection in a client's names (Web Protect's categories, DGAs, tunnels)
+        self.threats = ThreatWatch(
+            {category.mask: category.id for category in directory.catalog if category.action == "warn"}
+        )
+        self._threat_bits = sum(self.threats.listed_categories)
         self.held = False
 
     def hold(self) -> None:
@@ -135,6 +141,8 @@ class Resolver:
         if query.listed_in is not snapshot:  # first sight of this query, or a new list since
             query.bits = snapshot.lookup(query.name)
             query.listed_in = snapshot
+        if query.bits & self._threat_bits:  # warned, blocked or passed: the device asked for it
+            self.threats.listed(self.directory.key(request), _site_of(known), query.name, query.bits, now)
         decision = decide(policy, query.name, query.bits)
         if decision.verdict is not None:
             return self.blocked.answer(request, decision.verdict)
@@ -144,23 +152,25 @@ class Resolver:
             if target is not None:
                 return asyncio.ensure_future(self._safe_search(request, target))
         # cache: keyed on question + DO/CD; a CNAME chain into a name this policy blocks is blocked.
-        now = self._clock()
-        entry = self.cache.get(query.key, now)
+        clock = self._clock()
+        entry = self.cache.get(query.key, clock)
         if entry is not None:
             if entry.cname_targets and decision.chain is not None:
                 found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
                 if found is not None:
                     return self.blocked.answer(request, found[1])
-            return entry.render(request, now)
+            return entry.render(request, clock)
         refusal = _refuse_recursion(request)
         if refusal is not None:
             return refusal
-        # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         source = self.directory.key(request)  # a device behind a trusted router is a client of its own
         waiting = self._waiting.get(source, 0)
         if waiting >= self.forwarder.settings.max_per_client:
             self.shed_clients += 1
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
+        # threats: a name no cache held is judged (a cached one was when first asked)
+        self.threats.miss(source, _site_of(known), query.name, query.qtype, now)
+        # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fetch = self._fetch(query.key, query.do, query.cd)
@@ -248,6 +258,10 @@ class Resolver:
 
     def close(self) -> None:
         self.forwarder.close()
+
+
+def _site_of(client: Client) -> str | None:
+    return client.site.id if client.site is not None else None
 
 
 def _count_down(counts: dict[Any, int], key: Hashable) -> None:

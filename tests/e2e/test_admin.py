@@ -17,6 +17,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from bench.dga import dga_names
 from resolver.admin.api import ROUTES
 from resolver.shared.dns import OptionCode
 from tests.conftest import FIXTURES, eventually
@@ -369,3 +370,25 @@ def test_site_import_and_profile_deletion_through_the_api(file_node):
     assert http(api, "POST", "/v1/why", question)[1]["verdict"] == "blocked"  # type: ignore[index]
     assert http(api, "DELETE", "/v1/profiles/strict")[0] == 200
     assert http(api, "POST", "/v1/why", question)[1]["verdict"] == "allowed"  # type: ignore[index]
+
+
+def test_a_sites_threat_alerts_are_listed_and_counted(file_node):
+    port, api = file_node
+    site = {"name": "Shop", "networks": ["127.0.0.0/8"], "mode": "device", "timezone": "UTC"}
+    assert http(api, "PUT", "/v1/sites/shop", site)[0] == 200
+    names = dga_names()["necurs"][:10]
+    for name in names:
+        dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
+
+    alerts: list = []
+
+    def listed() -> bool:
+        status, alerts[:] = http(api, "GET", "/v1/sites/shop/alerts", token=READ)
+        return status == 200 and len(alerts) >= 9  # two workers write their alerts every second
+
+    eventually(listed, 5)
+    assert {alert["reason"] for alert in alerts} == {"dga"} and {alert["site"] for alert in alerts} == {"shop"}
+    assert {alert["name"] for alert in alerts} <= set(names) and alerts[0]["at"] >= alerts[-1]["at"]
+    assert http(api, "GET", "/v1/sites/elsewhere/alerts", token=READ) == (200, [])
+    metrics = http(api, "GET", "/metrics", token=READ)[1]
+    assert f'bns_threat_alerts_total{{reason="dga"}} {len(alerts)}' in metrics
