@@ -4,8 +4,10 @@ Each route is declared once in `ROUTES` (method, path, role, summary, handler); 
 OpenAPI document at `/openapi.json` are both built from it, so they cannot disagree.
 
 Auth: `Authorization: Bearer <token>`. Tokens come from `admin.tokens` / `admin.read_tokens` and from
-$BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. No token or an
-unknown one → 401; a read-only token on a write → 403. With no token configured every request is refused.
+$BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. A site token
+(site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. No token
+or an unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token
+configured every request but a site token's is refused.
 Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
 """
 
@@ -26,6 +28,8 @@ from aiohttp import web
 from blocklists.catalog import Catalog
 from blocklists.errors import BlocklistError
 from resolver.admin.metrics import Metrics
+from resolver.admin.site_tokens import MAX_DAYS, SiteTokens
+from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import AdminSettings
@@ -44,6 +48,7 @@ from resolver.shared.store.policies import Store
 from resolver.shared.store.publications import Publications
 
 READ, ADMIN = "read", "admin"
+SUBSCRIBER = "subscriber"  # a site token (site_tokens.py): its own site's routes marked `subscriber` only
 
 
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -57,6 +62,7 @@ class Route:
     summary: str
     handler: Handler
     body: str | None = None  # what the request body is, for the OpenAPI document
+    subscriber: bool = False  # a site token may use it (on its own site, where the path names one)
 
 
 def tokens_from(settings: AdminSettings) -> dict[str, str]:
@@ -108,8 +114,10 @@ class Api:
         metrics: Metrics,
         max_upload: int,
         scratch: Path,
+        site_tokens: SiteTokens,
     ) -> None:
         self.use_tokens(tokens)
+        self.site_tokens = site_tokens
         self.catalog = catalog
         self.store = store
         self.service = PolicyService(store) if store is not None else None
@@ -141,16 +149,32 @@ class Api:
         self._routes[handle] = route
         return handle
 
-    def _role(self, request: web.Request) -> str | None:
+    async def _credential(self, request: web.Request) -> tuple[str, str | None] | None:
+        """(role, the site of a site token); None when no valid token is presented."""
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
             return None
+        if presented.startswith(SITE_TOKEN):
+            site = await self.site_tokens.site_of(presented)
+            return (SUBSCRIBER, site) if site is not None else None
         found = None
         for token, role in self._tokens:  # every token compared, in constant time each
-            if hmac.compare_digest(token, presented.strip().encode()):
+            if hmac.compare_digest(token, presented.encode()):
                 found = role
-        return found
+        return (found, None) if found is not None else None
+
+    @staticmethod
+    def _authorize(route: Route, role: str, site: str | None, request: web.Request) -> None:
+        """Raises NotAllowed unless the credential may use the route (README, "Who may do what")."""
+        if role == SUBSCRIBER:
+            if not route.subscriber:
+                raise NotAllowed("a site token opens its own site's devices, groups, policies, pauses and alerts only")
+            if "site" in request.match_info and request.match_info["site"] != site:
+                raise NotAllowed("this site token is for another site")
+        elif route.role == ADMIN and role != ADMIN:
+            raise NotAllowed("this token is read-only; the operation needs an admin token")
 
     @web.middleware
     async def _guard(
@@ -163,11 +187,10 @@ class Api:
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
         try:
-            role = self._role(request)
-            if role is None:
+            credential = await self._credential(request)
+            if credential is None:
                 raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
-            if route.role == ADMIN and role != ADMIN:
-                raise NotAllowed("this token is read-only; the operation needs an admin token")
+            self._authorize(route, *credential, request)
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return _failure(TooLarge(self.max_upload))
@@ -225,6 +248,16 @@ class Api:
         if fallback:
             body["lists_fallback"] = f"serving the last verified list: {fallback}"
         return web.json_response(body, status=200 if ready else 503)
+
+    async def issue_site_token(self, request: web.Request) -> web.Response:
+        site = request.match_info["site"]
+        body = await self._json(request) or {}
+        days = body.get("days", 30) if isinstance(body, dict) else None
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= MAX_DAYS:
+            raise PolicyError("days", f"must be a number of days above 0 and at most {MAX_DAYS}")
+        await self._policies().get_site(site)  # NotFound: a token for no site opens nothing
+        token, expires = await self.site_tokens.issue(site, float(days))
+        return web.json_response({"site": site, "token": token, "expires": expires})
 
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response(self.metrics.alerts(request.match_info["site"]))
@@ -395,7 +428,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/health", READ, "Is this node serving; its store and list version", Api.health),
     Route("GET", "/openapi.json", READ, "This document", Api.openapi),
     Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
-    Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories),
+    Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories, subscriber=True),
     Route("GET", "/v1/sites", READ, "Every site id", Api.list_sites),
     Route(
         "POST",
@@ -405,17 +438,39 @@ ROUTES: tuple[Route, ...] = (
         Api.import_sites,
         "Sites",
     ),
-    Route("GET", "/v1/sites/{site}", READ, "A site with its groups and devices", Api.get_site),
+    Route("GET", "/v1/sites/{site}", READ, "A site with its groups and devices", Api.get_site, subscriber=True),
     Route(
-        "GET", "/v1/sites/{site}/alerts", READ, "The newest threat alerts of a site's clients on this node", Api.alerts
+        "GET",
+        "/v1/sites/{site}/alerts",
+        READ,
+        "The newest threat alerts of a site's clients on this node",
+        Api.alerts,
+        subscriber=True,
+    ),
+    Route(
+        "POST",
+        "/v1/sites/{site}/tokens",
+        ADMIN,
+        "A site token for the subscriber: this site's own routes only, for some days",
+        Api.issue_site_token,
+        "SiteToken",
     ),
     Route("PUT", "/v1/sites/{site}", ADMIN, "Create or replace a whole site", Api.put_site, "Site"),
     Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),
     Route("DELETE", "/v1/sites/{site}", ADMIN, "Delete a site", Api.delete_site),
-    Route("PUT", "/v1/sites/{site}/groups/{group}", ADMIN, "Create or change a group", Api.put_group, "Group"),
-    Route("DELETE", "/v1/sites/{site}/groups/{group}", ADMIN, "Delete a group (its devices stay)", Api.delete_group),
-    Route("PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device, "Device"),
-    Route("DELETE", "/v1/sites/{site}/devices/{device}", ADMIN, "Delete a device", Api.delete_device),
+    Route("PUT", "/v1/sites/{site}/groups/{group}", ADMIN, "Create or change a group", Api.put_group, "Group", True),
+    Route(
+        "DELETE",
+        "/v1/sites/{site}/groups/{group}",
+        ADMIN,
+        "Delete a group (its devices stay)",
+        Api.delete_group,
+        subscriber=True,
+    ),
+    Route(
+        "PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device, "Device", True
+    ),
+    Route("DELETE", "/v1/sites/{site}/devices/{device}", ADMIN, "Delete a device", Api.delete_device, subscriber=True),
     *(
         route
         for prefix in ("/v1/sites/{site}", "/v1/sites/{site}/groups/{group}", "/v1/sites/{site}/devices/{device}")
@@ -427,8 +482,9 @@ ROUTES: tuple[Route, ...] = (
                 "Set the policy (categories, allow, deny, schedules…)",
                 Api.put_policy,
                 "Policy",
+                True,
             ),
-            Route("DELETE", f"{prefix}/policy", ADMIN, "Remove the policy", Api.delete_policy),
+            Route("DELETE", f"{prefix}/policy", ADMIN, "Remove the policy", Api.delete_policy, subscriber=True),
             Route(
                 "POST",
                 f"{prefix}/pause",
@@ -436,8 +492,9 @@ ROUTES: tuple[Route, ...] = (
                 "Pause: block everything for some minutes, until a time, or until unpaused",
                 Api.pause,
                 "Pause",
+                True,
             ),
-            Route("POST", f"{prefix}/unpause", ADMIN, "End a pause", Api.unpause),
+            Route("POST", f"{prefix}/unpause", ADMIN, "End a pause", Api.unpause, subscriber=True),
         )
     ),
     Route("PUT", "/v1/profiles/{profile}", ADMIN, "Create or change a policy profile", Api.put_profile, "Policy"),
@@ -509,6 +566,7 @@ _BODIES: dict[str, dict[str, Any]] = {
         },
     },
     "Pause": {"type": "object", "properties": {"minutes": {"type": "number"}, "until": {"type": "string"}}},
+    "SiteToken": {"type": "object", "properties": {"days": {"type": "number", "description": "default 30"}}},
     "Why": {
         "type": "object",
         "required": ["name", "address"],
@@ -539,6 +597,7 @@ def openapi_document() -> dict[str, Any]:
             "summary": route.summary,
             "security": [{"bearer": []}],
             "x-role": route.role,
+            "x-site-token": route.subscriber,
             "responses": {
                 "200": {"description": "OK"},
                 "401": {"$ref": "#/components/responses/Error"},

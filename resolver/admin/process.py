@@ -14,6 +14,7 @@ from aiohttp import web
 from resolver.admin.api import Api, tokens_from
 from resolver.admin.metrics import Metrics
 from resolver.admin.pages import Pages
+from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import Config
@@ -64,6 +65,7 @@ class AdminNode:
             metrics,
             config.admin.max_upload,
             cache_dir / "uploads",
+            SiteTokens(self.backends.secret),
         )
         self._runners: list[web.AppRunner] = []
 

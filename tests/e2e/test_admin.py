@@ -392,3 +392,55 @@ def test_a_sites_threat_alerts_are_listed_and_counted(file_node):
     assert http(api, "GET", "/v1/sites/elsewhere/alerts", token=READ) == (200, [])
     metrics = http(api, "GET", "/metrics", token=READ)[1]
     assert f'bns_threat_alerts_total{{reason="dga"}} {len(alerts)}' in metrics
+
+
+PATH_VALUES = {"site": "home", "group": "kids", "device": "tablet", "profile": "p", "category": "drugs"}
+
+
+def allowed_for(route, who: str) -> bool:
+    if who == "operator":
+        return True
+    if who == "read-only":
+        return route.role == "read"
+    if who == "own site":
+        return route.subscriber
+    return route.subscriber and "{site}" not in route.path  # another site's token: nothing of this site
+
+
+def test_every_route_with_operator_read_only_own_site_and_other_site_credentials(file_node):
+    _port, api = file_node
+    for site in ("home", "other"):
+        assert http(api, "PUT", f"/v1/sites/{site}", {"networks": [], "mode": "device", "timezone": "UTC"})[0] == 200
+    tokens = {
+        site: http(api, "POST", f"/v1/sites/{site}/tokens", {"days": 1})[1]["token"] for site in ("home", "other")
+    }
+    credentials = {"other site": tokens["other"], "own site": tokens["home"], "read-only": READ, "operator": ADMIN}
+    routes = sorted(ROUTES, key=lambda route: route.method == "DELETE" and route.path == "/v1/sites/{site}")
+    seen = []
+    for who, token in credentials.items():  # the operator last: its deletes must not hide the others' verdicts
+        for route in routes:
+            path = route.path
+            for name, value in PATH_VALUES.items():
+                path = path.replace("{" + name + "}", value)
+            path = path.replace("{source}", "s").replace("{job}", "j")
+            status, body = http(api, route.method, path, None if route.method == "GET" else {}, token=token)
+            seen.append((who, route.method, route.path, status))
+            if allowed_for(route, who):
+                assert status not in (401, 403), (who, route.method, route.path, status, body)
+            else:
+                assert status == 403, (who, route.method, route.path, status, body)
+    assert len(seen) == 4 * len(ROUTES)
+
+
+def test_a_site_token_pauses_its_own_device_and_nothing_else(file_node):
+    port, api = file_node
+    site = {"networks": ["127.0.0.0/8"], "mode": "device", "timezone": "UTC", "devices": {"tablet": {"macs": [MAC]}}}
+    assert http(api, "PUT", "/v1/sites/home", site)[0] == 200
+    token = http(api, "POST", "/v1/sites/home/tokens", {"days": 1})[1]["token"]
+    assert http(api, "POST", "/v1/sites/home/devices/tablet/pause", {"minutes": 30}, token=token)[0] == 200
+    assert eventually(lambda: every_worker(port, "fine.example", "paused", mac=MAC), 2) < 2
+    assert http(api, "PUT", "/v1/sites/home", site, token=token)[0] == 403  # networks are the operator's
+    assert http(api, "GET", "/v1/sites", token=token)[0] == 403
+    assert http(api, "GET", "/v1/sites/home", token=token + "x")[0] == 401  # tampered
+    assert http(api, "POST", "/v1/sites/home/tokens", {"days": 400})[0] == 422
+    assert http(api, "POST", "/v1/sites/nowhere/tokens", {"days": 1})[0] == 404

@@ -28,11 +28,13 @@ from bench.faults import mac
 from blocklists.catalog import load_catalog
 from resolver.admin.api import Api, tokens_from
 from resolver.admin.metrics import Metrics
+from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.errors import StoreUnavailable, WriteUnknown
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.service import PolicyService
+from resolver.shared.store.page_tokens import Secret
 from resolver.shared.store.publications import LocalPublications
 from resolver.shared.store.redis_policies import RedisStore
 from resolver.shared.store.shelves import LocalShelf
@@ -339,6 +341,7 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
         Metrics(scratch, dict),
         1 << 20,
         scratch / "uploads",
+        SiteTokens(Secret("", None)),
     )
 
 
