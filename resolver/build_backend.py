@@ -62,19 +62,28 @@ def hot_path_extensions() -> list[Any]:
     if not _BUILDING.intersection(sys.argv):
         return []
     if os.environ.get("BNS_PURE_PYTHON"):
-        say("BNS_PURE_PYTHON is set: the hot path is not compiled")
-        return []
+        return plain_python("BNS_PURE_PYTHON is set: the hot path is not compiled")
     try:
         from mypyc.build import mypycify  # noqa: PLC0415 (only when building, and it may be missing)
     except ImportError:
-        say("mypyc is not installed: the hot path is not compiled")
-        return []
+        return plain_python("mypyc is not installed: the hot path is not compiled")
     try:
         # Third-party packages are not in pip's build environment: to mypyc their types are Any.
         return list(mypycify(["--ignore-missing-imports", *HOT_PATH], opt_level="3", group_name="bns_hot_path"))
     except (Exception, SystemExit) as error:  # mypy exits when a module does not type-check
-        say(f"mypyc could not compile the hot path ({error}); bns runs as plain Python")
-        return []
+        return plain_python(f"mypyc could not compile the hot path ({error}); bns runs as plain Python")
+
+
+def plain_python(why: str) -> list[Any]:
+    """No extensions, and none left from an earlier editable build in the source tree either: Python would
+    import those before the modules' source."""
+    say(why)
+    for path in HOT_PATH:
+        for stale in Path(path).parent.glob(Path(path).stem + ".*.so"):
+            stale.unlink()
+    for stale in Path().glob("bns_hot_path__mypyc.*.so"):
+        stale.unlink()
+    return []
 
 
 class _Backend(_BuildMetaBackend):

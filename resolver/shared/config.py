@@ -433,6 +433,8 @@ def _tokens(items: Any) -> tuple[str, ...]:
             raise ValueError(
                 f"[{index}]: a token must be at least {MIN_TOKEN_LENGTH} printable characters without spaces"
             )
+        if token.startswith("site."):
+            raise ValueError(f"[{index}]: tokens starting with 'site.' are the site tokens the API makes")
     return tuple(items)
 
 

@@ -106,10 +106,16 @@ def text_to_name(text: str) -> bytes:
 
 
 def name_to_text(wire: bytes) -> str:
-    """`\\x03www\\x07example\\x03com\\x00` → `www.example.com` (for people: why, pages; never the hot path)."""
+    """`\\x03www\\x07example\\x03com\\x00` → `www.example.com` (for people: why, pages, logs; never the hot
+    path). A byte that is not printable ASCII, and a dot or backslash inside a label, is written `\\DDD`
+    (RFC 1035 §5.1): a name in a log line cannot start a line of its own."""
     labels = []
     pos = 0
     while wire[pos]:
-        labels.append(wire[pos + 1 : pos + 1 + wire[pos]].decode("ascii", "backslashreplace"))
+        label = wire[pos + 1 : pos + 1 + wire[pos]]
+        labels.append("".join(_PRESENTATION[byte] for byte in label))
         pos += wire[pos] + 1
     return ".".join(labels)
+
+
+_PRESENTATION = [chr(byte) if 0x21 <= byte <= 0x7E and byte not in b".\\" else f"\\{byte:03d}" for byte in range(256)]

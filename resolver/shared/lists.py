@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -38,13 +39,19 @@ from resolver.shared.memo import make_room
 log = logging.getLogger(__name__)
 
 
+_generations = itertools.count(1)
+
+
 class ListSnapshot:
-    __slots__ = ("_hot_size", "hot", "matcher")
+    __slots__ = ("_hot_size", "generation", "hot", "matcher")
 
     def __init__(self, matcher: Matcher, hot_size: int) -> None:
         self.matcher = matcher
         self.hot: dict[bytes, int] = {}
         self._hot_size = hot_size
+        # What memos elsewhere (the interned queries') note instead of the snapshot itself: holding it would
+        # keep a swapped-out list mapped.
+        self.generation = next(_generations)
 
     @property
     def version(self) -> str:

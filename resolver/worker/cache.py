@@ -89,7 +89,7 @@ class CachedAnswer:
     by every answer shaped alike. An answer is the client's ID, flags and question bytes (so 0x20 case is
     echoed), these records and our OPT record: one join, the TTLs rewritten at most once a second."""
 
-    __slots__ = ("_aged", "_body", "cname_targets", "form", "lifetime", "stored_at", "used")
+    __slots__ = ("_aged", "_body", "cname_targets", "form", "lifetime", "machine_made", "stored_at", "used")
 
     def __init__(
         self,
@@ -107,6 +107,7 @@ class CachedAnswer:
         self.stored_at = _stamp(now)
         self.lifetime = _LIFETIMES.setdefault(lifetime, lifetime)  # few distinct values: shared int objects
         self.used = False  # asked since eviction last passed it over
+        self.machine_made = False  # its name looked machine-made (threats.py): each client asking is flagged
         self._aged = 0
         self._body = bytes(body)
 

@@ -138,11 +138,11 @@ class Resolver:
         # filter: the one decision (shared/policy/decision.py). Before the cache, which is shared by every
         # client whose policy lets the name through.
         snapshot = self.lists.snapshot
-        if query.listed_in is not snapshot:  # first sight of this query, or a new list since
+        if query.listed_in != snapshot.generation:  # first sight of this query, or a new list since
             query.bits = snapshot.lookup(query.name)
-            query.listed_in = snapshot
+            query.listed_in = snapshot.generation
         if query.bits & self._threat_bits:  # warned, blocked or passed: the device asked for it
-            self.threats.listed(self.directory.key(request), _site_of(known), query.name, query.bits, now)
+            self.threats.listed(self.directory.key(request), _site_of(known), query.name, query.bits, self._clock())
         decision = decide(policy, query.name, query.bits)
         if decision.verdict is not None:
             return self.blocked.answer(request, decision.verdict)
@@ -159,6 +159,8 @@ class Resolver:
                 found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
                 if found is not None:
                     return self.blocked.answer(request, found[1])
+            if entry.machine_made:
+                self.threats.machine_made(self.directory.key(request), _site_of(known), query.name, clock)
             return entry.render(request, clock)
         refusal = _refuse_recursion(request)
         if refusal is not None:
@@ -168,13 +170,15 @@ class Resolver:
         if waiting >= self.forwarder.settings.max_per_client:
             self.shed_clients += 1
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
-        # threats: a name no cache held is judged (a cached one was when first asked)
-        self.threats.miss(source, _site_of(known), query.name, query.qtype, now)
+        # threats: a name no cache held is judged; its answer keeps the verdict for the next clients
+        machine_made = self.threats.miss(source, _site_of(known), query.name, query.qtype, clock)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fetch = self._fetch(query.key, query.do, query.cd)
-        fetch.add_done_callback(partial(self._answer_fetched, answer, request, source, policy, decision.chain))
+        fetch.add_done_callback(
+            partial(self._answer_fetched, answer, request, source, policy, decision.chain, machine_made)
+        )
         return answer
 
     def _answer_fetched(
@@ -184,6 +188,7 @@ class Resolver:
         source: Hashable,
         policy: Policy,
         chain: int | None,
+        machine_made: bool,
         fetch: asyncio.Future[CachedAnswer],
     ) -> None:
         # A callback, not a task per miss: the miss path is where a forwarder spends most of its CPU.
@@ -195,6 +200,8 @@ class Resolver:
             return
         try:
             entry = fetch.result()
+            if machine_made:
+                entry.machine_made = True
             if entry.cname_targets and chain is not None:
                 found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
                 if found is not None:

@@ -8,8 +8,9 @@
 - **DNS tunnelling.** Data smuggled out in query names: many distinct names under one domain from one device
   within a window, with long high-entropy labels, or a burst of TXT queries under one domain.
 
-Only names that reach the miss path are judged for these (a name already cached was judged when first
-asked), so the cache-hit path pays nothing; a name listed as malware or phishing is flagged whatever the
+Only names that reach the miss path are judged for these; the answer cached for a machine-made name keeps
+the verdict, so that each client asking it later is flagged as well (the cache-hit path pays one attribute
+check). A name listed as malware or phishing is flagged whatever the
 answer (blocked, warned, or passed by the device's "continue anyway"). A client is flagged once per
 (reason, domain) per `_REPEAT_AFTER` seconds: counted (bns_threat_alerts_total), logged (at most
 `_LOG_LINES` a minute) and kept among the worker's newest alerts, which the admin API lists.
@@ -21,8 +22,9 @@ import gzip
 import json
 import logging
 import math
+import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,8 +146,8 @@ class _Window:
     __slots__ = ("names", "seen", "txt")
 
     def __init__(self) -> None:
-        self.names: deque[float] = deque()
-        self.seen: set[bytes] = set()
+        self.names: deque[tuple[float, bytes]] = deque()  # (when, name) of the tunnel-like names, in order
+        self.seen: set[bytes] = set()  # the same names, to count each once
         self.txt: deque[float] = deque()
 
 
@@ -158,7 +160,9 @@ class ThreatWatch:
         model: NameModel | None = None,
         max_tracked: int = 4096,
         recent: int = 100,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._wall_clock = wall_clock  # for the alerts' times; `now` everywhere else is monotonic
         self.listed_categories = listed_categories or {}  # category bit → its id, for names listed as threats
         self.model = model if model is not None else NameModel.load()
         self._windows: dict[tuple[Hashable, bytes], _Window] = {}
@@ -176,15 +180,26 @@ class ThreatWatch:
             if bits & mask:
                 self._flag(client, site, category, domain, name, now, f"listed as {category}")
 
-    def miss(self, client: Hashable, site: str | None, name: bytes, qtype: int, now: float) -> None:
-        """A name `client` asked for that no cache held: judge it."""
+    def miss(self, client: Hashable, site: str | None, name: bytes, qtype: int, now: float) -> bool:
+        """A name `client` asked for that no cache held: judge it. True if the name looks machine-made, so
+        that the answer cached for it can say so to the next client that asks (`machine_made`)."""
         domain = registered_domain(name)
         label = registered_label(name)
-        if label and self.model.generated(label):
-            score = self.model.score(label)
-            self._flag(client, site, "dga", domain, name, now, f"machine-made name (score {score:.1f})")
+        generated = bool(label) and self.model.generated(label)
+        if generated:
+            self._flag(
+                client, site, "dga", domain, name, now, f"machine-made name (score {self.model.score(label):.1f})"
+            )
         if len(name) > len(domain):
             self._watch_tunnel(client, site, domain, name, qtype, now)
+        return generated
+
+    def machine_made(self, client: Hashable, site: str | None, name: bytes, now: float) -> None:
+        """`client` asked for a name judged machine-made when another client's query put it in the cache: every
+        device of a DGA family asks the same names."""
+        label = registered_label(name)
+        detail = f"machine-made name (score {self.model.score(label):.1f})"
+        self._flag(client, site, "dga", registered_domain(name), name, now, detail)
 
     def _watch_tunnel(
         self, client: Hashable, site: str | None, domain: bytes, name: bytes, qtype: int, now: float
@@ -196,17 +211,19 @@ class ThreatWatch:
                 self._windows.clear()  # a flood of domains: start counting again rather than grow
             window = self._windows[key] = _Window()
         cutoff = now - _WINDOW
-        for times in (window.names, window.txt):
-            while times and times[0] < cutoff:
-                times.popleft()
-        if not window.names:
-            window.seen.clear()
+        names, seen = window.names, window.seen
+        while names and names[0][0] < cutoff:
+            seen.discard(names.popleft()[1])
+        while window.txt and window.txt[0] < cutoff:
+            window.txt.popleft()
         subdomain = name[: len(name) - len(domain)]
-        if name not in window.seen and any(
-            len(label) >= _TUNNEL_LABEL and entropy(label) >= _TUNNEL_ENTROPY for label in _labels(subdomain)
+        if (
+            len(names) < 2 * _TUNNEL_NAMES  # beyond, the tunnel is flagged already: nothing more to keep
+            and name not in seen
+            and any(len(label) >= _TUNNEL_LABEL and entropy(label) >= _TUNNEL_ENTROPY for label in _labels(subdomain))
         ):
-            window.seen.add(name)
-            window.names.append(now)
+            seen.add(name)
+            names.append((now, name))
         if qtype == _TXT:
             window.txt.append(now)
         if len(window.names) >= _TUNNEL_NAMES:
@@ -226,7 +243,7 @@ class ThreatWatch:
             self._flagged.clear()
         self._flagged[key] = now
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        alert = Alert(now, site, _client_text(client), name_to_text(name), reason, detail)
+        alert = Alert(self._wall_clock(), site, _client_text(client), name_to_text(name), reason, detail)
         self.recent.append(alert)
         self._log(alert, now)
 

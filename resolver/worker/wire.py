@@ -74,8 +74,8 @@ class Query:
     `key` (the question name in lowercased wire form, type, class, state byte) is what the cache and the
     upstream coalescing are keyed on; `limit` is the largest answer the client can take; `local` marks
     queries answered here whatever the cache holds (other classes, ANY, zone transfers). `bits` are the
-    name's categories in the list snapshot `listed_in` (the query path's memo: a name asked again costs no
-    lookup until the list is swapped).
+    name's categories in the list snapshot of generation `listed_in` (the query path's memo: a name asked
+    again costs no lookup until the list is swapped).
     """
 
     __slots__ = ("bits", "edns", "key", "limit", "listed_in", "local")
@@ -86,7 +86,7 @@ class Query:
         self.limit = limit
         self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES
         self.bits = 0
-        self.listed_in: object = None
+        self.listed_in = 0  # no snapshot has generation 0
 
     # What the key holds is read from it rather than kept twice: every interned query costs less memory.
     @property

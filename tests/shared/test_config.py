@@ -56,6 +56,7 @@ def test_file_values_and_flag_overrides(tmp_path):
         ("[upstream]\nkeep_case = '9.9.9.9'\n", "upstream.keep_case: must be a list"),
         ("[upstream]\nkeep_case = ['192.0.2.1']\n", "upstream.keep_case: 192.0.2.1:53 is not in upstream.servers"),
         ("[upstream]\ncase_randomization = 'yes'\n", "upstream.case_randomization: must be true or false"),
+        ("[admin]\ntokens = ['site.operator-token-0001']\n", "admin.tokens: [0]: tokens starting with 'site.'"),
         ("server = 3\n", "server: must be a table"),
         ("[server\n", "not valid TOML"),
     ],

@@ -36,9 +36,11 @@ PEOPLE = [
 
 
 def alerts_for(names: list[str], qtype: int = A, rate: float = 50.0, client: str = "laptop") -> list:
-    watch = ThreatWatch()
+    now = [0.0]
+    watch = ThreatWatch(wall_clock=lambda: now[0])
     for index, name in enumerate(names):
-        watch.miss(client, "home", text_to_name(name), qtype, 1000.0 + index / rate)
+        now[0] = 1000.0 + index / rate
+        watch.miss(client, "home", text_to_name(name), qtype, now[0])
     return list(watch.recent)
 
 
@@ -79,6 +81,23 @@ def test_many_subdomains_of_a_cdn_from_people_browsing_are_not_a_tunnel():
 
 
 @pytest.mark.unit
+def test_a_steady_drip_under_one_domain_holds_no_more_than_a_window_of_names():
+    watch = ThreatWatch()
+    for index in range(5000):  # 5 a second, for 1,000 s: one window holds 50 of them, never more
+        chunk = base64.b32encode(random.Random(index).randbytes(15)).decode().rstrip("=").lower()
+        watch.miss("laptop", "home", text_to_name(f"{chunk}.drip.example"), A, 1000.0 + index / 5)
+    windows = list(watch._windows.values())
+    assert len(windows) == 1 and len(windows[0].seen) <= 60 and len(windows[0].names) <= 60
+
+
+@pytest.mark.unit
+def test_names_in_alerts_and_logs_cannot_break_a_line():
+    watch = ThreatWatch({1: "phishing"})
+    watch.listed("laptop", "home", b"\x0bx\nCRITICAL:\x07example\x03com\x00", 1, 1000.0)
+    assert watch.recent[0].name == "x\\010CRITICAL:.example.com"
+
+
+@pytest.mark.unit
 def test_slow_drips_stay_under_the_window():
     chunks = [base64.b32encode(random.Random(index).randbytes(30)).decode().rstrip("=").lower() for index in range(60)]
     names = [f"{chunk}.drip.example" for chunk in chunks]
@@ -115,6 +134,9 @@ def test_a_worker_flags_its_clients_dga_names_tunnels_and_listed_names(upstream,
         tunnel = next(alert for alert in threats.recent if alert.reason == "tunnel")
         assert tunnel.at - began <= 10 and tunnel.name.endswith("t.exfil.example") and tunnel.client == "127.0.0.1"
         assert counters_of(server)["threats"] == threats.counts
+        for name in dga_names()["ramnit"][:5]:  # another device of the same family: the names are cached now
+            dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=server.port, source="127.0.0.2")
+        assert {alert.name for alert in threats.recent if alert.client == "127.0.0.2"} == set(dga_names()["ramnit"][:5])
 
 
 def counters_of(server: ServerThread) -> dict:
