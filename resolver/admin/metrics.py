@@ -141,5 +141,10 @@ class Metrics:
             "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
             "# TYPE bns_lists_fallback gauge",
             _line("bns_lists_fallback", int(fallback is not None)),
+            "# HELP bns_webhook_alerts_total Threat alerts posted to sites' webhooks (delivered), or dropped from"
+            " a full queue while a webhook did not answer.",
+            "# TYPE bns_webhook_alerts_total counter",
+            _line("bns_webhook_alerts_total", state.get("webhook_delivered", 0), {"outcome": "delivered"}),
+            _line("bns_webhook_alerts_total", state.get("webhook_dropped", 0), {"outcome": "dropped"}),
         ]
         return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 from aiohttp import web
 
+from resolver.admin.alert_hooks import AlertHooks
 from resolver.admin.api import Api, tokens_from
 from resolver.admin.metrics import Metrics
 from resolver.admin.pages import Pages
@@ -21,6 +22,7 @@ from resolver.shared.config import Config
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.lists import cache_dir_of, served_path
 from resolver.shared.loading import load_policy_and_lists, policy_maker
+from resolver.shared.policy.model import Webhook
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.run_directory import RunDirectory
 from resolver.shared.signals import handle_signals
@@ -49,7 +51,8 @@ class AdminNode:
         self.publications = self.backends.publications
         self.lists_settled = False
         self.store_up: int = -1 if self.store is None else 1
-        metrics = Metrics(run.path, lambda: {"store_up": self.store_up}, config.server.worker_count)
+        metrics = Metrics(run.path, self._state, config.server.worker_count)
+        self.hooks = AlertHooks(metrics, self._webhook_of)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         self.sources = Sources(
@@ -76,12 +79,26 @@ class AdminNode:
             loop.create_task(task)
             for task in (self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())
         ]
+        if self.store is not None:
+            self._tasks.append(loop.create_task(self.hooks.run()))
         if self.config.store.redis:  # the node follows published lists
             self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
             await self._serve(self.api.app(), [self.http.admin])
         if self.http.pages:
             await self._serve(self._pages().app(), self.http.pages)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "store_up": self.store_up,
+            "webhook_delivered": self.hooks.delivered,
+            "webhook_dropped": self.hooks.dropped,
+        }
+
+    async def _webhook_of(self, site_id: str) -> Webhook | None:
+        assert self.store is not None
+        site = await self.store.load_site(site_id)
+        return site.webhook if site is not None else None
 
     def _settled(self, version: str | None) -> None:
         """The published list this node must serve is installed (or none is published): the workers may

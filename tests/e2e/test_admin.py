@@ -3,13 +3,18 @@ Redis where the issue asks for it), with real DNS clients."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import dns.edns
 import dns.message
@@ -444,3 +449,40 @@ def test_a_site_token_pauses_its_own_device_and_nothing_else(file_node):
     assert http(api, "GET", "/v1/sites/home", token=token + "x")[0] == 401  # tampered
     assert http(api, "POST", "/v1/sites/home/tokens", {"days": 400})[0] == 422
     assert http(api, "POST", "/v1/sites/nowhere/tokens", {"days": 1})[0] == 404
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[bytes, str]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append((body, self.headers["X-BNS-Signature"]))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        return None
+
+
+def test_a_sites_alerts_reach_its_webhook_signed(file_node):
+    port, api = file_node
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        secret = "webhook-secret-for-tests"
+        url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+        site = {"networks": ["127.0.0.0/8"], "mode": "device", "webhook": {"url": url, "secret": secret}}
+        assert http(api, "PUT", "/v1/sites/shop", site)[0] == 200
+        assert http(api, "PUT", "/v1/sites/shop", {**site, "webhook": {"url": "ftp://x", "secret": secret}}) == (
+            422,
+            {"error": {"status": 422, "field": "webhook.url", "message": "must be an http:// or https:// URL"}},
+        )
+        names = dga_names()["ramnit"][:5]
+        for name in names:
+            dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
+        eventually(lambda: sum(len(json.loads(body)["alerts"]) for body, _ in _Hook.received) >= 4, 10)
+        for body, signature in _Hook.received:
+            assert signature == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            assert json.loads(body)["site"] == "shop"
+    finally:
+        server.shutdown()

@@ -101,6 +101,14 @@ class PolicySpec:
 _SPEC_FIELDS = tuple(spec.name for spec in fields(PolicySpec) if spec.name != "profile")
 
 
+@dataclass(frozen=True)
+class Webhook:
+    """Where a site's threat alerts are posted, and the key their signature is made with."""
+
+    url: str
+    secret: str
+
+
 @dataclass(eq=False)
 class Group:
     id: str
@@ -138,6 +146,7 @@ class Site:
     groups: dict[str, Group] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     version: int = 0
+    webhook: Webhook | None = None
     zone: ZoneInfo = field(init=False)
     by_mac: dict[bytes, Device] = field(init=False, default_factory=dict)
     by_client_id: dict[str, Device] = field(init=False, default_factory=dict)
@@ -418,6 +427,7 @@ SITE_FIELDS = {
     "default_group",
     "groups",
     "devices",
+    "webhook",
 }
 
 
@@ -499,7 +509,19 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
         groups,
         devices,
         version,
+        _webhook(entry.get("webhook")),
     )
+
+
+def _webhook(value: Any) -> Webhook | None:
+    if value is None:
+        return None
+    entry = _table(value, "webhook", {"url", "secret"})
+    url = _text(entry.get("url"), "webhook.url", 2048)
+    _require(url.startswith(("https://", "http://")), "webhook.url", "must be an http:// or https:// URL")
+    secret = _text(entry.get("secret"), "webhook.secret", 256)
+    _require(len(secret) >= 16 and secret.isprintable(), "webhook.secret", "must be 16 to 256 printable characters")
+    return Webhook(url, secret)
 
 
 def parse_profile(name: str, value: Any, catalog: Catalog) -> PolicySpec:
@@ -567,6 +589,7 @@ def site_document(site: Site) -> dict[str, Any]:
             }
             for d in site.devices.values()
         },
+        "webhook": {"url": site.webhook.url, "secret": site.webhook.secret} if site.webhook else None,
     }
 
 
