@@ -30,7 +30,8 @@ from typing import Any
 
 from bench.harness import DEFAULT_DATA, REPO, top_site_names
 from resolver.shared.dns import text_to_name
-from resolver.worker.threats import NameModel, registered_label
+from resolver.worker.threats import NameModel, first_label
+from resolver.worker.wire import registered_domain
 
 MODEL = REPO / "resolver" / "worker" / "name_model.json.gz"
 ALPHABET_SIZE = 39  # a-z, 0-9, "-", the start and the end of a label
@@ -137,7 +138,7 @@ def dga_names() -> dict[str, list[str]]:
 
 
 def label_of(name: str) -> str:
-    return registered_label(text_to_name(name))
+    return first_label(registered_domain(text_to_name(name)))
 
 
 def top_labels(data: Path) -> list[str]:

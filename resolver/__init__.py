@@ -32,10 +32,3 @@ class _SourceOnly(MetaPathFinder):
 
 if os.environ.get("BNS_PURE_PYTHON"):
     sys.meta_path.insert(0, _SourceOnly())
-
-
-def compiled() -> bool:
-    """Whether the query path runs compiled."""
-    from resolver.worker import wire  # noqa: PLC0415 (only when asked: importing it is not free)
-
-    return not wire.__file__ or not wire.__file__.endswith(".py")

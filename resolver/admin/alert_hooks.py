@@ -114,8 +114,7 @@ class AlertHooks:
                 posted, why = False, str(exc) or type(exc).__name__
             if posted:
                 for _ in batch:
-                    if queue.alerts:
-                        queue.alerts.popleft()
+                    queue.alerts.popleft()  # the batch is still at the queue's head: nothing else ran meanwhile
                 self.delivered += len(batch)
                 queue.delay = _FIRST_RETRY
                 queue.next_try = 0.0

@@ -10,10 +10,10 @@
 
 Only names that reach the miss path are judged for these; the answer cached for a machine-made name keeps
 the verdict, so that each client asking it later is flagged as well (the cache-hit path pays one attribute
-check). A name listed as malware or phishing is flagged whatever the
-answer (blocked, warned, or passed by the device's "continue anyway"). A client is flagged once per
-(reason, domain) per `_REPEAT_AFTER` seconds: counted (bns_threat_alerts_total), logged (at most
-`_LOG_LINES` a minute) and kept among the worker's newest alerts, which the admin API lists.
+check). A name listed as malware or phishing is flagged whatever the answer (blocked, warned, or passed by
+the device's "continue anyway"). A client is flagged once per (reason, domain) per `_REPEAT_AFTER` seconds:
+counted (bns_threat_alerts_total), logged (at most `_LOG_LINES` a minute) and kept among the worker's newest
+alerts, which the admin API lists.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ class NameModel:
         return self.judged(label) and self.score(label) > self.threshold
 
 
-def registered_label(name: bytes) -> str:
-    """The label a lowercased wire name is registered under ("example" for www.example.co.uk)."""
-    domain = registered_domain(name)
-    return domain[1 : 1 + domain[0]].decode("ascii", "replace") if domain and domain[0] else ""
+def first_label(name: bytes) -> str:
+    """The first label of a wire name, as text: of a registered domain (wire.registered_domain), the label it
+    is registered under ("example" for example.co.uk)."""
+    return name[1 : 1 + name[0]].decode("ascii", "replace") if name and name[0] else ""
 
 
 def entropy(label: bytes) -> float:
@@ -152,7 +152,7 @@ class _Window:
 
 
 class ThreatWatch:
-    """Judges the names of one worker's misses; keeps the alerts until `take_alerts`."""
+    """Judges the names one worker's clients ask for; counts, logs and keeps the newest alerts."""
 
     def __init__(
         self,
@@ -184,12 +184,10 @@ class ThreatWatch:
         """A name `client` asked for that no cache held: judge it. True if the name looks machine-made, so
         that the answer cached for it can say so to the next client that asks (`machine_made`)."""
         domain = registered_domain(name)
-        label = registered_label(name)
-        generated = bool(label) and self.model.generated(label)
+        label = first_label(domain)
+        generated = self.model.generated(label)
         if generated:
-            self._flag(
-                client, site, "dga", domain, name, now, f"machine-made name (score {self.model.score(label):.1f})"
-            )
+            self._flag_machine_made(client, site, domain, label, name, now)
         if len(name) > len(domain):
             self._watch_tunnel(client, site, domain, name, qtype, now)
         return generated
@@ -197,9 +195,13 @@ class ThreatWatch:
     def machine_made(self, client: Hashable, site: str | None, name: bytes, now: float) -> None:
         """`client` asked for a name judged machine-made when another client's query put it in the cache: every
         device of a DGA family asks the same names."""
-        label = registered_label(name)
-        detail = f"machine-made name (score {self.model.score(label):.1f})"
-        self._flag(client, site, "dga", registered_domain(name), name, now, detail)
+        domain = registered_domain(name)
+        self._flag_machine_made(client, site, domain, first_label(domain), name, now)
+
+    def _flag_machine_made(
+        self, client: Hashable, site: str | None, domain: bytes, label: str, name: bytes, now: float
+    ) -> None:
+        self._flag(client, site, "dga", domain, name, now, f"machine-made name (score {self.model.score(label):.1f})")
 
     def _watch_tunnel(
         self, client: Hashable, site: str | None, domain: bytes, name: bytes, qtype: int, now: float
