@@ -27,6 +27,7 @@ from aiohttp import web
 
 from blocklists.catalog import Catalog
 from blocklists.errors import BlocklistError
+from resolver.admin.devices import activity_view, identity_fields, site_devices
 from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import MAX_DAYS, SiteTokens
 from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
@@ -36,6 +37,7 @@ from resolver.shared.config import AdminSettings
 from resolver.shared.errors import (
     BnsError,
     NotAllowed,
+    NotFound,
     StoreUnavailable,
     TooLarge,
     Unauthenticated,
@@ -44,6 +46,7 @@ from resolver.shared.errors import (
 )
 from resolver.shared.policy.model import PolicyError, Site
 from resolver.shared.policy.service import PolicyService, Target, describe
+from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import Store
 from resolver.shared.store.publications import Publications
 
@@ -115,9 +118,11 @@ class Api:
         max_upload: int,
         scratch: Path,
         site_tokens: SiteTokens,
+        activity: Activity,
     ) -> None:
         self.use_tokens(tokens)
         self.site_tokens = site_tokens
+        self.activity = activity
         self.catalog = catalog
         self.store = store
         self.service = PolicyService(store) if store is not None else None
@@ -260,7 +265,52 @@ class Api:
         return web.json_response({"site": site, "token": token, "expires": expires})
 
     async def alerts(self, request: web.Request) -> web.Response:
-        return web.json_response(self.metrics.alerts(request.match_info["site"]))
+        return web.json_response({"alerts": await self.activity.alerts(request.match_info["site"])})
+
+    async def _site(self, request: web.Request) -> Site:
+        """The site the path names, as the store has it. Raises NotFound."""
+        site_id = request.match_info["site"]
+        site = await self._policies().store.load_site(site_id)
+        if site is None:
+            raise NotFound(f"no site {site_id!r}")
+        return site
+
+    async def devices(self, request: web.Request) -> web.Response:
+        store, site = self._policies().store, request.match_info["site"]
+        listed = await site_devices(store, self.activity, self.explainer.maker, self.catalog, site, time.time())
+        return web.json_response({"devices": listed})
+
+    async def adopt_device(self, request: web.Request) -> web.Response:
+        body = await self._object(request)
+        unknown = sorted(set(body) - {"name", "group"})
+        if unknown:
+            raise PolicyError(unknown[0], "unknown field; known: group, name")
+        try:
+            identity = identity_fields(request.match_info["key"])
+        except ValueError as exc:
+            raise PolicyError("key", str(exc)) from None
+        return _written(await self._policies().adopt_device(request.match_info["site"], identity, body))
+
+    async def forget_device(self, request: web.Request) -> web.Response:
+        site = await self._site(request)
+        await self.activity.forget(site.id, {request.match_info["key"]}, time.time())
+        return web.json_response({"forgotten": request.match_info["key"]})
+
+    async def device_activity(self, request: web.Request) -> web.Response:
+        site = await self._site(request)
+        device = request.query.get("device") or None
+        return web.json_response(await activity_view(self.activity, site.id, device, time.time()))
+
+    async def queries(self, request: web.Request) -> web.Response:
+        site = await self._site(request)
+        logged = await self.activity.queries(site.id, time.time()) if site.query_log else []
+        return web.json_response(
+            {
+                "enabled": site.query_log,
+                "retention_hours": self.activity.settings.query_log_hours,
+                "queries": logged[::-1],
+            }
+        )
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
@@ -295,6 +345,7 @@ class Api:
 
     async def delete_site(self, request: web.Request) -> web.Response:
         await self._policies().delete_site(request.match_info["site"])
+        await self.activity.forget_site(request.match_info["site"], time.time())
         return web.json_response({"deleted": request.match_info["site"]})
 
     async def put_group(self, request: web.Request) -> web.Response:
@@ -443,8 +494,49 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/sites/{site}/alerts",
         READ,
-        "The newest threat alerts of a site's clients on this node",
+        "The threat alerts of a site's devices, newest first, from every node",
         Api.alerts,
+        subscriber=True,
+    ),
+    Route(
+        "GET",
+        "/v1/sites/{site}/devices",
+        READ,
+        "Every device seen or configured: vendor, group, status, first and last seen, counts",
+        Api.devices,
+        subscriber=True,
+    ),
+    Route(
+        "PATCH",
+        "/v1/sites/{site}/devices/seen/{key}",
+        ADMIN,
+        "Name a seen device or put it in a group (it becomes a configured device)",
+        Api.adopt_device,
+        "SeenDevice",
+        True,
+    ),
+    Route(
+        "DELETE",
+        "/v1/sites/{site}/devices/seen/{key}",
+        ADMIN,
+        "Forget a seen device: its record, activity, logged queries and alerts",
+        Api.forget_device,
+        subscriber=True,
+    ),
+    Route(
+        "GET",
+        "/v1/sites/{site}/activity",
+        READ,
+        "Counts by hour (verdicts, categories) and top blocked names, of the site or one device (?device=key)",
+        Api.device_activity,
+        subscriber=True,
+    ),
+    Route(
+        "GET",
+        "/v1/sites/{site}/queries",
+        READ,
+        "The site's recent queries, newest first, if it opted in (query_log)",
+        Api.queries,
         subscriber=True,
     ),
     Route(
@@ -567,6 +659,10 @@ _BODIES: dict[str, dict[str, Any]] = {
     },
     "Pause": {"type": "object", "properties": {"minutes": {"type": "number"}, "until": {"type": "string"}}},
     "SiteToken": {"type": "object", "properties": {"days": {"type": "number", "description": "default 30"}}},
+    "SeenDevice": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "group": {"type": ["string", "null"]}},
+    },
     "Why": {
         "type": "object",
         "required": ["name", "address"],

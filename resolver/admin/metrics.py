@@ -146,5 +146,12 @@ class Metrics:
             "# TYPE bns_webhook_alerts_total counter",
             _line("bns_webhook_alerts_total", state.get("webhook_delivered", 0), {"outcome": "delivered"}),
             _line("bns_webhook_alerts_total", state.get("webhook_dropped", 0), {"outcome": "dropped"}),
+            "# HELP bns_activity_lost_total Device activity items lost: a worker's hand-over was full, or the"
+            " store was out of reach for long.",
+            "# TYPE bns_activity_lost_total counter",
+            _line("bns_activity_lost_total", state.get("activity_lost", 0)),
+            "# HELP bns_devices_evicted_total Seen devices forgotten because their site had activity.devices_per_site.",
+            "# TYPE bns_devices_evicted_total counter",
+            _line("bns_devices_evicted_total", state.get("devices_evicted", 0)),
         ]
         return "\n".join(lines) + "\n"

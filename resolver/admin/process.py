@@ -15,6 +15,7 @@ from resolver.admin.alert_hooks import AlertHooks
 from resolver.admin.api import Api, tokens_from
 from resolver.admin.metrics import Metrics
 from resolver.admin.pages import Pages
+from resolver.admin.recorder import Recorder
 from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
@@ -53,6 +54,7 @@ class AdminNode:
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(run.path, self._state, config.server.worker_count)
         self.hooks = AlertHooks(metrics, self._webhook_of)
+        self.recorder = Recorder(run.activity, self.backends.activity, self.store)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         self.sources = Sources(
@@ -69,6 +71,7 @@ class AdminNode:
             config.admin.max_upload,
             cache_dir / "uploads",
             SiteTokens(self.backends.secret),
+            self.backends.activity,
         )
         self._runners: list[web.AppRunner] = []
 
@@ -80,7 +83,7 @@ class AdminNode:
             for task in (self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())
         ]
         if self.store is not None:
-            self._tasks.append(loop.create_task(self.hooks.run()))
+            self._tasks += [loop.create_task(self.hooks.run()), loop.create_task(self.recorder.run())]
         if self.config.store.redis:  # the node follows published lists
             self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
@@ -93,6 +96,8 @@ class AdminNode:
             "store_up": self.store_up,
             "webhook_delivered": self.hooks.delivered,
             "webhook_dropped": self.hooks.dropped,
+            "activity_lost": self.recorder.lost,
+            "devices_evicted": self.recorder.evicted,
         }
 
     async def _webhook_of(self, site_id: str) -> Webhook | None:

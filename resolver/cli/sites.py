@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from resolver.admin.devices import identity_fields, site_devices
 from resolver.admin.why import Explainer
 from resolver.cli.api_client import ApiClient, ApiFailure
 from resolver.cli.output import show
@@ -31,6 +32,7 @@ from resolver.shared.errors import ConfigError, NotFound
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.model import PolicyError, time_document
 from resolver.shared.policy.service import PolicyService, Target, describe
+from resolver.shared.store.activity import Activity
 from resolver.shared.store.backends import Backends, open_backends
 
 Document = dict[str, Any]
@@ -78,6 +80,17 @@ class Sites(ABC):
 
     @abstractmethod
     async def why(self, question: Document) -> Document: ...
+
+    @abstractmethod
+    async def devices(self, site: str) -> list[Document]:
+        """Every device of a site seen or configured (admin/devices.py)."""
+
+    @abstractmethod
+    async def name_device(self, site: str, key: str, fields: Document) -> Document:
+        """Name a seen device or put it in a group: it becomes (or is) a configured device."""
+
+    @abstractmethod
+    async def forget_device(self, site: str, key: str) -> Document: ...
 
     async def close(self) -> None:
         return None
@@ -141,6 +154,15 @@ class ApiSites(Sites):
     async def why(self, question: Document) -> Document:
         return self.client.call("POST", "/v1/why", question)
 
+    async def devices(self, site: str) -> list[Document]:
+        return self.client.call("GET", self._path(site) + "/devices")["devices"]
+
+    async def name_device(self, site: str, key: str, fields: Document) -> Document:
+        return self.client.call("PATCH", f"{self._path(site)}/devices/seen/{urllib.parse.quote(key, safe=':')}", fields)
+
+    async def forget_device(self, site: str, key: str) -> Document:
+        return self.client.call("DELETE", f"{self._path(site)}/devices/seen/{urllib.parse.quote(key, safe=':')}")
+
 
 class LocalSites(Sites):
     """The store of a configuration, written through the same policy service the API uses."""
@@ -199,6 +221,26 @@ class LocalSites(Sites):
 
     async def why(self, question: Document) -> Document:
         return await Explainer(self.service.store, self.maker, self.catalog, self.lists).explain(question)
+
+    def _activity(self) -> Activity:
+        if not self.backends.activity.shared:
+            raise ConfigError("without Redis, seen devices are kept by the running node: ask its API (--api)")
+        return self.backends.activity
+
+    async def devices(self, site: str) -> list[Document]:
+        activity = self._activity()
+        return await site_devices(self.service.store, activity, self.maker, self.catalog, site, time.time())
+
+    async def name_device(self, site: str, key: str, fields: Document) -> Document:
+        try:
+            identity = identity_fields(key)
+        except ValueError as exc:
+            raise PolicyError("key", str(exc)) from None
+        return describe(await self.service.adopt_device(site, identity, fields))
+
+    async def forget_device(self, site: str, key: str) -> Document:
+        await self._activity().forget(site, {key}, time.time())
+        return {"forgotten": key}
 
     async def close(self) -> None:
         await self.backends.close()
@@ -314,6 +356,34 @@ async def _profile_set(sites: Sites, args: argparse.Namespace) -> Any:
     return await sites.set_profile(args.name, None if args.delete else _policy(args))
 
 
+async def _devices(sites: Sites, args: argparse.Namespace) -> Any:
+    listed = await sites.devices(args.site)
+    if args.json:
+        return listed
+    return [
+        {
+            "key": device["key"],
+            "name": device["name"] or "-",
+            "vendor": device["vendor"] or "-",
+            "group": device["group"] or "-",
+            "status": device["status"],
+            "online": "yes" if device["online"] else "no",
+            "last seen": time_document(device["last_seen"]) or "never",
+            "queries": device["queries"],
+            "blocked": device["blocked"],
+        }
+        for device in listed
+    ]
+
+
+async def _device_name(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.name_device(args.site, args.key, _fields(args, ("name", "group")))
+
+
+async def _device_forget(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.forget_device(args.site, args.key)
+
+
 async def _why(sites: Sites, args: argparse.Namespace) -> Any:
     question = {
         "name": args.name,
@@ -414,6 +484,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         delete.add_argument("member", metavar=kind.upper())
         delete.set_defaults(kind=kind)
         _common(delete, _member_delete)
+        if kind == "device":
+            seen = member.add_parser("seen", help="every device the site's queries came from, and the configured ones")
+            seen.add_argument("site")
+            _common(seen, _devices)
+            name = member.add_parser("name", help="name a seen device or put it in a group (it becomes configured)")
+            name.add_argument("site")
+            name.add_argument("key", help="the seen device's key, as `device seen` shows it (mac:…, id:…, ip:…)")
+            name.add_argument("--name")
+            name.add_argument("--group", help="its group ('' for none)")
+            _common(name, _device_name)
+            forget = member.add_parser("forget", help="forget a seen device: its record, activity and logged queries")
+            forget.add_argument("site")
+            forget.add_argument("key")
+            _common(forget, _device_forget)
 
     policy = commands.add_parser("policy", help="set or clear the policy of a site, a group or a device")
     policy.add_argument("site")

@@ -474,6 +474,35 @@ class AdminSettings:
     )
 
 
+@dataclass(frozen=True)
+class ActivitySettings:
+    """What is kept of each site's devices and their queries, for the subscriber (the store: Redis, else the
+    admin process's memory)."""
+
+    devices_per_site: int = setting(
+        1000,
+        "seen devices kept per site; beyond, the least recently seen device not configured in the site is "
+        "forgotten (a flood of random MACs cannot grow it)",
+        minimum=1,
+        maximum=100_000,
+    )
+    days: int = setting(
+        7, "days of hourly activity (counts by verdict and category, top blocked names) kept", minimum=1, maximum=90
+    )
+    query_log_hours: float = setting(
+        24.0,
+        "hours a query stays in the log of a site that opted in (its `query_log` field); older ones are deleted",
+        minimum=0.001,
+        maximum=24 * 90,
+    )
+    query_log_size: int = setting(
+        1000, "queries kept per site in its log, at most (the oldest go first)", minimum=1, maximum=1_000_000
+    )
+    alerts_per_site: int = setting(
+        1000, "threat alerts kept per site (the oldest go first)", minimum=1, maximum=100_000
+    )
+
+
 def _secret(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("must be a string")
@@ -519,6 +548,7 @@ class Config:
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
+    activity: ActivitySettings = field(default_factory=ActivitySettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

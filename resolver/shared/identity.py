@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from resolver.shared.dns import OptionCode
 from resolver.shared.memo import make_room
-from resolver.shared.policy.model import mac_from_option
+from resolver.shared.policy.model import mac_from_option, mac_text
 
 _UMBRELLA_MAGIC = b"ODNS"
 # Umbrella field types (dnsmasq's edns0.c): each a 2-byte type, then a value of a fixed size.
@@ -31,6 +31,16 @@ class Identity:
     mac: bytes | None = None
     client_id: str | None = None
     cpe_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The device this identity names within its site, as the seen-devices record files it: by MAC, else
+        client id, else address (`mac:02:00:5e:00:53:01`, `id:…`, `ip:192.0.2.7`)."""
+        if self.mac is not None:
+            return "mac:" + mac_text(self.mac)
+        if self.client_id is not None:
+            return "id:" + self.client_id
+        return "ip:" + self.address
 
 
 def _ecs_address(payload: bytes) -> str | None:

@@ -4,6 +4,7 @@
     run-<pid>/worker-<n>.json  each worker's counters and state, every second (metrics, /health)
     run-<pid>/config.pickle    the configuration after a SIGHUP, for the children to apply
     run-<pid>/lists.target     the list version the workers must serve before they answer (see Worker)
+    run-<pid>/activity/        each worker's device activity, handed to the admin process (worker/activity.py)
 
 A supervisor killed outright cannot remove its directory; the next one to start in the same cache directory
 removes every run directory whose lock nobody holds.
@@ -36,6 +37,7 @@ class RunDirectory:
         self.path = path
         self.config_file = path / "config.pickle"
         self.lists_target_file = path / "lists.target"
+        self.activity = path / "activity"
 
     @classmethod
     def create(cls, parent: Path) -> RunDirectory:

@@ -36,7 +36,7 @@ from resolver.shared.config import StoreSettings
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.identity import Identity, NetworkSet, identity_from
 from resolver.shared.logs import Throttled
-from resolver.shared.policy.decision import Policy
+from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
 from resolver.shared.policy.model import PolicySpec, Site
 from resolver.shared.store.policies import Change, Store, lookup_candidates
@@ -56,7 +56,19 @@ _RELOAD_DELAY = 0.05
 class Client:
     """One client as this worker knows it: who it is, which site, and its policy until `until`."""
 
-    __slots__ = ("_maker", "identity", "policy", "rule", "site", "until", "used")
+    __slots__ = (
+        "_maker",
+        "blocks",
+        "device_key",
+        "identity",
+        "logged",
+        "policy",
+        "queries",
+        "rule",
+        "site",
+        "until",
+        "used",
+    )
 
     def __init__(self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker) -> None:
         self.identity = identity
@@ -66,6 +78,11 @@ class Client:
         self.policy: Policy = maker.default
         self.until = -math.inf  # made on first use
         self.used = False  # asked since eviction last passed it over
+        # activity (worker/activity.py): queries and blocked answers since the last collection
+        self.device_key = identity.key
+        self.queries = 0
+        self.blocks: dict[tuple[Verdict, bytes], int] | None = None
+        self.logged = site is not None and site.query_log  # the site opted in to the query log
 
     def refresh(self, now: float) -> Policy:
         self.policy, self.until = self._maker.effective(self.rule, now)

@@ -19,8 +19,9 @@ from typing import Any
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.lists import Lists
-from resolver.shared.policy.decision import Policy, decide, judge_chain
+from resolver.shared.policy.decision import Policy, Verdict, decide, judge_chain
 from resolver.shared.policy.safesearch import restrict_name
+from resolver.worker.activity import Tally
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
@@ -90,6 +91,7 @@ class Resolver:
             {category.mask: category.id for category in directory.catalog if category.action == "warn"}
         )
         self._threat_bits = sum(self.threats.listed_categories)
+        self.tally = Tally(directory.catalog, self.threats)
         self.held = False
 
     def hold(self) -> None:
@@ -135,6 +137,9 @@ class Resolver:
         # policy: the client's effective policy now, made again only at a schedule boundary or a change.
         now = self._wall_clock()
         policy = known.policy if now < known.until else known.refresh(now)
+        if not known.queries:  # activity: counted on the client, collected off the query path
+            self.tally.counted.append(known)
+        known.queries += 1
         # filter: the one decision (shared/policy/decision.py). Before the cache, which is shared by every
         # client whose policy lets the name through.
         snapshot = self.lists.snapshot
@@ -142,10 +147,14 @@ class Resolver:
             query.bits = snapshot.lookup(query.name)
             query.listed_in = snapshot.generation
         if query.bits & self._threat_bits:  # warned, blocked or passed: the device asked for it
-            self.threats.listed(self.directory.key(request), _site_of(known), query.name, query.bits, self._clock())
+            self.threats.listed(
+                self.directory.key(request), _site_of(known), query.name, query.bits, self._clock(), known.device_key
+            )
         decision = decide(policy, query.name, query.bits)
+        if known.logged:
+            self.tally.logged(known, query.name, query.qtype, decision.verdict, now)
         if decision.verdict is not None:
-            return self.blocked.answer(request, decision.verdict)
+            return self._blocked(request, known, decision.verdict)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
             target = restrict_name(query.name)
@@ -158,9 +167,11 @@ class Resolver:
             if entry.cname_targets and decision.chain is not None:
                 found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, decision.chain)
                 if found is not None:
-                    return self.blocked.answer(request, found[1])
+                    return self._blocked(request, known, found[1])
             if entry.machine_made:
-                self.threats.machine_made(self.directory.key(request), _site_of(known), query.name, clock)
+                self.threats.machine_made(
+                    self.directory.key(request), _site_of(known), query.name, clock, known.device_key
+                )
             return entry.render(request, clock)
         refusal = _refuse_recursion(request)
         if refusal is not None:
@@ -171,13 +182,13 @@ class Resolver:
             self.shed_clients += 1
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
         # threats: a name no cache held is judged; its answer keeps the verdict for the next clients
-        machine_made = self.threats.miss(source, _site_of(known), query.name, query.qtype, clock)
+        machine_made = self.threats.miss(source, _site_of(known), query.name, query.qtype, clock, known.device_key)
         # upstream: one fetch per key however many clients ask at once; the answer is rendered per client.
         self._waiting[source] = waiting + 1
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fetch = self._fetch(query.key, query.do, query.cd)
         fetch.add_done_callback(
-            partial(self._answer_fetched, answer, request, source, policy, decision.chain, machine_made)
+            partial(self._answer_fetched, answer, request, known, source, policy, decision.chain, machine_made)
         )
         return answer
 
@@ -185,6 +196,7 @@ class Resolver:
         self,
         answer: asyncio.Future[bytes],
         request: Request,
+        known: Client,
         source: Hashable,
         policy: Policy,
         chain: int | None,
@@ -205,11 +217,15 @@ class Resolver:
             if entry.cname_targets and chain is not None:
                 found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
                 if found is not None:
-                    answer.set_result(self.blocked.answer(request, found[1]))
+                    answer.set_result(self._blocked(request, known, found[1]))
                     return
             answer.set_result(entry.render(request, self._clock()))
         except Exception as error:  # the listener turns it into SERVFAIL and logs it
             answer.set_exception(error)
+
+    def _blocked(self, request: Request, known: Client, verdict: Verdict) -> bytes:
+        self.tally.blocked(known, verdict, request.query.name)
+        return self.blocked.answer(request, verdict)
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:
         query = request.query

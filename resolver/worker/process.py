@@ -19,6 +19,7 @@ from resolver.shared.signals import handle_signals
 from resolver.shared.sockets import SocketSet
 from resolver.shared.store.backends import open_backends
 from resolver.worker.access import AccessControl
+from resolver.worker.activity import hand_over_every
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
@@ -87,6 +88,9 @@ class Worker:
             loop.create_task(task) for task in (self.lists.watch(), self.backends.follow(), self.directory.follow())
         ]
         if self.run is not None:
+            self._tasks.append(
+                loop.create_task(hand_over_every(self.resolver.tally, self.run.activity / f"worker-{self.index}.json"))
+            )
             self._tasks.append(
                 loop.create_task(
                     write_counters(

@@ -52,6 +52,7 @@ class Alert:
     at: float
     site: str | None
     client: str
+    device: str  # the device's key in its site's seen-devices records (Identity.key)
     name: str
     reason: str  # "dga", "tunnel", or the threat category the name is listed in ("malware", "phishing")
     detail: str
@@ -168,43 +169,46 @@ class ThreatWatch:
         self._windows: dict[tuple[Hashable, bytes], _Window] = {}
         self._max_tracked = max_tracked
         self._flagged: dict[tuple[Hashable, str, bytes], float] = {}
-        self.recent: deque[Alert] = deque(maxlen=recent)  # the newest alerts, for the admin API
+        self.recent: deque[Alert] = deque(maxlen=recent)  # the newest alerts, for the metrics
+        self.unsent: deque[Alert] = deque(maxlen=1000)  # not yet handed to the admin process (worker/activity.py)
         self.counts: dict[str, int] = {}
         self._logged: deque[float] = deque()
         self._unlogged = 0
 
-    def listed(self, client: Hashable, site: str | None, name: bytes, bits: int, now: float) -> None:
+    def listed(self, client: Hashable, site: str | None, name: bytes, bits: int, now: float, device: str = "") -> None:
         """`client` asked for a name listed in a threat category (malware, phishing), whatever was answered."""
         domain = registered_domain(name)
         for mask, category in self.listed_categories.items():
             if bits & mask:
-                self._flag(client, site, category, domain, name, now, f"listed as {category}")
+                self._flag(client, site, device, category, domain, name, now, f"listed as {category}")
 
-    def miss(self, client: Hashable, site: str | None, name: bytes, qtype: int, now: float) -> bool:
+    def miss(self, client: Hashable, site: str | None, name: bytes, qtype: int, now: float, device: str = "") -> bool:
         """A name `client` asked for that no cache held: judge it. True if the name looks machine-made, so
         that the answer cached for it can say so to the next client that asks (`machine_made`)."""
         domain = registered_domain(name)
         label = first_label(domain)
         generated = self.model.generated(label)
         if generated:
-            self._flag_machine_made(client, site, domain, label, name, now)
+            self._flag_machine_made(client, site, device, domain, label, name, now)
         if len(name) > len(domain):
-            self._watch_tunnel(client, site, domain, name, qtype, now)
+            self._watch_tunnel(client, site, device, domain, name, qtype, now)
         return generated
 
-    def machine_made(self, client: Hashable, site: str | None, name: bytes, now: float) -> None:
+    def machine_made(self, client: Hashable, site: str | None, name: bytes, now: float, device: str = "") -> None:
         """`client` asked for a name judged machine-made when another client's query put it in the cache: every
         device of a DGA family asks the same names."""
         domain = registered_domain(name)
-        self._flag_machine_made(client, site, domain, first_label(domain), name, now)
+        self._flag_machine_made(client, site, device, domain, first_label(domain), name, now)
 
     def _flag_machine_made(
-        self, client: Hashable, site: str | None, domain: bytes, label: str, name: bytes, now: float
+        self, client: Hashable, site: str | None, device: str, domain: bytes, label: str, name: bytes, now: float
     ) -> None:
-        self._flag(client, site, "dga", domain, name, now, f"machine-made name (score {self.model.score(label):.1f})")
+        self._flag(
+            client, site, device, "dga", domain, name, now, f"machine-made name (score {self.model.score(label):.1f})"
+        )
 
     def _watch_tunnel(
-        self, client: Hashable, site: str | None, domain: bytes, name: bytes, qtype: int, now: float
+        self, client: Hashable, site: str | None, device: str, domain: bytes, name: bytes, qtype: int, now: float
     ) -> None:
         key = (client, domain)
         window = self._windows.get(key)
@@ -230,12 +234,22 @@ class ThreatWatch:
             window.txt.append(now)
         if len(window.names) >= _TUNNEL_NAMES:
             detail = f"{len(window.names)} long random names in {_WINDOW:.0f} s"
-            self._flag(client, site, "tunnel", domain, name, now, detail)
+            self._flag(client, site, device, "tunnel", domain, name, now, detail)
         elif len(window.txt) >= _TXT_BURST:
-            self._flag(client, site, "tunnel", domain, name, now, f"{len(window.txt)} TXT queries in {_WINDOW:.0f} s")
+            self._flag(
+                client, site, device, "tunnel", domain, name, now, f"{len(window.txt)} TXT queries in {_WINDOW:.0f} s"
+            )
 
     def _flag(
-        self, client: Hashable, site: str | None, reason: str, domain: bytes, name: bytes, now: float, detail: str
+        self,
+        client: Hashable,
+        site: str | None,
+        device: str,
+        reason: str,
+        domain: bytes,
+        name: bytes,
+        now: float,
+        detail: str,
     ) -> None:
         key = (client, reason, domain)
         last = self._flagged.get(key)
@@ -245,8 +259,9 @@ class ThreatWatch:
             self._flagged.clear()
         self._flagged[key] = now
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        alert = Alert(self._wall_clock(), site, _client_text(client), name_to_text(name), reason, detail)
+        alert = Alert(self._wall_clock(), site, _client_text(client), device, name_to_text(name), reason, detail)
         self.recent.append(alert)
+        self.unsent.append(alert)
         self._log(alert, now)
 
     def _log(self, alert: Alert, now: float) -> None:

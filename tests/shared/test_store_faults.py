@@ -34,6 +34,7 @@ from resolver.admin.why import Explainer
 from resolver.shared.errors import StoreUnavailable, WriteUnknown
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.service import PolicyService
+from resolver.shared.store.activity import LocalActivity
 from resolver.shared.store.page_tokens import Secret
 from resolver.shared.store.publications import LocalPublications
 from resolver.shared.store.redis_policies import RedisStore
@@ -342,6 +343,7 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
         1 << 20,
         scratch / "uploads",
         SiteTokens(Secret("", None)),
+        LocalActivity(config.activity),
     )
 
 

@@ -4,7 +4,7 @@ A site document holds a subscriber (a customer site) with its groups and devices
 
     {"id": "smith", "name": "Smith family", "networks": ["198.51.100.8/29"], "cpe_ids": ["cpe-42"],
      "timezone": "Europe/London", "mode": "device", "policy": {...}, "paused_until": null,
-     "default_group": "guests",
+     "default_group": "guests", "query_log": false,
      "groups": {"kids": {"name": "Kids", "policy": {...}, "paused_until": null}},
      "devices": {"tablet": {"name": "Tablet", "macs": ["02:00:00:00:00:01"], "client_ids": [],
                             "addresses": ["192.168.1.20"], "group": "kids", "policy": null,
@@ -147,6 +147,7 @@ class Site:
     devices: dict[str, Device] = field(default_factory=dict)
     version: int = 0
     webhook: Webhook | None = None
+    query_log: bool = False  # keep the names its devices ask for (activity.query_log_hours), for its subscriber
     zone: ZoneInfo = field(init=False)
     by_mac: dict[bytes, Device] = field(init=False, default_factory=dict)
     by_client_id: dict[str, Device] = field(init=False, default_factory=dict)
@@ -428,6 +429,7 @@ SITE_FIELDS = {
     "groups",
     "devices",
     "webhook",
+    "query_log",
 }
 
 
@@ -510,6 +512,7 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
         devices,
         version,
         _webhook(entry.get("webhook")),
+        _bool(entry.get("query_log", False), "query_log"),
     )
 
 
@@ -590,6 +593,7 @@ def site_document(site: Site) -> dict[str, Any]:
             for d in site.devices.values()
         },
         "webhook": {"url": site.webhook.url, "secret": site.webhook.secret} if site.webhook else None,
+        "query_log": site.query_log,
     }
 
 

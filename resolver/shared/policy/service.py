@@ -8,6 +8,7 @@ nothing is half-written. The CLI (`bns policy`) and the admin API call these met
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from resolver.shared.errors import NotFound
@@ -119,6 +120,25 @@ class PolicyService:
         assert site is not None
         return site
 
+    async def adopt_device(self, site_id: str, identity: dict[str, list[str]], fields: dict[str, Any]) -> Site:
+        """Name or group a device found by one identity (`{"macs": [mac]}`, `{"client_ids": [...]}` or
+        `{"addresses": [...]}`): the configured device that has it, else a new device with it, whose id is
+        made from its name."""
+        ((field, (value,)),) = identity.items()
+
+        def change(document: SiteDocument) -> SiteDocument:
+            devices = document.setdefault("devices", {})
+            owner = next((key for key, device in devices.items() if value in (device.get(field) or ())), None)
+            if owner is None:
+                owner = _free_id(_slug(str(fields.get("name") or value)), devices)
+                devices[owner] = {**identity}
+            devices[owner].update(fields)
+            return document
+
+        site = await self._update(site_id, change)
+        assert site is not None
+        return site
+
     # --- policies and pauses ------------------------------------------------------------------------------------
 
     async def set_policy(self, site_id: str, target: Target, policy: dict[str, Any] | None) -> Site:
@@ -178,6 +198,18 @@ class PolicyService:
 
     async def set_profile(self, name: str, policy: dict[str, Any] | None) -> None:
         await self.store.set_profile(name, policy)
+
+
+def _slug(text: str) -> str:
+    """An id made of a name: lowercase letters, digits and dashes ("Anna's iPad" → "anna-s-ipad")."""
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:48] or "device"
+
+
+def _free_id(wanted: str, taken: dict[str, Any]) -> str:
+    candidate, number = wanted, 2
+    while candidate in taken:
+        candidate, number = f"{wanted}-{number}", number + 1
+    return candidate
 
 
 def describe(site: Site) -> SiteDocument:

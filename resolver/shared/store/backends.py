@@ -11,6 +11,7 @@ from pathlib import Path
 from blocklists.catalog import Catalog
 from resolver.shared.config import Config
 from resolver.shared.lists import cache_dir_of, served_path
+from resolver.shared.store.activity import Activity, LocalActivity, RedisActivity
 from resolver.shared.store.file_policies import FileStore
 from resolver.shared.store.page_tokens import LocalUsedTokens, RedisUsedTokens, Secret, UsedTokens
 from resolver.shared.store.policies import Store
@@ -30,6 +31,7 @@ class Backends:
     shelf: Shelf
     used_tokens: UsedTokens
     secret: Secret
+    activity: Activity
     _follow: Callable[[], Awaitable[None]]
     _close: Callable[[], Awaitable[None]]
 
@@ -53,6 +55,7 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
             RedisShelf(redis),
             RedisUsedTokens(redis),
             Secret(config.pages.secret, redis),
+            RedisActivity(redis, config.activity),
             redis.listen,
             redis.close,
         )
@@ -63,6 +66,7 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
         LocalShelf(cache / "sources"),
         LocalUsedTokens(),
         Secret(config.pages.secret, None),
+        LocalActivity(config.activity),
         policies.poll if policies is not None else _nothing,
         _nothing,
     )
