@@ -13,6 +13,12 @@ takes the resolver's steps, what the verdict for that name and client is now, an
   rather than a user's navigation (Sec-Fetch-Mode) changes nothing;
 - anything else, a name this client may reach or one the page was not asked about: a page that says
   nothing about any name. When the store cannot be asked, a page that says so.
+
+Devices behind a router share its address. A page reached on an address of `pages.device_networks` is for
+the one device of the asking address's site that the resolver sent there for that name
+(resolver/shared/page_pool.py): the verdict and the button are that device's, and a button posted there
+must be that device's too. When no device, or more than one, has that address for the name, the page warns
+without a button.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
 from resolver.admin.why import Explainer
 from resolver.shared.config import PagesSettings
+from resolver.shared.dns import text_to_name
 from resolver.shared.errors import BnsError, NotFound, StoreUnavailable
-from resolver.shared.policy.model import PolicyError
+from resolver.shared.page_pool import PagePool
+from resolver.shared.policy.model import Device, PolicyError, Site
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.page_tokens import Secret, UsedTokens
 
@@ -149,6 +157,7 @@ class Pages:
         catalog: Catalog,
         blocked_ttl: int,
         clock: Callable[[], float] = time.time,
+        pool: PagePool | None = None,
     ) -> None:
         self.explainer = explainer
         self.service = service
@@ -158,6 +167,7 @@ class Pages:
         self.catalog = catalog
         self.blocked_ttl = blocked_ttl
         self.clock = clock
+        self.pool = pool or PagePool(())
         self._titles = {category.id: category for category in catalog}
 
     def app(self) -> web.Application:
@@ -175,13 +185,28 @@ class Pages:
             return None
 
     async def _verdict(self, request: web.Request, name: str) -> dict[str, Any] | None:
-        """The resolver's verdict for the asking address now; None for an address that is no client's.
-        Raises StoreUnavailable."""
+        """The resolver's verdict for the asking address now; None for an address that is no client's. On a
+        device's own page address, the verdict of the device of that address's site whose address it is for
+        `name`; with `untold` set when the site has none or several (no device is named then). Raises
+        StoreUnavailable."""
+        question = {"name": name, "address": request.remote or "", "at": None}
+        sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        place = self.pool.place(sockname[0]) if sockname else None
         try:
-            return await self.explainer.explain({"name": name, "address": request.remote or "", "at": None})
+            if place is None:
+                return await self.explainer.explain(question)
+            found: list[Device] = []
+
+            def device_of(site: Site) -> Device | None:
+                found.extend(self.pool.devices_at(site, text_to_name(name), place))
+                return found[0] if len(found) == 1 else None
+
+            verdict = await self.explainer.explain(question, device_of)
         except PolicyError as exc:
             log.info("page for %s: %s", name, exc)
             return None
+        verdict["untold"] = verdict["site"] is not None and len(found) != 1
+        return verdict
 
     async def show(self, request: web.Request) -> web.Response:
         name = self._asked_name(request)
@@ -224,6 +249,11 @@ class Pages:
             f'<p class="why">{self._why(verdict)}</p>'
             '<p><a class="button" href="javascript:history.back()">Go back</a></p>'
         )
+        if verdict.get("untold"):
+            return (
+                body + "<p><small>This network cannot tell which of its devices behind your router this is, so "
+                "it cannot continue from here. Ask this network's administrator.</small></p>"
+            )
         if verdict["site"] is None or verdict["device"] is None or self.service is None:
             return (
                 body + "<p><small>This device is not known to the network, so it cannot continue from "

@@ -23,6 +23,7 @@ from resolver.shared.config import Config
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.lists import cache_dir_of, served_path
 from resolver.shared.loading import load_policy_and_lists, policy_maker
+from resolver.shared.page_pool import PagePool
 from resolver.shared.policy.model import Webhook
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.run_directory import RunDirectory
@@ -88,8 +89,8 @@ class AdminNode:
             self._tasks.append(loop.create_task(self._settle_without_redis(self.config.lists.ready_timeout)))
         if self.http.admin is not None:
             await self._serve(self.api.app(), [self.http.admin])
-        if self.http.pages:
-            await self._serve(self._pages().app(), self.http.pages)
+        if self.http.pages or self.http.device_pages:
+            await self._serve(self._pages().app(), [*self.http.pages, *self.http.device_pages])
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -155,6 +156,7 @@ class AdminNode:
             self.config.pages,
             self.catalog,
             self.config.policy.blocked_ttl,
+            pool=PagePool(self.config.pages.device_networks),
         )
 
     async def _serve(self, app: web.Application, sockets: list[Any]) -> None:

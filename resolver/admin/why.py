@@ -7,6 +7,7 @@ the same `decide` the query path asks (decision.py), then says which rule and wh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blocklists.catalog import Catalog
@@ -16,7 +17,7 @@ from resolver.shared.identity import Identity
 from resolver.shared.lists import Lists
 from resolver.shared.policy.decision import Policy, Rule, Verdict, decide, judge_chain
 from resolver.shared.policy.effective import PolicyMaker, find_device, governing, guest_profile
-from resolver.shared.policy.model import PolicyError, parse_mac, parse_time
+from resolver.shared.policy.model import Device, PolicyError, Site, parse_mac, parse_time
 from resolver.shared.policy.safesearch import restrict_name
 from resolver.shared.store.policies import Store
 
@@ -45,10 +46,13 @@ class Explainer:
         self.catalog = catalog
         self.lists = lists
 
-    async def explain(self, question: dict[str, Any]) -> dict[str, Any]:
+    async def explain(
+        self, question: dict[str, Any], device_of: Callable[[Site], Device | None] | None = None
+    ) -> dict[str, Any]:
         """`question`: name, address, and optionally mac, client_id, cpe_id, at (RFC 3339), and cnames: the
-        CNAME chain an upstream answered the name with, to judge as the resolver would. Raises PolicyError
-        naming the field at fault."""
+        CNAME chain an upstream answered the name with, to judge as the resolver would. `device_of`: which
+        device of the client's site it is, when not the one its identity names (the pages tell a device behind
+        a router by the page address it came to). Raises PolicyError naming the field at fault."""
         wire = _wire_name(question.get("name"), "name")
         chain = question.get("cnames") or []
         if not isinstance(chain, list):
@@ -61,7 +65,8 @@ class Explainer:
         if self.store is not None:
             located = await self.store.locate(identity.address, identity.cpe_id)
             site = await self.store.load_site(located[0]) if located is not None else None
-            device = find_device(site, identity) if site is not None else None
+            if site is not None:
+                device = find_device(site, identity) if device_of is None else device_of(site)
             profiles.update(await self.store.load_profiles())
         rule = governing(site, device, profiles)
         policy, until = self.maker.effective(rule, at)

@@ -511,6 +511,32 @@ def _secret(text: Any) -> str:
     return text
 
 
+MAX_DEVICE_NETWORK = 256  # addresses of one pages.device_networks network: a listening socket each
+
+
+def _device_networks(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of networks such as ["198.51.100.0/28", "2001:db8:5::/124"]')
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item in items:
+        try:
+            network = ipaddress.ip_network(item)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if network.num_addresses > MAX_DEVICE_NETWORK:
+            raise ValueError(
+                f"{network.compressed} has {network.num_addresses} addresses; at most {MAX_DEVICE_NETWORK} a "
+                "network, since the pages listen on each address with a socket of its own (more networks may "
+                "be listed; a bigger pool would need one wildcard listening socket and an AnyIP route, which "
+                "bns does not do)"
+            )
+        for other in networks:
+            if network.overlaps(other):
+                raise ValueError(f"{network.compressed} overlaps {other.compressed}")
+        networks.append(network)
+    return tuple(network.compressed for network in networks)
+
+
 @dataclass(frozen=True)
 class PagesSettings:
     """The block and warning pages, served on the policy.block_page and policy.warning_page addresses."""
@@ -528,6 +554,13 @@ class PagesSettings:
         "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
         "through Redis, or made per run without Redis",
         convert=_secret,
+    )
+    device_networks: tuple[str, ...] = setting(
+        (),
+        "networks (each at most 256 addresses) whose every address shows the warning page too: a device behind "
+        "a router of identity.trusted_networks, known to its site by MAC or client id, is sent to an address "
+        "of its own here, so that its page can offer it the button",
+        convert=_device_networks,
     )
 
 
@@ -555,6 +588,7 @@ class Config:
 def _check_cross_fields(config: Config) -> None:
     if config.policy.answer == "page" and not config.policy.block_page:
         raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
+    _check_device_networks(config)
     if config.cache.min_ttl > config.cache.max_ttl:
         raise ConfigError(f"cache.min_ttl: {config.cache.min_ttl} is above cache.max_ttl ({config.cache.max_ttl})")
     strangers = [str(endpoint) for endpoint in config.upstream.keep_case if endpoint not in config.upstream.servers]
@@ -565,6 +599,30 @@ def _check_cross_fields(config: Config) -> None:
             f"upstream.deadline: {config.upstream.deadline} is shorter than upstream.timeout "
             f"({config.upstream.timeout}); the deadline bounds all attempts together"
         )
+
+
+def _check_device_networks(config: Config) -> None:
+    networks = [ipaddress.ip_network(network) for network in config.pages.device_networks]
+    if not networks:
+        return
+    if not config.policy.warning_page:
+        raise ConfigError(
+            "pages.device_networks: needs policy.warning_page (the address a device gets when it "
+            "cannot be given one of its own)"
+        )
+    if not config.pages.serve:
+        raise ConfigError("pages.device_networks: needs pages.serve = true (only bns can tell the devices apart)")
+    for key, addresses in (
+        ("policy.block_page", config.policy.block_page),
+        ("policy.warning_page", config.policy.warning_page),
+    ):
+        for address in addresses:
+            inside = [n for n in networks if ipaddress.ip_address(address) in n]
+            if inside:
+                raise ConfigError(
+                    f"pages.device_networks: {inside[0].compressed} holds {key} {address}; the "
+                    "shared page addresses must lie outside it"
+                )
 
 
 def _type_name(kind: Any) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from resolver.shared.config import Config, Endpoint
 from resolver.shared.errors import StartupError
+from resolver.shared.page_pool import PagePool
 
 _UDP_RECEIVE_BUFFER = 4 << 20  # absorbs bursts while the loop is busy; the kernel caps it at rmem_max
 
@@ -214,9 +215,10 @@ class HttpSockets:
 
     admin: socket.socket | None
     pages: list[socket.socket]
+    device_pages: list[socket.socket] = field(default_factory=list)  # one per address of pages.device_networks
 
     def close(self) -> None:
-        for sock in (self.admin, *self.pages):
+        for sock in (self.admin, *self.pages, *self.device_pages):
             if sock is not None:
                 sock.close()
 
@@ -235,7 +237,21 @@ def bind_http_sockets(config: Config) -> HttpSockets:
             )
             for address in addresses
         ]
-    return HttpSockets(admin, pages)
+    http = HttpSockets(admin, pages)
+    try:
+        for address in PagePool(config.pages.device_networks).addresses():
+            http.device_pages.append(
+                _bind_http(
+                    Endpoint(address, config.pages.port),
+                    "pages.device_networks",
+                    "every address of pages.device_networks must be this machine's: on Linux a route such as "
+                    "`ip route add local 198.51.100.0/28 dev lo` makes a whole network local",
+                )
+            )
+    except BaseException:
+        http.close()
+        raise
+    return http
 
 
 def _bind_http(

@@ -95,6 +95,12 @@ class Supervisor:
             log.info("admin API on http://%s/", endpoint_of(self.http.admin))
         if self.http.pages:
             log.info("block and warning pages on %s", ", ".join(f"http://{endpoint_of(s)}/" for s in self.http.pages))
+        if self.http.device_pages:
+            log.info(
+                "devices' own warning pages on every address of %s, port %d",
+                ", ".join(self.config.pages.device_networks),
+                self.config.pages.port,
+            )
         failed = False
         while self.children:
             select.select([wakeup], [], [], 1.0)

@@ -29,25 +29,29 @@ class BlockedAnswers:
     """Answers for (query, verdict): each verdict's records, authority and OPT made once per shape of query,
     and each query's answer memoised (the client's ID plus the rest).
 
-    Both memo keys are interned objects (the parser's Query, the policy's Verdict), so the memo is exact. It
-    is as large as the parser's memo and forgets its oldest half when full."""
+    The memo keys are interned objects (the parser's Query, the policy's Verdict) and, for a warning sent
+    to a device's own page address (resolver/shared/page_pool.py), that address: the memo is exact, and two
+    devices asking the same query never get each other's address. It is as large as the parser's memo and
+    forgets its oldest half when full."""
 
     def __init__(self, size: int = 16384) -> None:
         self._size = size
-        self._memo: dict[tuple[Query, Verdict], bytes] = {}
+        self._memo: dict[tuple[Query, Verdict, bytes], bytes] = {}
         self.counts: dict[Verdict, int] = {}
 
-    def answer(self, request: Request, verdict: Verdict) -> bytes:
+    def answer(self, request: Request, verdict: Verdict, page: bytes = b"") -> bytes:
+        """`page`: the packed address to answer A or AAAA with instead of the verdict's (its version is the
+        query type's); empty: the verdict's."""
         self.counts[verdict] = self.counts.get(verdict, 0) + 1  # verdicts are interned: a handful of keys
-        key = (request.query, verdict)
+        key = (request.query, verdict, page)
         tail = self._memo.get(key)
         if tail is None:
             make_room(self._memo, self._size)
-            tail = self._memo[key] = build_blocked_answer(request, verdict)[2:]
+            tail = self._memo[key] = build_blocked_answer(request, verdict, page)[2:]
         return request.data[:2] + tail
 
 
-def build_blocked_answer(request: Request, verdict: Verdict) -> bytes:
+def build_blocked_answer(request: Request, verdict: Verdict, page: bytes = b"") -> bytes:
     qtype = request.query.qtype
     mode = verdict.mode
     if mode is AnswerMode.NXDOMAIN:
@@ -56,6 +60,8 @@ def build_blocked_answer(request: Request, verdict: Verdict) -> bytes:
         )
     if mode is not AnswerMode.NODATA:
         rtype, addresses = (RRType.A, verdict.ipv4) if qtype == RRType.A else (RRType.AAAA, verdict.ipv6)
+        if page:
+            addresses = (page,)
         if qtype in (RRType.A, RRType.AAAA) and addresses:
             records = b"".join(resource_record(rtype, verdict.ttl, address) for address in addresses)
             return synthesized_answer(request, Rcode.NOERROR, records, len(addresses), ede=verdict.ede)

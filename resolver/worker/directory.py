@@ -38,7 +38,7 @@ from resolver.shared.identity import Identity, NetworkSet, identity_from
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
-from resolver.shared.policy.model import PolicySpec, Site
+from resolver.shared.policy.model import Device, PolicySpec, Site
 from resolver.shared.store.policies import Change, Store, lookup_candidates
 from resolver.worker.wire import Request
 
@@ -59,6 +59,7 @@ class Client:
     __slots__ = (
         "_maker",
         "blocks",
+        "device",
         "device_key",
         "identity",
         "logged",
@@ -70,9 +71,12 @@ class Client:
         "used",
     )
 
-    def __init__(self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker) -> None:
+    def __init__(
+        self, identity: Identity, site: Site | None, rule: Governing, maker: PolicyMaker, device: Device | None = None
+    ) -> None:
         self.identity = identity
         self.site = site
+        self.device = device  # the site's device it is, if the site knows it (a warning page address of its own)
         self.rule = rule
         self._maker = maker
         self.policy: Policy = maker.default
@@ -239,8 +243,9 @@ class Directory:
                 return self.default_client
             if len(self._stand_ins) >= self._settings.client_cache:
                 self._stand_ins.clear()
+            device = find_device(site, identity)
             client = self._stand_ins[key] = Client(
-                identity, site, governing(site, find_device(site, identity), self.profiles), self.maker
+                identity, site, governing(site, device, self.profiles), self.maker, device
             )
         return client
 
@@ -319,7 +324,7 @@ class Directory:
 
     def _bind(self, key: Hashable, identity: Identity, site: Site | None) -> Client:
         device = find_device(site, identity) if site is not None else None
-        client = Client(identity, site, governing(site, device, self.profiles), self.maker)
+        client = Client(identity, site, governing(site, device, self.profiles), self.maker, device)
         old = self._clients.pop(key, None)
         if old is not None:
             client.used = old.used  # rebinding (a site reload) is not a use, nor a reason to forget one

@@ -19,7 +19,8 @@ from typing import Any
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.lists import Lists
-from resolver.shared.policy.decision import Policy, Verdict, decide, judge_chain
+from resolver.shared.page_pool import PagePool
+from resolver.shared.policy.decision import Action, AnswerMode, Policy, Verdict, decide, judge_chain
 from resolver.shared.policy.safesearch import restrict_name
 from resolver.worker.activity import Tally
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
@@ -69,6 +70,7 @@ class Resolver:
         directory: Directory,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        page_pool: PagePool | None = None,
     ) -> None:
         # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
         # of blocked names as large as the cache (whose answers are not cached) still fits.
@@ -78,6 +80,7 @@ class Resolver:
         self.blocked = BlockedAnswers(max(cache.size * 2, 1024))
         self.cache = cache
         self.forwarder = forwarder
+        self.page_pool = page_pool or None  # warning page addresses of their own for devices behind routers
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
@@ -224,7 +227,23 @@ class Resolver:
             answer.set_exception(error)
 
     def _blocked(self, request: Request, known: Client, verdict: Verdict) -> bytes:
+        """The answer for a verdict, counted for the device (worker/activity.py)."""
         self.tally.blocked(known, verdict, request.query.name)
+        if verdict.action is Action.WARN and known.device is not None and self.page_pool is not None:
+            return self._device_warning(request, known, verdict)
+        return self.blocked.answer(request, verdict)
+
+    def _device_warning(self, request: Request, known: Client, verdict: Verdict) -> bytes:
+        """A warning answered with the device's own page address, when it may have one (page_pool.py): its
+        page, reached from its router's address, can then tell whose it is."""
+        qtype = request.query.qtype
+        pool = self.page_pool
+        if verdict.mode is AnswerMode.PAGE and pool is not None and known.site is not None and known.device is not None:
+            version = 4 if qtype == RRType.A else 6 if qtype == RRType.AAAA else 0
+            if version:
+                page = pool.address(known.site, known.device, request.query.name, version)
+                if page is not None:
+                    return self.blocked.answer(request, verdict, page)
         return self.blocked.answer(request, verdict)
 
     async def _safe_search(self, request: Request, target: bytes) -> bytes:

@@ -14,6 +14,7 @@ from resolver.shared.config import Config
 from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import served_path
 from resolver.shared.loading import load_policy_and_lists, policy_maker
+from resolver.shared.page_pool import PagePool
 from resolver.shared.run_directory import UNSET, RunDirectory
 from resolver.shared.signals import handle_signals
 from resolver.shared.sockets import SocketSet
@@ -54,7 +55,13 @@ class Worker:
         self.directory = Directory(
             self.backends.policies, maker, catalog, NetworkSet(config.identity.trusted_networks), config.store
         )
-        self.resolver = Resolver(AnswerCache(config.cache), Forwarder(config.upstream), self.lists, self.directory)
+        self.resolver = Resolver(
+            AnswerCache(config.cache),
+            Forwarder(config.upstream),
+            self.lists,
+            self.directory,
+            page_pool=PagePool(config.pages.device_networks),
+        )
         self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks
         self.limiter = ResponseRateLimiter(config.rate_limit)

@@ -4,6 +4,9 @@ Chromium): what they show, and "continue anyway", which opens one name for one d
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import json
 import random
 import re
 import socket
@@ -18,6 +21,7 @@ import dns.message
 import dns.query
 import pytest
 
+from resolver.shared.page_pool import slot
 from tests.conftest import eventually
 from tests.e2e.chromium import Browser, chromium_binary
 from tests.e2e.test_admin import ADMIN, http
@@ -26,6 +30,7 @@ from tests.e2e.test_process import bns, node
 pytestmark = pytest.mark.e2e
 PHISH, BOTH, DRUGS, FINE = "phish.example", "both.example", "drugs.example", "fine.example"
 LAPTOP, PHONE, STRANGER = "127.0.0.1", "127.0.0.2", "127.0.0.3"  # the phone and stranger: other sources
+MALWARE = "malware.example"
 SITE = {
     "name": "Home",
     "networks": ["127.0.0.0/8"],
@@ -45,11 +50,18 @@ def page_address() -> tuple[str, int]:
 
 @contextmanager
 def page_node(
-    tmp_path: Path, upstream, store: str, put_site: bool = True, lists: str = ""
+    tmp_path: Path,
+    upstream,
+    store: str,
+    put_site: bool = True,
+    lists: str = "",
+    pages: str = "",
+    identity: str = "",
 ) -> Iterator[tuple[int, str, str, int]]:
-    """A node whose warnings and blocks answer with the page address: (DNS port, API, page address, port)."""
+    """A node whose warnings and blocks answer with the page address: (DNS port, API, page address, port).
+    `pages` and `identity`: more keys of those sections."""
     tsv = tmp_path / "names.tsv"
-    tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n")
+    tsv.write_text(f"{PHISH}\tphishing\n{BOTH}\tphishing,drugs\n{DRUGS}\tdrugs\n{MALWARE}\tmalware\n")
     artifact = tmp_path / "lists.bns"
     compiled = subprocess.run(
         bns("lists", "compile", "--out", str(artifact), "--tsv", str(tsv)), capture_output=True, text=True, timeout=60
@@ -60,7 +72,8 @@ def page_node(
     config.write_text(
         f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n{lists}\n'
         f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
-        f'[pages]\nport = {port}\npass_minutes = 30\n[admin]\ntokens = ["{ADMIN}"]\n'
+        f'[pages]\nport = {port}\npass_minutes = 30\n{pages}\n[admin]\ntokens = ["{ADMIN}"]\n'
+        f"[identity]\n{identity}\n"
     )
     with node(
         "--config",
@@ -83,10 +96,15 @@ def page_node(
         yield dns_port, api, address, port
 
 
-def resolve(dns_port: int, name: str, source: str = LAPTOP) -> tuple[list[str], str | None]:
-    """The A addresses answered to `source`, and the EDE text if any."""
+def resolve(dns_port: int, name: str, source: str = LAPTOP, mac: str | None = None) -> tuple[list[str], str | None]:
+    """The A addresses answered to `source` (a router adding `mac`), and the EDE text if any."""
+    options = [dns.edns.GenericOption(65001, bytes.fromhex(mac.replace(":", "")))] if mac else []
     response = dns.query.udp(
-        dns.message.make_query(name, "A", use_edns=0), "127.0.0.1", port=dns_port, timeout=3, source=source
+        dns.message.make_query(name, "A", use_edns=0, options=options),
+        "127.0.0.1",
+        port=dns_port,
+        timeout=3,
+        source=source,
     )
     addresses = [item.address for rrset in response.answer for item in rrset if hasattr(item, "address")]
     texts = [option.text for option in response.options if option.otype == dns.edns.OptionType.EDE]
@@ -124,8 +142,8 @@ def token_in(page: str) -> str:
     return found.group(1)
 
 
-def every_answer(dns_port: int, name: str, source: str, check, tries: int = 12) -> bool:
-    return all(check(resolve(dns_port, name, source)) for _ in range(tries))
+def every_answer(dns_port: int, name: str, source: str, check, tries: int = 12, mac: str | None = None) -> bool:
+    return all(check(resolve(dns_port, name, source, mac)) for _ in range(tries))
 
 
 @pytest.fixture
@@ -171,6 +189,93 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
         document = http(api, "GET", "/v1/sites/home")[1]
         assert list(document["devices"]["laptop"]["passes"]) == [PHISH]
         assert document["devices"]["phone"]["passes"] == {}
+
+
+# Devices behind a customer's router: the DNS queries come from the router's address with each device's MAC,
+# and so do the browsers' requests (NAT), from the same address. On loopback the kernel gives a connection to
+# any 127.x address the source 127.0.0.1, so the router is 127.0.0.1, as Chromium's requests will be.
+ROUTER = "127.0.0.1"
+ALPHA_MAC, BETA_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+BEHIND_ROUTER = {
+    "name": "Flat",
+    "networks": ["127.0.0.0/8"],
+    "mode": "device",
+    "devices": {"alpha": {"name": "Alpha", "macs": [ALPHA_MAC]}, "beta": {"name": "Beta", "macs": [BETA_MAC]}},
+}
+
+
+def device_pool() -> str:
+    """A /29 of loopback addresses of its own for the devices' warning pages."""
+    return f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.{8 * random.randint(0, 31)}/29"
+
+
+@contextmanager
+def router_node(tmp_path: Path, upstream, store: str) -> Iterator[tuple[int, str, str, int, list[str]]]:
+    """A page node with a pool of device page addresses, a trusted router and the BEHIND_ROUTER site: (DNS port,
+    API, shared page address, port, the pool's addresses)."""
+    pool = device_pool()
+    with page_node(
+        tmp_path,
+        upstream,
+        store,
+        put_site=False,
+        pages=f'device_networks = ["{pool}"]',
+        identity=f'trusted_networks = ["{ROUTER}/32"]',
+    ) as (dns_port, api, address, port):
+        assert http(api, "PUT", "/v1/sites/flat", BEHIND_ROUTER)[0] == 200
+        yield dns_port, api, address, port, [str(host) for host in ipaddress.ip_network(pool)]
+
+
+def offer_in(token: str) -> dict:
+    payload = token.partition(".")[0]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def test_devices_behind_one_router_each_continue_for_themselves_only(tmp_path, upstream, store):
+    # The two devices' addresses for this name differ (the slot is a hash of site, device and name).
+    assert slot("flat", "alpha", MALWARE, 8) != slot("flat", "beta", MALWARE, 8)
+    with router_node(tmp_path, upstream, store) as (dns_port, api, address, port, pool):
+        alpha_answer = resolve(dns_port, MALWARE, ROUTER, ALPHA_MAC)
+        beta_answer = resolve(dns_port, MALWARE, ROUTER, BETA_MAC)
+        assert alpha_answer == ([pool[slot("flat", "alpha", MALWARE, 8)]], "Web Protect: malware")
+        assert beta_answer == ([pool[slot("flat", "beta", MALWARE, 8)]], "Web Protect: malware")
+        alpha_page, beta_page = alpha_answer[0][0], beta_answer[0][0]
+
+        # Each page address, asked from the router's address, shows the warning with its own device's button.
+        tokens = {}
+        for device, page_at in (("alpha", alpha_page), ("beta", beta_page)):
+            status, page = fetch(page_at, port, MALWARE, source=ROUTER)
+            assert status == 403 and "Malware" in page and "Continue anyway" in page
+            tokens[device] = token_in(page)
+            assert offer_in(tokens[device])["device"] == device and offer_in(tokens[device])["site"] == "flat"
+        # The shared page address, from the router, cannot say whose it is: no button, as before.
+        status, page = fetch(address, port, MALWARE, source=ROUTER)
+        assert status == 403 and 'name="token"' not in page and "not known" in page
+        # A pool address for a name no device of the site was sent there for: the warning, no button.
+        other = next(a for a in pool if a not in (alpha_page, beta_page))
+        status, page = fetch(other, port, MALWARE, source=ROUTER)
+        assert status == 403 and 'name="token"' not in page and "cannot tell which of its devices" in page
+
+        # Alpha's button posted through beta's address (or beta's through alpha's) opens nothing.
+        status, page = fetch(beta_page, port, MALWARE, source=ROUTER, token=tokens["alpha"])
+        assert status == 403 and "another site or device" in page
+        status, page = fetch(alpha_page, port, MALWARE, source=ROUTER, token=tokens["beta"])
+        assert status == 403 and "another site or device" in page
+
+        # Alpha's button on alpha's address opens the name for alpha, and for alpha only.
+        status, page = fetch(alpha_page, port, MALWARE, source=ROUTER, token=tokens["alpha"])
+        assert status == 200 and "is open on this device" in page
+        eventually(lambda: every_answer(dns_port, MALWARE, ROUTER, lambda a: a[1] is None, mac=ALPHA_MAC), 2)
+        opened = resolve(dns_port, MALWARE, ROUTER, ALPHA_MAC)[0]
+        assert len(opened) == 1 and opened[0].startswith("192.0.2.")  # the scripted upstream's answer
+        assert every_answer(dns_port, MALWARE, ROUTER, lambda a: a == beta_answer, tries=4, mac=BETA_MAC)
+        status, page = fetch(beta_page, port, MALWARE, source=ROUTER)
+        assert status == 403 and "Continue anyway" in page  # beta is still warned, and may still continue
+        status, page = fetch(alpha_page, port, MALWARE, source=ROUTER)
+        assert status == 404  # nothing to warn alpha about any more
+        document = http(api, "GET", "/v1/sites/flat")[1]
+        assert list(document["devices"]["alpha"]["passes"]) == [MALWARE]
+        assert document["devices"]["beta"]["passes"] == {}
 
 
 def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, upstream, store):
@@ -232,6 +337,28 @@ def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store)
         assert every_answer(dns_port, PHISH, PHONE, lambda answer: answer[0] == [address], tries=4)
 
 
+@pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_a_device_behind_a_router_continues_in_chromium_on_its_own_page_address(tmp_path, upstream, store):
+    with router_node(tmp_path, upstream, store) as (dns_port, _api, _address, port, pool):
+        answered, _ = resolve(dns_port, MALWARE, ROUTER, ALPHA_MAC)
+        beta_answer = resolve(dns_port, MALWARE, ROUTER, BETA_MAC)
+        assert answered[0] in pool and beta_answer[0][0] in pool and answered != beta_answer[0]
+
+        async def browse() -> tuple[str, str]:
+            # Alpha's browser goes where alpha's DNS answer sent it; it connects from 127.0.0.1, the router.
+            async with Browser({MALWARE: answered[0]}, tmp_path / "chromium") as browser:
+                await browser.open(f"http://{MALWARE}:{port}/download")
+                warning_text = await browser.evaluate("document.body.innerText")
+                await browser.click("#continue")
+                return warning_text, await browser.evaluate("document.body.innerText")
+
+        warning_text, opened_text = asyncio.run(browse())
+        assert "malware.example is known to be dangerous" in warning_text and "Continue anyway" in warning_text
+        assert "malware.example is open on this device" in opened_text
+        eventually(lambda: every_answer(dns_port, MALWARE, ROUTER, lambda a: a[1] is None, mac=ALPHA_MAC), 2)
+        assert every_answer(dns_port, MALWARE, ROUTER, lambda a: a == beta_answer, tries=4, mac=BETA_MAC)
+
+
 def test_with_redis_down_the_node_starts_and_the_page_says_try_again(tmp_path, upstream):
     with socket.socket() as probe:  # a port nobody listens on: Redis is down from the start
         probe.bind(("127.0.0.1", 0))
@@ -268,3 +395,23 @@ def test_a_page_address_this_machine_does_not_have_fails_start_up(tmp_path):
     config.write_text(config.read_text().replace("port = 8080", "port = 8080\nserve = false"))  # shown elsewhere
     with node("--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "") as (_process, port, _api):
         assert port > 0
+
+
+def test_device_page_networks_this_machine_does_not_have_or_too_large_fail_start_up(tmp_path):
+    address, port = page_address()
+    config = tmp_path / "bns.toml"
+    for networks, code, message in (
+        ("192.0.2.0/30", 1, "pages.device_networks: cannot bind 192.0.2.0:"),
+        ("127.77.0.0/23", 2, "pages.device_networks: 127.77.0.0/23 has 512 addresses; at most 256"),
+    ):
+        config.write_text(
+            f'[policy]\nwarning_page = ["{address}"]\n[pages]\nport = {port}\ndevice_networks = ["{networks}"]\n'
+            '[store]\nfile = ""\n'
+        )
+        result = subprocess.run(
+            bns("serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", ""),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == code and message in result.stderr, result.stderr

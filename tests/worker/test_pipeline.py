@@ -22,6 +22,7 @@ from resolver.shared.dns import RRType, name_to_text, text_to_name
 from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import Lists
 from resolver.shared.loading import policy_maker
+from resolver.shared.page_pool import PagePool, slot
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.worker.cache import AnswerCache
@@ -93,8 +94,15 @@ def ede_text(answer: bytes) -> str | None:
 class Pipeline:
     """A Resolver over a list, a policy file and a scripted forwarder, driven on one event loop."""
 
-    def __init__(self, lists_path: Path, store_path: Path, forwarder: ScriptedForwarder, now: float = 0.0) -> None:
-        config = make_config(["127.0.0.1:9"], identity={"trusted_networks": ["127.0.0.1/32"]})
+    def __init__(
+        self,
+        lists_path: Path,
+        store_path: Path,
+        forwarder: ScriptedForwarder,
+        now: float = 0.0,
+        sections: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        config = make_config(["127.0.0.1:9"], identity={"trusted_networks": ["127.0.0.1/32"]}, **(sections or {}))
         self.now = now
         self.store = FileStore(store_path, CATALOG)
         directory = Directory(
@@ -107,16 +115,23 @@ class Pipeline:
             Lists(lists_path, CATALOG, 1000, 1.0, store_path.parent / "cache"),
             directory,
             wall_clock=lambda: self.now,
+            page_pool=PagePool(config.pages.device_networks),
         )
 
-    async def ask(self, data: bytes) -> bytes:
-        answer = self.resolver.answer(data, CLIENT, False)
+    async def ask(self, data: bytes, client: tuple[str, int] = CLIENT) -> bytes:
+        answer = self.resolver.answer(data, client, False)
         return answer if isinstance(answer, bytes) else await answer
 
 
-def run(lists: Path, tmp_path: Path, work: Callable[[Pipeline], Awaitable[Any]], **script: Any) -> Any:
+def run(
+    lists: Path,
+    tmp_path: Path,
+    work: Callable[[Pipeline], Awaitable[Any]],
+    sections: dict[str, dict[str, Any]] | None = None,
+    **script: Any,
+) -> Any:
     async def main() -> Any:
-        return await work(Pipeline(lists, tmp_path / "policies.json", ScriptedForwarder(**script)))
+        return await work(Pipeline(lists, tmp_path / "policies.json", ScriptedForwarder(**script), sections=sections))
 
     return asyncio.run(main())
 
@@ -193,6 +208,60 @@ def test_a_pass_lifts_a_warning_for_the_name_and_its_chain_but_no_block(lists, t
         )
 
     run(lists, tmp_path, work, chains={"hop.malware.example": ["malware.example", "porn.example"]})
+
+
+POOL = {
+    "policy": {"answer": "page", "block_page": ["192.0.2.99"], "warning_page": ["192.0.2.100", "2001:db8::100"]},
+    "pages": {"device_networks": ["192.0.2.0/29", "2001:db8:5::/125"]},
+}
+
+
+def addresses(answer: bytes) -> list[str]:
+    return [item.address for rrset in dns.message.from_wire(answer).answer for item in rrset]
+
+
+def test_devices_behind_a_router_are_warned_with_page_addresses_of_their_own(lists, tmp_path):
+    laptop, phone = "02:00:00:00:00:01", "02:00:00:00:00:02"
+    devices = {
+        "laptop": {"macs": [laptop], "addresses": ["127.0.0.2"]},
+        "phone": {"macs": [phone], "addresses": ["127.0.0.3"]},
+    }
+    assert (slot("home", "laptop", "malware.example", 8), slot("home", "phone", "malware.example", 8)) == (0, 4)
+
+    async def work(pipeline: Pipeline) -> None:
+        await write_site(pipeline, {"networks": ["127.0.0.0/8"], "devices": devices})
+        for _ in range(2):  # and again, from the memo
+            assert addresses(await pipeline.ask(query("malware.example", mac=laptop))) == ["192.0.2.0"]
+            assert addresses(await pipeline.ask(query("malware.example", mac=phone))) == ["192.0.2.4"]
+        assert ede_text(await pipeline.ask(query("malware.example", mac=phone))) == "Web Protect: malware"
+        assert addresses(await pipeline.ask(query("malware.example", "AAAA", mac=phone))) == ["2001:db8:5::4"]
+        # A MAC the site does not know: the shared page. A block: the block page.
+        assert addresses(await pipeline.ask(query("malware.example", mac="02:00:00:00:00:09"))) == ["192.0.2.100"]
+        assert addresses(await pipeline.ask(query("porn.example", mac=laptop))) == ["192.0.2.99"]
+        # The same query bytes from two devices known by their addresses: each its own address, never the
+        # other's (the blocked answers' memo is keyed on the address too; the parser interns a query without
+        # its identity options, so the MACs above share one Query as well).
+        same = query("www.malware.example")
+        mine = addresses(await pipeline.ask(same, ("127.0.0.2", 5353)))
+        theirs = addresses(await pipeline.ask(same, ("127.0.0.3", 5353)))
+        assert mine == ["192.0.2.3"] and theirs == ["192.0.2.6"]
+        assert addresses(await pipeline.ask(same, ("127.0.0.2", 5353))) == mine
+
+    run(lists, tmp_path, work, sections=POOL)
+
+
+def test_devices_sharing_a_slot_for_a_name_both_get_the_shared_warning_page(lists, tmp_path):
+    laptop, phone, tv = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
+    devices = {"laptop": {"macs": [laptop]}, "phone": {"macs": [phone]}, "tv": {"macs": [tv]}}
+    assert slot("home", "laptop", "malware.example", 8) == slot("home", "tv", "malware.example", 8)
+
+    async def work(pipeline: Pipeline) -> None:
+        await write_site(pipeline, {"networks": ["127.0.0.0/8"], "devices": devices})
+        assert addresses(await pipeline.ask(query("malware.example", mac=laptop))) == ["192.0.2.100"]
+        assert addresses(await pipeline.ask(query("malware.example", mac=tv))) == ["192.0.2.100"]
+        assert addresses(await pipeline.ask(query("malware.example", mac=phone))) == ["192.0.2.4"]
+
+    run(lists, tmp_path, work, sections=POOL)
 
 
 def test_any_is_answered_here_and_other_classes_refused(lists, tmp_path):
