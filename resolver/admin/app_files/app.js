@@ -27,6 +27,7 @@ const state = {
   tab: "devices",
   rulesTarget: null, // {kind, id, name}
   dialogDevice: null, // the device shown in the dialog: {key, device}
+  activityDevice: "", // the key whose activity is shown; "": the whole network
 };
 
 const $ = (selector) => document.querySelector(selector);
@@ -562,7 +563,7 @@ function renderDeviceDialog() {
   if (state.devices !== null) {
     const activity = () => {
       $("#device-dialog").close();
-      $("#activity-device").value = record.key;
+      state.activityDevice = record.key;
       showTab("activity");
     };
     links.append(h("button", { type: "button", "data-action": "device-activity", onclick: activity }, "Activity"));
@@ -877,12 +878,12 @@ async function clearRules() {
 
 function renderActivityChoices() {
   const select = $("#activity-device");
-  const chosen = select.value;
   select.replaceChildren(
     h("option", { value: "", text: "The whole network" }),
-    (state.devices || []).map((record) => h("option", { value: record.key, text: deviceName(record) })),
+    ...(state.devices || []).map((record) => h("option", { value: record.key, text: deviceName(record) })),
   );
-  select.value = [...select.options].some((option) => option.value === chosen) ? chosen : "";
+  const known = [...select.options].some((option) => option.value === state.activityDevice);
+  select.value = known ? state.activityDevice : "";
 }
 
 async function renderActivity() {
@@ -969,6 +970,12 @@ async function renderActivity() {
       "figure",
       { class: "chart-box" },
       chart,
+      h(
+        "div",
+        { class: "chart-axis muted small", "aria-hidden": "true" },
+        h("span", { text: hours === 24 ? "24 hours ago" : "7 days ago" }),
+        h("span", { text: "now" }),
+      ),
       h("figcaption", { class: "muted small", text: `Queries per hour, ${period}; the blocked part in red.` }),
     ),
     h("h3", { text: "Most blocked" }),
@@ -1082,7 +1089,10 @@ function start() {
     $("#rules-schedules").append(editor);
     editor.querySelector(".schedule-name").focus();
   });
-  $("#activity-form").addEventListener("change", renderActivity);
+  $("#activity-form").addEventListener("change", () => {
+    state.activityDevice = $("#activity-device").value;
+    renderActivity();
+  });
   setInterval(() => {
     const idle = !$("#device-dialog").open && state.tab !== "rules"; // never under a finger or an edit
     if (state.token && document.visibilityState === "visible" && idle) refresh();
