@@ -289,6 +289,34 @@ def test_a_devices_activity_shows_its_hours_and_what_was_blocked(tmp_path, home)
     assert "games.example" in top
 
 
+def test_without_a_good_link_the_app_asks_for_one(tmp_path, home):
+    _dns_port, api, token = home
+    payload, _, mac = token.rpartition(".")
+
+    async def use_the_app() -> dict[str, str]:
+        seen = {}
+        async with browser_for(tmp_path) as browser:
+            await browser.viewport(*PHONE_SIZE, mobile=True)
+            await browser.open(f"{api}/app/")
+            seen["none"] = await browser.wait_for("!document.querySelector('#login').hidden && document.body.innerText")
+            await shot(browser, PHONE_SIZE, "sign-in")
+            # A link with a signature the server refuses, opened where the app is open (the fragment changes).
+            await browser.send("Page.navigate", url=f"{api}/app/#token={payload}.{mac[::-1]}")
+            seen["forged"] = await browser.wait_for(
+                "!document.querySelector('#login').hidden && document.querySelector('#login-reason').textContent"
+            )
+            seen["stored"] = await browser.evaluate("String(sessionStorage.getItem('bns.site-token'))")
+            await browser.type_text("#login-link", f"{api}/app/#token={token}")  # the link pasted
+            await browser.press("#login-form button[type=submit]")
+            seen["site"] = await browser.wait_for("document.querySelector('#site-name').textContent === 'The Smiths'")
+        return seen
+
+    seen = asyncio.run(use_the_app())
+    assert "Open the sign-in link your provider sent you" in seen["none"] and "Tablet" not in seen["none"]
+    assert seen["forged"] == "Your sign-in link is no longer valid. Ask for a new one." and seen["stored"] == "null"
+    assert seen["site"] is True
+
+
 # --- rules ----------------------------------------------------------------------------------------------------
 
 

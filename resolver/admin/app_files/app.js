@@ -1097,6 +1097,13 @@ function start() {
     const idle = !$("#device-dialog").open && state.tab !== "rules"; // never under a finger or an edit
     if (state.token && document.visibilityState === "visible" && idle) refresh();
   }, 30000);
+  // A sign-in link opened where the app is already open changes the fragment only: no new page load.
+  window.addEventListener("hashchange", () => {
+    if (!location.hash.startsWith("#token=")) return;
+    takeTokenFromAddress();
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) signIn(token);
+  });
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) signIn(token, true);
   else showLogin();
