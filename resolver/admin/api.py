@@ -27,6 +27,7 @@ from aiohttp import web
 
 from blocklists.catalog import Catalog
 from blocklists.errors import BlocklistError
+from resolver.admin.app import add_app_routes
 from resolver.admin.devices import activity_view, identity_fields, site_devices
 from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import MAX_DAYS, SiteTokens
@@ -145,6 +146,7 @@ class Api:
         app = web.Application(client_max_size=self.max_upload, middlewares=[self._guard])
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._bind(route))
+        add_app_routes(app)  # the subscriber's app (app.py): static files, no token; its data comes from ROUTES
         return app
 
     def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -1,5 +1,7 @@
 """Headless Chromium driven over the DevTools protocol (aiohttp's WebSocket client): open a page, read it,
-click an element with real mouse events, take a screenshot, read a screenshot's pixels back."""
+click an element with real mouse events (and, in a one-page app, without waiting for a page load), type, wait
+for the page to show something, size the viewport as a phone's or a desktop's, take a screenshot, read a
+screenshot's pixels back."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,51 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
         await self._loaded()
+
+    async def viewport(self, width: int, height: int, mobile: bool = False) -> None:
+        """The page's size, as a phone (`mobile`: the page's viewport meta applies, touch-sized) or a desktop."""
+        await self.send(
+            "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=mobile
+        )
+
+    async def press(self, selector: str) -> float:
+        """A real click on the element, scrolled into view, with no page load to wait for (a button in a one-page
+        app); fails if something else covers the element's centre. Returns time.monotonic() at the release."""
+        box = await self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
+            " e.scrollIntoView({block: 'center', inline: 'center'}); const r = e.getBoundingClientRect();"
+            " const x = r.x + r.width / 2, y = r.y + r.height / 2; const hit = document.elementFromPoint(x, y);"
+            " return [x, y, r.width > 0 && r.height > 0 && !!hit && (hit === e || e.contains(hit))]; })()"
+        )
+        assert box is not None, f"nothing matches {selector}"
+        assert box[2], f"{selector} is hidden or covered where a finger would press it"
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        return time.monotonic()
+
+    async def type_text(self, selector: str, text: str, replace: bool = True) -> None:
+        """Click into a text field and type `text` (as a keyboard's input method would insert it); with
+        `replace`, select what it holds first so the typing replaces it."""
+        await self.press(selector)
+        if replace:
+            await self.evaluate(f"document.querySelector({json.dumps(selector)}).select()")
+        await self.send("Input.insertText", text=text)
+
+    async def keys(self, text: str) -> None:
+        """Key presses, one per character, into the focused element (a time field takes its digits so)."""
+        for character in text:
+            await self.send("Input.dispatchKeyEvent", type="keyDown", text=character, key=character)
+            await self.send("Input.dispatchKeyEvent", type="keyUp", key=character)
+
+    async def wait_for(self, expression: str, timeout: float = 5.0) -> Any:
+        """Polls a JavaScript expression until it is truthy (an element found counts as true); returns its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await self.evaluate(f"(() => {{ const v = ({expression}); return v instanceof Node || v; }})()")
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"not within {timeout} s: {expression}"
+            await asyncio.sleep(0.02)
 
     async def screenshot(self, path: Path) -> bytes:
         png = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
