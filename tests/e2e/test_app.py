@@ -28,7 +28,6 @@ import pytest
 
 from bench.dga import dga_names
 from bench.upstream import Script, ScriptedUpstream
-from resolver.admin.api import ROUTES
 from tests.conftest import eventually
 from tests.e2e.chromium import Browser, chromium_binary
 from tests.e2e.test_admin import ADMIN, http
@@ -54,12 +53,6 @@ SITE = {
         "laptop": {"name": "Laptop", "addresses": [LAPTOP], "group": "adults"},
     },
 }
-ROUTE_PATHS = {route.path for route in ROUTES}
-NEEDS_SEEN_DEVICES = "needs the devices/activity routes (issue 13 items 1-2)"
-
-
-def routes_missing(*paths: str) -> bool:
-    return not set(paths) <= ROUTE_PATHS
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +201,6 @@ def test_a_pause_pressed_in_the_app_blocks_the_device_within_a_second(tmp_path, 
     assert every_answer(dns_port, "late.example", LAPTOP, "paused")  # the adults' pause is in force
 
 
-@pytest.mark.skipif(routes_missing("/v1/sites/{site}/devices"), reason=NEEDS_SEEN_DEVICES)
 def test_the_devices_list_shows_who_is_online_and_pauses_and_names_from_it(tmp_path, home):
     dns_port, api, token = home
     assert answered(dns_port, "seen.example", TABLET) == "resolved"
@@ -255,7 +247,6 @@ def test_the_devices_list_shows_who_is_online_and_pauses_and_names_from_it(tmp_p
     assert len(named) == 1 and named[0]["group"] == "kids"
 
 
-@pytest.mark.skipif(routes_missing("/v1/sites/{site}/devices", "/v1/sites/{site}/activity"), reason=NEEDS_SEEN_DEVICES)
 def test_a_devices_activity_shows_its_hours_and_what_was_blocked(tmp_path, home):
     dns_port, api, token = home
     assert http(api, "PUT", "/v1/sites/home/devices/tablet/policy", {"deny": ["games.example"]})[0] == 200
@@ -452,9 +443,8 @@ def test_the_alerts_and_every_view_at_a_phones_and_a_desktops_size(tmp_path, hom
     for name in names:  # machine-made names from the tablet: alerts
         answered(dns_port, name, TABLET)
 
-    def alerted() -> bool:  # a node's own list today; {"alerts": [...]} from every node once issue 13 item 3 is in
-        body = http(api, "GET", "/v1/sites/home/alerts")[1]
-        return len(body["alerts"] if isinstance(body, dict) else body) >= 5
+    def alerted() -> bool:
+        return len(http(api, "GET", "/v1/sites/home/alerts")[1]["alerts"]) >= 5  # type: ignore[index]
 
     eventually(alerted, 20)
 
@@ -471,6 +461,7 @@ def test_the_alerts_and_every_view_at_a_phones_and_a_desktops_size(tmp_path, hom
                         seen["problems"][f"{size} {view}"] = result["problems"]  # type: ignore[index]
                     seen["shots"].append(await shot(browser, size, view))  # type: ignore[attr-defined]
 
+                await browser.wait_for("document.querySelectorAll('#device-list li').length >= 2")
                 await look("devices")
                 await tab(browser, "groups")
                 await look("groups")

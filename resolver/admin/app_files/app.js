@@ -181,8 +181,7 @@ async function loadDevices() {
     state.devicesError = null;
   } catch (error) {
     state.devices = null;
-    state.devicesError =
-      error.status === 404 ? "This network's server does not list devices yet." : error.message;
+    state.devicesError = error.message;
   }
 }
 
@@ -999,7 +998,7 @@ async function renderAlerts() {
   let alerts;
   try {
     const data = await api("GET", sitePath("/alerts"));
-    alerts = Array.isArray(data) ? data : data.alerts; // a node's own list, or the fleet's {"alerts": [...]}
+    alerts = data.alerts;
   } catch (error) {
     list.replaceChildren(h("li", { class: "error", text: error.message }));
     return;
