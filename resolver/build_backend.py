@@ -27,6 +27,7 @@ HOT_PATH = [
     "resolver/shared/policy/decision.py",
     "resolver/shared/policy/safesearch.py",
     "resolver/worker/access.py",
+    "resolver/worker/activity.py",
     "resolver/worker/alarms.py",
     "resolver/worker/answers.py",
     "resolver/worker/cache.py",

@@ -3,8 +3,9 @@ adds it to the store (resolver/admin/recorder.py): the seen-devices records, the
 of the sites that opted in, and the threat alerts.
 
 The query path pays an increment on the client it already holds (and, the first time since the last
-collection, an append to the clients to collect); a blocked or warned answer one more in a small table on the
-client; a site that opted in to the query log, an append to a bounded ring. Everything else happens here, once
+collection, an append to the clients to collect); a blocked or warned answer to a client of a site, one more
+in a small table on the client, keyed by the interned query and verdict; a site that opted in to the query
+log, an append to a bounded ring. This module is compiled with the query path. The rest happens here, once
 every `_INTERVAL` seconds: the clients counted since are folded into per-(site, device, hour) entries, which are
 written to `<run>/activity/worker-<index>.json` (RunDirectory.activity) for the admin process to take. Until it
 has taken the last file, entries keep adding up in memory, at most `_MAX_PENDING` of them (a flood of random
@@ -28,6 +29,7 @@ from resolver.shared.dns import RRType, name_to_text
 from resolver.shared.policy.decision import Verdict
 from resolver.worker.directory import Client
 from resolver.worker.threats import ThreatWatch
+from resolver.worker.wire import Query
 
 _INTERVAL = 5.0
 _MAX_PENDING = 50_000  # (site, device, hour) entries waiting for the admin process
@@ -59,17 +61,17 @@ class Tally:
 
     # --- the query path ----------------------------------------------------------------------------------
 
-    def blocked(self, client: Client, verdict: Verdict, name: bytes) -> None:
+    def blocked(self, client: Client, verdict: Verdict, query: Query) -> None:
+        # Keyed by the interned query and verdict (hashed by identity: no name hashed or compared per query);
+        # beyond `_MAX_NAMES` queries, counted under None, without the name.
         blocks = client.blocks
         if blocks is None:
             blocks = client.blocks = {}
-        key = (verdict, name)
-        if key in blocks:
-            blocks[key] += 1
-        elif len(blocks) < _MAX_NAMES:
-            blocks[key] = 1
-        else:
-            blocks[(verdict, b"")] = blocks.get((verdict, b""), 0) + 1
+        key: Query | None = query if query in blocks or len(blocks) < _MAX_NAMES else None
+        by_verdict = blocks.get(key)
+        if by_verdict is None:
+            by_verdict = blocks[key] = {}
+        by_verdict[verdict] = by_verdict.get(verdict, 0) + 1
 
     def logged(self, client: Client, name: bytes, qtype: int, verdict: Verdict | None, now: float) -> None:
         self.log.append((now, client, name, qtype, verdict.action.value if verdict is not None else "allowed"))
@@ -110,13 +112,14 @@ class Tally:
                 }
             entry["last"] = now
             entry["queries"] += queries
-            for (verdict, name), count in (blocks or {}).items():
-                entry[verdict.action.value] += count
-                for label in self._labels_of(verdict):
-                    entry["verdicts"][label] = entry["verdicts"].get(label, 0) + count
-                if name:
-                    text = f"{verdict.action.value}|{name_to_text(name)}"
-                    entry["names"][text] = entry["names"].get(text, 0) + count
+            for query, by_verdict in (blocks or {}).items():
+                for verdict, count in by_verdict.items():
+                    entry[verdict.action.value] += count
+                    for label in self._labels_of(verdict):
+                        entry["verdicts"][label] = entry["verdicts"].get(label, 0) + count
+                    if query is not None:
+                        text = f"{verdict.action.value}|{name_to_text(query.name)}"
+                        entry["names"][text] = entry["names"].get(text, 0) + count
         while self.log:
             at, client, name, qtype, action = self.log.popleft()
             if client.site is not None:

@@ -40,7 +40,7 @@ from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
 from resolver.shared.policy.model import Device, PolicySpec, Site
 from resolver.shared.store.policies import Change, Store, lookup_candidates
-from resolver.worker.wire import Request
+from resolver.worker.wire import Query, Request
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)
@@ -85,7 +85,7 @@ class Client:
         # activity (worker/activity.py): queries and blocked answers since the last collection
         self.device_key = identity.key
         self.queries = 0
-        self.blocks: dict[tuple[Verdict, bytes], int] | None = None
+        self.blocks: dict[Query | None, dict[Verdict, int]] | None = None
         self.logged = site is not None and site.query_log  # the site opted in to the query log
 
     def refresh(self, now: float) -> Policy:

@@ -227,8 +227,9 @@ class Resolver:
             answer.set_exception(error)
 
     def _blocked(self, request: Request, known: Client, verdict: Verdict) -> bytes:
-        """The answer for a verdict, counted for the device (worker/activity.py)."""
-        self.tally.blocked(known, verdict, request.query.name)
+        """The answer for a verdict, counted for the device of a site (worker/activity.py)."""
+        if known.site is not None:
+            self.tally.blocked(known, verdict, request.query)
         if verdict.action is Action.WARN and known.device is not None and self.page_pool is not None:
             return self._device_warning(request, known, verdict)
         return self.blocked.answer(request, verdict)

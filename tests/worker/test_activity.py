@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import dns.message
+
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import text_to_name
 from resolver.shared.identity import Identity
@@ -16,6 +18,7 @@ from resolver.worker import activity
 from resolver.worker.activity import Tally
 from resolver.worker.directory import Client
 from resolver.worker.threats import ThreatWatch
+from resolver.worker.wire import Query, QueryParser
 from tests.conftest import make_config
 
 CATALOG = load_catalog()
@@ -26,6 +29,12 @@ PORN = Verdict(
 
 
 MAKER = policy_maker(make_config(["127.0.0.1:9"]), CATALOG)
+PARSER = QueryParser(4096)
+
+
+def query(name: str, rdtype: str = "A") -> Query:
+    """The interned query for a name, as the query path has it."""
+    return PARSER.parse(dns.message.make_query(name, rdtype).to_wire(), ("192.0.2.1", 5300), False).query
 
 
 def client(mac: str, site: Site | None) -> Client:
@@ -47,9 +56,9 @@ def test_counts_are_folded_per_device_and_hour_with_verdicts_categories_and_name
     tablet, stranger = client("02:00:00:00:00:01", home), client("02:00:00:00:00:02", None)
     counted(tally, tablet, 5)
     counted(tally, stranger, 3)  # of no site: nobody to show it to
-    tally.blocked(tablet, DENIED, text_to_name("bad.example"))
-    tally.blocked(tablet, PORN, text_to_name("porn.example"))
-    tally.blocked(tablet, PORN, text_to_name("porn.example"))
+    tally.blocked(tablet, DENIED, query("bad.example"))
+    tally.blocked(tablet, PORN, query("porn.example"))
+    tally.blocked(tablet, PORN, query("porn.example"))
     tally.logged(tablet, text_to_name("bad.example"), 28, DENIED, 7200.25)
     tally.collect()
     path = tmp_path / "worker-0.json"
@@ -101,9 +110,9 @@ def test_a_flood_of_names_and_devices_costs_bounded_memory(monkeypatch):
     home = Site("home")
     tablet = client("02:00:00:00:00:01", home)
     for index in range(1000):
-        tally.blocked(tablet, DENIED, text_to_name(f"n{index}.example"))
+        tally.blocked(tablet, DENIED, query(f"n{index}.example"))
     assert tablet.blocks is not None and len(tablet.blocks) == activity._MAX_NAMES + 1  # the rest, nameless
-    assert sum(tablet.blocks.values()) == 1000
+    assert sum(count for counts in tablet.blocks.values() for count in counts.values()) == 1000
     for index in range(200):
         counted(tally, client(f"02:00:00:00:{index // 256:02x}:{index % 256:02x}", home), 1)
     tally.collect()
