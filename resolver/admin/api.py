@@ -126,7 +126,7 @@ class Api:
         self.activity = activity
         self.catalog = catalog
         self.store = store
-        self.service = PolicyService(store) if store is not None else None
+        self.service = PolicyService(store, activity) if store is not None else None
         self.publications = publications
         self.sources = sources
         self.explainer = explainer
@@ -301,7 +301,12 @@ class Api:
     async def device_activity(self, request: web.Request) -> web.Response:
         site = await self._site(request)
         device = request.query.get("device") or None
-        return web.json_response(await activity_view(self.activity, site.id, device, time.time()))
+        kept = self.activity.settings.days * 24
+        hours = request.query.get("hours", str(kept))
+        if not hours.isdigit() or not 1 <= int(hours) <= kept:
+            raise PolicyError("hours", f"must be a number of hours from 1 to {kept} (activity.days)")
+        since = time.time() - int(hours) * 3600
+        return web.json_response(await activity_view(self.activity, site.id, device, since))
 
     async def queries(self, request: web.Request) -> web.Response:
         site = await self._site(request)
@@ -347,7 +352,6 @@ class Api:
 
     async def delete_site(self, request: web.Request) -> web.Response:
         await self._policies().delete_site(request.match_info["site"])
-        await self.activity.forget_site(request.match_info["site"], time.time())
         return web.json_response({"deleted": request.match_info["site"]})
 
     async def put_group(self, request: web.Request) -> web.Response:
@@ -529,7 +533,8 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/sites/{site}/activity",
         READ,
-        "Counts by hour (verdicts, categories) and top blocked names, of the site or one device (?device=key)",
+        "Counts by hour (verdicts, categories) and top blocked names, of the site or one device (?device=key), "
+        "over the last ?hours=N (default: all kept)",
         Api.device_activity,
         subscriber=True,
     ),

@@ -118,10 +118,13 @@ def _hour_text(hour: int) -> str:
     return datetime.fromtimestamp(hour, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def activity_view(activity: Activity, site: str, device: str | None, now: float, top: int = 20) -> dict[str, Any]:
-    """Counts by hour (only hours with traffic, oldest first) and the most blocked names, of one device or all."""
+async def activity_view(
+    activity: Activity, site: str, device: str | None, since: float, top: int = 20
+) -> dict[str, Any]:
+    """Counts by hour from `since` (only hours with traffic, oldest first) and the most blocked names (by day:
+    over the days from `since`'s), of one device or all."""
     by_hour: dict[int, dict[str, Any]] = {}
-    for (key, hour), counts in (await activity.hours(site, now)).items():
+    for (key, hour), counts in (await activity.hours(site, since)).items():
         if device is not None and key != device:
             continue
         slot = by_hour.setdefault(hour, {"queries": 0, "blocked": 0, "warned": 0, "categories": {}})
@@ -132,7 +135,7 @@ async def activity_view(activity: Activity, site: str, device: str | None, now: 
             else:
                 slot[what] += count
     names: dict[tuple[str, str], int] = {}
-    for (key, verdict_name), count in (await activity.top(site, now)).items():
+    for (key, verdict_name), count in (await activity.top(site, since)).items():
         if device is None or key == device:
             verdict, _, name = verdict_name.partition("|")
             names[(name, verdict)] = names.get((name, verdict), 0) + count

@@ -14,16 +14,21 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from resolver.shared.errors import StoreUnavailable
+from resolver.shared.logs import Throttled
 from resolver.shared.policy.model import Site, mac_text
 from resolver.shared.store.activity import Activity, Batch
 from resolver.shared.store.policies import Store
 
 log = logging.getLogger(__name__)
+_failures = Throttled(log)
 
 _EVERY = 2.0
+_TRIM_EVERY = 30.0
 _MAX_WAITING = 200_000
 
 
@@ -51,30 +56,38 @@ class Recorder:
         self._failing = False
 
     async def run(self) -> None:
+        next_trim = 0.0
         while True:
-            await self.take()
+            try:
+                await self.take()
+                if self._clock() >= next_trim:  # the query logs' retention, kept even where nothing is written
+                    await self.activity.trim(self._clock())
+                    next_trim = self._clock() + _TRIM_EVERY
+            except StoreUnavailable:
+                pass  # said once by take(); tried again next turn
+            except Exception:  # a bug must not end the recording: the workers would stop handing over
+                _failures.exception("activity: recording failed")
             await asyncio.sleep(_EVERY)
 
     async def take(self) -> None:
         """Take what the workers handed over and add it to the store."""
         batch = self._waiting
-        for path in sorted(self.spool.glob("worker-*.json*")):
+        # A file left half-taken by an admin process that was killed first, before a new one takes its name.
+        for path in sorted(self.spool.glob("worker-*.json*"), key=lambda path: path.suffix != ".taking"):
             taking = path if path.suffix == ".taking" else path.with_name(path.name + ".taking")
             try:
                 if taking is not path:
                     path.rename(taking)
-                document = json.loads(taking.read_bytes())
-                taking.unlink()
-                devices, queries, alerts = document["devices"], document["queries"], document["alerts"]
-                dropped = int(document["dropped"])
-            except (OSError, ValueError, KeyError) as exc:
+                taken = _taken(json.loads(taking.read_bytes()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("activity: cannot read %s (%s); skipped", path.name, exc)
-                taking.unlink(missing_ok=True)
-                continue
-            batch.devices += devices
-            batch.queries += queries
-            batch.alerts += alerts
-            self.lost += dropped
+                taken = None
+            taking.unlink(missing_ok=True)
+            if taken is not None:
+                batch.devices += taken.devices
+                batch.queries += taken.queries
+                batch.alerts += taken.alerts
+                self.lost += taken.dropped
         self._waiting = Batch()
         if not batch or self.store is None:
             return
@@ -83,8 +96,6 @@ class Recorder:
             versions = await self.store.site_versions(sites)
             living = {site for site in sites if versions.get(site)}
             await self.activity.record(batch.only(living), self._clock())
-            for site_id in sorted({entry["site"] for entry in batch.devices} & living):
-                await self._evict(site_id)
         except StoreUnavailable as exc:
             if not self._failing:
                 log.warning("activity: the store cannot be written (%s); keeping what the workers count meanwhile", exc)
@@ -94,14 +105,22 @@ class Recorder:
         if self._failing:
             log.info("activity: the store is written again")
             self._failing = False
+        # Written: nothing of it is written again. A site deleted since it was found is forgotten again (its
+        # deletion forgot it before this write); the rest keep to their caps.
+        versions = await self.store.site_versions(sorted(living))
+        for site_id in sorted(living):
+            if not versions.get(site_id):
+                await self.activity.forget_site(site_id, self._clock())
+        for site_id in sorted({entry["site"] for entry in batch.devices} & living):
+            await self._evict(site_id)
 
     def _keep(self, batch: Batch) -> None:
-        excess = len(batch) - _MAX_WAITING
-        if excess > 0:
-            self.lost += excess
-            del batch.devices[: min(excess, len(batch.devices))]
-            excess = len(batch) - _MAX_WAITING
-            del batch.queries[: max(excess, 0)]
+        """Keep a batch for the next turn, its oldest items dropped beyond `_MAX_WAITING` (and counted)."""
+        for items in (batch.devices, batch.queries, batch.alerts):
+            excess = min(len(batch) - _MAX_WAITING, len(items))
+            if excess > 0:
+                del items[:excess]
+                self.lost += excess
         self._waiting = batch
 
     async def _evict(self, site_id: str) -> None:
@@ -109,5 +128,23 @@ class Recorder:
             return
         assert self.store is not None
         site = await self.store.load_site(site_id)
-        configured = set(configured_keys(site)) if site is not None else set()
-        self.evicted += await self.activity.evict(site_id, configured, self._clock())
+        if site is None:  # deleted meanwhile, or unreadable: which devices are configured cannot be told
+            return
+        self.evicted += await self.activity.evict(site_id, set(configured_keys(site)), self._clock())
+
+
+@dataclass
+class _Taken:
+    devices: list[dict[str, Any]]
+    queries: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+    dropped: int
+
+
+def _taken(document: Any) -> _Taken:
+    """A worker's hand-over, its shape checked. Raises KeyError or TypeError."""
+    taken = _Taken(document["devices"], document["queries"], document["alerts"], int(document["dropped"]))
+    for items in (taken.devices, taken.queries, taken.alerts):
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise TypeError("not lists of objects")
+    return taken

@@ -179,7 +179,7 @@ class LocalSites(Sites):
         self.backends: Backends = open_backends(self.config, self.catalog)
         if self.backends.policies is None:
             raise ConfigError("store: no Redis and no embedded file configured; set store.redis or store.file")
-        self.service = PolicyService(self.backends.policies)
+        self.service = PolicyService(self.backends.policies, self.backends.activity)
 
     async def sites(self) -> list[str]:
         return await self.service.list_sites()

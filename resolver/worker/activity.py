@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,11 +27,13 @@ from typing import Any
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
 from resolver.shared.dns import RRType, name_to_text
+from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Verdict
 from resolver.worker.directory import Client
 from resolver.worker.threats import ThreatWatch
 from resolver.worker.wire import Query
 
+_failures = Throttled(logging.getLogger(__name__))
 _INTERVAL = 5.0
 _MAX_PENDING = 50_000  # (site, device, hour) entries waiting for the admin process
 _MAX_NAMES = 32  # distinct blocked names per client between two collections; beyond, counted without the name
@@ -119,7 +122,9 @@ class Tally:
                         entry["verdicts"][label] = entry["verdicts"].get(label, 0) + count
                     if query is not None:
                         text = f"{verdict.action.value}|{name_to_text(query.name)}"
-                        entry["names"][text] = entry["names"].get(text, 0) + count
+                        names = entry["names"]
+                        if text in names or len(names) < _MAX_NAMES:  # per entry too, however long it waits
+                            names[text] = names.get(text, 0) + count
         while self.log:
             at, client, name, qtype, action = self.log.popleft()
             if client.site is not None:
@@ -172,5 +177,8 @@ async def hand_over_every(tally: Tally, path: Path, interval: float = _INTERVAL)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     while True:
         await asyncio.sleep(interval)
-        tally.collect()
-        tally.hand_over(path)
+        tally.collect()  # always: the clients counted must not pile up while the hand-over fails
+        try:
+            tally.hand_over(path)
+        except OSError as exc:  # a full disk: the pending entries stay bounded and wait for the next turn
+            _failures.exception(f"activity: cannot hand over to {path}", exc)

@@ -83,7 +83,7 @@ class Client:
         self.until = -math.inf  # made on first use
         self.used = False  # asked since eviction last passed it over
         # activity (worker/activity.py): queries and blocked answers since the last collection
-        self.device_key = identity.key
+        self.device_key = _device_key(identity, device)
         self.queries = 0
         self.blocks: dict[Query | None, dict[Verdict, int]] | None = None
         self.logged = site is not None and site.query_log  # the site opted in to the query log
@@ -91,6 +91,16 @@ class Client:
     def refresh(self, now: float) -> Policy:
         self.policy, self.until = self._maker.effective(self.rule, now)
         return self.policy
+
+
+def _device_key(identity: Identity, device: Device | None) -> str:
+    """The key of a client's seen-devices record: the identity its site's device was found by (find_device: MAC,
+    else client id, else address), so that the record joins the configured device; else the identity's own."""
+    if device is None or (identity.mac is not None and identity.mac in device.macs):
+        return identity.key
+    if identity.client_id is not None and identity.client_id in device.client_ids:
+        return "id:" + identity.client_id
+    return "ip:" + identity.address
 
 
 class SiteIndex:
@@ -463,8 +473,16 @@ class Directory:
     def _still_of(site: Site, identity: Identity) -> bool:
         if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
             return True
-        address = ipaddress.ip_address(identity.address)
-        return any(address in ipaddress.ip_network(network) for network in site.networks)
+        return Directory.in_networks(site, identity.address)
+
+    @staticmethod
+    def in_networks(site: Site, address: str) -> bool:
+        """Whether an address is in one of a site's networks."""
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in ipaddress.ip_network(network) for network in site.networks)
 
     def _forget_addresses(self) -> None:
         """Addresses may have moved between sites: look them up again, and the clients of no site too."""

@@ -157,7 +157,7 @@ class Resolver:
         if known.logged:
             self.tally.logged(known, query.name, query.qtype, decision.verdict, now)
         if decision.verdict is not None:
-            return self._blocked(request, known, decision.verdict)
+            return self._blocked(request, known, decision.verdict, True)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
             target = restrict_name(query.name)
@@ -226,11 +226,15 @@ class Resolver:
         except Exception as error:  # the listener turns it into SERVFAIL and logs it
             answer.set_exception(error)
 
-    def _blocked(self, request: Request, known: Client, verdict: Verdict) -> bytes:
-        """The answer for a verdict, counted for the device of a site (worker/activity.py)."""
+    def _blocked(self, request: Request, known: Client, verdict: Verdict, asked: bool = False) -> bytes:
+        """The answer for a verdict, counted for the device of a site (worker/activity.py). A warning for the
+        name `asked` (not one met along its CNAME chain, which no page can explain) may get the device's own
+        page address."""
         if known.site is not None:
+            if not known.queries and known.blocks is None:  # a late answer (its CNAME chain) after a collection
+                self.tally.counted.append(known)
             self.tally.blocked(known, verdict, request.query)
-        if verdict.action is Action.WARN and known.device is not None and self.page_pool is not None:
+        if asked and verdict.action is Action.WARN and known.device is not None and self.page_pool is not None:
             return self._device_warning(request, known, verdict)
         return self.blocked.answer(request, verdict)
 
@@ -239,10 +243,19 @@ class Resolver:
         page, reached from its router's address, can then tell whose it is."""
         qtype = request.query.qtype
         pool = self.page_pool
-        if verdict.mode is AnswerMode.PAGE and pool is not None and known.site is not None and known.device is not None:
+        site = known.site
+        # The page finds the site by the address the browser comes from: only a device whose address is in its
+        # site's networks (not one whose site was found by CPE id alone) is told apart there.
+        if (
+            verdict.mode is AnswerMode.PAGE
+            and pool is not None
+            and site is not None
+            and known.device is not None
+            and self.directory.in_networks(site, known.identity.address)
+        ):
             version = 4 if qtype == RRType.A else 6 if qtype == RRType.AAAA else 0
             if version:
-                page = pool.address(known.site, known.device, request.query.name, version)
+                page = pool.address(site, known.device, request.query.name, version)
                 if page is not None:
                     return self.blocked.answer(request, verdict, page)
         return self.blocked.answer(request, verdict)

@@ -293,8 +293,10 @@ def test_without_a_good_link_the_app_asks_for_one(tmp_path, home):
             await shot(browser, PHONE_SIZE, "sign-in")
             # A link with a signature the server refuses, opened where the app is open (the fragment changes).
             await browser.send("Page.navigate", url=f"{api}/app/#token={payload}.{mac[::-1]}")
+            # The app signs in with it, the API refuses it (401), the app asks again: wait for that last state.
             seen["forged"] = await browser.wait_for(
                 "!document.querySelector('#login').hidden && document.querySelector('#login-reason').textContent"
+                ".includes('no longer valid') && document.querySelector('#login-reason').textContent"
             )
             seen["stored"] = await browser.evaluate("String(sessionStorage.getItem('bns.site-token'))")
             await browser.type_text("#login-link", f"{api}/app/#token={token}")  # the link pasted

@@ -224,7 +224,7 @@ def test_alerts_are_kept_fleet_wide_and_counts_survive_a_redis_restart(tmp_path,
         time.sleep(8)  # a hand-over or two, which the admin process cannot write
         own_redis.start()
         seen = until_listed(
-            api_a, lambda found: found.get(f"mac:{TABLET}", {}).get("queries") == 8 and f"mac:{PHONE}" in found, 30
+            api_a, lambda found: found.get(f"mac:{TABLET}", {}).get("queries") == 8 and f"mac:{PHONE}" in found, 45
         )
         assert seen[f"mac:{PHONE}"]["queries"] == 1
 

@@ -12,8 +12,8 @@ from resolver.shared.dns import text_to_name
 from resolver.shared.identity import Identity
 from resolver.shared.loading import policy_maker
 from resolver.shared.policy.decision import Action, AnswerMode, Rule, Verdict
-from resolver.shared.policy.effective import governing
-from resolver.shared.policy.model import Site, parse_mac
+from resolver.shared.policy.effective import find_device, governing
+from resolver.shared.policy.model import Site, parse_mac, parse_site
 from resolver.worker import activity
 from resolver.worker.activity import Tally
 from resolver.worker.directory import Client
@@ -117,3 +117,13 @@ def test_a_flood_of_names_and_devices_costs_bounded_memory(monkeypatch):
         counted(tally, client(f"02:00:00:00:{index // 256:02x}:{index % 256:02x}", home), 1)
     tally.collect()
     assert len(tally._pending) == 50 and tally.dropped == 150
+
+
+def test_a_device_found_by_its_client_id_is_recorded_under_it_though_a_mac_came_too():
+    site = parse_site({"id": "home", "devices": {"tablet": {"client_ids": ["0a0b0c0d"]}}}, CATALOG)
+    identity = Identity("192.0.2.1", parse_mac("3c:22:fb:00:00:01"), "0a0b0c0d")
+    device = find_device(site, identity)
+    assert device is not None and device.id == "tablet"
+    # The record joins its configured device (configured_keys: id:0a0b0c0d), not a stranger's MAC.
+    assert Client(identity, site, governing(site, device, {}), MAKER, device).device_key == "id:0a0b0c0d"
+    assert client("02:00:00:00:00:01", site).device_key == "mac:02:00:00:00:00:01"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from typing import Any
 
 from resolver.shared.errors import NotFound
 from resolver.shared.policy.model import Site, parse_time, site_document, time_document
+from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import SiteDocument, Store
 
 Target = tuple[str, str | None]  # ("site", None), ("group", id) or ("device", id)
@@ -29,8 +31,9 @@ def _entity(document: SiteDocument, target: Target) -> dict[str, Any]:
 
 
 class PolicyService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, activity: Activity | None = None) -> None:
         self.store = store
+        self.activity = activity  # what the site's devices did: deleted with the site
 
     async def _update(self, site_id: str, change: Any, create: bool = False) -> Site | None:
         def mutate(document: SiteDocument | None) -> SiteDocument | None:
@@ -69,7 +72,14 @@ class PolicyService:
         return site
 
     async def delete_site(self, site_id: str) -> None:
+        """Delete a site and what its devices did. The activity is forgotten before the site (a failure
+        between leaves no activity of a site that is gone) and after (what was recorded meanwhile); the
+        recorder forgets what it wrote for a site deleted while it wrote (admin/recorder.py)."""
+        if self.activity is not None:
+            await self.activity.forget_site(site_id, time.time())
         await self._update(site_id, lambda _old: None)
+        if self.activity is not None:
+            await self.activity.forget_site(site_id, time.time())
 
     # --- groups and devices -----------------------------------------------------------------------------------
 

@@ -13,16 +13,19 @@ under the store prefix, per site S:
     act:S:<day>   hash   "<key>|<hour>|<what>" → count (what: queries, blocked, warned, "<verdict>|<category>")
     top:S:<day>   zset   "<key>|<verdict>|<name>" by count, the `_TOP` most counted kept
     qlog:S        zset   query (JSON) by time: only for a site with `query_log`, older than the retention deleted
+    qlogs         set    the sites with a query log, which `trim` goes through
     alerts:S      zset   alert (JSON) by time
 
-Days and hours are Unix day and hour numbers; the day keys expire `days` after their day, the query log
-`query_log_hours` after its last write (and is trimmed to that at every write), so nothing outlives its
-retention even when a site falls silent.
+Days and hours are Unix day and hour numbers; the day keys expire `days` after their day. A query log is
+trimmed to `query_log_hours` at every write and by `trim`, which the recorder runs every 30 s whether or not
+anything is written (and the key expires that long after its last write), so no query outlives its
+retention by more than a minute, even when the site falls silent or turns its log off.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable
@@ -81,12 +84,16 @@ class Activity(ABC):
         """Every seen device of a site by key: its identity, first and last seen, and counts."""
 
     @abstractmethod
-    async def hours(self, site: str, now: float) -> dict[tuple[str, int], dict[str, int]]:
-        """(device key, hour) → what → count, over the last `days`."""
+    async def hours(self, site: str, since: float) -> dict[tuple[str, int], dict[str, int]]:
+        """(device key, hour) → what → count, for the hours from `since` on (at most `days` back)."""
 
     @abstractmethod
-    async def top(self, site: str, now: float) -> dict[tuple[str, str], int]:
-        """(device key, "<verdict>|<name>") → count, over the last `days`."""
+    async def top(self, site: str, since: float) -> dict[tuple[str, str], int]:
+        """(device key, "<verdict>|<name>") → count, over the days from `since`'s on (at most `days` back)."""
+
+    @abstractmethod
+    async def trim(self, now: float) -> None:
+        """Delete the logged queries older than the retention, of every site."""
 
     @abstractmethod
     async def queries(self, site: str, now: float) -> list[dict[str, Any]]:
@@ -121,9 +128,13 @@ class Activity(ABC):
         await self.forget(site, set(going), now)
         return len(going)
 
-    def _days(self, now: float) -> range:
+    def _days(self, since: float, now: float) -> range:
+        """The day numbers from `since`'s to today's, at most `days` + 1 of them (the oldest partly kept)."""
         today = int(now // 86400)
-        return range(today - self.settings.days + 1, today + 1)
+        return range(max(int(since // 86400), today - self.settings.days), today + 1)
+
+    def oldest_kept(self, now: float) -> float:
+        return now - self.settings.days * 86400
 
     async def close(self) -> None:
         return None
@@ -159,6 +170,7 @@ class RedisActivity(Activity):
                 pipe.expireat(key("top", site, day), int(hour // 86400 * 86400 + day_seconds))
         retention = settings.query_log_hours * 3600
         for site in {query["site"] for query in batch.queries}:
+            pipe.sadd(key("qlogs"), site)
             log = key("qlog", site)
             pipe.zadd(log, {json.dumps(query): query["at"] for query in batch.queries if query["site"] == site})
             pipe.zremrangebyscore(log, "-inf", now - retention)
@@ -191,20 +203,23 @@ class RedisActivity(Activity):
                 found[device][what] = int(count)
         return found
 
-    async def hours(self, site: str, now: float) -> dict[tuple[str, int], dict[str, int]]:
+    async def hours(self, site: str, since: float) -> dict[tuple[str, int], dict[str, int]]:
+        now = time.time()
+        since = max(since, self.oldest_kept(now))
         pipe = self._client.pipeline(transaction=False)
-        for day in self._days(now):
+        for day in self._days(since, now):
             pipe.hgetall(self._key("act", site, str(day)))
         found: dict[tuple[str, int], dict[str, int]] = {}
         for fields in await self._redis.call(pipe.execute()):
             for name, count in fields.items():
                 device, hour, what = name.decode().split("|", 2)
-                found.setdefault((device, int(hour)), {})[what] = int(count)
+                if int(hour) + 3600 > since:
+                    found.setdefault((device, int(hour)), {})[what] = int(count)
         return found
 
-    async def top(self, site: str, now: float) -> dict[tuple[str, str], int]:
+    async def top(self, site: str, since: float) -> dict[tuple[str, str], int]:
         pipe = self._client.pipeline(transaction=False)
-        for day in self._days(now):
+        for day in self._days(since, time.time()):
             pipe.zrange(self._key("top", site, str(day)), 0, -1, withscores=True)
         found: dict[tuple[str, str], int] = {}
         for members in await self._redis.call(pipe.execute()):
@@ -224,6 +239,19 @@ class RedisActivity(Activity):
             for member in await self._redis.call(self._client.zrevrange(self._key("alerts", site), 0, -1))
         ]
 
+    async def trim(self, now: float) -> None:
+        sites = [member.decode() for member in await self._redis.call(self._client.smembers(self._key("qlogs")))]
+        if not sites:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for site in sites:
+            pipe.zremrangebyscore(self._key("qlog", site), "-inf", now - self.settings.query_log_hours * 3600)
+            pipe.zcard(self._key("qlog", site))
+        results = await self._redis.call(pipe.execute())
+        empty = [site for site, left in zip(sites, results[1::2], strict=True) if not left]
+        if empty:  # a write meanwhile adds its site again
+            await self._redis.call(self._client.srem(self._key("qlogs"), *empty))
+
     async def forget(self, site: str, keys: set[str], now: float) -> None:
         if not keys:
             return
@@ -234,8 +262,9 @@ class RedisActivity(Activity):
         pipe.zrem(key("seenlast", site), *keys)
         pipe.hdel(key("seencount", site), *(f"{device}|{what}" for device in keys for what in _COUNTS))
         await self._redis.call(pipe.execute())
-        scanned = [key("act", site, str(day)) for day in self._days(now)]
-        ranked = [key("top", site, str(day)) for day in self._days(now)] + [key("qlog", site), key("alerts", site)]
+        days = self._days(0, now)
+        scanned = [key("act", site, str(day)) for day in days]
+        ranked = [key("top", site, str(day)) for day in days] + [key("qlog", site), key("alerts", site)]
         for name in scanned:
             fields = await self._redis.call(self._client.hkeys(name))
             gone = [item for item in fields if item.decode().partition("|")[0] in keys]
@@ -250,8 +279,7 @@ class RedisActivity(Activity):
     async def forget_site(self, site: str, now: float) -> None:
         key = self._key
         names = [key(kind, site) for kind in ("seen", "seenfirst", "seenlast", "seencount", "qlog", "alerts")]
-        # a day longer than `days`: the keys of the day the oldest kept hour fell in
-        for day in range(self._days(now).start - 1, self._days(now).stop):
+        for day in self._days(0, now):
             names += [key("act", site, str(day)), key("top", site, str(day))]
         await self._redis.call(self._client.delete(*names))
 
@@ -307,13 +335,16 @@ class LocalActivity(Activity):
         self._expire(now)
 
     def _expire(self, now: float) -> None:
-        first_day = self._days(now).start
+        oldest = self.oldest_kept(now)
         for hours in self._hours.values():
-            for slot in [slot for slot in hours if slot[1] // 86400 < first_day]:
+            for slot in [slot for slot in hours if slot[1] + 3600 <= oldest]:
                 del hours[slot]
         for top in self._top.values():
-            for item in [item for item in top if item[1] < first_day]:
+            for item in [item for item in top if item[1] < oldest // 86400]:
                 del top[item]
+            if len(top) > _TOP * (self.settings.days + 1):  # as Redis keeps the `_TOP` most counted a day
+                for item in sorted(top, key=top.__getitem__)[: len(top) - _TOP * (self.settings.days + 1)]:
+                    del top[item]
         since = now - self.settings.query_log_hours * 3600
         for log in self._queries.values():
             while log and log[0]["at"] < since:
@@ -322,16 +353,20 @@ class LocalActivity(Activity):
     async def devices(self, site: str) -> dict[str, dict[str, Any]]:
         return {device: dict(record) for device, record in self._seen.get(site, {}).items()}
 
-    async def hours(self, site: str, now: float) -> dict[tuple[str, int], dict[str, int]]:
-        self._expire(now)
-        return {slot: dict(counts) for slot, counts in self._hours.get(site, {}).items()}
+    async def hours(self, site: str, since: float) -> dict[tuple[str, int], dict[str, int]]:
+        self._expire(time.time())
+        return {slot: dict(counts) for slot, counts in self._hours.get(site, {}).items() if slot[1] + 3600 > since}
 
-    async def top(self, site: str, now: float) -> dict[tuple[str, str], int]:
-        self._expire(now)
+    async def top(self, site: str, since: float) -> dict[tuple[str, str], int]:
+        self._expire(time.time())
         found: dict[tuple[str, str], int] = {}
-        for (device, _day, name), count in self._top.get(site, {}).items():
-            found[(device, name)] = found.get((device, name), 0) + count
+        for (device, day, name), count in self._top.get(site, {}).items():
+            if day >= since // 86400:
+                found[(device, name)] = found.get((device, name), 0) + count
         return found
+
+    async def trim(self, now: float) -> None:
+        self._expire(now)
 
     async def queries(self, site: str, now: float) -> list[dict[str, Any]]:
         self._expire(now)
