@@ -67,7 +67,7 @@ class Recorder:
                 pass  # said once by take(); tried again next turn
             except Exception:  # a bug must not end the recording: the workers would stop handing over
                 _failures.exception("activity: recording failed")
-            await asyncio.sleep(_EVERY)
+            await asyncio.sleep(min(_EVERY, self.activity.settings.hand_over_seconds))
 
     async def take(self) -> None:
         """Take what the workers handed over and add it to the store."""

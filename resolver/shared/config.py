@@ -501,6 +501,12 @@ class ActivitySettings:
     alerts_per_site: int = setting(
         1000, "threat alerts kept per site (the oldest go first)", minimum=1, maximum=100_000
     )
+    hand_over_seconds: float = setting(
+        5.0,
+        "how often each worker hands what it counted to the admin process (what the API shows lags by about this)",
+        minimum=0.1,
+        maximum=60.0,
+    )
 
 
 def _secret(text: Any) -> str:

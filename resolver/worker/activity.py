@@ -5,8 +5,8 @@ of the sites that opted in, and the threat alerts.
 The query path pays an increment on the client it already holds (and, the first time since the last
 collection, an append to the clients to collect); a blocked or warned answer to a client of a site, one more
 in a small table on the client, keyed by the interned query and verdict; a site that opted in to the query
-log, an append to a bounded ring. This module is compiled with the query path. The rest happens here, once
-every `_INTERVAL` seconds: the clients counted since are folded into per-(site, device, hour) entries, which are
+log, an append to a bounded ring. This module is compiled with the query path. The rest happens here, every
+`activity.hand_over_seconds` (5): the clients counted since are folded into per-(site, device, hour) entries,
 written to `<run>/activity/worker-<index>.json` (RunDirectory.activity) for the admin process to take. Until it
 has taken the last file, entries keep adding up in memory, at most `_MAX_PENDING` of them (a flood of random
 MACs while the admin process is away costs bounded memory; what does not fit is counted as dropped).
@@ -34,7 +34,6 @@ from resolver.worker.threats import ThreatWatch
 from resolver.worker.wire import Query
 
 _failures = Throttled(logging.getLogger(__name__))
-_INTERVAL = 5.0
 _MAX_PENDING = 50_000  # (site, device, hour) entries waiting for the admin process
 _MAX_NAMES = 32  # distinct blocked names per client between two collections; beyond, counted without the name
 _LOG_SIZE = 10_000  # queries of opted-in sites waiting to be handed over, at most (the oldest go first)
@@ -172,7 +171,7 @@ class Tally:
         return True
 
 
-async def hand_over_every(tally: Tally, path: Path, interval: float = _INTERVAL) -> None:
+async def hand_over_every(tally: Tally, path: Path, interval: float) -> None:
     """Until cancelled: collect and hand over every `interval` seconds."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     while True:

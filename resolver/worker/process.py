@@ -96,7 +96,13 @@ class Worker:
         ]
         if self.run is not None:
             self._tasks.append(
-                loop.create_task(hand_over_every(self.resolver.tally, self.run.activity / f"worker-{self.index}.json"))
+                loop.create_task(
+                    hand_over_every(
+                        self.resolver.tally,
+                        self.run.activity / f"worker-{self.index}.json",
+                        self.config.activity.hand_over_seconds,
+                    )
+                )
             )
             self._tasks.append(
                 loop.create_task(

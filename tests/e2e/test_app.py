@@ -63,6 +63,7 @@ def app_node(shared_redis, tmp_path_factory) -> Iterator[tuple[int, str]]:
     config.write_text(
         f'[store]\nredis = "{shared_redis.url}"\nprefix = "test-{uuid.uuid4().hex[:12]}:"\n'
         f'[lists]\ncache_dir = "{directory / "lists"}"\n[admin]\ntokens = ["{ADMIN}"]\n'
+        "[activity]\nhand_over_seconds = 0.5\n"
     )
     with (
         ScriptedUpstream(script=Script(ttl=300)) as upstream,

@@ -8,6 +8,7 @@ import json
 import random
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import dns.edns
 import dns.message
@@ -70,12 +71,18 @@ def redis_store(shared_redis, redis_prefix) -> str:
     return f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
 
 
+def config(path: Path, store: str, **activity: object) -> Path:
+    """A node's configuration whose workers hand their counts over every half second."""
+    settings = "".join(f"{key} = {value}\n" for key, value in {"hand_over_seconds": 0.5, **activity}.items())
+    return node_config(path, f"{store}\n[activity]\n{settings}")
+
+
 def test_every_device_seen_is_listed_with_its_vendor_counts_and_activity_and_can_be_named(
     tmp_path, upstream, redis_store
 ):
     with ExitStack() as stack:
-        port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
-        port_b, api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
+        port_a, api_a = start(stack, config(tmp_path / "a" / "bns.toml", redis_store), upstream)
+        port_b, api_b = start(stack, config(tmp_path / "b" / "bns.toml", redis_store), upstream)
         assert http(api_a, "PUT", "/v1/sites/home", SITE)[0] == 200
         for name in ("fine.example", "www.fine.example", "bad.example"):
             ask(port_a, name, TABLET)
@@ -141,9 +148,8 @@ def test_every_device_seen_is_listed_with_its_vendor_counts_and_activity_and_can
 
 
 def test_a_flood_of_random_macs_keeps_each_sites_device_list_bounded(tmp_path, upstream, redis_store):
-    config = node_config(tmp_path / "n" / "bns.toml", redis_store + "\n[activity]\ndevices_per_site = 20")
     with ExitStack() as stack:
-        port, api = start(stack, config, upstream)
+        port, api = start(stack, config(tmp_path / "n" / "bns.toml", redis_store, devices_per_site=20), upstream)
         assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
         ask(port, "fine.example", TABLET)
         until_listed(api, lambda found: f"mac:{TABLET}" in found)
@@ -158,16 +164,15 @@ def test_a_flood_of_random_macs_keeps_each_sites_device_list_bounded(tmp_path, u
 def test_the_query_log_is_opt_in_kept_for_its_retention_only_and_goes_with_the_site(
     tmp_path, upstream, shared_redis, redis_prefix, redis_store
 ):
-    config = node_config(tmp_path / "n" / "bns.toml", redis_store + "\n[activity]\nquery_log_hours = 0.003")
     store = redis.Redis.from_url(shared_redis.url)
     with ExitStack() as stack:
-        port, api = start(stack, config, upstream)
+        port, api = start(stack, config(tmp_path / "n" / "bns.toml", redis_store, query_log_hours=0.001), upstream)
         assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
         ask(port, "private.example", TABLET)
         until_listed(api, lambda found: f"mac:{TABLET}" in found)
         assert http(api, "GET", "/v1/sites/home/queries", token=READ)[1] == {
             "enabled": False,
-            "retention_hours": 0.003,
+            "retention_hours": 0.001,
             "queries": [],
         }
         assert not store.exists(f"{redis_prefix}qlog:home")  # off: nothing was kept, not merely hidden
@@ -187,7 +192,7 @@ def test_the_query_log_is_opt_in_kept_for_its_retention_only_and_goes_with_the_s
         eventually(listed, 20)
         assert {query["device"] for query in logged} == {f"mac:{TABLET}"}
 
-        # After the retention (about 11 s) the log is empty, and the entries are gone from Redis too.
+        # After the retention (3.6 s) the log is empty, and the entries are gone from Redis too.
         eventually(lambda: http(api, "GET", "/v1/sites/home/queries", token=READ)[1]["queries"] == [], 20)  # type: ignore[index]
         eventually(lambda: store.zcard(f"{redis_prefix}qlog:home") == 0, 15)
 
@@ -201,8 +206,8 @@ def test_the_query_log_is_opt_in_kept_for_its_retention_only_and_goes_with_the_s
 def test_alerts_are_kept_fleet_wide_and_counts_survive_a_redis_restart(tmp_path, upstream, own_redis, redis_prefix):
     store = f'[store]\nredis = "{own_redis.url}"\nprefix = "{redis_prefix}"'
     with ExitStack() as stack:
-        port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", store), upstream)
-        _port_b, api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", store), upstream)
+        port_a, api_a = start(stack, config(tmp_path / "a" / "bns.toml", store), upstream)
+        _port_b, api_b = start(stack, config(tmp_path / "b" / "bns.toml", store), upstream)
         assert http(api_a, "PUT", "/v1/sites/home", SITE)[0] == 200
         names = dga_names()["necurs"][:5]
         for name in names:
@@ -221,7 +226,7 @@ def test_alerts_are_kept_fleet_wide_and_counts_survive_a_redis_restart(tmp_path,
         for _ in range(3):
             ask(port_a, "fine.example", TABLET)  # served from memory meanwhile; counted and kept for later
         ask(port_a, "fine.example", PHONE)
-        time.sleep(8)  # a hand-over or two, which the admin process cannot write
+        time.sleep(3)  # a few hand-overs, which the admin process cannot write
         own_redis.start()
         seen = until_listed(
             api_a, lambda found: found.get(f"mac:{TABLET}", {}).get("queries") == 8 and f"mac:{PHONE}" in found, 45
@@ -230,9 +235,10 @@ def test_alerts_are_kept_fleet_wide_and_counts_survive_a_redis_restart(tmp_path,
 
 
 def test_without_redis_a_single_node_lists_its_devices(tmp_path, upstream):
-    config = node_config(tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"')
     with ExitStack() as stack:
-        port, api = start(stack, config, upstream)
+        port, api = start(
+            stack, config(tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"'), upstream
+        )
         assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
         ask(port, "bad.example", TABLET)
         seen = until_listed(api, lambda found: found.get(f"mac:{TABLET}", {}).get("blocked") == 1)

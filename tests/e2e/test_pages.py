@@ -73,7 +73,7 @@ def page_node(
         f'{store}\n[lists]\npath = "{artifact}"\ncache_dir = "{tmp_path / "cache"}"\n{lists}\n'
         f'[policy]\nanswer = "page"\nblock_page = ["{address}"]\nwarning_page = ["{address}"]\n'
         f'[pages]\nport = {port}\npass_minutes = 30\n{pages}\n[admin]\ntokens = ["{ADMIN}"]\n'
-        f"[identity]\n{identity}\n"
+        f"[identity]\n{identity}\n[activity]\nhand_over_seconds = 0.5\n"
     )
     with node(
         "--config",
@@ -276,6 +276,26 @@ def test_devices_behind_one_router_each_continue_for_themselves_only(tmp_path, u
         document = http(api, "GET", "/v1/sites/flat")[1]
         assert list(document["devices"]["alpha"]["passes"]) == [MALWARE]
         assert document["devices"]["beta"]["passes"] == {}
+
+
+def test_the_laptop_warned_at_a_malware_name_raises_an_alert_and_shows_in_its_activity(tmp_path, upstream, store):
+    with page_node(tmp_path, upstream, store) as (dns_port, api, address, _port):
+        assert resolve(dns_port, MALWARE) == ([address], "Web Protect: malware")  # stopped: the warning page
+        device = f"ip:{LAPTOP}"
+
+        def alerted() -> bool:
+            alerts = http(api, "GET", "/v1/sites/home/alerts")[1]["alerts"]  # type: ignore[index]
+            return [(alert["device"], alert["name"], alert["reason"]) for alert in alerts] == [
+                (device, MALWARE, "malware")
+            ]
+
+        eventually(alerted, 20)  # a worker hands its alerts over every 5 s
+        activity = http(api, "GET", f"/v1/sites/home/activity?device={device}&hours=1")[1]
+        (hour,) = activity["hours"]  # type: ignore[index]
+        assert (hour["warned"], hour["categories"]) == (1, {"malware": 1})
+        assert activity["top_blocked"] == [{"name": MALWARE, "verdict": "warned", "count": 1}]  # type: ignore[index]
+        listed = {entry["key"]: entry for entry in http(api, "GET", "/v1/sites/home/devices")[1]["devices"]}  # type: ignore[index]
+        assert (listed[device]["device"], listed[device]["warned"]) == ("laptop", 1)
 
 
 def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, upstream, store):
