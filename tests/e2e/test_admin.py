@@ -74,9 +74,13 @@ def every_worker(port: int, name: str, expected: str | None, mac: str | None = N
     return all(ede_text(port, name, mac) == expected for _ in range(tries))
 
 
-def node_config(path: Path, store: str, **admin: object) -> Path:
+def node_config(path: Path, store: str, activity: dict[str, object] | None = None, **admin: object) -> Path:
+    """A node's configuration; its workers hand their activity over every half second unless `activity` says."""
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in admin.items())
+    extra += "[activity]\n" + "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in {"hand_over_seconds": 0.5, **(activity or {})}.items()
+    )
     path.write_text(
         f'{store}\n[lists]\ncache_dir = "{path.parent / "lists"}"\ncheck_interval = 0.2\n'
         f'[identity]\ntrusted_networks = ["127.0.0.1/32"]\n'
@@ -396,8 +400,12 @@ def test_a_sites_threat_alerts_are_listed_and_counted(file_node):
     assert {alert["reason"] for alert in alerts} == {"dga"} and {alert["site"] for alert in alerts} == {"shop"}
     assert {alert["name"] for alert in alerts} <= set(names) and alerts[0]["at"] >= alerts[-1]["at"]
     assert http(api, "GET", "/v1/sites/elsewhere/alerts", token=READ) == (200, {"alerts": []})
-    metrics = http(api, "GET", "/metrics", token=READ)[1]
-    assert f'bns_threat_alerts_total{{reason="dga"}} {len(alerts)}' in metrics
+
+    def counted() -> bool:  # the workers' counters (every second) and their hand-overs agree
+        kept = http(api, "GET", "/v1/sites/shop/alerts", token=READ)[1]["alerts"]  # type: ignore[index]
+        return f'bns_threat_alerts_total{{reason="dga"}} {len(kept)}' in http(api, "GET", "/metrics", token=READ)[1]  # type: ignore[operator]
+
+    eventually(counted, 10)
 
 
 PATH_VALUES = {

@@ -72,9 +72,8 @@ def redis_store(shared_redis, redis_prefix) -> str:
 
 
 def config(path: Path, store: str, **activity: object) -> Path:
-    """A node's configuration whose workers hand their counts over every half second."""
-    settings = "".join(f"{key} = {value}\n" for key, value in {"hand_over_seconds": 0.5, **activity}.items())
-    return node_config(path, f"{store}\n[activity]\n{settings}")
+    """A node's configuration (its workers hand their counts over every half second)."""
+    return node_config(path, store, activity)
 
 
 def test_every_device_seen_is_listed_with_its_vendor_counts_and_activity_and_can_be_named(
