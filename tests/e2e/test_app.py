@@ -120,7 +120,9 @@ async def sign_in(browser: Browser, api: str, token: str, size: tuple[int, int],
     await browser.viewport(*size, mobile=mobile)
     await browser.open("about:blank")  # a load of its own, even where the app is open (only the fragment differs)
     await browser.open(f"{api}/app/#token={token}")
-    await browser.wait_for("document.querySelector('#site-name').textContent === 'The Smiths'")
+    await browser.wait_for(
+        "document.querySelector('#site-name').textContent === 'The Smiths' && !document.body.hasAttribute('aria-busy')"
+    )
 
 
 async def tab(browser: Browser, name: str) -> None:

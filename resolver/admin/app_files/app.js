@@ -96,7 +96,11 @@ function signIn(token, quiet) {
   $("#foot").hidden = false;
   $("#signed-in").textContent = `Signed in until ${new Date(claims.expires * 1000).toLocaleDateString()}.`;
   if (!quiet) say("");
-  return loadAll().then(() => showTab(state.tab));
+  // Busy until the first load is shown: assistive technology (and the tests) wait for it.
+  document.body.setAttribute("aria-busy", "true");
+  return loadAll()
+    .then(() => showTab(state.tab))
+    .finally(() => document.body.removeAttribute("aria-busy"));
 }
 
 function showLogin(reason) {
