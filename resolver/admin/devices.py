@@ -9,7 +9,6 @@ locally administered bit set is not a maker's: phones and laptops make one up pe
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -114,10 +113,6 @@ def _entry(
     }
 
 
-def _hour_text(hour: int) -> str:
-    return datetime.fromtimestamp(hour, UTC).isoformat().replace("+00:00", "Z")
-
-
 async def activity_view(
     activity: Activity, site: str, device: str | None, since: float, top: int = 20
 ) -> dict[str, Any]:
@@ -143,7 +138,7 @@ async def activity_view(
     return {
         "hours": [
             {
-                "hour": _hour_text(hour),
+                "hour": time_document(hour),
                 "allowed": slot["queries"] - slot["blocked"] - slot["warned"],
                 **slot,
             }

@@ -124,13 +124,15 @@ class Recorder:
         self._waiting = batch
 
     async def _evict(self, site_id: str) -> None:
-        if await self.activity.seen_count(site_id) <= self.activity.settings.devices_per_site:
+        """Keep a site to `devices_per_site` seen devices, its configured ones always."""
+        excess = await self.activity.seen_count(site_id) - self.activity.settings.devices_per_site
+        if excess <= 0:
             return
         assert self.store is not None
         site = await self.store.load_site(site_id)
         if site is None:  # deleted meanwhile, or unreadable: which devices are configured cannot be told
             return
-        self.evicted += await self.activity.evict(site_id, set(configured_keys(site)), self._clock())
+        self.evicted += await self.activity.evict(site_id, excess, set(configured_keys(site)), self._clock())
 
 
 @dataclass

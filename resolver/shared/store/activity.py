@@ -118,11 +118,8 @@ class Activity(ABC):
     @abstractmethod
     async def seen_count(self, site: str) -> int: ...
 
-    async def evict(self, site: str, configured: set[str], now: float) -> int:
-        """Forget the least recently seen unconfigured devices beyond `devices_per_site`. How many went."""
-        excess = await self.seen_count(site) - self.settings.devices_per_site
-        if excess <= 0:
-            return 0
+    async def evict(self, site: str, excess: int, configured: set[str], now: float) -> int:
+        """Forget the `excess` least recently seen devices not in `configured`. How many went."""
         candidates = await self.oldest(site, excess + len(configured))
         going = [key for key in candidates if key not in configured][:excess]
         await self.forget(site, set(going), now)
@@ -135,9 +132,6 @@ class Activity(ABC):
 
     def oldest_kept(self, now: float) -> float:
         return now - self.settings.days * 86400
-
-    async def close(self) -> None:
-        return None
 
 
 class RedisActivity(Activity):
