@@ -67,6 +67,10 @@ class Matcher:
         except ValueError:
             return NO_MATCH
 
+    def match_wire(self, wire: bytes) -> Match:
+        """A lowercased wire-format name, decided as the resolver decides it (`wire_to_key`)."""
+        return self.match_key(wire_to_key(wire))
+
     def bits_of_wire(self, wire: bytes) -> int:
         """The categories of a lowercased wire-format query name: the resolver's lookup."""
         if self._trie is None:

@@ -100,16 +100,19 @@ def unreverse(key: str) -> str:
 def wire_to_key(wire: bytes) -> str:
     """A lowercased wire-format name (`\\x03www\\x07example\\x03com\\x00`) → `com.example.www.`.
 
-    Bytes that cannot occur in a listed name decode as Latin-1, and a label holding a dot gives "", so such
-    a query simply matches nothing."""
-    labels = []
+    A name the lists cannot represent is decided as its closest parent they can: a label holding a dot would
+    fake a label boundary in the key (`a.b` under a listed `malware.example` must not read as some other
+    name), so the key ends just above the last such label. Other bytes no listed name holds decode as Latin-1
+    and match nothing themselves, so their parents decide."""
+    labels: list[bytes] = []
     pos = 0
     length = wire[0]
     while length:
         label = wire[pos + 1 : pos + 1 + length]
         if b"." in label:
-            return ""  # a dot inside a label would fake a label boundary: such a name matches nothing
-        labels.append(label)
+            labels.clear()  # this label and every one below it: only the parent above can be looked up
+        else:
+            labels.append(label)
         pos += length + 1
         length = wire[pos]
     labels.reverse()

@@ -34,7 +34,8 @@ def _wire_name(text: object, field: str) -> bytes:
     if not isinstance(text, str):
         raise PolicyError(field, "missing: a name")
     try:
-        return text_to_name(normalize(text))
+        # Escapes (`a\.b.example`, `\255.example`) spell names no list can hold but a query can carry.
+        return text_to_name(text if "\\" in text else normalize(text))
     except (BadName, ValueError) as exc:
         raise PolicyError(field, str(exc)) from None
 
@@ -111,7 +112,7 @@ class Explainer:
                     "entry": self._entry(policy, via, verdict.rule),
                     "via": name_to_text(via),
                 }
-        match = self.lists.snapshot.matcher.match(name_to_text(wire))
+        match = self.lists.snapshot.matcher.match_wire(wire)
         explained = {
             "verdict": "allowed",
             "rule": str(decision.rule),
@@ -132,7 +133,7 @@ class Explainer:
             return name_to_text(next(suffix for suffix in _suffixes(wire) if suffix in names))
         if rule in (Rule.PAUSE, Rule.SCHEDULE):
             return None
-        return self.lists.snapshot.matcher.match(name_to_text(wire)).listed
+        return self.lists.snapshot.matcher.match_wire(wire).listed
 
     def _verdict(self, verdict: Verdict) -> dict[str, Any]:
         # The EDE option is code, length, info code, then the text the client sees.

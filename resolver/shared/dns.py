@@ -88,21 +88,64 @@ def ede_option(code: EdeCode, text: str = "") -> bytes:
 
 
 def text_to_name(text: str) -> bytes:
-    """`www.example.com` → lowercased wire form. Raises ValueError on empty or over-long labels."""
-    text = text.strip().rstrip(".").lower()
+    """`www.example.com` → lowercased wire form. The escapes `name_to_text` writes (RFC 1035 §5.1: `\\.`,
+    `\\DDD`) are read back, so any name a query can carry can be written. Raises ValueError on an empty or
+    over-long label, a bad escape or an over-long name."""
+    text = text.strip().lower()
+    if text.endswith(".") and not text.endswith("\\."):
+        text = text[:-1]
     if not text:
         return b"\x00"
     out = bytearray()
-    for label in text.split("."):
-        raw = label.encode("idna") if not label.isascii() else label.encode()
-        if not 0 < len(raw) <= MAX_LABEL_LEN:
-            raise ValueError(f"label {label!r} must be 1 to 63 bytes")
-        out.append(len(raw))
-        out += raw
+    for number, label in enumerate(_labels(text), 1):
+        if not 0 < len(label) <= MAX_LABEL_LEN:
+            raise ValueError(f"label {number} of {text!r} must be 1 to 63 bytes")
+        out.append(len(label))
+        out += label.lower()
     out.append(0)
     if len(out) > MAX_NAME_LEN:
         raise ValueError("name longer than 255 bytes")
     return bytes(out)
+
+
+def _labels(text: str) -> list[bytes]:
+    """The labels of a name in presentation form, escapes undone; a non-ASCII label without escapes is a
+    U-label, IDNA-encoded."""
+    labels: list[bytes] = []
+    label = bytearray()
+    unicode = False  # a non-ASCII character in this label: it must be a U-label, with no escapes
+    escaped = False
+    position = 0
+    while position < len(text):
+        char = text[position]
+        position += 1
+        if char == "\\":
+            digits = text[position : position + 3]
+            if len(digits) == 3 and digits.isdigit() and int(digits) <= 255:
+                label.append(int(digits))
+                position += 3
+            elif position < len(text) and text[position].isascii() and not text[position].isdigit():
+                label += text[position].encode()
+                position += 1
+            else:
+                raise ValueError(f"bad escape at character {position} of {text!r}")
+            escaped = True
+        elif char == ".":
+            labels.append(_label(bytes(label), unicode, escaped, text))
+            label, unicode, escaped = bytearray(), False, False
+        else:
+            label += char.encode()
+            unicode |= not char.isascii()
+    labels.append(_label(bytes(label), unicode, escaped, text))
+    return labels
+
+
+def _label(label: bytes, unicode: bool, escaped: bool, text: str) -> bytes:
+    if not unicode:
+        return label
+    if escaped:
+        raise ValueError(f"a label mixing escapes and non-ASCII characters in {text!r}")
+    return label.decode().encode("idna")
 
 
 def name_to_text(wire: bytes) -> str:

@@ -9,6 +9,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blocklists.artifact import open_artifact, verify_file, write_artifact
 from blocklists.catalog import load_catalog
@@ -19,6 +21,7 @@ from tests.conftest import FIXTURES
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()
+_LISTABLE = re.compile(rb"[a-z0-9_-]{1,63}")  # what a label of a listed name may hold (blocklists.names)
 
 
 def bits(*categories: str) -> int:
@@ -95,6 +98,26 @@ class TestMatcher:
         assert matcher.match("").bits == 0
         assert matcher.match("1.2.3.4").bits == 0
         assert matcher.bits_of_wire(b"\x03\xff\xfe\xfd\x07example\x00") == 0
+
+    def test_a_name_the_lists_cannot_hold_is_decided_by_its_closest_parent_they_can(self, matcher):
+        """Malware with its own name server must not talk through the filter with a label holding a dot."""
+        assert matcher.bits_of_wire(b"\x03a.b\x04evil\x07example\x00") == bits("malware")
+        assert matcher.bits_of_wire(b"\x01x\x03a.b\x04evil\x07example\x00") == bits("malware")
+        assert matcher.match_wire(b"\x03\xff.\x00\x04evil\x07example\x00").listed == "evil.example"
+
+    @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the matcher is immutable
+    @given(
+        below=st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=4),
+        parent=st.sampled_from(["evil.example", "www.example.com", "shop.example", "ok.shop.example", "x.none"]),
+    )
+    def test_a_name_with_any_bytes_is_decided_as_its_closest_parent_the_lists_can_hold(self, matcher, below, parent):
+        labels = [label.lower() for label in below] + [label.encode() for label in parent.split(".")]
+        plain = len(labels)  # the labels from here up are all plain: the closest representable parent
+        while plain and _LISTABLE.fullmatch(labels[plain - 1]):
+            plain -= 1
+        closest = b"".join(bytes([len(label)]) + label for label in labels[plain:]) + b"\x00"
+        wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+        assert matcher.match_wire(wire) == matcher.match_wire(closest)
 
     def test_empty_matcher(self):
         assert Matcher(None).match("example.com").bits == 0

@@ -261,6 +261,7 @@ class TestCatalog:
             "self-harm-suicide",
             "violence-gore",
             "weapons",
+            "encrypted-dns",  # public DoH/DoT servers: a way out of the filter, closed by default
         }
         assert {c.id for c in catalog if c.action == "warn"} == {"malware", "phishing"}
         assert len({c.bit for c in catalog}) == len(catalog.categories)
@@ -365,5 +366,8 @@ class TestReviewedEdgeCases:
         assert normalize("faß.de") == "xn--fa-hia.de"  # not fass.de, somebody else's domain
         assert normalize("ς.gr") == "xn--3xa.gr"
 
-    def test_a_dot_inside_a_wire_label_matches_nothing(self):
-        assert wire_to_key(b"\x08porn.com\x07example\x00") == ""
+    def test_a_dot_inside_a_wire_label_is_decided_as_its_closest_representable_parent(self):
+        # `porn.com` as one label under example: never the key of porn.com.example, nor of nothing at all
+        assert wire_to_key(b"\x08porn.com\x07example\x00") == "example."
+        assert wire_to_key(b"\x01x\x03a.b\x07malware\x07example\x00") == "example.malware."
+        assert wire_to_key(b"\x01.\x03a.b\x00") == "."

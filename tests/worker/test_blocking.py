@@ -81,6 +81,20 @@ def test_subdomains_are_blocked_and_lookalikes_are_not(upstream, fixture_lists):
         assert server.ask(listed.upper()).rcode() == dns.rcode.NXDOMAIN  # 0x20 case does not help
 
 
+def test_a_label_holding_a_dot_under_a_listed_name_is_decided_as_that_name(upstream, fixture_lists):
+    """An attacker's reproduction: a label `a.b` under a listed malware domain matched no list and was
+    forwarded, so malware running its own name server could talk through the filter. Other bytes no list
+    holds, in any label below, are decided by the listed parent too."""
+    listed = first_names(FIXTURES / "hate.txt.gz", 1)[0]
+    with serve(upstream, fixture_lists) as server:
+        for name in ("a\\.b.0daydreams.net", "c2\\.x.y.0daydreams.net", "\\255\\000.0daydreams.net"):
+            response = server.ask(name, use_edns=0)
+            assert ede(response) == [(EdeCode.FILTERED, "Web Protect: malware")], name
+        hidden = server.ask(f"data\\.exfil.{listed}", use_edns=0)
+        assert hidden.rcode() == dns.rcode.NXDOMAIN and ede(hidden)[0][0] == EdeCode.BLOCKED
+        assert upstream.seen == []
+
+
 def test_web_protect_warns_with_ede_17_and_the_warning_page(upstream, fixture_lists):
     malware = "0daydreams.net"
     with serve(upstream, fixture_lists) as server:
