@@ -20,6 +20,15 @@ def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
     return f"{name} {value}"
 
 
+def _summed(workers: list[dict[str, Any]], counter: str) -> dict[str, int]:
+    """A labelled counter of every worker, added up by label."""
+    total: dict[str, int] = {}
+    for worker in workers:
+        for label, count in worker.get(counter, {}).items():
+            total[label] = total.get(label, 0) + count
+    return total
+
+
 class Metrics:
     """What `/metrics` renders: the workers' counters summed, and the node's own state."""
 
@@ -65,19 +74,11 @@ class Metrics:
                 verdicts[key] = verdicts.get(key, 0) + count
         replies = sum(w["upstream_replies"] for w in workers)
         seconds = sum(w["upstream_seconds"] for w in workers)
-        rejected: dict[str, int] = {}
-        for worker in workers:
-            for reason, count in worker["upstream_rejected"].items():
-                rejected[reason] = rejected.get(reason, 0) + count
+        rejected = _summed(workers, "upstream_rejected")
         send_errors = sum(w["upstream_send_errors"] for w in workers)
-        shed: dict[str, int] = {}
-        for worker in workers:
-            for reason, count in worker.get("shed", {}).items():
-                shed[reason] = shed.get(reason, 0) + count
-        threats: dict[str, int] = {}
-        for worker in workers:
-            for reason, count in worker.get("threats", {}).items():
-                threats[reason] = threats.get(reason, 0) + count
+        shed = _summed(workers, "shed")
+        threats = _summed(workers, "threats")
+        refused_claims = _summed(workers, "refused_claims")
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -122,6 +123,13 @@ class Metrics:
             " tunnelling), or the threat category of a listed name asked for (malware, phishing).",
             "# TYPE bns_threat_alerts_total counter",
             *(_line("bns_threat_alerts_total", count, {"reason": reason}) for reason, count in sorted(threats.items())),
+            "# HELP bns_identity_claims_refused_total Identity claims of a trusted router about another site than"
+            " its own, ignored, by claim: address (ECS, Umbrella) or cpe_id.",
+            "# TYPE bns_identity_claims_refused_total counter",
+            *(
+                _line("bns_identity_claims_refused_total", count, {"claim": claim})
+                for claim, count in sorted(refused_claims.items())
+            ),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

@@ -4,6 +4,12 @@ EDNS identity options (MAC 65001 and 65073, CPE-ID 65074, client subnet 8, Umbre
 from the trusted networks (`identity.trusted_networks`: the customers' routers, the ISP edge); from anywhere
 else they are ignored and the source address is all we know. None of them is ever forwarded upstream (the
 upstream query is built fresh, see wire.upstream_query).
+
+A trusted router that is itself in a site's networks speaks for that site alone (`confine`): it may name its
+own devices (by MAC, client id, a LAN address) and its own CPE ids, never another site's, so a customer's
+router (or whoever controls it) cannot put its queries on a neighbour's devices, alerts and webhook, nor out
+of its own site's policy. A trusted source in no site (the ISP's edge, speaking for every customer behind
+it) is believed as it is.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import ipaddress
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from resolver.shared.dns import OptionCode
 from resolver.shared.memo import make_room
-from resolver.shared.policy.model import mac_from_option, mac_text
+from resolver.shared.policy.model import Site, mac_from_option, mac_text
 
 _UMBRELLA_MAGIC = b"ODNS"
 # Umbrella field types (dnsmasq's edns0.c): each a 2-byte type, then a value of a fixed size.
@@ -31,6 +38,7 @@ class Identity:
     mac: bytes | None = None
     client_id: str | None = None
     cpe_id: str | None = None
+    router: str | None = None  # the trusted source that made these claims (None: the packet's own source)
 
     @property
     def key(self) -> str:
@@ -95,7 +103,41 @@ def identity_from(source: str, options: dict[int, bytes] | None) -> Identity:
         cpe_id = cpe_id or org
     if OptionCode.ECS in options:
         address = _ecs_address(options[OptionCode.ECS]) or address
-    return Identity(address, mac, client_id, cpe_id)
+    return Identity(address, mac, client_id, cpe_id, source)
+
+
+class Claim(StrEnum):
+    """What a router may claim and be refused (counted by kind)."""
+
+    ADDRESS = "address"  # ECS or Umbrella: an address of another site
+    CPE_ID = "cpe_id"  # a CPE id that is not its own site's
+
+
+def in_networks(site: Site, address: str) -> bool:
+    """Whether an address is in one of a site's networks."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in ipaddress.ip_network(network) for network in site.networks)
+
+
+def confine(claimed: Identity, own: Site, address_site: str | None) -> tuple[Identity, tuple[Claim, ...]]:
+    """What stays of the claims of a router whose own address is in `own`'s networks: a CPE id of `own`; an
+    address in `own`'s networks or in no site's (a LAN address only the router knows: `address_site`, the
+    site whose networks hold it, is None); a MAC or client id, which can only name devices of `own`. Returns
+    the identity believed (its site is `own`) and the claims refused."""
+    refused: list[Claim] = []
+    address, cpe_id = claimed.address, claimed.cpe_id
+    if cpe_id is not None and cpe_id not in own.cpe_ids:
+        cpe_id = None
+        refused.append(Claim.CPE_ID)
+    if address_site is not None and address_site != own.id:
+        address = claimed.router or address
+        refused.append(Claim.ADDRESS)
+    if not refused:
+        return claimed, ()
+    return Identity(address, claimed.mac, claimed.client_id, cpe_id, claimed.router), tuple(refused)
 
 
 class NetworkSet(dict[str, bool]):

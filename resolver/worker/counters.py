@@ -37,6 +37,7 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
         "upstream_send_errors": forwarder.send_errors,
         "lists_version": resolver.lists.snapshot.version,
         "threats": dict(threats.counts),
+        "refused_claims": dict(resolver.directory.refused_claims),
         "threat_alerts": [dataclasses.asdict(alert) for alert in threats.recent],
     }
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable, Iterable
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
 from resolver.shared.errors import StoreUnavailable
-from resolver.shared.identity import Identity, NetworkSet, identity_from
+from resolver.shared.identity import Claim, Identity, NetworkSet, confine, identity_from, in_networks
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
@@ -44,6 +44,7 @@ from resolver.worker.wire import Query, Request
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)
+_claims = Throttled(log)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
 _RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
@@ -182,6 +183,7 @@ class Directory:
         self.on_site_networks: Callable[[Iterable[str]], None] | None = None
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
+        self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -236,9 +238,20 @@ class Directory:
         """The client, bound as the store would bind it, when this worker knows its address's site and holds
         it (a new device behind a known router); None when that needs the store."""
         identity = self._identity(key, request)
-        site_id = self._site_of.get((identity.address, identity.cpe_id))
-        site = self._sites.get(site_id) if site_id is not None else None
+        if identity.router is not None:
+            own = self._held(self._site_of.get((identity.router, None)))
+            if own is not None:
+                lookup = (identity.address, None)
+                if in_networks(own, identity.address):
+                    return self._bind(key, self._confined(identity, own, own.id), own)
+                if lookup in self._site_of:
+                    return self._bind(key, self._confined(identity, own, self._site_of[lookup]), own)
+                return None
+        site = self._held(self._site_of.get((identity.address, identity.cpe_id)))
         return self._bind(key, identity, site) if site is not None else None
+
+    def _held(self, site_id: str | None) -> Site | None:
+        return self._sites.get(site_id) if site_id is not None else None
 
     def _stand_in(self, key: Hashable, request: Request) -> Client | None:
         """The client as far as this worker can tell without the store: its held site, else nobody's."""
@@ -246,9 +259,7 @@ class Directory:
             return None
         client = self._stand_ins.get(key)
         if client is None:
-            identity = self._identity(key, request)
-            site_id = self._index.find(identity)
-            site = self._sites.get(site_id) if site_id is not None else None
+            identity, site = self._held_site(self._identity(key, request))
             if site is None:
                 return self.default_client
             if len(self._stand_ins) >= self._settings.client_cache:
@@ -270,18 +281,51 @@ class Directory:
         return identity_from(source, request.options) if isinstance(key, tuple) else Identity(source)
 
     async def _build(self, key: Hashable, request: Request) -> Client:
-        identity = self._identity(key, request)
         try:
-            site = await self._site_of_identity(identity)
+            identity, site = await self._site_of_identity(self._identity(key, request))
         except StoreUnavailable as exc:
             self._mark_down(str(exc))
             raise
         self._mark_up()
         return self._bind(key, identity, site)
 
-    async def _site_of_identity(self, identity: Identity) -> Site | None:
-        """From memory when this worker knows the address and holds the site; else one store call."""
-        lookup = (identity.address, identity.cpe_id)
+    async def _site_of_identity(self, identity: Identity) -> tuple[Identity, Site | None]:
+        """The site of a client, and its identity as believed: a router's claims only within the router's own
+        site, when it has one (identity.confine)."""
+        if identity.router is not None:
+            own = await self._site_at(identity.router, None)
+            if own is not None:
+                if in_networks(own, identity.address):
+                    return self._confined(identity, own, own.id), own
+                located = await self._locate((identity.address, None))
+                return self._confined(identity, own, located[0] if located is not None else None), own
+        return identity, await self._site_at(identity.address, identity.cpe_id)
+
+    def _held_site(self, identity: Identity) -> tuple[Identity, Site | None]:
+        """`_site_of_identity` as far as the sites this worker holds can tell, without the store."""
+        if identity.router is not None:
+            own = self._held(self._index.find(Identity(identity.router)))
+            if own is not None:
+                return self._confined(identity, own, self._index.find(Identity(identity.address))), own
+        return identity, self._held(self._index.find(identity))
+
+    def _confined(self, identity: Identity, own: Site, address_site: str | None) -> Identity:
+        believed, refused = confine(identity, own, address_site)
+        for claim in refused:
+            self.refused_claims[claim] = self.refused_claims.get(claim, 0) + 1
+            _claims.warning(
+                "router %s of site %s claimed %s %s, not its own: ignored",
+                identity.router,
+                own.id,
+                "the address" if claim is Claim.ADDRESS else "the CPE id",
+                identity.address if claim is Claim.ADDRESS else identity.cpe_id,
+            )
+        return believed
+
+    async def _site_at(self, address: str, cpe_id: str | None) -> Site | None:
+        """The site of an address (or CPE id): from memory when this worker knows it and holds the site; else
+        one store call."""
+        lookup = (address, cpe_id)
         if lookup in self._site_of:
             site_id = self._site_of[lookup]
             if site_id is None:
@@ -290,11 +334,7 @@ class Directory:
             if site is not None:
                 self._sites.move_to_end(site_id)
                 return site
-        assert self.store is not None
-        located = await self.store.locate(identity.address, identity.cpe_id)
-        if len(self._site_of) >= self._settings.client_cache:
-            self._site_of.clear()
-        self._site_of[lookup] = located[0] if located is not None else None
+        located = await self._locate(lookup)
         if located is None:
             return None
         site_id, version = located
@@ -306,6 +346,15 @@ class Directory:
         if site is not None:
             self._hold_site(site)
         return site
+
+    async def _locate(self, lookup: tuple[str, str | None]) -> tuple[str, int] | None:
+        """The store's answer for an (address, CPE id): the site and its version, remembered by site id."""
+        assert self.store is not None
+        located = await self.store.locate(*lookup)
+        if len(self._site_of) >= self._settings.client_cache:
+            self._site_of.clear()
+        self._site_of[lookup] = located[0] if located is not None else None
+        return located
 
     async def _load(self, site_id: str) -> Site | None:
         """One load of a site however many of its new clients ask for it at once."""
@@ -473,16 +522,9 @@ class Directory:
     def _still_of(site: Site, identity: Identity) -> bool:
         if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
             return True
-        return Directory.in_networks(site, identity.address)
-
-    @staticmethod
-    def in_networks(site: Site, address: str) -> bool:
-        """Whether an address is in one of a site's networks."""
-        try:
-            parsed = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(parsed in ipaddress.ip_network(network) for network in site.networks)
+        return in_networks(site, identity.address) or (
+            identity.router is not None and in_networks(site, identity.router)
+        )
 
     def _forget_addresses(self) -> None:
         """Addresses may have moved between sites: look them up again, and the clients of no site too."""

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
+from resolver.shared.identity import in_networks
 from resolver.shared.lists import Lists
 from resolver.shared.page_pool import PagePool
 from resolver.shared.policy.decision import Action, AnswerMode, Policy, Verdict, decide, judge_chain
@@ -244,14 +245,16 @@ class Resolver:
         qtype = request.query.qtype
         pool = self.page_pool
         site = known.site
-        # The page finds the site by the address the browser comes from: only a device whose address is in its
-        # site's networks (not one whose site was found by CPE id alone) is told apart there.
+        # The page finds the site by the address the browser comes from (its router's, behind one): only a
+        # device whose address is in its site's networks (not one whose site was found by CPE id alone) is told
+        # apart there.
+        identity = known.identity
         if (
             verdict.mode is AnswerMode.PAGE
             and pool is not None
             and site is not None
             and known.device is not None
-            and self.directory.in_networks(site, known.identity.address)
+            and in_networks(site, identity.router or identity.address)
         ):
             version = 4 if qtype == RRType.A else 6 if qtype == RRType.AAAA else 0
             if version:

@@ -10,7 +10,7 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
-from resolver.shared.identity import Identity, NetworkSet, identity_from
+from resolver.shared.identity import Claim, Identity, NetworkSet, confine, identity_from
 from resolver.shared.policy.model import PolicyError, mac_from_option, parse_site, site_document
 
 pytestmark = pytest.mark.unit
@@ -172,7 +172,7 @@ def test_identity_from_options():
         OptionCode.CPE_ID: b"cpe-77",
         OptionCode.ECS: ecs(bytes([192, 168, 1, 20]), 1, 32),
     }
-    assert identity_from("10.0.0.1", options) == Identity("192.168.1.20", MAC, None, "cpe-77")
+    assert identity_from("10.0.0.1", options) == Identity("192.168.1.20", MAC, None, "cpe-77", "10.0.0.1")
     assert identity_from("10.0.0.1", {OptionCode.ECS: ecs(bytes([203, 0, 113]), 1, 24)}).address == "203.0.113.0"
     assert identity_from("10.0.0.1", None) == Identity("10.0.0.1")
 
@@ -187,12 +187,23 @@ def test_umbrella_option_as_dnsmasq_writes_it():
         + bytes.fromhex("0011223344556677")
     )
     identity = identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload})
-    assert identity == Identity("192.0.2.7", None, "0011223344556677", "umbrella-org-1234")
+    assert identity == Identity("192.0.2.7", None, "0011223344556677", "umbrella-org-1234", "10.0.0.1")
 
 
 def test_truncated_umbrella_option_gives_what_it_can():
     payload = b"ODNS\x01\x00" + struct.pack("!H", 0x0040) + b"\x00\x11"
-    assert identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload}) == Identity("10.0.0.1")
+    assert identity_from("10.0.0.1", {OptionCode.UMBRELLA: payload}) == Identity("10.0.0.1", router="10.0.0.1")
+
+
+def test_a_router_in_a_site_is_believed_about_that_site_only():
+    own = parse_site({"id": "alpha", "networks": ["198.51.100.8/29"], "cpe_ids": ["alpha-cpe"]}, CATALOG)
+    router = "198.51.100.9"
+    lan = Identity("192.168.1.20", MAC, None, "alpha-cpe", router)
+    assert confine(lan, own, None) == (lan, ())  # its own CPE id, a LAN address no site holds: believed
+    foreign = Identity("203.0.113.7", MAC, None, "bravo-cpe", router)
+    believed, refused = confine(foreign, own, "bravo")
+    assert believed == Identity(router, MAC, None, None, router)
+    assert refused == (Claim.CPE_ID, Claim.ADDRESS)
 
 
 def test_trusted_networks():

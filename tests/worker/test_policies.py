@@ -367,3 +367,62 @@ def test_a_real_router_dnsmasq_adds_the_cpe_id_that_picks_the_site(lists, upstre
         finally:
             router.terminate()
             router.wait(10)
+
+
+# Two sites: alpha's router is 127.0.0.1 (trusted); bravo is a neighbour at 127.0.5.0/24 with a TV and a CPE id.
+ALPHA = {"networks": ["127.0.0.1/32"], "mode": "network", "policy": {"block": ["drugs"]}}
+BRAVO = {
+    "networks": ["127.0.5.0/24"],
+    "cpe_ids": ["bravo-cpe"],
+    "mode": "network",
+    "policy": {"block": ["pornography"]},
+    "devices": {"tv": {"addresses": ["127.0.5.9"]}},
+}
+
+
+def ask_claiming(server: ServerThread, name: str, *, subnet: str | None = None, cpe: str | None = None):
+    options: list[dns.edns.Option] = []
+    if subnet is not None:
+        options.append(dns.edns.ECSOption(subnet, 32))
+    if cpe is not None:
+        options.append(dns.edns.GenericOption(OptionCode.CPE_ID, cpe.encode()))
+    query = dns.message.make_query(name, "A", use_edns=0, options=options)
+    return dns.query.udp(query, "127.0.0.1", port=server.port, source="127.0.0.1", timeout=3)
+
+
+@pytest.fixture
+def neighbours(shared_redis, redis_prefix) -> tuple[str, str]:
+    async def both(service: PolicyService) -> None:
+        await service.put_site("alpha", ALPHA)
+        await service.put_site("bravo", BRAVO)
+
+    write(shared_redis.url, redis_prefix, both)
+    return shared_redis.url, redis_prefix
+
+
+def test_a_router_speaks_for_its_own_site_only(neighbours, lists, upstream):
+    """An attacker's reproduction: site A's router sent ECS with an address of site B, and its queries were
+    recorded as site B's TV (its alert posted to B's webhook). Claims about another site are ignored and
+    counted; the router's own site decides, for its LAN addresses too."""
+    with server_for(*neighbours, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        # bravo's address, bravo's CPE id: both refused, so alpha's own policy answers (drugs, not porn)
+        for claim in ({"subnet": "127.0.5.9"}, {"cpe": "bravo-cpe"}, {"subnet": "127.0.5.9", "cpe": "bravo-cpe"}):
+            assert outcome(ask_claiming(server, "drug.example", **claim)) == "blocked: drugs", claim
+            assert outcome(ask_claiming(server, "porn.example", **claim)) == "ok", claim
+        assert outcome(ask_claiming(server, "malware.example", subnet="127.0.5.9")) == "Web Protect: malware"
+        alerts = server.call(lambda: list(server.worker.resolver.threats.recent))
+        assert [(alert.site, alert.device) for alert in alerts] == [("alpha", "ip:127.0.0.1")]
+        refused = server.call(lambda: dict(server.worker.resolver.directory.refused_claims))
+        assert refused == {"address": 2, "cpe_id": 2}
+        # a LAN address no site holds is the router's to name: alpha decides it, not the global default
+        assert outcome(ask_claiming(server, "drug.example", subnet="192.168.1.23")) == "blocked: drugs"
+        assert outcome(ask_claiming(server, "porn.example", subnet="192.168.1.23")) == "ok"
+
+
+def test_a_trusted_source_in_no_site_speaks_for_any(neighbours, lists, upstream, shared_redis, redis_prefix):
+    """The ISP's edge (trusted, in no site's networks) adds every customer's address: believed as it is."""
+    write(shared_redis.url, redis_prefix, lambda service: service.set_site_fields("alpha", {"networks": []}))
+    with server_for(*neighbours, lists, upstream, Clock(TUESDAY_NOON)) as server:
+        assert outcome(ask_claiming(server, "porn.example", subnet="127.0.5.9")) == "blocked: pornography"
+        assert outcome(ask_claiming(server, "porn.example", cpe="bravo-cpe")) == "blocked: pornography"
+        assert server.call(lambda: dict(server.worker.resolver.directory.refused_claims)) == {}
