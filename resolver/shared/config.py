@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resolver.shared.errors import ConfigError
-from resolver.shared.store.redis import check_redis_url
+from resolver.shared.store.redis import check_redis_url, describe
 
 DNS_PORT = 53
 
@@ -71,11 +71,26 @@ def setting(
     choices: tuple[str, ...] | None = None,
     convert: Callable[[Any], Any] | None = None,
     live: bool = False,
+    show: Callable[[Any], object] | None = None,
 ) -> Any:
-    """A config key: its default, its description, the limits `load_config` enforces, and whether a running
-    server applies a change of it on SIGHUP (`live`) or needs a restart."""
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices, "convert": convert, "live": live}
+    """A config key: its default, its description, the limits `load_config` enforces, whether a running
+    server applies a change of it on SIGHUP (`live`) or needs a restart, and how a log line may show its
+    value (`show`: `hidden` for a secret)."""
+    meta = {
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "convert": convert,
+        "live": live,
+        "show": show,
+    }
     return field(default=default, metadata=meta)
+
+
+def hidden(_value: Any) -> str:
+    """How a secret setting is shown: never its value, in a log line, an error or an answer."""
+    return "(hidden)"
 
 
 def _endpoints(items: Any) -> tuple[Endpoint, ...]:
@@ -336,6 +351,7 @@ class StoreSettings:
         "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
         "embedded file",
         convert=_redis_url,
+        show=describe,
     )
     file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none")
     prefix: str = setting("bns:", "prefix of every Redis key and of the change channel")
@@ -450,10 +466,14 @@ class AdminSettings:
         Endpoint("127.0.0.1", ADMIN_PORT), 'address of the admin HTTP API; "" for none', convert=_optional_endpoint
     )
     tokens: tuple[str, ...] = setting(
-        (), "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)", convert=_tokens, live=True
+        (),
+        "bearer tokens of the admin role (and $BNS_ADMIN_TOKENS, comma-separated)",
+        convert=_tokens,
+        live=True,
+        show=hidden,
     )
     read_tokens: tuple[str, ...] = setting(
-        (), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)", convert=_tokens, live=True
+        (), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)", convert=_tokens, live=True, show=hidden
     )
     max_upload: int = setting(
         256 * 2**20, "largest request body in bytes (an artifact, a list source)", minimum=1024, maximum=2**32
@@ -560,6 +580,7 @@ class PagesSettings:
         "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
         "through Redis, or made per run without Redis",
         convert=_secret,
+        show=hidden,
     )
     device_networks: tuple[str, ...] = setting(
         (),
@@ -751,6 +772,16 @@ def reloaded(current: Config, loaded: Config) -> tuple[Config, list[str], list[s
     )
     _check_cross_fields(merged)
     return merged, applied, [key for key in changed if not after[key][1]]
+
+
+def shown(config: Config, key: str) -> object:
+    """The value of `section.key` as a log line may show it: a secret hidden, a URL without its password."""
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    show = next(spec for spec in fields(_SECTIONS[section]) if spec.name == name).metadata["show"]
+    if show is not None:
+        return show(value)
+    return [str(item) for item in value] if isinstance(value, tuple) else value
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

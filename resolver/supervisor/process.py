@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from resolver.shared.config import AdminSettings, Config, reloaded
+from resolver.shared.config import AdminSettings, Config, reloaded, shown
 from resolver.shared.errors import BnsError, StartupError
 from resolver.shared.lists import cache_dir_of
 from resolver.shared.loading import load_policy_and_lists
@@ -180,7 +180,7 @@ class Supervisor:
             log.error("SIGHUP: configuration not reloaded, still running as before: %s", exc)
             return
         for key in needs_restart:
-            log.warning("SIGHUP: %s changed but needs a restart; still %s", key, _value_of(self.config, key))
+            log.warning("SIGHUP: %s changed but needs a restart; still %s", key, shown(self.config, key))
         if not applied:
             log.info("SIGHUP: nothing to apply")
             return
@@ -190,7 +190,7 @@ class Supervisor:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-        log.info("SIGHUP: applied %s", ", ".join(f"{key} = {_value_of(config, key)}" for key in applied))
+        log.info("SIGHUP: applied %s", ", ".join(f"{key} = {shown(config, key)}" for key in applied))
 
     def _spawn(self, index: int) -> None:
         # Signals stay blocked across fork until the child's event loop has its own handlers.
@@ -226,12 +226,6 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
         if self.stopping:  # a stop arrived while forking: make sure the new child hears it too
             self._stop_children()
-
-
-def _value_of(config: Config, key: str) -> object:
-    section, name = key.split(".")
-    value = getattr(getattr(config, section), name)
-    return [str(item) for item in value] if isinstance(value, tuple) else value
 
 
 def _yield_to_workers(settings: AdminSettings) -> None:

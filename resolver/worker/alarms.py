@@ -33,11 +33,7 @@ class Alarms:
 
     def at(self, when: float, callback: Callable[[int], None], token: int) -> None:
         heapq.heappush(self._heap, (when, next(self._order), callback, token))
-        if when < self._armed_for:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._armed_for = when
-            self._handle = self._loop.call_at(when, self._ring)
+        self._arm()
 
     def _ring(self) -> None:
         self._handle, self._armed_for = None, math.inf
@@ -46,7 +42,15 @@ class Alarms:
         while heap and heap[0][0] <= now:
             _when, _order, callback, token = heapq.heappop(heap)
             callback(token)
-        if heap and self._handle is None:
+        self._arm()
+
+    def _arm(self) -> None:
+        """The loop timer set for the earliest alarm. A callback run by `_ring` may have set one already, for
+        the later alarm it added: the earlier ones must not wait for it."""
+        heap = self._heap
+        if heap and heap[0][0] < self._armed_for:
+            if self._handle is not None:
+                self._handle.cancel()
             self._armed_for = heap[0][0]
             self._handle = self._loop.call_at(self._armed_for, self._ring)
 

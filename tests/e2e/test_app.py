@@ -426,7 +426,7 @@ def test_categories_and_allow_deny_set_in_the_app_reach_the_api_and_the_answers(
     assert error.startswith("Always block: ")  # the server's reason, shown next to the form
     policy = site(api)["devices"]["tablet"]["policy"]
     content = ["criminal-skills", "hacking", "hate", "pornography", "self-harm-suicide", "violence-gore", "weapons"]
-    assert sorted(policy["block"]) == sorted([*content, "malware"])
+    assert sorted(policy["block"]) == sorted([*content, "encrypted-dns", "malware"])
     assert (policy["deny"], policy["allow"], policy["safe_search"], policy["web_protect"]) == (
         ["games.example"],
         ["school.example"],

@@ -257,7 +257,7 @@ def test_a_restart_with_a_corrupt_list_file_serves_the_last_verified_list(tmp_pa
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
     data = served.read_bytes()
     served.write_bytes(data[: len(data) // 2])  # a copy cut short, then the node restarts
-    with node(*common) as (_process, port, api):
+    with node(*common, expect=("SERVING THE LAST VERIFIED LIST", "refused the new artifact")) as (_process, port, api):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
         status, health = http(api, "GET", "/health", token=token)
         assert status == 200 and health["status"] == "degraded" and "truncated" in health["lists_fallback"]
@@ -329,11 +329,13 @@ def _children_alive(run_dir: Path) -> bool:
 
 def test_sighup_applies_what_can_change_live_and_never_stops_the_server(tmp_path, upstream, gore_list):
     token, new_token = "sighup-token-for-tests-01", "sighup-token-for-tests-02"
+    pages_secret, new_pages_secret = "sighup-pages-secret-0001", "sighup-pages-secret-0002"
     path = tmp_path / "node.toml"
     sections: dict[str, dict[str, object]] = {
         "upstream": {"servers": [upstream.address]},
         "lists": {"path": str(gore_list)},
-        "admin": {"tokens": [token]},
+        "admin": {"tokens": [token], "read_tokens": ["sighup-read-token-0001"]},
+        "pages": {"secret": pages_secret},
         "store": {"file": ""},
         "log": {"level": "info"},
         "server": {"workers": 2},
@@ -341,14 +343,19 @@ def test_sighup_applies_what_can_change_live_and_never_stops_the_server(tmp_path
     write_config(path, **sections)
     with (
         ScriptedUpstream(script=Script(ttl=300)) as second,
-        node("--config", str(path), "--listen", "127.0.0.1:0") as (process, port, api),
+        node("--config", str(path), "--listen", "127.0.0.1:0", expect=("SIGHUP: configuration not reloaded",)) as (
+            process,
+            port,
+            api,
+        ),
     ):
         assert ask(port, LISTED).rcode() == dns.rcode.NXDOMAIN
         assert answer_addresses(ask(port, "first.example"))
         # upstreams, the default policy, the tokens: live; the worker count needs a restart
         sections["upstream"] = {"servers": [second.address]}
         sections["policy"] = {"block": ["drugs"]}
-        sections["admin"] = {"tokens": [new_token]}
+        sections["admin"] = {"tokens": [new_token], "read_tokens": ["sighup-read-token-0002"]}
+        sections["pages"] = {"secret": new_pages_secret}
         sections["server"] = {"workers": 3}
         write_config(path, **sections)
         process.send_signal(signal.SIGHUP)
@@ -368,7 +375,12 @@ def test_sighup_applies_what_can_change_live_and_never_stops_the_server(tmp_path
         assert answer_addresses(ask(port, LISTED)) and http(api, "GET", "/health", token=new_token)[0] == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
-        log = process.stderr.read()
+        log = process.log
     assert "SIGHUP: applied" in log and "upstream.servers" in log and "policy.block" in log
     assert "SIGHUP: server.workers changed but needs a restart; still 2" in log
+    # secrets are named, never shown (an attacker made site tokens with a pages' key read from this log)
+    assert "admin.tokens = (hidden)" in log and "admin.read_tokens = (hidden)" in log
+    assert "SIGHUP: pages.secret changed but needs a restart; still (hidden)" in log
+    for secret in (token, new_token, pages_secret, new_pages_secret, "sighup-read-token-0001", "sighup-read-token"):
+        assert secret not in log
     assert "SIGHUP: configuration not reloaded, still running as before: server.workers: must be an integer" in log

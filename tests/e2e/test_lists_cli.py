@@ -157,6 +157,5 @@ def test_overwriting_the_served_file_in_place_crashes_nothing(upstream, tmp_path
                 time.sleep(0.1)
         process.terminate()
         assert process.wait(10) == 0
-        assert process.stderr is not None
-        log = process.stderr.read()
+        log = process.log
         assert "exited with" not in log, log  # the supervisor would have replaced a crashed worker

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import dns.edns
@@ -24,6 +28,8 @@ import dns.rcode
 import pytest
 
 from bench.faults import not_ready
+from resolver.shared.config import hidden, load_config
+from resolver.shared.errors import BnsError
 from tests.conftest import answer_addresses
 
 pytestmark = pytest.mark.e2e
@@ -36,37 +42,108 @@ def bns(*args: str) -> list[str]:
 
 
 @contextmanager
-def serving(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def serving(*args: str, timeout: float = 15.0, expect: tuple[str, ...] = ()) -> Iterator[tuple[NodeProcess, int]]:
     """Start `bns serve`, read the port it reports (it listens on port 0 unless told otherwise). The admin
     API, unless the arguments say otherwise, takes a free port too (`node` reads it)."""
-    with node(*args, timeout=timeout) as (process, port, _admin):
+    with node(*args, timeout=timeout, expect=expect) as (process, port, _admin):
         yield process, port
+
+
+# What a node's log must never hold: a site token (a subscriber's credential), whatever else it says.
+SITE_TOKEN = re.compile(r"site\.[A-Za-z0-9_-]{16,}=*\.[A-Za-z0-9_-]{16,}")
+# An ERROR line or a traceback is a defect unless the test says it expects it (`node(expect=...)`).
+FAULT = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.MULTILINE)
+
+
+class NodeProcess(subprocess.Popen[str]):
+    """`bns serve` with its log (stderr) read as it comes, so that a node that logs much never stalls on a
+    full pipe, and kept whole (`log`) for the checks made when it stops."""
+
+    def __init__(self, args: tuple[str, ...]) -> None:
+        super().__init__(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self.lines: list[str] = []
+        self._arrived: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.stderr is not None
+        for line in self.stderr:
+            self.lines.append(line)
+            self._arrived.put(line)
+        self._arrived.put(None)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next line of the log; None when the node closed it."""
+        try:
+            return self._arrived.get(timeout=max(timeout, 0.01))
+        except queue.Empty:
+            return ""
+
+    @property
+    def log(self) -> str:
+        """Everything logged so far; once the node has stopped, everything."""
+        if self.poll() is not None:
+            self._reader.join(10)
+        return "".join(self.lines)
+
+
+def configured_secrets(args: tuple[str, ...]) -> set[str]:
+    """The secrets of a node's configuration (its file, now, and the environment): every setting shown
+    `hidden`, and Redis passwords."""
+    path = Path(args[args.index("--config") + 1]) if "--config" in args else None
+    try:
+        config = load_config(path)
+    except BnsError:
+        return set()
+    found: set[str] = set()
+    for section in fields(config):
+        for spec in fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), spec.name)
+            if spec.metadata["show"] is hidden:
+                found.update(value if isinstance(value, tuple) else {value})
+    password = urllib.parse.urlsplit(config.store.redis).password
+    return {secret for secret in (*found, password) if secret}
+
+
+def check_node_log(log: str, secrets: set[str], expect: tuple[str, ...]) -> None:
+    """No configured secret and no site token in the log; no ERROR line or traceback but those expected."""
+    for secret in secrets:
+        assert secret not in log, f"the node logged a secret of its configuration ({secret[:3]}…):\n{log}"
+    leaked = SITE_TOKEN.search(log)
+    assert leaked is None, f"the node logged a site token: {leaked.group()[:12]}…"
+    for fault in FAULT.finditer(log):
+        line = log[fault.start() : log.find("\n", fault.start())]
+        if not any(re.search(pattern, line) for pattern in expect):
+            raise AssertionError(f"the node logged what no test expects: {line}\n--- its log:\n{log}")
 
 
 @contextmanager
 def node(
-    *args: str, timeout: float = 15.0, token: str | None = None
-) -> Iterator[tuple[subprocess.Popen[str], int, str | None]]:
+    *args: str, timeout: float = 15.0, token: str | None = None, expect: tuple[str, ...] = ()
+) -> Iterator[tuple[NodeProcess, int, str | None]]:
     """`bns serve` as `serving` starts it, with the URL of its admin API (None if it has none). Given a token
-    its API takes, it also waits until /health says every worker is ready."""
+    its API takes, it also waits until /health says every worker is ready. When the test is done, the node's
+    log must hold no secret of its configuration and no ERROR or traceback but those `expect` matches
+    (regular expressions)."""
     if "--admin-listen" not in args:
         args = (*args, "--admin-listen", "127.0.0.1:0")
-    process = subprocess.Popen(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
+    secrets = configured_secrets(args)
+    process = NodeProcess(args)
     try:
         deadline = time.monotonic() + timeout
         port = None
-        assert process.stderr is not None
         while port is None:
-            line = process.stderr.readline()
-            if not line:
-                pytest.fail(f"bns serve exited with {process.wait()} before serving")
+            line = process.next_line(deadline - time.monotonic())
+            if line is None:
+                pytest.fail(f"bns serve exited with {process.wait()} before serving:\n{process.log}")
             match = SERVING.search(line)
             if match:
                 host, port = match.group(1).strip("[]"), int(match.group(2))
             assert time.monotonic() < deadline, "bns serve did not report its address"
         admin = None
         if args[args.index("--admin-listen") + 1]:
-            line = process.stderr.readline()
+            line = process.next_line(deadline - time.monotonic()) or ""
             found = re.search(r"admin API on (http://\S+)/", line)
             assert found, f"bns serve did not report its admin API: {line!r}"
             admin = found.group(1)
@@ -74,14 +151,22 @@ def node(
         if admin is not None and token is not None:
             wait_until_healthy(admin, token, deadline)
         yield process, port, admin
-    finally:
-        if process.poll() is None:
-            process.terminate()  # let it stop its workers; kill only if it will not
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    except BaseException:
+        stop(process)
+        raise
+    stop(process)
+    check_node_log(process.log, secrets | configured_secrets(args) | ({token} if token else set()), expect)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """Let the node stop its workers; kill it only if it will not."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until_ready(host: str, port: int, deadline: float) -> None:
@@ -173,7 +258,9 @@ def test_sigint_stops_cleanly_too(upstream):
 
 
 def test_a_killed_worker_is_replaced(upstream):
-    with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "1") as (process, port):
+    with serving(
+        "--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "1", expect=(r"exited with -9$",)
+    ) as (process, port):
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         os.kill(int(children[0]), signal.SIGKILL)
         deadline = time.monotonic() + 10

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.shared.config import Endpoint, describe_settings, load_config, parse_endpoint, reloaded
+from resolver.shared.config import Endpoint, describe_settings, load_config, parse_endpoint, reloaded, shown
 from resolver.shared.errors import ConfigError
 from resolver.shared.sockets import _explain_bind_error
 from resolver.shared.store.redis import SentinelTarget, check_redis_url, parse_sentinel_url
@@ -168,3 +168,31 @@ def test_a_reload_applies_the_live_keys_and_names_the_others():
     paged = load_config(None, {"policy": {"answer": "page", "block_page": ["192.0.2.9"]}})
     with pytest.raises(ConfigError, match=r"policy\.answer"):
         reloaded(current, paged)
+
+
+def test_secrets_are_shown_hidden_and_redis_urls_without_their_credentials():
+    config = load_config(
+        None,
+        {
+            "admin": {"tokens": ["admin-token-0123456789"], "read_tokens": ["read-token-0123456789"]},
+            "pages": {"secret": "pages-secret-0123456789"},
+            "store": {"redis": "sentinel://bns:hunter2@127.0.0.1:26379/bns?sentinel_password=sesame"},
+        },
+    )
+    assert shown(config, "admin.tokens") == shown(config, "admin.read_tokens") == "(hidden)"
+    assert shown(config, "pages.secret") == "(hidden)"
+    assert shown(config, "store.redis") == "sentinel://…@127.0.0.1:26379/bns?…"
+    assert shown(config, "server.workers") == 0 and shown(config, "upstream.servers") == [
+        "9.9.9.9:53",
+        "149.112.112.112:53",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sentinel://bns:hunter2@127.0.0.1:26379/", "sentinel://127.0.0.1:26379/bns?sentinel_password=hunter2&x=1"],
+)
+def test_a_bad_redis_url_is_refused_without_showing_its_password(url):
+    with pytest.raises(ConfigError, match=r"store\.redis") as refused:
+        load_config(None, {"store": {"redis": url}})
+    assert "hunter2" not in str(refused.value)

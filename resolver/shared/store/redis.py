@@ -95,18 +95,20 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         elif item.count(":") == 1:
             host, port_text = item.split(":")
             if not port_text.isdigit():
-                raise ValueError(f"{url!r}: port {port_text!r} is not a number")
+                raise ValueError(f"{describe(url)!r}: port {port_text!r} is not a number")
             port = int(port_text)
         if not host:
-            raise ValueError(f"{url!r}: expected sentinel://host:port[,host:port…]/service[/db]")
+            raise ValueError(f"{describe(url)!r}: expected sentinel://host:port[,host:port…]/service[/db]")
         sentinels.append((host, port))
     path = [part for part in parsed.path.split("/") if part]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError(f"{url!r}: the path must be /service or /service/db (the name the sentinels monitor)")
+        raise ValueError(
+            f"{describe(url)!r}: the path must be /service or /service/db (the name the sentinels monitor)"
+        )
     query = urllib.parse.parse_qs(parsed.query)
     unknown = set(query) - {"sentinel_password"}
     if unknown:
-        raise ValueError(f"{url!r}: unknown parameter {sorted(unknown)[0]!r} (known: sentinel_password)")
+        raise ValueError(f"{describe(url)!r}: unknown parameter {sorted(unknown)[0]!r} (known: sentinel_password)")
     return SentinelTarget(
         tuple(sentinels),
         path[0],
@@ -126,7 +128,8 @@ def check_redis_url(url: str) -> str:
         parse_sentinel_url(url)
     elif scheme not in _PLAIN_SCHEMES:
         raise ValueError(
-            f"{url!r}: expected redis://, rediss://, unix:// or sentinel:// (sentinel://host:26379,host:26379/service)"
+            f"{describe(url)!r}: expected redis://, rediss://, unix:// or sentinel:// "
+            "(sentinel://host:26379,host:26379/service)"
         )
     return url
 
@@ -164,11 +167,13 @@ def connect(url: str, timeout: float, retries: int = 1, **options: Any) -> redis
 
 
 def describe(url: str) -> str:
-    """The URL without its password, for log lines and errors."""
+    """The URL without its credentials (`user:password@`, `?sentinel_password=`), for log lines and errors."""
     parsed = urllib.parse.urlsplit(url)
-    if "@" not in parsed.netloc:
-        return url
-    return urllib.parse.urlunsplit(parsed._replace(netloc="…@" + parsed.netloc.rpartition("@")[2]))
+    if "@" in parsed.netloc:
+        parsed = parsed._replace(netloc="…@" + parsed.netloc.rpartition("@")[2])
+    if parsed.query:
+        parsed = parsed._replace(query="…")
+    return urllib.parse.urlunsplit(parsed)
 
 
 @dataclass(frozen=True)
