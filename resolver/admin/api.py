@@ -30,8 +30,8 @@ from blocklists.errors import BlocklistError
 from resolver.admin.app import add_app_routes
 from resolver.admin.devices import activity_view, identity_fields, site_devices
 from resolver.admin.metrics import Metrics
-from resolver.admin.site_tokens import MAX_DAYS, SiteTokens
 from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
+from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
 from resolver.admin.why import Explainer
 from resolver.shared.config import AdminSettings
@@ -157,7 +157,8 @@ class Api:
         return handle
 
     async def _credential(self, request: web.Request) -> tuple[str, str | None] | None:
-        """(role, the site of a site token); None when no valid token is presented."""
+        """(role, the site of a site token); None when no valid token is presented. A site token is checked
+        against the store: StoreUnavailable when it cannot be (a 503, never a pass)."""
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         presented = presented.strip()
@@ -257,14 +258,19 @@ class Api:
         return web.json_response(body, status=200 if ready else 503)
 
     async def issue_site_token(self, request: web.Request) -> web.Response:
-        site = request.match_info["site"]
-        body = await self._json(request) or {}
-        days = body.get("days", 30) if isinstance(body, dict) else None
-        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= MAX_DAYS:
-            raise PolicyError("days", f"must be a number of days above 0 and at most {MAX_DAYS}")
-        await self._policies().get_site(site)  # NotFound: a token for no site opens nothing
-        token, expires = await self.site_tokens.issue(site, float(days))
-        return web.json_response({"site": site, "token": token, "expires": expires})
+        body = await self._object(request, optional=True)
+        token, claims = await self.site_tokens.issue(request.match_info["site"], body.get("days"))
+        return web.json_response({"site": claims.site, "token": token, "id": claims.id, "expires": claims.expires})
+
+    async def list_site_tokens(self, request: web.Request) -> web.Response:
+        live = await self.site_tokens.live(request.match_info["site"])
+        return web.json_response(
+            {"tokens": [{"id": token_id, "expires": expires} for token_id, expires in sorted(live.items())]}
+        )
+
+    async def revoke_site_token(self, request: web.Request) -> web.Response:
+        await self.site_tokens.revoke(request.match_info["site"], request.match_info["id"])
+        return web.json_response({"site": request.match_info["site"], "revoked": request.match_info["id"]})
 
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response({"alerts": await self.activity.alerts(request.match_info["site"])})
@@ -553,6 +559,14 @@ ROUTES: tuple[Route, ...] = (
         "A site token for the subscriber: this site's own routes only, for some days",
         Api.issue_site_token,
         "SiteToken",
+    ),
+    Route("GET", "/v1/sites/{site}/tokens", READ, "The site's live site tokens: id, expiry", Api.list_site_tokens),
+    Route(
+        "DELETE",
+        "/v1/sites/{site}/tokens/{id}",
+        ADMIN,
+        "Revoke a site token (refused at once, on every node)",
+        Api.revoke_site_token,
     ),
     Route("PUT", "/v1/sites/{site}", ADMIN, "Create or replace a whole site", Api.put_site, "Site"),
     Route("PATCH", "/v1/sites/{site}", ADMIN, "Change some of a site's own fields", Api.patch_site, "SiteFields"),

@@ -71,7 +71,7 @@ class AdminNode:
             metrics,
             config.admin.max_upload,
             cache_dir / "uploads",
-            SiteTokens(self.backends.secret),
+            SiteTokens(self.backends.secret, self.store),
             self.backends.activity,
         )
         self._runners: list[web.AppRunner] = []

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from resolver.admin.devices import identity_fields, site_devices
+from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.why import Explainer
 from resolver.cli.api_client import ApiClient, ApiFailure
 from resolver.cli.output import show
 from resolver.shared.config import load_config
-from resolver.shared.errors import ConfigError, NotFound
+from resolver.shared.errors import ConfigError, NotFound, Refused
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.model import PolicyError, time_document
 from resolver.shared.policy.service import PolicyService, Target, describe
@@ -36,6 +37,7 @@ from resolver.shared.store.activity import Activity
 from resolver.shared.store.backends import Backends, open_backends
 
 Document = dict[str, Any]
+_TOKEN_USAGE = "bns site token SITE [--days N] | bns site token revoke SITE ID"
 
 
 class Sites(ABC):
@@ -91,6 +93,13 @@ class Sites(ABC):
 
     @abstractmethod
     async def forget_device(self, site: str, key: str) -> Document: ...
+
+    @abstractmethod
+    async def issue_token(self, site: str, days: float | None) -> Document:
+        """A site token for the subscriber's app (admin/site_tokens.py), as the API returns it."""
+
+    @abstractmethod
+    async def revoke_token(self, site: str, token_id: str) -> Document: ...
 
     async def close(self) -> None:
         return None
@@ -162,6 +171,12 @@ class ApiSites(Sites):
 
     async def forget_device(self, site: str, key: str) -> Document:
         return self.client.call("DELETE", f"{self._path(site)}/devices/seen/{urllib.parse.quote(key, safe=':')}")
+
+    async def issue_token(self, site: str, days: float | None) -> Document:
+        return self.client.call("POST", self._path(site) + "/tokens", {} if days is None else {"days": days})
+
+    async def revoke_token(self, site: str, token_id: str) -> Document:
+        return self.client.call("DELETE", f"{self._path(site)}/tokens/{urllib.parse.quote(token_id, safe='')}")
 
 
 class LocalSites(Sites):
@@ -241,6 +256,16 @@ class LocalSites(Sites):
     async def forget_device(self, site: str, key: str) -> Document:
         await self._activity().forget(site, {key}, time.time())
         return {"forgotten": key}
+
+    async def issue_token(self, site: str, days: float | None) -> Document:
+        raise ConfigError(
+            "a site token needs the API (--api): the API that checks it signs it, with its own key (pages.secret, "
+            "else the one the fleet shares through Redis, else one made per run)"
+        )
+
+    async def revoke_token(self, site: str, token_id: str) -> Document:
+        await SiteTokens(self.backends.secret, self.service.store).revoke(site, token_id)
+        return {"site": site, "revoked": token_id}
 
     async def close(self) -> None:
         await self.backends.close()
@@ -384,6 +409,21 @@ async def _device_forget(sites: Sites, args: argparse.Namespace) -> Any:
     return await sites.forget_device(args.site, args.key)
 
 
+async def _site_token(sites: Sites, args: argparse.Namespace) -> Any:
+    """`site token SITE`: a token, its id, expiry and the app's sign-in link; `site token revoke SITE ID`."""
+    match args.words:
+        case ["revoke", site, token_id] if args.days is None:
+            return await sites.revoke_token(site, token_id)
+        case [site]:
+            issued = await sites.issue_token(site, args.days)
+        case _:
+            raise Refused(f"usage: {_TOKEN_USAGE}")
+    if args.json:
+        return issued
+    app = f"{ApiClient(args.api, None).base}/app/#token={issued['token']}"  # the API the token came from
+    return {**issued, "expires": time_document(issued["expires"]), "link": app}
+
+
 async def _why(sites: Sites, args: argparse.Namespace) -> Any:
     question = {
         "name": args.name,
@@ -463,6 +503,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     load = site.add_parser("import", help="create or replace many sites from a file of JSON lines")
     load.add_argument("path", help="one site document per line")
     _common(load, _site_import)
+    token = site.add_parser("token", help="a site token: the subscriber app's sign-in link", usage=_TOKEN_USAGE)
+    token.add_argument("words", nargs="+", metavar="SITE | revoke SITE ID")
+    token.add_argument(
+        "--days", type=float, metavar="N", help="how long the token is good for (default 30, at most 366)"
+    )
+    _common(token, _site_token)
 
     for kind in ("group", "device"):
         member = commands.add_parser(kind, help=f"{kind}s of a site").add_subparsers(

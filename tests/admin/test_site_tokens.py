@@ -1,29 +1,102 @@
-"""Site tokens (resolver/admin/site_tokens.py): one site's, until they expire, and nothing else passes."""
+"""Site tokens (resolver/admin/site_tokens.py): one site's, until they expire, their site is deleted or made again,
+or they are revoked; nothing else passes, and nothing passes that the store cannot vouch for."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+from pathlib import Path
 
 import pytest
 
+from blocklists.catalog import load_catalog
 from resolver.admin.pages import ContinueTokens, Offer
 from resolver.admin.site_tokens import SiteTokens
+from resolver.shared.errors import NotFound, StoreUnavailable
+from resolver.shared.policy.service import PolicyService
+from resolver.shared.store.file_policies import FileStore
 from resolver.shared.store.page_tokens import Secret
 
 pytestmark = pytest.mark.unit
+KEY = "key-for-tests"
 
 
-def test_a_token_names_its_site_until_it_expires_and_a_forgery_names_none():
+@pytest.fixture
+def home(tmp_path: Path) -> tuple[FileStore, PolicyService]:
+    store = FileStore(tmp_path / "policies.json", load_catalog())
+    service = PolicyService(store)
+    asyncio.run(service.put_site("home", {"mode": "device"}))
+    return store, service
+
+
+def payload_of(token: str) -> dict[str, object]:
+    return json.loads(base64.urlsafe_b64decode(token.split(".")[1]))
+
+
+def test_a_token_names_its_site_incarnation_and_id_until_it_expires_and_a_forgery_names_none(home):
+    store, _service = home
     now = [1000.0]
-    tokens = SiteTokens(Secret("key-for-tests", None), clock=lambda: now[0])
-    token, expires = asyncio.run(tokens.issue("home", 1))
-    assert expires == 1000 + 86400
+    tokens = SiteTokens(Secret(KEY, None), store, clock=lambda: now[0])
+    token, claims = asyncio.run(tokens.issue("home", 1))
+    incarnation, records = asyncio.run(store.site_tokens("home"))  # type: ignore[misc]
+    assert claims.expires == 1000 + 86400 and len(incarnation) >= 22 and records == {claims.id: claims.expires}
+    assert payload_of(token) == {"site": "home", "incarnation": incarnation, "id": claims.id, "expires": 87400}
     assert asyncio.run(tokens.site_of(token)) == "home"
-    other_key = SiteTokens(Secret("another-key", None), clock=lambda: now[0])
-    assert asyncio.run(other_key.site_of(token)) is None
+    assert asyncio.run(SiteTokens(Secret("another-key", None), store, clock=lambda: now[0]).site_of(token)) is None
     payload, mac = token.removeprefix("site.").split(".")
     assert asyncio.run(tokens.site_of(f"site.{payload[:-2]}AA.{mac}")) is None
-    continue_token = ContinueTokens(b"key-for-tests").sign(Offer("home", "tablet", "x.example", 2e9, "n"))
+    continue_token = ContinueTokens(KEY.encode()).sign(Offer("home", "tablet", "x.example", 2e9, "n"))
     assert asyncio.run(tokens.site_of("site." + continue_token)) is None  # same key, another kind of token
-    now[0] = expires
+    now[0] = claims.expires
     assert asyncio.run(tokens.site_of(token)) is None
+
+
+def test_a_token_is_refused_once_its_site_is_deleted_or_made_again(home):
+    store, service = home
+    tokens = SiteTokens(Secret(KEY, None), store)
+    token, _claims = asyncio.run(tokens.issue("home", 1))
+    asyncio.run(service.put_site("home", {"mode": "network"}))  # a whole new document: the same site
+    assert asyncio.run(tokens.site_of(token)) == "home"
+    asyncio.run(service.delete_site("home"))
+    assert asyncio.run(tokens.site_of(token)) is None
+    asyncio.run(service.put_site("home", {"mode": "device"}))  # another subscriber's site, under the same id
+    assert asyncio.run(tokens.site_of(token)) is None
+    assert asyncio.run(tokens.live("home")) == {}
+    assert asyncio.run(tokens.site_of(asyncio.run(tokens.issue("home", 1))[0])) == "home"
+
+
+def test_a_revoked_token_is_refused_while_another_of_its_site_passes(home):
+    store, _service = home
+    now = [1000.0]
+    tokens = SiteTokens(Secret(KEY, None), store, clock=lambda: now[0])
+    revoked, first = asyncio.run(tokens.issue("home", 1))
+    kept, second = asyncio.run(tokens.issue("home", 2))
+    asyncio.run(tokens.revoke("home", first.id))
+    assert asyncio.run(tokens.site_of(revoked)) is None and asyncio.run(tokens.site_of(kept)) == "home"
+    assert asyncio.run(tokens.live("home")) == {second.id: second.expires}
+    for site, token_id in (("home", first.id), ("home", "never-made"), ("ghost", second.id)):
+        with pytest.raises(NotFound):
+            asyncio.run(tokens.revoke(site, token_id))
+    now[0] = second.expires  # expired: its record goes at the next change
+    _token, third = asyncio.run(tokens.issue("home", 1))
+    assert asyncio.run(store.site_tokens("home"))[1] == {third.id: third.expires}  # type: ignore[index]
+
+
+def test_a_token_of_the_format_before_incarnations_is_refused(home):
+    store, _service = home
+    tokens = SiteTokens(Secret(KEY, None), store)
+    asyncio.run(tokens.issue("home", 1))  # the site has an incarnation and a live token
+    payload = base64.urlsafe_b64encode(json.dumps({"site": "home", "expires": 4e9}).encode())
+    assert asyncio.run(tokens.site_of(f"site.{payload.decode()}.{asyncio.run(tokens._mac(payload))}")) is None
+
+
+def test_a_token_the_store_cannot_check_is_refused_not_passed(home):
+    store, _service = home
+    tokens = SiteTokens(Secret(KEY, None), store)
+    token, _claims = asyncio.run(tokens.issue("home", 1))
+    store.path.write_text("{not a policy file")
+    with pytest.raises(StoreUnavailable, match="cannot be checked now") as refused:
+        asyncio.run(tokens.site_of(token))
+    assert str(store.path) not in str(refused.value)
+    assert asyncio.run(tokens.site_of("site.forged.mac")) is None  # no store needed to refuse a forgery

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import subprocess
 import threading
 import urllib.error
@@ -154,10 +155,10 @@ def test_a_list_pushed_through_one_node_is_served_by_every_node(tmp_path, upstre
         assert cli(api_c, "lists", "rollback", "0123456789abcdef").returncode == 3
 
 
-def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_second(tmp_path, upstream, redis_store):
+def test_a_pause_and_a_token_revocation_through_one_node_hold_on_both_at_once(tmp_path, upstream, redis_store):
     with ExitStack() as stack:
         port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", redis_store), upstream)
-        port_b, _api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
+        port_b, api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", redis_store), upstream)
         made = cli(api_a, "site", "set", "home", "--network", "127.0.0.0/8", "--mode", "device")
         assert made.returncode == 0, made.stderr
         assert cli(api_a, "group", "set", "home", "kids").returncode == 0
@@ -172,6 +173,15 @@ def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_secon
         assert cli(api_a, "unpause", "home", "--device", "tablet").returncode == 0
         for port in (port_a, port_b):
             eventually(lambda port=port: every_worker(port, "c.example", None, MAC), 1.5)
+
+        # Site tokens are checked against Redis on every request: what one node does, the other sees at once.
+        revoked, kept = (http(api_a, "POST", "/v1/sites/home/tokens", {"days": 1})[1] for _ in range(2))
+        assert http(api_b, "GET", "/v1/sites/home", token=revoked["token"])[0] == 200  # type: ignore[index]
+        assert http(api_a, "DELETE", f"/v1/sites/home/tokens/{revoked['id']}")[0] == 200  # type: ignore[index]
+        assert http(api_b, "GET", "/v1/sites/home", token=revoked["token"])[0] == 401  # type: ignore[index]
+        assert http(api_b, "GET", "/v1/sites/home", token=kept["token"])[0] == 200  # type: ignore[index]
+        assert http(api_a, "DELETE", "/v1/sites/home")[0] == 200
+        assert http(api_b, "GET", "/v1/sites/home/alerts", token=kept["token"])[0] == 401  # type: ignore[index]
 
 
 @pytest.fixture
@@ -415,6 +425,7 @@ PATH_VALUES = {
     "profile": "p",
     "category": "drugs",
     "key": "ip:192.0.2.1",
+    "id": "t",
 }
 
 
@@ -465,6 +476,44 @@ def test_a_site_token_pauses_its_own_device_and_nothing_else(file_node):
     assert http(api, "GET", "/v1/sites/home", token=token + "x")[0] == 401  # tampered
     assert http(api, "POST", "/v1/sites/home/tokens", {"days": 400})[0] == 422
     assert http(api, "POST", "/v1/sites/nowhere/tokens", {"days": 1})[0] == 404
+
+
+def test_a_site_token_outlives_neither_its_site_nor_its_revocation(file_node):
+    """Issue 18: a token kept after its site was deleted read the site's alerts, then those of the site made
+    again under its id for another subscriber, and paused that one's camera."""
+    _port, api = file_node
+    charlie = {"networks": [], "mode": "device", "devices": {"camera": {"macs": [MAC]}}}
+    assert http(api, "PUT", "/v1/sites/charlie", charlie)[0] == 200
+    made = cli(api, "site", "token", "charlie", "--days", "2", "--json")
+    assert made.returncode == 0, made.stderr
+    issued = json.loads(made.stdout)
+    assert set(issued) == {"site", "token", "id", "expires"}
+    old = issued["token"]
+    assert http(api, "GET", "/v1/sites/charlie/alerts", token=old) == (200, {"alerts": []})
+    bad = http(api, "GET", "/v1/sites/charlie/alerts", token="site.forged.mac")
+    assert bad[0] == 401
+    assert http(api, "DELETE", "/v1/sites/charlie")[0] == 200
+    assert http(api, "GET", "/v1/sites/charlie/alerts", token=old) == bad  # as any bad token: nothing more
+    assert http(api, "PUT", "/v1/sites/charlie", charlie)[0] == 200  # another subscriber's charlie
+    assert http(api, "GET", "/v1/sites/charlie", token=old) == bad
+    assert http(api, "POST", "/v1/sites/charlie/devices/camera/pause", {"minutes": 30}, token=old) == bad
+    assert http(api, "GET", "/v1/sites/charlie")[1]["devices"]["camera"]["paused_until"] is None  # type: ignore[index]
+
+    shown = cli(api, "site", "token", "charlie")  # for people: the expiry in ISO, and the app's sign-in link
+    assert shown.returncode == 0, shown.stderr
+    lines = dict(line.split(None, 1) for line in shown.stdout.splitlines())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines["expires"]), lines
+    assert lines["link"] == f"{api}/app/#token={lines['token']}"
+    kept = http(api, "POST", "/v1/sites/charlie/tokens", {})[1]
+    listed = http(api, "GET", "/v1/sites/charlie/tokens", token=READ)[1]["tokens"]  # type: ignore[index]
+    assert sorted(token["id"] for token in listed) == sorted([lines["id"], kept["id"]])  # type: ignore[index]
+    revoked = cli(api, "site", "token", "revoke", "charlie", lines["id"])
+    assert revoked.returncode == 0, revoked.stderr
+    assert http(api, "GET", "/v1/sites/charlie", token=lines["token"]) == bad
+    assert http(api, "GET", "/v1/sites/charlie", token=kept["token"])[0] == 200  # type: ignore[index]
+    gone = cli(api, "site", "token", "revoke", "charlie", lines["id"])
+    assert gone.returncode == 3 and "no live token" in gone.stderr
+    assert cli(api, "site", "token", "charlie", "too-many").returncode == 2
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -3,6 +3,7 @@ within a second."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -13,7 +14,10 @@ import dns.message
 import dns.query
 import pytest
 
+from resolver.admin.site_tokens import SiteTokens
+from resolver.cli.sites import LocalSites
 from resolver.shared.dns import OptionCode
+from resolver.shared.store.page_tokens import Secret
 from tests.conftest import eventually
 from tests.e2e.test_process import bns, serving
 
@@ -124,3 +128,25 @@ def test_the_rest_of_the_grammar_against_the_file_store(tmp_path):
     ok("site", "delete", "b")
     gone = local(config, "site", "show", "b")
     assert gone.returncode == 3 and "b" in gone.stderr
+
+
+def test_a_site_token_is_made_by_the_api_only_and_revoked_either_way(config):
+    """Made straight from the store, a token could be signed with a key no API checks it with: refused,
+    saying so. Revoking needs only the store."""
+
+    async def check() -> None:
+        sites = LocalSites(config, None, None)
+        try:
+            await sites.service.put_site("home", {})
+            refused = local(config, "site", "token", "home")
+            assert refused.returncode == 2 and "a site token needs the API (--api)" in refused.stderr
+            tokens = SiteTokens(Secret("the-key-of-the-api", None), sites.service.store)  # as the API makes one
+            token, claims = await tokens.issue("home", 1)
+            revoked = local(config, "site", "token", "revoke", "home", claims.id, "--json")
+            assert revoked.returncode == 0, revoked.stderr
+            assert json.loads(revoked.stdout) == {"site": "home", "revoked": claims.id}
+            assert await tokens.site_of(token) is None
+        finally:
+            await sites.close()
+
+    asyncio.run(check())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -195,5 +196,51 @@ def test_import_many_sites(make_store):
         with pytest.raises(PolicyError, match=r"sites\[1\]\.devices\.x\.macs\[0\]"):
             await service.store.import_sites([{"id": "ok"}, {"id": "bad", "devices": {"x": {"macs": ["?"]}}}])
         assert "intruder" not in await service.list_sites()
+
+    run(_with(make_store(), work))
+
+
+def test_a_site_keeps_its_incarnation_through_every_write_and_a_site_made_again_gets_another(make_store):
+    async def work(service):
+        store = service.store
+        await service.put_site("a", {"networks": ["192.0.2.0/24"]})
+        incarnation, records = await store.site_tokens("a")
+        assert len(incarnation) >= 22 and records == {}
+        assert await store.change_site_tokens("a", lambda records: {**records, "t1": 4e9}) == incarnation
+        await service.set_site_fields("a", {"name": "A"})
+        await service.put_site("a", {"networks": ["192.0.2.0/24"], "mode": "device"})  # the whole document
+        await store.import_sites([{"id": "a", "name": "imported"}])
+        with pytest.raises(PolicyError, match="incarnation: unknown field"):  # no document sets it
+            await service.put_site("a", {"incarnation": "chosen-by-a-client"})
+        assert await store.site_tokens("a") == (incarnation, {"t1": 4e9})
+        await service.delete_site("a")
+        assert await store.site_tokens("a") is None
+        with pytest.raises(NotFound):
+            await store.change_site_tokens("a", lambda records: {**records, "t2": 4e9})
+        await store.import_sites([{"id": "a"}])
+        made_again, records = await store.site_tokens("a")
+        assert made_again not in ("", incarnation) and records == {}
+
+    run(_with(make_store(), work))
+
+
+def test_a_site_stored_before_incarnations_gets_one_at_its_next_write(make_store):
+    async def work(service):
+        store = service.store
+        await service.put_site("old", {})
+        await service.put_site("older", {})
+        if isinstance(store, RedisStore):  # as an earlier version stored them
+            for site in ("old", "older"):
+                await store.client.hdel(store.key("site", site), "incarnation")
+        else:
+            data = json.loads(store.path.read_text())
+            for site in ("old", "older"):
+                del data["sites"][site]["incarnation"]
+            store.path.write_text(json.dumps(data))
+        assert await store.site_tokens("old") == ("", {})  # no token names ""
+        await service.pause("old", ("site", None))
+        incarnation = (await store.site_tokens("old"))[0]
+        assert incarnation and await store.change_site_tokens("old", dict) == incarnation
+        assert await store.change_site_tokens("older", dict) == (await store.site_tokens("older"))[0] != ""
 
     run(_with(make_store(), work))

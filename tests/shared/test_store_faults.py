@@ -342,7 +342,7 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
         Metrics(scratch, dict),
         1 << 20,
         scratch / "uploads",
-        SiteTokens(Secret("", None)),
+        SiteTokens(Secret("", None), store),
         LocalActivity(config.activity),
     )
 
@@ -416,3 +416,29 @@ def test_new_devices_of_a_site_in_a_scheduled_block_stay_blocked_while_redis_is_
         answers = [outcome(ask(server, "allowed.example", mac(2000 + number))) for number in range(50)]
         answers += [outcome(ask(server, "allowed.example", source=f"127.0.3.{host}")) for host in range(1, 51)]
     assert answers == ["schedule homework"] * 100
+
+
+def test_a_site_token_the_store_cannot_check_is_refused_with_503_never_passed(own_redis, redis_prefix, tmp_path):
+    """A site token is checked against the store on every request: with Redis gone it is a 503 (saying
+    nothing of where the store is), even on a route that needs nothing else of the store (alerts)."""
+
+    async def run() -> list[tuple[int, Any]]:
+        store = redis_policy_store(own_redis.url, redis_prefix)
+        async with TestClient(TestServer(api_over(store, tmp_path).app())) as client:
+            admin = {"Authorization": f"Bearer {API_TOKEN}"}
+            assert (await client.put("/v1/sites/home", json={}, headers=admin)).status == 200
+            issued = await (await client.post("/v1/sites/home/tokens", json={"days": 1}, headers=admin)).json()
+            subscriber = {"Authorization": f"Bearer {issued['token']}"}
+            answers = []
+            for kill in (False, True):
+                if kill:
+                    own_redis.kill()
+                response = await client.get("/v1/sites/home/alerts", headers=subscriber)
+                answers.append((response.status, await response.json()))
+        await store.close()
+        return answers
+
+    (up, up_body), (down, down_body) = asyncio.run(run())
+    assert (up, up_body) == (200, {"alerts": []})
+    assert down == 503 and "cannot be checked now" in down_body["error"]["message"]
+    assert "redis" not in down_body["error"]["message"]

@@ -9,20 +9,30 @@ import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
-from resolver.shared.errors import StoreUnavailable
+from resolver.shared.errors import NotFound, StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
-from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
+from resolver.shared.store.policies import (
+    Apply,
+    Change,
+    Mutation,
+    SiteDocument,
+    Store,
+    TokenRecords,
+    lookup_candidates,
+    new_incarnation,
+)
 
 
 class FileStore(Store):
-    """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version"}},
-    "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory."""
+    """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version", "incarnation",
+    "tokens"}}, "profiles": {name: {"doc", "version"}}}` (policies.py says what a site's incarnation and tokens
+    are). For one box; every reader holds the whole file in memory."""
 
     def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
         super().__init__(catalog)
@@ -107,6 +117,11 @@ class FileStore(Store):
     async def check(self) -> None:
         self.refresh()
 
+    async def site_tokens(self, site_id: str) -> tuple[str, TokenRecords] | None:
+        self.refresh()
+        entry = self._data["sites"].get(site_id)
+        return (entry.get("incarnation", ""), dict(entry.get("tokens", {}))) if entry else None
+
     async def load_profiles(self) -> dict[str, PolicySpec]:
         self.refresh()
         return {name: parse_profile(name, entry["doc"], self.catalog) for name, entry in self._data["profiles"].items()}
@@ -181,8 +196,23 @@ class FileStore(Store):
             for index, cpe in enumerate(site.cpe_ids):
                 if self._cpes.get(cpe, site_id) != site_id:
                     raise PolicyError(f"cpe_ids[{index}]", f"{cpe} already belongs to site {self._cpes[cpe]}")
-            self._data["sites"][site_id] = {"doc": site_document(site), "version": version}
+            self._put(site, version)
             return site
+
+    async def change_site_tokens(self, site_id: str, change: Callable[[TokenRecords], TokenRecords]) -> str:
+        with self._locked():
+            entry = self._data["sites"].get(site_id)
+            if entry is None:
+                raise NotFound(f"no site {site_id!r}")
+            entry["tokens"] = change(dict(entry.get("tokens", {})))
+            return entry.setdefault("incarnation", new_incarnation())
+
+    def _put(self, site: Site, version: int) -> None:
+        """The site's new document and version. Its incarnation is kept (a new site's is made here, as is the
+        first of a site stored before incarnations), and so are its token records."""
+        entry = self._data["sites"].setdefault(site.id, {})
+        entry.update(doc=site_document(site), version=version)
+        entry.setdefault("incarnation", new_incarnation())
 
     async def import_sites(self, documents: list[SiteDocument]) -> int:
         sites = self._validated_import(documents)
@@ -199,8 +229,7 @@ class FileStore(Store):
                         owner = self._cpes[cpe]
                         raise PolicyError("cpe_ids", f"{cpe} of site {site.id} already belongs to site {owner}")
             for site in sites:
-                version = self._data["sites"].get(site.id, {}).get("version", 0) + 1
-                self._data["sites"][site.id] = {"doc": site_document(site), "version": version}
+                self._put(site, self._data["sites"].get(site.id, {}).get("version", 0) + 1)
         return len(sites)
 
     def _owner_of_network(self, network: str) -> str | None:

@@ -4,12 +4,22 @@ by every node; the embedded file: file_policies.py, a single box), and what they
 Every write is a read-modify-write of one site document: the new document is validated whole, its networks
 and CPE ids are checked against other sites, and it is applied with its version, its indexes and its change
 notice at once. A write that fails validation raises PolicyError and changes nothing.
+
+Beside its document, every stored site has two things of the store's own, which no document carries (a
+document naming them is refused: unknown field) and every write of the site keeps:
+
+- its incarnation, random, made when the site comes into existence (by any write: a PUT, a PATCH that creates,
+  an import) and gone with it, so that a site deleted and made again under the same id is another site. A site
+  stored before incarnations existed gets one at its next write, or when a site token is made for it.
+- the records of its live site tokens (admin/site_tokens.py): token id → when it expires. A token is good only
+  while its record is there and it names the site's incarnation; revoking one removes its record.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +32,11 @@ log = logging.getLogger(__name__)
 
 SiteDocument = dict[str, Any]
 Mutation = Callable[[SiteDocument | None], SiteDocument | None]  # None in: no such site; None out: delete it
+TokenRecords = dict[str, float]  # a site's live site tokens: id → when it expires
+
+
+def new_incarnation() -> str:
+    return secrets.token_urlsafe(16)
 
 
 @dataclass(frozen=True)
@@ -92,9 +107,19 @@ class Store(ABC):
         """Have `apply` hear every change from now on: `site`, `profile`, `networks`, and `up`, `down`,
         `resync` (notices may have been missed). They come while the backends follow (backends.py)."""
 
+    @abstractmethod
+    async def site_tokens(self, site_id: str) -> tuple[str, TokenRecords] | None:
+        """The site's incarnation and its token records, in one read (every request a site token makes asks).
+        None: no such site; an incarnation of "": a site stored before incarnations, which no token names."""
+
     # writes
     @abstractmethod
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None: ...
+
+    @abstractmethod
+    async def change_site_tokens(self, site_id: str, change: Callable[[TokenRecords], TokenRecords]) -> str:
+        """Replace the site's token records with `change(records)`, atomically, and return its incarnation
+        (made now if it has none yet). Raises NotFound when there is no such site."""
 
     @abstractmethod
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None: ...

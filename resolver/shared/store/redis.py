@@ -16,7 +16,9 @@ Every failure of Redis itself (refused, reset, timed out, loading, read-only, no
 The keys, all under `store.prefix` (default `bns:`):
 
     policies (redis_policies.py)
-    site:{id}               hash    doc = the site's JSON document, version = bumped on every write
+    site:{id}               hash    doc = the site's JSON document, version = bumped on every write,
+                                    incarnation = made with the site, tokens = its live site tokens
+                                    (JSON: id → expiry); all deleted with the site (policies.py)
     sites                   set     every site id
     net                     hash    network (CIDR) → site id, to find a client's site by address
     netlens                 hash    "4/29", "6/56"… → how many networks have that family and prefix length

@@ -8,14 +8,24 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, WatchError
 
 from blocklists.catalog import Catalog
-from resolver.shared.errors import StoreUnavailable, WriteUnknown
+from resolver.shared.errors import NotFound, StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
-from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
+from resolver.shared.store.policies import (
+    Apply,
+    Change,
+    Mutation,
+    SiteDocument,
+    Store,
+    TokenRecords,
+    lookup_candidates,
+    new_incarnation,
+)
 from resolver.shared.store.redis import STORE_ERRORS, Notice, RedisConnection, is_sentinel
 
 log = logging.getLogger(__name__)
@@ -24,6 +34,7 @@ _WRITE_RETRIES = 20
 # A conflict, or a connection lost while watching (redis-py reports both as WatchError), or any other failure
 _COMMIT_FAILURES: tuple[type[BaseException], ...] = (WatchError, *STORE_ERRORS)
 _MARKER_SECONDS = 600  # how long a write's marker says it was applied
+T = TypeVar("T")
 
 # A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
 # candidates come longest first), and the site's version.
@@ -155,6 +166,14 @@ class RedisStore(Store):
     async def list_sites(self) -> list[str]:
         return sorted(member.decode() for member in await self.call(self.client.smembers(self.key("sites"))))
 
+    async def site_tokens(self, site_id: str) -> tuple[str, TokenRecords] | None:
+        version, incarnation, records = await self.call(
+            self.client.hmget(self.key("site", site_id), "version", "incarnation", "tokens")
+        )
+        if version is None:
+            return None
+        return (incarnation or b"").decode(), json.loads(records) if records else {}
+
     async def check(self) -> None:
         await self.call(self.client.ping())
 
@@ -190,24 +209,49 @@ class RedisStore(Store):
 
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
         key = self.key("site", site_id)
-        watched = (key, self.key("net"), self.key("cpe"))
+
+        async def write(pipe: Any) -> Site | None:
+            raw, version = await pipe.hmget(key, "doc", "version")
+            old = json.loads(raw) if raw is not None else None
+            site = self._validated(site_id, mutate(old), int(version or 0) + 1)
+            await self._check_owners(pipe, site_id, site)
+            pipe.multi()
+            self._queue_write(pipe, site_id, old, site)
+            return site
+
+        site = await self._transaction(site_id, (key, self.key("net"), self.key("cpe")), write)
+        self.forget_networks()  # this store's own lookups see its write at once
+        return site
+
+    async def change_site_tokens(self, site_id: str, change: Callable[[TokenRecords], TokenRecords]) -> str:
+        key = self.key("site", site_id)
+
+        async def write(pipe: Any) -> str:
+            version, incarnation, records = await pipe.hmget(key, "version", "incarnation", "tokens")
+            if version is None:
+                raise NotFound(f"no site {site_id!r}")
+            kept = incarnation.decode() if incarnation else new_incarnation()
+            changed = change(json.loads(records) if records else {})
+            pipe.multi()
+            pipe.hset(key, mapping={"incarnation": kept, "tokens": json.dumps(changed, sort_keys=True)})
+            return kept
+
+        return await self._transaction(site_id, (key,), write)
+
+    async def _transaction(self, site_id: str, watched: tuple[str, ...], write: Callable[[Any], Awaitable[T]]) -> T:
+        """`write` reads what it needs while `watched` are watched, then queues its writes after MULTI; run
+        again whenever a watched key moved before the commit."""
         for _ in range(_WRITE_RETRIES):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
-                    raw, version = await pipe.hmget(key, "doc", "version")
-                    old = json.loads(raw) if raw is not None else None
-                    site = self._validated(site_id, mutate(old), int(version or 0) + 1)
-                    await self._check_owners(pipe, site_id, site)
-                    pipe.multi()
-                    self._queue_write(pipe, site_id, old, site)
+                    result = await write(pipe)
                 except WatchError:
                     continue
                 except STORE_ERRORS as exc:  # nothing was sent to be applied
                     raise self.unavailable(exc) from None
                 if await self._commit(pipe):
-                    self.forget_networks()  # this store's own lookups see its write at once
-                    return site
+                    return result
         raise StoreUnavailable(f"site {site_id}: still changing under us after {_WRITE_RETRIES} attempts")
 
     async def _commit(self, pipe: Any) -> bool:
@@ -298,6 +342,7 @@ class RedisStore(Store):
             pipe.publish(self.key("changes"), f"site {site_id} 0")
         else:
             pipe.hset(key, mapping={"doc": json.dumps(site_document(new), sort_keys=True), "version": new.version})
+            pipe.hsetnx(key, "incarnation", new_incarnation())  # a new site's (or an older one's first)
             pipe.sadd(self.key("sites"), site_id)
             pipe.publish(self.key("changes"), f"site {site_id} {new.version}")
         if old_networks != new_networks or old_cpes != new_cpes:
