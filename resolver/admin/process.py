@@ -59,7 +59,12 @@ class AdminNode:
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         self.sources = Sources(
-            self.backends.shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles"
+            self.backends.shelf,
+            self.catalog,
+            self.publications,
+            config.admin.source_roots,
+            cache_dir / "compiles",
+            config.admin.max_upload,
         )
         self.api = Api(
             tokens_from(config.admin),
