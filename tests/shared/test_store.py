@@ -197,3 +197,21 @@ def test_import_many_sites(make_store):
         assert "intruder" not in await service.list_sites()
 
     run(_with(make_store(), work))
+
+
+def test_the_policy_file_and_its_lock_are_readable_by_their_owner_only(tmp_path):
+    """Issue 18: the embedded store, which holds webhook secrets, and its lock were written 0644. Every file
+    bns makes is 0600, and an older file with wider permissions becomes 0600 at the next write."""
+    path, lock = tmp_path / "policies.json", tmp_path / "policies.json.lock"
+    webhook = {"url": "https://hooks.example/bns", "secret": "a-secret-of-16-chars"}
+
+    async def work(service: PolicyService) -> None:
+        await service.put_site("a", {"webhook": webhook})
+
+    run(_with(FileStore(path, CATALOG), work))
+    made = {path.stat().st_mode & 0o777, lock.stat().st_mode & 0o777}
+    path.chmod(0o644)
+    lock.chmod(0o664)
+    run(_with(FileStore(path, CATALOG), work))
+    assert made == {0o600} and {path.stat().st_mode & 0o777, lock.stat().st_mode & 0o777} == {0o600}
+    assert [entry.name for entry in tmp_path.iterdir() if entry.name.startswith(".")] == []  # no temporary left

@@ -19,10 +19,13 @@ from resolver.shared.errors import StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
 
+_PRIVATE = 0o600  # the file holds webhook secrets: its owner (the user bns runs as) alone reads it
+
 
 class FileStore(Store):
     """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version"}},
-    "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory."""
+    "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory. Every
+    write makes the file anew, readable by its owner only (0600), as is its lock file."""
 
     def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
         super().__init__(catalog)
@@ -157,12 +160,15 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+        with open(
+            os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, _PRIVATE), "w"
+        ) as lock:
+            os.fchmod(lock.fileno(), _PRIVATE)  # one made before bns made it private
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._identity = None  # read the file again under the lock
             self.refresh()
             yield
-            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()])
+            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()], _PRIVATE)
             self._identity = None
 
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
