@@ -463,6 +463,12 @@ class AdminSettings:
         "directories under which the API may register list sources by path; empty: uploads only",
         convert=_directories,
     )
+    webhook_allow: tuple[str, ...] = setting(
+        (),
+        "networks sites' webhooks may post to although they are not public (loopback, private, link-local…); "
+        "empty: public addresses only",
+        convert=_networks,
+    )
     niceness: int = setting(
         19,
         "niceness of the admin process (API, pages, list follower): the DNS workers get the CPU first",

@@ -177,7 +177,10 @@ def test_a_device_paused_through_the_cli_is_blocked_on_both_nodes_within_a_secon
 @pytest.fixture
 def file_node(tmp_path, upstream):
     config = node_config(
-        tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"', max_upload=131072
+        tmp_path / "n" / "bns.toml",
+        f'[store]\nfile = "{tmp_path / "policies.json"}"',
+        max_upload=131072,
+        webhook_allow=["127.0.0.0/8"],  # its webhook test's receiver is on this machine
     )
     with ExitStack() as stack:
         yield start(stack, config, upstream)

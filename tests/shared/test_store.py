@@ -215,3 +215,22 @@ def test_the_policy_file_and_its_lock_are_readable_by_their_owner_only(tmp_path)
     run(_with(FileStore(path, CATALOG), work))
     assert made == {0o600} and {path.stat().st_mode & 0o777, lock.stat().st_mode & 0o777} == {0o600}
     assert [entry.name for entry in tmp_path.iterdir() if entry.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_webhook_is_checked_when_its_url_is_written(make_store):
+    """Issue 18: refused at write time when it names an address that is not public and not allowed; a site
+    whose webhook the allowlist stopped admitting can still be written (its alerts are refused when sent)."""
+    loopback = {"url": "http://127.0.0.1:9/hook", "secret": "a-secret-of-16-chars"}
+
+    async def work(service: PolicyService) -> None:
+        with pytest.raises(PolicyError) as refused:
+            await service.put_site("a", {"webhook": loopback})
+        assert refused.value.field == "webhook.url"
+        service.store.webhook_allow = ("127.0.0.0/8",)
+        await service.put_site("a", {"webhook": loopback})
+        service.store.webhook_allow = ()
+        await service.pause("a", ("site", None))  # the same URL: not checked again
+        with pytest.raises(PolicyError):
+            await service.set_site_fields("a", {"webhook": {**loopback, "url": "http://127.0.0.2/hook"}})
+
+    run(_with(make_store(), work))

@@ -176,7 +176,7 @@ class FileStore(Store):
             entry = self._data["sites"].get(site_id)
             old = entry["doc"] if entry else None
             version = (entry["version"] if entry else 0) + 1
-            site = self._validated(site_id, mutate(old), version)
+            site = self._validated(site_id, mutate(old), version, old)
             if site is None:
                 self._data["sites"].pop(site_id, None)
                 return None
