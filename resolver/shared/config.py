@@ -456,7 +456,11 @@ class AdminSettings:
         (), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)", convert=_tokens, live=True
     )
     max_upload: int = setting(
-        256 * 2**20, "largest request body in bytes (an artifact, a list source)", minimum=1024, maximum=2**32
+        256 * 2**20,
+        "largest request body in bytes (an artifact, a list source); also the most a list source on the API may "
+        "decompress to",
+        minimum=1024,
+        maximum=2**32,
     )
     source_roots: tuple[str, ...] = setting(
         (),
