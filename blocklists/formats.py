@@ -120,9 +120,10 @@ def open_text(
             gzipped = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
             decompressed: BinaryIO = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
-            # utf-8-sig: a byte-order mark at the start is not part of the first line
+            # utf-8-sig: a byte-order mark at the start is not part of the first line; 64 KB reads keep the
+            # bound's Python call off each line (it reads as fast as a plain gzip.open)
             with io.TextIOWrapper(
-                io.BufferedReader(_Bounded(decompressed, max_bytes)), encoding="utf-8-sig", errors="replace"
+                io.BufferedReader(_Bounded(decompressed, max_bytes), 1 << 16), encoding="utf-8-sig", errors="replace"
             ) as lines:
                 while line := lines.readline(MAX_LINE + 1):
                     number += 1
