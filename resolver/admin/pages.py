@@ -162,7 +162,7 @@ def _from_another_page(request: web.Request) -> bool:
     """Whether the browser says this POST comes from a page of another origin than the one it is sent to (the
     warning page's own: the name in its Host). An Origin, when there is one, must be this one: "null" too is
     refused (a page that hides its origin). Sec-Fetch-Site, when there is one (browsers send it over HTTPS
-    only), must be same-origin or none. A browser that sends neither (before 2020) is let through: the token
+    only), must be same-origin or none. An old browser that sends neither is let through: the token
     still binds the name, the device and one use."""
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return True
