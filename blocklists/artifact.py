@@ -40,13 +40,15 @@ def _aligned(offset: int) -> int:
     return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def write_atomically(path: Path, chunks: list[bytes | memoryview]) -> None:
+def write_atomically(path: Path, chunks: list[bytes | memoryview], mode: int = 0o666) -> None:
     """Write to a temporary file beside `path`, fsync, rename over it, fsync the directory: a reader sees
-    the old file or the new one, never a partial one."""
+    the old file or the new one, never a partial one. The file is made with `mode` (less the umask) whatever
+    the permissions of the one it replaces."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a killed writer of this pid: it would keep its permissions
     try:
-        with temporary.open("wb") as out:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
             out.flush()

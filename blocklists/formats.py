@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from blocklists.errors import SourceError
 from blocklists.names import BadName, LocalName, normalize
@@ -30,11 +31,25 @@ from blocklists.names import BadName, LocalName, normalize
 FORMATS = ("plain", "wildcard", "hosts", "adblock", "rpz", "bind", "dnsmasq", "unbound")
 SAMPLE_LIMIT = 20  # rejected lines kept verbatim for the report; the rest are only counted
 _DETECT_LINES = 2000
+# Bounds on what one source may make us read, so that a hostile file (a gzip bomb, a line without end) costs
+# at most the bound: the longest line of the real lists we hold is 252 characters, the largest list 46 MB.
+MAX_LINE = 4096  # characters
+MAX_BYTES = 2**30  # decompressed; the admin API reads its uploads with admin.max_upload instead
 
 
 class Entry(NamedTuple):
     name: str  # normalised, e.g. "www.example.com"
     allow: bool = False
+
+
+class UnusableSource(SourceError):
+    """A source read no further. `reason` says why without naming the file; `quoted` is what of the file's own
+    text the message repeats (its first bad lines, its skipped rules), for callers that must not show it."""
+
+    def __init__(self, name: str, reason: str, quoted: str = "") -> None:
+        super().__init__(f"{name}: {reason}{quoted}")
+        self.reason = reason
+        self.quoted = quoted
 
 
 class Skip(Exception):
@@ -64,18 +79,63 @@ class SourceReport:
             self.samples.append((number, reason, line.strip()[:200]))
 
 
-def open_text(path: Path) -> Iterator[str]:
+class _TooLarge(Exception):
+    pass
+
+
+class _Bounded(io.RawIOBase):
+    """A binary stream that stops with _TooLarge once it has given more than `limit` bytes."""
+
+    def __init__(self, inner: BinaryIO, limit: int) -> None:
+        self._inner = inner
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._inner.close()
+        super().close()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        self._left -= count
+        if self._left < 0:
+            raise _TooLarge
+        return int(count)
+
+
+def open_text(
+    path: Path, name: str | None = None, max_bytes: int = MAX_BYTES, setting: str | None = None
+) -> Iterator[str]:
     """Lines of a text file, gzip or not, as UTF-8 (undecodable bytes become U+FFFD and fail as names;
-    a byte-order mark is dropped)."""
+    a byte-order mark is dropped). A line over MAX_LINE characters, or more than `max_bytes` once
+    decompressed, stops the reading with UnusableSource: memory and time stay within the bounds whatever
+    the file. Errors call the file `name` (default: its path); `setting` names where `max_bytes` comes from."""
+    name = str(path) if name is None else name
+    number = 0
     try:
-        with path.open("rb") as probe:
-            gzipped = probe.read(2) == b"\x1f\x8b"
-        opener = gzip.open if gzipped else open
-        # utf-8-sig: a byte-order mark at the start is not part of the first line
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline=None) as lines:
-            yield from lines
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            decompressed: BinaryIO = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
+            # utf-8-sig: a byte-order mark at the start is not part of the first line; 64 KB reads keep the
+            # bound's Python call off each line (it reads as fast as a plain gzip.open)
+            with io.TextIOWrapper(
+                io.BufferedReader(_Bounded(decompressed, max_bytes), 1 << 16), encoding="utf-8-sig", errors="replace"
+            ) as lines:
+                while line := lines.readline(MAX_LINE + 1):
+                    number += 1
+                    if len(line) > MAX_LINE and not line.endswith("\n"):
+                        raise UnusableSource(name, f"line {number} is longer than {MAX_LINE} characters: not a list")
+                    yield line
+    except _TooLarge:
+        where = f" ({setting})" if setting else ""
+        raise UnusableSource(name, f"decompresses to more than {max_bytes} bytes{where}") from None
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+        raise UnusableSource(name, reason) from None
 
 
 def file_digest(path: Path) -> str:
@@ -380,9 +440,16 @@ def detect_format(lines: list[str]) -> str:
     return votes.most_common(1)[0][0]
 
 
-def read_source(path: Path, report: SourceReport, source_format: str | None = None) -> Iterator[Entry]:
-    """Every entry of one source, filling `report` as it goes. Raises SourceError if nothing is usable."""
-    lines = open_text(path)
+def read_source(
+    path: Path,
+    report: SourceReport,
+    source_format: str | None = None,
+    max_bytes: int = MAX_BYTES,
+    setting: str | None = None,
+) -> Iterator[Entry]:
+    """Every entry of one source, filling `report` as it goes. Raises SourceError if nothing is usable, or
+    past a bound (open_text); errors call the source by `report.path`."""
+    lines = open_text(path, report.path, max_bytes, setting)
     head: list[str] = []
     for line in lines:
         head.append(line)
@@ -391,7 +458,7 @@ def read_source(path: Path, report: SourceReport, source_format: str | None = No
     if source_format is None:
         source_format = detect_format(head)
     elif source_format not in FORMATS:
-        raise SourceError(f"{path}: unknown format {source_format!r}; known: {', '.join(FORMATS)}")
+        raise SourceError(f"{report.path}: unknown format {source_format!r}; known: {', '.join(FORMATS)}")
     report.format = source_format
     read_line = _line_reader(source_format)
 
@@ -417,10 +484,11 @@ def read_source(path: Path, report: SourceReport, source_format: str | None = No
             report.allows += entry.allow
             yield entry
     if report.entries == 0:
-        detail = f"{report.lines} lines, {report.rejected_count} rejected, {sum(report.skipped.values())} skipped"
+        counts = f"{report.lines} lines, {report.rejected_count} rejected, {sum(report.skipped.values())} skipped"
+        quoted = ""
         if report.skipped:
-            detail += " (" + ", ".join(f"{count} {reason}" for reason, count in report.skipped.most_common(3)) + ")"
+            quoted += " (" + ", ".join(f"{count} {reason}" for reason, count in report.skipped.most_common(3)) + ")"
         if report.samples:
             number, reason, text = report.samples[0]
-            detail += f" (first: line {number}: {reason}: {text!r})"
-        raise SourceError(f"{path}: no usable domain in it as {source_format}: {detail}")
+            quoted += f" (first: line {number}: {reason}: {text!r})"
+        raise UnusableSource(report.path, f"no usable domain in it as {source_format}: {counts}", quoted)

@@ -7,6 +7,14 @@ webhook's secret>`; anything but a 2xx is tried again after 1, 2, 4 … 60 s, th
 queue holds at most `MAX_QUEUED` alerts per site: beyond, the oldest are dropped and counted
 (`bns_webhook_alerts_total{outcome="dropped"}`), so a receiver that is down costs bounded memory. Each node
 posts what its own workers saw.
+
+A webhook is a site owner's URL fetched by this node, so it is held to where the operator lets it go: only a
+public address, or one in `admin.webhook_allow` (model.may_post_to). A host name is resolved here and only
+the addresses that pass are connected to (the connector is given no other), so a name that resolves, or
+rebinds between two posts, to 127.0.0.1 or a neighbour reaches nothing; an address in the URL is checked as
+written. A redirect is not followed (a 3xx is a failed post), a URL with a user name or password is not
+posted to, and no proxy from the environment is used. A refused post is logged and counted
+(`bns_webhook_refused_total`), and tried again like any failed one.
 """
 
 from __future__ import annotations
@@ -16,16 +24,21 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from resolver.admin.metrics import Metrics
 from resolver.shared.errors import StoreUnavailable
-from resolver.shared.policy.model import Webhook
+from resolver.shared.policy.model import PolicyError, Webhook, check_webhook_url, may_post_to
+
+if TYPE_CHECKING:
+    from aiohttp.abc import ResolveResult  # aiohttp ≥ 3.10; before, a plain dict of the same keys
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,35 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+class TargetRefused(OSError):
+    """A webhook's host resolves to no address alerts may be posted to."""
+
+
+class _CheckedResolver(AbstractResolver):
+    """A webhook's host name resolved, keeping only the addresses alerts may be posted to: the connector
+    connects to one of those, with the name still in the Host header and TLS's server name."""
+
+    def __init__(self, allow: tuple[str, ...]) -> None:
+        self._allow = allow
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        kept = [entry for entry in found if may_post_to(entry["host"], self._allow)]
+        if not kept:
+            addresses = ", ".join(sorted({entry["host"] for entry in found}))
+            raise TargetRefused(
+                f"{host} resolves to {addresses}, not a public address; to post there, add its network to "
+                "admin.webhook_allow"
+            )
+        return kept
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 class _Queue:
     __slots__ = ("alerts", "delay", "next_try")
 
@@ -53,9 +95,16 @@ class _Queue:
 
 
 class AlertHooks:
-    def __init__(self, metrics: Metrics, webhook_of: SiteHook, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        webhook_of: SiteHook,
+        allow: tuple[str, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._metrics = metrics
         self._webhook_of = webhook_of
+        self._allow = allow  # admin.webhook_allow
         self._clock = clock
         self._seen_until = time.time()  # alerts from before this process started were someone else's to send
         self._seen: set[tuple[Any, ...]] = set()  # the alerts of the last second, which a later look repeats
@@ -63,9 +112,15 @@ class AlertHooks:
         self._hooks: dict[str, tuple[float, Webhook | None]] = {}
         self.dropped = 0
         self.delivered = 0
+        self.refused = 0  # posts not made: the webhook's address is not one alerts may go to
+
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client of the posts: it connects to checked addresses only (and to no proxy)."""
+        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(self._allow))
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10), trust_env=False)
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with self.session() as session:
             while True:
                 await self.look()
                 await self.deliver(session)
@@ -107,9 +162,18 @@ class AlertHooks:
             body = json.dumps({"site": site, "alerts": batch}, separators=(",", ":")).encode()
             headers = {"Content-Type": "application/json", "X-BNS-Signature": signature(hook.secret, body)}
             try:
-                async with session.post(hook.url, data=body, headers=headers) as response:
+                check_webhook_url(hook.url, self._allow)  # stored before this node's rules, or under others
+                async with session.post(hook.url, data=body, headers=headers, allow_redirects=False) as response:
                     posted = 200 <= response.status < 300
                     why = f"HTTP {response.status}"
+            except PolicyError as refused:
+                posted, why = False, f"not posted: {refused.reason}"
+                self.refused += 1
+            except aiohttp.ClientConnectorError as exc:
+                posted, why = False, str(exc)
+                if isinstance(exc.os_error, TargetRefused):
+                    posted, why = False, f"not posted: {exc.os_error}"
+                    self.refused += 1
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 posted, why = False, str(exc) or type(exc).__name__
             if posted:

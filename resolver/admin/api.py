@@ -7,7 +7,8 @@ Auth: `Authorization: Bearer <token>`. Tokens come from `admin.tokens` / `admin.
 $BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. A site token
 (site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. No token
 or an unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token
-configured every request but a site token's is refused.
+configured every request but a site token's is refused. A source whose tokens keep failing is answered 429
+for a while, and the failures are logged (auth_failures.py). A webhook's secret is shown to admin tokens only.
 Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
 """
 
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from blocklists.catalog import Catalog
-from blocklists.errors import BlocklistError
+from blocklists.errors import ArtifactError, BlocklistError
 from resolver.admin.app import add_app_routes
+from resolver.admin.auth_failures import AuthFailures
 from resolver.admin.devices import activity_view, identity_fields, site_devices
 from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
@@ -80,7 +83,18 @@ def _written(site: Site | None) -> web.Response:
     """The site as the write left it. Never read back from the store: a read that fails after a write that
     succeeded would report the write as failed."""
     assert site is not None
-    return web.json_response(describe(site))
+    return web.json_response(_shown(describe(site)))
+
+
+_ROLE: ContextVar[str] = ContextVar("role", default=READ)  # the credential of the request being answered
+
+
+def _shown(document: dict[str, Any]) -> dict[str, Any]:
+    """A site document as the credential may see it: a webhook's secret only to an admin token (it signs the
+    site's alerts; a subscriber or a read-only token could forge them)."""
+    if _ROLE.get() == ADMIN or not document.get("webhook"):
+        return document
+    return {**document, "webhook": {"url": document["webhook"]["url"]}}
 
 
 def _failure(exc: BnsError | BlocklistError) -> web.Response:
@@ -122,6 +136,7 @@ class Api:
         activity: Activity,
     ) -> None:
         self.use_tokens(tokens)
+        self.failures = AuthFailures()
         self.site_tokens = site_tokens
         self.activity = activity
         self.catalog = catalog
@@ -195,11 +210,22 @@ class Api:
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
         try:
+            wait = self.failures.wait(request.remote)
+            if wait:
+                refused = _error(429, f"too many failed authentications from this address: try again in {wait} s")
+                refused.headers["Retry-After"] = str(wait)
+                return refused
             credential = await self._credential(request)
             if credential is None:
+                if "Authorization" in request.headers:
+                    self.failures.failed(request.remote, f"{route.method} {route.path}")
                 raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
             self._authorize(route, *credential, request)
-            return await handler(request)
+            shown = _ROLE.set(credential[0])
+            try:
+                return await handler(request)
+            finally:
+                _ROLE.reset(shown)
         except web.HTTPRequestEntityTooLarge:
             return _failure(TooLarge(self.max_upload))
         except (BnsError, BlocklistError) as exc:
@@ -344,7 +370,7 @@ class Api:
 
     async def get_site(self, request: web.Request) -> web.Response:
         document, version = await self._policies().get_site(request.match_info["site"])
-        return web.json_response({**document, "version": version})
+        return web.json_response({**_shown(document), "version": version})
 
     async def put_site(self, request: web.Request) -> web.Response:
         site = await self._policies().put_site(request.match_info["site"], await self._object(request))
@@ -445,7 +471,10 @@ class Api:
     async def publish(self, request: web.Request) -> web.Response:
         """The body is a compiled artifact (`bns lists compile`): verified, stored, announced."""
         async with self._received(request) as upload:
-            published = await self.publications.publish(upload)
+            try:
+                published = await self.publications.publish(upload)
+            except ArtifactError as refused:  # named after the temporary file: say "the artifact" instead
+                raise ArtifactError(str(refused).replace(str(upload), "the artifact")) from None
         return web.json_response(published.document(published.version), status=201)
 
     async def list_sources(self, _request: web.Request) -> web.Response:

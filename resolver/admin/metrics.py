@@ -154,6 +154,10 @@ class Metrics:
             "# TYPE bns_webhook_alerts_total counter",
             _line("bns_webhook_alerts_total", state.get("webhook_delivered", 0), {"outcome": "delivered"}),
             _line("bns_webhook_alerts_total", state.get("webhook_dropped", 0), {"outcome": "dropped"}),
+            "# HELP bns_webhook_refused_total Posts to sites' webhooks not made: the address is not public nor in"
+            " admin.webhook_allow, or the URL carries a user name or password.",
+            "# TYPE bns_webhook_refused_total counter",
+            _line("bns_webhook_refused_total", state.get("webhook_refused", 0)),
             "# HELP bns_activity_lost_total Device activity items lost: a worker's hand-over was full, or the"
             " store was out of reach for long.",
             "# TYPE bns_activity_lost_total counter",

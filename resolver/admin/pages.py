@@ -9,10 +9,15 @@ takes the resolver's steps, what the verdict for that name and client is now, an
   network knows. The button posts a token, signed with HMAC-SHA256 and expiring after `pages.offer_minutes`,
   that names the site, the device and the name. Accepting it writes a pass on that device through the policy
   store (every node sees it within a second) that lifts warnings for that name for `pages.pass_minutes`. A
-  forged token, one for another name or device, an expired one, one used before, or one posted by a script
-  rather than a user's navigation (Sec-Fetch-Mode) changes nothing;
+  forged token, one for another name or device, an expired one, one used before, one posted by a script
+  rather than a user's navigation (Sec-Fetch-Mode), or one posted from another site's page (Sec-Fetch-Site,
+  Origin) changes nothing;
 - anything else, a name this client may reach or one the page was not asked about: a page that says
   nothing about any name. When the store cannot be asked, a page that says so.
+
+Every page forbids what it does not use (Content-Security-Policy: its own style and "Go back" script by hash,
+nothing loaded, its form posted to itself only, never framed; nosniff) and sends no Referer, but for the
+warning page, whose button must show the browser's Origin (`same-origin`: nothing else is same-origin to it).
 
 Devices behind a router share its address. A page reached on an address of `pages.device_networks` is for
 the one device of the asking address's site that the resolver sent there for that name
@@ -98,35 +103,51 @@ class ContinueTokens:
         return base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest()).decode()
 
 
-_PAGE = Template("""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<meta name="robots" content="noindex">$refresh<title>$title</title>
-<style>
-body{font:16px/1.5 system-ui,sans-serif;margin:0;background:$background;color:#1d1d1f}
+_STYLE = """
+body{font:16px/1.5 system-ui,sans-serif;margin:0;background:#e9e9ee;color:#1d1d1f}body.warning{background:#f6d7d2}
 main{max-width:36rem;margin:12vh auto;padding:2rem;background:#fff;border-radius:12px;
 box-shadow:0 2px 12px rgba(0,0,0,.15)}
 h1{margin-top:0;font-size:1.6rem}.name{font-family:ui-monospace,monospace;word-break:break-all}
 .why{padding:.75rem 1rem;background:#f4f4f6;border-radius:8px}
-button,a.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid #888;background:#fff;
-cursor:pointer;text-decoration:none;color:inherit;margin-right:.5rem}
+button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid #888;background:#fff;
+cursor:pointer;color:inherit;margin-right:.5rem}
 button.primary{background:#1d1d1f;color:#fff;border-color:#1d1d1f}
 small{color:#555}
-</style></head>
-<body><main>
+"""
+_GO_BACK = 'document.getElementById("back").addEventListener("click",function(){history.back()})'
+
+
+def _digest(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Nothing runs or loads but this file's own style and "Go back" script (by their hashes), the form posts only
+# to the page's own origin, and no page may frame it: a name's warning page cannot be turned against its user.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; style-src {_digest(_STYLE)}; script-src {_digest(_GO_BACK)}; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+_PAGE = Template(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<meta name="robots" content="noindex">$refresh<title>$title</title>
+<style>{_STYLE}</style></head>
+<body class="$tone"><main>
 <h1>$title</h1>
 $body
 </main></body></html>
 """)
 
 
-def _page(status: int, title: str, body: str, background: str = "#e9e9ee", refresh: str = "") -> web.Response:
-    text = _PAGE.substitute(title=html.escape(title), body=body, background=background, refresh=refresh)
-    return web.Response(
-        status=status,
-        text=text,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"},
-    )
+def _page(
+    status: int, title: str, body: str, tone: str = "", refresh: str = "", referrer: str = "no-referrer"
+) -> web.Response:
+    text = _PAGE.substitute(title=html.escape(title), body=body, tone=tone, refresh=refresh)
+    headers = {**_SECURITY_HEADERS, "Referrer-Policy": referrer}
+    return web.Response(status=status, text=text, content_type="text/html", headers=headers)
 
 
 def _nothing_here() -> web.Response:
@@ -135,6 +156,18 @@ def _nothing_here() -> web.Response:
 
 def _unavailable() -> web.Response:
     return _page(503, "Try again", "<p>The network cannot check this site just now. Try again in a moment.</p>")
+
+
+def _from_another_page(request: web.Request) -> bool:
+    """Whether the browser says this POST comes from a page of another origin than the one it is sent to (the
+    warning page's own: the name in its Host). An Origin, when there is one, must be this one: "null" too is
+    refused (a page that hides its origin). Sec-Fetch-Site, when there is one (browsers send it over HTTPS
+    only), must be same-origin or none. An old browser that sends neither is let through: the token
+    still binds the name, the device and one use."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and origin.lower() != f"{request.scheme}://{request.host}".lower()
 
 
 def _clock_time(moment: float, timezone: str | None) -> str:
@@ -226,7 +259,10 @@ class Pages:
                 "<p><small>Ask this network's administrator if you think this is a "
                 "mistake.</small></p>",
             )
-        return _page(403, "Warning: this site may harm you", await self._warning(name, verdict), background="#f6d7d2")
+        # same-origin: its button's POST then carries this page's Origin (no-referrer would make it "null", as
+        # another site's page can make its own), and the page has nothing else same-origin to tell but us.
+        body = await self._warning(name, verdict)
+        return _page(403, "Warning: this site may harm you", body, tone="warning", referrer="same-origin")
 
     def _why(self, verdict: dict[str, Any]) -> str:
         rule = verdict["rule"]
@@ -247,7 +283,7 @@ class Pages:
         body = (
             f'<p><span class="name">{shown}</span> is known to be dangerous.</p>'
             f'<p class="why">{self._why(verdict)}</p>'
-            '<p><a class="button" href="javascript:history.back()">Go back</a></p>'
+            f'<p><button type="button" id="back">Go back</button></p><script>{_GO_BACK}</script>'
         )
         if verdict.get("untold"):
             return (
@@ -284,6 +320,8 @@ class Pages:
             # A browser says how a request came about; a script on some page cannot claim a navigation.
             if request.headers.get("Sec-Fetch-Mode", "navigate") != "navigate":
                 raise TokenRefused("the button must be pressed by you, on the warning page")
+            if _from_another_page(request):
+                raise TokenRefused("the button must be pressed on this warning page, not on another site")
             form = await request.post()
             token = form.get("token")
             if not isinstance(token, str) or name is None:

@@ -54,12 +54,17 @@ class AdminNode:
         self.lists_settled = False
         self.store_up: int = -1 if self.store is None else 1
         metrics = Metrics(run.path, self._state, config.server.worker_count)
-        self.hooks = AlertHooks(metrics, self._webhook_of)
+        self.hooks = AlertHooks(metrics, self._webhook_of, config.admin.webhook_allow)
         self.recorder = Recorder(run.activity, self.backends.activity, self.store)
         self.explainer = Explainer(self.store, maker, self.catalog, self.lists)
         cache_dir = cache_dir_of(config.lists)
         self.sources = Sources(
-            self.backends.shelf, self.catalog, self.publications, config.admin.source_roots, cache_dir / "compiles"
+            self.backends.shelf,
+            self.catalog,
+            self.publications,
+            config.admin.source_roots,
+            cache_dir / "compiles",
+            config.admin.max_upload,
         )
         self.api = Api(
             tokens_from(config.admin),
@@ -97,6 +102,7 @@ class AdminNode:
             "store_up": self.store_up,
             "webhook_delivered": self.hooks.delivered,
             "webhook_dropped": self.hooks.dropped,
+            "webhook_refused": self.hooks.refused,
             "activity_lost": self.recorder.lost,
             "devices_evicted": self.recorder.evicted,
         }

@@ -2,7 +2,10 @@
 
 A source is a file uploaded to the API (stored where every node can read it) or a path on the server under
 one of `admin.source_roots`. Each is read in full when it is added, so a file that yields nothing is
-refused then, with its first bad line, rather than at compile time. A compile job reads every source of
+refused then, with its first bad line, rather than at compile time; reading stops at the first line over
+MAX_LINE characters or once more than `admin.max_upload` bytes came out of it (a gzip bomb). What the API
+says of a file on the server names the argument or the setting at fault, never the file's lines nor where
+things lie on the server: those go to this node's log. A compile job reads every source of
 every category into one artifact (blocklists.compiler, in a thread: the event loop keeps answering) and,
 when asked, publishes it; its progress can be polled.
 
@@ -29,7 +32,7 @@ from typing import Any
 from blocklists.catalog import Catalog
 from blocklists.compiler import Source, compile_lists
 from blocklists.errors import BlocklistError, SourceError
-from blocklists.formats import SourceReport, file_digest, read_source
+from blocklists.formats import SourceReport, UnusableSource, file_digest, read_source
 from resolver.shared.errors import BnsError, Busy, NotFound
 from resolver.shared.policy.model import PolicyError
 from resolver.shared.store.publications import Publications
@@ -47,12 +50,25 @@ class CompileStopped(BnsError):
     """The node is stopping: a compile in its thread gives up at its next progress report."""
 
 
-def _read_whole(path: Path) -> SourceReport:
-    """Read a source to the end (raises SourceError when nothing in it is usable)."""
-    report = SourceReport(path.name)
-    for _entry in read_source(path, report):
+def _read_whole(path: Path, name: str, max_bytes: int) -> SourceReport:
+    """Read a source to the end (raises SourceError when nothing in it is usable), calling it `name`."""
+    report = SourceReport(name)
+    for _entry in read_source(path, report, max_bytes=max_bytes, setting="admin.max_upload"):
         pass
     return report
+
+
+def _told(exc: BlocklistError | BnsError | OSError, read_as: dict[str, SourceEntry]) -> str:
+    """What a failed compile job says: a source by its id, not the file it was read from, and an upload's
+    lines but never a line of a file on this server (the node's log has everything)."""
+    if isinstance(exc, UnusableSource):
+        entry = next((entry for path, entry in read_as.items() if str(exc).startswith(f"{path}: ")), None)
+        if entry is None:
+            return exc.reason
+        return f"source {entry.id}: {exc.reason}{exc.quoted if entry.kind == 'upload' else ''}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__} (this node's log says where)"
+    return str(exc)
 
 
 @dataclass
@@ -77,9 +93,16 @@ class CompileJob:
 
 class Sources:
     def __init__(
-        self, shelf: Shelf, catalog: Catalog, publications: Publications, roots: tuple[str, ...], scratch: Path
+        self,
+        shelf: Shelf,
+        catalog: Catalog,
+        publications: Publications,
+        roots: tuple[str, ...],
+        scratch: Path,
+        max_bytes: int,
     ) -> None:
         self.shelf = shelf
+        self.max_bytes = max_bytes  # admin.max_upload: what a source may decompress to
         self.catalog = catalog
         self.publications = publications
         self.roots = tuple(Path(root).resolve() for root in roots)
@@ -102,7 +125,15 @@ class Sources:
     async def _add(self, category: str, kind: str, file: Path, name: str, path: str) -> SourceEntry:
         """Read `file` whole (one with nothing usable is refused here) and keep it as a source. An upload is
         named by its bytes, a path source by its path: adding either again replaces it."""
-        report = await asyncio.to_thread(_read_whole, file)
+        try:
+            report = await asyncio.to_thread(
+                _read_whole, file, "the upload" if kind == "upload" else "path", self.max_bytes
+            )
+        except UnusableSource as refused:
+            if kind == "upload":
+                raise  # an upload's own lines, quoted back to whoever sent them, show nothing of this server
+            log.warning("path source %s refused: %s%s", path, refused.reason, refused.quoted)
+            raise PolicyError("path", refused.reason) from None
         digest = await asyncio.to_thread(file_digest, file)
         named_by = hashlib.sha256(path.encode()).hexdigest() if path else digest
         entry = SourceEntry(
@@ -127,18 +158,21 @@ class Sources:
         return await self._add(category, "upload", upload, Path(name).name[:200] or "upload", "")
 
     def _allowed_path(self, path_text: str) -> Path:
-        """The file a path names, after symlinks, if it lies under one of this node's admin.source_roots."""
+        """The file a path names, after symlinks, if it lies under one of this node's admin.source_roots. A
+        refusal names the setting, never the roots nor where a link leads."""
         if not path_text.startswith("/"):
-            raise PolicyError("path", f"{path_text!r} is not an absolute path")
+            raise PolicyError("path", "not an absolute path")
+        if not self.roots:
+            raise PolicyError("path", "this node takes uploads only (admin.source_roots is empty)")
         try:
             path = Path(path_text).resolve()
             if not any(path.is_relative_to(root) for root in self.roots):
-                allowed = ", ".join(map(str, self.roots)) or "none: set admin.source_roots"
-                raise PolicyError("path", f"{path} is not under admin.source_roots ({allowed})")
+                raise PolicyError("path", "not under admin.source_roots")
             if not path.is_file():
-                raise PolicyError("path", f"{path} is not a file on this server")
+                raise PolicyError("path", "not a file under admin.source_roots")
         except (OSError, ValueError, RuntimeError) as exc:  # unreadable, a NUL byte, a symlink loop
-            raise PolicyError("path", f"{path_text!r}: {exc}") from None
+            log.warning("path source %r refused: %s", path_text, exc)
+            raise PolicyError("path", "cannot be resolved on this server") from None
         return path
 
     async def add_path(self, category: str, path_text: Any) -> SourceEntry:
@@ -176,6 +210,7 @@ class Sources:
         return self.jobs[job_id]
 
     async def _compile(self, job: CompileJob) -> None:
+        read_as: dict[str, SourceEntry] = {}  # the file each source is read from → the source
         try:
             entries = await self.list()
             if not entries:
@@ -189,12 +224,13 @@ class Sources:
                     if entry.kind == "upload":
                         local = scratch / f"{entry.id}.src"
                         await self.shelf.copy_upload(entry, local)
-                        sources.append(Source(local, entry.category))
                     else:
                         try:
-                            sources.append(Source(self._allowed_path(entry.path), entry.category))
+                            local = self._allowed_path(entry.path)
                         except PolicyError as refused:
-                            raise SourceError(f"source {entry.id}: {refused.reason}") from None
+                            raise SourceError(f"source {entry.id}: path {refused.reason}") from None
+                    sources.append(Source(local, entry.category))
+                    read_as[str(local)] = entry
 
                 def progress(stage: str, count: int) -> None:
                     if self._stopping:
@@ -211,7 +247,7 @@ class Sources:
                     job.published = True
             job.state, job.stage = "done", "done"
         except (BlocklistError, BnsError, OSError) as exc:
-            job.state, job.error = "failed", str(exc)
+            job.state, job.error = "failed", _told(exc, read_as)
             log.warning("compile %s failed: %s", job.id, exc)
         except Exception as exc:
             job.state, job.error = "failed", f"internal error: {exc}"

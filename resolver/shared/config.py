@@ -476,12 +476,22 @@ class AdminSettings:
         (), "bearer tokens of the read-only role (and $BNS_READ_TOKENS)", convert=_tokens, live=True, show=hidden
     )
     max_upload: int = setting(
-        256 * 2**20, "largest request body in bytes (an artifact, a list source)", minimum=1024, maximum=2**32
+        256 * 2**20,
+        "largest request body in bytes (an artifact, a list source); also the most a list source on the API may "
+        "decompress to",
+        minimum=1024,
+        maximum=2**32,
     )
     source_roots: tuple[str, ...] = setting(
         (),
         "directories under which the API may register list sources by path; empty: uploads only",
         convert=_directories,
+    )
+    webhook_allow: tuple[str, ...] = setting(
+        (),
+        "networks sites' webhooks may post to although they are not public (loopback, private, link-local…); "
+        "empty: public addresses only",
+        convert=_networks,
     )
     niceness: int = setting(
         19,

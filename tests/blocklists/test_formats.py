@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
 
 from blocklists.catalog import load_catalog
 from blocklists.errors import CatalogError, SourceError
-from blocklists.formats import Entry, SourceReport, detect_format, read_source
+from blocklists.formats import MAX_BYTES, MAX_LINE, Entry, SourceReport, UnusableSource, detect_format, read_source
 from blocklists.names import BadName, LocalName, normalize, reverse, unreverse, wire_to_key
 from tests.conftest import FIXTURES
 
@@ -247,6 +250,49 @@ class TestHostileLines:
     def test_detect_prefers_plain_for_plain_lists(self):
         assert detect_format(["a.example\n", "b.example\n"]) == "plain"
         assert detect_format([]) == "plain"
+
+
+def gzip_of(chunk: bytes, times: int) -> bytes:
+    """`chunk` repeated `times` times, gzipped a chunk at a time (never the whole in memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    return b"".join(packer.compress(chunk) for _ in range(times)) + packer.flush()
+
+
+class TestBounds:
+    """A hostile source costs at most the bounds (issue 18): the attack was a 408 KB upload decompressing to
+    400 MB without a newline, held whole as one line (1.25 GB for 14 s)."""
+
+    def test_a_line_without_end_stops_the_reading_at_the_bound(self, tmp_path):
+        path = tmp_path / "bomb.txt.gz"
+        path.write_bytes(gzip_of(b"a" * (1 << 20), 400))  # 400 MB of one line, in 400 KB
+        tracemalloc.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(UnusableSource, match=f"bomb.txt.gz: line 1 is longer than {MAX_LINE} characters"):
+                read(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert time.monotonic() - started < 1 and peak < 2**20
+
+    def test_a_source_decompressing_past_the_bound_stops_there(self, tmp_path):
+        path = tmp_path / "many.txt.gz"
+        path.write_bytes(gzip_of(b"a.example\n" * 100_000, 100))  # 100 MB of lines
+        report = SourceReport("the upload")
+        with pytest.raises(
+            UnusableSource, match=r"the upload: decompresses to more than 1048576 bytes \(admin.max_upload\)"
+        ):
+            list(read_source(path, report, max_bytes=1 << 20, setting="admin.max_upload"))
+        assert report.lines < 110_000  # it stopped at the bound (1 MB), not at the end of the file
+        assert MAX_BYTES > 100 * 2**20  # the bound of `bns lists compile` is above what real lists decompress to
+
+    def test_lines_up_to_the_bound_are_read_with_any_line_ending(self, tmp_path):
+        longest = "x" * (MAX_LINE - len(".example")) + ".example"
+        path = tmp_path / "edge.txt"
+        path.write_bytes(f"a.example\r\n{longest}\rb.example".encode())
+        entries, report = read(path, "plain")
+        assert [e.name for e in entries] == ["a.example", "b.example"]  # the long one is not a name, but a line
+        assert report.lines == 3 and report.rejected_count == 1
 
 
 class TestCatalog:

@@ -187,7 +187,10 @@ def test_a_pause_and_a_token_revocation_through_one_node_hold_on_both_at_once(tm
 @pytest.fixture
 def file_node(tmp_path, upstream):
     config = node_config(
-        tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"', max_upload=131072
+        tmp_path / "n" / "bns.toml",
+        f'[store]\nfile = "{tmp_path / "policies.json"}"',
+        max_upload=131072,
+        webhook_allow=["127.0.0.0/8"],  # its webhook test's receiver is on this machine
     )
     with ExitStack() as stack:
         yield start(stack, config, upstream)

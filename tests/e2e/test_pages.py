@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 import random
@@ -136,6 +137,17 @@ def fetch(
         connection.close()
 
 
+def headers_of(address: str, port: int, name: str) -> tuple[dict[str, str], str]:
+    """The headers and the text of the page for `name`."""
+    connection = HTTPConnection(address, port, timeout=10, source_address=(LAPTOP, 0))
+    try:
+        connection.request("GET", "/", headers={"Host": name})
+        response = connection.getresponse()
+        return dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()
+
+
 def token_in(page: str) -> str:
     found = re.search(r'name="token" value="([^"]+)"', page)
     assert found, "the page has no continue button"
@@ -161,7 +173,12 @@ def test_continue_anyway_opens_the_name_for_that_device_only(tmp_path, upstream,
         # A script on some page posting the button's token (DNS rebinding) is refused; the token stays good.
         status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="cors")
         assert status == 403 and "must be pressed by you" in page
-        status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="navigate")
+        # Nor a form on another site's page, however valid its token (issue 18).
+        for foreign in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec_Fetch_Site": "cross-site"}):
+            status, page = fetch(address, port, PHISH, token=token, Sec_Fetch_Mode="navigate", **foreign)
+            assert status == 403 and "not on another site" in page
+        own = {"Origin": f"http://{PHISH}", "Sec_Fetch_Site": "same-origin", "Sec_Fetch_Mode": "navigate"}  # its Host
+        status, page = fetch(address, port, PHISH, token=token, **own)
         assert status == 200 and "is open on this device" in page and "JST" in page  # the site's clock
         took = eventually(lambda: every_answer(dns_port, PHISH, LAPTOP, lambda answer: answer[1] is None), 2)
         assert took < 1.5
@@ -308,6 +325,21 @@ def test_the_pages_say_what_was_blocked_and_nothing_about_other_names(tmp_path, 
         status, page = fetch(address, port, BOTH)
         assert status == 403 and "Blocked" in page and "Continue anyway" not in page
 
+        # Every page forbids what it does not use (issue 18): its one style and script, allowed by hash.
+        for name in (DRUGS, PHISH, FINE):
+            headers, page = headers_of(address, port, name)
+            policy = headers["Content-Security-Policy"]
+            assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+            assert "form-action 'self'" in policy and "base-uri 'none'" in policy
+            referrer = "same-origin" if name == PHISH else "no-referrer"  # the button's POST must show its origin
+            assert (headers["X-Content-Type-Options"], headers["Referrer-Policy"]) == ("nosniff", referrer)
+            inline = re.findall(r"<(style|script)>(.*?)</\1>", page, re.S)
+            assert {kind for kind, _text in inline} == ({"style", "script"} if name == PHISH else {"style"})
+            for kind, text in inline:
+                digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+                assert f"{kind}-src 'sha256-{digest}'" in policy
+            assert "javascript:" not in page and not re.search(r"<[^>]*\son[a-z]+\s*=", page)  # no handlers
+
         # A name this client may reach, or none at all: a page that names nothing.
         for host in (FINE, "127.0.0.1", "bad..name"):
             status, page = fetch(address, port, host)
@@ -333,6 +365,9 @@ def test_the_warning_page_in_chromium_with_its_button(tmp_path, upstream, store)
         async def browse() -> tuple[str, str, list[int], list[int]]:
             # The browser goes where our DNS answer sent it: the page address.
             async with Browser({PHISH: answered[0]}, tmp_path / "chromium") as browser:
+                await browser.open(f"http://{PHISH}:{port}/login")
+                await browser.press("#back")  # its script, allowed by the page's policy, goes back
+                await browser.wait_for("location.href === 'about:blank'")
                 await browser.open(f"http://{PHISH}:{port}/login")
                 warning_text = await browser.evaluate("document.body.innerText")
                 button_at = await browser.evaluate(

@@ -11,7 +11,14 @@ import pytest
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
 from resolver.shared.identity import Claim, Identity, NetworkSet, confine, identity_from
-from resolver.shared.policy.model import PolicyError, mac_from_option, parse_site, site_document
+from resolver.shared.policy.model import (
+    PolicyError,
+    check_webhook_url,
+    mac_from_option,
+    may_post_to,
+    parse_site,
+    site_document,
+)
 
 pytestmark = pytest.mark.unit
 CATALOG = load_catalog()
@@ -211,3 +218,38 @@ def test_trusted_networks():
     assert "127.0.0.1" in trusted and "2001:db8::5" in trusted
     assert "127.0.0.2" not in trusted and "garbage" not in trusted
     assert not NetworkSet(())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "http://[::1]/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.1.1/hook",
+        "http://100.64.0.1/hook",  # shared (CGNAT)
+        "http://169.254.169.254/latest/meta-data",  # link-local: a cloud's metadata service
+        "http://[fe80::1%25eth0]/hook",
+        "http://0.0.0.0/hook",
+        "http://[::]/hook",
+        "http://224.0.0.1/hook",
+        "http://[ff02::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",  # loopback written as IPv6
+        "http://192.0.2.1/hook",  # documentation: nobody's
+    ],
+)
+def test_a_webhook_to_an_address_that_is_not_public_is_refused_unless_allowed(url):
+    """Issue 18: a site's webhook could point the node at its own loopback or its neighbours."""
+    with pytest.raises(PolicyError) as refused:
+        check_webhook_url(url, ())
+    assert refused.value.field == "webhook.url" and "admin.webhook_allow" in refused.value.reason
+    check_webhook_url(url, ("0.0.0.0/0", "::/0"))  # the operator's allowlist lets it through
+
+
+def test_a_webhook_url_with_credentials_is_refused_and_public_targets_pass():
+    with pytest.raises(PolicyError) as refused:
+        check_webhook_url("https://user:pass@hooks.example/x", ("0.0.0.0/0",))
+    assert refused.value.field == "webhook.url" and "user name or password" in refused.value.reason
+    for url in ("https://hooks.example/x", "https://8.8.8.8/x", "http://[2001:4860:4860::8888]:8443/x"):
+        check_webhook_url(url, ())  # a name is checked when alerts are sent, on the addresses it has then
+    assert may_post_to("127.0.0.1", ("127.0.0.0/8",)) and not may_post_to("127.0.0.1", ("10.0.0.0/8",))

@@ -244,3 +244,40 @@ def test_a_site_stored_before_incarnations_gets_one_at_its_next_write(make_store
         assert await store.change_site_tokens("older", dict) == (await store.site_tokens("older"))[0] != ""
 
     run(_with(make_store(), work))
+
+
+def test_the_policy_file_and_its_lock_are_readable_by_their_owner_only(tmp_path):
+    """Issue 18: the embedded store, which holds webhook secrets, and its lock were written 0644. Every file
+    bns makes is 0600, and an older file with wider permissions becomes 0600 at the next write."""
+    path, lock = tmp_path / "policies.json", tmp_path / "policies.json.lock"
+    webhook = {"url": "https://hooks.example/bns", "secret": "a-secret-of-16-chars"}
+
+    async def work(service: PolicyService) -> None:
+        await service.put_site("a", {"webhook": webhook})
+
+    run(_with(FileStore(path, CATALOG), work))
+    made = {path.stat().st_mode & 0o777, lock.stat().st_mode & 0o777}
+    path.chmod(0o644)
+    lock.chmod(0o664)
+    run(_with(FileStore(path, CATALOG), work))
+    assert made == {0o600} and {path.stat().st_mode & 0o777, lock.stat().st_mode & 0o777} == {0o600}
+    assert [entry.name for entry in tmp_path.iterdir() if entry.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_webhook_is_checked_when_its_url_is_written(make_store):
+    """Issue 18: refused at write time when it names an address that is not public and not allowed; a site
+    whose webhook the allowlist stopped admitting can still be written (its alerts are refused when sent)."""
+    loopback = {"url": "http://127.0.0.1:9/hook", "secret": "a-secret-of-16-chars"}
+
+    async def work(service: PolicyService) -> None:
+        with pytest.raises(PolicyError) as refused:
+            await service.put_site("a", {"webhook": loopback})
+        assert refused.value.field == "webhook.url"
+        service.store.webhook_allow = ("127.0.0.0/8",)
+        await service.put_site("a", {"webhook": loopback})
+        service.store.webhook_allow = ()
+        await service.pause("a", ("site", None))  # the same URL: not checked again
+        with pytest.raises(PolicyError):
+            await service.set_site_fields("a", {"webhook": {**loopback, "url": "http://127.0.0.2/hook"}})
+
+    run(_with(make_store(), work))

@@ -36,8 +36,8 @@ from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.activity import LocalActivity
 from resolver.shared.store.page_tokens import Secret
+from resolver.shared.store.policies import Store
 from resolver.shared.store.publications import LocalPublications
-from resolver.shared.store.redis_policies import RedisStore
 from resolver.shared.store.shelves import LocalShelf
 from tests.conftest import ServerThread, eventually, make_config, redis_policy_store
 from tests.worker.test_policies import Clock, ask, outcome, write
@@ -326,12 +326,14 @@ def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(
 API_TOKEN = "store-faults-token-00001"
 
 
-def api_over(store: RedisStore, scratch: Path) -> Api:
-    """The admin API of a node over `store`, in this process."""
-    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN]})
+def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
+    """The admin API of a node over `store`, in this process; `admin`: more admin settings."""
+    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN], **admin})
     catalog, maker, lists = load_policy_and_lists(config)
     publications = LocalPublications(catalog, scratch / "served.bns", scratch / "versions")
-    sources = Sources(LocalShelf(scratch / "sources"), catalog, publications, (), scratch / "compiles")
+    sources = Sources(
+        LocalShelf(scratch / "sources"), catalog, publications, (), scratch / "compiles", config.admin.max_upload
+    )
     return Api(
         tokens_from(config.admin),
         catalog,

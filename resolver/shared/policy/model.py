@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from blocklists.catalog import Catalog
@@ -525,6 +526,44 @@ def _webhook(value: Any) -> Webhook | None:
     secret = _text(entry.get("secret"), "webhook.secret", 256)
     _require(len(secret) >= 16 and secret.isprintable(), "webhook.secret", "must be 16 to 256 printable characters")
     return Webhook(url, secret)
+
+
+def may_post_to(address: str, allow: tuple[str, ...]) -> bool:
+    """Whether alerts may be posted to `address`: a public unicast address, or one in `allow` (the operator's
+    admin.webhook_allow). A site's webhook must not make this node reach its own loopback or its neighbours."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(network) for network in allow):
+        return True
+    return ip.is_global and not ip.is_multicast
+
+
+def check_webhook_url(url: str, allow: tuple[str, ...]) -> None:
+    """Raises PolicyError (webhook.url) unless alerts may be posted to `url` as written: no user name or
+    password in it (the receiver checks the signature instead), and an address in it must pass may_post_to.
+    A host name is checked when alerts are sent, on the addresses it resolves to then."""
+    try:
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise PolicyError("webhook.url", f"not a URL: {exc}") from None
+    _require(
+        parts.username is None and parts.password is None,
+        "webhook.url",
+        "must not carry a user name or password (user:password@): the receiver checks X-BNS-Signature",
+    )
+    _require(bool(host), "webhook.url", "has no host")
+    assert host is not None
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return
+    _require(
+        may_post_to(host, allow),
+        "webhook.url",
+        f"{host} is not a public address; to post there, add its network to admin.webhook_allow",
+    )
 
 
 def parse_profile(name: str, value: Any, catalog: Catalog) -> PolicySpec:

@@ -49,8 +49,10 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
     settings = config.store
     if settings.redis:
         redis = RedisConnection(settings.redis, settings.prefix)
+        store = RedisStore(redis, catalog, settings.write_replicas)
+        store.webhook_allow = config.admin.webhook_allow
         return Backends(
-            RedisStore(redis, catalog, settings.write_replicas),
+            store,
             RedisPublications(catalog, served, redis, cache / "fetched", settled),
             RedisShelf(redis),
             RedisUsedTokens(redis),
@@ -60,6 +62,8 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
             redis.close,
         )
     policies = FileStore(Path(settings.file), catalog) if settings.file else None
+    if policies is not None:
+        policies.webhook_allow = config.admin.webhook_allow
     return Backends(
         policies,
         LocalPublications(catalog, served, cache / "versions"),

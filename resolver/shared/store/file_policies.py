@@ -28,11 +28,14 @@ from resolver.shared.store.policies import (
     new_incarnation,
 )
 
+_PRIVATE = 0o600  # the file holds webhook secrets: its owner (the user bns runs as) alone reads it
+
 
 class FileStore(Store):
     """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version", "incarnation",
     "tokens"}}, "profiles": {name: {"doc", "version"}}}` (policies.py says what a site's incarnation and tokens
-    are). For one box; every reader holds the whole file in memory."""
+    are). For one box; every reader holds the whole file in memory. Every write makes the file anew, readable
+    by its owner only (0600), as is its lock file."""
 
     def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
         super().__init__(catalog)
@@ -172,12 +175,15 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+        with open(
+            os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, _PRIVATE), "w"
+        ) as lock:
+            os.fchmod(lock.fileno(), _PRIVATE)  # one made before bns made it private
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._identity = None  # read the file again under the lock
             self.refresh()
             yield
-            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()])
+            write_atomically(self.path, [json.dumps(self._data, indent=1, sort_keys=True).encode()], _PRIVATE)
             self._identity = None
 
     async def update_site(self, site_id: str, mutate: Mutation) -> Site | None:
@@ -185,7 +191,7 @@ class FileStore(Store):
             entry = self._data["sites"].get(site_id)
             old = entry["doc"] if entry else None
             version = (entry["version"] if entry else 0) + 1
-            site = self._validated(site_id, mutate(old), version)
+            site = self._validated(site_id, mutate(old), version, old)
             if site is None:
                 self._data["sites"].pop(site_id, None)
                 return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blocklists.catalog import Catalog
-from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_site
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, check_webhook_url, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
 
 class Store(ABC):
     """The operations the workers (reads, change notices) and the policy service (writes) need."""
+
+    webhook_allow: tuple[str, ...] = ()  # admin.webhook_allow, where a webhook written here may point
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -151,12 +153,20 @@ class Store(ABC):
     async def close(self) -> None:
         return None
 
-    def _validated(self, site_id: str, document: SiteDocument | None, version: int) -> Site | None:
+    def _validated(
+        self, site_id: str, document: SiteDocument | None, version: int, old: SiteDocument | None = None
+    ) -> Site | None:
+        """The site `document` makes, refused with the field at fault. A webhook is checked only when its URL is
+        new (`old`: the document it replaces), so a site whose webhook admin.webhook_allow no longer admits can
+        still be paused; the alerts are refused when sent."""
         if document is None:
             return None
         if document.get("id", site_id) != site_id:
             raise PolicyError("id", f"{document.get('id')!r} does not match the site being written ({site_id!r})")
-        return parse_site({**document, "id": site_id}, self.catalog, version)
+        site = parse_site({**document, "id": site_id}, self.catalog, version)
+        if site.webhook is not None and site.webhook.url != ((old or {}).get("webhook") or {}).get("url"):
+            check_webhook_url(site.webhook.url, self.webhook_allow)
+        return site
 
 
 # --- Redis -------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ class RedisStore(Store):
         async def write(pipe: Any) -> Site | None:
             raw, version = await pipe.hmget(key, "doc", "version")
             old = json.loads(raw) if raw is not None else None
-            site = self._validated(site_id, mutate(old), int(version or 0) + 1)
+            site = self._validated(site_id, mutate(old), int(version or 0) + 1, old)
             await self._check_owners(pipe, site_id, site)
             pipe.multi()
             self._queue_write(pipe, site_id, old, site)
