@@ -142,11 +142,11 @@ def node(
                 host, port = match.group(1).strip("[]"), int(match.group(2))
             assert time.monotonic() < deadline, "bns serve did not report its address"
         admin = None
-        if args[args.index("--admin-listen") + 1]:
-            line = process.next_line(deadline - time.monotonic()) or ""
+        while admin is None and args[args.index("--admin-listen") + 1]:  # a worker may log in between
+            line = process.next_line(deadline - time.monotonic())
+            assert line is not None and time.monotonic() < deadline, f"no admin API reported:\n{process.log}"
             found = re.search(r"admin API on (http://\S+)/", line)
-            assert found, f"bns serve did not report its admin API: {line!r}"
-            admin = found.group(1)
+            admin = found.group(1) if found else None
         wait_until_ready(host, port, deadline)
         if admin is not None and token is not None:
             wait_until_healthy(admin, token, deadline)
