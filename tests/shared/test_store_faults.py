@@ -326,7 +326,7 @@ def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(
 API_TOKEN = "store-faults-token-00001"
 
 
-def api_over(store: RedisStore, scratch: Path) -> Api:
+def api_over(store: RedisStore, scratch: Path, max_upload: int = 1 << 20, max_json: int = 1 << 20) -> Api:
     """The admin API of a node over `store`, in this process."""
     config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN]})
     catalog, maker, lists = load_policy_and_lists(config)
@@ -340,7 +340,8 @@ def api_over(store: RedisStore, scratch: Path) -> Api:
         sources,
         Explainer(store, maker, catalog, lists),
         Metrics(scratch, dict),
-        1 << 20,
+        max_upload,
+        max_json,
         scratch / "uploads",
         SiteTokens(Secret("", None)),
         LocalActivity(config.activity),

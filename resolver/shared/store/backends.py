@@ -50,7 +50,7 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
     if settings.redis:
         redis = RedisConnection(settings.redis, settings.prefix)
         return Backends(
-            RedisStore(redis, catalog, settings.write_replicas),
+            RedisStore(redis, catalog, settings.write_replicas, config.limits),
             RedisPublications(catalog, served, redis, cache / "fetched", settled),
             RedisShelf(redis),
             RedisUsedTokens(redis),
@@ -59,7 +59,7 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
             redis.listen,
             redis.close,
         )
-    policies = FileStore(Path(settings.file), catalog) if settings.file else None
+    policies = FileStore(Path(settings.file), catalog, limits=config.limits) if settings.file else None
     return Backends(
         policies,
         LocalPublications(catalog, served, cache / "versions"),

@@ -15,6 +15,7 @@ from typing import Any
 
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
@@ -24,8 +25,10 @@ class FileStore(Store):
     """All sites and profiles in one JSON file: `{"format": 1, "sites": {id: {"doc", "version"}},
     "profiles": {name: {"doc", "version"}}}`. For one box; every reader holds the whole file in memory."""
 
-    def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
-        super().__init__(catalog)
+    def __init__(
+        self, path: Path, catalog: Catalog, poll_interval: float = 0.25, limits: LimitsSettings | None = None
+    ) -> None:
+        super().__init__(catalog, limits)
         self.path = Path(path)
         self._interval = poll_interval
         self._identity: tuple[int, int, int] | None = None
@@ -170,7 +173,7 @@ class FileStore(Store):
             entry = self._data["sites"].get(site_id)
             old = entry["doc"] if entry else None
             version = (entry["version"] if entry else 0) + 1
-            site = self._validated(site_id, mutate(old), version)
+            site = self._validated(site_id, mutate(old), version, old)
             if site is None:
                 self._data["sites"].pop(site_id, None)
                 return None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from blocklists.catalog import Catalog
-from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_site
+from resolver.shared.config import LimitsSettings
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, check_bounds, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
 class Store(ABC):
     """The operations the workers (reads, change notices) and the policy service (writes) need."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, limits: LimitsSettings | None) -> None:
         self.catalog = catalog
+        self.limits = limits or LimitsSettings()  # what a write may store in a site document
 
     # reads
     @abstractmethod
@@ -111,9 +113,9 @@ class Store(ABC):
             if not isinstance(document, dict) or not isinstance(document.get("id"), str):
                 raise PolicyError(f"sites[{index}].id", "missing or not a string")
             try:
-                site = self._validated(document["id"], document, 0)
+                site = self._validated(document["id"], document, 0, None)
             except PolicyError as exc:
-                raise PolicyError(f"sites[{index}].{exc.field}", exc.reason) from None
+                raise PolicyError(f"sites[{index}]" + (f".{exc.field}" if exc.field else ""), exc.reason) from None
             assert site is not None
             for field, values in (("networks", site.networks), ("cpe_ids", site.cpe_ids)):
                 for value in values:
@@ -126,12 +128,17 @@ class Store(ABC):
     async def close(self) -> None:
         return None
 
-    def _validated(self, site_id: str, document: SiteDocument | None, version: int) -> Site | None:
+    def _validated(
+        self, site_id: str, document: SiteDocument | None, version: int, before: SiteDocument | None
+    ) -> Site | None:
+        """The site a write stores, validated whole and within `limits`; `before`: the document until now."""
         if document is None:
             return None
         if document.get("id", site_id) != site_id:
             raise PolicyError("id", f"{document.get('id')!r} does not match the site being written ({site_id!r})")
-        return parse_site({**document, "id": site_id}, self.catalog, version)
+        site = parse_site({**document, "id": site_id}, self.catalog, version)
+        check_bounds(site, before, self.limits)
+        return site
 
 
 # --- Redis -------------------------------------------------------------------------------------------------

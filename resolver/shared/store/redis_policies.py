@@ -13,6 +13,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, WatchError
 
 from blocklists.catalog import Catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import Apply, Change, Mutation, SiteDocument, Store, lookup_candidates
@@ -43,8 +44,14 @@ return {site, redis.call('HGET', KEYS[3] .. site, 'version') or false}
 class RedisStore(Store):
     confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
 
-    def __init__(self, connection: RedisConnection, catalog: Catalog, write_replicas: int = -1) -> None:
-        super().__init__(catalog)
+    def __init__(
+        self,
+        connection: RedisConnection,
+        catalog: Catalog,
+        write_replicas: int = -1,
+        limits: LimitsSettings | None = None,
+    ) -> None:
+        super().__init__(catalog, limits)
         self.connection = connection
         self.client = connection.client
         self.key = connection.key
@@ -197,7 +204,7 @@ class RedisStore(Store):
                     await pipe.watch(*watched)
                     raw, version = await pipe.hmget(key, "doc", "version")
                     old = json.loads(raw) if raw is not None else None
-                    site = self._validated(site_id, mutate(old), int(version or 0) + 1)
+                    site = self._validated(site_id, mutate(old), int(version or 0) + 1, old)
                     await self._check_owners(pipe, site_id, site)
                     pipe.multi()
                     self._queue_write(pipe, site_id, old, site)
