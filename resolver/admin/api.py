@@ -131,6 +131,7 @@ class Api:
         explainer: Explainer,
         metrics: Metrics,
         max_upload: int,
+        max_json: int,
         scratch: Path,
         site_tokens: SiteTokens,
         activity: Activity,
@@ -147,6 +148,7 @@ class Api:
         self.explainer = explainer
         self.metrics = metrics
         self.max_upload = max_upload
+        self.max_json = max_json
         self.scratch = scratch
         self.started = time.time()
         self._routes: dict[Callable[..., Any], Route] = {}  # the bound handler → its declaration
@@ -158,7 +160,9 @@ class Api:
         self._tokens = [(token.encode(), role) for token, role in tokens.items()]
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_upload, middlewares=[self._guard])
+        # client_max_size bounds request.read(), which only _json uses: a chunked body stops there. Uploads
+        # stream through _received, bounded by max_upload.
+        app = web.Application(client_max_size=self.max_json, middlewares=[self._guard])
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._bind(route))
         add_app_routes(app)  # the subscriber's app (app.py): static files, no token; its data comes from ROUTES
@@ -227,11 +231,14 @@ class Api:
             finally:
                 _ROLE.reset(shown)
         except web.HTTPRequestEntityTooLarge:
-            return _failure(TooLarge(self.max_upload))
+            return _failure(TooLarge("admin.max_json", self.max_json))
         except (BnsError, BlocklistError) as exc:
             return _failure(exc)
 
     async def _json(self, request: web.Request) -> Any:
+        """The body as JSON; over admin.max_json it is a 413, before it is read when its length is given."""
+        if request.content_length is not None and request.content_length > self.max_json:
+            raise TooLarge("admin.max_json", self.max_json)
         try:
             return json.loads(await request.read() or b"null")
         except json.JSONDecodeError as exc:
@@ -456,14 +463,14 @@ class Api:
     async def _received(self, request: web.Request) -> AsyncIterator[Path]:
         """The request body in a temporary file, streamed; over admin.max_upload it is a 413."""
         if request.content_length is not None and request.content_length > self.max_upload:
-            raise TooLarge(self.max_upload)
+            raise TooLarge("admin.max_upload", self.max_upload)
         self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.scratch, suffix=".upload") as upload:
             size = 0
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
                 if size > self.max_upload:
-                    raise TooLarge(self.max_upload)
+                    raise TooLarge("admin.max_upload", self.max_upload)
                 upload.write(chunk)
             upload.flush()
             yield Path(upload.name)
@@ -762,13 +769,14 @@ def openapi_document() -> dict[str, Any]:
                 "required": True,
                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
             }
-            operation["responses"]["413"] = {"$ref": "#/components/responses/Error"}
         elif route.body is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}},
             }
             operation["responses"]["422"] = {"$ref": "#/components/responses/Error"}
+        if route.body is not None:
+            operation["responses"]["413"] = {"$ref": "#/components/responses/Error"}
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -75,6 +75,7 @@ class AdminNode:
             self.explainer,
             metrics,
             config.admin.max_upload,
+            config.admin.max_json,
             cache_dir / "uploads",
             SiteTokens(self.backends.secret, self.store),
             self.backends.activity,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resolver.shared.errors import ConfigError
+from resolver.shared.policy.model import MAX_LIST
 from resolver.shared.store.redis import check_redis_url, describe
 
 DNS_PORT = 53
@@ -386,6 +387,41 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """Bounds on what a write may store in a site document. Every worker holding a site parses its whole
+    document again, between two DNS answers, at each change of it (about 40 µs per kB): these bounds keep
+    that a few milliseconds. They are the same for every writer (a site token, an operator's token, the CLI
+    straight to the store, an import, a warning page's pass): the workers' cost does not depend on who wrote
+    the document, and a site an operator made large is parsed again at each of its subscriber's pauses. A
+    write that would take a count over its bound is refused (422) and writes nothing; one that leaves a count
+    already over its bound (the bound was lowered) no larger than it was is let through."""
+
+    names_per_list: int = setting(
+        1000,
+        "names in one allow or deny list of a policy (a home's or a shop's hundreds, not a blocklist)",
+        minimum=1,
+        maximum=MAX_LIST,
+    )
+    devices: int = setting(500, "configured devices in one site", minimum=1, maximum=MAX_LIST)
+    groups: int = setting(50, "groups in one site", minimum=1, maximum=MAX_LIST)
+    schedules_per_policy: int = setting(20, "schedules in one policy", minimum=1, maximum=MAX_LIST)
+    passes_per_device: int = setting(
+        100,
+        'names a device may "continue anyway" to at once (its passes; ended ones are dropped when one is added)',
+        minimum=1,
+        maximum=MAX_LIST,
+    )
+    document_bytes: int = setting(
+        128 * 1024,
+        "bytes of a site's whole document as stored (JSON): 128 KiB holds a small business (60 devices, 5 "
+        "groups of 450 names: 66 kB) twice, and parses in about 5 ms; a larger site needs more, which each "
+        "change of it then costs every worker holding it",
+        minimum=4096,
+        maximum=64 * 2**20,
+    )
+
+
+@dataclass(frozen=True)
 class IdentitySettings:
     trusted_networks: tuple[str, ...] = setting(
         (), "sources whose EDNS identity options (MAC, CPE-ID, ECS, Umbrella) are believed", convert=_networks
@@ -477,8 +513,16 @@ class AdminSettings:
     )
     max_upload: int = setting(
         256 * 2**20,
-        "largest request body in bytes (an artifact, a list source); also the most a list source on the API may "
+        "largest upload in bytes (an artifact, a list source); also the most a list source on the API may "
         "decompress to",
+        minimum=1024,
+        maximum=2**32,
+    )
+    max_json: int = setting(
+        2**20,
+        "largest JSON request body in bytes (every route but the uploads), refused from its Content-Length "
+        "before it is read, or as soon as a chunked body passes it; at least limits.document_bytes, so that a "
+        "site at its bound can be written (an import of many sites needs more, or goes straight to the store)",
         minimum=1024,
         maximum=2**32,
     )
@@ -614,6 +658,7 @@ class Config:
     lists: ListsSettings = field(default_factory=ListsSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -626,6 +671,11 @@ def _check_cross_fields(config: Config) -> None:
     if config.policy.answer == "page" and not config.policy.block_page:
         raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
     _check_device_networks(config)
+    if config.admin.max_json < config.limits.document_bytes:
+        raise ConfigError(
+            f"admin.max_json: {config.admin.max_json} is below limits.document_bytes "
+            f"({config.limits.document_bytes}); a site at its bound could not be written through the API"
+        )
     if config.cache.min_ttl > config.cache.max_ttl:
         raise ConfigError(f"cache.min_ttl: {config.cache.min_ttl} is above cache.max_ttl ({config.cache.max_ttl})")
     strangers = [str(endpoint) for endpoint in config.upstream.keep_case if endpoint not in config.upstream.servers]

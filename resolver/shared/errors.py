@@ -44,12 +44,12 @@ class Refused(BnsError):
 
 
 class TooLarge(Refused):
-    """A request body over admin.max_upload."""
+    """A request body over its bound: `setting` (admin.max_upload, admin.max_json) holds `limit`."""
 
     http_status = 413
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the body is larger than admin.max_upload ({limit} bytes)")
+    def __init__(self, setting: str, limit: int) -> None:
+        super().__init__(f"the body is larger than {setting} ({limit} bytes)")
 
 
 class Busy(Refused):

@@ -52,6 +52,11 @@ _SECOND_CHANCES = 8  # used clients passed to the back per insert, at most: an i
 # Notices for one site within this many seconds are one reload: a burst of writes to a site costs its
 # workers a few reloads, not one each, and a change is still served well within a second.
 _RELOAD_DELAY = 0.05
+# A site reloaded in t seconds (parsing its whole document holds up the queries of every site meanwhile) is
+# not reloaded again for this many t: a stream of writes to one site, however fast, then takes at most about
+# 0.5 % of a worker's time, and a later change to a site of limits.document_bytes (about 5 ms) still arrives
+# within a second. A site written once in a while is reloaded at its first notice.
+_RELOAD_SPACING = 200
 
 
 class Client:
@@ -178,8 +183,10 @@ class Directory:
         self.down_since: float | None = None
         self._retry_at = 0.0
         self._needs_resync = False
-        self._due: set[str] = set()  # sites with newer versions announced, to reload
+        self._due: dict[str, None] = {}  # sites with newer versions announced, to reload, oldest notice first
         self._reloader: asyncio.Task[None] | None = None
+        self._spaced: dict[str, float] = {}  # site → when it may be reloaded again (time.monotonic)
+        self._spacing_timer: asyncio.TimerHandle | None = None
         self.on_site_networks: Callable[[Iterable[str]], None] | None = None
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
@@ -434,6 +441,8 @@ class Directory:
             for task in (self._reloader, self._networks_loader):
                 if task is not None:
                     task.cancel()
+            if self._spacing_timer is not None:
+                self._spacing_timer.cancel()
 
     async def apply(self, change: Change) -> None:
         """Apply one notice. If the store fails meanwhile, what was missed is caught up by a resync later."""
@@ -449,9 +458,8 @@ class Directory:
                 # site costs a reload per notice only while each is newer). Version 0 is a deletion and 1 a
                 # new site: one deleted and made again starts over at 1.
                 if held is not None and (change.version <= 1 or change.version > held.version):
-                    self._due.add(change.key)
-                    if self._reloader is None or self._reloader.done():
-                        self._reloader = asyncio.ensure_future(self._reload_due())
+                    self._due[change.key] = None
+                    self._reload_soon()
             elif change.kind == "networks":
                 self._forget_addresses()
                 self._load_site_networks_soon()
@@ -464,13 +472,32 @@ class Directory:
         except StoreUnavailable as exc:
             self._lost_store(exc)
 
+    def _reload_soon(self) -> None:
+        if self._reloader is None or self._reloader.done():
+            self._reloader = asyncio.ensure_future(self._reload_due())
+
     async def _reload_due(self) -> None:
+        """Reload the sites due, each as soon as its spacing allows (`_RELOAD_SPACING`); come back for the
+        ones still spaced out, while a notice of another site starts a reload of it at once."""
         await asyncio.sleep(_RELOAD_DELAY)
         try:
-            while self._due:
-                await self._reload_site(self._due.pop())
+            while True:
+                started = time.monotonic()
+                site_id = next((site for site in self._due if self._spaced.get(site, 0.0) <= started), None)
+                if site_id is None:
+                    break
+                del self._due[site_id]
+                await self._reload_site(site_id)
+                finished = time.monotonic()
+                if len(self._spaced) > len(self._sites):  # forget the spacings that have passed
+                    self._spaced = {site: until for site, until in self._spaced.items() if until > finished}
+                self._spaced[site_id] = finished + (finished - started) * _RELOAD_SPACING
         except StoreUnavailable as exc:
             self._lost_store(exc)
+            return
+        if self._due:
+            wait = min(self._spaced[site] for site in self._due) - time.monotonic()
+            self._spacing_timer = asyncio.get_running_loop().call_later(max(wait, 0.0), self._reload_soon)
 
     def _load_site_networks_soon(self) -> None:
         self._networks_due = True

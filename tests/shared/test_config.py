@@ -57,6 +57,12 @@ def test_file_values_and_flag_overrides(tmp_path):
         ("[upstream]\nkeep_case = ['192.0.2.1']\n", "upstream.keep_case: 192.0.2.1:53 is not in upstream.servers"),
         ("[upstream]\ncase_randomization = 'yes'\n", "upstream.case_randomization: must be true or false"),
         ("[admin]\ntokens = ['site.operator-token-0001']\n", "admin.tokens: [0]: tokens starting with 'site.'"),
+        ("[limits]\nnames_per_list = 0\n", "limits.names_per_list: 0 is outside 1..10000"),
+        ("[limits]\ndevices = 20000\n", "limits.devices: 20000 is outside 1..10000"),
+        ("[limits]\ndocument_bytes = '1M'\n", "limits.document_bytes: must be an integer, got '1M'"),
+        ("[limits]\npasses = 5\n", "limits.passes: unknown key in [limits]"),
+        ("[admin]\nmax_json = 100\n", "admin.max_json: 100 is outside 1024..4294967296"),
+        ("[limits]\ndocument_bytes = 2000000\n", "admin.max_json: 1048576 is below limits.document_bytes (2000000)"),
         ("server = 3\n", "server: must be a table"),
         ("[server\n", "not valid TOML"),
     ],
@@ -65,6 +71,12 @@ def test_bad_files_name_the_key_and_the_reason(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value)
+
+
+def test_the_bounds_on_writes_and_bodies(tmp_path):
+    config = load_config(write(tmp_path, "[limits]\ndocument_bytes = 2000000\n[admin]\nmax_json = 4000000\n"))
+    assert (config.limits.document_bytes, config.admin.max_json) == (2_000_000, 4_000_000)
+    assert config.limits.names_per_list == 1000 and config.admin.max_upload == 256 * 2**20
 
 
 def test_missing_file(tmp_path):

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 import pytest
 
 from blocklists.catalog import load_catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.dns import OptionCode
 from resolver.shared.identity import Claim, Identity, NetworkSet, confine, identity_from
 from resolver.shared.policy.model import (
     PolicyError,
+    check_bounds,
     check_webhook_url,
     mac_from_option,
     may_post_to,
@@ -127,17 +129,79 @@ def broken(path: str, value: object) -> dict:
         ("devices.tab.passes", {"bad..name": "2026-12-01T20:00:00Z"}, "devices.tab.passes.bad..name: empty label"),
         ("devices.tab.passes", {"phish.example": "forever"}, "devices.tab.passes.phish.example: must be a time"),
         ("devices.tab.passes", {"phish.example": "soon"}, "is not an RFC 3339 time"),
-        (
-            "devices.tab.passes",
-            {f"n{i}.example": "2026-12-01T20:00:00Z" for i in range(101)},
-            "devices.tab.passes: more than 100 entries",
-        ),
     ],
 )
 def test_bad_fields_are_named_by_their_path(path, value, message):
     with pytest.raises(PolicyError) as caught:
         parse_site(broken(path, value), CATALOG)
     assert message in str(caught.value)
+
+
+PASS = "2026-12-01T20:00:00Z"
+SMALL = LimitsSettings(
+    names_per_list=3, devices=1, groups=1, schedules_per_policy=2, passes_per_device=2, document_bytes=4096
+)
+NIGHT = {"name": "late", "days": ["sun"], "from": "22:00", "to": "06:00", "block": "all"}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (
+            "devices.tab.policy",
+            {"allow": [f"{i}.example" for i in range(4)]},
+            "devices.tab.policy.allow: 4 names; at most 3 (limits.names_per_list)",
+        ),
+        ("policy.deny", [f"{i}.example" for i in range(5)], "policy.deny: 5 names; at most 3 (limits.names_per_list)"),
+        ("devices.b", {}, "devices: 2 devices; at most 1 (limits.devices)"),
+        ("groups.teens", {}, "groups: 2 groups; at most 1 (limits.groups)"),
+        (
+            "groups.kids.policy.schedules",
+            [*GOOD["groups"]["kids"]["policy"]["schedules"], NIGHT],
+            "groups.kids.policy.schedules: 3 schedules; at most 2 (limits.schedules_per_policy)",
+        ),
+        (
+            "devices.tab.passes",
+            {f"n{i}.example": PASS for i in range(3)},
+            "devices.tab.passes: 3 passes; at most 2 (limits.passes_per_device)",
+        ),
+        ("devices.tab.passes", {f"n{i}.example": PASS for i in range(2)}, None),  # at the bounds
+    ],
+)
+def test_a_write_over_a_bound_is_refused_naming_the_field_and_the_bound(path, value, message):
+    site = parse_site(broken(path, value), CATALOG)
+    if message is None:
+        check_bounds(site, None, SMALL)
+        return
+    with pytest.raises(PolicyError) as caught:
+        check_bounds(site, None, SMALL)
+    assert str(caught.value) == message
+
+
+def test_the_whole_document_is_bounded_in_bytes_as_stored():
+    document = broken("devices.tab.client_ids", [f"client-{i:04d}" for i in range(400)])
+    site = parse_site(document, CATALOG)
+    with pytest.raises(
+        PolicyError,
+        match=r"the site's document would be \d+ bytes; at most 4096 "
+        r"\(limits.document_bytes\)",
+    ) as caught:
+        check_bounds(site, None, SMALL)
+    assert caught.value.field == ""
+    check_bounds(site, None, LimitsSettings())
+
+
+def test_a_field_over_a_lowered_bound_may_stay_or_shrink_but_not_grow():
+    """A site written under larger bounds: its subscriber may still pause, trim, delete; never grow it."""
+    names = [f"{i}.example" for i in range(6)]
+    before = site_document(parse_site(broken("policy.allow", names), CATALOG))
+    paused = parse_site({**before, "paused_until": "forever"}, CATALOG)
+    check_bounds(paused, before, SMALL)  # the list over its bound is as large as it was
+    check_bounds(parse_site(broken("policy.allow", names[:4]), CATALOG), before, SMALL)
+    with pytest.raises(PolicyError, match=r"policy.allow: 7 names; at most 3"):
+        check_bounds(parse_site(broken("policy.allow", [*names, "7.example"]), CATALOG), before, SMALL)
+    with pytest.raises(PolicyError, match=r"devices.tab.policy.allow: 4 names"):  # another list: its own bound
+        check_bounds(parse_site(broken("devices.tab.policy", {"allow": names[:4]}), CATALOG), before, SMALL)
 
 
 def test_a_mac_or_client_id_belongs_to_one_device():

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from blocklists.catalog import load_catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound
 from resolver.shared.policy.model import PolicyError
 from resolver.shared.policy.service import PolicyService
@@ -224,6 +225,40 @@ def test_a_site_keeps_its_incarnation_through_every_write_and_a_site_made_again_
     run(_with(make_store(), work))
 
 
+LIMITS = LimitsSettings(
+    names_per_list=3, devices=2, groups=1, schedules_per_policy=1, passes_per_device=1, document_bytes=4096
+)
+NAMES = [f"n{i}.example" for i in range(5)]
+
+
+def test_every_write_stays_within_the_limits_and_a_refused_one_stores_nothing(make_store):
+    """The service's writes (the API's and the CLI's) and an import all pass through the store's bounds."""
+
+    async def work(service):
+        service.store.limits = LIMITS
+        await service.put_site("a", {"networks": ["192.0.2.0/24"], "mode": "device"})
+        await service.put_device("a", "tv", {"name": "TV"})
+        stored = await service.get_site("a")
+        with pytest.raises(
+            PolicyError, match=r"^devices\.tv\.policy\.allow: 4 names; at most 3 \(limits\.names_per_list\)$"
+        ):
+            await service.set_policy("a", ("device", "tv"), {"allow": NAMES[:4]})
+        await service.put_device("a", "phone", {})
+        with pytest.raises(PolicyError, match=r"^devices: 3 devices; at most 2 \(limits\.devices\)$"):
+            await service.put_device("a", "laptop", {})
+        with pytest.raises(PolicyError, match=r"^the site's document would be \d+ bytes; at most 4096 "):
+            await service.put_device(
+                "a", "tv", {"name": "x" * 200, "client_ids": [f"client-{i:02d}-" + "x" * 50 for i in range(70)]}
+            )
+        document, version = await service.get_site("a")
+        assert version == stored[1] + 1 and set(document["devices"]) == {"tv", "phone"}
+        with pytest.raises(PolicyError, match=r"^sites\[1\]\.groups: 2 groups; at most 1 \(limits\.groups\)$"):
+            await service.store.import_sites([{"id": "b"}, {"id": "c", "groups": {"g": {}, "h": {}}}])
+        assert await service.list_sites() == ["a"]
+
+    run(_with(make_store(), work))
+
+
 def test_a_site_stored_before_incarnations_gets_one_at_its_next_write(make_store):
     async def work(service):
         store = service.store
@@ -279,5 +314,20 @@ def test_a_webhook_is_checked_when_its_url_is_written(make_store):
         await service.pause("a", ("site", None))  # the same URL: not checked again
         with pytest.raises(PolicyError):
             await service.set_site_fields("a", {"webhook": {**loopback, "url": "http://127.0.0.2/hook"}})
+
+    run(_with(make_store(), work))
+
+
+def test_a_site_over_a_lowered_bound_can_be_paused_and_trimmed_but_not_grown(make_store):
+    async def work(service):
+        await service.put_site("a", {"mode": "device", "devices": {"tv": {"policy": {"allow": NAMES}}}})
+        service.store.limits = LIMITS  # lowered since: the site's list of 5 names is over it
+        await service.pause("a", ("device", "tv"))
+        await service.set_policy("a", ("device", "tv"), {"allow": NAMES[:4]})
+        with pytest.raises(PolicyError, match=r"^devices\.tv\.policy\.allow: 5 names; at most 3"):
+            await service.set_policy("a", ("device", "tv"), {"allow": NAMES})
+        document, _version = await service.get_site("a")
+        assert document["devices"]["tv"]["policy"]["allow"] == NAMES[:4]
+        assert document["devices"]["tv"]["paused_until"] == "forever"
 
     run(_with(make_store(), work))

@@ -328,7 +328,7 @@ API_TOKEN = "store-faults-token-00001"
 
 def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
     """The admin API of a node over `store`, in this process; `admin`: more admin settings."""
-    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN], **admin})
+    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN], "max_upload": 1 << 20, **admin})
     catalog, maker, lists = load_policy_and_lists(config)
     publications = LocalPublications(catalog, scratch / "served.bns", scratch / "versions")
     sources = Sources(
@@ -342,7 +342,8 @@ def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
         sources,
         Explainer(store, maker, catalog, lists),
         Metrics(scratch, dict),
-        1 << 20,
+        config.admin.max_upload,
+        config.admin.max_json,
         scratch / "uploads",
         SiteTokens(Secret("", None), store),
         LocalActivity(config.activity),

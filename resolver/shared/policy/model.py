@@ -29,11 +29,12 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -42,6 +43,9 @@ from blocklists.names import BadName, normalize
 from resolver.shared.dns import text_to_name
 from resolver.shared.errors import EXIT_REFUSED, BnsError
 
+if TYPE_CHECKING:
+    from resolver.shared.config import LimitsSettings
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MODES = ("network", "device")
 ANSWERS = ("nxdomain", "nodata", "null", "page")
@@ -49,8 +53,7 @@ FOREVER = math.inf
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 _TIME = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
 _MAC_TEXT = re.compile(r"[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}\Z")
-MAX_LIST = 10_000  # allow/deny names, devices, networks… per document: a write, not a blocklist
-MAX_PASSES = 100  # "continue anyway" passes per device; expired ones are dropped when a new one is added
+MAX_LIST = 10_000  # items of any one list or table a document is read with (writes: the tighter limits.*)
 
 
 class PolicyError(BnsError):
@@ -374,7 +377,7 @@ def _address(value: Any, path: str) -> str:
 def _passes(value: Any, path: str) -> tuple[tuple[str, float], ...]:
     if not isinstance(value, dict):
         raise PolicyError(path, f"must be an object of name → RFC 3339 time, got {type(value).__name__}")
-    _require(len(value) <= MAX_PASSES, path, f"more than {MAX_PASSES} entries")
+    _require(len(value) <= MAX_LIST, path, f"more than {MAX_LIST} entries")
     passes = []
     for name, until in value.items():
         try:
@@ -571,6 +574,63 @@ def parse_profile(name: str, value: Any, catalog: Catalog) -> PolicySpec:
     _require(spec is not None and spec.profile is None, f"profiles.{name}", "a profile is a policy without a profile")
     assert spec is not None
     return spec
+
+
+# --- bounds on writes ------------------------------------------------------------------------------------
+
+_UNITS = {
+    "names_per_list": "names",
+    "devices": "devices",
+    "groups": "groups",
+    "schedules_per_policy": "schedules",
+    "passes_per_device": "passes",
+}
+
+
+def check_bounds(site: Site, before: dict[str, Any] | None, limits: LimitsSettings) -> None:
+    """Raises PolicyError naming the first field a write would take over its bound (config `[limits]`), with
+    the bound. A field already over its bound before the write (the bound was lowered since) may stay as
+    large, or shrink. `before`: the document as stored until now."""
+    document = site_document(site)
+    old = _sizes(before) if before is not None else {}
+    for path, (size, key) in _sizes(document).items():
+        bound = getattr(limits, key)
+        if size > bound and size > old.get(path, (0, key))[0]:
+            raise PolicyError(path, f"{size} {_UNITS[key]}; at most {bound} (limits.{key})")
+    stored = len(json.dumps(document, sort_keys=True))  # as the stores keep it
+    if stored > limits.document_bytes and (before is None or stored > len(json.dumps(before, sort_keys=True))):
+        raise PolicyError(
+            "", f"the site's document would be {stored} bytes; at most {limits.document_bytes} (limits.document_bytes)"
+        )
+
+
+def _sizes(document: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """Field path → (its size, the `limits` key that bounds it), in a document as stored. Read defensively:
+    the document before a write may have been written by hand."""
+    groups, devices = _entries(document.get("groups")), _entries(document.get("devices"))
+    sizes = {"groups": (len(groups), "groups"), "devices": (len(devices), "devices")}
+    policies = {"policy": document.get("policy")}
+    for kind, entities in (("groups", groups), ("devices", devices)):
+        for entity_id, entity in entities.items():
+            policies[f"{kind}.{entity_id}.policy"] = _entries(entity).get("policy")
+    for device_id, device in devices.items():
+        sizes[f"devices.{device_id}.passes"] = (_count(_entries(device).get("passes")), "passes_per_device")
+    for path, policy in policies.items():
+        for name, key in (
+            ("allow", "names_per_list"),
+            ("deny", "names_per_list"),
+            ("schedules", "schedules_per_policy"),
+        ):
+            sizes[f"{path}.{name}"] = (_count(_entries(policy).get(name)), key)
+    return sizes
+
+
+def _entries(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, list | dict) else 0
 
 
 # --- writing documents -----------------------------------------------------------------------------------

@@ -49,10 +49,8 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
     settings = config.store
     if settings.redis:
         redis = RedisConnection(settings.redis, settings.prefix)
-        store = RedisStore(redis, catalog, settings.write_replicas)
-        store.webhook_allow = config.admin.webhook_allow
         return Backends(
-            store,
+            RedisStore(redis, catalog, settings.write_replicas, config.limits, config.admin.webhook_allow),
             RedisPublications(catalog, served, redis, cache / "fetched", settled),
             RedisShelf(redis),
             RedisUsedTokens(redis),
@@ -61,9 +59,11 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
             redis.listen,
             redis.close,
         )
-    policies = FileStore(Path(settings.file), catalog) if settings.file else None
-    if policies is not None:
-        policies.webhook_allow = config.admin.webhook_allow
+    policies = (
+        FileStore(Path(settings.file), catalog, limits=config.limits, webhook_allow=config.admin.webhook_allow)
+        if settings.file
+        else None
+    )
     return Backends(
         policies,
         LocalPublications(catalog, served, cache / "versions"),

@@ -15,6 +15,7 @@ from typing import Any
 
 from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import (
@@ -37,8 +38,15 @@ class FileStore(Store):
     are). For one box; every reader holds the whole file in memory. Every write makes the file anew, readable
     by its owner only (0600), as is its lock file."""
 
-    def __init__(self, path: Path, catalog: Catalog, poll_interval: float = 0.25) -> None:
-        super().__init__(catalog)
+    def __init__(
+        self,
+        path: Path,
+        catalog: Catalog,
+        poll_interval: float = 0.25,
+        limits: LimitsSettings | None = None,
+        webhook_allow: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(catalog, limits, webhook_allow)
         self.path = Path(path)
         self._interval = poll_interval
         self._identity: tuple[int, int, int] | None = None

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from blocklists.catalog import Catalog
-from resolver.shared.policy.model import PolicyError, PolicySpec, Site, check_webhook_url, parse_site
+from resolver.shared.config import LimitsSettings
+from resolver.shared.policy.model import PolicyError, PolicySpec, Site, check_bounds, check_webhook_url, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,12 @@ def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
 class Store(ABC):
     """The operations the workers (reads, change notices) and the policy service (writes) need."""
 
-    webhook_allow: tuple[str, ...] = ()  # admin.webhook_allow, where a webhook written here may point
-
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(
+        self, catalog: Catalog, limits: LimitsSettings | None = None, webhook_allow: tuple[str, ...] = ()
+    ) -> None:
+        self.webhook_allow = webhook_allow  # admin.webhook_allow: where a webhook written here may point
         self.catalog = catalog
+        self.limits = limits or LimitsSettings()  # what a write may store in a site document
 
     # reads
     @abstractmethod
@@ -138,9 +141,9 @@ class Store(ABC):
             if not isinstance(document, dict) or not isinstance(document.get("id"), str):
                 raise PolicyError(f"sites[{index}].id", "missing or not a string")
             try:
-                site = self._validated(document["id"], document, 0)
+                site = self._validated(document["id"], document, 0, None)
             except PolicyError as exc:
-                raise PolicyError(f"sites[{index}].{exc.field}", exc.reason) from None
+                raise PolicyError(f"sites[{index}]" + (f".{exc.field}" if exc.field else ""), exc.reason) from None
             assert site is not None
             for field, values in (("networks", site.networks), ("cpe_ids", site.cpe_ids)):
                 for value in values:
@@ -154,17 +157,18 @@ class Store(ABC):
         return None
 
     def _validated(
-        self, site_id: str, document: SiteDocument | None, version: int, old: SiteDocument | None = None
+        self, site_id: str, document: SiteDocument | None, version: int, before: SiteDocument | None
     ) -> Site | None:
-        """The site `document` makes, refused with the field at fault. A webhook is checked only when its URL is
-        new (`old`: the document it replaces), so a site whose webhook admin.webhook_allow no longer admits can
-        still be paused; the alerts are refused when sent."""
+        """The site a write stores, validated whole and within `limits`, refused with the field at fault;
+        `before`: the document until now. A webhook is checked only when its URL is new, so a site whose
+        webhook admin.webhook_allow no longer admits can still be paused; its alerts are refused when sent."""
         if document is None:
             return None
         if document.get("id", site_id) != site_id:
             raise PolicyError("id", f"{document.get('id')!r} does not match the site being written ({site_id!r})")
         site = parse_site({**document, "id": site_id}, self.catalog, version)
-        if site.webhook is not None and site.webhook.url != ((old or {}).get("webhook") or {}).get("url"):
+        check_bounds(site, before, self.limits)
+        if site.webhook is not None and site.webhook.url != ((before or {}).get("webhook") or {}).get("url"):
             check_webhook_url(site.webhook.url, self.webhook_allow)
         return site
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from redis.exceptions import NoScriptError, WatchError
 
 from blocklists.catalog import Catalog
+from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import (
@@ -54,8 +55,15 @@ return {site, redis.call('HGET', KEYS[3] .. site, 'version') or false}
 class RedisStore(Store):
     confirm_seconds = 5.0  # how long a write whose reply was lost is asked after (a Sentinel failover fits)
 
-    def __init__(self, connection: RedisConnection, catalog: Catalog, write_replicas: int = -1) -> None:
-        super().__init__(catalog)
+    def __init__(
+        self,
+        connection: RedisConnection,
+        catalog: Catalog,
+        write_replicas: int = -1,
+        limits: LimitsSettings | None = None,
+        webhook_allow: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(catalog, limits, webhook_allow)
         self.connection = connection
         self.client = connection.client
         self.key = connection.key
