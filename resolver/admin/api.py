@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -94,15 +95,30 @@ def _shown(document: dict[str, Any]) -> dict[str, Any]:
     site's alerts; a subscriber or a read-only token could forge them)."""
     if _ROLE.get() == ADMIN or not document.get("webhook"):
         return document
-    return {**document, "webhook": {"url": document["webhook"]["url"]}}
+    # Chat services (Slack, Discord, Teams) put their credential in the URL's path: only its host is shown.
+    url = urlsplit(document["webhook"]["url"])
+    return {**document, "webhook": {"url": f"{url.scheme}://{url.netloc.rpartition('@')[2]}/…"}}
 
 
-def _failure(exc: BnsError | BlocklistError) -> web.Response:
+def _presented(request: web.Request) -> str:
+    """The bearer token a request presents ("" for none)."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else ""
+
+
+def _failure(exc: BnsError | BlocklistError, detailed: bool = True) -> web.Response:
     """The error response for a failure: its status, its message, the field at fault, whether a write's
-    outcome is unknown."""
+    outcome is unknown. Not `detailed` (anyone but an admin token): a store failure says what it means, not
+    where the store is."""
+    if isinstance(exc, PolicyError):
+        message = exc.reason
+    elif isinstance(exc, StoreUnavailable | WriteUnknown) and not detailed:
+        message = exc.summary
+    else:
+        message = exc.explain() if isinstance(exc, BnsError) else str(exc)
     response = _error(
         http_status_of(exc),
-        exc.reason if isinstance(exc, PolicyError) else exc.explain() if isinstance(exc, BnsError) else str(exc),
+        message,
         field=exc.field if isinstance(exc, PolicyError) else None,
         outcome="unknown" if isinstance(exc, WriteUnknown) else None,
     )
@@ -178,10 +194,8 @@ class Api:
     async def _credential(self, request: web.Request) -> tuple[str, str | None] | None:
         """(role, the site of a site token); None when no valid token is presented. A site token is checked
         against the store: StoreUnavailable when it cannot be (a 503, never a pass)."""
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
+        presented = _presented(request)
+        if not presented:
             return None
         if presented.startswith(SITE_TOKEN):
             site = await self.site_tokens.site_of(presented)
@@ -213,19 +227,23 @@ class Api:
                 return await handler(request)
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
+        role = None
         try:
             wait = self.failures.wait(request.remote)
-            if wait:
+            # A soundly signed site token is no guess (its HMAC cannot be made without the key): the
+            # subscribers behind an address someone else fails from (a proxy, a CGNAT pool) are not locked out.
+            if wait and not await self.site_tokens.signed(_presented(request)):
                 refused = _error(429, f"too many failed authentications from this address: try again in {wait} s")
                 refused.headers["Retry-After"] = str(wait)
                 return refused
             credential = await self._credential(request)
             if credential is None:
-                if "Authorization" in request.headers:
+                if _presented(request):
                     self.failures.failed(request.remote, f"{route.method} {route.path}")
                 raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
+            role = credential[0]
             self._authorize(route, *credential, request)
-            shown = _ROLE.set(credential[0])
+            shown = _ROLE.set(role)
             try:
                 return await handler(request)
             finally:
@@ -233,7 +251,7 @@ class Api:
         except web.HTTPRequestEntityTooLarge:
             return _failure(TooLarge("admin.max_json", self.max_json))
         except (BnsError, BlocklistError) as exc:
-            return _failure(exc)
+            return _failure(exc, detailed=role == ADMIN)
 
     async def _json(self, request: web.Request) -> Any:
         """The body as JSON; over admin.max_json it is a 413, before it is read when its length is given."""

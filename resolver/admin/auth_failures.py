@@ -35,6 +35,8 @@ def source_of(address: str | None) -> str:
         ip = ipaddress.ip_address(address or "")
     except ValueError:
         return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)  # an IPv4 client of a dual-stack socket is its own source, not ::ffff:0:0/64
     return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from resolver.shared.errors import BnsError, NotFound, StoreUnavailable
+from resolver.shared.errors import BnsError, NotFound, StoreUnavailable, TokenUncheckable
 from resolver.shared.policy.model import PolicyError
 from resolver.shared.store.page_tokens import Secret
 from resolver.shared.store.policies import Store, TokenRecords
@@ -95,17 +95,25 @@ class SiteTokens:
         try:
             found = await self._store.site_tokens(claims.site)
         except StoreUnavailable:  # said without where the store is: the holder may be anyone
-            raise StoreUnavailable("a site token cannot be checked now; try again") from None
+            raise TokenUncheckable("the store is out of reach") from None
         if found is None or found[0] != claims.incarnation or claims.id not in found[1]:
             return None
         return claims.site
+
+    async def signed(self, token: str) -> bool:
+        """Whether `token` is a soundly signed, unexpired site token (whatever the store says of it now)."""
+        return await self._claims(token) is not None
 
     async def _claims(self, token: str) -> Claims | None:
         """What a soundly signed, unexpired token says; None for anything else."""
         if not token.startswith(PREFIX) or len(token) > _MAX_LENGTH:
             return None
         payload, _, mac = token[len(PREFIX) :].encode("utf-8", "replace").partition(b".")
-        if not payload or not hmac.compare_digest(mac, (await self._mac(payload)).encode()):
+        try:
+            expected = await self._mac(payload)
+        except StoreUnavailable:  # the shared key is in Redis: said without where Redis is
+            raise TokenUncheckable("the store is out of reach") from None
+        if not payload or not hmac.compare_digest(mac, expected.encode()):
             return None
         try:
             claims = Claims(**json.loads(base64.urlsafe_b64decode(payload)))

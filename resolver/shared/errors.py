@@ -84,6 +84,13 @@ class StoreUnavailable(BnsError):
     summary = "the store is unreachable (nothing was written)"
 
 
+class TokenUncheckable(StoreUnavailable):
+    """A soundly signed site token the store cannot confirm now (its site, its revocation): refused, never let
+    through."""
+
+    summary = "a site token cannot be checked now; try again"
+
+
 class WriteUnknown(BnsError):
     """A write whose outcome is unknown: it was sent, but the store could not confirm it (the connection
     died before the reply and Redis stayed out of reach, or too few replicas confirmed it in time). Read

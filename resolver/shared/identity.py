@@ -122,6 +122,12 @@ def in_networks(site: Site, address: str) -> bool:
     return any(parsed in ipaddress.ip_network(network) for network in site.networks)
 
 
+def in_site_networks(site: Site, identity: Identity) -> bool:
+    """Whether a client is of a site by address: its own (or the one its router gave) or its router's is in
+    the site's networks."""
+    return in_networks(site, identity.address) or (identity.router is not None and in_networks(site, identity.router))
+
+
 def confine(claimed: Identity, own: Site, address_site: str | None) -> tuple[Identity, tuple[Claim, ...]]:
     """What stays of the claims of a router whose own address is in `own`'s networks: a CPE id of `own`; an
     address in `own`'s networks or in no site's (a LAN address only the router knows: `address_site`, the
@@ -143,7 +149,8 @@ def confine(claimed: Identity, own: Site, address_site: str | None) -> tuple[Ide
 class NetworkSet(dict[str, bool]):
     """Networks, and whether an address is in one of them: `networks[address]`, memoised per address, so
     that on the query path a known address costs one dict lookup and no call into Python. An address that is
-    not one (a scope ID aside) is in none."""
+    not one (a scope ID aside) is in none. Ask `networks[address]`, never `address in networks`: compiled
+    code answers `in` from the memo alone (a dict's own lookup, not this class's __contains__)."""
 
     def __init__(self, networks: Iterable[str], memo_size: int = 65536) -> None:
         super().__init__()

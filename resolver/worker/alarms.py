@@ -33,7 +33,8 @@ class Alarms:
 
     def at(self, when: float, callback: Callable[[int], None], token: int) -> None:
         heapq.heappush(self._heap, (when, next(self._order), callback, token))
-        self._arm()
+        if when < self._armed_for:  # most alarms are later than the one armed: no call
+            self._arm()
 
     def _ring(self) -> None:
         self._handle, self._armed_for = None, math.inf

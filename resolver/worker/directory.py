@@ -34,7 +34,15 @@ from collections.abc import Callable, Hashable, Iterable
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
 from resolver.shared.errors import StoreUnavailable
-from resolver.shared.identity import Claim, Identity, NetworkSet, confine, identity_from, in_networks
+from resolver.shared.identity import (
+    Claim,
+    Identity,
+    NetworkSet,
+    confine,
+    identity_from,
+    in_networks,
+    in_site_networks,
+)
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
@@ -47,16 +55,19 @@ _failures = Throttled(log)
 _claims = Throttled(log)
 
 _UNKNOWN = None  # the site id under which clients of no known site are filed
+_SOMEBODY_ELSES = ""  # no site's id: an address this worker cannot tell is not another site's
 _RETRY_AFTER_FAILURE = 1.0  # while the store is down, new clients skip it for this long after a failure
 _SECOND_CHANCES = 8  # used clients passed to the back per insert, at most: an insert never sweeps the table
 # Notices for one site within this many seconds are one reload: a burst of writes to a site costs its
 # workers a few reloads, not one each, and a change is still served well within a second.
 _RELOAD_DELAY = 0.05
 # A site reloaded in t seconds (parsing its whole document holds up the queries of every site meanwhile) is
-# not reloaded again for this many t: a stream of writes to one site, however fast, then takes at most about
-# 0.5 % of a worker's time, and a later change to a site of limits.document_bytes (about 5 ms) still arrives
-# within a second. A site written once in a while is reloaded at its first notice.
+# not reloaded again for this many t, at most _MOST_SPACING: a stream of writes to one site, however fast,
+# then takes about 0.5 % of a worker's time (1 % for a site of limits.document_bytes, about 5 ms), and its
+# latest change still arrives within a second, however slow a loaded machine makes a reload look (t counts
+# the store's round trip too). A site written once in a while is reloaded at its first notice.
 _RELOAD_SPACING = 200
+_MOST_SPACING = 0.5
 
 
 class Client:
@@ -191,6 +202,7 @@ class Directory:
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
         self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
+        self._site_networks: NetworkSet | None = None  # every site's networks, once loaded
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -246,14 +258,17 @@ class Directory:
         it (a new device behind a known router); None when that needs the store."""
         identity = self._identity(key, request)
         if identity.router is not None:
-            own = self._held(self._site_of.get((identity.router, None)))
+            router = (identity.router, None)
+            if router not in self._site_of:
+                return None  # whether the router may speak for the site it names takes the store
+            own = self._held(self._site_of[router])
             if own is not None:
-                lookup = (identity.address, None)
-                if in_networks(own, identity.address):
-                    return self._bind(key, self._confined(identity, own, own.id), own)
-                if lookup in self._site_of:
-                    return self._bind(key, self._confined(identity, own, self._site_of[lookup]), own)
-                return None
+                if not in_networks(own, identity.address) and (identity.address, None) not in self._site_of:
+                    return None  # whose address it claims takes the store
+                believed = self._confined(identity, own, self._address_site_in_memory(own, identity))
+                return self._bind(key, believed, own)
+            if self._site_of[router] is not None:
+                return None  # the router's own site, not held here
         site = self._held(self._site_of.get((identity.address, identity.cpe_id)))
         return self._bind(key, identity, site) if site is not None else None
 
@@ -298,23 +313,54 @@ class Directory:
 
     async def _site_of_identity(self, identity: Identity) -> tuple[Identity, Site | None]:
         """The site of a client, and its identity as believed: a router's claims only within the router's own
-        site, when it has one (identity.confine)."""
+        site, when it has one (identity.confine). The router's site and the claimed address's are asked
+        together (one store round trip, batched)."""
         if identity.router is not None:
-            own = await self._site_at(identity.router, None)
+            if identity.address == identity.router:
+                own, address_site = await self._site_at(identity.router, None), None
+            else:
+                own, address_site = await asyncio.gather(
+                    self._site_at(identity.router, None), self._site_id_at(identity.address)
+                )
             if own is not None:
-                if in_networks(own, identity.address):
-                    return self._confined(identity, own, own.id), own
-                located = await self._locate((identity.address, None))
-                return self._confined(identity, own, located[0] if located is not None else None), own
+                return self._confined(identity, own, address_site), own
         return identity, await self._site_at(identity.address, identity.cpe_id)
 
     def _held_site(self, identity: Identity) -> tuple[Identity, Site | None]:
-        """`_site_of_identity` as far as the sites this worker holds can tell, without the store."""
+        """`_site_of_identity` as far as this worker can tell without the store. A router whose own site it
+        cannot tell (it might be a neighbour's router) has its address and CPE id claims set aside."""
         if identity.router is not None:
-            own = self._held(self._index.find(Identity(identity.router)))
+            known, own = self._router_site_in_memory(identity.router)
+            if not known:
+                return Identity(identity.router, identity.mac, identity.client_id, None, identity.router), None
             if own is not None:
-                return self._confined(identity, own, self._index.find(Identity(identity.address))), own
+                return self._confined(identity, own, self._address_site_in_memory(own, identity)), own
         return identity, self._held(self._index.find(identity))
+
+    def _address_site_in_memory(self, own: Site, identity: Identity) -> str | None:
+        """The site whose networks hold the address a router of `own` claims, as far as this worker knows it
+        without the store; one it cannot tell counts as another site's (the claim is set aside)."""
+        if in_networks(own, identity.address):
+            return own.id
+        lookup = (identity.address, None)
+        if lookup in self._site_of:
+            return self._site_of[lookup]
+        if self._site_networks is not None and not self._site_networks[identity.address]:
+            return None  # a LAN address: no site's
+        return _SOMEBODY_ELSES
+
+    def _router_site_in_memory(self, router: str) -> tuple[bool, Site | None]:
+        """Whether this worker can tell, without the store, which site's networks hold a router's address, and
+        that site (None: no site's, so the router is an edge speaking for any)."""
+        lookup = (router, None)
+        if lookup in self._site_of:
+            site_id = self._site_of[lookup]
+            held = self._held(site_id)
+            return site_id is None or held is not None, held
+        held = self._held(self._index.find(Identity(router)))
+        if held is not None:
+            return True, held
+        return self._site_networks is not None and not self._site_networks[router], None
 
     def _confined(self, identity: Identity, own: Site, address_site: str | None) -> Identity:
         believed, refused = confine(identity, own, address_site)
@@ -353,6 +399,14 @@ class Directory:
         if site is not None:
             self._hold_site(site)
         return site
+
+    async def _site_id_at(self, address: str) -> str | None:
+        """The id of the site whose networks hold `address`, without loading the site."""
+        lookup = (address, None)
+        if lookup in self._site_of:
+            return self._site_of[lookup]
+        located = await self._locate(lookup)
+        return located[0] if located is not None else None
 
     async def _locate(self, lookup: tuple[str, str | None]) -> tuple[str, int] | None:
         """The store's answer for an (address, CPE id): the site and its version, remembered by site id."""
@@ -491,7 +545,7 @@ class Directory:
                 finished = time.monotonic()
                 if len(self._spaced) > len(self._sites):  # forget the spacings that have passed
                     self._spaced = {site: until for site, until in self._spaced.items() if until > finished}
-                self._spaced[site_id] = finished + (finished - started) * _RELOAD_SPACING
+                self._spaced[site_id] = finished + min((finished - started) * _RELOAD_SPACING, _MOST_SPACING)
         except StoreUnavailable as exc:
             self._lost_store(exc)
             return
@@ -511,7 +565,9 @@ class Directory:
             await asyncio.sleep(_RELOAD_DELAY)
             self._networks_due = False
             try:
-                self.on_site_networks(await self.store.site_networks())
+                networks = await self.store.site_networks()
+                self._site_networks = NetworkSet(networks)
+                self.on_site_networks(networks)
             except StoreUnavailable as exc:
                 self._lost_store(exc)
                 return
@@ -549,9 +605,7 @@ class Directory:
     def _still_of(site: Site, identity: Identity) -> bool:
         if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
             return True
-        return in_networks(site, identity.address) or (
-            identity.router is not None and in_networks(site, identity.router)
-        )
+        return in_site_networks(site, identity)
 
     def _forget_addresses(self) -> None:
         """Addresses may have moved between sites: look them up again, and the clients of no site too."""

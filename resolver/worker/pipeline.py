@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
-from resolver.shared.identity import in_networks
+from resolver.shared.identity import in_site_networks
 from resolver.shared.lists import Lists
 from resolver.shared.page_pool import PagePool
 from resolver.shared.policy.decision import Action, AnswerMode, Policy, Verdict, decide, judge_chain
@@ -248,13 +248,12 @@ class Resolver:
         # The page finds the site by the address the browser comes from (its router's, behind one): only a
         # device whose address is in its site's networks (not one whose site was found by CPE id alone) is told
         # apart there.
-        identity = known.identity
         if (
             verdict.mode is AnswerMode.PAGE
             and pool is not None
             and site is not None
             and known.device is not None
-            and in_networks(site, identity.router or identity.address)
+            and in_site_networks(site, known.identity)
         ):
             version = 4 if qtype == RRType.A else 6 if qtype == RRType.AAAA else 0
             if version:

@@ -87,6 +87,24 @@ def test_wrong_tokens_are_slowed_per_source_and_logged_without_the_token(tmp_pat
     assert not any(guess[:8] in line for guess in guesses for line in lines)
 
 
+def test_a_subscribers_signed_token_is_not_locked_out_by_another_behind_the_same_address(tmp_path):
+    """Behind a proxy or a CGNAT pool every client has one address: a stranger's wrong tokens must not lock out
+    a subscriber whose token is soundly signed (it is no guess: its HMAC needs the key)."""
+
+    async def share_an_address() -> tuple[int, int, int]:
+        async with serving(tmp_path) as (operator, shared):
+            assert (await operator.call("PUT", "/v1/sites/home", body=SITE))[0] == 200
+            issued = (await operator.call("POST", "/v1/sites/home/tokens", body={"days": 1}))[1]
+            for number in range(BURST):
+                await shared.call("GET", "/v1/sites", f"guess-{number:04d}-0000000000000000")
+            locked = (await shared.call("GET", "/v1/sites", "guess-9999-0000000000000000"))[0]
+            subscriber = (await shared.call("GET", "/v1/sites/home/alerts", issued["token"]))[0]
+            forged = (await shared.call("GET", "/v1/sites/home/alerts", issued["token"][:-4] + "AAAA"))[0]
+            return locked, subscriber, forged
+
+    assert asyncio.run(share_an_address()) == (429, 200, 429)
+
+
 def test_a_source_is_forgiven_in_time_and_many_sources_cost_bounded_memory():
     now = [0.0]
     failures = AuthFailures(clock=lambda: now[0])
@@ -105,6 +123,7 @@ def test_a_source_is_forgiven_in_time_and_many_sources_cost_bounded_memory():
     for _ in range(BURST):
         failures.failed("2001:db8::1", "GET /v1/sites")
     assert failures.wait("2001:db8::ffff") > 0  # an IPv6 source is its /64
+    assert failures.wait("::ffff:192.0.2.1") == 0  # an IPv4 client of a dual-stack socket: its own address
 
 
 def test_a_webhooks_secret_is_shown_to_admin_tokens_only_and_a_site_token_cannot_set_one(tmp_path):
@@ -137,7 +156,7 @@ def test_a_webhooks_secret_is_shown_to_admin_tokens_only_and_a_site_token_cannot
             }
 
     looked = asyncio.run(look())
-    hidden = {"url": "https://hooks.example/bns"}
+    hidden = {"url": "https://hooks.example/…"}  # its path may be a credential too (Slack, Discord)
     assert looked["seen"] == {"admin": SITE["webhook"], "read": hidden, "site": hidden}
     assert looked["written"] == hidden  # a site token's write answers the site without it too
     assert looked["attempts"] == {

@@ -96,7 +96,7 @@ def test_a_token_the_store_cannot_check_is_refused_not_passed(home):
     tokens = SiteTokens(Secret(KEY, None), store)
     token, _claims = asyncio.run(tokens.issue("home", 1))
     store.path.write_text("{not a policy file")
-    with pytest.raises(StoreUnavailable, match="cannot be checked now") as refused:
+    with pytest.raises(StoreUnavailable) as refused:
         asyncio.run(tokens.site_of(token))
-    assert str(store.path) not in str(refused.value)
+    assert "cannot be checked now" in refused.value.explain() and str(store.path) not in refused.value.explain()
     assert asyncio.run(tokens.site_of("site.forged.mac")) is None  # no store needed to refuse a forgery

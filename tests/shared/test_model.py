@@ -300,6 +300,10 @@ def test_trusted_networks():
         "http://[ff02::1]/hook",
         "http://[::ffff:127.0.0.1]/hook",  # loopback written as IPv6
         "http://192.0.2.1/hook",  # documentation: nobody's
+        "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 to the metadata service (Python calls it global)
+        "http://[64:ff9b::a00:1]/hook",  # NAT64 to 10.0.0.1
+        "http://[2002:7f00:1::]/hook",  # 6to4 of 127.0.0.1
+        "http://[::7f00:1]/hook",  # IPv4-compatible 127.0.0.1
     ],
 )
 def test_a_webhook_to_an_address_that_is_not_public_is_refused_unless_allowed(url):
@@ -308,6 +312,7 @@ def test_a_webhook_to_an_address_that_is_not_public_is_refused_unless_allowed(ur
         check_webhook_url(url, ())
     assert refused.value.field == "webhook.url" and "admin.webhook_allow" in refused.value.reason
     check_webhook_url(url, ("0.0.0.0/0", "::/0"))  # the operator's allowlist lets it through
+    assert may_post_to("2606:4700:4700::1111", ()) and may_post_to("64:ff9b::808:808", ())  # public: 8.8.8.8
 
 
 def test_a_webhook_url_with_credentials_is_refused_and_public_targets_pass():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -314,6 +315,24 @@ def test_a_webhook_is_checked_when_its_url_is_written(make_store):
         await service.pause("a", ("site", None))  # the same URL: not checked again
         with pytest.raises(PolicyError):
             await service.set_site_fields("a", {"webhook": {**loopback, "url": "http://127.0.0.2/hook"}})
+
+    run(_with(make_store(), work))
+
+
+def test_a_site_at_its_size_bound_can_always_be_paused_and_resumed(make_store):
+    """A pause is the subscriber's last resort: it must never be refused because the site is large."""
+
+    async def work(service):
+        await service.put_site("a", {"mode": "device", "devices": {"tv": {"policy": {"allow": NAMES}}}})
+        document, _version = await service.get_site("a")
+        service.store.limits = dataclasses.replace(
+            LimitsSettings(), document_bytes=len(json.dumps(document, sort_keys=True))
+        )
+        for target in (("device", "tv"), ("site", None)):
+            await service.pause("a", target, "2099-01-01T00:00:00Z")
+            await service.unpause("a", target)
+        with pytest.raises(PolicyError, match=r"limits\.document_bytes"):
+            await service.put_device("a", "phone", {})
 
     run(_with(make_store(), work))
 

@@ -472,7 +472,7 @@ def test_a_router_speaks_for_its_own_site_only(neighbours, lists, upstream):
         alerts = server.call(lambda: list(server.worker.resolver.threats.recent))
         assert [(alert.site, alert.device) for alert in alerts] == [("alpha", "ip:127.0.0.1")]
         refused = server.call(lambda: dict(server.worker.resolver.directory.refused_claims))
-        assert refused == {"address": 2, "cpe_id": 2}
+        assert refused.keys() == {"address", "cpe_id"} and min(refused.values()) >= 2  # more if a stand-in was made
         # a LAN address no site holds is the router's to name: alpha decides it, not the global default
         assert outcome(ask_claiming(server, "drug.example", subnet="192.168.1.23")) == "blocked: drugs"
         assert outcome(ask_claiming(server, "porn.example", subnet="192.168.1.23")) == "ok"
@@ -485,3 +485,28 @@ def test_a_trusted_source_in_no_site_speaks_for_any(neighbours, lists, upstream,
         assert outcome(ask_claiming(server, "porn.example", subnet="127.0.5.9")) == "blocked: pornography"
         assert outcome(ask_claiming(server, "porn.example", cpe="bravo-cpe")) == "blocked: pornography"
         assert server.call(lambda: dict(server.worker.resolver.directory.refused_claims)) == {}
+
+
+def test_while_the_store_is_out_a_router_whose_site_is_not_held_cannot_speak_for_a_held_one(
+    own_redis, redis_prefix, lists, upstream
+):
+    """The confinement holds without the store too: the worker holds bravo (one of its devices asked) but not
+    alpha, whose router then claims bravo's CPE id. It must not get bravo's policy (its stand-in would, by
+    CPE id): its claims are set aside and it gets the default policy, the most it can be told apart by."""
+
+    async def both(service: PolicyService) -> None:
+        await service.put_site("alpha", ALPHA)
+        await service.put_site("bravo", BRAVO)
+
+    write(own_redis.url, redis_prefix, both)
+    with server_for(
+        own_redis.url, redis_prefix, lists, upstream, Clock(TUESDAY_NOON), cold_wait=0.05, policy={"block": ["drugs"]}
+    ) as server:
+        tv = dns.message.make_query("drug.example", "A", use_edns=0)
+        assert outcome(dns.query.udp(tv, "127.0.0.1", port=server.port, source="127.0.5.9", timeout=3)) == "ok"
+        eventually(lambda: server.call(lambda: server.worker.resolver.directory._site_networks is not None), 2)
+        own_redis.kill()
+        assert outcome(ask_claiming(server, "drug.example", cpe="bravo-cpe")) == "blocked: drugs"  # not bravo's
+        assert outcome(ask_claiming(server, "malware.example", cpe="bravo-cpe")) == "Web Protect: malware"
+        alerts = server.call(lambda: list(server.worker.resolver.threats.recent))
+        assert [alert.site for alert in alerts] == [None]

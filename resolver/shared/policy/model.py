@@ -534,12 +534,30 @@ def _webhook(value: Any) -> Webhook | None:
 def may_post_to(address: str, allow: tuple[str, ...]) -> bool:
     """Whether alerts may be posted to `address`: a public unicast address, or one in `allow` (the operator's
     admin.webhook_allow). A site's webhook must not make this node reach its own loopback or its neighbours."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = _embedded_ipv4(ipaddress.ip_address(address.split("%", 1)[0]))
     if any(ip in ipaddress.ip_network(network) for network in allow):
         return True
     return ip.is_global and not ip.is_multicast
+
+
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it: NAT64 (RFC 6052, RFC 8215) and
+# the deprecated IPv4-compatible form. Python counts some of them as global whatever IPv4 address they hold.
+_IPV4_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv6 address leads to (mapped, 6to4, Teredo's server, NAT64), else itself."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client's own address: where the packets end up
+    if any(ip in carrier for carrier in _IPV4_CARRIERS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip
 
 
 def check_webhook_url(url: str, allow: tuple[str, ...]) -> None:
@@ -597,11 +615,23 @@ def check_bounds(site: Site, before: dict[str, Any] | None, limits: LimitsSettin
         bound = getattr(limits, key)
         if size > bound and size > old.get(path, (0, key))[0]:
             raise PolicyError(path, f"{size} {_UNITS[key]}; at most {bound} (limits.{key})")
-    stored = len(json.dumps(document, sort_keys=True))  # as the stores keep it
-    if stored > limits.document_bytes and (before is None or stored > len(json.dumps(before, sort_keys=True))):
+    stored = _measured(document)
+    if stored > limits.document_bytes and (before is None or stored > _measured(before)):
         raise PolicyError(
             "", f"the site's document would be {stored} bytes; at most {limits.document_bytes} (limits.document_bytes)"
         )
+
+
+def _measured(document: dict[str, Any]) -> int:
+    """A document's size as the stores keep it (JSON), its pauses left out: pausing and resuming, a site's or
+    a device's, must work whatever the site's size."""
+    unpaused = {key: value for key, value in document.items() if key != "paused_until"}
+    for kind in ("groups", "devices"):
+        unpaused[kind] = {
+            entity_id: {key: value for key, value in _entries(entity).items() if key != "paused_until"}
+            for entity_id, entity in _entries(document.get(kind)).items()
+        }
+    return len(json.dumps(unpaused, sort_keys=True))
 
 
 def _sizes(document: dict[str, Any]) -> dict[str, tuple[int, str]]:
