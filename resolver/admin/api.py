@@ -37,6 +37,7 @@ from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
 from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
+from resolver.admin.status import profiles_of, site_status
 from resolver.admin.why import Explainer
 from resolver.shared.config import AdminSettings
 from resolver.shared.errors import (
@@ -71,6 +72,7 @@ class Route:
     handler: Handler
     body: str | None = None  # what the request body is, for the OpenAPI document
     subscriber: bool = False  # a site token may use it (on its own site, where the path names one)
+    answer: str | None = None  # what a 200 answers, for the OpenAPI document (a schema in _BODIES)
 
 
 def tokens_from(settings: AdminSettings) -> dict[str, str]:
@@ -339,6 +341,11 @@ class Api:
         listed = await site_devices(store, self.activity, self.explainer.maker, self.catalog, site, time.time())
         return web.json_response({"devices": listed})
 
+    async def status(self, request: web.Request) -> web.Response:
+        site = await self._site(request)
+        profiles = await profiles_of(self._policies().store, self.catalog)
+        return web.json_response(site_status(site, self.explainer.maker, profiles, time.time()))
+
     async def adopt_device(self, request: web.Request) -> web.Response:
         body = await self._object(request)
         unknown = sorted(set(body) - {"name", "group"})
@@ -566,9 +573,23 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/v1/sites/{site}/status",
+        READ,
+        "What applies now to the site, each group and each configured device, as the resolver decides it: "
+        "state (paused, scheduled, ok) and until when, the pause in force (level: device, group, subscriber), "
+        "the block-all schedule in force and every running schedule (each until when), the governing level "
+        "(device, group, subscriber, default) and profile, the group and how the device is in it (own, "
+        "default, none), and valid_until",
+        Api.status,
+        subscriber=True,
+        answer="SiteStatus",
+    ),
+    Route(
+        "GET",
         "/v1/sites/{site}/devices",
         READ,
-        "Every device seen or configured: vendor, group, status, first and last seen, counts",
+        "Every device seen or configured: vendor, group, status (the state) and effective (the whole status, as "
+        "/v1/sites/{site}/status gives it), first and last seen, counts",
         Api.devices,
         subscriber=True,
     ),
@@ -756,6 +777,74 @@ _BODIES: dict[str, dict[str, Any]] = {
         },
     },
     "Rollback": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
+    "Status": {
+        "type": "object",
+        "description": "What applies now, worked out by the resolver's own code (the app shows it as it is). Times "
+        'are RFC 3339 in UTC, or "forever".',
+        "properties": {
+            "state": {
+                "enum": ["paused", "scheduled", "ok"],
+                "description": "every name blocked by a pause, every name blocked by a schedule, or the policy's rules",
+            },
+            "until": {"type": ["string", "null"], "description": "when the pause or the schedule of `state` ends"},
+            "pause": {
+                "type": ["object", "null"],
+                "description": "the pause in force, whatever `state` shows",
+                "properties": {"level": {"enum": ["device", "group", "subscriber"]}, "until": {"type": "string"}},
+            },
+            "schedule": {
+                "type": ["object", "null"],
+                "description": "the block-all schedule in force (under a pause too)",
+                "properties": {"name": {"type": "string"}, "until": {"type": "string"}},
+            },
+            "schedules": {
+                "type": "array",
+                "description": "every schedule of the governing policy running now",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "block": {"description": '"all" or the categories it blocks'},
+                        "until": {"type": "string"},
+                    },
+                },
+            },
+            "level": {
+                "enum": ["device", "group", "subscriber", "default"],
+                "description": "whose policy governs: the device's, its group's, the site's (network mode) or "
+                "the node's default",
+            },
+            "profile": {"type": ["string", "null"], "description": "the profile the governing policy names"},
+            "group": {"type": ["string", "null"], "description": "the group the resolver puts the device in"},
+            "membership": {
+                "enum": ["own", "default", "none"],
+                "description": "the device's own group, the site's default group (a device the site does not "
+                "know), or none",
+            },
+            "valid_until": {"type": "string", "description": "the next moment any of this may change"},
+        },
+    },
+    "SiteStatus": {
+        "type": "object",
+        "properties": {
+            "at": {"type": "string"},
+            "site": {
+                "$ref": "#/components/schemas/Status",
+                "description": "a device in no group with nothing of its own: the site's pause and, in network "
+                "mode, its policy",
+            },
+            "groups": {
+                "type": "object",
+                "description": "group id → what a member with no pause or policy of its own follows",
+                "additionalProperties": {"$ref": "#/components/schemas/Status"},
+            },
+            "devices": {
+                "type": "object",
+                "description": "configured device id → its status",
+                "additionalProperties": {"$ref": "#/components/schemas/Status"},
+            },
+        },
+    },
     "SourcePath": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
     "Compile": {"type": "object", "properties": {"publish": {"type": "boolean"}}},
 }
@@ -770,7 +859,12 @@ def openapi_document() -> dict[str, Any]:
             "x-role": route.role,
             "x-site-token": route.subscriber,
             "responses": {
-                "200": {"description": "OK"},
+                "200": {"description": "OK"}
+                if route.answer is None
+                else {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer}"}}},
+                },
                 "401": {"$ref": "#/components/responses/Error"},
                 "403": {"$ref": "#/components/responses/Error"},
             },

@@ -1,6 +1,6 @@
-"""What a site's subscriber sees of its devices: every device seen or configured, with its vendor, group, status
-and counts, and each device's activity by hour. Built from the site document and the activity store
-(shared/store/activity.py) when asked; nothing here is on the query path.
+"""What a site's subscriber sees of its devices: every device seen or configured, with its vendor, group, effective
+status (status.py) and counts, and each device's activity by hour. Built from the site document and the activity
+store (shared/store/activity.py) when asked; nothing here is on the query path.
 
 Vendors come from the MAC's OUI in the IEEE registry as the netaddr package ships it (kept up to date with
 each release of the package, which is why it is a dependency rather than a table of ours). A MAC with the
@@ -16,16 +16,14 @@ import netaddr
 
 from blocklists.catalog import Catalog
 from resolver.admin.recorder import configured_keys
-from resolver.shared.dns import text_to_name
+from resolver.admin.status import profiles_of, status_of
 from resolver.shared.errors import NotFound
-from resolver.shared.policy.decision import Rule, decide
-from resolver.shared.policy.effective import PolicyMaker, governing, guest_profile
+from resolver.shared.policy.effective import PolicyMaker
 from resolver.shared.policy.model import Device, PolicySpec, Site, time_document
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import Store
 
 ONLINE_SECONDS = 300.0  # a device seen this recently is online
-_PROBE = text_to_name("status.bns.invalid")  # a name no list holds: what decides for it is the device's status
 
 
 @lru_cache(maxsize=4096)
@@ -41,17 +39,6 @@ def vendor_of(mac: str | None) -> str | None:
         return None
 
 
-def _status(site: Site, device: Device | None, maker: PolicyMaker, profiles: dict[str, PolicySpec], now: float) -> str:
-    """paused, scheduled (a block-all schedule is on) or ok: what the resolver would do for any name now."""
-    policy, _until = maker.effective(governing(site, device, profiles), now)
-    verdict = decide(policy, _PROBE, 0).verdict
-    if verdict is not None and verdict.rule is Rule.PAUSE:
-        return "paused"
-    if verdict is not None and verdict.rule is Rule.SCHEDULE:
-        return "scheduled"
-    return "ok"
-
-
 async def site_devices(
     store: Store, activity: Activity, maker: PolicyMaker, catalog: Catalog, site_id: str, now: float
 ) -> list[dict[str, Any]]:
@@ -59,8 +46,7 @@ async def site_devices(
     site = await store.load_site(site_id)
     if site is None:
         raise NotFound(f"no site {site_id!r}")
-    profiles = {"guest": guest_profile(catalog), **await store.load_profiles()}
-    return device_list(site, await activity.devices(site_id), maker, profiles, now)
+    return device_list(site, await activity.devices(site_id), maker, await profiles_of(store, catalog), now)
 
 
 def device_list(
@@ -93,6 +79,7 @@ def _entry(
 ) -> dict[str, Any]:
     mac = record.get("mac") or (key[4:] if key.startswith("mac:") else None)
     last = record.get("last_seen")
+    status = status_of(site, device, maker, profiles, now)
     return {
         "key": key,
         "device": device.id if device else None,
@@ -101,7 +88,7 @@ def _entry(
         "mac": mac,
         "client_id": record.get("client_id"),
         "address": record.get("address"),
-        "group": device.group if device is not None else site.default_group,
+        "group": status["group"],
         "first_seen": record.get("first_seen"),
         "last_seen": last,
         "online": last is not None and now - last < ONLINE_SECONDS,
@@ -109,7 +96,8 @@ def _entry(
         "blocked": record.get("blocked", 0),
         "warned": record.get("warned", 0),
         "paused_until": time_document(device.paused_until) if device else None,
-        "status": _status(site, device, maker, profiles, now),
+        "status": status["state"],
+        "effective": status,
     }
 
 

@@ -80,7 +80,7 @@ class Explainer:
             "site": site.id if site else None,
             "timezone": site.timezone if site else None,
             "device": device.id if device else None,
-            "group": (device.group if device else site.default_group) if site else None,
+            "group": rule.group,
             "level": rule.level,
             **decision,
         }

@@ -1,7 +1,7 @@
 """The admin process's half of device activity (resolver/admin/recorder.py) over the real stores: hand-overs
 taken once each (a half-taken one first), bad ones skipped, a batch kept bounded through an outage and written
 once, a site deleted while it was written forgotten again, and the query log trimmed to its retention with no
-write to trigger it."""
+write to trigger it; an alert kept once however many workers and nodes hand it in."""
 
 from __future__ import annotations
 
@@ -86,7 +86,10 @@ def test_through_an_outage_the_waiting_batch_is_bounded_and_then_written_once(tm
         await written(batch, now)
 
     monkeypatch.setattr(activity, "record", record)
-    alerts = [{"at": NOW, "site": "home", "device": "ip:192.0.2.1", "reason": "dga"} for _ in range(8)]
+    alerts = [
+        {"at": NOW, "site": "home", "device": "ip:192.0.2.1", "reason": "dga", "name": f"n{n}.example"}
+        for n in range(8)
+    ]
     hand_over(tmp_path / "spool" / "worker-0.json", [entry(f"ip:192.0.2.{n}") for n in range(8)], alerts)
     asyncio.run(taker.take())
     assert len(taker._waiting) == 10 and taker.lost == 6  # the oldest went, and only they are counted
@@ -154,3 +157,76 @@ def test_a_flood_evicts_the_least_recently_seen_but_never_a_configured_device(tm
 
     kept, evicted = asyncio.run(run())
     assert "ip:192.0.2.1" in kept and len(kept) == 2 and evicted == 4
+
+
+def alert(name: str = "kq3vz8xw.example", reason: str = "dga", at: float = NOW, client: str = "192.0.2.1") -> dict:
+    """An alert as a worker hands it over (worker/threats.py's Alert)."""
+    detail = f"machine-made name (score {at % 7:.1f})"
+    return {"at": at, "site": "home", "client": client, "device": "ip:192.0.2.1", "name": name, "reason": reason,
+            "detail": detail}  # fmt: skip
+
+
+async def hand_in_copies(spools: Path, recorders: tuple[Recorder, Recorder]) -> None:
+    """Both workers of each node hand in the same alert a few seconds apart, each node's recorder takes them
+    (the second writes into what the first wrote), and node a's first worker hands in alerts that differ from it
+    by name, reason or hour."""
+    hour = NOW // 3600 * 3600
+    for node, taker in enumerate(recorders):
+        for worker in range(2):
+            handed = [alert(at=hour + 60 + 10 * node + worker, client=f"192.0.2.{worker + 1}")]
+            if (node, worker) == (0, 0):
+                handed += [alert("other.example", at=hour + 61), alert(reason="tunnel", at=hour + 62)]
+                handed += [alert(at=hour + 3600 + 1)]  # the next hour
+            hand_over(spools / f"node-{node}" / f"worker-{worker}.json", [], handed)
+        await taker.take()
+
+
+def test_an_alert_seen_by_every_worker_of_two_nodes_is_listed_once(tmp_path, shared_redis, redis_prefix):
+    """Issue 19: the same device, reason and name within the hour was listed once per worker that saw it. Two
+    nodes sharing Redis, and one node without Redis (its admin process's own store, taking twice)."""
+
+    async def run() -> tuple[list[dict], list[dict]]:
+        stores = tuple(redis_policy_store(shared_redis.url, redis_prefix) for _ in range(2))
+        await PolicyService(stores[0]).put_site("home", {"networks": ["192.0.2.0/24"]})
+        activities = [RedisActivity(store.connection, ActivitySettings()) for store in stores]
+        recorders = (
+            Recorder(tmp_path / "redis" / "node-0", activities[0], stores[0]),
+            Recorder(tmp_path / "redis" / "node-1", activities[1], stores[1]),
+        )
+        await hand_in_copies(tmp_path / "redis", recorders)
+        shared = await activities[1].alerts("home")
+        for store in stores:
+            await store.close()
+        store = FileStore(tmp_path / "policies.json", load_catalog())
+        await PolicyService(store).put_site("home", {"networks": ["192.0.2.0/24"]})
+        local = LocalActivity(ActivitySettings())
+        alone = Recorder(tmp_path / "local" / "node-0", local, store)
+        await hand_in_copies(tmp_path / "local", (alone, Recorder(tmp_path / "local" / "node-1", local, store)))
+        return shared, await local.alerts("home")
+
+    hour = NOW // 3600 * 3600
+    for listed in asyncio.run(run()):
+        assert [(item["name"], item["reason"], item["at"], item["client"]) for item in listed] == [
+            ("kq3vz8xw.example", "dga", hour + 3601, "192.0.2.1"),
+            ("kq3vz8xw.example", "tunnel", hour + 62, "192.0.2.1"),
+            ("other.example", "dga", hour + 61, "192.0.2.1"),
+            ("kq3vz8xw.example", "dga", hour + 60, "192.0.2.1"),  # the first one handed in; not its 3 copies
+        ]
+
+
+def test_alerts_beyond_the_cap_and_of_a_forgotten_device_leave_nothing_behind(shared_redis, redis_prefix):
+    async def run() -> tuple[list[str], int, list[dict], int]:
+        connection = RedisConnection(shared_redis.url, redis_prefix)
+        activity = RedisActivity(connection, ActivitySettings(alerts_per_site=2))
+        documents = connection.key("alertdocs", "home")
+        await activity.record(Batch(alerts=[alert(f"n{n}.example", at=NOW + n) for n in range(4)]), NOW)
+        capped = [item["name"] for item in await activity.alerts("home")]
+        held = await connection.client.hlen(documents)
+        await activity.forget("home", {"ip:192.0.2.1"}, NOW)
+        left = await activity.alerts("home"), await connection.client.hlen(documents)
+        await connection.close()
+        return capped, held, *left
+
+    capped, held, left, documents = asyncio.run(run())
+    assert capped == ["n3.example", "n2.example"] and held == 2  # the oldest went, with their documents
+    assert left == [] and documents == 0

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from http.client import HTTPConnection
 from pathlib import Path
@@ -380,18 +380,117 @@ def test_a_schedule_in_force_shows_on_the_group_and_its_devices(tmp_path, home):
     assert http(api, "PUT", "/v1/sites/home/groups/kids/policy", {"schedules": [schedule]})[0] == 200
     eventually(lambda: every_answer(dns_port, "x.example", TABLET, "schedule Quiet"), 2)
 
-    async def use_the_app() -> tuple[str, str]:
+    async def use_the_app() -> tuple[str, str | None, str]:
         async with browser_for(tmp_path) as browser:
             await sign_in(browser, api, token, PHONE_SIZE, mobile=True)
             await tab(browser, "groups")
             group = await browser.wait_for(
                 "(document.querySelector('[data-group=\"kids\"] .pause-state') || {}).innerText"
             )
+            until = await browser.evaluate(
+                "document.querySelector('[data-group=\"kids\"] .pause-state .badge').dataset.until"
+            )
             member = await browser.evaluate("document.querySelector('[data-device=\"tablet\"] .badge').className")
-            return group, member
+            return group, until, member
 
-    group, member = asyncio.run(use_the_app())
-    assert group == f"Quiet: everything blocked until {schedule['to']}" and member == "badge schedule"
+    group, until, member = asyncio.run(use_the_app())
+    assert group.startswith("Quiet: everything blocked until ") and member == "badge schedule"
+    assert until == end.replace(second=0, microsecond=0).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+PHONE, TV = "127.0.0.4", "127.0.0.5"
+
+
+def test_the_app_shows_the_servers_status_of_every_device_and_group(tmp_path, home):
+    """Issue 19: a device in no group, in a site with no default group, crashed the app (its row and every row
+    after it missing), and the app's own copy of the precedence rules disagreed with the resolver's. Here a
+    group is paused, a schedule from a profile is in force, one device is in no group: every device the API
+    lists is a row, and every badge says what the server's status says, which is what DNS answers."""
+    dns_port, api, token = home
+    now = datetime.now(ZoneInfo(ZONE))
+    start, end = now - timedelta(hours=1), now + timedelta(hours=1)
+    quiet = {"name": "Quiet", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "block": "all"}
+    quiet |= {"from": start.strftime("%H:%M"), "to": end.strftime("%H:%M")}
+    profile = f"evening-{uuid.uuid4().hex[:6]}"
+    assert http(api, "PUT", f"/v1/profiles/{profile}", {"schedules": [quiet]})[0] == 200
+    document = {
+        **SITE,
+        "default_group": None,
+        "groups": {
+            "kids": {"name": "Kids", "paused_until": "forever"},
+            "adults": {"name": "Adults"},
+            "teens": {"name": "Teens", "policy": {"profile": profile}},
+        },
+        "devices": {
+            "tablet": {"name": "Tablet", "addresses": [TABLET], "group": "kids"},
+            "laptop": {"name": "Laptop", "addresses": [LAPTOP], "group": "adults"},
+            "phone": {"name": "Phone", "addresses": [PHONE], "group": "teens"},
+            "tv": {"name": "TV", "addresses": [TV]},  # as `bns device set home tv --mac …` makes it: no group
+        },
+    }
+    assert http(api, "PUT", "/v1/sites/home", document)[0] == 200
+    for source, expected in ((PHONE, "schedule Quiet"), (TABLET, "paused"), (TV, "resolved")):
+        eventually(lambda source=source, expected=expected: every_answer(dns_port, "x.example", source, expected), 2)
+    status = http(api, "GET", "/v1/sites/home/status", token=token)[1]
+    assert (status["devices"]["tv"]["group"], status["devices"]["tv"]["membership"]) == (None, "none")
+    assert (status["devices"]["phone"]["state"], status["devices"]["phone"]["profile"]) == ("scheduled", profile)
+
+    async def use_the_app() -> dict[str, object]:
+        async with browser_for(tmp_path) as browser:
+            await sign_in(browser, api, token, PHONE_SIZE, mobile=True)
+            seen: dict[str, object] = {
+                "summary": await browser.evaluate("document.querySelector('#devices-summary').textContent"),
+                "rows": await browser.evaluate(
+                    "[...document.querySelectorAll('#device-list button[data-key]')].map((row) => [row.dataset.key,"
+                    " row.querySelector('.badge').dataset.state, row.querySelector('.badge').dataset.until || null])"
+                ),
+            }
+            await tab(browser, "groups")
+            seen["groups"] = await browser.evaluate(
+                "Object.fromEntries([...document.querySelectorAll('#group-list [data-group]')].map((card) =>"
+                " [card.dataset.group, [(card.querySelector('.pause-state .badge') || {dataset: {}}).dataset.state,"
+                " [...card.querySelectorAll('.member')].map((member) => [member.dataset.device,"
+                " member.querySelector('.badge').dataset.state])]]))"
+            )
+            seen["site"] = await browser.evaluate("document.querySelector('[data-site] .badge').dataset.state")
+            seen["kids"] = await browser.evaluate("document.querySelector('[data-group=\"kids\"] .badge').innerText")
+            seen["problems"] = (await browser.evaluate(A11Y))["problems"]  # long statuses fit a phone's width
+            await shot(browser, PHONE_SIZE, "groups-status")
+            await browser.press('[data-group=""] .member[data-device="tv"]')
+            await browser.wait_for("document.querySelector('#device-dialog').open")
+            seen["tv"] = await browser.evaluate("document.querySelector('#device-body .facts').innerText")
+            await browser.press("#device-close")
+            await browser.press('[data-group="teens"] .member[data-device="phone"]')
+            await browser.wait_for("document.querySelector('#device-dialog').open")
+            seen["phone"] = await browser.evaluate("document.querySelector('#device-body').innerText")
+        return seen
+
+    seen = asyncio.run(use_the_app())
+    listed = http(api, "GET", "/v1/sites/home/devices", token=token)[1]["devices"]
+    # Every device the API lists is a row, and the header counts them all.
+    assert sorted(key for key, _state, _until in seen["rows"]) == sorted(entry["key"] for entry in listed)
+    assert str(seen["summary"]).startswith(f"{len(listed)} devices,"), seen["summary"]
+    # Each badge is the server's status.
+    assert {key: (state, until) for key, state, until in seen["rows"]} == {
+        entry["key"]: (entry["effective"]["state"], entry["effective"]["until"]) for entry in listed
+    }
+    groups = status["groups"]
+    assert seen["groups"] == {
+        "kids": [groups["kids"]["state"], [["tablet", "paused"]]],
+        "adults": [groups["adults"]["state"], [["laptop", "ok"]]],
+        "teens": [groups["teens"]["state"], [["phone", "scheduled"]]],
+        "": [None, [["tv", "ok"]]],  # "Not in a group"
+    }
+    assert (groups["kids"]["state"], groups["adults"]["state"], groups["teens"]["state"]) == (
+        "paused",
+        "ok",
+        "scheduled",
+    )
+    assert seen["problems"] == []
+    assert seen["site"] == status["site"]["state"] == "ok" and seen["kids"] == "Paused until resumed"
+    assert "Group\nNone" in str(seen["tv"]) and "The default rules" in str(seen["tv"])
+    assert f"Its group's rules (profile {profile})" in str(seen["phone"]), seen["phone"]
+    assert "Quiet: everything blocked until" in str(seen["phone"])
 
 
 def test_categories_and_allow_deny_set_in_the_app_reach_the_api_and_the_answers(tmp_path, home):
@@ -422,7 +521,7 @@ def test_categories_and_allow_deny_set_in_the_app_reach_the_api_and_the_answers(
             return note, error
 
     note, error = asyncio.run(use_the_app())
-    assert note == "This device follows its group's rules. Saving gives it rules of its own."
+    assert note == "This device follows the default rules. Saving gives it rules of its own."  # Kids has none
     assert error.startswith("Always block: ")  # the server's reason, shown next to the form
     policy = site(api)["devices"]["tablet"]["policy"]
     content = ["criminal-skills", "hacking", "hate", "pornography", "self-harm-suicide", "violence-gore", "weapons"]

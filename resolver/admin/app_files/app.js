@@ -24,6 +24,8 @@ const state = {
   categories: [],
   devices: null, // GET /v1/sites/{site}/devices: {"devices": [...]}; null until it answers
   devicesError: null,
+  status: null, // GET /v1/sites/{site}/status: what applies now to the site, each group and device
+  statusError: null,
   tab: "devices",
   rulesTarget: null, // {kind, id, name}
   dialogDevice: null, // the device shown in the dialog: {key, device}
@@ -176,7 +178,13 @@ async function loadAll() {
   }
   $("#site-name").textContent = state.doc.name || "Your network";
   document.title = `${state.doc.name || "Your network"}: devices and rules`;
-  await loadDevices();
+  await loadLive();
+}
+
+async function loadLive() {
+  // What changes with every write and with the clock: the devices and what applies to each, as the server
+  // works it out. The page works out none of it.
+  await Promise.all([loadDevices(), loadStatus()]);
 }
 
 async function loadDevices() {
@@ -186,6 +194,16 @@ async function loadDevices() {
   } catch (error) {
     state.devices = null;
     state.devicesError = error.message;
+  }
+}
+
+async function loadStatus() {
+  try {
+    state.status = await api("GET", sitePath("/status"));
+    state.statusError = null;
+  } catch (error) {
+    state.status = null;
+    state.statusError = error.message;
   }
 }
 
@@ -210,7 +228,6 @@ function zoneParts(ms) {
     hour: "2-digit",
     minute: "2-digit",
     second: "2-digit",
-    weekday: "short",
   });
   const parts = {};
   for (const part of format.formatToParts(new Date(ms))) parts[part.type] = part.value;
@@ -221,7 +238,6 @@ function zoneParts(ms) {
     hour: Number(parts.hour),
     minute: Number(parts.minute),
     second: Number(parts.second),
-    weekday: DAYS.indexOf(parts.weekday.slice(0, 3).toLowerCase()),
   };
 }
 
@@ -257,76 +273,64 @@ function whenText(ms) {
   return clock(ms, !sameDay);
 }
 
-function minutesOf(text) {
-  const [hours, minutes] = String(text).split(":").map(Number);
-  return hours * 60 + minutes;
+function untilText(until) {
+  // An end as the server gives it: an RFC 3339 time, or "forever".
+  return until === "forever" ? "until resumed" : `until ${whenText(Date.parse(until))}`;
 }
 
-// --- who is paused or scheduled now --------------------------------------------------------------------------
-
-function pauseEnd(pausedUntil, now) {
-  if (!pausedUntil) return null;
-  if (pausedUntil === "forever") return Infinity;
-  const end = Date.parse(pausedUntil);
-  return end > now ? end : null;
-}
-
-function activeSchedule(policy, now) {
-  if (!policy || !policy.schedules) return null;
-  const at = zoneParts(now);
-  const minute = at.hour * 60 + at.minute;
-  const yesterday = (at.weekday + 6) % 7;
-  for (const schedule of policy.schedules) {
-    const days = schedule.days.map((day) => DAYS.indexOf(day));
-    const from = minutesOf(schedule.from);
-    const to = minutesOf(schedule.to);
-    const inWindow =
-      to > from
-        ? days.includes(at.weekday) && minute >= from && minute < to
-        : (days.includes(at.weekday) && minute >= from) || (days.includes(yesterday) && minute < to);
-    if (inWindow) return schedule;
-  }
-  return null;
-}
+// --- what applies now, as the server says --------------------------------------------------------------------
 
 function groupOf(groupId) {
   return groupId && state.doc.groups ? state.doc.groups[groupId] : null;
 }
 
-function statusOf(kind, id) {
-  // {kind: "paused"|"schedule"|"ok", text}: the pause in force (the device's, its group's or the network's),
-  // else the schedule of the policy that governs it, else nothing.
-  const now = Date.now();
-  const doc = state.doc;
-  const device = kind === "device" ? doc.devices[id] : null;
-  const groupId = kind === "group" ? id : device ? device.group || doc.default_group : null;
+function groupName(groupId) {
   const group = groupOf(groupId);
-  const pauses = [
-    [device && device.paused_until, ""],
-    [group && group.paused_until, kind === "device" ? ` (group ${group.name || groupId})` : ""],
-    [doc.paused_until, kind === "site" ? "" : " (whole network)"],
-  ];
-  for (const [until, where] of pauses) {
-    const end = pauseEnd(until, now);
-    if (end !== null) {
-      const text = end === Infinity ? "Paused until resumed" : `Paused until ${whenText(end)}`;
-      return { kind: "paused", text: text + where };
-    }
-  }
-  let policy = null;
-  if (doc.mode === "network") policy = doc.policy;
-  else if (kind === "device") policy = (device && device.policy) || (group && group.policy);
-  else if (kind === "group") policy = group && group.policy;
-  const schedule = activeSchedule(policy, now);
-  if (schedule) {
-    const what = schedule.block === "all" ? "everything blocked" : "some sites blocked";
-    return { kind: "schedule", text: `${schedule.name}: ${what} until ${schedule.to}` };
-  }
-  return { kind: "ok", text: "Internet on" };
+  return group ? group.name || groupId : groupId;
 }
 
-function statusBadge(status) {
-  return h("span", { class: `badge ${status.kind}`, text: status.text });
+function statusFor(kind, id) {
+  // The server's status of the site, a group or a configured device (GET /v1/sites/{site}/status); null when
+  // it could not be had.
+  if (!state.status) return null;
+  if (kind === "site") return state.status.site;
+  return (kind === "group" ? state.status.groups : state.status.devices)[id] || null;
+}
+
+const LEVELS = {
+  device: "its own rules",
+  group: "its group's rules",
+  subscriber: "the network's rules",
+  default: "the default rules",
+};
+
+function rulesText(status) {
+  // Whose rules govern, as the server says, and the profile they start from.
+  if (!status) return "rules not known now";
+  return `${LEVELS[status.level]}${status.profile ? ` (profile ${status.profile})` : ""}`;
+}
+
+function statusBadge(status, kind) {
+  // A status in words: the pause or the schedule that decides it, and until when.
+  if (!status) return h("span", { class: "badge", text: state.statusError ? "Status unknown" : "…" });
+  let shown = { kind: "ok", text: "Internet on" };
+  if (status.state === "paused") {
+    const level = status.pause.level;
+    const where =
+      level === "group" && kind !== "group"
+        ? ` (group ${groupName(status.group)})`
+        : level === "subscriber" && kind !== "site"
+          ? " (whole network)"
+          : "";
+    shown = { kind: "paused", text: `Paused ${untilText(status.until)}${where}` };
+  } else if (status.state === "scheduled") {
+    shown = { kind: "schedule", text: `${status.schedule.name}: everything blocked ${untilText(status.until)}` };
+  } else if (status.schedules.length) {
+    const running = status.schedules[0];
+    shown = { kind: "schedule", text: `${running.name}: some sites blocked ${untilText(running.until)}` };
+  }
+  const facts = { "data-state": status.state, "data-until": status.until }; // the server's own values, kept
+  return h("span", { class: `badge ${shown.kind}`, ...facts, text: shown.text });
 }
 
 // --- pausing -------------------------------------------------------------------------------------------------
@@ -343,15 +347,11 @@ const PAUSES = [
   { id: "forever", label: "Until I resume", long: "until resumed", body: () => ({ until: "forever" }) },
 ];
 
+const OWN_PAUSE = { site: "subscriber", group: "group", device: "device" };
+
 function pauseControls(kind, id, name) {
-  const status = statusOf(kind, id);
-  const own =
-    kind === "site"
-      ? state.doc.paused_until
-      : kind === "group"
-        ? groupOf(id).paused_until
-        : state.doc.devices[id].paused_until;
-  const pausedHere = pauseEnd(own, Date.now()) !== null;
+  const status = statusFor(kind, id);
+  const pausedHere = Boolean(status && status.pause && status.pause.level === OWN_PAUSE[kind]);
   const text = (value) => (typeof value === "function" ? value() : value);
   const buttons = PAUSES.map((pause) =>
     h("button", {
@@ -366,7 +366,7 @@ function pauseControls(kind, id, name) {
   return h(
     "div",
     { class: "pause", role: "group", "aria-label": `Pause ${name}` },
-    h("p", { class: "pause-state" }, statusBadge(status)),
+    h("p", { class: "pause-state" }, statusBadge(status, kind)),
     h("p", { class: "pause-title", text: "Pause the internet:" }),
     h("div", { class: "pause-buttons" }, buttons),
     pausedHere
@@ -390,6 +390,7 @@ async function act(kind, id, action, body, done) {
   } catch (error) {
     say(error.message, true);
   }
+  await loadLive();
   await render();
   // The pressed button was drawn again: the focus goes to what comes next there (resume after a pause).
   if (holder) {
@@ -425,7 +426,7 @@ function configuredRecord(deviceId) {
     name: device.name || seen.name || deviceId,
     mac: seen.mac || device.macs[0] || null,
     address: seen.address || device.addresses[0] || null,
-    group: device.group,
+    effective: statusFor("device", deviceId),
   };
 }
 
@@ -442,10 +443,9 @@ function renderDevices() {
   const online = records.filter((record) => record.online).length;
   $("#devices-summary").textContent = `${records.length} devices, ${online} online now. Tap one to pause it.`;
   for (const record of records) {
-    const configured = record.device && state.doc.devices[record.device];
-    const status = configured ? statusOf("device", record.device) : { kind: "new", text: "New" };
-    const group = groupOf(record.group);
-    const details = [record.vendor, group ? group.name || record.group : null].filter(Boolean).join(" · ");
+    // The group is the one the server puts the device in (a device it does not know: the default group's).
+    const group = record.group ? groupName(record.group) : null;
+    const details = [record.device ? null : "New", record.vendor, group].filter(Boolean).join(" · ");
     list.append(
       h(
         "li",
@@ -471,7 +471,7 @@ function renderDevices() {
               details || (record.online ? "Online" : "Not seen lately"),
             ),
           ),
-          statusBadge(status),
+          statusBadge(record.effective, "device"),
           h("span", { class: "chevron", "aria-hidden": "true", text: "›" }),
         ),
       ),
@@ -508,7 +508,8 @@ function renderDeviceDialog() {
   const facts = [
     ["Status", record.online ? "Online now" : record.last_seen ? `Last seen ${whenText(record.last_seen * 1000)}` : ""],
     ["Maker", record.vendor],
-    ["Group", groupOf(record.group) ? groupOf(record.group).name || record.group : record.group || "None"],
+    ["Group", record.effective ? (record.effective.group ? groupName(record.effective.group) : "None") : null],
+    ["Rules", record.effective ? rulesText(record.effective).replace(/^./, (first) => first.toUpperCase()) : null],
     ["Hardware address", record.mac],
     ["Address", record.address],
     ["Queries", record.queries !== undefined ? `${record.queries} (${record.blocked || 0} blocked)` : null],
@@ -516,7 +517,10 @@ function renderDeviceDialog() {
   const pairs = facts.map(([term, value]) => [h("dt", { text: term }), h("dd", { text: value })]);
   body.append(h("dl", { class: "facts" }, pairs));
   if (record.device) body.append(pauseControls("device", record.device, name));
-  else body.append(h("p", { class: "muted", text: "Give this device a name to pause it or give it rules." }));
+  else {
+    body.append(h("p", { class: "pause-state" }, statusBadge(record.effective, "device")));
+    body.append(h("p", { class: "muted", text: "Give this device a name to pause it or give it rules." }));
+  }
 
   const nameInput = h("input", {
     id: "device-name",
@@ -527,11 +531,13 @@ function renderDeviceDialog() {
     maxlength: 200,
   });
   const groups = Object.entries(state.doc.groups || {});
+  // The group it is set to (a device not named yet: the one the server puts it in).
+  const chosen = (record.device ? state.doc.devices[record.device].group : record.group) || "";
   const choice = (value, label) =>
     h(
       "label",
       { class: "check" },
-      h("input", { type: "radio", name: "device-group", value, checked: (record.group || "") === value }),
+      h("input", { type: "radio", name: "device-group", value, checked: chosen === value }),
       h("span", { text: label }),
     );
   const form = h(
@@ -581,12 +587,12 @@ async function saveDevice(record, name, group) {
       written(await api("PUT", targetPath("device", record.device), { name, group }));
     } else {
       written(await api("PATCH", sitePath(`/devices/seen/${encodeURIComponent(record.key)}`), { name, group }));
-      await loadDevices();
     }
     say(`Saved ${name}.`);
   } catch (error) {
     say(error.message, true);
   }
+  await loadLive();
   render();
 }
 
@@ -610,10 +616,12 @@ function renderGroups() {
     const note = "This network has one set of rules for every device; groups share its pauses only.";
     list.append(h("p", { class: "muted", text: note }));
   }
+  // Members as the server has them (the group each device's status names), with the statuses it gave.
   const devices = Object.entries(doc.devices || {});
+  const groupIn = (id) => (statusFor("device", id) || { group: null }).group;
   for (const [id, group] of Object.entries(doc.groups || {})) {
     const name = group.name || id;
-    const members = devices.filter(([, device]) => device.group === id);
+    const members = state.status ? devices.filter(([deviceId]) => groupIn(deviceId) === id) : null;
     list.append(
       h(
         "article",
@@ -626,7 +634,7 @@ function renderGroups() {
       ),
     );
   }
-  const loose = devices.filter(([, device]) => !device.group || !groupOf(device.group));
+  const loose = state.status ? devices.filter(([deviceId]) => !groupIn(deviceId)) : [];
   if (loose.length) {
     const card = h("article", { class: "card", "data-group": "" }, h("h3", { text: "Not in a group" }));
     card.append(memberList(loose));
@@ -635,6 +643,7 @@ function renderGroups() {
 }
 
 function memberList(members) {
+  if (members === null) return h("p", { class: "muted small", text: state.statusError || "Loading…" });
   if (!members.length) return h("p", { class: "muted small", text: "No devices in this group yet." });
   return h(
     "ul",
@@ -647,7 +656,7 @@ function memberList(members) {
           "button",
           { type: "button", class: "member", "data-device": id, onclick: () => openDevice(`device:${id}`, id) },
           h("span", { class: "row-title", text: device.name || id }),
-          statusBadge(statusOf("device", id)),
+          statusBadge(statusFor("device", id), "device"),
           h("span", { class: "chevron", "aria-hidden": "true", text: "›" }),
         ),
       ),
@@ -668,6 +677,14 @@ function policyOf(kind, id) {
   return state.doc.devices[id].policy;
 }
 
+function rulesNote(kind, id) {
+  // Whose rules apply while it has none of its own: the level the server says governs it.
+  if (kind !== "device") {
+    return `These are the default rules. Saving makes them this ${kind === "site" ? "network" : "group"}'s own.`;
+  }
+  return `This device follows ${rulesText(statusFor(kind, id))}. Saving gives it rules of its own.`;
+}
+
 let scheduleCount = 0;
 
 function openRules(kind, id, name) {
@@ -675,11 +692,7 @@ function openRules(kind, id, name) {
   const policy = policyOf(kind, id) || {};
   $("#rules-title").textContent = `Rules for ${name}`;
   $("#rules-timezone").textContent = zone();
-  $("#rules-note").textContent = policyOf(kind, id)
-    ? ""
-    : kind === "device"
-      ? "This device follows its group's rules. Saving gives it rules of its own."
-      : "These are the default rules. Saving makes them this group's own.";
+  $("#rules-note").textContent = policyOf(kind, id) ? "" : rulesNote(kind, id);
   const blocked = new Set(policy.block || state.categories.filter((c) => c.action === "block").map((c) => c.id));
   const categories = $("#rules-categories");
   categories.replaceChildren(
@@ -850,6 +863,7 @@ async function saveRules(event) {
   try {
     written(await api("PUT", `${targetPath(kind, id)}/policy`, policy));
     say(`Saved the rules for ${name}.`);
+    await loadLive();
     openRules(kind, id, name);
   } catch (failure) {
     error.textContent = failure.field ? `${explainField(failure.field)}: ${failure.message}` : failure.message;
@@ -870,7 +884,8 @@ async function clearRules() {
   const { kind, id, name } = state.rulesTarget;
   try {
     written(await api("DELETE", `${targetPath(kind, id)}/policy`));
-    say(`${name} follows the default rules again.`);
+    say(`${name} has no rules of its own now.`);
+    await loadLive();
     openRules(kind, id, name);
   } catch (error) {
     say(error.message, true);

@@ -17,6 +17,9 @@
 Schedules are read in the site's time zone (zoneinfo): a window whose end is at or before its start crosses
 midnight into the next day, and DST changes move the wall clock, not the window. An effective policy is
 valid until the next schedule boundary or pause end (at most an hour), then made again.
+
+The admin API's status of a site, a group or a device (admin/status.py) is read from the same `governing` and
+`in_force`, so what the app shows is what the resolver does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from resolver.shared.dns import EdeCode
 from resolver.shared.errors import ConfigError
 from resolver.shared.identity import Identity
 from resolver.shared.policy.decision import Action, Answering, AnswerMode, Policy, Rule, Verdict
-from resolver.shared.policy.model import Device, Group, PolicySpec, Schedule, Site, wire_names
+from resolver.shared.policy.model import Device, PolicySpec, Schedule, Site, wire_names
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,17 @@ class Governing:
     pauses: tuple[tuple[float, str], ...]  # (paused until, level)
     zone: ZoneInfo
     passes: tuple[tuple[str, float], ...] = ()  # the device's (name, until)
+    profile: str | None = None  # the profile the governing policy names
+    group: str | None = None  # the group the client is in
+    membership: str = "none"  # how: own (the device's group), default (the site's default_group), none
 
 
 def governing(site: Site | None, device: Device | None, profiles: dict[str, PolicySpec]) -> Governing:
     """The precedence rules above, for a client of `site` identified as `device` (either may be None)."""
     if site is None:
         return Governing(None, "default", (), UTC_ZONE)
-    group: Group | None = None
-    group_id = device.group if device is not None else site.default_group
-    if group_id is not None:
-        group = site.groups.get(group_id)
+    group_id, membership = (device.group, "own") if device is not None else (site.default_group, "default")
+    group = site.groups.get(group_id) if group_id is not None else None
     pauses = tuple(
         (entity.paused_until, level)
         for entity, level in ((device, "device"), (group, "group"), (site, "subscriber"))
@@ -75,7 +79,14 @@ def governing(site: Site | None, device: Device | None, profiles: dict[str, Poli
     elif site.policy is not None:
         spec, level = site.policy, "subscriber"
     return Governing(
-        _with_profile(spec, profiles), level, pauses, site.zone, device.passes if device is not None else ()
+        _with_profile(spec, profiles),
+        level,
+        pauses,
+        site.zone,
+        device.passes if device is not None else (),
+        spec.profile if spec is not None else None,
+        group.id if group is not None else None,
+        membership if group is not None else "none",
     )
 
 
@@ -124,6 +135,12 @@ def _active(schedule: Schedule, weekday: int, minute: int) -> bool:
     )
 
 
+def _running(schedules: tuple[Schedule, ...], zone: ZoneInfo, now: float) -> tuple[Schedule, ...]:
+    local = datetime.fromtimestamp(now, zone)
+    minute = local.hour * 60 + local.minute
+    return tuple(schedule for schedule in schedules if _active(schedule, local.weekday(), minute))
+
+
 def _next_boundary(schedules: tuple[Schedule, ...], zone: ZoneInfo, now: float) -> float:
     """The first instant after `now` at which any schedule starts or ends (wall clock in `zone`)."""
     today = datetime.fromtimestamp(now, zone).date()
@@ -138,6 +155,52 @@ def _next_boundary(schedules: tuple[Schedule, ...], zone: ZoneInfo, now: float) 
     return best
 
 
+def schedule_end(schedule: Schedule, zone: ZoneInfo, now: float) -> float:
+    """When a schedule running at `now` stops: the first of its boundaries at which it is not running (a window
+    that runs into the next, such as two whole days in a row, goes on); inf if it never stops."""
+    moment = now
+    for _ in range(16):  # at most two boundaries a day: more than a week of windows
+        moment = _next_boundary((schedule,), zone, moment)
+        if moment == math.inf or not _running((schedule,), zone, moment):
+            return moment
+    return math.inf
+
+
+@dataclass(frozen=True, eq=False)
+class InForce:
+    """What of a Governing applies at one moment, and until when."""
+
+    pause: tuple[float, str] | None  # (paused until, level) of the pause in force
+    schedules: tuple[Schedule, ...]  # the governing policy's schedules running now
+    passed: tuple[str, ...]  # the names whose warnings the device's passes lift now
+    until: float  # the next moment any of it may change (at most MAX_VALIDITY away)
+
+    @property
+    def blocking(self) -> Schedule | None:
+        """The block-all schedule that blocks everything, unless a pause does already."""
+        return next((schedule for schedule in self.schedules if schedule.block_all), None)
+
+
+def in_force(rule: Governing, now: float) -> InForce:
+    """The pause, schedules and passes of `rule` in force at `now`: what PolicyMaker.effective makes a policy of,
+    and what the admin API reports as a client's status."""
+    until = now + MAX_VALIDITY
+    pause = next(((paused_until, level) for paused_until, level in rule.pauses if now < paused_until), None)
+    if pause is not None:
+        until = min(until, pause[0])
+    running: tuple[Schedule, ...] = ()
+    spec = rule.spec
+    if spec is not None and spec.schedules:
+        running = _running(spec.schedules, rule.zone, now)
+        until = min(until, _next_boundary(spec.schedules, rule.zone, now))
+    passed: tuple[str, ...] = ()
+    if rule.passes:
+        running_passes = [(name, end) for name, end in rule.passes if now < end]
+        passed = tuple(sorted(name for name, _end in running_passes))
+        until = min([until, *(end for _name, end in running_passes)])
+    return InForce(pause, running, passed, until)
+
+
 class PolicyMaker:
     """Makes effective policies, sharing one Policy object between all clients in the same state."""
 
@@ -150,40 +213,26 @@ class PolicyMaker:
 
     def effective(self, rule: Governing, now: float) -> tuple[Policy, float]:
         """(the policy in force at `now`, the time until which it stays in force)."""
-        until = now + MAX_VALIDITY
+        state = in_force(rule, now)
+        spec = rule.spec
         block_all: Verdict | None = None
         block_all_key: str | None = None
-        for paused_until, level in rule.pauses:
-            if now < paused_until:
-                block_all, block_all_key = self._pause_verdict(level), f"paused:{level}"
-                until = min(until, paused_until)
-                break
-        spec = rule.spec
+        blocking = state.blocking
+        if state.pause is not None:
+            level = state.pause[1]
+            block_all, block_all_key = self._pause_verdict(level), f"paused:{level}"
+        elif blocking is not None and spec is not None:
+            block_all, block_all_key = self._schedule_verdict(blocking.name, spec), f"schedule:{blocking.name}"
         extra_blocked = 0
-        active: tuple[str, ...] = ()
-        if spec is not None and spec.schedules:
-            local = datetime.fromtimestamp(now, rule.zone)
-            minute = local.hour * 60 + local.minute
-            running = [s for s in spec.schedules if _active(s, local.weekday(), minute)]
-            active = tuple(s.name for s in running)
-            until = min(until, _next_boundary(spec.schedules, rule.zone, now))
-            for schedule in running:
-                if schedule.block_all and block_all is None:
-                    block_all = self._schedule_verdict(schedule.name, spec)
-                    block_all_key = f"schedule:{schedule.name}"
-                extra_blocked |= self.catalog.mask(schedule.categories)
-        passed: tuple[str, ...] = ()
-        if rule.passes:
-            running_passes = [(name, end) for name, end in rule.passes if now < end]
-            passed = tuple(sorted(name for name, _end in running_passes))
-            until = min([until, *(end for _name, end in running_passes)])
-        key = (spec, rule.level, block_all_key, active, passed)
+        for schedule in state.schedules:
+            extra_blocked |= self.catalog.mask(schedule.categories)
+        key = (spec, rule.level, block_all_key, tuple(schedule.name for schedule in state.schedules), state.passed)
         policy = self._interned.get(key)
         if policy is None:
             if len(self._interned) >= _INTERNED_LIMIT:
                 self._interned.clear()
-            policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked, passed)
-        return policy, until
+            policy = self._interned[key] = self._make(spec, rule.level, block_all, extra_blocked, state.passed)
+        return policy, state.until
 
     def _make(
         self,

@@ -14,12 +14,16 @@ under the store prefix, per site S:
     top:S:<day>   zset   "<key>|<verdict>|<name>" by count, the `_TOP` most counted kept
     qlog:S        zset   query (JSON) by time: only for a site with `query_log`, older than the retention deleted
     qlogs         set    the sites with a query log, which `trim` goes through
-    alerts:S      zset   alert (JSON) by time
+    alerts:S      zset   alert key ("<device>|<hour>|<reason>|<name>") by time
+    alertdocs:S   hash   alert key → the alert (JSON)
 
 Days and hours are Unix day and hour numbers; the day keys expire `days` after their day. A query log is
 trimmed to `query_log_hours` at every write and by `trim`, which the recorder runs every 30 s whether or not
 anything is written (and the key expires that long after its last write), so no query outlives its
 retention by more than a minute, even when the site falls silent or turns its log off.
+
+An alert is kept once per (site, device, reason, name, hour): every worker of every node that sees a device ask
+a suspect name flags it, and the first alert handed in is the one kept (atomically in Redis: `_KEEP_ALERTS`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ from resolver.shared.store.redis import RedisConnection
 _TOP = 1000  # names kept per site and day in the top blocked
 _IDENTITY = ("address", "mac", "client_id", "cpe_id")
 _COUNTS = ("queries", "blocked", "warned")
+# KEYS: alerts:S, alertdocs:S; ARGV: how many to keep, then (key, time, alert) of each alert handed in.
+_KEEP_ALERTS = """
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
+    redis.call('HDEL', KEYS[2], key)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+end
+"""
 
 
 @dataclass
@@ -59,6 +78,11 @@ class Batch:
 
     def __len__(self) -> int:
         return sum(len(items) for items in self._parts())
+
+
+def alert_key(alert: dict[str, Any]) -> str:
+    """What makes an alert the same as another of its site: the device, the hour, the reason and the name."""
+    return f"{alert['device']}|{int(alert['at'] // 3600)}|{alert['reason']}|{alert['name']}"
 
 
 def _hour_fields(entry: dict[str, Any]) -> Iterable[tuple[str, int]]:
@@ -171,9 +195,13 @@ class RedisActivity(Activity):
             pipe.zremrangebyrank(log, 0, -settings.query_log_size - 1)
             pipe.expire(log, int(retention) + 1)
         for site in {alert["site"] for alert in batch.alerts}:
-            kept = key("alerts", site)
-            pipe.zadd(kept, {json.dumps(alert): alert["at"] for alert in batch.alerts if alert["site"] == site})
-            pipe.zremrangebyrank(kept, 0, -settings.alerts_per_site - 1)
+            handed = [
+                part
+                for alert in batch.alerts
+                if alert["site"] == site
+                for part in (alert_key(alert), alert["at"], json.dumps(alert))
+            ]
+            pipe.eval(_KEEP_ALERTS, 2, key("alerts", site), key("alertdocs", site), settings.alerts_per_site, *handed)
         await self._redis.call(pipe.execute())
 
     async def devices(self, site: str) -> dict[str, dict[str, Any]]:
@@ -228,10 +256,11 @@ class RedisActivity(Activity):
         return [json.loads(member) for member in members]
 
     async def alerts(self, site: str) -> list[dict[str, Any]]:
-        return [
-            json.loads(member)
-            for member in await self._redis.call(self._client.zrevrange(self._key("alerts", site), 0, -1))
-        ]
+        keys = await self._redis.call(self._client.zrevrange(self._key("alerts", site), 0, -1))
+        if not keys:
+            return []
+        documents = await self._redis.call(self._client.hmget(self._key("alertdocs", site), keys))
+        return [json.loads(document) for document in documents if document is not None]
 
     async def trim(self, now: float) -> None:
         sites = [member.decode() for member in await self._redis.call(self._client.smembers(self._key("qlogs")))]
@@ -269,10 +298,13 @@ class RedisActivity(Activity):
             gone = [member for member in members if _device_of(member) in keys]
             if gone:
                 await self._redis.call(self._client.zrem(name, *gone))
+                if name == key("alerts", site):
+                    await self._redis.call(self._client.hdel(key("alertdocs", site), *gone))
 
     async def forget_site(self, site: str, now: float) -> None:
         key = self._key
-        names = [key(kind, site) for kind in ("seen", "seenfirst", "seenlast", "seencount", "qlog", "alerts")]
+        kinds = ("seen", "seenfirst", "seenlast", "seencount", "qlog", "alerts", "alertdocs")
+        names = [key(kind, site) for kind in kinds]
         for day in self._days(0, now):
             names += [key("act", site, str(day)), key("top", site, str(day))]
         await self._redis.call(self._client.delete(*names))
@@ -286,7 +318,7 @@ class RedisActivity(Activity):
 
 
 def _device_of(member: bytes) -> str:
-    """The device key of a top-blocked member (`<key>|…`) or a logged query or alert (JSON)."""
+    """The device key of a top-blocked member or an alert's (`<key>|…`), or of a logged query (JSON)."""
     if member.startswith(b"{"):
         document = json.loads(member)
         return str(document.get("device") or "")
@@ -304,7 +336,7 @@ class LocalActivity(Activity):
         self._hours: dict[str, dict[tuple[str, int], dict[str, int]]] = {}
         self._top: dict[str, dict[tuple[str, int, str], int]] = {}
         self._queries: dict[str, deque[dict[str, Any]]] = {}
-        self._alerts: dict[str, deque[dict[str, Any]]] = {}
+        self._alerts: dict[str, dict[str, dict[str, Any]]] = {}  # site → alert_key → the first alert handed in
 
     async def record(self, batch: Batch, now: float) -> None:
         for entry in batch.devices:
@@ -325,7 +357,13 @@ class LocalActivity(Activity):
         for query in batch.queries:
             self._queries.setdefault(query["site"], deque(maxlen=self.settings.query_log_size)).append(query)
         for alert in batch.alerts:
-            self._alerts.setdefault(alert["site"], deque(maxlen=self.settings.alerts_per_site)).appendleft(alert)
+            self._alerts.setdefault(alert["site"], {}).setdefault(alert_key(alert), alert)
+        for site in {alert["site"] for alert in batch.alerts}:
+            kept = self._alerts[site]
+            excess = len(kept) - self.settings.alerts_per_site
+            if excess > 0:  # the oldest go, as Redis keeps the newest
+                for oldest in sorted(kept, key=lambda held: kept[held]["at"])[:excess]:
+                    del kept[oldest]
         self._expire(now)
 
     def _expire(self, now: float) -> None:
@@ -367,7 +405,7 @@ class LocalActivity(Activity):
         return list(self._queries.get(site, ()))
 
     async def alerts(self, site: str) -> list[dict[str, Any]]:
-        return list(self._alerts.get(site, ()))
+        return sorted(self._alerts.get(site, {}).values(), key=lambda alert: alert["at"], reverse=True)
 
     async def forget(self, site: str, keys: set[str], now: float) -> None:
         for device in keys:
@@ -377,9 +415,12 @@ class LocalActivity(Activity):
             del hours[slot]
         for item in [item for item in top if item[0] in keys]:
             del top[item]
-        for kept in (self._queries, self._alerts):
-            if site in kept:
-                kept[site] = deque((item for item in kept[site] if item.get("device") not in keys), kept[site].maxlen)
+        if site in self._queries:
+            logged = self._queries[site]
+            self._queries[site] = deque((item for item in logged if item.get("device") not in keys), logged.maxlen)
+        alerts = self._alerts.get(site, {})
+        for gone in [held for held, alert in alerts.items() if alert.get("device") in keys]:
+            del alerts[gone]
 
     async def forget_site(self, site: str, now: float) -> None:
         for kept in (self._seen, self._hours, self._top, self._queries, self._alerts):
