@@ -344,7 +344,7 @@ def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
         Metrics(scratch, dict),
         1 << 20,
         scratch / "uploads",
-        SiteTokens(Secret("", None), store),
+        SiteTokens(Secret("", None, scratch / "pages.key"), store),
         LocalActivity(config.activity),
     )
 
