@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import os
 import platform
+import shutil
 import socket
 import statistics
 import struct
@@ -125,6 +126,11 @@ def bns_command(port: int, upstream_port: int, workers: int, *extra: str) -> lis
     ]  # no admin API unless asked: benches run servers side by side
 
 
+def pinned(command: list[str], cores: str) -> list[str]:
+    """`command` run on these cores only (taskset's list, such as "0" or "1-3"), where taskset is installed."""
+    return ["taskset", "-c", cores, *command] if shutil.which("taskset") else command
+
+
 def machine() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -145,3 +151,11 @@ def machine() -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The value `fraction` of the way up the sorted values (1.0: the largest); NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

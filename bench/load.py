@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.harness import percentile, pinned
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -43,10 +45,7 @@ class LoadResult:
         return self.sent - self.completed
 
     def percentile(self, fraction: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        return percentile(self.latencies, fraction)
 
 
 def have_dnsperf() -> bool:
@@ -71,7 +70,9 @@ def run_dnsperf(
     tcp: bool = False,
     binary: bool = False,
     host: str = "127.0.0.1",
+    cores: str | None = None,
 ) -> LoadResult:
+    """dnsperf against `port` (on `cores` only, if given: taskset's list)."""
     command = [
         "dnsperf",
         "-s",
@@ -99,6 +100,8 @@ def run_dnsperf(
         command += ["-m", "tcp"]
     if binary:
         command.append("-B")  # the file holds wire queries, each after a two-byte length
+    if cores is not None:
+        command = pinned(command, cores)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -2,6 +2,8 @@
 
     python -m bench.peers --data ../shared/data --runs 3 --seconds 8 [--plot bench/peers.png]
 
+`--plot` needs matplotlib (`pip install -e '.[bench]'`).
+
 `responder` is the floor of a Python server: a uvloop UDP protocol that turns each query into an empty
 answer and does nothing else. Every other server gets the same ~1 M listed names (bns: its compiled
 artifact; unbound: `local-zone … always_nxdomain`; dnsdist: a SuffixMatchNode answering NXDOMAIN;
@@ -40,7 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.faults import write_config
-from bench.harness import DEFAULT_DATA, REPO, bns_command, free_port, machine, median, running, top_site_names
+from bench.harness import (
+    DEFAULT_DATA,
+    REPO,
+    bns_command,
+    free_port,
+    machine,
+    median,
+    pinned,
+    running,
+    top_site_names,
+)
 from bench.load import LoadResult, have_dnsperf, process_tree_cpu, write_query_file
 from bench.policies import write_binary_queries
 from bench.redis_processes import RedisServer
@@ -176,10 +188,6 @@ class Server:
     first_pass: dict[str, float] = field(default_factory=dict)  # µs/query the first time through a workload
     results: dict[str, list[LoadResult]] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
-
-
-def pinned(command: list[str], core: str) -> list[str]:
-    return ["taskset", "-c", core, *command] if shutil.which("taskset") else command
 
 
 def unbound(directory: Path, port: int, upstream: int, listed: list[str]) -> list[str] | None:
@@ -476,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="write the table as a PNG chart here")
     parser.add_argument("--profile", action="store_true", help="then profile bns on each workload (py-spy)")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (only asked here: the plot comes after every run)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install -e '.[bench]' (or leave --plot out)")
     if not have_dnsperf():
         parser.error("this bench needs dnsperf (Debian: apt-get install dnsperf)")
     rng = random.Random(17)

@@ -5,9 +5,10 @@ OpenAPI document at `/openapi.json` are both built from it, so they cannot disag
 
 Auth: `Authorization: Bearer <token>`. Tokens come from `admin.tokens` / `admin.read_tokens` and from
 $BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. A site token
-(site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. No token
-or an unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token
-configured every request but a site token's is refused. A source whose tokens keep failing is answered 429
+(site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. A route of
+the `public` role (/health) answers without a token too, and shows more to an operator's token. No token or an
+unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token configured
+every request but a site token's and a public route's is refused. A source whose tokens keep failing is answered 429
 for a while, and the failures are logged (auth_failures.py). A webhook's secret is shown to admin tokens only.
 Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
 """
@@ -58,6 +59,7 @@ from resolver.shared.store.publications import Publications
 
 READ, ADMIN = "read", "admin"
 SUBSCRIBER = "subscriber"  # a site token (site_tokens.py): its own site's routes marked `subscriber` only
+PUBLIC = "public"  # a route that answers without a token too (/health for probes); a token may show more
 
 
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -230,15 +232,18 @@ class Api:
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
         role = None
+        # A probe (a load balancer's, a container's) asks a public route without a token: never slowed for
+        # the failures of others behind the same address.
+        anonymous = route.role == PUBLIC and not _presented(request)
         try:
-            wait = self.failures.wait(request.remote)
+            wait = 0 if anonymous else self.failures.wait(request.remote)
             # A soundly signed site token is no guess (its HMAC cannot be made without the key): the
             # subscribers behind an address someone else fails from (a proxy, a CGNAT pool) are not locked out.
             if wait and not await self.site_tokens.signed(_presented(request)):
                 refused = _error(429, f"too many failed authentications from this address: try again in {wait} s")
                 refused.headers["Retry-After"] = str(wait)
                 return refused
-            credential = await self._credential(request)
+            credential = (PUBLIC, None) if anonymous else await self._credential(request)
             if credential is None:
                 if _presented(request):
                     self.failures.failed(request.remote, f"{route.method} {route.path}")
@@ -289,6 +294,11 @@ class Api:
     # --- handlers ---------------------------------------------------------------------------------------------
 
     async def health(self, _request: web.Request) -> web.Response:
+        """Without a token, the status alone (a probe's: 200 when serving, 503 while starting); with one, why."""
+        ready, fallback = self.metrics.readiness()
+        status = "starting" if not ready else "degraded" if fallback else "ok"
+        if _ROLE.get() == PUBLIC:
+            return web.json_response({"status": status}, status=200 if ready else 503)
         store_state = "none"
         if self.store is not None:
             try:
@@ -297,8 +307,6 @@ class Api:
             except StoreUnavailable:
                 store_state = "down"
         snapshot = self.explainer.lists.snapshot
-        ready, fallback = self.metrics.readiness()
-        status = "starting" if not ready else "degraded" if fallback else "ok"
         body = {
             "status": status,
             "ready": ready,
@@ -549,7 +557,14 @@ class Api:
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/health", READ, "Is this node serving; its store and list version", Api.health),
+    Route(
+        "GET",
+        "/health",
+        PUBLIC,
+        "Is this node serving: its status without a token (200, or 503 while starting); with one, its store, "
+        "list version, uptime and why it is degraded",
+        Api.health,
+    ),
     Route("GET", "/openapi.json", READ, "This document", Api.openapi),
     Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
     Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories, subscriber=True),
@@ -855,7 +870,7 @@ def openapi_document() -> dict[str, Any]:
     for route in ROUTES:
         operation: dict[str, Any] = {
             "summary": route.summary,
-            "security": [{"bearer": []}],
+            "security": [{}, {"bearer": []}] if route.role == PUBLIC else [{"bearer": []}],  # {}: no token needed
             "x-role": route.role,
             "x-site-token": route.subscriber,
             "responses": {

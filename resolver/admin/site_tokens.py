@@ -2,8 +2,9 @@
 its site is deleted or made again, or it is revoked.
 
 `site.<base64url(JSON {site, incarnation, id, expires})>.<base64url(HMAC-SHA256)>`, signed with the key that
-signs the pages' continue tokens (`pages.secret`, else the key every node shares through Redis), under a label
-of its own so that neither kind of token can pass for the other. An operator token makes them
+signs the pages' continue tokens (`pages.secret`, else the key every node shares through Redis, else the one
+the node keeps in its cache directory), under a label of its own so that neither kind of token can pass for the
+other. A token that could not outlive a restart (the node could keep no key) is not made. An operator token makes them
 (`POST /v1/sites/{site}/tokens`); each is recorded with its site in the policy store (policies.py), and
 `DELETE /v1/sites/{site}/tokens/{id}` revokes one by removing its record.
 
@@ -58,6 +59,12 @@ class SiteTokens:
         days = DEFAULT_DAYS if days is None else days
         if isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= MAX_DAYS:
             raise PolicyError("days", f"must be a number of days above 0 and at most {MAX_DAYS}")
+        await self._secret.key()
+        if self._secret.fleeting is not None:
+            raise BnsError(
+                f"a site token made now would die at this node's next restart: {self._secret.fleeting}; "
+                "set pages.secret (or $BNS_PAGES_SECRET) or store.redis"
+            )
         now, token_id = self._clock(), secrets.token_urlsafe(12)
         expires = round(now + days * 86400)
         incarnation = await self._kept().change_site_tokens(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from resolver.shared.config import Config, describe_settings, load_config
-from resolver.supervisor.process import serve
+from resolver.supervisor.process import check, serve
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -54,9 +54,12 @@ def _add_config(commands: argparse._SubParsersAction) -> None:
         "config",
         help="print every setting with its default and meaning",
         description="Print every configuration key, its default and what it does. "
-        "With --check FILE, validate a file and exit.",
+        "With --check FILE, make every check `bns serve` makes before it listens (the file, the cache "
+        "directory, the catalogue, the list, the addresses) and exit.",
     )
-    config.add_argument("--check", type=Path, metavar="FILE", help="validate this TOML file")
+    config.add_argument(
+        "--check", type=Path, metavar="FILE", help="check this TOML file as `bns serve --config FILE` would"
+    )
     config.set_defaults(run=_run_config)
 
 
@@ -95,8 +98,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> int:
     if args.check is not None:
-        load_config(args.check)
-        print(f"{args.check}: valid")
+        lists = check(load_config(args.check))
+        print(f"{args.check}: valid; lists: {lists.describe()}")
         return 0
     for key, default, doc in describe_settings():
         print(f"{key:32} {default:40} {doc}")

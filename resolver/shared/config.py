@@ -73,10 +73,12 @@ def setting(
     convert: Callable[[Any], Any] | None = None,
     live: bool = False,
     show: Callable[[Any], object] | None = None,
+    path: bool = False,
 ) -> Any:
     """A config key: its default, its description, the limits `load_config` enforces, whether a running
-    server applies a change of it on SIGHUP (`live`) or needs a restart, and how a log line may show its
-    value (`show`: `hidden` for a secret)."""
+    server applies a change of it on SIGHUP (`live`) or needs a restart, how a log line may show its
+    value (`show`: `hidden` for a secret), and whether it names a file or directory (`path`: relative to the
+    configuration file's directory)."""
     meta = {
         "doc": doc,
         "minimum": minimum,
@@ -85,6 +87,7 @@ def setting(
         "convert": convert,
         "live": live,
         "show": show,
+        "path": path,
     }
     return field(default=default, metadata=meta)
 
@@ -288,8 +291,9 @@ class ListsSettings:
         "compiled list artifact to serve (`bns lists compile`), where published lists are "
         "installed too; empty: <cache_dir>/published.bns, served once something is published",
         live=True,
+        path=True,
     )
-    catalog: str = setting("", "category catalogue TOML; empty: the packaged one")
+    catalog: str = setting("", "category catalogue TOML; empty: the packaged one", path=True)
     check_interval: float = setting(
         1.0, "seconds between checks for a newly installed artifact", minimum=0.05, maximum=3600, live=True
     )
@@ -298,8 +302,11 @@ class ListsSettings:
     )
     cache_dir: str = setting(
         "",
-        "private directory the served artifacts are copied to before they are mapped; "
-        "empty: bns-lists-<uid> in the temporary directory",
+        "the node's private directory: the served artifacts are copied there before they are mapped, and it "
+        "keeps the node's own state (published versions and list sources without Redis, the last verified "
+        "list, the pages' key when pages.secret is empty and there is no Redis); empty: bns-lists-<uid> in "
+        "the temporary directory, which a reboot may empty",
+        path=True,
     )
     ready_timeout: float = setting(
         10.0,
@@ -354,7 +361,7 @@ class StoreSettings:
         convert=_redis_url,
         show=describe,
     )
-    file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none")
+    file: str = setting("bns-policies.json", "the embedded policy file when there is no Redis; empty: none", path=True)
     prefix: str = setting("bns:", "prefix of every Redis key and of the change channel")
     site_cache: int = setting(
         20_000, "sites each worker keeps in memory (least recently used go first)", minimum=1, maximum=10_000_000
@@ -538,13 +545,17 @@ class AdminSettings:
         convert=_networks,
     )
     niceness: int = setting(
-        19,
-        "niceness of the admin process (API, pages, list follower): the DNS workers get the CPU first",
+        10,
+        "niceness of the admin process (API, app, pages, list follower, builds): against a busy worker it gets "
+        "about a tenth of the core, enough to answer within a second (bench/admin_load.py); 19 gives it about "
+        "a seventieth",
         minimum=0,
         maximum=19,
     )
     idle_scheduling: bool = setting(
-        True, "run the admin process under SCHED_IDLE (Linux): a worker woken by a query takes the CPU from it at once"
+        False,
+        "run the admin process under SCHED_IDLE (Linux): a worker takes the CPU from it at once, but while the "
+        "workers are busy /health and the API may wait seconds for it",
     )
 
 
@@ -631,8 +642,8 @@ class PagesSettings:
     )
     secret: str = setting(
         "",
-        "key that signs the button's tokens (and $BNS_PAGES_SECRET); empty: one shared "
-        "through Redis, or made per run without Redis",
+        "key that signs the button's tokens and the site tokens (and $BNS_PAGES_SECRET); empty: one shared "
+        "through Redis, or without Redis one made once and kept in <lists.cache_dir>/pages.key",
         convert=_secret,
         show=hidden,
     )
@@ -779,13 +790,27 @@ def _from_environment(table: dict[str, Any], environ: Mapping[str, str]) -> None
             table[section][key] = value
 
 
+def _anchor_paths(table: dict[str, Any], directory: Path) -> None:
+    """Relative paths of a configuration file (its own or the defaults') are relative to its directory, so
+    that every command reading the file finds the same files wherever it is run from."""
+    for section in fields(Config):
+        values = table.get(section.name, {})
+        if not isinstance(values, dict):
+            continue  # refused with its name by _build
+        for spec in fields(_SECTIONS[section.name]):
+            value = values.get(spec.name, spec.default)
+            if spec.metadata["path"] and isinstance(value, str) and value and not Path(value).is_absolute():
+                table[section.name] = values = {**values, spec.name: str(directory.absolute() / value)}
+
+
 def load_config(
     path: Path | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> Config:
     """Read a TOML file (or nothing: the embedded defaults), add what the environment sets (`ENVIRONMENT`),
-    apply `{section: {key: value}}` overrides."""
+    apply `{section: {key: value}}` overrides. Relative paths from the file are taken from its directory;
+    those of the overrides (the command line's) from the current one."""
     table: dict[str, Any] = {}
     if path is not None:
         try:
@@ -794,6 +819,7 @@ def load_config(
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        _anchor_paths(table, path.parent)
     _from_environment(table, environ)
     for section, keys in (overrides or {}).items():
         table.setdefault(section, {})

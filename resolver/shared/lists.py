@@ -34,6 +34,7 @@ from blocklists.catalog import Catalog
 from blocklists.errors import ArtifactError
 from blocklists.matcher import Matcher
 from resolver.shared.config import ListsSettings
+from resolver.shared.errors import StartupError
 from resolver.shared.memo import make_room
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,22 @@ def cache_dir_of(settings: ListsSettings) -> Path:
     return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
 
 
+def usable_cache_dir(settings: ListsSettings) -> Path:
+    """The node's cache directory, made (0700) if it is not there yet: this user's and writable, else a
+    StartupError naming lists.cache_dir."""
+    directory = cache_dir_of(settings)
+    named = f"lists.cache_dir: {directory}{'' if settings.cache_dir else ' (the default)'}"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_uid != os.getuid():
+            raise StartupError(f"{named} belongs to another user; choose a directory of this one")
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{named} cannot be used: {exc.strerror}") from None
+    return directory
+
+
 def verified_link(settings: ListsSettings) -> Path:
     """Where the node keeps a link to the last list it verified for its served path. It outlives restarts
     (a node that finds its file corrupt when it starts serves this instead of nothing) and is out of reach
@@ -200,6 +217,23 @@ class Lists:
         self.snapshot = ListSnapshot(Matcher(artifact), hot_size)
         self.swaps = 0
 
+    def _still(self) -> str:
+        """What this process keeps serving when a new list is refused, for a log line."""
+        artifact = self.snapshot.matcher.artifact
+        return f"still serving version {artifact.version}" if artifact is not None else "still serving no list"
+
+    def describe(self) -> str:
+        """What this process serves, for a log line: the file and its version, or why not that."""
+        artifact = self.snapshot.matcher.artifact
+        if artifact is None:
+            return f"none yet ({self.path} is served once a list is published there)" if self.path else "none"
+        if self.fallback is not None:
+            return (
+                f"version {artifact.version} ({artifact.names} names), the last list verified for {self.path}, "
+                f"which is refused: {self.fallback}"
+            )
+        return f"{self.path}, version {artifact.version} ({artifact.names} names)"
+
     def retarget(self, path: Path, check_interval: float) -> None:
         """Serve the artifact at `path` from now on (SIGHUP), once it verifies; the old one serves till then."""
         if path != self.path:
@@ -212,12 +246,18 @@ class Lists:
             return
         temporary = self._verified.with_name(f".{self._verified.name}.{os.getpid()}.tmp")
         try:
+            # Between two links of one file rename(2) does nothing, and would leave the temporary link
+            # behind: the usual case, every process of a node verifying the list the link already names.
+            if self._verified.exists() and self._verified.samefile(artifact.path):
+                return
             self._verified.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             temporary.unlink(missing_ok=True)
             os.link(artifact.path, temporary)
             os.replace(temporary, self._verified)
         except OSError as exc:
             log.warning("lists: cannot keep %s as the last verified list: %s", artifact.path, exc.strerror)
+        finally:
+            temporary.unlink(missing_ok=True)  # another process linked the same file in between
 
     async def watch(self) -> None:
         """Poll for a new artifact until cancelled."""
@@ -236,7 +276,7 @@ class Lists:
         try:
             await self.reload()
         except Exception:  # whatever a file can do to the loader, the watcher must live on
-            log.exception("lists: loading %s failed; still serving version %s", self.path, self.snapshot.version)
+            log.exception("lists: loading %s failed; %s", self.path, self._still())
 
     async def reload(self) -> bool:
         """Verify and swap in the artifact at `path`; False (and the old one serving) if it is refused."""
@@ -244,7 +284,7 @@ class Lists:
         try:
             artifact = await asyncio.to_thread(load_lists, self.path, self.catalog, self._cache_dir)
         except ArtifactError as exc:
-            log.error("lists: refused the new artifact: %s; still serving version %s", exc, self.snapshot.version)
+            log.error("lists: refused the new artifact: %s; %s", exc, self._still())
             return False
         old = self.snapshot.version
         self._remember(artifact)

@@ -18,6 +18,9 @@ def load_policy_and_lists(config: Config) -> tuple[Catalog, PolicyMaker, Lists]:
     verified for its path (see Lists), if it has one."""
     try:
         catalog = load_catalog(Path(config.lists.catalog) if config.lists.catalog else None)
+    except BlocklistError as exc:
+        raise StartupError(f"lists.catalog: {exc}") from None
+    try:
         path, required = served_path(config.lists)
         lists = Lists(
             path,

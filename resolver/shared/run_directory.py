@@ -7,7 +7,8 @@
     run-<pid>/activity/        each worker's device activity, handed to the admin process (worker/activity.py)
 
 A supervisor killed outright cannot remove its directory; the next one to start in the same cache directory
-removes every run directory whose lock nobody holds.
+removes every run directory whose lock nobody holds, and the temporary files (`.<name>.<pid>.tmp`) that
+processes no longer alive left in the cache directory and its subdirectories.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class RunDirectory:
             if stale.name != f"run-{os.getpid()}" and not _held(stale):
                 shutil.rmtree(stale, ignore_errors=True)
                 log.info("removed %s, left by a bns serve that was killed", stale)
+        _remove_orphaned_temporaries(parent)
         path = parent / f"run-{os.getpid()}"
         path.mkdir(mode=0o700, exist_ok=True)
         lock = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)  # kept open (and inherited) until exit
@@ -75,19 +77,34 @@ class RunDirectory:
             return UNSET
 
 
+def _alive(pid: str) -> bool:
+    """Whether the process `pid` (text, as in a file name) lives; not a number: no."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_orphaned_temporaries(parent: Path) -> None:
+    """The temporary files (`.<name>.<pid>.tmp`, see write_atomically) of processes that died before they
+    could remove them, in the cache directory and its subdirectories (not the run directories: removed whole)."""
+    kept = [entry for entry in parent.iterdir() if entry.is_dir() and not entry.name.startswith("run-")]
+    for directory in (parent, *kept):
+        for temporary in directory.glob(".*.tmp"):
+            pid = temporary.name.rsplit(".", 2)[-2]
+            if pid != str(os.getpid()) and not _alive(pid):
+                temporary.unlink(missing_ok=True)
+
+
 def _held(directory: Path) -> bool:
     """Whether a live supervisor (or one of its children) holds the run directory."""
     try:
         descriptor = os.open(directory / "lock", os.O_RDWR)
     except OSError:  # no lock yet (being made) or ever (an older bns): alive if its process is
-        pid = directory.name.removeprefix("run-")
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            return False
-        except PermissionError:
-            return True
-        return True
+        return _alive(directory.name.removeprefix("run-"))
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

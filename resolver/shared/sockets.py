@@ -223,30 +223,48 @@ class HttpSockets:
                 sock.close()
 
 
+_PAGES_ELSEWHERE = "the pages are served there: set pages.serve = false when another server shows them"
+_DEVICE_PAGES_ELSEWHERE = (
+    "on Linux a route such as `ip route add local 198.51.100.0/28 dev lo` makes a whole network local"
+)
+
+
+def check_addresses(config: Config) -> None:
+    """Every address the node would listen on is one of this machine's, else a StartupError naming the
+    setting. Only the address is tried (a socket bound to port 0): the ports may be the running node's."""
+    wanted = [("server.listen", endpoint.host, "") for endpoint in config.server.listen]
+    if config.admin.listen is not None:
+        wanted.append(("admin.listen", config.admin.listen.host, ""))
+    if config.pages.serve:
+        wanted += [("policy.block_page", address, _PAGES_ELSEWHERE) for address in config.policy.block_page]
+        wanted += [("policy.warning_page", address, _PAGES_ELSEWHERE) for address in config.policy.warning_page]
+    pool = PagePool(config.pages.device_networks).addresses()
+    wanted += [("pages.device_networks", address, _DEVICE_PAGES_ELSEWHERE) for address in pool]
+    for key, host, hint in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((host, 0))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise StartupError(
+                        f"{key}: {host} is not an address of this machine{f'; {hint}' if hint else ''}"
+                    ) from None
+                raise StartupError(f"{key}: cannot listen on {host}: {exc.strerror}") from None
+
+
 def bind_http_sockets(config: Config) -> HttpSockets:
     admin = _bind_http(config.admin.listen, "admin.listen") if config.admin.listen is not None else None
     pages = []
     if config.pages.serve:
         addresses = dict.fromkeys((*config.policy.block_page, *config.policy.warning_page))
         pages = [
-            _bind_http(
-                Endpoint(address, config.pages.port),
-                "pages.port",
-                "policy.block_page and policy.warning_page must be addresses of this machine, or set "
-                "pages.serve = false when another server shows the pages",
-            )
-            for address in addresses
+            _bind_http(Endpoint(address, config.pages.port), "pages.port", _PAGES_ELSEWHERE) for address in addresses
         ]
     http = HttpSockets(admin, pages)
     try:
         for address in PagePool(config.pages.device_networks).addresses():
             http.device_pages.append(
-                _bind_http(
-                    Endpoint(address, config.pages.port),
-                    "pages.device_networks",
-                    "every address of pages.device_networks must be this machine's: on Linux a route such as "
-                    "`ip route add local 198.51.100.0/28 dev lo` makes a whole network local",
-                )
+                _bind_http(Endpoint(address, config.pages.port), "pages.device_networks", _DEVICE_PAGES_ELSEWHERE)
             )
     except BaseException:
         http.close()

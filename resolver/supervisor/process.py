@@ -24,7 +24,7 @@ from pathlib import Path
 
 from resolver.shared.config import AdminSettings, Config, reloaded, shown
 from resolver.shared.errors import BnsError, StartupError
-from resolver.shared.lists import cache_dir_of
+from resolver.shared.lists import Lists, cache_dir_of, usable_cache_dir
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.run_directory import RunDirectory
 from resolver.shared.signals import CHILD_SIGNALS, STOP_SIGNALS
@@ -34,6 +34,7 @@ from resolver.shared.sockets import (
     bind_http_sockets,
     bind_sockets,
     bound_addresses,
+    check_addresses,
     claim_ports,
     endpoint_of,
 )
@@ -93,6 +94,12 @@ class Supervisor:
         )
         if self.http.admin is not None:
             log.info("admin API on http://%s/", endpoint_of(self.http.admin))
+            if not self.config.admin.tokens and not self.config.admin.read_tokens:
+                log.warning(
+                    "admin API: no token is configured, so it answers /health and site tokens only and "
+                    "refuses everything else (401); set admin.tokens, or $BNS_ADMIN_TOKENS "
+                    "(e.g. export BNS_ADMIN_TOKENS=$(openssl rand -hex 16)), and restart"
+                )
         if self.http.pages:
             log.info("block and warning pages on %s", ", ".join(f"http://{endpoint_of(s)}/" for s in self.http.pages))
         if self.http.device_pages:
@@ -229,8 +236,10 @@ class Supervisor:
 
 
 def _yield_to_workers(settings: AdminSettings) -> None:
-    """API work must not delay answers: the admin process runs niced and, where the kernel offers it, under
-    SCHED_IDLE, so that a worker woken by a query takes the CPU from it at once (it still gets a share)."""
+    """API work must not delay answers much, nor starve when the workers take every core (exactly when an
+    operator needs to look): the admin process runs niced (10: about a tenth of a core against a busy worker)
+    and, only if asked, under SCHED_IDLE (then a worker takes the CPU from it at once, and under load /health
+    waits seconds: bench/admin_load.py)."""
     os.nice(settings.niceness)
     if settings.idle_scheduling and hasattr(os, "SCHED_IDLE"):
         try:
@@ -276,9 +285,22 @@ def raise_descriptor_limit(config: Config) -> None:
         )
 
 
+def check(config: Config) -> Lists:
+    """What `serve` makes sure of before it binds anything, and all that `bns config --check` does, so that
+    no configuration passes one and fails the other: the cache directory is usable, the catalogue and the
+    list load (or the last list verified for that path stands in), the default policy holds, and every
+    address to listen on is this machine's. Ports are not tried: the node checked may be the one running.
+    Returns the lists, as the workers will find them."""
+    usable_cache_dir(config.lists)
+    _catalog, _maker, lists = load_policy_and_lists(config)
+    check_addresses(config)
+    return lists
+
+
 def serve(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
     raise_descriptor_limit(config)
+    lists = check(config)
     try:
         run = RunDirectory.create(cache_dir_of(config.lists))
     except OSError as exc:
@@ -286,11 +308,13 @@ def serve(config: Config, load_config: Callable[[], Config] | None = None) -> in
             f"lists.cache_dir: cannot create a run directory in {cache_dir_of(config.lists)}: {exc.strerror}"
         ) from None
     try:
-        load_policy_and_lists(config)
         claim_ports(config.server.listen, _PORT_LOCKS)
         socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
         http = bind_http_sockets(config)
     except BaseException:
         run.remove()
         raise
+    following = "; the version published through Redis replaces it once learnt" if config.store.redis else ""
+    log.info("lists: %s%s", lists.describe(), following)
+    log.info("upstreams: %s", ", ".join(str(endpoint) for endpoint in config.upstream.servers))
     return Supervisor(config, socket_sets, http, run, load_config).run()

@@ -13,7 +13,7 @@ import pytest
 from blocklists.catalog import load_catalog
 from resolver.admin.pages import ContinueTokens, Offer
 from resolver.admin.site_tokens import SiteTokens
-from resolver.shared.errors import NotFound, StoreUnavailable
+from resolver.shared.errors import BnsError, NotFound, StoreUnavailable
 from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.shared.store.page_tokens import Secret
@@ -100,3 +100,28 @@ def test_a_token_the_store_cannot_check_is_refused_not_passed(home):
         asyncio.run(tokens.site_of(token))
     assert "cannot be checked now" in refused.value.explain() and str(store.path) not in refused.value.explain()
     assert asyncio.run(tokens.site_of("site.forged.mac")) is None  # no store needed to refuse a forgery
+
+
+def test_without_a_configured_key_or_redis_the_key_is_kept_once_in_a_private_file(home, tmp_path, caplog):
+    """Issue 19: a node without Redis and pages.secret signed with a key made per run, so every link died at
+    its next restart. The key is made once, 0600, and read back by the next run (a new Secret)."""
+    store, _service = home
+    kept = tmp_path / "cache" / "pages.key"
+    token, _claims = asyncio.run(SiteTokens(Secret("", None, kept), store).issue("home", 1))
+    assert kept.stat().st_mode & 0o777 == 0o600 and len(kept.read_bytes()) == 32
+    assert "made the key that signs site tokens" in caplog.text and str(kept) in caplog.text
+    assert asyncio.run(SiteTokens(Secret("", None, kept), store).site_of(token)) == "home"  # after a restart
+    assert not [entry.name for entry in kept.parent.iterdir() if entry.name != "pages.key"]  # no temporary left
+
+
+def test_a_token_that_could_not_outlive_a_restart_is_not_made_and_the_refusal_says_why(home, tmp_path, caplog):
+    store, _service = home
+    kept = tmp_path / "pages.key"
+    kept.mkdir()  # what stands where the key should be cannot be read as one
+    with pytest.raises(BnsError, match=r"would die at this node's next restart.*set pages\.secret") as refused:
+        asyncio.run(SiteTokens(Secret("", None, kept), store).issue("home", 1))
+    assert str(tmp_path) not in str(refused.value)  # the API says no server path; the log does
+    assert f"cannot keep the key that signs tokens in {kept} (Is a directory)" in caplog.text
+    assert asyncio.run(store.site_tokens("home"))[1] == {}  # type: ignore[index]  (nothing recorded)
+    with pytest.raises(BnsError, match="this run's"):
+        asyncio.run(SiteTokens(Secret("", None), store).issue("home", 1))

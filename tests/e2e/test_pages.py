@@ -445,7 +445,7 @@ def test_a_page_address_this_machine_does_not_have_fails_start_up(tmp_path):
         timeout=30,
     )
     assert result.returncode == 1
-    assert "pages.port: cannot bind 192.0.2.44:8080" in result.stderr
+    assert "policy.warning_page: 192.0.2.44 is not an address of this machine" in result.stderr
     assert "pages.serve = false" in result.stderr
     config.write_text(config.read_text().replace("port = 8080", "port = 8080\nserve = false"))  # shown elsewhere
     with node("--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "") as (_process, port, _api):
@@ -456,7 +456,7 @@ def test_device_page_networks_this_machine_does_not_have_or_too_large_fail_start
     address, port = page_address()
     config = tmp_path / "bns.toml"
     for networks, code, message in (
-        ("192.0.2.0/30", 1, "pages.device_networks: cannot bind 192.0.2.0:"),
+        ("192.0.2.0/30", 1, "pages.device_networks: 192.0.2.0 is not an address of this machine"),
         ("127.77.0.0/23", 2, "pages.device_networks: 127.77.0.0/23 has 512 addresses; at most 256"),
     ):
         config.write_text(

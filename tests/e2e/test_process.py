@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import queue
 import re
@@ -28,6 +29,8 @@ import dns.rcode
 import pytest
 
 from bench.faults import not_ready
+from blocklists.catalog import load_catalog
+from blocklists.compiler import Source, compile_lists
 from resolver.shared.config import hidden, load_config
 from resolver.shared.errors import BnsError
 from tests.conftest import answer_addresses
@@ -60,7 +63,8 @@ class NodeProcess(subprocess.Popen[str]):
     full pipe, and kept whole (`log`) for the checks made when it stops."""
 
     def __init__(self, args: tuple[str, ...]) -> None:
-        super().__init__(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO)
+        # A session of its own: `stop` can then find and end every process of the node, an orphan too.
+        super().__init__(bns("serve", *args), stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
         self.lines: list[str] = []
         self._arrived: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -151,7 +155,7 @@ def node(
             admin = found.group(1) if found else None
         wait_until_ready(host, port, deadline)
         if admin is not None and token is not None:
-            wait_until_healthy(admin, token, deadline)
+            wait_until_healthy(admin, deadline)
         yield process, port, admin
     except BaseException:
         stop(process)
@@ -163,7 +167,9 @@ def node(
 
 
 def stop(process: subprocess.Popen[str]) -> None:
-    """Let the node stop its workers; kill it only if it will not."""
+    """Let the node stop its workers; kill it only if it will not; then kill whatever of its process group is
+    left (a child that outlived its supervisor, one that ignored SIGTERM), so that no test leaves a process
+    behind to take the CPU from the next."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -171,6 +177,28 @@ def stop(process: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the node's session, led by the supervisor
+    except ProcessLookupError:
+        return  # nothing left
+    deadline = time.monotonic() + 5
+    while group_members(process.pid):
+        assert time.monotonic() < deadline, f"processes of group {process.pid} outlived SIGKILL"
+        time.sleep(0.02)
+
+
+def group_members(group: int) -> list[int]:
+    """The processes of a process group still running (a zombie has stopped: its reaper is not ours)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _parent, pgrp = Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except OSError:
+                continue
+            if int(pgrp) == group and state != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 def wait_until_ready(host: str, port: int, deadline: float) -> None:
@@ -185,13 +213,13 @@ def wait_until_ready(host: str, port: int, deadline: float) -> None:
             time.sleep(0.02)
 
 
-def wait_until_healthy(admin: str, token: str, deadline: float) -> None:
-    """Until /health says every worker is ready. Answers alone can mislead: when workers get ready seconds
-    apart (each waits for Redis on its own clock), a run of ready answers can all come from the one that is."""
-    request = urllib.request.Request(admin + "/health", headers={"Authorization": f"Bearer {token}"})
+def wait_until_healthy(admin: str, deadline: float) -> None:
+    """Until /health says every worker is ready (asked as a load balancer asks: without a token). Answers
+    alone can mislead: when workers get ready seconds apart (each waits for Redis on its own clock), a run of
+    ready answers can all come from the one that is."""
     while True:
         try:
-            with urllib.request.urlopen(request, timeout=3) as response:
+            with urllib.request.urlopen(admin + "/health", timeout=3) as response:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:
@@ -388,3 +416,63 @@ def test_workers_stop_when_the_supervisor_is_killed_outright(upstream):
         while any(_running(child) for child in children):
             assert time.monotonic() < deadline, "orphaned workers kept running"
             time.sleep(0.1)
+
+
+def test_a_node_without_tokens_says_so_answers_probes_and_leaves_no_process_behind(upstream):
+    """Issue 19: `serve` did not say that its API had no token; /health wanted one, so no load balancer or
+    container could probe it; and a node whose admin process did not stop on SIGTERM outlived the tests."""
+    with node("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", "1") as (process, _port, api):
+        assert api is not None
+        with urllib.request.urlopen(api + "/health", timeout=5) as response:
+            assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+        deadline = time.monotonic() + 5
+        while "WARNING" not in process.log:
+            assert time.monotonic() < deadline, process.log
+            time.sleep(0.02)
+        assert re.search(
+            r"WARNING .*admin API: no token is configured.*set admin\.tokens.*BNS_ADMIN_TOKENS", process.log
+        )
+        admin = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[-1])
+        os.kill(admin, signal.SIGSTOP)  # as deaf to SIGTERM as an admin process starved of the CPU
+        process.kill()  # and its supervisor gone: nobody is left to stop it but the test
+        process.wait()
+    assert not _running(admin)
+
+
+def test_config_check_and_serve_agree_on_every_config(tmp_path):
+    """Issue 19: `config --check` said "valid" where `serve` refused. Both run the same checks now: for each
+    config the same verdict and the same message. The relative paths are the config file's (issue 19 too): both
+    commands run from another directory."""
+    source = tmp_path / "drugs.txt"
+    source.write_text("drug.example\n")
+    compile_lists([Source(source, "drugs")], tmp_path / "lists.bns", load_catalog())
+    (tmp_path / "a-file").write_text("")
+    common = '[server]\nlisten = ["127.0.0.1:0"]\n[admin]\nlisten = ""\n[store]\nfile = ""\n'
+    bad = {
+        "no list": ('[lists]\npath = "missing.bns"\ncache_dir = "cache"\n', "lists: "),
+        "no catalogue": ('[lists]\ncatalog = "missing.toml"\ncache_dir = "cache"\n', "lists.catalog: "),
+        "a page address elsewhere": (
+            '[lists]\ncache_dir = "cache"\n[policy]\nblock_page = ["192.0.2.77"]\n[pages]\nport = 8080\n',
+            "policy.block_page: 192.0.2.77 is not an address of this machine",
+        ),
+        "a file for a cache": ('[lists]\ncache_dir = "a-file"\n', "lists.cache_dir: "),
+    }
+    for name, (text, message) in bad.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(common + text)
+        checked, served = (
+            subprocess.run(bns(*command, str(config)), capture_output=True, text=True, timeout=30, cwd=REPO)
+            for command in (("config", "--check"), ("serve", "--config"))
+        )
+        assert (checked.returncode, served.returncode) == (1, 1), (name, checked.stderr, served.stderr)
+        last = served.stderr.strip().splitlines()[-1]  # serve may warn about its limits first
+        assert checked.stderr.strip() == last and f"cannot start: {message}" in last, (name, checked.stderr, last)
+    good = tmp_path / "good.toml"
+    good.write_text(common + '[lists]\npath = "lists.bns"\ncache_dir = "cache"\n')
+    checked = subprocess.run(bns("config", "--check", str(good)), capture_output=True, text=True, cwd=REPO)
+    assert checked.returncode == 0 and f"valid; lists: {tmp_path / 'lists.bns'}, version" in checked.stdout
+    with node("--config", str(good), "--admin-listen", "") as (process, port, _api):
+        assert ask(port, "drug.example").rcode() == dns.rcode.NXDOMAIN
+        assert f"lists: {tmp_path / 'lists.bns'}, version" in process.log
+        assert "upstreams: 9.9.9.9:53, 149.112.112.112:53" in process.log
+    assert (tmp_path / "cache" / "verified").is_dir()

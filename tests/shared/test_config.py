@@ -79,6 +79,27 @@ def test_the_bounds_on_writes_and_bodies(tmp_path):
     assert config.limits.names_per_list == 1000 and config.admin.max_upload == 256 * 2**20
 
 
+def test_relative_paths_of_a_file_are_its_directorys_and_those_of_flags_the_current_ones(tmp_path, monkeypatch):
+    """Issue 19: a relative store.file was taken from the current directory, so `bns site set … --config
+    /srv/bns/bns.toml` run elsewhere wrote a store the node never read."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "srv" / "bns.toml"
+    path.parent.mkdir()
+    path.write_text(
+        '[lists]\npath = "lists/main.bns"\ncatalog = "../categories.toml"\ncache_dir = "cache"\n'
+        '[admin]\nsource_roots = ["/srv/sources"]\n'
+    )
+    config = load_config(path)
+    here = path.parent
+    assert Path(config.lists.path) == here / "lists" / "main.bns"
+    assert Path(config.lists.catalog) == here / "../categories.toml" and Path(config.lists.cache_dir) == here / "cache"
+    assert Path(config.store.file) == here / "bns-policies.json"  # the default too: beside its file
+    assert load_config(path, {"lists": {"path": "mine.bns"}}).lists.path == "mine.bns"  # a flag: as typed
+    assert load_config(None).store.file == "bns-policies.json"  # no file: the current directory
+    path.write_text('[store]\nfile = "/var/lib/bns/policies.json"\n[lists]\ncache_dir = ""\n')
+    assert load_config(path).store.file == "/var/lib/bns/policies.json" and load_config(path).lists.cache_dir == ""
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")

@@ -345,7 +345,7 @@ def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
         config.admin.max_upload,
         config.admin.max_json,
         scratch / "uploads",
-        SiteTokens(Secret("", None), store),
+        SiteTokens(Secret("", None, scratch / "pages.key"), store),
         LocalActivity(config.activity),
     )
 

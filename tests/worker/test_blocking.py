@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import random
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,8 +25,9 @@ from blocklists.catalog import load_catalog
 from blocklists.compiler import Source, compile_lists, sources_from_dir
 from resolver.shared.dns import EdeCode
 from resolver.shared.errors import StartupError
-from resolver.shared.lists import private_copy
+from resolver.shared.lists import private_copy, verified_link
 from resolver.shared.loading import load_policy_and_lists
+from resolver.shared.run_directory import RunDirectory
 from resolver.shared.sockets import bind_sockets
 from resolver.worker.process import Worker
 from tests.conftest import FIXTURES, SHARED_DATA, ServerThread, answer_addresses, make_config
@@ -169,6 +172,33 @@ def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(u
         while server.ask("second.example").rcode() != dns.rcode.NXDOMAIN:
             assert time.monotonic() < deadline, "the worker never read the settled file"
             time.sleep(0.05)
+
+
+def test_restarts_leave_no_temporary_links_and_a_start_removes_those_of_dead_processes(tmp_path):
+    """Issue 19: `lists.cache_dir/verified/` kept a `.<hash>.bns.<pid>.tmp` link for every process that ever
+    started: each verified the list the node's link already named, and rename(2) between two links of one file
+    does nothing."""
+    live = tmp_path / "live.bns"
+    _generation_artifact(live, "first.example")
+    cache = tmp_path / "cache"
+    config = make_config(["127.0.0.1:9"], lists={"path": str(live), "cache_dir": str(cache)})
+    for _process in range(3):  # the supervisor's check, then its workers and admin process, every start
+        load_policy_and_lists(config)
+    verified = cache / "verified"
+    assert [entry.name for entry in verified.iterdir()] == [verified_link(config.lists).name]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [
+        verified / f".x.bns.{dead.pid}.tmp",
+        cache / f".y.bns.{dead.pid}.tmp",
+        cache / "versions" / f".i.{dead.pid}.tmp",
+    ]
+    busy = verified / f".z.bns.{os.getppid()}.tmp"  # a live process's, mid-copy
+    (cache / "versions").mkdir()
+    for path in (*left, busy):
+        path.write_bytes(b"")
+    RunDirectory.create(cache).remove()  # what `bns serve` does at start
+    assert [path for path in left if path.exists()] == [] and busy.exists()
 
 
 def _generation_artifact(path: Path, name: str) -> None:

@@ -69,7 +69,7 @@ def open_backends(config: Config, catalog: Catalog, settled: Settled | None = No
         LocalPublications(catalog, served, cache / "versions"),
         LocalShelf(cache / "sources"),
         LocalUsedTokens(),
-        Secret(config.pages.secret, None),
+        Secret(config.pages.secret, None, cache / "pages.key"),
         LocalActivity(config.activity),
         policies.poll if policies is not None else _nothing,
         _nothing,

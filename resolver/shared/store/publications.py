@@ -7,7 +7,8 @@ missed), fetches the chunks, checks them against the checksum and the catalogue,
 atomically where the workers look; they swap it in.
 A version that fails any check is refused with a log line and the node keeps serving what it had.
 
-Without Redis, the versions are kept in the node's list cache directory and a publish installs locally.
+Without Redis, the versions are kept in the node's list cache directory and a publish installs locally; the
+list it replaces, if it was never published (the operator's own `lists.path`), is kept as a version first.
 Uploads are verified before anything is stored, so a corrupt push is refused to the pusher.
 """
 
@@ -20,7 +21,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +124,31 @@ class LocalPublications(Publications):
         document = {"versions": [asdict(version) for version in versions], "current": current}
         write_atomically(self.directory / "index.json", [json.dumps(document).encode()])
 
+    def _keep_served(self, versions: list[ListVersion]) -> list[ListVersion]:
+        """`versions`, with the list at the served path added unless it is one of them: the operator's own
+        file (lists.path) or one copied there by hand is never lost to a publish or a rollback, and can be
+        rolled back to. A file there that does not verify is no list to keep."""
+        if not self.served.exists():
+            return versions
+        try:
+            found = inspect(self.served, self.catalog)
+            if any(entry.version == found.version for entry in versions):
+                return versions
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copyfile(self.served, self.directory / f"{found.version}.bns")
+            found = replace(found, published_at=self.served.stat().st_mtime)  # when that file was written
+        except (ArtifactError, OSError) as exc:
+            log.warning("lists: %s is replaced without being kept as a version: %s", self.served, exc)
+            return versions
+        log.info("lists: kept %s (version %s) as a version before replacing it", self.served, found.version)
+        return [*versions, found]
+
     async def publish(self, path: Path) -> ListVersion:
         described = inspect(path, self.catalog)
+        versions = self._keep_served(self._read()[0])
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         stored = self.directory / f"{described.version}.bns"
         shutil.copyfile(path, stored)
-        versions, _current = self._read()
         versions = [entry for entry in versions if entry.version != described.version] + [described]
         for old in versions[:-_KEEP_LOCAL_VERSIONS]:
             (self.directory / f"{old.version}.bns").unlink(missing_ok=True)
@@ -147,6 +167,7 @@ class LocalPublications(Publications):
         if found is None or not stored.exists():
             raise UnknownVersion(f"no published version {version!r}")
         inspect(stored, self.catalog)
+        versions = self._keep_served(versions)
         install(stored, self.served)
         self._write(versions, version)
         return found
@@ -174,6 +195,13 @@ class RedisPublications(Publications):
             except ArtifactError:
                 self._installed = None
         return self._installed
+
+    @property
+    def _holding(self) -> str:
+        """What the node keeps while a version cannot be installed, for a log line."""
+        if self.installed is None:
+            return "no published version is installed here yet"
+        return f"still serving version {self.installed}"
 
     def _key(self, *parts: str) -> str:
         return self.connection.key("lists", *parts)
@@ -247,11 +275,7 @@ class RedisPublications(Publications):
         if notice.kind == "down":
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                log.warning(
-                    "lists: cannot follow published versions (%s); still serving %s, retrying",
-                    notice.data,
-                    self.installed,
-                )
+                log.warning("lists: cannot follow published versions (%s); %s, retrying", notice.data, self._holding)
             return
         if notice.kind == "up" and self._down_since is not None:
             log.info("lists: following published versions again after %.1f s", time.monotonic() - self._down_since)
@@ -264,7 +288,7 @@ class RedisPublications(Publications):
         except StoreUnavailable:
             pass  # said once, by the subscription's `down`; tried again at the next notice or poll
         except Exception:  # a bad reply: the next notice or poll tries again
-            log.exception("lists: installing the published version failed; still serving %s", self.installed)
+            log.exception("lists: installing the published version failed; %s", self._holding)
 
     async def sync(self) -> None:
         """Install the current version if this node does not serve it yet. A version that cannot be had or
@@ -281,14 +305,14 @@ class RedisPublications(Publications):
     async def _install(self, version: str) -> None:
         described = await self._describe(version)
         if described is None:
-            log.error("lists: version %s is announced but has no metadata; still serving %s", version, self.installed)
+            log.error("lists: version %s is announced but has no metadata; %s", version, self._holding)
             return
         client = self.connection.client
         meta = await self.connection.call(client.hget(self._key("version", version), "chunks"))
         keys = [self._key("chunk", version, str(number)) for number in range(int(meta))]
         parts = await self.connection.call(client.mget(keys)) if keys else []
         if any(part is None for part in parts):
-            log.error("lists: version %s is missing chunks; still serving %s", version, self.installed)
+            log.error("lists: version %s is missing chunks; %s", version, self._holding)
             return
         self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         fetched = self.scratch / f".fetched-{version}.bns"
@@ -299,9 +323,14 @@ class RedisPublications(Publications):
                 raise ArtifactError(f"checksum {checked.checksum[:16]} is not the published {described.checksum[:16]}")
             install(fetched, self.served)
         except (ArtifactError, OSError) as exc:
-            log.error("lists: refused published version %s: %s; still serving %s", version, exc, self.installed)
+            log.error("lists: refused published version %s: %s; %s", version, exc, self._holding)
             return
         finally:
             fetched.unlink(missing_ok=True)
-        log.info("lists: installed published version %s (%d names), was %s", version, described.names, self.installed)
+        log.info(
+            "lists: installed published version %s (%d names), was %s",
+            version,
+            described.names,
+            self.installed or "none",
+        )
         self._installed = version
