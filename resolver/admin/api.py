@@ -7,9 +7,10 @@ Auth: `Authorization: Bearer <token>`. Tokens come from `admin.tokens` / `admin.
 $BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in constant time. A site token
 (site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. No token
 or an unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token
-configured every request but a site token's is refused. A source whose tokens keep failing is answered 429
-for a while, and the failures are logged (auth_failures.py). A webhook's secret is shown to admin tokens only.
-Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
+configured every request but a site token's is refused, and the 401 says so (`hint`). A source whose tokens
+keep failing is answered 429 for a while, and the failures are logged (auth_failures.py). A webhook's secret
+is shown to admin tokens only. Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`, with
+`"hint"` when what to do next is not the client's to know.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ from resolver.shared.store.publications import Publications
 
 READ, ADMIN = "read", "admin"
 SUBSCRIBER = "subscriber"  # a site token (site_tokens.py): its own site's routes marked `subscriber` only
+# A 401's hint from a node no admin or read token can open: no client can fix that, its operator can.
+_NO_TOKENS = (
+    "this node has no admin or read token: its operator must set admin.tokens (or $BNS_ADMIN_TOKENS) and "
+    "restart it, or reload it (SIGHUP) after editing its configuration file"
+)
 
 
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -97,26 +103,31 @@ def _shown(document: dict[str, Any]) -> dict[str, Any]:
     return {**document, "webhook": {"url": document["webhook"]["url"]}}
 
 
-def _failure(exc: BnsError | BlocklistError) -> web.Response:
+def _failure(exc: BnsError | BlocklistError, hint: str | None = None) -> web.Response:
     """The error response for a failure: its status, its message, the field at fault, whether a write's
-    outcome is unknown."""
+    outcome is unknown, and what to do next when the client cannot know."""
     response = _error(
         http_status_of(exc),
         exc.reason if isinstance(exc, PolicyError) else exc.explain() if isinstance(exc, BnsError) else str(exc),
         field=exc.field if isinstance(exc, PolicyError) else None,
         outcome="unknown" if isinstance(exc, WriteUnknown) else None,
+        hint=hint,
     )
     if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = 'Bearer realm="bns"'
     return response
 
 
-def _error(status: int, message: str, field: str | None = None, outcome: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, field: str | None = None, outcome: str | None = None, hint: str | None = None
+) -> web.Response:
     body: dict[str, Any] = {"status": status, "message": message}
     if field is not None:
         body["field"] = field
     if outcome is not None:
         body["outcome"] = outcome
+    if hint is not None:
+        body["hint"] = hint
     return web.json_response({"error": body}, status=status)
 
 
@@ -229,7 +240,8 @@ class Api:
         except web.HTTPRequestEntityTooLarge:
             return _failure(TooLarge(self.max_upload))
         except (BnsError, BlocklistError) as exc:
-            return _failure(exc)
+            untokened = isinstance(exc, Unauthenticated) and not self._tokens
+            return _failure(exc, _NO_TOKENS if untokened else None)
 
     async def _json(self, request: web.Request) -> Any:
         try:
@@ -333,11 +345,7 @@ class Api:
     async def device_activity(self, request: web.Request) -> web.Response:
         site = await self._site(request)
         device = request.query.get("device") or None
-        kept = self.activity.settings.days * 24
-        hours = request.query.get("hours", str(kept))
-        if not hours.isdigit() or not 1 <= int(hours) <= kept:
-            raise PolicyError("hours", f"must be a number of hours from 1 to {kept} (activity.days)")
-        since = time.time() - int(hours) * 3600
+        since = self.activity.window(request.query.get("hours"), time.time())
         return web.json_response(await activity_view(self.activity, site.id, device, since))
 
     async def queries(self, request: web.Request) -> web.Response:
@@ -791,6 +799,11 @@ def openapi_document() -> dict[str, Any]:
                                             "status": {"type": "integer"},
                                             "message": {"type": "string"},
                                             "field": {"type": "string"},
+                                            "hint": {
+                                                "type": "string",
+                                                "description": "what to do next, when the client cannot "
+                                                "know (a 401 from a node with no token configured)",
+                                            },
                                             "outcome": {
                                                 "enum": ["unknown"],
                                                 "description": "504: the write may or may not have "
