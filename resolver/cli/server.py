@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resolver.cli.flags import add_output
+from resolver.cli.output import show
 from resolver.shared.config import Config, describe_settings, load_config
 from resolver.supervisor.process import serve
 
@@ -57,6 +59,7 @@ def _add_config(commands: argparse._SubParsersAction) -> None:
         "With --check FILE, validate a file and exit.",
     )
     config.add_argument("--check", type=Path, metavar="FILE", help="validate this TOML file")
+    add_output(config)
     config.set_defaults(run=_run_config)
 
 
@@ -96,7 +99,11 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace) -> int:
     if args.check is not None:
         load_config(args.check)
-        print(f"{args.check}: valid")
+        show({"file": str(args.check), "valid": True} if args.json else f"{args.check}: valid", args.json)
+        return 0
+    if args.json:  # each default as `bns config` prints it (a Python literal)
+        settings = describe_settings()
+        show([{"key": key, "default": default, "description": doc} for key, default, doc in settings], True)
         return 0
     for key, default, doc in describe_settings():
         print(f"{key:32} {default:40} {doc}")

@@ -264,6 +264,16 @@ def test_lists_compile_and_show_print_json(tmp_path):
     assert header["matches"] == [{"name": "example.org", "allowed": False, "categories": [], "via": None}]
 
 
+def test_config_prints_json(tmp_path):
+    listed = json.loads(run("config", "--json").stdout)
+    assert {"key": "server.workers", "default": "0"}.items() <= next(
+        setting for setting in listed if setting["key"] == "server.workers"
+    ).items()
+    good = tmp_path / "good.toml"
+    good.write_text("[cache]\nsize = 5\n")
+    assert json.loads(run("config", "--check", str(good), "--json").stdout) == {"file": str(good), "valid": True}
+
+
 def test_alerts_and_activity_straight_to_redis(tmp_path, shared_redis, redis_prefix):
     config = tmp_path / "bns.toml"
     config.write_text(f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"\n')
