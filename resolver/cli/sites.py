@@ -29,7 +29,7 @@ from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.why import Explainer
 from resolver.cli.api_client import ApiClient, ApiFailure
 from resolver.cli.flags import add_api_or_store, uses_store
-from resolver.cli.output import show
+from resolver.cli.output import readable, show
 from resolver.shared.config import load_config
 from resolver.shared.errors import ConfigError, NotFound, Refused
 from resolver.shared.loading import load_policy_and_lists
@@ -444,7 +444,7 @@ async def _devices(sites: Sites, args: argparse.Namespace) -> Any:
             "group": device["group"] or "-",
             "status": device["status"],
             "online": "yes" if device["online"] else "no",
-            "last seen": time_document(device["last_seen"]) or "never",
+            "last seen": readable(device["last_seen"], "last_seen") or "never",
             "queries": device["queries"],
             "blocked": device["blocked"],
         }
