@@ -35,7 +35,8 @@ SITE = {
     "id": "home",
     "networks": ["192.0.2.0/24"],
     "mode": "device",
-    "groups": {"kids": {"name": "Kids"}},
+    "policy": {"block": ["drugs"]},
+    "groups": {"kids": {"name": "Kids", "paused_until": "forever"}},
     "devices": {"tablet": {"macs": [MAC], "group": "kids"}, "tv": {"macs": [OTHER_MAC]}},
 }
 
@@ -139,41 +140,41 @@ def test_what_people_read(policies):
 
 
 @pytest.mark.parametrize(
-    ("old", "note", "new"),
+    ("old", "note", "done"),
     [
-        (["pause", "home", "--device", "tablet", "--for", "1h"], "bns pause is now bns device|group|site pause", None),
-        (["unpause", "home", "--group", "kids"], "bns unpause is now bns device|group|site unpause", None),
+        (
+            ["pause", "home", "--device", "tablet", "--until", "2099-01-01T00:00:00Z"],
+            "bns pause is now bns device|group|site pause",
+            lambda site: site["devices"]["tablet"]["paused_until"] == "2099-01-01T00:00:00Z",
+        ),
+        (
+            ["unpause", "home", "--group", "kids"],
+            "bns unpause is now bns device|group|site unpause",
+            lambda site: site["groups"]["kids"]["paused_until"] is None,
+        ),
         (
             ["policy", "home", "--group", "kids", "--policy", '{"deny": ["x.example"]}'],
             "bns policy is now bns policy set|clear",
-            ["policy", "set", "home", "--group", "kids", "--policy", '{"deny": ["x.example"]}'],
+            lambda site: site["groups"]["kids"]["policy"]["deny"] == ["x.example"],
         ),
-        (["policy", "home", "--clear"], "bns policy is now bns policy set|clear", ["policy", "clear", "home"]),
+        (["policy", "home", "--clear"], "bns policy is now bns policy set|clear", lambda site: site["policy"] is None),
         (
             ["profile", "strict", "--policy", "{}"],
             "bns profile is now bns profile set|delete",
-            ["profile", "set", "strict", "--policy", "{}"],
+            lambda answer: answer == {"profile": "strict", "deleted": False},
         ),
         (
             ["profile", "strict", "--delete"],
             "bns profile is now bns profile set|delete",
-            ["profile", "delete", "strict"],
+            lambda answer: answer == {"profile": "strict", "deleted": True},
         ),
     ],
 )
-def test_an_old_spelling_still_works_and_says_what_replaced_it(policies, old, note, new):
-    done = store(policies, *old, "--json")
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == f"bns: {note}; this spelling goes in the next release\n"
-    if new is not None:  # the same document as the new spelling gives, which says nothing on stderr
-        assert {**json.loads(done.stdout), "version": 0} == {**document(policies, *new), "version": 0}
-    else:
-        assert json.loads(done.stdout)["id"] == "home"
-
-
-def test_the_old_pause_spelling_pauses(policies):
-    store(policies, "pause", "home", "--device", "tablet", "--until", "2099-01-01T00:00:00Z")
-    assert document(policies, "site", "show", "home")["devices"]["tablet"]["paused_until"] == "2099-01-01T00:00:00Z"
+def test_an_old_spelling_still_works_and_says_what_replaced_it(policies, old, note, done):
+    answered = store(policies, *old, "--json")
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stderr == f"bns: {note}; this spelling goes in the next release\n"
+    assert done(json.loads(answered.stdout)), answered.stdout
 
 
 @pytest.mark.parametrize(
@@ -188,19 +189,16 @@ def test_the_old_pause_spelling_pauses(policies):
         (["why", "x.com", "--address", "192.0.2.7", "--cpe-id", "x" * 300], "cpe_id: must be text"),
         (["why", "x.com", "--address", "192.0.2.7", "--at", "forever"], "at: 'forever' is not a time"),
         (["why", "x.com", "--address", "192.0.2.7", "--at", "0001-01-01T00:00:00Z"], "at: '0001-01-01T00:00:00Z'"),
-        (["why", "a..b", "--address", "192.0.2.7"], "name: empty label"),
         # Issue 19, defect 6: a pause that has ended exited 0 and did nothing.
         (
             ["device", "pause", "home", "tablet", "--until", "2020-01-01T00:00:00Z"],
             "until: 2020-01-01T00:00:00Z has passed",
         ),
         (["pause", "home", "--device", "tablet", "--until", "2020-01-01T00:00:00Z"], "until: 2020-01-01T00:00:00Z"),
-        (["site", "pause", "home", "--until", "tomorrow"], "until: 'tomorrow' is not an RFC 3339 time"),
         (["group", "pause", "home", "kids", "--for", "0m"], "--for '0m': expected a number above 0"),
         (["site", "import", "missing.jsonl"], "site import missing.jsonl: No such file or directory"),
         (["policy", "set", "home", "--policy-file", "missing.json"], "--policy-file missing.json: No such file"),
         (["policy", "set", "home", "--policy", "{"], "--policy: not valid JSON"),
-        (["site", "query-log", "home", "maybe"], "invalid choice: 'maybe'"),
         (["activity", "home"], "without Redis, what devices did"),
     ],
 )
@@ -217,7 +215,6 @@ def test_bad_input_is_refused_naming_it_without_a_traceback(policies, args, mess
     [
         (["site", "show", "--redis", "not-a-url"], "store.redis: 'not-a-url'"),
         (["site", "show", "--api", "not-a-url"], "'not-a-url' (--api or $BNS_API) is not an http"),
-        (["lists", "versions", "--api", "not-a-url"], "(--api or $BNS_API) is not an http"),
         (["lists", "push", "missing.bns", "--api", "http://127.0.0.1:9"], "missing.bns: No such file or directory"),
         (["lists", "source", "add", "drugs", ".", "--api", "http://127.0.0.1:9"], ".: Is a directory"),
         (["lists", "compile", "--out", "/nonexistent/x.bns", "--source", f"drugs={DRUGS}"], "/nonexistent is not a"),
@@ -234,15 +231,12 @@ def test_bad_flags_are_refused_naming_them_without_a_traceback(args, message):
     [
         ["config"],
         ["lists", "compile", "--out", "{tmp}/x.bns", "--source", f"drugs={DRUGS}"],
-        ["site", "show", "--json"],
     ],
 )
 def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path, args):
     """Issue 19: `bns config | head -1` ended in a BrokenPipeError traceback. Here the reader is gone before the
     command writes anything: it ends as a command killed by SIGPIPE does (141), saying nothing."""
     words = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
-    if words[0] == "site":
-        words += ["--file", str(tmp_path / "policies.json")]
     process = subprocess.Popen(bns(*words), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()
