@@ -20,10 +20,8 @@ from resolver import __version__
 from resolver.cli import lists, server, sites
 from resolver.shared.errors import EXIT_FAILURE, BnsError, exit_code_of
 
-REPLACED: dict[tuple[str, ...], str] = {
-    **sites.REPLACED,
-    **lists.REPLACED,
-}  # an old spelling's first words → what replaced them
+# An old spelling's first words → what replaced them.
+REPLACED: dict[tuple[str, ...], str] = {**sites.REPLACED, **lists.REPLACED}
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 
 
@@ -41,7 +39,7 @@ def build_parser(replaced: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def replaced(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+def spelled_before(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
     """If `argv` is spelled the old way, what to say: its first words are an old spelling's, and the grammar
     does not take the word after them (`bns policy home …` is old, `bns policy set home …` is not)."""
     for words, new in REPLACED.items():
@@ -54,22 +52,24 @@ def replaced(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None
 
 def _verbs(parser: argparse.ArgumentParser, words: Sequence[str]) -> set[str]:
     """The words the grammar takes after `words` (none when it does not take `words` at all)."""
-    for word in (*words, None):
-        found = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-        if not found:
+    for word in words:
+        choices = _commands(parser)
+        if word not in choices:
             return set()
-        if word is None:
-            return set(found[0].choices)
-        if word not in found[0].choices:
-            return set()
-        parser = found[0].choices[word]
-    return set()
+        parser = choices[word]
+    return set(_commands(parser))
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands a parser takes after its own words, by name."""
+    found = (action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return next(found, {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    note = replaced(words, parser)
+    note = spelled_before(words, parser)
     if note is not None:
         print(f"bns: {note}", file=sys.stderr)
         parser = build_parser(replaced=True)
