@@ -8,9 +8,10 @@ $BNS_ADMIN_TOKENS / $BNS_READ_TOKENS (comma-separated); each is compared in cons
 (site_tokens.py, made by an admin token) opens the routes marked `subscriber`, on its own site only. A route of
 the `public` role (/health) answers without a token too, and shows more to an operator's token. No token or an
 unknown one → 401; a read-only token on a write, or a site token anywhere else → 403. With no token configured
-every request but a site token's and a public route's is refused. A source whose tokens keep failing is answered 429
-for a while, and the failures are logged (auth_failures.py). A webhook's secret is shown to admin tokens only.
-Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`.
+every request but a site token's and a public route's is refused, and the 401 says so (`hint`). A source whose
+tokens keep failing is answered 429 for a while, and the failures are logged (auth_failures.py). A webhook's
+secret is shown to admin tokens only. Errors are `{"error": {"status": N, "message": "...", "field": "..."}}`,
+with `"hint"` when what to do next is not the client's to know.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ from resolver.shared.store.publications import Publications
 READ, ADMIN = "read", "admin"
 SUBSCRIBER = "subscriber"  # a site token (site_tokens.py): its own site's routes marked `subscriber` only
 PUBLIC = "public"  # a route that answers without a token too (/health for probes); a token may show more
+# A 401's hint from a node no admin or read token can open: no client can fix that, its operator can.
+_NO_TOKENS = (
+    "this node has no admin or read token: its operator must set admin.tokens (or $BNS_ADMIN_TOKENS) and "
+    "restart it, or reload it (SIGHUP) after editing its configuration file"
+)
 
 
 Handler = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -110,10 +116,10 @@ def _presented(request: web.Request) -> str:
     return presented.strip() if scheme.lower() == "bearer" else ""
 
 
-def _failure(exc: BnsError | BlocklistError, detailed: bool = True) -> web.Response:
+def _failure(exc: BnsError | BlocklistError, detailed: bool = True, hint: str | None = None) -> web.Response:
     """The error response for a failure: its status, its message, the field at fault, whether a write's
-    outcome is unknown. Not `detailed` (anyone but an admin token): a store failure says what it means, not
-    where the store is."""
+    outcome is unknown, and what to do next when the client cannot know. Not `detailed` (anyone but an admin
+    token): a store failure says what it means, not where the store is."""
     if isinstance(exc, PolicyError):
         message = exc.reason
     elif isinstance(exc, StoreUnavailable | WriteUnknown) and not detailed:
@@ -125,18 +131,23 @@ def _failure(exc: BnsError | BlocklistError, detailed: bool = True) -> web.Respo
         message,
         field=exc.field if isinstance(exc, PolicyError) else None,
         outcome="unknown" if isinstance(exc, WriteUnknown) else None,
+        hint=hint,
     )
     if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = 'Bearer realm="bns"'
     return response
 
 
-def _error(status: int, message: str, field: str | None = None, outcome: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, field: str | None = None, outcome: str | None = None, hint: str | None = None
+) -> web.Response:
     body: dict[str, Any] = {"status": status, "message": message}
     if field is not None:
         body["field"] = field
     if outcome is not None:
         body["outcome"] = outcome
+    if hint is not None:
+        body["hint"] = hint
     return web.json_response({"error": body}, status=status)
 
 
@@ -258,7 +269,8 @@ class Api:
         except web.HTTPRequestEntityTooLarge:
             return _failure(TooLarge("admin.max_json", self.max_json))
         except (BnsError, BlocklistError) as exc:
-            return _failure(exc, detailed=role == ADMIN)
+            untokened = isinstance(exc, Unauthenticated) and not self._tokens
+            return _failure(exc, detailed=role == ADMIN, hint=_NO_TOKENS if untokened else None)
 
     async def _json(self, request: web.Request) -> Any:
         """The body as JSON; over admin.max_json it is a 413, before it is read when its length is given."""
@@ -373,11 +385,7 @@ class Api:
     async def device_activity(self, request: web.Request) -> web.Response:
         site = await self._site(request)
         device = request.query.get("device") or None
-        kept = self.activity.settings.days * 24
-        hours = request.query.get("hours", str(kept))
-        if not hours.isdigit() or not 1 <= int(hours) <= kept:
-            raise PolicyError("hours", f"must be a number of hours from 1 to {kept} (activity.days)")
-        since = time.time() - int(hours) * 3600
+        since = self.activity.window(request.query.get("hours"), time.time())
         return web.json_response(await activity_view(self.activity, site.id, device, since))
 
     async def queries(self, request: web.Request) -> web.Response:
@@ -926,6 +934,11 @@ def openapi_document() -> dict[str, Any]:
                                             "status": {"type": "integer"},
                                             "message": {"type": "string"},
                                             "field": {"type": "string"},
+                                            "hint": {
+                                                "type": "string",
+                                                "description": "what to do next, when the client cannot "
+                                                "know (a 401 from a node with no token configured)",
+                                            },
                                             "outcome": {
                                                 "enum": ["unknown"],
                                                 "description": "504: the write may or may not have "

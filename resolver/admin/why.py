@@ -6,8 +6,10 @@ the same `decide` the query path asks (decision.py), then says which rule and wh
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from blocklists.catalog import Catalog
@@ -40,6 +42,29 @@ def _wire_name(text: object, field: str) -> bytes:
         raise PolicyError(field, str(exc)) from None
 
 
+def _text(question: dict[str, Any], field: str) -> str | None:
+    """An optional field of the question that must be text when given (an EDNS option carries at most 255
+    bytes, so no more)."""
+    value = question.get(field)
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 255):
+        raise PolicyError(field, f"must be text of 1 to 255 characters, got {value!r}")
+    return value
+
+
+def _moment(value: object) -> float:
+    """The question's `at` (now when not given): an RFC 3339 time whose day, in any time zone, a date can hold
+    (a schedule reads it in the site's zone)."""
+    at = parse_time(value, "at")
+    if at is None:
+        return time.time()
+    try:
+        for edge in (at - 86400, at + 86400):
+            datetime.fromtimestamp(edge, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise PolicyError("at", f"{value!r} is not a time such as 2026-11-23T21:00:00Z") from None
+    return at
+
+
 class Explainer:
     def __init__(self, store: Store | None, maker: PolicyMaker, catalog: Catalog, lists: Lists) -> None:
         self.store = store
@@ -60,7 +85,7 @@ class Explainer:
             raise PolicyError("cnames", "must be a list of names")
         targets = [_wire_name(target, f"cnames[{index}]") for index, target in enumerate(chain)]
         identity = self._identity(question)
-        at = parse_time(question.get("at"), "at") or time.time()
+        at = _moment(question.get("at"))
         site = device = None
         profiles = {"guest": guest_profile(self.catalog)}
         if self.store is not None:
@@ -87,16 +112,23 @@ class Explainer:
 
     @staticmethod
     def _identity(question: dict[str, Any]) -> Identity:
+        """The client the question names, as a worker would know it. Raises PolicyError naming the field."""
         address = question.get("address")
         if not isinstance(address, str):
             raise PolicyError("address", "missing: the client's address")
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise PolicyError(
+                "address", f"{address!r} is not an IP address (such as 192.0.2.7 or 2001:db8::7)"
+            ) from None
         mac = None
         if question.get("mac") is not None:
             try:
-                mac = parse_mac(str(question["mac"]))
+                mac = parse_mac(_text(question, "mac") or "")
             except ValueError as exc:
                 raise PolicyError("mac", str(exc)) from None
-        return Identity(address, mac, question.get("client_id"), question.get("cpe_id"))
+        return Identity(address, mac, _text(question, "client_id"), _text(question, "cpe_id"))
 
     def _decide(self, policy: Policy, wire: bytes, targets: list[bytes]) -> dict[str, Any]:
         """The resolver's decision (the same functions), and which entry of which list made it."""

@@ -8,12 +8,13 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from resolver.shared.errors import EXIT_FAILURE, BnsError, exit_code_for_status
+from resolver.shared.errors import EXIT_FAILURE, BnsError, Refused, exit_code_for_status
 
 DEFAULT_API = "http://127.0.0.1:5380"
 _UPLOAD_CHUNK = 1 << 20
@@ -30,6 +31,11 @@ class ApiClient:
         """`base` and `token`: the flags' values, else $BNS_API and $BNS_TOKEN (the command line's own
         environment; the server reads its own in the configuration)."""
         self.base = (base or os.environ.get("BNS_API") or DEFAULT_API).rstrip("/")
+        address = urllib.parse.urlsplit(self.base)
+        if address.scheme not in ("http", "https") or not address.hostname:
+            raise Refused(
+                f"the admin API's address {self.base!r} (--api or $BNS_API) is not an http:// or https:// URL"
+            )
         self.token = token or os.environ.get("BNS_TOKEN")
         self.timeout = timeout
 
@@ -49,11 +55,15 @@ class ApiClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
+            hint = None
             try:
                 error = json.loads(exc.read())["error"]
                 message = f"{error['field']}: {error['message']}" if error.get("field") else error["message"]
-            except (ValueError, KeyError, TypeError):
+                hint = error.get("hint")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 message = exc.reason
+            if exc.code == 401:
+                message += f"\n  what to do: {hint or self._token_hint()}"
             raise ApiFailure(f"{exc.code}: {message}", exit_code_for_status(exc.code)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -62,25 +72,42 @@ class ApiClient:
             return json.loads(payload)
         return payload.decode()
 
+    def _token_hint(self) -> str:
+        """What to do about a 401 from a node that has tokens (one that has none says so itself)."""
+        if self.token is None:
+            return (
+                "give a token of the node with --token TOKEN or $BNS_TOKEN (an admin token to change anything: "
+                "the node's admin.tokens or $BNS_ADMIN_TOKENS; a read token to look)"
+            )
+        return (
+            f"the token given (--token or $BNS_TOKEN) is not one the node at {self.base} takes: use one of its "
+            "admin.tokens or admin.read_tokens ($BNS_ADMIN_TOKENS, $BNS_READ_TOKENS on the node)"
+        )
+
     def upload(self, path_on_api: str, file: Path, show_progress: bool) -> Any:
-        """POST a file's bytes, streamed, with a progress bar on stderr if asked."""
-        return self.call("POST", path_on_api, data=_chunks(file, show_progress), size=file.stat().st_size)
+        """POST a file's bytes, streamed, with a progress bar on stderr if asked. A file that cannot be read
+        is refused naming it (before anything is sent)."""
+        try:
+            source = file.open("rb")
+        except OSError as exc:
+            raise Refused(f"{file}: {exc.strerror or exc}") from None
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            return self.call("POST", path_on_api, data=_chunks(source, size, show_progress), size=size)
 
 
-def _chunks(path: Path, show: bool) -> Iterator[bytes]:
-    total = path.stat().st_size
+def _chunks(source: BinaryIO, total: int, show: bool) -> Iterator[bytes]:
     sent = 0
-    with path.open("rb") as source:
-        while chunk := source.read(_UPLOAD_CHUNK):
-            sent += len(chunk)
-            if show:
-                filled = int(30 * sent / total) if total else 30
-                print(
-                    f"\rupload [{'#' * filled}{'.' * (30 - filled)}] {sent / 2**20:.1f}/{total / 2**20:.1f} MB",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            yield chunk
+    while chunk := source.read(_UPLOAD_CHUNK):
+        sent += len(chunk)
+        if show:
+            filled = int(30 * sent / total) if total else 30
+            print(
+                f"\rupload [{'#' * filled}{'.' * (30 - filled)}] {sent / 2**20:.1f}/{total / 2**20:.1f} MB",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        yield chunk
     if show:
         print(file=sys.stderr)

@@ -1,9 +1,10 @@
-"""`bns lists`: compile and inspect artifacts here, and publish, roll back and build them through a node's
-admin API (`--api URL`, else $BNS_API; `--token`, else $BNS_TOKEN)."""
+"""`bns lists`: compile and inspect artifacts here, and publish, roll back and build them, and keep their
+sources, through a node's admin API (`--api URL`, else $BNS_API; `--token`, else $BNS_TOKEN)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import urllib.parse
@@ -17,8 +18,9 @@ from blocklists.compiler import CompileReport, Source, compile_lists, sources_fr
 from blocklists.formats import FORMATS
 from blocklists.matcher import Matcher
 from resolver.cli.api_client import ApiClient, ApiFailure
+from resolver.cli.flags import add_api, add_output
 from resolver.cli.output import show
-from resolver.shared.errors import EXIT_REFUSED, ConfigError
+from resolver.shared.errors import EXIT_REFUSED, ConfigError, Refused
 
 _POLL = 0.25
 
@@ -64,12 +66,14 @@ def _add_lists(commands: argparse._SubParsersAction) -> None:
     compile_.add_argument(
         "--skip-unknown", action="store_true", help="skip categories the catalogue does not have instead of failing"
     )
+    add_output(compile_)
     compile_.set_defaults(run=_run_lists_compile)
     show = actions.add_parser("show", help="verify an artifact and print its header")
     show.add_argument("artifact", type=Path)
     show.add_argument("--match", metavar="NAME", action="append", default=[], help="also look a name up")
-    add_list_commands(actions)
+    add_output(show)
     show.set_defaults(run=_run_lists_show)
+    add_list_commands(actions)
 
 
 def _parse_source(text: str, catalog: Catalog) -> Source:
@@ -108,32 +112,55 @@ def _run_lists_compile(args: argparse.Namespace) -> int:
     sources += [Source(path) for path in args.tsv]
     if not sources:
         raise ConfigError("lists compile: give at least one --source, --source-dir or --tsv")
+    if not args.out.parent.is_dir():
+        raise Refused(f"--out {args.out}: {args.out.parent} is not a directory")
     progress = _progress_line()
     report = compile_lists(sources, args.out, catalog, skip_unknown=args.skip_unknown, progress=progress)
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
-    print(format_compile_report(report))
+    if args.json:
+        show(dataclasses.asdict(report), as_json=True)
+    else:
+        print(format_compile_report(report))
     return 0
 
 
 def _run_lists_show(args: argparse.Namespace) -> int:
     artifact = open_artifact(args.artifact)
     header = artifact.header
+    matcher, catalog = Matcher(artifact), load_catalog()
+    lookups = []
+    for name in args.match:
+        match = matcher.match(name)
+        lookups.append(
+            {"name": name, "allowed": match.allowed, "categories": catalog.ids(match.bits), "via": match.listed}
+        )
+    if args.json:
+        described = {key: header[key] for key in ("built", "allows", "size", "categories")}
+        show(
+            {
+                "artifact": str(args.artifact),
+                "version": artifact.version,
+                "names": artifact.names,
+                **described,
+                "matches": lookups,
+            },
+            as_json=True,
+        )
+        return 0
     print(
         f"{args.artifact}: version {artifact.version}, built {header['built']}, {artifact.names:,} names, "
         f"{header['allows']:,} allow entries, {header['size']:,} bytes"
     )
     for category, info in header["categories"].items():
         print(f"  {category:20} bit {info['bit']:2}  {info['count']:>10,} names")
-    matcher = Matcher(artifact)
-    for name in args.match:
-        match = matcher.match(name)
+    for lookup in lookups:
         verdict = (
-            "allowed by " + str(match.listed)
-            if match.allowed
-            else (f"{', '.join(load_catalog().ids(match.bits))} via {match.listed}" if match.bits else "not listed")
+            f"allowed by {lookup['via']}"
+            if lookup["allowed"]
+            else (f"{', '.join(lookup['categories'])} via {lookup['via']}" if lookup["categories"] else "not listed")
         )
-        print(f"  {name}: {verdict}")
+        print(f"  {lookup['name']}: {verdict}")
     return 0
 
 
@@ -234,38 +261,55 @@ def _rollback(client: ApiClient, args: argparse.Namespace) -> Any:
     return client.call("POST", "/v1/lists/rollback", {"version": args.version})
 
 
-def _common(parser: argparse.ArgumentParser, call: Callable[[ApiClient, argparse.Namespace], Any]) -> None:
-    parser.add_argument("--api", help="the admin API (default $BNS_API, else http://127.0.0.1:5380)")
-    parser.add_argument("--token", help="its bearer token (default $BNS_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+def _through(parser: argparse.ArgumentParser, call: Callable[[ApiClient, argparse.Namespace], Any]) -> None:
+    add_api(parser)
     parser.set_defaults(run=_through_api, call=call)
 
 
 def add_list_commands(actions: argparse._SubParsersAction) -> None:
-    """`bns lists push | versions | rollback`, beside the local `compile` and `show`."""
+    """`bns lists push | versions | rollback | build | source …`, beside the local `compile` and `show`."""
     push = actions.add_parser("push", help="publish a compiled artifact to every node (admin API)")
     push.add_argument("artifact")
-    _common(push, _push)
+    _through(push, _push)
     versions = actions.add_parser("versions", help="published versions and the current one (admin API)")
-    _common(versions, _versions)
+    _through(versions, _versions)
     rollback = actions.add_parser("rollback", help="make an earlier published version current (admin API)")
     rollback.add_argument("version")
-    _common(rollback, _rollback)
-    sources = actions.add_parser("sources", help="the list sources kept by the admin API")
-    _common(sources, _sources)
-    add = actions.add_parser("source-add", help="add a list source to a category (admin API)")
-    add.add_argument("category")
-    add.add_argument("file", help="a list file to upload (any format, gzip or not)")
-    add.add_argument(
+    _through(rollback, _rollback)
+    build = actions.add_parser("build", help="compile the API's sources on the server, with progress (admin API)")
+    build.add_argument("--publish", action="store_true", help="publish the result to every node")
+    _through(build, _build)
+    source = actions.add_parser("source", help="the list sources the admin API keeps and builds from")
+    verbs = source.add_subparsers(dest="verb", required=True, metavar="ACTION")
+    _add_source_commands(verbs, "add", "remove", "list")
+
+
+def _add_source_commands(actions: argparse._SubParsersAction, add: str, remove: str, listing: str) -> None:
+    """The source commands, by the names given (the old spellings had others)."""
+    adding = actions.add_parser(add, help="add a list source to a category (admin API)")
+    adding.add_argument("category")
+    adding.add_argument("file", help="a list file to upload (any format, gzip or not)")
+    adding.add_argument(
         "--on-server",
         action="store_true",
         help="FILE is a path on the server (under its admin.source_roots), read at every build",
     )
-    _common(add, _source_add)
-    remove = actions.add_parser("source-remove", help="remove a list source (admin API)")
-    remove.add_argument("category")
-    remove.add_argument("source", help="the source's id (`bns lists sources`)")
-    _common(remove, _source_remove)
-    build = actions.add_parser("build", help="compile the API's sources on the server, with progress (admin API)")
-    build.add_argument("--publish", action="store_true", help="publish the result to every node")
-    _common(build, _build)
+    _through(adding, _source_add)
+    removing = actions.add_parser(remove, help="remove a list source (admin API)")
+    removing.add_argument("category")
+    removing.add_argument("source", help="the source's id (`bns lists source list`)")
+    _through(removing, _source_remove)
+    _through(actions.add_parser(listing, help="the list sources kept by the admin API"), _sources)
+
+
+# The spellings before `lists source add|remove|list`, kept for one release.
+REPLACED: dict[tuple[str, ...], str] = {
+    ("lists", "source-add"): "bns lists source add",
+    ("lists", "source-remove"): "bns lists source remove",
+    ("lists", "sources"): "bns lists source list",
+}
+
+
+def add_replaced_commands(commands: argparse._SubParsersAction) -> None:
+    lists = commands.add_parser("lists", help="the old spellings of the list source commands")
+    _add_source_commands(lists.add_subparsers(dest="action", required=True), "source-add", "source-remove", "sources")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resolver.cli.flags import add_output
+from resolver.cli.output import show
 from resolver.shared.config import Config, describe_settings, load_config
 from resolver.supervisor.process import check, serve
 
@@ -60,6 +62,7 @@ def _add_config(commands: argparse._SubParsersAction) -> None:
     config.add_argument(
         "--check", type=Path, metavar="FILE", help="check this TOML file as `bns serve --config FILE` would"
     )
+    add_output(config)
     config.set_defaults(run=_run_config)
 
 
@@ -99,7 +102,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace) -> int:
     if args.check is not None:
         lists = check(load_config(args.check))
-        print(f"{args.check}: valid; lists: {lists.describe()}")
+        described = {"file": str(args.check), "valid": True, "lists": lists.describe()}
+        show(described if args.json else f"{args.check}: valid; lists: {lists.describe()}", args.json)
+        return 0
+    if args.json:  # each default as `bns config` prints it (a Python literal)
+        settings = describe_settings()
+        show([{"key": key, "default": default, "description": doc} for key, default, doc in settings], True)
         return 0
     for key, default, doc in describe_settings():
         print(f"{key:32} {default:40} {doc}")

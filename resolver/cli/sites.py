@@ -1,20 +1,21 @@
-"""The commands that change sites, groups, devices, their policies and pauses, and profiles, and `why`: one
-grammar, whichever way the store is reached.
+"""The commands about sites, groups, devices, their policies and pauses, profiles, `why`, alerts and activity:
+a noun, then a verb (`bns device pause home tablet --for 30m`), whichever way the store is reached.
 
 - Through a running node's admin API (the default): `--api URL` (else $BNS_API, else
   http://127.0.0.1:5380) and `--token TOKEN` (else $BNS_TOKEN).
 - Straight to the store of a configuration, for a single box without an API: `--config FILE` (its
-  `[store]`), or `--redis URL` / `--file PATH`.
+  `[store]`), or `--redis URL` / `--file PATH` (flags.py).
 
 Both ways take the same flags, give the same documents and fail the same way (exit codes: see
-resolver.shared.errors): a field at fault is exit 2 with its path, a site that does not exist exit 3.
+resolver.shared.errors): a field at fault is exit 2 with its path, a site that does not exist exit 3. The
+spellings before this grammar (`bns pause SITE --device D`, `bns policy SITE …`) still work for one release
+(`REPLACED`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import time
 import urllib.parse
@@ -23,11 +24,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from resolver.admin.devices import identity_fields, site_devices
+from resolver.admin.devices import activity_view, identity_fields, site_devices
 from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.why import Explainer
 from resolver.cli.api_client import ApiClient, ApiFailure
-from resolver.cli.output import show
+from resolver.cli.flags import add_api_or_store, uses_store
+from resolver.cli.output import readable, show
 from resolver.shared.config import load_config
 from resolver.shared.errors import ConfigError, NotFound, Refused
 from resolver.shared.loading import load_policy_and_lists
@@ -50,8 +52,8 @@ class Sites(ABC):
     async def site(self, site: str) -> Document: ...
 
     @abstractmethod
-    async def set_site(self, site: str, fields: Document) -> Document:
-        """Create the site, or change these of its own fields."""
+    async def set_site(self, site: str, fields: Document, create: bool = True) -> Document:
+        """Change these of the site's own fields; create the site first if it does not exist and `create`."""
 
     @abstractmethod
     async def delete_site(self, site: str) -> Document: ...
@@ -101,6 +103,14 @@ class Sites(ABC):
     @abstractmethod
     async def revoke_token(self, site: str, token_id: str) -> Document: ...
 
+    @abstractmethod
+    async def alerts(self, site: str) -> list[Document]:
+        """The threat alerts of the site's devices, newest first."""
+
+    @abstractmethod
+    async def activity(self, site: str, device: str | None, hours: str | None) -> Document:
+        """Counts by hour and the top blocked names of the site or one device (admin/devices.py)."""
+
     async def close(self) -> None:
         return None
 
@@ -121,11 +131,11 @@ class ApiSites(Sites):
     async def site(self, site: str) -> Document:
         return self.client.call("GET", self._path(site))
 
-    async def set_site(self, site: str, fields: Document) -> Document:
+    async def set_site(self, site: str, fields: Document, create: bool = True) -> Document:
         try:
             return self.client.call("PATCH", self._path(site), fields)
         except ApiFailure as exc:
-            if exc.exit_code != NotFound.exit_code:
+            if exc.exit_code != NotFound.exit_code or not create:
                 raise
             return self.client.call("PUT", self._path(site), fields)
 
@@ -178,18 +188,22 @@ class ApiSites(Sites):
     async def revoke_token(self, site: str, token_id: str) -> Document:
         return self.client.call("DELETE", f"{self._path(site)}/tokens/{urllib.parse.quote(token_id, safe='')}")
 
+    async def alerts(self, site: str) -> list[Document]:
+        return self.client.call("GET", self._path(site) + "/alerts")["alerts"]
+
+    async def activity(self, site: str, device: str | None, hours: str | None) -> Document:
+        query = urllib.parse.urlencode({key: value for key, value in (("device", device), ("hours", hours)) if value})
+        return self.client.call("GET", f"{self._path(site)}/activity?{query}")
+
 
 class LocalSites(Sites):
     """The store of a configuration, written through the same policy service the API uses."""
 
     def __init__(self, config_path: Path | None, redis: str | None, file: str | None) -> None:
-        config = load_config(config_path)
-        store = dataclasses.replace(
-            config.store,
-            redis=redis if redis is not None else ("" if file else config.store.redis),
-            file=file or config.store.file,
-        )
-        self.config = dataclasses.replace(config, store=store)
+        store: dict[str, str] = {"file": file} if file else {}
+        if redis is not None or file:
+            store["redis"] = redis or ""  # --file alone: that file, not the configuration's Redis
+        self.config = load_config(config_path, {"store": store})  # validated as the configuration's own
         self.catalog, self.maker, self.lists = load_policy_and_lists(self.config)
         self.backends: Backends = open_backends(self.config, self.catalog)
         if self.backends.policies is None:
@@ -203,8 +217,8 @@ class LocalSites(Sites):
         document, version = await self.service.get_site(site)
         return {**document, "version": version}
 
-    async def set_site(self, site: str, fields: Document) -> Document:
-        return describe(await self.service.set_site_fields(site, fields))
+    async def set_site(self, site: str, fields: Document, create: bool = True) -> Document:
+        return describe(await self.service.set_site_fields(site, fields, create))
 
     async def delete_site(self, site: str) -> Document:
         await self.service.delete_site(site)
@@ -239,7 +253,10 @@ class LocalSites(Sites):
 
     def _activity(self) -> Activity:
         if not self.backends.activity.shared:
-            raise ConfigError("without Redis, seen devices are kept by the running node: ask its API (--api)")
+            raise ConfigError(
+                "without Redis, what devices did (seen devices, activity, alerts) is kept by the running node: "
+                "ask its API (--api)"
+            )
         return self.backends.activity
 
     async def devices(self, site: str) -> list[Document]:
@@ -267,6 +284,14 @@ class LocalSites(Sites):
         await SiteTokens(self.backends.secret, self.service.store).revoke(site, token_id)
         return {"site": site, "revoked": token_id}
 
+    async def alerts(self, site: str) -> list[Document]:
+        return await self._activity().alerts(site)
+
+    async def activity(self, site: str, device: str | None, hours: str | None) -> Document:
+        activity = self._activity()
+        await self.service.get_site(site)
+        return await activity_view(activity, site, device, activity.window(hours, time.time()))
+
     async def close(self) -> None:
         await self.backends.close()
 
@@ -277,6 +302,10 @@ Command = Callable[[Sites, argparse.Namespace], Coroutine[Any, Any, Any]]
 
 
 def _target(args: argparse.Namespace) -> Target:
+    """What a command acts on: the group or device its noun names (`device pause SITE DEVICE`), the one
+    `--group` or `--device` names (`policy set`), else the site."""
+    if getattr(args, "kind", None) in ("group", "device"):
+        return (args.kind, args.member)
     if getattr(args, "target_group", None):
         return ("group", args.target_group)
     if getattr(args, "target_device", None):
@@ -292,9 +321,10 @@ def _summary(document: Document) -> Document:
         "networks": document.get("networks"),
         "paused_until": document.get("paused_until"),
         "policy": document.get("policy"),
+        "query_log": "on" if document.get("query_log") else "off",
         "groups": sorted(document.get("groups", {})),
         "devices": [
-            f"{device_id} ({','.join(entry.get('macs', [])) or '-'}; group {entry.get('group') or '-'})"
+            f"{device_id} ({', '.join(entry.get('macs', [])) or '-'}; group {entry.get('group') or '-'})"
             for device_id, entry in sorted(document.get("devices", {}).items())
         ],
         "version": document.get("version"),
@@ -308,9 +338,16 @@ def _json_argument(text: str, what: str) -> Any:
         raise PolicyError(what, f"not valid JSON: {exc}") from None
 
 
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Refused(f"{what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _policy(args: argparse.Namespace) -> Document | None:
     if args.policy_file is not None:
-        return _json_argument(Path(args.policy_file).read_text(), str(args.policy_file))
+        return _json_argument(_read(args.policy_file, "--policy-file"), str(args.policy_file))
     return _json_argument(args.policy, "--policy")
 
 
@@ -320,10 +357,10 @@ _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def _until(args: argparse.Namespace) -> float | str:
     if args.duration is None:
         return args.until or "forever"
-    unit = args.duration[-1:]
-    if unit not in _DURATION or not args.duration[:-1].isdigit():
-        raise ConfigError(f"--for {args.duration!r}: expected a number and s, m, h or d (e.g. 30m)")
-    return time.time() + int(args.duration[:-1]) * _DURATION[unit]
+    unit, number = args.duration[-1:], args.duration[:-1]
+    if unit not in _DURATION or not number.isdigit() or int(number) == 0:
+        raise Refused(f"--for {args.duration!r}: expected a number above 0 and s, m, h or d (e.g. 30m)")
+    return float(int(time.time()) + int(number) * _DURATION[unit])  # to the second: people read it
 
 
 def _fields(args: argparse.Namespace, names: tuple[str, ...]) -> Document:
@@ -351,9 +388,13 @@ async def _site_delete(sites: Sites, args: argparse.Namespace) -> Any:
 
 
 async def _site_import(sites: Sites, args: argparse.Namespace) -> Any:
-    lines = Path(args.path).read_text().splitlines()
+    lines = _read(args.path, "site import").splitlines()
     documents = [_json_argument(line, f"{args.path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     return await sites.import_sites(documents)
+
+
+async def _query_log(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.set_site(args.site, {"query_log": args.state == "on"}, create=False)
 
 
 async def _member_set(sites: Sites, args: argparse.Namespace) -> Any:
@@ -369,12 +410,22 @@ async def _policy_set(sites: Sites, args: argparse.Namespace) -> Any:
     return await sites.set_policy(args.site, _target(args), None if args.clear else _policy(args))
 
 
+def _pause_shown(document: Document, args: argparse.Namespace) -> Any:
+    """For people, what the pause command did: which site, group or device is paused, and until when."""
+    if args.json:
+        return document
+    kind, member = _target(args)
+    entity = document if member is None else document[f"{kind}s"][member]
+    shown = {"site": document["id"]} if member is None else {"site": document["id"], kind: member}
+    return {**shown, "paused_until": entity.get("paused_until") or "not paused"}
+
+
 async def _pause(sites: Sites, args: argparse.Namespace) -> Any:
-    return await sites.pause(args.site, _target(args), _until(args))
+    return _pause_shown(await sites.pause(args.site, _target(args), _until(args)), args)
 
 
 async def _unpause(sites: Sites, args: argparse.Namespace) -> Any:
-    return await sites.unpause(args.site, _target(args))
+    return _pause_shown(await sites.unpause(args.site, _target(args)), args)
 
 
 async def _profile_set(sites: Sites, args: argparse.Namespace) -> Any:
@@ -393,7 +444,7 @@ async def _devices(sites: Sites, args: argparse.Namespace) -> Any:
             "group": device["group"] or "-",
             "status": device["status"],
             "online": "yes" if device["online"] else "no",
-            "last seen": time_document(device["last_seen"]) or "never",
+            "last seen": readable(device["last_seen"], "last_seen") or "never",
             "queries": device["queries"],
             "blocked": device["blocked"],
         }
@@ -421,7 +472,7 @@ async def _site_token(sites: Sites, args: argparse.Namespace) -> Any:
     if args.json:
         return issued
     app = f"{ApiClient(args.api, None).base}/app/#token={issued['token']}"  # the API the token came from
-    return {**issued, "expires": time_document(issued["expires"]), "link": app}
+    return {**issued, "link": app}
 
 
 async def _why(sites: Sites, args: argparse.Namespace) -> Any:
@@ -432,15 +483,28 @@ async def _why(sites: Sites, args: argparse.Namespace) -> Any:
         "client_id": args.client_id,
         "cpe_id": args.cpe_id,
         "at": args.at,
+        "cnames": args.cnames,
     }
     return await sites.why({key: value for key, value in question.items() if value is not None})
 
 
+async def _alerts(sites: Sites, args: argparse.Namespace) -> Any:
+    found = await sites.alerts(args.site)
+    if args.json:
+        return found
+    return [{key: alert.get(key) for key in ("at", "device", "client", "reason", "name", "detail")} for alert in found]
+
+
+async def _activity(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.activity(args.site, args.device, args.hours)
+
+
 def run(args: argparse.Namespace) -> int:
     async def work() -> Any:
-        local = args.config is not None or args.redis is not None or args.file is not None
         sites: Sites = (
-            LocalSites(args.config, args.redis, args.file) if local else ApiSites(ApiClient(args.api, args.token))
+            LocalSites(args.config, args.redis, args.file)
+            if uses_store(args)
+            else ApiSites(ApiClient(args.api, args.token))
         )
         try:
             return await args.command(sites, args)
@@ -454,25 +518,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- the grammar ---------------------------------------------------------------------------------------------
+# --- the grammar: a noun, then a verb ------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser, command: Command) -> None:
-    where = parser.add_argument_group("where the policies are (default: the admin API)")
-    where.add_argument("--api", help="the admin API (default $BNS_API, else http://127.0.0.1:5380)")
-    where.add_argument("--token", help="its bearer token (default $BNS_TOKEN)")
-    where.add_argument("--config", type=Path, metavar="FILE", help="no API: the store of this configuration")
-    where.add_argument("--redis", metavar="URL", help="no API: this Redis")
-    where.add_argument("--file", metavar="PATH", help="no API: this embedded policy file")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.set_defaults(run=run, command=command)
+def _command(
+    actions: argparse._SubParsersAction, name: str, about: str, command: Command, *positionals: str, **defaults: Any
+) -> argparse.ArgumentParser:
+    """A command that reaches the policies through the API or a store. `positionals`: its arguments, each
+    `name` (shown NAME) or `name:SHOWN`."""
+    parser = actions.add_parser(name, help=about, description=about[:1].upper() + about[1:] + ".")
+    for positional in positionals:
+        dest, _, metavar = positional.partition(":")
+        parser.add_argument(dest, metavar=metavar or dest.upper())
+    add_api_or_store(parser)
+    parser.set_defaults(run=run, command=command, **defaults)
+    return parser
 
 
-def _policy_source(parser: argparse.ArgumentParser, clear: str) -> None:
+def _nouns(commands: argparse._SubParsersAction, name: str, about: str) -> argparse._SubParsersAction:
+    return commands.add_parser(name, help=about).add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def _pause_options(parser: argparse.ArgumentParser) -> None:
+    until = parser.add_mutually_exclusive_group()
+    until.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h, 1d")
+    until.add_argument("--until", metavar="TIME", help="an RFC 3339 time (default: until unpaused)")
+
+
+def _policy_source(parser: argparse.ArgumentParser, remove: str | None = None) -> None:
+    """--policy or --policy-file (and, in the old spellings, the flag that removed it instead)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--policy", metavar="JSON", help="the policy as JSON (see README, Policies)")
     source.add_argument("--policy-file", metavar="FILE", help="a file holding the policy JSON")
-    source.add_argument(f"--{clear}", action="store_true", help="remove it")
+    if remove is not None:
+        source.add_argument(f"--{remove}", action="store_true", help="remove it")
 
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
@@ -482,95 +561,108 @@ def _target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    site = commands.add_parser("site", help="sites (subscribers)").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
+    _add_site(commands)
+    _add_members(commands)
+    policy = _nouns(commands, "policy", "set or clear the policy of a site, a group or a device")
+    for verb in ("set", "clear"):
+        about = f"{verb} the policy of a site, a group (--group) or a device (--device)"
+        parser = _command(policy, verb, about, _policy_set, "site", clear=verb == "clear")
+        _target_options(parser)
+        if verb == "set":
+            _policy_source(parser)
+    profile = _nouns(commands, "profile", "policy profiles (e.g. guest) that policies start from")
+    _policy_source(_command(profile, "set", "create or change a profile", _profile_set, "name", delete=False))
+    _command(profile, "delete", "delete a profile", _profile_set, "name", delete=True)
+
+    why = _command(commands, "why", "why a name is or is not blocked for a client", _why, "name")
+    why.add_argument("--address", required=True, help="the client's address (or its ECS address)")
+    why.add_argument("--mac")
+    why.add_argument("--client-id")
+    why.add_argument("--cpe-id")
+    why.add_argument("--at", metavar="TIME", help="an RFC 3339 time (default: now)")
+    why.add_argument("--cnames", nargs="+", metavar="NAME", help="the CNAME chain an upstream answered with")
+    _command(commands, "alerts", "the threat alerts of a site's devices, newest first", _alerts, "site")
+    activity = _command(
+        commands, "activity", "queries and blocks by hour, and the most blocked names", _activity, "site"
     )
-    show_site = site.add_parser("show", help="a site, or every site id")
-    show_site.add_argument("site", nargs="?")
-    _common(show_site, _site_show)
-    change = site.add_parser("set", help="create a site or change its own fields")
-    change.add_argument("site")
+    activity.add_argument("--device", metavar="KEY", help="one device (its key, as `device seen` shows it)")
+    activity.add_argument("--hours", metavar="N", help="the last N hours (default: all kept, activity.days)")
+
+
+def _add_site(commands: argparse._SubParsersAction) -> None:
+    site = _nouns(commands, "site", "sites (subscribers)")
+    _command(site, "show", "a site, or every site id", _site_show).add_argument("site", nargs="?", metavar="SITE")
+    change = _command(site, "set", "create a site or change its own fields", _site_set, "site")
     change.add_argument("--name")
     change.add_argument("--network", dest="networks", action="append", metavar="CIDR")
     change.add_argument("--cpe-id", dest="cpe_ids", action="append", metavar="ID")
     change.add_argument("--timezone", metavar="ZONE", help="e.g. Europe/London (schedules use it)")
     change.add_argument("--mode", choices=("network", "device"))
     change.add_argument("--default-group", metavar="GROUP", help="the group of devices the site does not know")
-    _common(change, _site_set)
-    delete = site.add_parser("delete", help="delete a site")
-    delete.add_argument("site")
-    _common(delete, _site_delete)
-    load = site.add_parser("import", help="create or replace many sites from a file of JSON lines")
-    load.add_argument("path", help="one site document per line")
-    _common(load, _site_import)
-    token = site.add_parser("token", help="a site token: the subscriber app's sign-in link", usage=_TOKEN_USAGE)
+    _command(site, "delete", "delete a site", _site_delete, "site")
+    _command(site, "import", "create or replace many sites from a file of JSON lines", _site_import, "path")
+    token = _command(site, "token", "a site token: the subscriber app's sign-in link", _site_token)
+    token.usage = _TOKEN_USAGE
     token.add_argument("words", nargs="+", metavar="SITE | revoke SITE ID")
     token.add_argument(
         "--days", type=float, metavar="N", help="how long the token is good for (default 30, at most 366)"
     )
-    _common(token, _site_token)
+    _pause_options(
+        _command(site, "pause", "block everything at the site, for a while or until unpaused", _pause, "site")
+    )
+    _command(site, "unpause", "end the site's pause", _unpause, "site")
+    log = _command(
+        site, "query-log", "keep the names the site's devices ask for, or stop (operator)", _query_log, "site"
+    )
+    log.add_argument("state", choices=("on", "off"))
 
+
+def _add_members(commands: argparse._SubParsersAction) -> None:
     for kind in ("group", "device"):
-        member = commands.add_parser(kind, help=f"{kind}s of a site").add_subparsers(
-            dest="action", required=True, metavar="ACTION"
-        )
-        change = member.add_parser("set", help=f"create or change a {kind}")
-        change.add_argument("site")
-        change.add_argument("member", metavar=kind.upper())
+        member, which = _nouns(commands, kind, f"{kind}s of a site"), ("site", f"member:{kind.upper()}")
+        change = _command(member, "set", f"create or change a {kind}", _member_set, *which, kind=kind)
         change.add_argument("--name")
         if kind == "device":
             change.add_argument("--mac", dest="macs", action="append", help="a MAC address (EDNS 65001/65073)")
             change.add_argument("--client-id", dest="client_ids", action="append", help="a client id")
             change.add_argument("--address", dest="addresses", action="append", help="an address of the device")
             change.add_argument("--group", help="the device's group ('' for none)")
-        change.set_defaults(kind=kind)
-        _common(change, _member_set)
-        delete = member.add_parser("delete", help=f"delete a {kind}")
-        delete.add_argument("site")
-        delete.add_argument("member", metavar=kind.upper())
-        delete.set_defaults(kind=kind)
-        _common(delete, _member_delete)
+        _command(member, "delete", f"delete a {kind}", _member_delete, *which, kind=kind)
+        about = f"block everything for a {kind}, for a while or until unpaused"
+        _pause_options(_command(member, "pause", about, _pause, *which, kind=kind))
+        _command(member, "unpause", f"end a {kind}'s pause", _unpause, *which, kind=kind)
         if kind == "device":
-            seen = member.add_parser("seen", help="every device the site's queries came from, and the configured ones")
-            seen.add_argument("site")
-            _common(seen, _devices)
-            name = member.add_parser("name", help="name a seen device or put it in a group (it becomes configured)")
-            name.add_argument("site")
-            name.add_argument("key", help="the seen device's key, as `device seen` shows it (mac:…, id:…, ip:…)")
-            name.add_argument("--name")
-            name.add_argument("--group", help="its group ('' for none)")
-            _common(name, _device_name)
-            forget = member.add_parser("forget", help="forget a seen device: its record, activity and logged queries")
-            forget.add_argument("site")
-            forget.add_argument("key")
-            _common(forget, _device_forget)
+            _add_seen(member)
 
-    policy = commands.add_parser("policy", help="set or clear the policy of a site, a group or a device")
-    policy.add_argument("site")
-    _target_options(policy)
-    _policy_source(policy, "clear")
-    _common(policy, _policy_set)
 
+def _add_seen(device: argparse._SubParsersAction) -> None:
+    _command(device, "seen", "every device the site's queries came from, and the configured ones", _devices, "site")
+    key = "KEY: a seen device's key as `device seen` shows it (mac:…, id:…, ip:…)"
+    name = _command(device, "name", f"name a seen device or put it in a group ({key})", _device_name, "site", "key")
+    name.add_argument("--name")
+    name.add_argument("--group", help="its group ('' for none)")
+    about = f"forget a seen device: its record, activity and logged queries ({key})"
+    _command(device, "forget", about, _device_forget, "site", "key")
+
+
+# --- the spellings before the noun-verb grammar, kept for one release ---------------------------------------
+
+REPLACED: dict[tuple[str, ...], str] = {
+    ("pause",): "bns device|group|site pause",
+    ("unpause",): "bns device|group|site unpause",
+    ("policy",): "bns policy set|clear",
+    ("profile",): "bns profile set|delete",
+}
+
+
+def add_replaced_commands(commands: argparse._SubParsersAction) -> None:
+    """The old spellings (`REPLACED`), doing what their new ones do."""
     for name, command in (("pause", _pause), ("unpause", _unpause)):
-        parser = commands.add_parser(name, help=f"{name} a site, a group or a device")
-        parser.add_argument("site")
+        parser = _command(commands, name, f"{name} a site, a group or a device", command, "site")
         _target_options(parser)
         if name == "pause":
-            until = parser.add_mutually_exclusive_group()
-            until.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h, 1d")
-            until.add_argument("--until", help="an RFC 3339 time (default: until unpaused)")
-        _common(parser, command)
-
-    profile = commands.add_parser("profile", help="set or delete a policy profile (e.g. guest)")
-    profile.add_argument("name")
-    _policy_source(profile, "delete")
-    _common(profile, _profile_set)
-
-    why = commands.add_parser("why", help="why a name is or is not blocked for a client")
-    why.add_argument("name")
-    why.add_argument("--address", required=True, help="the client's address (or its ECS address)")
-    why.add_argument("--mac")
-    why.add_argument("--client-id")
-    why.add_argument("--cpe-id")
-    why.add_argument("--at", help="an RFC 3339 time (default: now)")
-    _common(why, _why)
+            _pause_options(parser)
+    policy = _command(commands, "policy", "set or clear the policy of a site, a group or a device", _policy_set, "site")
+    _target_options(policy)
+    _policy_source(policy, "clear")
+    _policy_source(_command(commands, "profile", "set or delete a policy profile", _profile_set, "name"), "delete")

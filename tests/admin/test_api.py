@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,9 +48,11 @@ class Client:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path) -> AsyncIterator[tuple[Client, Client]]:
-    """The API over a fresh embedded store: a client from the operator's address and one from another."""
-    api = api_over(FileStore(tmp_path / "policies.json", load_catalog()), tmp_path, read_tokens=[READ_TOKEN])
+async def serving(tmp_path: Path, **admin: Any) -> AsyncIterator[tuple[Client, Client]]:
+    """The API over a fresh embedded store: a client from the operator's address and one from another.
+    `admin`: admin settings other than the tokens the tests use."""
+    settings = {"read_tokens": [READ_TOKEN], **admin}
+    api = api_over(FileStore(tmp_path / "policies.json", load_catalog()), tmp_path, **settings)
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
     base = str(server.make_url(""))
@@ -179,3 +183,36 @@ def test_a_refused_artifact_is_named_by_the_argument_not_by_the_servers_files(tm
     status, message = asyncio.run(publish())
     assert (status, message) == (400, "the artifact: not a list artifact (no BNSLIST magic)")
     assert str(tmp_path) not in message
+
+
+async def _cli_answer(api: str, token: str | None) -> tuple[int | None, str]:
+    """`bns site show` against `api` (with `token`, else none at all): its exit code and what it said."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("BNS_TOKEN", "BNS_API")}
+    command = [sys.executable, "-m", "resolver", "site", "show", "--api", api, *(["--token", token] if token else [])]
+    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE, env=environment)
+    _out, err = await process.communicate()
+    return process.returncode, err.decode()
+
+
+def test_a_401_says_what_to_do_next(tmp_path):
+    """Issue 19, defect 7: a 401 said `a valid bearer token is required` and nothing more, even from a node with
+    no token configured at all, which no client can do anything about."""
+
+    async def ask(directory: Path, **admin: Any) -> tuple[dict[str, Any], list[tuple[int | None, str]]]:
+        directory.mkdir()
+        async with serving(directory, **admin) as (operator, _other):
+            _status, body, _headers = await operator.call("GET", "/v1/sites", token=None)
+            said = [await _cli_answer(operator.base, token) for token in (None, "not-this-nodes-token-0001")]
+            return body["error"], said
+
+    error, (without, wrong) = asyncio.run(ask(tmp_path / "with-tokens"))
+    assert "hint" not in error  # the client can fix this one itself: the command line says how
+    assert without[0] == 4 and "401: a valid bearer token is required" in without[1], without
+    assert "give a token of the node with --token TOKEN or $BNS_TOKEN" in without[1]
+    assert "the token given (--token or $BNS_TOKEN) is not one the node at http://127.0.0.1:" in wrong[1], wrong
+    assert "Traceback" not in without[1] + wrong[1]
+
+    error, said = asyncio.run(ask(tmp_path / "without", tokens=[], read_tokens=[]))
+    assert error["status"] == 401 and "admin.tokens" in error["hint"] and "$BNS_ADMIN_TOKENS" in error["hint"]
+    for code, stderr in said:
+        assert code == 4 and f"what to do: {error['hint']}" in stderr, stderr

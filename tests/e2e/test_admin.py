@@ -165,12 +165,12 @@ def test_a_pause_and_a_token_revocation_through_one_node_hold_on_both_at_once(tm
         assert cli(api_a, "device", "set", "home", "tablet", "--mac", MAC, "--group", "kids").returncode == 0
         assert every_worker(port_a, "a.example", None, MAC) and every_worker(port_b, "a.example", None, MAC)
 
-        assert cli(api_a, "pause", "home", "--device", "tablet", "--for", "30m").returncode == 0
+        assert cli(api_a, "device", "pause", "home", "tablet", "--for", "30m").returncode == 0
         for port in (port_a, port_b):
             assert eventually(lambda port=port: every_worker(port, "b.example", "paused", MAC), 1.5) <= 1.5
         assert every_worker(port_a, "b.example", None)  # another client of the site is not paused
 
-        assert cli(api_a, "unpause", "home", "--device", "tablet").returncode == 0
+        assert cli(api_a, "device", "unpause", "home", "tablet").returncode == 0
         for port in (port_a, port_b):
             eventually(lambda port=port: every_worker(port, "c.example", None, MAC), 1.5)
 
@@ -280,7 +280,7 @@ def test_cli_exit_codes_say_what_happened(file_node):
         ("PATCH", "/v1/sites/home", {"colour": "red"}, 422, "colour"),
         ("PUT", "/v1/sites/home/devices/tv", {"group": "nobody"}, 422, "devices.tv.group"),
         ("POST", "/v1/sites/home/pause", {"minutes": -5}, 422, "minutes"),
-        ("POST", "/v1/sites/home/pause", {"until": "tomorrow"}, 422, "paused_until"),
+        ("POST", "/v1/sites/home/pause", {"until": "tomorrow"}, 422, "until"),
         ("POST", "/v1/sites/home/devices/ghost/pause", {}, 404, None),
         ("PATCH", "/v1/sites/ghost", {"mode": "device"}, 404, None),
         ("POST", "/v1/why", {"address": "127.0.0.1"}, 422, "name"),

@@ -22,11 +22,11 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(
         port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", store), upstream)
         port_b, api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", store), upstream)
         for category in ("weapons", "violence-gore"):
-            added = cli(api_a, "lists", "source-add", category, str(FIXTURES / f"{category}.txt.gz"), "--json")
+            added = cli(api_a, "lists", "source", "add", category, str(FIXTURES / f"{category}.txt.gz"), "--json")
             assert added.returncode == 0, added.stderr
             entry = json.loads(added.stdout)
             assert entry["category"] == category and entry["kind"] == "upload" and entry["entries"] > 0
-        listed = cli(api_b, "lists", "sources", token=READ)
+        listed = cli(api_b, "lists", "source", "list", token=READ)
         assert listed.returncode == 0 and "weapons" in listed.stdout and "violence-gore" in listed.stdout
 
         built = cli(api_b, "lists", "build", "--publish", "--json")
@@ -46,10 +46,10 @@ def test_sources_uploaded_to_one_node_are_built_on_another_and_served_by_both(
         # Removing a source and building again drops its names everywhere.
         source = next(
             entry["id"]
-            for entry in json.loads(cli(api_a, "lists", "sources", "--json").stdout)
+            for entry in json.loads(cli(api_a, "lists", "source", "list", "--json").stdout)
             if entry["category"] == "weapons"
         )
-        assert cli(api_a, "lists", "source-remove", "weapons", source).returncode == 0
+        assert cli(api_a, "lists", "source", "remove", "weapons", source).returncode == 0
         assert cli(api_a, "lists", "build", "--publish").returncode == 0
         for port in (port_a, port_b):
             eventually(lambda port=port: every_worker(port, WEAPON, None), 5)
@@ -124,7 +124,7 @@ def test_without_redis_a_path_source_is_read_at_each_build(source_node):
     port, api, roots = source_node
     listed = roots / "drugs.hosts"
     listed.write_text("0.0.0.0 first.example\n")
-    added = cli(api, "lists", "source-add", "drugs", str(listed), "--on-server", "--json")
+    added = cli(api, "lists", "source", "add", "drugs", str(listed), "--on-server", "--json")
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["format"] == "hosts"
     assert cli(api, "lists", "build", "--publish").returncode == 0

@@ -371,7 +371,7 @@ def test_an_api_write_whose_outcome_cannot_be_learnt_is_504_and_the_cli_exits_5(
             await asyncio.sleep(2.2)  # Redis reachable again
             proxy.cut = EXEC_APPLIED
             loop.call_later(2.0, proxy.refusing.clear)
-            command = [sys.executable, "-m", "resolver", "unpause", "home", "--api", str(client.make_url(""))]
+            command = [sys.executable, "-m", "resolver", "site", "unpause", "home", "--api", str(client.make_url(""))]
             cli = await asyncio.create_subprocess_exec(
                 *command, "--token", API_TOKEN, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )

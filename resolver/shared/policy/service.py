@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from resolver.shared.errors import NotFound
-from resolver.shared.policy.model import Site, parse_time, site_document, time_document
+from resolver.shared.policy.model import PolicyError, Site, parse_time, site_document, time_document
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import SiteDocument, Store
 
@@ -162,10 +162,15 @@ class PolicyService:
         assert site is not None
         return site
 
-    async def pause(self, site_id: str, target: Target, until: str | float | None = "forever") -> Site:
-        """Block everything for the target until a time (an RFC 3339 string or epoch seconds), or "forever"."""
+    async def pause(self, site_id: str, target: Target, until: str | float = "forever") -> Site:
+        """Block everything for the target until a time (an RFC 3339 string or epoch seconds), or "forever".
+        A time missing, unreadable or past is refused naming `until` (such a pause would do nothing)."""
         value = time_document(until) if isinstance(until, float | int) else until
-        parse_time(value, "paused_until")  # refuse a bad time before touching the document
+        end = parse_time(value, "until")  # refuse a bad time before touching the document
+        if end is None:
+            raise PolicyError("until", 'missing: an RFC 3339 time, or "forever"')
+        if end <= time.time():
+            raise PolicyError("until", f"{value} has passed: a pause must end later than now")
 
         def change(document: SiteDocument) -> SiteDocument:
             _entity(document, target)["paused_until"] = value

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resolver.shared.config import ActivitySettings
+from resolver.shared.policy.model import PolicyError
 from resolver.shared.store.redis import RedisConnection
 
 _TOP = 1000  # names kept per site and day in the top blocked
@@ -156,6 +157,14 @@ class Activity(ABC):
 
     def oldest_kept(self, now: float) -> float:
         return now - self.settings.days * 86400
+
+    def window(self, hours: str | None, now: float) -> float:
+        """The start of the last `hours` hours (as text, a query string's; None: every hour kept). Raises
+        PolicyError naming `hours` for anything but a number of hours from 1 to what is kept."""
+        kept = self.settings.days * 24
+        if hours is not None and (not hours.isdigit() or not 1 <= int(hours) <= kept):
+            raise PolicyError("hours", f"must be a number of hours from 1 to {kept} (activity.days)")
+        return now - int(hours or kept) * 3600
 
 
 class RedisActivity(Activity):
