@@ -62,7 +62,10 @@ def until_listed(api: str, check, within: float = 20) -> dict[str, dict]:
         found.update(devices(api))
         return bool(check(found))
 
-    eventually(listed, within)
+    try:
+        eventually(listed, within)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the devices listed last: {found}") from None
     return found
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from blocklists.catalog import load_catalog
 from resolver.shared.dns import OptionCode
+from resolver.shared.policy.model import time_document
 from resolver.shared.policy.service import PolicyService
 from tests.conftest import ServerThread, answer_addresses, eventually, make_config, redis_policy_store
 
@@ -206,7 +207,9 @@ def test_schedule_blocks_everything_in_its_window_and_ends_by_itself(family, lis
 def test_pause_beats_allow_and_ends_at_its_time(family, lists, upstream, shared_redis, redis_prefix):
     clock = Clock(TUESDAY_NOON)
     until = TUESDAY_NOON + 600
-    write(shared_redis.url, redis_prefix, lambda service: service.pause("smith", ("device", "phone"), until))
+    # Written as a document: a pause ending before the wall clock's now is refused when asked for (issue 19).
+    phone = {**SITE["devices"]["phone"], "paused_until": time_document(until)}
+    write(shared_redis.url, redis_prefix, lambda service: service.put_device("smith", "phone", phone))
     with server_for(*family, lists, upstream, clock) as server:
         assert outcome(ask(server, "ok.porn.example", MACS["phone"])) == "paused"
         clock.now = until
