@@ -878,7 +878,8 @@ def shown(config: Config, key: str) -> object:
 
 
 def describe_settings() -> list[tuple[str, str, str]]:
-    """(key, default, description) for every setting: the reference table in the README comes from here."""
+    """(key, default, description) for every setting: the reference table in docs/configuration.md
+    comes from here (tests/docs_reference.py)."""
     rows = []
     for section in fields(Config):
         for spec in fields(_SECTIONS[section.name]):
