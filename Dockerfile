@@ -1,7 +1,7 @@
 # The resolver as a user would run it: `docker run -p 53:53/udp -p 53:53/tcp bns`.
 # It listens on every address of the container but answers only loopback and the private ranges (server.allow):
 # give it the customers' networks, e.g. `docker run … bns serve --listen 0.0.0.0:53 --allow 203.0.113.0/24`,
-# or a config file with [server] allow = [...] (README, "Exposure"). Never ["0.0.0.0/0"] on the internet.
+# or a config file with [server] allow = [...] (docs/operations.md, "Exposure"). Never ["0.0.0.0/0"] on the internet.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -19,7 +19,7 @@ from setuptools import setup
 from setuptools.build_meta import _BuildMetaBackend
 from setuptools.command.build_ext import build_ext
 
-# The modules every query passes through (README, "Compiled hot path").
+# The modules every query passes through (docs/architecture.md, "The compiled hot path").
 HOT_PATH = [
     "resolver/shared/dns.py",
     "resolver/shared/identity.py",

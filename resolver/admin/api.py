@@ -223,7 +223,7 @@ class Api:
 
     @staticmethod
     def _authorize(route: Route, role: str, site: str | None, request: web.Request) -> None:
-        """Raises NotAllowed unless the credential may use the route (README, "Who may do what")."""
+        """Raises NotAllowed unless the credential may use the route (docs/admin-api.md, "Site tokens")."""
         if role == SUBSCRIBER:
             if not route.subscriber:
                 raise NotAllowed("a site token opens its own site's devices, groups, policies, pauses and alerts only")
@@ -744,7 +744,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 _BODIES: dict[str, dict[str, Any]] = {
-    "Site": {"type": "object", "description": "A site document (see README, Policies)", "required": []},
+    "Site": {"type": "object", "description": "A site document (see docs/policies.md)", "required": []},
     "Sites": {"type": "array", "items": {"$ref": "#/components/schemas/Site"}},
     "SiteFields": {"type": "object", "description": "name, networks, cpe_ids, timezone, mode, default_group"},
     "Group": {"type": "object", "properties": {"name": {"type": "string"}, "policy": {"type": "object"}}},

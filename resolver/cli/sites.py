@@ -548,7 +548,7 @@ def _pause_options(parser: argparse.ArgumentParser) -> None:
 def _policy_source(parser: argparse.ArgumentParser, remove: str | None = None) -> None:
     """--policy or --policy-file (and, in the old spellings, the flag that removed it instead)."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--policy", metavar="JSON", help="the policy as JSON (see README, Policies)")
+    source.add_argument("--policy", metavar="JSON", help="the policy as JSON (see docs/policies.md)")
     source.add_argument("--policy-file", metavar="FILE", help="a file holding the policy JSON")
     if remove is not None:
         source.add_argument(f"--{remove}", action="store_true", help="remove it")

@@ -337,7 +337,12 @@ class PolicySettings:
         convert=_category_ids,
         live=True,
     )
-    answer: str = setting("nxdomain", "how a blocked name is answered", choices=ANSWER_MODES, live=True)
+    answer: str = setting(
+        "nxdomain",
+        "how a blocked name is answered: nxdomain, nodata, null (0.0.0.0 and ::) or page (the block page's address)",
+        choices=ANSWER_MODES,
+        live=True,
+    )
     block_page: tuple[str, ...] = setting((), 'block page addresses (for answer = "page")', convert=_addresses)
     warning_page: tuple[str, ...] = setting(
         (), "warning page addresses; without one, warnings answer as blocks", convert=_addresses
@@ -355,7 +360,7 @@ def _redis_url(text: Any) -> str:
 class StoreSettings:
     redis: str = setting(
         "",
-        "Redis URL holding the policies (redis://host:port/db, or "
+        "Redis URL holding the policies (redis://host:port/db, rediss:// for TLS, unix:///path?db=0, or "
         "sentinel://host:26379,host:26379/service for a Sentinel deployment); empty: the "
         "embedded file",
         convert=_redis_url,
@@ -651,14 +656,16 @@ class PagesSettings:
         (),
         "networks (each at most 256 addresses) whose every address shows the warning page too: a device behind "
         "a router of identity.trusted_networks, known to its site by MAC or client id, is sent to an address "
-        "of its own here, so that its page can offer it the button",
+        "of its own here, so that its page can offer it the button; needs policy.warning_page and pages.serve",
         convert=_device_networks,
     )
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"), live=True)
+    level: str = setting(
+        "info", "log level: debug, info, warning or error", choices=("debug", "info", "warning", "error"), live=True
+    )
 
 
 @dataclass(frozen=True)
@@ -871,7 +878,8 @@ def shown(config: Config, key: str) -> object:
 
 
 def describe_settings() -> list[tuple[str, str, str]]:
-    """(key, default, description) for every setting: the reference table in the README comes from here."""
+    """(key, default, description) for every setting: the reference table in docs/configuration.md
+    comes from here (tests/docs_reference.py)."""
     rows = []
     for section in fields(Config):
         for spec in fields(_SECTIONS[section.name]):

@@ -42,7 +42,7 @@ class Worker:
     `run`: the node's run directory (counters, reloaded configuration, the list target). A worker of a node
     that follows lists published through Redis answers nothing but SERVFAIL with EDE 14 "Not Ready" until
     it serves the version the admin process set as the target there: a node must never answer from no list,
-    or an old one, while the list it should serve is on its way (see README, "Starting")."""
+    or an old one, while the list it should serve is on its way (see docs/operations.md, "Starting")."""
 
     def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None) -> None:
         self.config = config

@@ -1,4 +1,4 @@
-"""Precedence, pauses, schedules (midnight, DST), profiles and allow/deny: every rule of README "Policies"."""
+"""Precedence, pauses, schedules (midnight, DST), profiles and allow/deny: every rule of docs/policies.md."""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def family(shared_redis, redis_prefix) -> tuple[str, str]:
     return shared_redis.url, redis_prefix
 
 
-# The precedence table of README "Policies", for the family site, on a Tuesday at noon.
+# The precedence table of docs/policies.md, for the family site, on a Tuesday at noon.
 TABLE = [
     ("dad", "porn.example", "ok"),  # device policy blocks nothing; it replaces the group/site ones
     ("dad", "malware.example", "Web Protect: malware"),  # Web Protect is on unless a policy turns it off
