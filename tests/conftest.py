@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -39,6 +41,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_error_logged(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A test fails when bns's code, run in its process (an in-process worker, the API, a store), logs an ERROR
+    or a traceback the test does not expect (`@pytest.mark.logs(regex, ...)`): a defect a fallback hides (a
+    client resolved by its stand-in because resolving it raised) must not pass. Whole nodes are checked by
+    their own log (tests/e2e/test_process.py)."""
+    yield
+    marker = request.node.get_closest_marker("logs")
+    expected = marker.args if marker is not None else ()
+    for record in caplog.get_records("call"):
+        if record.name.split(".")[0] not in ("resolver", "blocklists") or record.levelno < logging.ERROR:
+            continue
+        message = record.getMessage()
+        if not any(re.search(pattern, message) for pattern in expected):
+            raise AssertionError(f"logged what the test does not expect: {record.levelname} {record.name}: {message}")
 
 
 def make_config(upstreams: list[str], **sections: dict[str, Any]) -> Config:

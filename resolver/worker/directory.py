@@ -29,7 +29,8 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Any
 
 from blocklists.catalog import Catalog
 from resolver.shared.config import StoreSettings
@@ -63,11 +64,11 @@ _SECOND_CHANCES = 8  # used clients passed to the back per insert, at most: an i
 _RELOAD_DELAY = 0.05
 # A site reloaded in t seconds (parsing its whole document holds up the queries of every site meanwhile) is
 # not reloaded again for this many t, at most _MOST_SPACING: a stream of writes to one site, however fast,
-# then takes about 0.5 % of a worker's time (1 % for a site of limits.document_bytes, about 5 ms), and its
-# latest change still arrives within a second, however slow a loaded machine makes a reload look (t counts
-# the store's round trip too). A site written once in a while is reloaded at its first notice.
+# then takes about 0.5 % of a worker's time (a site of limits.document_bytes takes about 5 ms), and its
+# latest change still arrives within about a second, however slow a loaded machine makes a reload look (t
+# counts the store's round trip too). A site written once in a while is reloaded at its first notice.
 _RELOAD_SPACING = 200
-_MOST_SPACING = 0.5
+_MOST_SPACING = 1.0
 
 
 class Client:
@@ -316,12 +317,18 @@ class Directory:
         site, when it has one (identity.confine). The router's site and the claimed address's are asked
         together (one store round trip, batched)."""
         if identity.router is not None:
+            own: Site | None
+            address_site: str | None = None
             if identity.address == identity.router:
-                own, address_site = await self._site_at(identity.router, None), None
+                own = await self._site_at(identity.router, None)
             else:
-                own, address_site = await asyncio.gather(
-                    self._site_at(identity.router, None), self._site_id_at(identity.address)
-                )
+                # Starred, gather is typed as the list it returns (a tuple type fails when compiled).
+                lookups: list[Awaitable[Any]] = [
+                    self._site_at(identity.router, None),
+                    self._site_id_at(identity.address),
+                ]
+                found = await asyncio.gather(*lookups)
+                own, address_site = found[0], found[1]
             if own is not None:
                 return self._confined(identity, own, address_site), own
         return identity, await self._site_at(identity.address, identity.cpe_id)

@@ -234,6 +234,7 @@ def ask(port: int, name: str, tcp: bool = False, timeout: float = 3.0) -> dns.me
     return send(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=timeout)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serves_over_udp_and_tcp_with_each_worker_count(upstream, workers):
     with serving("--listen", "127.0.0.1:0", "--upstream", upstream.address, "--workers", str(workers)) as (
@@ -266,6 +267,7 @@ def test_ipv6_listener(upstream):
         assert process.wait(10) == 0
 
 
+@pytest.mark.pure  # a silent upstream: its alarms once logged a traceback per ring, compiled only
 def test_sigterm_drains_queries_in_flight(upstream):
     upstream.script.mode = "delay"
     upstream.script.delay = 0.6

@@ -152,6 +152,7 @@ def test_starting_with_a_bad_artifact_fails_clearly(upstream, tmp_path):
         sockets.close()
 
 
+@pytest.mark.logs("SERVING THE LAST VERIFIED LIST")
 def test_a_worker_that_finds_the_list_mid_rewrite_serves_the_last_verified_one(upstream, tmp_path):
     live = tmp_path / "live.bns"
     _generation_artifact(live, "first.example")
@@ -251,6 +252,7 @@ def test_swap_under_load_loses_nothing_and_never_mixes_generations(upstream, tmp
     assert first_new_answer - swapped_at < 2.0
 
 
+@pytest.mark.logs("refused the new artifact")
 def test_a_corrupt_install_is_refused_and_the_old_list_keeps_serving(upstream, tmp_path, caplog):
     live = tmp_path / "live.bns"
     _generation_artifact(live, "gen-a.example")
@@ -285,6 +287,7 @@ def test_other_classes_are_refused_even_for_blocked_names(upstream, fixture_list
         assert response.rcode() == dns.rcode.REFUSED and not response.authority
 
 
+@pytest.mark.logs("refused the new artifact")
 @pytest.mark.parametrize("header", [b'"a string"', b"5", b'{"sections": [1, 2]}', b"[" * 3000])
 def test_a_malformed_install_neither_stops_the_watcher_nor_the_next_swap(upstream, tmp_path, caplog, header):
     live = tmp_path / "live.bns"
