@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -661,6 +662,82 @@ class PagesSettings:
     )
 
 
+def _server_name(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError('must be a string such as "dns.example.net"')
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".") if name else []
+    if name and (len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.fullmatch(label) for label in labels)):
+        raise ValueError(f"{text!r} is not a host name such as dns.example.net")
+    return name
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _doh_path(text: Any) -> str:
+    if not isinstance(text, str) or not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
+        raise ValueError('must be a URL path such as "/dns-query"')
+    return text
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DNS over TLS (RFC 7858) and over HTTPS (RFC 8484): more listeners of the DNS workers, answering through
+    the same pipeline, cache and decision as UDP and TCP."""
+
+    dot_listen: tuple[Endpoint, ...] = setting(
+        (), 'addresses to serve DNS over TLS on (port 853: ["0.0.0.0:853"]); empty: none', convert=_endpoint_list
+    )
+    doh_listen: tuple[Endpoint, ...] = setting(
+        (),
+        'addresses to serve DNS over HTTPS on, HTTP/2 and HTTP/1.1 (port 443: ["0.0.0.0:443"]); empty: none',
+        convert=_endpoint_list,
+    )
+    certificate: str = setting(
+        "",
+        "PEM file of the certificate chain the DoT and DoH listeners present (this server's certificate first); "
+        "needed when either listens. Read again when the file changes (and on SIGHUP): new connections get the "
+        "new one, open ones keep theirs",
+        path=True,
+    )
+    key: str = setting("", "PEM file of the certificate's private key", path=True)
+    name: str = setting(
+        "",
+        "this resolver's name, as its certificate names it (dns.example.net): a device's client id is the first "
+        "label of the server name a client asks for under it ({id}.dns.example.net), and designated-resolver "
+        "discovery (_dns.resolver.arpa) announces it; empty: the certificate's first DNS name",
+        convert=_server_name,
+    )
+    doh_path: str = setting(
+        "/dns-query", "the DoH path (RFC 8484); a device's client id may follow it: /dns-query/{id}", convert=_doh_path
+    )
+    handshake_timeout: float = setting(
+        5.0, "seconds a client has to finish its TLS handshake", minimum=0.1, maximum=120
+    )
+    idle_timeout: float = setting(
+        30.0, "seconds a DoT or DoH connection with nothing in flight stays open", minimum=0.1, maximum=3600
+    )
+    max_connections: int = setting(
+        10_000,
+        "open DoT and DoH connections per worker (handshakes included); more are closed at once",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    max_per_client: int = setting(
+        100, "open DoT and DoH connections per worker from one source address", minimum=1, maximum=1_000_000
+    )
+    max_streams: int = setting(
+        100, "concurrent HTTP/2 streams per DoH connection (SETTINGS_MAX_CONCURRENT_STREAMS)", minimum=1, maximum=10_000
+    )
+    max_request: int = setting(
+        4096,
+        "largest DoH request in bytes (a POST body, a GET's dns= parameter once decoded); larger: 413",
+        minimum=512,
+        maximum=65535,
+    )
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
@@ -679,6 +756,7 @@ class Config:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
     activity: ActivitySettings = field(default_factory=ActivitySettings)
@@ -688,6 +766,10 @@ class Config:
 def _check_cross_fields(config: Config) -> None:
     if config.policy.answer == "page" and not config.policy.block_page:
         raise ConfigError('policy.answer: "page" needs policy.block_page addresses')
+    tls = config.tls
+    if (tls.dot_listen or tls.doh_listen) and not (tls.certificate and tls.key):
+        listening = "tls.dot_listen" if tls.dot_listen else "tls.doh_listen"
+        raise ConfigError(f"{listening}: needs tls.certificate and tls.key (PEM files)")
     _check_device_networks(config)
     if config.admin.max_json < config.limits.document_bytes:
         raise ConfigError(
