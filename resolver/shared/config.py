@@ -704,9 +704,10 @@ class TlsSettings:
     key: str = setting("", "PEM file of the certificate's private key", path=True)
     name: str = setting(
         "",
-        "this resolver's name, as its certificate names it (dns.example.net): a device's client id is the first "
-        "label of the server name a client asks for under it ({id}.dns.example.net), and designated-resolver "
-        "discovery (_dns.resolver.arpa) announces it; empty: the certificate's first DNS name",
+        "this resolver's name, which its certificate must hold (dns.example.net), needed when DoT or DoH "
+        "listens: designated-resolver discovery (_dns.resolver.arpa) announces it, and a device's client id "
+        "may be the first label of the server name a client asks for under it ({id}.dns.example.net, which "
+        "takes a certificate for *.dns.example.net too)",
         convert=_server_name,
     )
     doh_path: str = setting(
@@ -770,6 +771,9 @@ def _check_cross_fields(config: Config) -> None:
     if (tls.dot_listen or tls.doh_listen) and not (tls.certificate and tls.key):
         listening = "tls.dot_listen" if tls.dot_listen else "tls.doh_listen"
         raise ConfigError(f"{listening}: needs tls.certificate and tls.key (PEM files)")
+    if (tls.dot_listen or tls.doh_listen) and not tls.name:
+        listening = "tls.dot_listen" if tls.dot_listen else "tls.doh_listen"
+        raise ConfigError(f"{listening}: needs tls.name, the name its certificate is for (dns.example.net)")
     _check_device_networks(config)
     if config.admin.max_json < config.limits.document_bytes:
         raise ConfigError(
