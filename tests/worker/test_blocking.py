@@ -126,6 +126,7 @@ def test_policy_without_a_category_lets_it_through(upstream, fixture_lists):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "blocklists").is_dir(), reason="../shared/data is not here (CI has it)")
+@pytest.mark.once  # 1.4 M names compiled by the (never compiled) compiler: once is enough
 def test_every_real_category_file_blocks_its_names(upstream, tmp_path):
     out = tmp_path / "all.bns"
     compile_lists(sources_from_dir(SHARED_DATA / "blocklists", CATALOG), out, CATALOG)
