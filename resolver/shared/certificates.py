@@ -213,8 +213,8 @@ class Certificates:
         )
         return True
 
-    async def watch(self, interval: float = CHECK_INTERVAL) -> None:
-        """Until cancelled: look at the files every `interval` seconds."""
+    async def watch(self) -> None:
+        """Until cancelled: look at the files every CHECK_INTERVAL seconds."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(CHECK_INTERVAL)
             self.check(settled=False)

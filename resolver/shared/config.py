@@ -719,7 +719,7 @@ class TlsSettings:
         "/dns-query", "the DoH path (RFC 8484); a device's client id may follow it: /dns-query/{id}", convert=_doh_path
     )
     handshake_timeout: float = setting(
-        5.0, "seconds a client has to finish its TLS handshake", minimum=0.1, maximum=120
+        5.0, "seconds a client has to finish its TLS handshake (and the closing one)", minimum=0.1, maximum=120
     )
     idle_timeout: float = setting(
         30.0, "seconds a DoT or DoH connection with nothing in flight stays open", minimum=0.1, maximum=3600

@@ -290,14 +290,15 @@ class _Http2:
             events = self._h2.receive_data(data)
             for event in events:
                 self._handle(event)
-        except h2.exceptions.TooManyStreamsError:
-            self._cut("streams", ErrorCodes.REFUSED_STREAM)
+        except h2.exceptions.TooManyStreamsError:  # h2 has said GOAWAY (PROTOCOL_ERROR: RFC 9113 §5.1.2)
+            self._cut("streams")
             return
         except _Flood:
-            self._cut("flood", ErrorCodes.ENHANCE_YOUR_CALM)
+            self._h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self._cut("flood")
             return
-        except h2.exceptions.ProtocolError:
-            self._cut("protocol", ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:  # h2 has said GOAWAY
+            self._cut("protocol")
             return
         except Exception:
             _failures.exception("a DoH (HTTP/2) connection failed")
@@ -408,8 +409,7 @@ class _Http2:
                 del self._unsent[stream_id]
                 self._streams.pop(stream_id, None)
 
-    def _cut(self, reason: str, code: ErrorCodes) -> None:
-        self._h2.close_connection(error_code=code)
+    def _cut(self, reason: str) -> None:
         self._owner.write(self._h2.data_to_send())
         self._owner.cut(reason)
 

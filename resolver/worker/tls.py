@@ -187,6 +187,8 @@ class Handshake(asyncio.Protocol):
             gate.certificates.fronts[self._kind],
             server_side=True,
             ssl_handshake_timeout=gate.settings.handshake_timeout,
+            # and its closing handshake: a client that never answers close_notify must not hold its slot long
+            ssl_shutdown_timeout=gate.settings.handshake_timeout,
         )
         # Begun here, not in a task: uvloop starts reading as soon as connection_made returns, and a ClientHello
         # read before start_tls put its protocol in place would go to this one, and be lost.
