@@ -268,6 +268,7 @@ class _Http2:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _HEAD_LIMIT,
             },
         )
+        self._h2.decoder.max_header_list_size = _HEAD_LIMIT  # hpack's own bound (64 KiB) otherwise
         self._streams: dict[int, DohRequest | None] = {}  # open streams: their request (None: answered early)
         self._unsent: dict[int, bytes] = {}  # answers waiting for flow-control window
         self._budget_since = owner.gate.clock()

@@ -107,6 +107,17 @@ def test_a_client_id_is_found_fleet_wide_and_belongs_to_one_site(make_store):
     run(_with(make_store(), work))
 
 
+def test_client_ids_of_a_site_stored_before_their_index_are_indexed_at_its_next_write(shared_redis, redis_prefix):
+    async def work(service):
+        await service.put_site("a", {"devices": {"phone": {"client_ids": ["id-1"]}}})
+        await service.store.client.delete(service.store.key("clientid"))  # as an older version left it
+        assert await service.store.locate_client_id("id-1") is None
+        await service.set_site_fields("a", {})  # `bns site set a`, no flags
+        assert await service.store.locate_client_id("id-1") == ("a", 2)
+
+    run(_with(redis_policy_store(shared_redis.url, redis_prefix), work))
+
+
 def test_find_site_by_longest_prefix_and_cpe(make_store):
     async def work(service):
         await service.put_site("wide", {"networks": ["10.0.0.0/8", "2001:db8::/32"]})

@@ -328,9 +328,14 @@ def test_http2_stream_reset_and_ping_floods_are_cut_off_and_others_are_answered(
             pings.ping(index.to_bytes(8, "big"))
         sock.sendall(pings.data_to_send())
         assert until_goaway(sock, pings).error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+        sock, large = h2_connection(server, authority)
+        large.send_headers(1, [*get_headers(server, "example.com"), ("x-padding", "x" * 20_000)], end_stream=True)
+        sock.sendall(large.data_to_send())
+        until_goaway(sock, large)  # a header list beyond 16 KiB
         assert outcome(over_doh(server, authority, "porn.example")) == "blocked: pornography"
         cut = counters(server)["cut"]
-        assert (cut["streams"], cut["flood"]) == (1, 2)
+        assert (cut["streams"], cut["flood"], cut["protocol"]) == (1, 2, 1)
 
 
 def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_room(upstream, pair, lists, authority):

@@ -369,7 +369,7 @@ class RedisStore(Store):
         new_ids = {client_id for device in new.devices.values() for client_id in device.client_ids} if new else set()
         for client_id in old_ids - new_ids:
             pipe.hdel(self.key(CLIENT_IDS), client_id)
-        for client_id in new_ids - old_ids:
+        for client_id in new_ids:  # all, not only the new: a site written before this index gets its ids in
             pipe.hset(self.key(CLIENT_IDS), client_id, site_id)
         if new is None:
             pipe.delete(key)
