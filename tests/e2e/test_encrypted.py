@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -24,6 +25,7 @@ from tests.e2e.test_process import bns, node
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig is not installed (Debian: knot-dnsutils)")
 def test_a_node_serves_dot_and_doh_resumes_sessions_on_any_worker_and_takes_a_new_certificate_on_sighup(
     tmp_path, upstream
 ):

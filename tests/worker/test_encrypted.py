@@ -8,6 +8,7 @@ import base64
 import http.server
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -148,6 +149,11 @@ def test_dnspython_asks_over_dot_and_over_doh_get_and_post_on_http2_and_http11(s
     assert counters(server)["handshakes"] == {"dot": 2, "doh": 8}
 
 
+KDIG = pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig is not installed (Debian: knot-dnsutils)")
+CURL = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (Debian: curl)")
+
+
+@KDIG
 def test_kdig_over_tls_and_https(server, authority):
     common = ["kdig", "@127.0.0.1", f"+tls-ca={authority.path}", f"+tls-hostname={NAME}", "+timeout=3"]
     for transport in (["-p", str(server.dot_port), "+tls"], ["-p", str(server.doh_port), "+https"]):
@@ -170,6 +176,7 @@ class _Page(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@CURL
 def test_curl_resolves_through_doh(pair, lists, authority):
     """curl --doh-url: a name bns answers with a loopback address is reached; a blocked one is not resolved."""
     page = http.server.HTTPServer(("127.0.0.1", 0), _Page)
