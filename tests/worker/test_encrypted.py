@@ -31,7 +31,9 @@ import pytest
 
 from bench.upstream import Script, ScriptedUpstream
 from resolver.shared import certificates
+from resolver.shared.errors import StartupError
 from resolver.shared.policy.service import PolicyService
+from resolver.shared.sockets import bind_sockets, claim_ports
 from tests.certificates import NAME, Authority, Pair
 from tests.conftest import ServerThread, answer_addresses, eventually, make_config, redis_policy_store
 
@@ -132,6 +134,31 @@ def counters(server: ServerThread) -> dict[str, Any]:
 def server(upstream, pair, lists) -> Iterator[ServerThread]:
     with serving(upstream, pair, lists) as running:
         yield running
+
+
+# --- sockets -----------------------------------------------------------------------------------------------------
+
+
+def test_dot_and_doh_ports_are_bound_per_worker_and_a_port_another_process_serves_is_refused(pair, tmp_path):
+    """As port 53's: one socket per worker on one port (SO_REUSEPORT), and a port another process serves (even
+    one that shares) refused at start, naming the setting."""
+    with socket.socket() as foreign:
+        foreign.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        taken = foreign.getsockname()[1]
+        config = make_config(["127.0.0.1:9"], tls=tls(pair, doh_listen=[f"127.0.0.1:{taken}"]))
+        refused = rf"cannot listen on 127\.0\.0\.1:{taken}: .*another process serves tcp.*another tls\.doh_listen"
+        with pytest.raises(StartupError, match=refused):
+            claim_ports(config, tmp_path)
+    sets = bind_sockets(make_config(["127.0.0.1:9"], tls=tls(pair)), 2)
+    try:
+        assert [len(one.dot) for one in sets] == [1, 1] and [len(one.doh) for one in sets] == [1, 1]
+        assert sets[0].dot[0].getsockname() == sets[1].dot[0].getsockname()
+        assert sets[0].doh[0].getsockname() == sets[1].doh[0].getsockname()
+    finally:
+        for one in sets:
+            one.close()
 
 
 # --- real clients ----------------------------------------------------------------------------------------------
