@@ -13,7 +13,8 @@ admitted within, its TLS handshake, the client id its server name gives, and how
 - Access control is port 53's (access.py), but for a client id: a source outside `server.allow` that gives one
   is answered as the device the id names, REFUSED if it names none (pipeline.answer_stranger).
 
-Every bound cut is counted (`counts`, in the worker's counters: bns_tls_* in metrics).
+Every bound cut is counted (the gate's `cut`, with its `handshakes`, `malformed_ids` and DoH `statuses`: the
+worker's counters, bns_tls_* in metrics).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from resolver.shared.certificates import Certificates
 from resolver.shared.config import TlsSettings
 from resolver.shared.logs import Throttled
+from resolver.shared.policy.model import is_id
 from resolver.worker.access import REFUSED, AccessControl
 from resolver.worker.listener import answer_safely, refusal_for
 from resolver.worker.pipeline import Resolver
@@ -35,10 +37,8 @@ from resolver.worker.wire import Malformed, Peer
 
 _failures = Throttled(logging.getLogger(__name__))
 
-# A client id as a server name's first label (a DNS label, RFC 1035 §2.3.1, as TLS clients send it: lowercase),
-# and in a DoH path (a device's client id as documents hold them: policy/model.py).
+# A client id as a server name's first label: a DNS label (RFC 1035 §2.3.1), lowercase as TLS clients send it.
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_PATH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 MALFORMED = ""  # the client id of a request that gave a malformed one
 
 
@@ -55,8 +55,9 @@ def client_id_of_name(server_name: str | None, name: str) -> str | None:
 
 
 def client_id_of_path(segment: str) -> str:
-    """The client id of a DoH path's last segment (what follows `tls.doh_path/`); MALFORMED if it is none."""
-    return segment if _PATH_ID.fullmatch(segment) else MALFORMED
+    """The client id of a DoH path's last segment (what follows `tls.doh_path/`): an id as a device's client ids
+    are written (policy/model.py), else MALFORMED."""
+    return segment if is_id(segment) else MALFORMED
 
 
 def answer_encrypted(
@@ -213,7 +214,7 @@ class Handshake(asyncio.Protocol):
         self._connection.opened(transport, name)
 
 
-def _step(steps: Generator[Any, None, Any] | Any, done: Callable[[Any, BaseException | None], None]) -> None:
+def _step(steps: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
     """Run the coroutine `steps` until it waits on a future, go on when that future is done, and call `done`
     with its result or its error: a task that starts at once (asyncio's eager tasks, Python 3.12)."""
     try:
