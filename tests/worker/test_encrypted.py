@@ -227,7 +227,8 @@ def test_curl_resolves_through_doh(pair, lists, authority):
         page.shutdown()
 
 
-def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_statuses(server, authority):
+def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_statuses(server, upstream, authority):
+    upstream.script.modes["gone.example"] = "nxdomain"
     wire = dns.message.make_query("example.com", "A").to_wire()
     encoded = base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
     base = f"https://127.0.0.1:{server.doh_port}"
@@ -237,6 +238,10 @@ def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_sta
             assert answer.status_code == 200 and answer.headers["content-type"] == "application/dns-message"
             ttl = dns.message.from_wire(answer.content).answer[0].ttl
             assert answer.headers["cache-control"] == f"max-age={ttl}" and 0 < ttl <= 300
+            gone = base64.urlsafe_b64encode(dns.message.make_query("gone.example", "A").to_wire()).rstrip(b"=")
+            negative = client.get(f"{base}/dns-query?dns={gone.decode()}")  # its SOA: TTL 300, MINIMUM 60
+            assert dns.message.from_wire(negative.content).rcode() == dns.rcode.NXDOMAIN
+            assert 0 < int(negative.headers["cache-control"].removeprefix("max-age=")) <= 60  # RFC 8484 §5.1
             dns_message = {"content-type": "application/dns-message"}
             statuses = [
                 client.get(f"{base}/dns-query?dns=not*base64").status_code,
@@ -250,7 +255,7 @@ def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_sta
                 client.post(f"{base}/dns-query", content=wire, headers=dns_message).status_code,
             ]
             assert statuses == [400, 400, 400, 404, 405, 413, 413, 415, 200], f"http2={http2}"
-    assert counters(server)["doh_statuses"] == {"200": 4, "400": 6, "404": 2, "405": 2, "413": 4, "415": 2}
+    assert counters(server)["doh_statuses"] == {"200": 6, "400": 6, "404": 2, "405": 2, "413": 4, "415": 2}
 
 
 def test_tls_sessions_resume_and_versions_before_tls_1_2_are_refused(server, authority):
