@@ -65,6 +65,7 @@ class Script:
     ad: bool = False  # set AD in every reply, as a validating upstream would for signed names
     modes: dict[str, str] = field(default_factory=dict)  # name (no trailing dot) -> mode
     cnames: dict[str, str] = field(default_factory=dict)  # name -> target, answered as CNAME + A of target
+    addresses: dict[str, str] = field(default_factory=dict)  # name -> the IPv4 address its A record holds
 
     def mode_for(self, name: str) -> str:
         return self.modes.get(name, self.mode)
@@ -114,6 +115,7 @@ def build_reply(query: DNSRecord, script: Script, tcp: bool) -> bytes | None:
         count = script.big_count if mode == "big" else 1
         if query.q.qtype == QTYPE.A:
             addresses = [f"192.0.2.{index + 1}" for index in range(count)] if count > 1 else [_address_for(name, 4)]
+            addresses = [script.addresses[name]] if name in script.addresses else addresses
             for address in addresses:
                 reply.add_answer(RR(owner, QTYPE.A, ttl=script.ttl, rdata=A(address)))
         elif query.q.qtype == QTYPE.AAAA:

@@ -32,6 +32,7 @@ HOT_PATH = [
     "resolver/worker/answers.py",
     "resolver/worker/cache.py",
     "resolver/worker/directory.py",
+    "resolver/worker/dot.py",  # a subclass of listener.py's TcpConnection: a compiled class takes no other
     "resolver/worker/listener.py",
     "resolver/worker/pipeline.py",
     "resolver/worker/rate_limit.py",

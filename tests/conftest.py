@@ -78,8 +78,11 @@ class ServerThread:
     def __init__(self, config: Config, wall_clock: Any = None) -> None:
         self.config = config
         self.wall_clock = wall_clock
-        self.sockets = bind_sockets(config.server.listen, 1)[0]
+        self.sockets = bind_sockets(config, 1)[0]
         self.port = self.sockets.udp[0].getsockname()[1]
+        # the DoT and DoH listeners', when the config has them (tls.dot_listen, tls.doh_listen)
+        self.dot_port = self.sockets.dot[0].getsockname()[1] if self.sockets.dot else 0
+        self.doh_port = self.sockets.doh[0].getsockname()[1] if self.sockets.doh else 0
         self.worker: Worker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

@@ -41,7 +41,7 @@ from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
 from resolver.admin.status import profiles_of, site_status
 from resolver.admin.why import Explainer
-from resolver.shared.config import AdminSettings
+from resolver.shared.config import AdminSettings, TlsSettings
 from resolver.shared.errors import (
     BnsError,
     NotAllowed,
@@ -53,7 +53,7 @@ from resolver.shared.errors import (
     http_status_of,
 )
 from resolver.shared.policy.model import PolicyError, Site
-from resolver.shared.policy.service import PolicyService, Target, describe
+from resolver.shared.policy.service import PolicyService, Target, client_id_endpoints, describe
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import Store
 from resolver.shared.store.publications import Publications
@@ -166,8 +166,11 @@ class Api:
         scratch: Path,
         site_tokens: SiteTokens,
         activity: Activity,
+        tls: TlsSettings | None = None,
     ) -> None:
+        """`tls`: where DoT and DoH listen, to say where a device's new client id goes."""
         self.use_tokens(tokens)
+        self.tls = tls or TlsSettings()
         self.failures = AuthFailures()
         self.site_tokens = site_tokens
         self.activity = activity
@@ -450,6 +453,12 @@ class Api:
             await self._policies().put_device(request.match_info["site"], request.match_info["device"], fields)
         )
 
+    async def renew_client_id(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        site, client_id = await self._policies().renew_client_id(info["site"], info["device"])
+        body = {"site": site.id, "device": info["device"], "client_id": client_id, "version": site.version}
+        return web.json_response({**body, **client_id_endpoints(self.tls, client_id)})
+
     async def delete_device(self, request: web.Request) -> web.Response:
         site_id = request.match_info["site"]
         return _written(await self._policies().delete_device(site_id, request.match_info["device"]))
@@ -682,6 +691,16 @@ ROUTES: tuple[Route, ...] = (
         "PUT", "/v1/sites/{site}/devices/{device}", ADMIN, "Create or change a device", Api.put_device, "Device", True
     ),
     Route("DELETE", "/v1/sites/{site}/devices/{device}", ADMIN, "Delete a device", Api.delete_device, subscriber=True),
+    Route(
+        "POST",
+        "/v1/sites/{site}/devices/{device}/client-id",
+        ADMIN,
+        "A new random client id for the device (26 lowercase base32 characters), replacing every one it had: its "
+        "credential over DoT and DoH from anywhere, with the Private DNS host name and DoH template it goes in",
+        Api.renew_client_id,
+        subscriber=True,
+        answer="ClientId",
+    ),
     *(
         route
         for prefix in ("/v1/sites/{site}", "/v1/sites/{site}/groups/{group}", "/v1/sites/{site}/devices/{device}")
@@ -866,6 +885,17 @@ _BODIES: dict[str, dict[str, Any]] = {
                 "description": "configured device id → its status",
                 "additionalProperties": {"$ref": "#/components/schemas/Status"},
             },
+        },
+    },
+    "ClientId": {
+        "type": "object",
+        "properties": {
+            "site": {"type": "string"},
+            "device": {"type": "string"},
+            "client_id": {"type": "string", "description": "26 lowercase base32 characters"},
+            "version": {"type": "integer", "description": "the site's version after the write"},
+            "private_dns": {"type": "string", "description": "{client_id}.{tls.name}, when tls.name is set"},
+            "doh_template": {"type": "string", "description": "https://{tls.name}{tls.doh_path}/{client_id}"},
         },
     },
     "SourcePath": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},

@@ -29,6 +29,51 @@ def _summed(workers: list[dict[str, Any]], counter: str) -> dict[str, int]:
     return total
 
 
+def _tls_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """The DoT and DoH listeners' metrics (worker/tls.py), when they listen."""
+    serving = [worker["tls"] for worker in workers if worker.get("tls")]
+    if not serving:
+        return []
+    labelled = (
+        ("bns_tls_handshakes_total", "handshakes", "listener", "TLS handshakes completed, by listener (dot, doh)."),
+        (
+            "bns_tls_cut_total",
+            "cut",
+            "reason",
+            "DoT and DoH connections cut by a bound, by reason: worker_full, client_full, evicted (idle, to make room),"
+            " handshake_timeout, handshake_failed, idle, streams (HTTP/2 streams beyond tls.max_streams), flood (HTTP/2"
+            " resets or control frames beyond their budget), protocol (HTTP that does not parse).",
+        ),
+        (
+            "bns_client_ids_total",
+            "client_ids",
+            "outcome",
+            "Client ids given over DoT and DoH: known (naming a device, counted once per worker as it is resolved),"
+            " unknown (the same), malformed (per connection or request).",
+        ),
+        ("bns_doh_responses_total", "doh_statuses", "status", "DoH responses, by HTTP status."),
+        (
+            "bns_tls_certificate_reloads_total",
+            "certificate_reloads",
+            "outcome",
+            "New certificate files taken (loaded) or refused, counted by each worker.",
+        ),
+    )
+    lines = [
+        "# HELP bns_tls_connections DoT and DoH connections open now (handshakes included).",
+        "# TYPE bns_tls_connections gauge",
+        _line("bns_tls_connections", sum(worker["open"] for worker in serving)),
+        "# HELP bns_tls_certificate_not_after When the certificate served expires (Unix time; the soonest of the"
+        " workers').",
+        "# TYPE bns_tls_certificate_not_after gauge",
+        _line("bns_tls_certificate_not_after", min(worker["certificate_not_after"] for worker in serving)),
+    ]
+    for name, counter, label, about in labelled:
+        lines += [f"# HELP {name} {about}", f"# TYPE {name} counter"]
+        lines += [_line(name, count, {label: key}) for key, count in sorted(_summed(serving, counter).items())]
+    return lines
+
+
 class Metrics:
     """What `/metrics` renders: the workers' counters summed, and the node's own state."""
 
@@ -165,5 +210,6 @@ class Metrics:
             "# HELP bns_devices_evicted_total Seen devices forgotten because their site had activity.devices_per_site.",
             "# TYPE bns_devices_evicted_total counter",
             _line("bns_devices_evicted_total", state.get("devices_evicted", 0)),
+            *_tls_lines(workers),
         ]
         return "\n".join(lines) + "\n"

@@ -79,6 +79,7 @@ class AdminNode:
             cache_dir / "uploads",
             SiteTokens(self.backends.secret, self.store),
             self.backends.activity,
+            config.tls,
         )
         self._runners: list[web.AppRunner] = []
 

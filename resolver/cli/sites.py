@@ -34,7 +34,7 @@ from resolver.shared.config import load_config
 from resolver.shared.errors import ConfigError, NotFound, Refused
 from resolver.shared.loading import load_policy_and_lists
 from resolver.shared.policy.model import PolicyError, time_document
-from resolver.shared.policy.service import PolicyService, Target, describe
+from resolver.shared.policy.service import PolicyService, Target, client_id_endpoints, describe
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.backends import Backends, open_backends
 
@@ -95,6 +95,10 @@ class Sites(ABC):
 
     @abstractmethod
     async def forget_device(self, site: str, key: str) -> Document: ...
+
+    @abstractmethod
+    async def renew_client_id(self, site: str, device: str) -> Document:
+        """A new random client id for a device, replacing its others (what the API answers)."""
 
     @abstractmethod
     async def issue_token(self, site: str, days: float | None) -> Document:
@@ -181,6 +185,9 @@ class ApiSites(Sites):
 
     async def forget_device(self, site: str, key: str) -> Document:
         return self.client.call("DELETE", f"{self._path(site)}/devices/seen/{urllib.parse.quote(key, safe=':')}")
+
+    async def renew_client_id(self, site: str, device: str) -> Document:
+        return self.client.call("POST", self._path(site, ("device", device)) + "/client-id", {})
 
     async def issue_token(self, site: str, days: float | None) -> Document:
         return self.client.call("POST", self._path(site) + "/tokens", {} if days is None else {"days": days})
@@ -273,6 +280,11 @@ class LocalSites(Sites):
     async def forget_device(self, site: str, key: str) -> Document:
         await self._activity().forget(site, {key}, time.time())
         return {"forgotten": key}
+
+    async def renew_client_id(self, site: str, device: str) -> Document:
+        written, client_id = await self.service.renew_client_id(site, device)
+        body = {"site": written.id, "device": device, "client_id": client_id, "version": written.version}
+        return {**body, **client_id_endpoints(self.config.tls, client_id)}
 
     async def issue_token(self, site: str, days: float | None) -> Document:
         raise ConfigError(
@@ -460,6 +472,10 @@ async def _device_forget(sites: Sites, args: argparse.Namespace) -> Any:
     return await sites.forget_device(args.site, args.key)
 
 
+async def _client_id(sites: Sites, args: argparse.Namespace) -> Any:
+    return await sites.renew_client_id(args.site, args.member)
+
+
 async def _site_token(sites: Sites, args: argparse.Namespace) -> Any:
     """`site token SITE`: a token, its id, expiry and the app's sign-in link; `site token revoke SITE ID`."""
     match args.words:
@@ -633,6 +649,11 @@ def _add_members(commands: argparse._SubParsersAction) -> None:
         _command(member, "unpause", f"end a {kind}'s pause", _unpause, *which, kind=kind)
         if kind == "device":
             _add_seen(member)
+            about = (
+                "a new random client id for a device, replacing its others: its credential over DoT and DoH "
+                "from anywhere (docs/encrypted-dns.md)"
+            )
+            _command(member, "client-id", about, _client_id, *which)
 
 
 def _add_seen(device: argparse._SubParsersAction) -> None:

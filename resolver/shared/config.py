@@ -105,10 +105,13 @@ def _endpoints(items: Any) -> tuple[Endpoint, ...]:
     return endpoints
 
 
-def _endpoint_list(items: Any) -> tuple[Endpoint, ...]:
+def _endpoint_list(items: Any, default_port: int = DNS_PORT) -> tuple[Endpoint, ...]:
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise ValueError('must be a list of strings such as ["127.0.0.1:53", "[::1]:53"]')
-    return tuple(parse_endpoint(item) for item in items)
+        raise ValueError(f'must be a list of strings such as ["127.0.0.1:{default_port}", "[::1]:{default_port}"]')
+    return tuple(parse_endpoint(item, default_port) for item in items)
+
+
+DOT_PORT, DOH_PORT = 853, 443  # RFC 7858 §3.1; HTTPS
 
 
 def _networks(items: Any) -> tuple[str, ...]:
@@ -687,12 +690,14 @@ class TlsSettings:
     the same pipeline, cache and decision as UDP and TCP."""
 
     dot_listen: tuple[Endpoint, ...] = setting(
-        (), 'addresses to serve DNS over TLS on (port 853: ["0.0.0.0:853"]); empty: none', convert=_endpoint_list
+        (),
+        'addresses to serve DNS over TLS on (port 853 unless given: ["0.0.0.0", "[::]"]); empty: none',
+        convert=lambda items: _endpoint_list(items, DOT_PORT),
     )
     doh_listen: tuple[Endpoint, ...] = setting(
         (),
-        'addresses to serve DNS over HTTPS on, HTTP/2 and HTTP/1.1 (port 443: ["0.0.0.0:443"]); empty: none',
-        convert=_endpoint_list,
+        "addresses to serve DNS over HTTPS on, HTTP/2 and HTTP/1.1 (port 443 unless given); empty: none",
+        convert=lambda items: _endpoint_list(items, DOH_PORT),
     )
     certificate: str = setting(
         "",
@@ -714,7 +719,7 @@ class TlsSettings:
         "/dns-query", "the DoH path (RFC 8484); a device's client id may follow it: /dns-query/{id}", convert=_doh_path
     )
     handshake_timeout: float = setting(
-        5.0, "seconds a client has to finish its TLS handshake", minimum=0.1, maximum=120
+        5.0, "seconds a client has to finish its TLS handshake (and the closing one)", minimum=0.1, maximum=120
     )
     idle_timeout: float = setting(
         30.0, "seconds a DoT or DoH connection with nothing in flight stays open", minimum=0.1, maximum=3600
@@ -774,6 +779,7 @@ def _check_cross_fields(config: Config) -> None:
     if (tls.dot_listen or tls.doh_listen) and not tls.name:
         listening = "tls.dot_listen" if tls.dot_listen else "tls.doh_listen"
         raise ConfigError(f"{listening}: needs tls.name, the name its certificate is for (dns.example.net)")
+    _check_tcp_ports(config)
     _check_device_networks(config)
     if config.admin.max_json < config.limits.document_bytes:
         raise ConfigError(
@@ -790,6 +796,20 @@ def _check_cross_fields(config: Config) -> None:
             f"upstream.deadline: {config.upstream.deadline} is shorter than upstream.timeout "
             f"({config.upstream.timeout}); the deadline bounds all attempts together"
         )
+
+
+def _check_tcp_ports(config: Config) -> None:
+    """Each TCP address serves one thing: DNS (server.listen), DoT or DoH. Port 0 is a new port each time."""
+    owners: dict[Endpoint, str] = {}
+    for key, endpoints in (
+        ("server.listen", config.server.listen),
+        ("tls.dot_listen", config.tls.dot_listen),
+        ("tls.doh_listen", config.tls.doh_listen),
+    ):
+        for endpoint in endpoints:
+            owner = owners.setdefault(endpoint, key)
+            if owner != key and endpoint.port:
+                raise ConfigError(f"{key}: {endpoint} is in {owner} too; each TCP address serves one protocol")
 
 
 def _check_device_networks(config: Config) -> None:

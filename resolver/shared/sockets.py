@@ -1,5 +1,6 @@
-"""Sockets the supervisor binds for the processes it starts: DNS (UDP and TCP per listen address and worker, sharing
-ports with SO_REUSEPORT, one instance per port) and HTTP (the admin API and the pages)."""
+"""Sockets the supervisor binds for the processes it starts: DNS (UDP and TCP per listen address and worker, and TCP
+per DoT and DoH address and worker, sharing ports with SO_REUSEPORT, one instance per port) and HTTP (the admin API
+and the pages)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ _PORT_ZERO_RETRIES = 20
 
 @dataclass
 class SocketSet:
-    """The sockets one worker serves on: one UDP and one TCP socket per listen address."""
+    """The sockets one worker serves on: one UDP and one TCP socket per listen address, one TCP socket per DoT
+    and per DoH address."""
 
     udp: list[socket.socket] = field(default_factory=list)
     tcp: list[socket.socket] = field(default_factory=list)
+    dot: list[socket.socket] = field(default_factory=list)
+    doh: list[socket.socket] = field(default_factory=list)
 
     def close(self) -> None:
-        for sock in self.udp + self.tcp:
+        for sock in self.udp + self.tcp + self.dot + self.doh:
             sock.close()
 
 
@@ -96,7 +100,36 @@ def _bind_endpoint(endpoint: Endpoint, count: int) -> list[tuple[socket.socket, 
     raise StartupError(f"cannot listen on {endpoint}: found no port free for both UDP and TCP")
 
 
-def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
+def _bind_stream(endpoint: Endpoint, count: int) -> list[socket.socket]:
+    """`count` TCP sockets on one address (DoT, DoH); port 0 picks one port for all of them."""
+    sockets: list[socket.socket] = []
+    port = endpoint.port
+    try:
+        for _ in range(count):
+            sockets.append(_open_socket(endpoint, socket.SOCK_STREAM, port))
+            port = sockets[-1].getsockname()[1]
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise _explain_bind_error(endpoint, exc) from None
+    return sockets
+
+
+# What each listen setting serves: UDP and TCP, or TCP alone.
+_BOTH = (socket.SOCK_DGRAM, socket.SOCK_STREAM)
+_STREAM = (socket.SOCK_STREAM,)
+
+
+def listen_settings(config: Config) -> list[tuple[str, tuple[Endpoint, ...], tuple[socket.SocketKind, ...]]]:
+    """(key, its addresses, the socket kinds each takes) of every DNS listen setting."""
+    return [
+        ("server.listen", config.server.listen, _BOTH),
+        ("tls.dot_listen", config.tls.dot_listen, _STREAM),
+        ("tls.doh_listen", config.tls.doh_listen, _STREAM),
+    ]
+
+
+def claim_ports(config: Config, lock_dir: Path) -> None:
     """Make sure no other process serves these addresses, and that none can start to while we run.
 
     SO_REUSEPORT, which lets our workers share a port, would as well let a second `bns serve` (or any
@@ -107,11 +140,12 @@ def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
     the same moment."""
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     locks: list[int] = []
+    claims = [(key, endpoint, kinds) for key, endpoints, kinds in listen_settings(config) for endpoint in endpoints]
     try:
-        for endpoint in endpoints:
+        for key, endpoint, kinds in claims:
             if endpoint.port == 0:
                 continue  # a port the kernel picks is nobody's
-            path = lock_dir / f"{endpoint.host}-{endpoint.port}.lock"
+            path = lock_dir / f"{endpoint.host}-{endpoint.port}{'' if kinds == _BOTH else '-tcp'}.lock"
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             locks.append(descriptor)
             try:
@@ -120,19 +154,19 @@ def claim_ports(endpoints: tuple[Endpoint, ...], lock_dir: Path) -> None:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
                 raise StartupError(
                     f"cannot listen on {endpoint}: another bns serve (pid {holder}) serves it; stop "
-                    f"it first, or choose another server.listen"
+                    f"it first, or choose another {key}"
                 ) from None
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                _probe(endpoint, kind)
+            for kind in kinds:
+                _probe(endpoint, kind, key)
     except BaseException:
         for descriptor in locks:
             os.close(descriptor)
         raise
 
 
-def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
+def _probe(endpoint: Endpoint, kind: socket.SocketKind, key: str) -> None:
     with socket.socket(endpoint.family, kind) as probe:
         if kind == socket.SOCK_STREAM:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a past run is no owner
@@ -148,7 +182,7 @@ def _probe(endpoint: Endpoint, kind: socket.SocketKind) -> None:
             raise StartupError(
                 f"cannot listen on {endpoint}: address already in use: another process serves {protocol} there"
                 f"{f' ({owner})' if owner else ''}; find it with `ss -{protocol[0]}lnp 'sport = :{endpoint.port}'`, "
-                f"stop it or choose another server.listen"
+                f"stop it or choose another {key}"
             ) from None
 
 
@@ -185,14 +219,20 @@ def _proc_address(text: str) -> str:
     return ipaddress.ip_address(words).compressed
 
 
-def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSet]:
+def bind_sockets(config: Config, workers: int) -> list[SocketSet]:
     """One SocketSet per worker; everything is closed again if any address cannot be bound."""
     sets = [SocketSet() for _ in range(workers)]
     try:
-        for endpoint in endpoints:
+        for endpoint in config.server.listen:
             for socket_set, (udp, tcp) in zip(sets, _bind_endpoint(endpoint, workers), strict=True):
                 socket_set.udp.append(udp)
                 socket_set.tcp.append(tcp)
+        for endpoint in config.tls.dot_listen:
+            for socket_set, sock in zip(sets, _bind_stream(endpoint, workers), strict=True):
+                socket_set.dot.append(sock)
+        for endpoint in config.tls.doh_listen:
+            for socket_set, sock in zip(sets, _bind_stream(endpoint, workers), strict=True):
+                socket_set.doh.append(sock)
     except BaseException:
         for socket_set in sets:
             socket_set.close()
@@ -201,12 +241,13 @@ def bind_sockets(endpoints: tuple[Endpoint, ...], workers: int) -> list[SocketSe
 
 
 def bound_addresses(socket_set: SocketSet) -> list[str]:
-    """`udp+tcp 127.0.0.1:5300` for each listen address of a set (ports resolved when 0 was asked)."""
-    out = []
-    for sock in socket_set.udp:
-        host, port = sock.getsockname()[:2]
-        out.append(f"udp+tcp {Endpoint(host, port)}")
-    return out
+    """`udp+tcp 127.0.0.1:5300`, `dot 127.0.0.1:853`, `doh 127.0.0.1:443` for each listen address of a set (ports
+    resolved when 0 was asked)."""
+    return [
+        f"{kind} {endpoint_of(sock)}"
+        for kind, sockets in (("udp+tcp", socket_set.udp), ("dot", socket_set.dot), ("doh", socket_set.doh))
+        for sock in sockets
+    ]
 
 
 @dataclass
@@ -232,7 +273,7 @@ _DEVICE_PAGES_ELSEWHERE = (
 def check_addresses(config: Config) -> None:
     """Every address the node would listen on is one of this machine's, else a StartupError naming the
     setting. Only the address is tried (a socket bound to port 0): the ports may be the running node's."""
-    wanted = [("server.listen", endpoint.host, "") for endpoint in config.server.listen]
+    wanted = [(key, endpoint.host, "") for key, endpoints, _kinds in listen_settings(config) for endpoint in endpoints]
     if config.admin.listen is not None:
         wanted.append(("admin.listen", config.admin.listen.host, ""))
     if config.pages.serve:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from resolver.shared.certificates import Certificates, load_pair
 from resolver.shared.config import AdminSettings, Config, reloaded, shown
 from resolver.shared.errors import BnsError, StartupError
 from resolver.shared.lists import Lists, cache_dir_of, usable_cache_dir
@@ -62,10 +63,13 @@ class Supervisor:
         http: HttpSockets,
         run: RunDirectory,
         load_config: Callable[[], Config] | None = None,
+        certificates: Certificates | None = None,
     ) -> None:
         """`run`: this node's run directory, removed when it stops. `load_config`: reads the configuration
-        again (the file and the command line's flags) on SIGHUP."""
+        again (the file and the command line's flags) on SIGHUP. `certificates`: the DoT and DoH listeners'
+        (made before the workers are forked: see certificates.py)."""
         self.config = config
+        self.certificates = certificates
         self.socket_sets = socket_sets
         self.http = http
         self.run_directory = run
@@ -189,15 +193,19 @@ class Supervisor:
         for key in needs_restart:
             log.warning("SIGHUP: %s changed but needs a restart; still %s", key, shown(self.config, key))
         if not applied:
-            log.info("SIGHUP: nothing to apply")
-            return
-        self.config = config
-        self.run_directory.write_config(config)
-        logging.getLogger().setLevel(config.log.level.upper())
+            if self.certificates is None:
+                log.info("SIGHUP: nothing to apply")
+                return
+            log.info("SIGHUP: nothing to apply but the TLS certificate files, read again if they changed")
+        else:
+            self.config = config
+            logging.getLogger().setLevel(config.log.level.upper())
+        self.run_directory.write_config(self.config)
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-        log.info("SIGHUP: applied %s", ", ".join(f"{key} = {shown(config, key)}" for key in applied))
+        if applied:
+            log.info("SIGHUP: applied %s", ", ".join(f"{key} = {shown(config, key)}" for key in applied))
 
     def _spawn(self, index: int) -> None:
         # Signals stay blocked across fork until the child's event loop has its own handlers.
@@ -223,7 +231,9 @@ class Supervisor:
                     code = run_admin(self.config, self.http, self.run_directory)
                 else:
                     self.http.close()
-                    code = run_worker(self.config, self.socket_sets[index], index, self.run_directory)
+                    code = run_worker(
+                        self.config, self.socket_sets[index], index, self.run_directory, self.certificates
+                    )
             except BaseException:
                 log.exception("%s failed", "the admin process" if index == ADMIN else f"worker {index}")
             finally:
@@ -288,12 +298,15 @@ def raise_descriptor_limit(config: Config) -> None:
 def check(config: Config) -> Lists:
     """What `serve` makes sure of before it binds anything, and all that `bns config --check` does, so that
     no configuration passes one and fails the other: the cache directory is usable, the catalogue and the
-    list load (or the last list verified for that path stands in), the default policy holds, and every
-    address to listen on is this machine's. Ports are not tried: the node checked may be the one running.
-    Returns the lists, as the workers will find them."""
+    list load (or the last list verified for that path stands in), the default policy holds, every
+    address to listen on is this machine's, and with DoT or DoH the certificate and its key are readable, a
+    pair, valid now and for tls.name (certificates.py). Ports are not tried: the node checked may be the one
+    running. Returns the lists, as the workers will find them."""
     usable_cache_dir(config.lists)
     _catalog, _maker, lists = load_policy_and_lists(config)
     check_addresses(config)
+    if config.tls.dot_listen or config.tls.doh_listen:
+        load_pair(config.tls, time.time())
     return lists
 
 
@@ -308,8 +321,9 @@ def serve(config: Config, load_config: Callable[[], Config] | None = None) -> in
             f"lists.cache_dir: cannot create a run directory in {cache_dir_of(config.lists)}: {exc.strerror}"
         ) from None
     try:
-        claim_ports(config.server.listen, _PORT_LOCKS)
-        socket_sets = bind_sockets(config.server.listen, config.server.worker_count)
+        certificates = Certificates(config.tls) if config.tls.dot_listen or config.tls.doh_listen else None
+        claim_ports(config, _PORT_LOCKS)
+        socket_sets = bind_sockets(config, config.server.worker_count)
         http = bind_http_sockets(config)
     except BaseException:
         run.remove()
@@ -317,4 +331,4 @@ def serve(config: Config, load_config: Callable[[], Config] | None = None) -> in
     following = "; the version published through Redis replaces it once learnt" if config.store.redis else ""
     log.info("lists: %s%s", lists.describe(), following)
     log.info("upstreams: %s", ", ".join(str(endpoint) for endpoint in config.upstream.servers))
-    return Supervisor(config, socket_sets, http, run, load_config).run()
+    return Supervisor(config, socket_sets, http, run, load_config, certificates).run()

@@ -19,6 +19,10 @@
   its cause, and its end.
 - The networks of every site are loaded whole (at start, after a `networks` notice, at a resync) and handed
   to `on_site_networks`: their sources are answered (access.py, server.allow).
+- A DoT or DoH client that gives a client id (the DoH path, the TLS server name) is keyed by the id alone,
+  wherever it asks from, and found fleet-wide: the store's index of client ids names its site, where the device
+  with that id is its device. An id that names none (unknown, or malformed: "") gets the global default policy,
+  never its address's site's.
 """
 
 from __future__ import annotations
@@ -121,17 +125,25 @@ def _device_key(identity: Identity, device: Device | None) -> str:
     return "ip:" + identity.address
 
 
+def id_key(client_id: str) -> str:
+    """The key of a client known by the client id it gave: no address is spelt so."""
+    return "id:" + client_id
+
+
 class SiteIndex:
-    """The held sites' CPE ids and networks, to find a client's site without the store."""
+    """The held sites' CPE ids, client ids and networks, to find a client's site without the store."""
 
     def __init__(self) -> None:
         self._cpes: dict[str, str] = {}
+        self._client_ids: dict[str, str] = {}
         self._networks: dict[str, str] = {}  # CIDR → site id
         self._lengths: dict[int, dict[int, int]] = {}  # IP version → prefix length → networks of it held
 
     def add(self, site: Site) -> None:
         for cpe in site.cpe_ids:
             self._cpes[cpe] = site.id
+        for client_id in site.by_client_id:
+            self._client_ids[client_id] = site.id
         for network in site.networks:
             if self._networks.setdefault(network, site.id) == site.id:
                 parsed = ipaddress.ip_network(network)
@@ -142,6 +154,9 @@ class SiteIndex:
         for cpe in site.cpe_ids:
             if self._cpes.get(cpe) == site.id:
                 del self._cpes[cpe]
+        for client_id in site.by_client_id:
+            if self._client_ids.get(client_id) == site.id:
+                del self._client_ids[client_id]
         for network in site.networks:
             if self._networks.get(network) == site.id:
                 del self._networks[network]
@@ -150,6 +165,10 @@ class SiteIndex:
                 by_length[parsed.prefixlen] -= 1
                 if not by_length[parsed.prefixlen]:
                     del by_length[parsed.prefixlen]
+
+    def find_client_id(self, client_id: str) -> str | None:
+        """The held site with a device of this client id."""
+        return self._client_ids.get(client_id)
 
     def find(self, identity: Identity) -> str | None:
         """The held site of a CPE id, else of the longest held network holding the address."""
@@ -203,6 +222,8 @@ class Directory:
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
         self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
+        # client ids given over DoT and DoH, as resolved: naming a device, or not (metrics)
+        self.client_ids: dict[str, int] = {"known": 0, "unknown": 0}
         self._site_networks: NetworkSet | None = None  # every site's networks, once loaded
 
     def __len__(self) -> int:
@@ -221,6 +242,8 @@ class Directory:
     # --- the query path ----------------------------------------------------------------------------------
 
     def key(self, request: Request) -> Hashable:
+        if request.client_id is not None:
+            return id_key(request.client_id)
         source = request.client[0]
         identity = request.identity
         if identity is not None and self.trusted[source]:
@@ -235,6 +258,16 @@ class Directory:
         source = request.client[0]
         identity = request.identity
         client = self._clients.get((source, identity) if identity is not None and self.trusted[source] else source)
+        if client is not None:
+            client.used = True
+        return client
+
+    def client_by_id(self, request: Request) -> Client | None:
+        """`client` for a request with a client id; a malformed one ("") is nobody's."""
+        client_id = request.client_id
+        if self.store is None or not client_id:
+            return self.default_client
+        client = self._clients.get(id_key(client_id))
         if client is not None:
             client.used = True
         return client
@@ -258,6 +291,9 @@ class Directory:
         """The client, bound as the store would bind it, when this worker knows its address's site and holds
         it (a new device behind a known router); None when that needs the store."""
         identity = self._identity(key, request)
+        if request.client_id is not None:
+            site = self._held(self._index.find_client_id(request.client_id))
+            return self._bind(key, identity, site) if site is not None else None
         if identity.router is not None:
             router = (identity.router, None)
             if router not in self._site_of:
@@ -282,7 +318,11 @@ class Directory:
             return None
         client = self._stand_ins.get(key)
         if client is None:
-            identity, site = self._held_site(self._identity(key, request))
+            identity = self._identity(key, request)
+            if request.client_id is not None:
+                site = self._held(self._index.find_client_id(request.client_id))
+            else:
+                identity, site = self._held_site(identity)
             if site is None:
                 return self.default_client
             if len(self._stand_ins) >= self._settings.client_cache:
@@ -301,16 +341,30 @@ class Directory:
     @staticmethod
     def _identity(key: Hashable, request: Request) -> Identity:
         source = request.client[0]
+        if request.client_id is not None:
+            return Identity(source, client_id=request.client_id)
         return identity_from(source, request.options) if isinstance(key, tuple) else Identity(source)
 
     async def _build(self, key: Hashable, request: Request) -> Client:
+        identity = self._identity(key, request)
         try:
-            identity, site = await self._site_of_identity(self._identity(key, request))
+            if request.client_id is not None:
+                site = await self._site_of_client_id(request.client_id)
+                self.client_ids["known" if site is not None else "unknown"] += 1
+            else:
+                identity, site = await self._site_of_identity(identity)
         except StoreUnavailable as exc:
             self._mark_down(str(exc))
             raise
         self._mark_up()
         return self._bind(key, identity, site)
+
+    async def _site_of_client_id(self, client_id: str) -> Site | None:
+        """The site with a device of this client id, fleet-wide: one store call (batched), and the site loaded
+        unless held at its version. None when no site has it."""
+        assert self.store is not None
+        site = await self._site_located(await self.store.locate_client_id(client_id))
+        return site if site is not None and client_id in site.by_client_id else None
 
     async def _site_of_identity(self, identity: Identity) -> tuple[Identity, Site | None]:
         """The site of a client, and its identity as believed: a router's claims only within the router's own
@@ -394,7 +448,10 @@ class Directory:
             if site is not None:
                 self._sites.move_to_end(site_id)
                 return site
-        located = await self._locate(lookup)
+        return await self._site_located(await self._locate(lookup))
+
+    async def _site_located(self, located: tuple[str, int] | None) -> Site | None:
+        """The site the store located (its id and version): the one held if it is as new, else loaded."""
         if located is None:
             return None
         site_id, version = located
@@ -603,13 +660,15 @@ class Directory:
             client = self._clients.get(key)
             if client is None:
                 continue
-            if self._still_of(site, client.identity):
+            if self._still_of(site, key, client.identity):
                 self._bind(key, client.identity, site)
             else:
-                self._clients.pop(key, None)  # no longer of this site (a network or CPE id went away)
+                self._clients.pop(key, None)  # no longer of this site (a network, CPE id or client id went away)
 
     @staticmethod
-    def _still_of(site: Site, identity: Identity) -> bool:
+    def _still_of(site: Site, key: Hashable, identity: Identity) -> bool:
+        if identity.client_id is not None and key == id_key(identity.client_id):
+            return identity.client_id in site.by_client_id
         if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
             return True
         return in_site_networks(site, identity)

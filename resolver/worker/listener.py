@@ -3,7 +3,7 @@ where a source is let in (access.py) and its UDP answers rate limited (rate_limi
 
 TCP follows RFC 7766: two-byte length framing, pipelined queries answered as each completes (so out of
 order), an idle timeout, a cap on open connections, and a cap on queries in flight per connection that
-pauses reading instead of dropping anything.
+pauses reading instead of dropping anything. DoT (dot.py) is the same connection over TLS.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from resolver.shared.config import ServerSettings
 from resolver.shared.dns import Rcode
@@ -33,10 +34,12 @@ def servfail_for(data: bytes) -> bytes | None:
     return error_answer(data, Malformed(Rcode.SERVFAIL, "internal error"))
 
 
-def answer_safely(resolver: Resolver, data: bytes, client: Peer, tcp: bool) -> bytes | asyncio.Future[bytes] | None:
+def answer_safely(
+    resolver: Resolver, data: bytes, client: Peer, tcp: bool, client_id: str | None = None
+) -> bytes | asyncio.Future[bytes] | None:
     """Run the pipeline; nothing raises out of here."""
     try:
-        return resolver.answer(data, client, tcp)
+        return resolver.answer(data, client, tcp, client_id)
     except Malformed as error:
         return error_answer(data, error) if error.rcode is not None else None
     except Exception:
@@ -166,20 +169,24 @@ class UdpListener(asyncio.DatagramProtocol):
 
 
 class TcpConnection(asyncio.Protocol):
-    """One client connection: framing, pipelining, back-pressure and the idle timer."""
+    """One client connection: framing, pipelining, back-pressure and the idle timer. Its bounds are
+    `server.tcp_*` unless given (DoT: `tls.idle_timeout`)."""
 
     def __init__(
         self,
         resolver: Resolver,
         settings: ServerSettings,
-        connections: set[TcpConnection],
+        connections: set[Any],
         in_flight: InFlight,
         access: AccessControl,
         clock: Callable[[], float] = time.monotonic,
+        idle_timeout: float | None = None,
     ) -> None:
         self._resolver = resolver
         self._access = access
         self._settings = settings
+        self._max_in_flight = settings.tcp_max_in_flight
+        self._idle_timeout = settings.tcp_idle_timeout if idle_timeout is None else idle_timeout
         self._connections = connections
         self._in_flight_futures = in_flight
         self._clock = clock
@@ -196,16 +203,20 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._peer = transport.get_extra_info("peername")[:2]
-        # Before eviction: a refused source must not push out an idle connection of a client.
-        if self._access[self._peer[0]] == REFUSED and self._access.silent:
+        if not self._admitted():
             transport.close()
-            return
-        if len(self._connections) >= self._settings.tcp_max_connections and not self._evict_idle():
-            transport.close()  # at the cap and every connection busy: refuse; the client tries elsewhere
             return
         self._connections.add(self)
         self._last_active = self._clock()
-        self._schedule_idle_check(self._settings.tcp_idle_timeout)
+        self._schedule_idle_check(self._idle_timeout)
+
+    def _admitted(self) -> bool:
+        """Whether to keep a new connection: not from a source refused in silence, and within the cap."""
+        # Before eviction: a refused source must not push out an idle connection of a client.
+        if self._access[self._peer[0]] == REFUSED and self._access.silent:
+            return False
+        # At the cap and every connection busy: refuse; the client tries elsewhere.
+        return len(self._connections) < self._settings.tcp_max_connections or self._evict_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
@@ -254,7 +265,7 @@ class TcpConnection(asyncio.Protocol):
 
     def _process_buffer(self) -> None:
         buffer = self._buffer
-        while len(buffer) >= 2 and self._in_flight < self._settings.tcp_max_in_flight:
+        while len(buffer) >= 2 and self._in_flight < self._max_in_flight:
             length = buffer[0] << 8 | buffer[1]
             if length < HEADER_LEN:
                 self._transport.close()  # type: ignore[union-attr]  # a frame that cannot be a query
@@ -267,14 +278,15 @@ class TcpConnection(asyncio.Protocol):
             self._dispatch(message)
         self._update_reading()
 
-    def _dispatch(self, message: bytes) -> None:
-        reply: bytes | asyncio.Future[bytes] | None
+    def _reply(self, message: bytes) -> bytes | asyncio.Future[bytes] | None:
         # Judged per message, so a reload's new rules reach open connections; TCP is never rate limited: a
         # connection proves its source address.
         if self._access[self._peer[0]] == REFUSED:
-            reply = refusal_for(self._resolver, self._access, message, self._peer, True)
-        else:
-            reply = answer_safely(self._resolver, message, self._peer, True)
+            return refusal_for(self._resolver, self._access, message, self._peer, True)
+        return answer_safely(self._resolver, message, self._peer, True)
+
+    def _dispatch(self, message: bytes) -> None:
+        reply = self._reply(message)
         if reply is None:
             return
         if type(reply) is bytes:
@@ -303,7 +315,7 @@ class TcpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        pause = self._closing or self._writing_paused or self._in_flight >= self._settings.tcp_max_in_flight
+        pause = self._closing or self._writing_paused or self._in_flight >= self._max_in_flight
         if pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -324,9 +336,12 @@ class TcpConnection(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         idle_for = self._clock() - self._last_active
-        timeout = self._settings.tcp_idle_timeout
+        timeout = self._idle_timeout
         if self._in_flight == 0 and idle_for >= timeout:
-            if self._transport is not None:
-                self._transport.close()
+            self._close_idle()
             return
         self._schedule_idle_check(max(timeout - idle_for, 0.05))
+
+    def _close_idle(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

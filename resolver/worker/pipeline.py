@@ -90,6 +90,7 @@ class Resolver:
         self._waiting: dict[Hashable, int] = {}
         self._zone_fetches: dict[bytes, int] = {}
         self.shed_clients = self.shed_zones = 0  # queries so refused (metrics)
+        self.refused_strangers = 0  # queries from outside server.allow whose client id named no device (metrics)
         # threats: signs of infection in a client's names (Web Protect's categories, DGAs, tunnels)
         self.threats = ThreatWatch(
             {category.mask: category.id for category in directory.catalog if category.action == "warn"}
@@ -115,7 +116,8 @@ class Resolver:
         """`reply` to the UDP query `data` cut to its question with TC=1: the client asks again over TCP."""
         return truncated_answer(self.parser.parse(data, client, False), reply[3] & 0x0F)
 
-    def answer(self, data: bytes, client: Peer, tcp: bool) -> Answer:
+    def answer(self, data: bytes, client: Peer, tcp: bool, client_id: str | None = None) -> Answer:
+        """`client_id`: the one a DoT or DoH client gave (directory.py: a device is found by it, fleet-wide)."""
         # parse: the lowercased name, type, class, EDNS and identity options, interned by the bytes.
         request = self.parser.parse(data, client, tcp)
         if self.held:
@@ -124,9 +126,38 @@ class Resolver:
         if request.query.local:
             return _answer_locally(request)
         # identify: a client this worker knows costs a dict lookup; a new one is looked up in the store.
-        known = self.directory.client(request)
+        if client_id is None:
+            known = self.directory.client(request)
+        else:
+            request.client_id = client_id
+            known = self.directory.client_by_id(request)
         if known is None:
             return asyncio.ensure_future(self._answer_new_client(request))
+        return self._answer_for(request, known)
+
+    def answer_stranger(self, data: bytes, client: Peer, client_id: str) -> Answer:
+        """A DoT or DoH query from a source outside server.allow that gave a client id: the id is its credential,
+        so it is answered as the device the id names, and REFUSED if it names none. Raises Malformed."""
+        request = self.parser.parse(data, client, True)
+        request.client_id = client_id
+        known = self.directory.client_by_id(request)
+        if known is None:
+            return asyncio.ensure_future(self._answer_new_stranger(request))
+        return self._answer_stranger(request, known)
+
+    async def _answer_new_stranger(self, request: Request) -> bytes:
+        client = await self.directory.resolve(request)
+        answer = self._answer_stranger(request, client or self.directory.default_client)
+        return answer if type(answer) is bytes else await answer  # type: ignore[misc]
+
+    def _answer_stranger(self, request: Request, known: Client) -> Answer:
+        if known.device is None:
+            self.refused_strangers += 1
+            return synthesized_answer(request, Rcode.REFUSED, ede=_PROHIBITED)
+        if self.held:
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
+        if request.query.local:
+            return _answer_locally(request)
         return self._answer_for(request, known)
 
     async def _answer_new_client(self, request: Request) -> bytes:

@@ -10,6 +10,7 @@ import time
 
 import uvloop
 
+from resolver.shared.certificates import Certificates
 from resolver.shared.config import Config
 from resolver.shared.identity import NetworkSet
 from resolver.shared.lists import served_path
@@ -24,9 +25,12 @@ from resolver.worker.activity import hand_over_every
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
+from resolver.worker.doh import DohConnection
+from resolver.worker.dot import DotConnection
 from resolver.worker.listener import InFlight, TcpConnection, UdpListener
 from resolver.worker.pipeline import Resolver
 from resolver.worker.rate_limit import ResponseRateLimiter
+from resolver.worker.tls import TlsGate
 from resolver.worker.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,15 @@ class Worker:
     it serves the version the admin process set as the target there: a node must never answer from no list,
     or an old one, while the list it should serve is on its way (see docs/operations.md, "Starting")."""
 
-    def __init__(self, config: Config, sockets: SocketSet, index: int = 0, run: RunDirectory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sockets: SocketSet,
+        index: int = 0,
+        run: RunDirectory | None = None,
+        certificates: Certificates | None = None,
+    ) -> None:
+        """`certificates`: the DoT and DoH listeners' (the supervisor's, made before it forked; else made here)."""
         self.config = config
         self.sockets = sockets
         self.index = index
@@ -67,6 +79,9 @@ class Worker:
         self.limiter = ResponseRateLimiter(config.rate_limit)
         self.in_flight = InFlight()
         self.connections: set[TcpConnection] = set()
+        self.gate: TlsGate | None = None
+        if sockets.dot or sockets.doh:
+            self.gate = TlsGate(config.tls, certificates or Certificates(config.tls), time.monotonic)
         self._udp: list[UdpListener] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,6 +106,8 @@ class Worker:
                 sock=sock,
             )
             self._tcp.append(server)
+        if self.gate is not None:
+            await self._serve_encrypted(self.gate)
         self._tasks += [
             loop.create_task(task) for task in (self.lists.watch(), self.backends.follow(), self.directory.follow())
         ]
@@ -114,15 +131,43 @@ class Worker:
                             "ready": self.ready,
                             "lists_fallback": self.lists.fallback,
                             "shed": self.shed(),
+                            "tls": self.encrypted(),
                         },
                     )
                 )
             )
 
+    async def _serve_encrypted(self, gate: TlsGate) -> None:
+        loop = asyncio.get_running_loop()
+        gate.certificates.check()  # a worker started again after the files changed serves the new pair at once
+        self._tasks.append(loop.create_task(gate.certificates.watch()))
+        settings, resolver, in_flight, access = self.config.server, self.resolver, self.in_flight, self.access
+        for sock in self.sockets.dot:
+            dot = gate.accepting("dot", lambda: DotConnection(resolver, settings, gate, in_flight, access))
+            self._tcp.append(await loop.create_server(dot, sock=sock))
+        for sock in self.sockets.doh:
+            doh = gate.accepting("doh", lambda: DohConnection(resolver, gate, in_flight, access))
+            self._tcp.append(await loop.create_server(doh, sock=sock))
+
+    def encrypted(self) -> dict[str, object]:
+        """The DoT and DoH listeners' counters (metrics: bns_tls_*); empty when they are off."""
+        gate = self.gate
+        if gate is None:
+            return {}
+        return {
+            "open": gate.open_count(),
+            "handshakes": dict(gate.handshakes),
+            "cut": dict(gate.cut),
+            "client_ids": {**self.directory.client_ids, "malformed": gate.malformed_ids},
+            "doh_statuses": {str(status): count for status, count in gate.statuses.items()},
+            "certificate_not_after": gate.certificates.pair.not_after,
+            "certificate_reloads": dict(gate.certificates.reloads),
+        }
+
     def shed(self) -> dict[str, int]:
         """Queries not answered in full, by why (metrics: bns_shed_total)."""
         return {
-            "refused_source": self.access.refused,
+            "refused_source": self.access.refused + self.resolver.refused_strangers,
             "rate_limit_dropped": self.limiter.dropped,
             "rate_limit_slipped": self.limiter.slipped,
             "client_busy": self.resolver.shed_clients,
@@ -170,6 +215,8 @@ class Worker:
             asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired.close)
             if config.upstream.trust_ad != old.upstream.trust_ad:
                 self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
+        if self.gate is not None:
+            self.gate.certificates.check()  # SIGHUP: the certificate files may have been replaced
 
     async def stop(self) -> None:
         """Stop reading, answer what was read, then close: within `server.drain_timeout`."""
@@ -180,8 +227,13 @@ class Worker:
             server.close()
         for connection in list(self.connections):
             connection.drain()
+        encrypted = self.gate.open if self.gate is not None else set()
+        if self.gate is not None:
+            self.gate.stopping = True
+        for tls in list(encrypted):
+            tls.drain()
         await self.in_flight.drained(max(deadline - time.monotonic(), 0))
-        while self.connections and time.monotonic() < deadline:
+        while (self.connections or encrypted) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for listener in self._udp:
             listener.close()
@@ -195,8 +247,10 @@ def _same(listener: UdpListener) -> UdpListener:
     return listener
 
 
-async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None) -> int:
-    worker = Worker(config, sockets, index, run)
+async def _serve_until_signalled(
+    config: Config, sockets: SocketSet, index: int, run: RunDirectory | None, certificates: Certificates | None
+) -> int:
+    worker = Worker(config, sockets, index, run, certificates)
     await worker.start()
     # A worker's heap grows with the clients and sites it holds (100 MB and more); a full collection walks
     # all of it and stalls every query meanwhile. What exists at start-up is set aside for good, and
@@ -215,5 +269,11 @@ async def _serve_until_signalled(config: Config, sockets: SocketSet, index: int,
 _GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def run_worker(config: Config, sockets: SocketSet, index: int, run: RunDirectory | None = None) -> int:
-    return uvloop.run(_serve_until_signalled(config, sockets, index, run))
+def run_worker(
+    config: Config,
+    sockets: SocketSet,
+    index: int,
+    run: RunDirectory | None = None,
+    certificates: Certificates | None = None,
+) -> int:
+    return uvloop.run(_serve_until_signalled(config, sockets, index, run, certificates))

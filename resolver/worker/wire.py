@@ -126,9 +126,10 @@ class Query:
 class Request:
     """One arrival of a query: its bytes (ID included), who sent it, what parsing them gave, and the identity
     options it carries (`options` by code, `identity` the same as one hashable value: with the source
-    address, the key of a client), which only a trusted source is believed about."""
+    address, the key of a client), which only a trusted source is believed about. `client_id` is the one an
+    encrypted transport read from the DoH path or the TLS server name ("" when it was malformed)."""
 
-    __slots__ = ("client", "data", "identity", "options", "query")
+    __slots__ = ("client", "client_id", "data", "identity", "options", "query")
 
     def __init__(
         self,
@@ -143,6 +144,7 @@ class Request:
         self.query = query
         self.options = options
         self.identity = identity
+        self.client_id: str | None = None
 
 
 # Real queries are well under this (a name, an OPT, a cookie, RFC 8467 padding to 128); a bigger one is
@@ -625,6 +627,31 @@ def scan_reply(reply: bytes, question: bytes) -> ScannedReply:
     scanned.ttl_offsets = [offset - qend for offset in scanned.ttl_offsets]
     scanned.counts = (an, ns, kept_ar)
     return scanned
+
+
+def smallest_ttl(message: bytes) -> int | None:
+    """The smallest TTL of the records of an answer we made (its OPT record aside): how long an HTTP cache may
+    keep it (RFC 8484 §5.1). None when it has no record, or does not parse."""
+    if len(message) < HEADER_LEN:
+        return None
+    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(message, 4)
+    size = len(message)
+    smallest: int | None = None
+    try:
+        pos = HEADER_LEN
+        for _ in range(qdcount):
+            pos = _skip_name(message, pos, pos) + 4
+        for _ in range(ancount + nscount + arcount):
+            pos = _skip_name(message, pos, pos)
+            if pos + 10 > size:
+                return None
+            rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(message, pos)
+            pos += 10 + rdlen
+            if rtype != RRType.OPT and (smallest is None or ttl < smallest):
+                smallest = ttl
+    except Malformed:
+        return None
+    return smallest
 
 
 def answer_records(body: bytes, body_offset: int, count: int) -> list[tuple[int, int, bytes]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,11 +49,13 @@ class Client:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, **admin: Any) -> AsyncIterator[tuple[Client, Client]]:
+async def serving(
+    tmp_path: Path, tls: dict[str, Any] | None = None, **admin: Any
+) -> AsyncIterator[tuple[Client, Client]]:
     """The API over a fresh embedded store: a client from the operator's address and one from another.
     `admin`: admin settings other than the tokens the tests use."""
     settings = {"read_tokens": [READ_TOKEN], **admin}
-    api = api_over(FileStore(tmp_path / "policies.json", load_catalog()), tmp_path, **settings)
+    api = api_over(FileStore(tmp_path / "policies.json", load_catalog()), tmp_path, tls, **settings)
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
     base = str(server.make_url(""))
@@ -170,6 +173,38 @@ def test_a_webhooks_secret_is_shown_to_admin_tokens_only_and_a_site_token_cannot
         "group": (422, "groups.kids.webhook"),
     }
     assert looked["kept"] == SITE["webhook"]
+
+
+def test_a_device_gets_a_new_unguessable_client_id_from_its_subscriber_and_no_one_else(tmp_path):
+    """POST …/devices/{device}/client-id: 26 lowercase base32 characters, replacing the device's client ids, with
+    where to put it; a site token may make one for its own site's devices only."""
+
+    async def renew() -> dict[str, Any]:
+        async with serving(tmp_path, {"name": "dns.example.net"}) as (operator, _other):
+            for site in ("home", "other"):
+                assert (await operator.call("PUT", f"/v1/sites/{site}", body={"mode": "device"}))[0] == 200
+            await operator.call("PUT", "/v1/sites/home/devices/phone", body={"client_ids": ["old-id", "older-id"]})
+            await operator.call("PUT", "/v1/sites/other/devices/tv", body={})
+            site_token = (await operator.call("POST", "/v1/sites/home/tokens", body={"days": 1}))[1]["token"]
+            made = [
+                (await operator.call("POST", "/v1/sites/home/devices/phone/client-id", site_token))[1] for _ in "ab"
+            ]
+            stored = (await operator.call("GET", "/v1/sites/home"))[1]["devices"]["phone"]["client_ids"]
+            return {
+                "made": made,
+                "stored": stored,
+                "other site": (await operator.call("POST", "/v1/sites/other/devices/tv/client-id", site_token))[0],
+                "read token": (await operator.call("POST", "/v1/sites/home/devices/phone/client-id", READ_TOKEN))[0],
+                "no device": (await operator.call("POST", "/v1/sites/home/devices/nothing/client-id"))[0],
+            }
+
+    renewed = asyncio.run(renew())
+    first, second = renewed["made"]
+    assert re.fullmatch(r"[a-z2-7]{26}", first["client_id"]) and first["client_id"] != second["client_id"]
+    assert renewed["stored"] == [second["client_id"]]  # the old ids (and the first new one) no longer work
+    assert second["private_dns"] == f"{second['client_id']}.dns.example.net"
+    assert second["doh_template"] == f"https://dns.example.net/dns-query/{second['client_id']}"
+    assert (renewed["other site"], renewed["read token"], renewed["no device"]) == (403, 403, 404)
 
 
 def test_a_refused_artifact_is_named_by_the_argument_not_by_the_servers_files(tmp_path):

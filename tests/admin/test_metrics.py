@@ -13,7 +13,12 @@ pytestmark = pytest.mark.unit
 
 
 def worker_file(
-    directory: Path, index: int, rejected: dict[str, int], send_errors: int, shed: dict[str, int] | None = None
+    directory: Path,
+    index: int,
+    rejected: dict[str, int],
+    send_errors: int,
+    shed: dict[str, int] | None = None,
+    tls: dict[str, object] | None = None,
 ) -> None:
     counters = {
         "cache_hits": 1,
@@ -25,6 +30,7 @@ def worker_file(
         "upstream_send_errors": send_errors,
         "lists_version": "v1",
         "shed": shed or {},
+        "tls": tls or {},
     }
     (directory / f"worker-{index}.json").write_text(json.dumps(counters))
 
@@ -54,3 +60,29 @@ def test_shed_queries_are_summed_by_reason(tmp_path):
         'bns_shed_total{reason="refused_source"} 3',
         'bns_shed_total{reason="zone_busy"} 1',
     ]
+
+
+def test_the_dot_and_doh_counters_are_summed_when_they_listen(tmp_path):
+    worker_file(tmp_path, 0, {}, 0)
+    assert "bns_tls" not in Metrics(tmp_path, dict).render()  # no DoT, no DoH: no such metric
+
+    def tls(open_now: int, cut: dict[str, int], not_after: float) -> dict[str, object]:
+        return {
+            "open": open_now,
+            "handshakes": {"dot": 3, "doh": 1},
+            "cut": cut,
+            "client_ids": {"known": 1, "unknown": 0, "malformed": 2},
+            "doh_statuses": {"200": 5, "413": 1},
+            "certificate_not_after": not_after,
+            "certificate_reloads": {"loaded": 1, "refused": 0},
+        }
+
+    worker_file(tmp_path, 0, {}, 0, tls=tls(2, {"idle": 1, "flood": 0}, 2_000_000_000.0))
+    worker_file(tmp_path, 1, {}, 0, tls=tls(1, {"idle": 2, "flood": 1}, 1_900_000_000.0))
+    lines = Metrics(tmp_path, dict, workers=2).render().splitlines()
+    assert "bns_tls_connections 3" in lines and "bns_tls_certificate_not_after 1900000000.0" in lines
+    assert 'bns_tls_handshakes_total{listener="dot"} 6' in lines
+    assert 'bns_tls_cut_total{reason="flood"} 1' in lines and 'bns_tls_cut_total{reason="idle"} 3' in lines
+    assert 'bns_client_ids_total{outcome="malformed"} 4' in lines
+    assert 'bns_doh_responses_total{status="413"} 2' in lines
+    assert 'bns_tls_certificate_reloads_total{outcome="loaded"} 2' in lines

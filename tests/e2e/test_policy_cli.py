@@ -83,6 +83,19 @@ def test_cli_refuses_bad_writes_and_says_why(config):
     assert shown.returncode == 0 and '"devices": {}' in shown.stdout
 
 
+def test_a_device_gets_a_new_client_id_from_the_cli(config):
+    assert local(config, "site", "set", "home", "--network", "127.0.0.0/8").returncode == 0
+    assert local(config, "device", "set", "home", "phone", "--client-id", "old").returncode == 0
+    made = local(config, "device", "client-id", "home", "phone", "--json")
+    assert made.returncode == 0, made.stderr
+    client_id = json.loads(made.stdout)["client_id"]
+    assert len(client_id) == 26 and client_id.isalnum() and client_id.islower()
+    shown = json.loads(local(config, "site", "show", "home", "--json").stdout)
+    assert shown["devices"]["phone"]["client_ids"] == [client_id]
+    missing = local(config, "device", "client-id", "home", "ghost")
+    assert missing.returncode == 3 and "site home has no device 'ghost'" in missing.stderr
+
+
 def test_cli_with_redis_down_fails_with_exit_1(tmp_path):
     import socket
 

@@ -83,6 +83,41 @@ def test_networks_and_cpe_ids_belong_to_one_site(make_store):
     run(_with(make_store(), work))
 
 
+def test_a_client_id_is_found_fleet_wide_and_belongs_to_one_site(make_store):
+    """A DoT or DoH client is found by its client id alone: the index names the site with a device of it, follows
+    the id when it moves or goes, and refuses a second site the same id, naming the field."""
+
+    async def work(service):
+        await service.put_site("a", {"devices": {"phone": {"client_ids": ["id-1", "id-2"]}}})
+        await service.put_site("b", {"networks": ["192.0.2.0/24"]})
+        store = service.store
+        assert await store.locate_client_id("id-2") == ("a", 1)
+        assert await store.locate_client_id("nobody") is None
+        with pytest.raises(PolicyError, match=r"devices\.tv\.client_ids\[0\]: id-1 already belongs to site a"):
+            await service.put_device("b", "tv", {"client_ids": ["id-1"]})
+        with pytest.raises(PolicyError, match=r"sites\[0\]\.devices\.tv\.client_ids\[0\]: id-2 of site c"):
+            await store.import_sites([{"id": "c", "devices": {"tv": {"client_ids": ["id-2"]}}}])
+        _site, renewed = await service.renew_client_id("a", "phone")  # replaces both: they are free again
+        assert await store.locate_client_id("id-1") is None and await store.locate_client_id(renewed) == ("a", 2)
+        await service.put_device("b", "tv", {"client_ids": ["id-1"]})
+        assert await store.locate_client_id("id-1") == ("b", 2)
+        await service.delete_site("b")
+        assert await store.locate_client_id("id-1") is None
+
+    run(_with(make_store(), work))
+
+
+def test_client_ids_of_a_site_stored_before_their_index_are_indexed_at_its_next_write(shared_redis, redis_prefix):
+    async def work(service):
+        await service.put_site("a", {"devices": {"phone": {"client_ids": ["id-1"]}}})
+        await service.store.client.delete(service.store.key("clientid"))  # as an older version left it
+        assert await service.store.locate_client_id("id-1") is None
+        await service.set_site_fields("a", {})  # `bns site set a`, no flags
+        assert await service.store.locate_client_id("id-1") == ("a", 2)
+
+    run(_with(redis_policy_store(shared_redis.url, redis_prefix), work))
+
+
 def test_find_site_by_longest_prefix_and_cpe(make_store):
     async def work(service):
         await service.put_site("wide", {"networks": ["10.0.0.0/8", "2001:db8::/32"]})

@@ -326,9 +326,11 @@ def test_an_api_write_that_succeeded_is_not_reported_failed_by_a_read_after_it(
 API_TOKEN = "store-faults-token-00001"
 
 
-def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
-    """The admin API of a node over `store`, in this process; `admin`: more admin settings."""
-    config = make_config(["127.0.0.1:9"], admin={"tokens": [API_TOKEN], "max_upload": 1 << 20, **admin})
+def api_over(store: Store, scratch: Path, tls: dict[str, Any] | None = None, **admin: Any) -> Api:
+    """The admin API of a node over `store`, in this process; `tls`: its [tls] settings; `admin`: more admin
+    settings."""
+    admin_settings = {"tokens": [API_TOKEN], "max_upload": 1 << 20, **admin}
+    config = make_config(["127.0.0.1:9"], admin=admin_settings, tls=tls or {})
     catalog, maker, lists = load_policy_and_lists(config)
     publications = LocalPublications(catalog, scratch / "served.bns", scratch / "versions")
     sources = Sources(
@@ -347,6 +349,7 @@ def api_over(store: Store, scratch: Path, **admin: Any) -> Api:
         scratch / "uploads",
         SiteTokens(Secret("", None, scratch / "pages.key"), store),
         LocalActivity(config.activity),
+        config.tls,
     )
 
 

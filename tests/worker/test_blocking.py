@@ -145,7 +145,7 @@ def test_starting_with_a_bad_artifact_fails_clearly(upstream, tmp_path):
     bad = tmp_path / "bad.bns"
     bad.write_bytes(b"BNSLIST\x00" + b"\x02\x00\x00\x00" + b"\xff\xff\x00\x00")
     config = make_config([upstream.address], lists={"path": str(bad)})
-    sockets = bind_sockets(config.server.listen, 1)[0]
+    sockets = bind_sockets(config, 1)[0]
     try:
         with pytest.raises(StartupError, match=r"lists: .*bad\.bns: header length"):
             Worker(config, sockets)

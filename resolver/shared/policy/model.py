@@ -199,9 +199,14 @@ def _text(value: Any, path: str, limit: int = 200) -> str:
     return value
 
 
+def is_id(text: str) -> bool:
+    """Whether `text` is an id of a document (a site, group, device, CPE id or client id)."""
+    return _ID.match(text) is not None
+
+
 def _identifier(value: Any, path: str) -> str:
     text = _text(value, path)
-    if not _ID.match(text):
+    if not is_id(text):
         raise PolicyError(path, f"{text!r} is not an id (letters, digits, '.', '_', ':', '-'; up to 64)")
     return text
 

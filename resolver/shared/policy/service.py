@@ -9,15 +9,33 @@ from __future__ import annotations
 
 import copy
 import re
+import secrets
 import time
 from typing import Any
 
+from resolver.shared.config import TlsSettings
 from resolver.shared.errors import NotFound
 from resolver.shared.policy.model import PolicyError, Site, parse_time, site_document, time_document
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import SiteDocument, Store
 
 Target = tuple[str, str | None]  # ("site", None), ("group", id) or ("device", id)
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 §6, lowercase: every character a DNS label may hold
+CLIENT_ID_LENGTH = 26  # 130 random bits
+
+
+def new_client_id() -> str:
+    """A client id no one can guess (a DoT or DoH client's credential from anywhere: worker/tls.py), and a DNS
+    label, so that it can lead a server name ({id}.dns.example.net)."""
+    return "".join(secrets.choice(_BASE32) for _ in range(CLIENT_ID_LENGTH))
+
+
+def client_id_endpoints(tls: TlsSettings, client_id: str) -> dict[str, str]:
+    """Where a device gives its client id: Android's Private DNS host name and a DoH template (empty without
+    tls.name)."""
+    if not tls.name:
+        return {}
+    return {"private_dns": f"{client_id}.{tls.name}", "doh_template": f"https://{tls.name}{tls.doh_path}/{client_id}"}
 
 
 def _entity(document: SiteDocument, target: Target) -> dict[str, Any]:
@@ -129,6 +147,19 @@ class PolicyService:
         site = await self._update(site_id, change)
         assert site is not None
         return site
+
+    async def renew_client_id(self, site_id: str, device_id: str) -> tuple[Site, str]:
+        """A new random client id for a device, replacing every client id it had (a leaked one stops working
+        on every node at once); the site as written and the id."""
+        client_id = new_client_id()
+
+        def change(document: SiteDocument) -> SiteDocument:
+            _entity(document, ("device", device_id))["client_ids"] = [client_id]
+            return document
+
+        site = await self._update(site_id, change)
+        assert site is not None
+        return site, client_id
 
     async def adopt_device(self, site_id: str, identity: dict[str, list[str]], fields: dict[str, Any]) -> Site:
         """Name or group a device found by one identity (`{"macs": [mac]}`, `{"client_ids": [...]}` or

@@ -19,6 +19,8 @@ from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import (
+    CPE_IDS,
+    NETWORKS,
     Apply,
     Change,
     Mutation,
@@ -27,6 +29,7 @@ from resolver.shared.store.policies import (
     TokenRecords,
     lookup_candidates,
     new_incarnation,
+    owned,
 )
 
 _PRIVATE = 0o600  # the file holds webhook secrets: its owner (the user bns runs as) alone reads it
@@ -53,6 +56,7 @@ class FileStore(Store):
         self._data: dict[str, Any] = {"format": 1, "sites": {}, "profiles": {}}
         self._networks: dict[int, dict[int, dict[str, str]]] = {}
         self._cpes: dict[str, str] = {}
+        self._client_ids: dict[str, str] = {}
         self._apply: Apply | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -82,13 +86,16 @@ class FileStore(Store):
             return False
         self._data = self._read_file()
         self._identity = identity
-        self._networks, self._cpes = {}, {}
+        self._networks, self._cpes, self._client_ids = {}, {}, {}
         for site_id, entry in self._data["sites"].items():
             for network in entry["doc"].get("networks", []):
                 parsed = ipaddress.ip_network(network)
                 self._networks.setdefault(parsed.version, {}).setdefault(parsed.prefixlen, {})[network] = site_id
             for cpe in entry["doc"].get("cpe_ids", []):
                 self._cpes[cpe] = site_id
+            for device in (entry["doc"].get("devices") or {}).values():
+                for client_id in device.get("client_ids") or ():
+                    self._client_ids[client_id] = site_id
         return True
 
     async def site_document(self, site_id: str) -> tuple[SiteDocument, int] | None:
@@ -112,6 +119,10 @@ class FileStore(Store):
             if site_id is not None:
                 return site_id
         return None
+
+    async def find_client_id(self, client_id: str) -> str | None:
+        self.refresh()
+        return self._client_ids.get(client_id)
 
     async def site_networks(self) -> list[str]:
         self.refresh()
@@ -159,7 +170,7 @@ class FileStore(Store):
             await asyncio.sleep(self._interval)
             before_sites = {k: v["version"] for k, v in self._data["sites"].items()}
             before_profiles = {k: v["version"] for k, v in self._data["profiles"].items()}
-            before_networks = (self._networks, self._cpes)
+            before_networks = (self._networks, self._cpes, self._client_ids)
             try:
                 changed = self.refresh()
             except StoreUnavailable as exc:
@@ -177,7 +188,7 @@ class FileStore(Store):
             for name in before_profiles.keys() | self._data["profiles"].keys():
                 if before_profiles.get(name) != self._data["profiles"].get(name, {}).get("version"):
                     yield Change("profile", name, 1)
-            if before_networks != (self._networks, self._cpes):
+            if before_networks != (self._networks, self._cpes, self._client_ids):
                 yield Change("networks")
 
     @contextlib.contextmanager
@@ -203,15 +214,19 @@ class FileStore(Store):
             if site is None:
                 self._data["sites"].pop(site_id, None)
                 return None
-            for index, network in enumerate(site.networks):
-                owner = self._owner_of_network(network)
-                if owner not in (None, site_id):
-                    raise PolicyError(f"networks[{index}]", f"{network} already belongs to site {owner}")
-            for index, cpe in enumerate(site.cpe_ids):
-                if self._cpes.get(cpe, site_id) != site_id:
-                    raise PolicyError(f"cpe_ids[{index}]", f"{cpe} already belongs to site {self._cpes[cpe]}")
+            self._check_owners(site, "{value} already belongs to site {owner}")
             self._put(site, version)
             return site
+
+    def _check_owners(self, site: Site, reason: str, prefix: str = "") -> None:
+        """PolicyError naming the field of a network, CPE id or client id of `site` that another site holds."""
+        for kind, field, value in owned(site):
+            if kind == NETWORKS:
+                owner = self._owner_of_network(value)
+            else:
+                owner = (self._cpes if kind == CPE_IDS else self._client_ids).get(value)
+            if owner not in (None, site.id):
+                raise PolicyError(prefix + field, reason.format(value=value, site=site.id, owner=owner))
 
     async def change_site_tokens(self, site_id: str, change: Callable[[TokenRecords], TokenRecords]) -> str:
         with self._locked():
@@ -231,17 +246,8 @@ class FileStore(Store):
     async def import_sites(self, documents: list[SiteDocument]) -> int:
         sites = self._validated_import(documents)
         with self._locked():
-            for site in sites:
-                for index, network in enumerate(site.networks):
-                    owner = self._owner_of_network(network)
-                    if owner not in (None, site.id):
-                        raise PolicyError(
-                            f"networks[{index}]", f"{network} of site {site.id} already belongs to site {owner}"
-                        )
-                for cpe in site.cpe_ids:
-                    if self._cpes.get(cpe, site.id) != site.id:
-                        owner = self._cpes[cpe]
-                        raise PolicyError("cpe_ids", f"{cpe} of site {site.id} already belongs to site {owner}")
+            for index, site in enumerate(sites):
+                self._check_owners(site, "{value} of site {site} already belongs to site {owner}", f"sites[{index}].")
             for site in sites:
                 self._put(site, self._data["sites"].get(site.id, {}).get("version", 0) + 1)
         return len(sites)

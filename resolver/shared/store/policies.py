@@ -1,9 +1,10 @@
 """Where policies live: the interface every policy store offers (Redis: redis_policies.py, the truth shared
 by every node; the embedded file: file_policies.py, a single box), and what they have in common.
 
-Every write is a read-modify-write of one site document: the new document is validated whole, its networks
-and CPE ids are checked against other sites, and it is applied with its version, its indexes and its change
-notice at once. A write that fails validation raises PolicyError and changes nothing.
+Every write is a read-modify-write of one site document: the new document is validated whole, its networks,
+CPE ids and its devices' client ids are checked against other sites (each belongs to one site of the fleet: a
+DoT or DoH client is found by its client id alone), and it is applied with its version, its indexes and its
+change notice at once. A write that fails validation raises PolicyError and changes nothing.
 
 Beside its document, every stored site has two things of the store's own, which no document carries (a
 document naming them is refused: unknown field) and every write of the site keeps:
@@ -52,6 +53,22 @@ class Change:
 Apply = Callable[[Change], Awaitable[None]]
 
 
+# The indexes of what no two sites may hold, each named as the Redis store names its hash.
+NETWORKS, CPE_IDS, CLIENT_IDS = "net", "cpe", "clientid"
+
+
+def owned(site: Site) -> list[tuple[str, str, str]]:
+    """(index, field, value) of what no other site may hold: its networks, CPE ids and its devices' client ids."""
+    found = [(NETWORKS, f"networks[{index}]", network) for index, network in enumerate(site.networks)]
+    found += [(CPE_IDS, f"cpe_ids[{index}]", cpe) for index, cpe in enumerate(site.cpe_ids)]
+    found += [
+        (CLIENT_IDS, f"devices.{device.id}.client_ids[{index}]", client_id)
+        for device in site.devices.values()
+        for index, client_id in enumerate(device.client_ids)
+    ]
+    return found
+
+
 def lookup_candidates(address: str, lengths: dict[int, list[int]]) -> list[str]:
     """Networks of every prefix length in use that could contain `address`, longest first."""
     ip = ipaddress.ip_address(address)
@@ -86,6 +103,17 @@ class Store(ABC):
         a worker that holds that version already need not fetch and parse it again (a site of thousands of
         devices is a large document)."""
         site_id = await self.find_site(address, cpe_id)
+        if site_id is None:
+            return None
+        return site_id, (await self.site_versions([site_id]))[site_id]
+
+    @abstractmethod
+    async def find_client_id(self, client_id: str) -> str | None:
+        """The site with a device of this client id."""
+
+    async def locate_client_id(self, client_id: str) -> tuple[str, int] | None:
+        """`locate` for a client id: its site, fleet-wide, and the site's version."""
+        site_id = await self.find_client_id(client_id)
         if site_id is None:
             return None
         return site_id, (await self.site_versions([site_id]))[site_id]
@@ -145,11 +173,10 @@ class Store(ABC):
             except PolicyError as exc:
                 raise PolicyError(f"sites[{index}]" + (f".{exc.field}" if exc.field else ""), exc.reason) from None
             assert site is not None
-            for field, values in (("networks", site.networks), ("cpe_ids", site.cpe_ids)):
-                for value in values:
-                    owner = owners.setdefault((field, value), site.id)
-                    if owner != site.id:
-                        raise PolicyError(f"sites[{index}].{field}", f"{value} is also in site {owner}")
+            for kind, field, value in owned(site):
+                owner = owners.setdefault((kind, value), site.id)
+                if owner != site.id:
+                    raise PolicyError(f"sites[{index}].{field}", f"{value} is also in site {owner}")
             sites.append(site)
         return sites
 

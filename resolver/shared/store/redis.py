@@ -23,10 +23,12 @@ The keys, all under `store.prefix` (default `bns:`):
     net                     hash    network (CIDR) → site id, to find a client's site by address
     netlens                 hash    "4/29", "6/56"… → how many networks have that family and prefix length
     cpe                     hash    CPE id → site id
+    clientid                hash    a device's client id → site id, to find a DoT or DoH client fleet-wide
     profile:{name}          hash    doc, version
     profiles                set     every profile name
     written:{id}            string  set by each write's transaction, kept ten minutes: was it applied?
-    changes                 channel "site <id> <version>", "profile <name> <version>", "networks"
+    changes                 channel "site <id> <version>", "profile <name> <version>", "networks" (a
+                                    network, CPE id or client id changed site)
 
     published lists (publications.py)
     lists:version:{v}       hash    checksum, size, chunks, names, published_at, counts (JSON)

@@ -18,6 +18,9 @@ from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable, WriteUnknown
 from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
 from resolver.shared.store.policies import (
+    CLIENT_IDS,
+    CPE_IDS,
+    NETWORKS,
     Apply,
     Change,
     Mutation,
@@ -26,6 +29,7 @@ from resolver.shared.store.policies import (
     TokenRecords,
     lookup_candidates,
     new_incarnation,
+    owned,
 )
 from resolver.shared.store.redis import STORE_ERRORS, Notice, RedisConnection, is_sentinel
 
@@ -37,12 +41,13 @@ _COMMIT_FAILURES: tuple[type[BaseException], ...] = (WatchError, *STORE_ERRORS)
 _MARKER_SECONDS = 600  # how long a write's marker says it was applied
 T = TypeVar("T")
 
-# A client's site in one round trip: by CPE id, else by the longest network that holds its address (the
-# candidates come longest first), and the site's version.
+# A client's site in one round trip: by client id (DoT, DoH), else by CPE id, else by the longest network that
+# holds its address (the candidates come longest first), and the site's version.
 _LOCATE_SCRIPT = """
 local site = false
-if ARGV[1] ~= '' then site = redis.call('HGET', KEYS[1], ARGV[1]) end
-local i = 2
+if ARGV[1] ~= '' then site = redis.call('HGET', KEYS[4], ARGV[1]) end
+if not site and ARGV[2] ~= '' then site = redis.call('HGET', KEYS[1], ARGV[2]) end
+local i = 3
 while not site and i <= #ARGV do
   site = redis.call('HGET', KEYS[2], ARGV[i])
   i = i + 1
@@ -92,7 +97,7 @@ class RedisStore(Store):
 
     async def find_site(self, address: str, cpe_id: str | None) -> str | None:
         if cpe_id is not None:
-            found = await self.call(self.client.hget(self.key("cpe"), cpe_id))
+            found = await self.call(self.client.hget(self.key(CPE_IDS), cpe_id))
             if found is not None:
                 return found.decode()
         if self._lengths is None:
@@ -106,17 +111,27 @@ class RedisStore(Store):
         candidates = lookup_candidates(address, self._lengths)
         if not candidates:
             return None
-        for site_id in await self.call(self.client.hmget(self.key("net"), candidates)):
+        for site_id in await self.call(self.client.hmget(self.key(NETWORKS), candidates)):
             if site_id is not None:
                 return site_id.decode()
         return None
+
+    async def find_client_id(self, client_id: str) -> str | None:
+        found = await self.call(self.client.hget(self.key(CLIENT_IDS), client_id))
+        return found.decode() if found is not None else None
 
     async def locate(self, address: str, cpe_id: str | None) -> tuple[str, int] | None:
         """One script call per client; the calls of every client arriving in the same loop iteration go
         to Redis in one pipeline (a burst of new clients costs a round trip, not one each)."""
         if self._lengths is None:
             await self.find_site("0.0.0.0", None)  # loads the prefix lengths in use
-        arguments = [cpe_id or "", *lookup_candidates(address, self._lengths or {})]
+        return await self._located(["", cpe_id or "", *lookup_candidates(address, self._lengths or {})])
+
+    async def locate_client_id(self, client_id: str) -> tuple[str, int] | None:
+        """As `locate`, batched with it."""
+        return await self._located([client_id, ""])
+
+    async def _located(self, arguments: list[str]) -> tuple[str, int] | None:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((arguments, future))
         if len(self._queued) == 1:
@@ -142,7 +157,7 @@ class RedisStore(Store):
     async def _run_locate(self, calls: list[list[str]]) -> list[Any]:
         """EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, a second round trip
         on every call. A restarted Redis has forgotten the script: load it again and repeat once."""
-        keys = [self.key("cpe"), self.key("net"), self.key("site", "")]
+        keys = [self.key(CPE_IDS), self.key(NETWORKS), self.key("site", ""), self.key(CLIENT_IDS)]
         for attempt in (1, 2):
             if self._locate_sha is None:
                 self._locate_sha = await self.client.script_load(_LOCATE_SCRIPT)
@@ -162,7 +177,7 @@ class RedisStore(Store):
         self._lengths = None
 
     async def site_networks(self) -> list[str]:
-        return [network.decode() for network in await self.call(self.client.hkeys(self.key("net")))]
+        return [network.decode() for network in await self.call(self.client.hkeys(self.key(NETWORKS)))]
 
     async def site_versions(self, site_ids: list[str]) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
@@ -227,7 +242,7 @@ class RedisStore(Store):
             self._queue_write(pipe, site_id, old, site)
             return site
 
-        site = await self._transaction(site_id, (key, self.key("net"), self.key("cpe")), write)
+        site = await self._transaction(site_id, (key, *(self.key(kind) for kind in _OWNED)), write)
         self.forget_networks()  # this store's own lookups see its write at once
         return site
 
@@ -318,13 +333,15 @@ class RedisStore(Store):
     async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
         if site is None:
             return
-        for index_name, values, field in (("net", site.networks, "networks"), ("cpe", site.cpe_ids, "cpe_ids")):
-            if not values:
+        claims = owned(site)
+        for kind in _OWNED:
+            of_kind = [(field, value) for claimed, field, value in claims if claimed == kind]
+            if not of_kind:
                 continue
-            owners = await pipe.hmget(self.key(index_name), list(values))
-            for index, (value, owner) in enumerate(zip(values, owners, strict=True)):
+            owners = await pipe.hmget(self.key(kind), [value for _field, value in of_kind])
+            for (field, value), owner in zip(of_kind, owners, strict=True):
                 if owner is not None and owner.decode() != site_id:
-                    raise PolicyError(f"{field}[{index}]", f"{value} already belongs to site {owner.decode()}")
+                    raise PolicyError(field, f"{value} already belongs to site {owner.decode()}")
 
     def _queue_write(self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None) -> None:
         """Queue the document, the index changes and the notices. Old index entries come from the stored
@@ -333,17 +350,27 @@ class RedisStore(Store):
         old_networks = set(old.get("networks", [])) if old else set()
         new_networks = set(new.networks) if new else set()
         for network in old_networks - new_networks:
-            pipe.hdel(self.key("net"), network)
+            pipe.hdel(self.key(NETWORKS), network)
             pipe.hincrby(self.key("netlens"), _length_key(network), -1)
         for network in new_networks - old_networks:
-            pipe.hset(self.key("net"), network, site_id)
+            pipe.hset(self.key(NETWORKS), network, site_id)
             pipe.hincrby(self.key("netlens"), _length_key(network), 1)
         old_cpes = set(old.get("cpe_ids", [])) if old else set()
         new_cpes = set(new.cpe_ids) if new else set()
         for cpe in old_cpes - new_cpes:
-            pipe.hdel(self.key("cpe"), cpe)
+            pipe.hdel(self.key(CPE_IDS), cpe)
         for cpe in new_cpes - old_cpes:
-            pipe.hset(self.key("cpe"), cpe, site_id)
+            pipe.hset(self.key(CPE_IDS), cpe, site_id)
+        old_ids = {
+            client_id
+            for device in (old or {}).get("devices", {}).values()
+            for client_id in device.get("client_ids") or ()
+        }
+        new_ids = {client_id for device in new.devices.values() for client_id in device.client_ids} if new else set()
+        for client_id in old_ids - new_ids:
+            pipe.hdel(self.key(CLIENT_IDS), client_id)
+        for client_id in new_ids:  # all, not only the new: a site written before this index gets its ids in
+            pipe.hset(self.key(CLIENT_IDS), client_id, site_id)
         if new is None:
             pipe.delete(key)
             pipe.srem(self.key("sites"), site_id)
@@ -353,8 +380,8 @@ class RedisStore(Store):
             pipe.hsetnx(key, "incarnation", new_incarnation())  # a new site's (or an older one's first)
             pipe.sadd(self.key("sites"), site_id)
             pipe.publish(self.key("changes"), f"site {site_id} {new.version}")
-        if old_networks != new_networks or old_cpes != new_cpes:
-            pipe.publish(self.key("changes"), "networks")
+        if old_networks != new_networks or old_cpes != new_cpes or old_ids != new_ids:
+            pipe.publish(self.key("changes"), "networks")  # whose an address, CPE id or client id is: look again
 
     async def import_sites(self, documents: list[SiteDocument], batch: int = 500) -> int:
         """Validated whole first (see Store.import_sites), then written in pipelined transactions of
@@ -368,21 +395,20 @@ class RedisStore(Store):
             for site in chunk:
                 reads.hmget(self.key("site", site.id), "doc", "version")
             claims = [
-                (index_name, value, site.id)
-                for index_name in ("net", "cpe")
-                for site in chunk
-                for value in (site.networks if index_name == "net" else site.cpe_ids)
+                (kind, f"sites[{start + index}].{field}", value, site.id)
+                for index, site in enumerate(chunk)
+                for kind, field, value in owned(site)
             ]
-            for index_name in ("net", "cpe"):
-                values = [value for name, value, _ in claims if name == index_name]
+            claims.sort(key=lambda claim: _OWNED.index(claim[0]))  # read below index by index, in this order
+            for kind in _OWNED:
+                values = [value for claimed, _field, value, _site in claims if claimed == kind]
                 if values:
-                    reads.hmget(self.key(index_name), values)
+                    reads.hmget(self.key(kind), values)
             results = await self.call(reads.execute())
             olds += results[: len(chunk)]
             existing = [owner for found in results[len(chunk) :] for owner in found]
-            for (index_name, value, site_id), owner in zip(claims, existing, strict=True):
+            for (_kind, field, value, site_id), owner in zip(claims, existing, strict=True):
                 if owner is not None and owner.decode() != site_id:
-                    field = "networks" if index_name == "net" else "cpe_ids"
                     raise PolicyError(field, f"{value} of site {site_id} already belongs to site {owner.decode()}")
         for start in range(0, len(sites), batch):
             writes = self.client.pipeline(transaction=True)
@@ -414,6 +440,9 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self.connection.close()
+
+
+_OWNED = (NETWORKS, CPE_IDS, CLIENT_IDS)
 
 
 def _length_key(network: str) -> str:

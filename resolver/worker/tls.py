@@ -1,0 +1,228 @@
+"""What DoT and DoH connections have in common before they carry a query: the bounds a new connection is
+admitted within, its TLS handshake, the client id its server name gives, and how a query of theirs is let in.
+
+- A new connection counts against `tls.max_connections` (per worker) and `tls.max_per_client` (per source
+  address) from its first byte, handshake included. At the worker's cap the longest-idle open connection makes
+  room (RFC 7766 §6.2.3's rule, as for TCP); when none is idle, or the source is at its own cap, the new one is
+  closed at once.
+- The handshake (TLS 1.2+, the ALPN and the certificate of certificates.py) must end within
+  `tls.handshake_timeout`; then the connection is handed to its transport (dot.py, doh.py).
+- A client id is the first label of the server name asked for under `tls.name` (`{id}.dns.example.net`), or
+  the DoH path's last segment (`/dns-query/{id}`, which wins). Malformed, it is "": nobody's, so the global
+  default policy.
+- Access control is port 53's (access.py), but for a client id: a source outside `server.allow` that gives one
+  is answered as the device the id names, REFUSED if it names none (pipeline.answer_stranger).
+
+Every bound cut is counted (the gate's `cut`, with its `handshakes`, `malformed_ids` and DoH `statuses`: the
+worker's counters, bns_tls_* in metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from resolver.shared.certificates import Certificates
+from resolver.shared.config import TlsSettings
+from resolver.shared.logs import Throttled
+from resolver.shared.policy.model import is_id
+from resolver.worker.access import REFUSED, AccessControl
+from resolver.worker.listener import answer_safely, refusal_for
+from resolver.worker.pipeline import Resolver
+from resolver.worker.wire import Malformed, Peer
+
+_failures = Throttled(logging.getLogger(__name__))
+
+# A client id as a server name's first label: a DNS label (RFC 1035 §2.3.1), lowercase as TLS clients send it.
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MALFORMED = ""  # the client id of a request that gave a malformed one
+
+
+def client_id_of_name(server_name: str | None, name: str) -> str | None:
+    """The client id a TLS server name gives under `name` (tls.name): None for `name` itself, another name or
+    none; MALFORMED for more than one label or one that is not a DNS label."""
+    if server_name is None:
+        return None
+    asked = server_name.lower().rstrip(".")
+    if not asked.endswith("." + name):
+        return None
+    label = asked[: -len(name) - 1]
+    return label if _LABEL.fullmatch(label) else MALFORMED
+
+
+def client_id_of_path(segment: str) -> str:
+    """The client id of a DoH path's last segment (what follows `tls.doh_path/`): an id as a device's client ids
+    are written (policy/model.py), else MALFORMED."""
+    return segment if is_id(segment) else MALFORMED
+
+
+def answer_encrypted(
+    resolver: Resolver, access: AccessControl, message: bytes, peer: Peer, client_id: str | None
+) -> bytes | asyncio.Future[bytes] | None:
+    """The answer to a DoT or DoH query (None: none at all), access control included (the module's docstring)."""
+    if access[peer[0]] != REFUSED:
+        return answer_safely(resolver, message, peer, True, client_id)
+    if client_id is None:
+        return refusal_for(resolver, access, message, peer, True)
+    try:
+        return resolver.answer_stranger(message, peer, client_id)
+    except Malformed:
+        return None  # as port 53 to a stranger: no FORMERR
+    except Exception:
+        _failures.exception("query failed inside the pipeline")
+        return None
+
+
+class Encrypted(Protocol):
+    """A DoT or DoH connection, as the gate sees it."""
+
+    def opened(self, transport: asyncio.Transport, client_id: str | None) -> None:
+        """Its handshake is done: it serves from now on (`client_id`: its server name's)."""
+
+    def idle_since(self) -> float | None:
+        """When it last finished a query, if it has none in flight (None: busy, or not open yet)."""
+
+    def close(self) -> None:
+        """Close it now (what it has in flight is dropped)."""
+
+    def drain(self) -> None:
+        """Stop reading; close once what it has read is answered."""
+
+
+class TlsGate:
+    """A worker's DoT and DoH connections (handshaking or open), their bounds, and the counters of both."""
+
+    def __init__(self, settings: TlsSettings, certificates: Certificates, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.certificates = certificates
+        self.clock = clock
+        self.connections: set[Encrypted] = set()  # handshaking or open: what the bounds count
+        self.open: set[Encrypted] = set()  # past their handshake
+        self.stopping = False  # the worker drains: a handshake that ends now is closed
+        self._sources: dict[Encrypted, str] = {}
+        self._per_source: dict[str, int] = {}
+        # metrics: handshakes done by listener, connections cut by why, malformed client ids, DoH statuses
+        self.handshakes = {"dot": 0, "doh": 0}
+        self.cut = {
+            "worker_full": 0,  # tls.max_connections, and no idle connection to close instead
+            "client_full": 0,  # tls.max_per_client
+            "evicted": 0,  # idle, closed to make room at tls.max_connections
+            "handshake_timeout": 0,  # tls.handshake_timeout
+            "handshake_failed": 0,  # the client gave up, or offered nothing we take
+            "idle": 0,  # tls.idle_timeout
+            "streams": 0,  # HTTP/2: more streams than tls.max_streams
+            "flood": 0,  # HTTP/2: resets, settings or pings beyond their budget
+            "protocol": 0,  # HTTP/2 or HTTP/1.1 that does not parse
+        }
+        self.malformed_ids = 0
+        self.statuses: dict[int, int] = {}
+
+    def open_count(self) -> int:
+        return len(self.connections)
+
+    def admit(self, connection: Encrypted, source: str) -> bool:
+        if self._per_source.get(source, 0) >= self.settings.max_per_client:
+            self.cut["client_full"] += 1
+            return False
+        if len(self.connections) >= self.settings.max_connections and not self._evict_idle():
+            self.cut["worker_full"] += 1
+            return False
+        self.connections.add(connection)
+        self._sources[connection] = source
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        return True
+
+    def release(self, connection: Encrypted) -> None:
+        """A connection is gone (called again for the same one, nothing happens)."""
+        self.connections.discard(connection)
+        self.open.discard(connection)
+        source = self._sources.pop(connection, None)
+        if source is not None:
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
+
+    def _evict_idle(self) -> bool:
+        idle = [(connection.idle_since(), connection) for connection in self.connections]
+        waiting = [(since, connection) for since, connection in idle if since is not None]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda found: found[0])[1]
+        self.release(victim)
+        victim.close()
+        self.cut["evicted"] += 1
+        return True
+
+    def count_client_id(self, client_id: str | None) -> str | None:
+        if client_id == MALFORMED:
+            self.malformed_ids += 1
+        return client_id
+
+    def accepting(self, kind: str, connection: Callable[[], Encrypted]) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of a DoT (`kind` "dot") or DoH ("doh") listening socket."""
+        return lambda: Handshake(self, kind, connection())
+
+
+class Handshake(asyncio.Protocol):
+    """A new connection's first moments: admitted or closed, then its TLS handshake, then its transport."""
+
+    def __init__(self, gate: TlsGate, kind: str, connection: Encrypted) -> None:
+        self._gate = gate
+        self._kind = kind
+        self._connection = connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self._gate
+        if not gate.admit(self._connection, transport.get_extra_info("peername")[0]):
+            transport.close()
+            return
+        steps = asyncio.get_running_loop().start_tls(
+            transport,  # type: ignore[arg-type]
+            self._connection,  # type: ignore[arg-type]
+            gate.certificates.fronts[self._kind],
+            server_side=True,
+            ssl_handshake_timeout=gate.settings.handshake_timeout,
+            # and its closing handshake: a client that never answers close_notify must not hold its slot long
+            ssl_shutdown_timeout=gate.settings.handshake_timeout,
+        )
+        # Begun here, not in a task: uvloop starts reading as soon as connection_made returns, and a ClientHello
+        # read before start_tls put its protocol in place would go to this one, and be lost.
+        _step(steps, self._handshaken)
+
+    def _handshaken(self, transport: Any, error: BaseException | None) -> None:
+        gate = self._gate
+        if error is not None:
+            gate.release(self._connection)
+            # uvloop aborts a handshake past its timeout with ConnectionAbortedError (asyncio: TimeoutError)
+            timed_out = isinstance(error, ConnectionAbortedError | TimeoutError)
+            gate.cut["handshake_timeout" if timed_out else "handshake_failed"] += 1
+            return
+        if gate.stopping:
+            gate.release(self._connection)
+            transport.close()
+            return
+        gate.handshakes[self._kind] += 1
+        gate.open.add(self._connection)
+        tls: ssl.SSLObject = transport.get_extra_info("ssl_object")
+        name = gate.count_client_id(client_id_of_name(gate.certificates.server_name(tls), gate.settings.name))
+        self._connection.opened(transport, name)
+
+
+def _step(steps: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    """Run the coroutine `steps` until it waits on a future, go on when that future is done, and call `done`
+    with its result or its error: a task that starts at once (asyncio's eager tasks, Python 3.12)."""
+    try:
+        waiting = steps.send(None)
+    except StopIteration as finished:
+        done(finished.value, None)
+        return
+    except Exception as error:
+        done(None, error)
+        return
+    waiting.add_done_callback(lambda _future: _step(steps, done))
