@@ -4,9 +4,10 @@
 
 `Resolver.answer` runs the stages up to identify; `_answer_for` runs the rest. Local answers come first:
 they depend on no client and no list, and reveal nothing (a synthesized HINFO for ANY, REFUSED for other
-classes and zone transfers), so a CHAOS query for a blocked name is refused, not given an IN SOA. A query is answered
-synchronously when it can (a known client and a cache hit, an error, a blocked or local answer); otherwise
-a future is returned that the listener awaits.
+classes and zone transfers), so a CHAOS query for a blocked name is refused, not given an IN SOA. The filter
+answers the bypass canaries, and raises an alert for a device that asks for a public encrypted DNS server while
+its policy blocks them. A query is answered synchronously when it can (a known client and a cache hit, an
+error, a blocked or local answer); otherwise a future is returned that the listener awaits.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Resolver:
             {category.mask: category.id for category in directory.catalog if category.action == "warn"}
         )
         self._threat_bits = sum(self.threats.listed_categories)
+        # bypass: a public DNS-over-HTTPS or -TLS server asked for while the policy blocks it
+        self._bypass_bits = sum(category.mask for category in directory.catalog if category.id == "encrypted-dns")
         self.tally = Tally(directory.catalog, self.threats)
         self.held = False
 
@@ -158,6 +161,10 @@ class Resolver:
         if known.logged:
             self.tally.logged(known, query.name, query.qtype, decision.verdict, now)
         if decision.verdict is not None:
+            if query.bits & self._bypass_bits and decision.verdict.action is Action.BLOCK:
+                self.threats.bypass(
+                    self.directory.key(request), _site_of(known), query.name, self._clock(), known.device_key
+                )
             return self._blocked(request, known, decision.verdict, True)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
