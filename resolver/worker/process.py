@@ -24,6 +24,7 @@ from resolver.worker.activity import hand_over_every
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
+from resolver.worker.discovery import Discovery
 from resolver.worker.listener import InFlight, TcpConnection, UdpListener
 from resolver.worker.pipeline import Resolver
 from resolver.worker.rate_limit import ResponseRateLimiter
@@ -61,6 +62,7 @@ class Worker:
             self.lists,
             self.directory,
             page_pool=PagePool(config.pages.device_networks),
+            discovery=Discovery(config.tls),
         )
         self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks
