@@ -11,6 +11,9 @@ from pathlib import Path
 from blocklists.errors import CatalogError
 
 MAX_BITS = 64
+# Not a category's: the resolver gives it to the names it knows without a list (its policy's built-in names,
+# resolver/shared/policy/decision.py). Below 62: compiled, a query's categories stay a machine word.
+BUILT_IN_BIT = 61
 ACTIONS = ("block", "warn")
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -112,6 +115,8 @@ def _category(entry: object, where: str, seen_bits: dict[int, str]) -> Category:
         raise CatalogError(f"{where}: id: use lowercase letters, digits, '-' and '_'")
     if not 0 <= bit < MAX_BITS:
         raise CatalogError(f"{where}: bit: {bit} is outside 0..{MAX_BITS - 1}")
+    if bit == BUILT_IN_BIT:
+        raise CatalogError(f"{where}: bit: {bit} is reserved for the resolver's built-in names; choose another")
     if bit in seen_bits:
         raise CatalogError(f"{where}: bit: {bit} is already used by {seen_bits[bit]}")
     seen_bits[bit] = category_id

@@ -205,10 +205,11 @@ def redis_prefix() -> str:
 
 @pytest.fixture(scope="module")
 def lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A compiled list with one name per category the policy tests use."""
+    """A compiled list with one name per category the policy tests use, and the sample of public encrypted DNS
+    servers (encrypted-dns: dns.google, cloudflare-dns.com…)."""
     directory = tmp_path_factory.mktemp("policy-lists")
     out = directory / "lists.bns"
-    sources = []
+    sources = [Source(FIXTURES / "encrypted-dns.txt.gz", "encrypted-dns")]
     for category, names in (
         ("pornography", "porn.example\n"),
         ("drugs", "drug.example\n"),

@@ -793,6 +793,10 @@ _BODIES: dict[str, dict[str, Any]] = {
             "schedules": {"type": "array"},
             "safe_search": {"type": "boolean"},
             "answer": {"enum": ["nxdomain", "nodata", "null", "page"]},
+            "canaries": {
+                "type": "boolean",
+                "description": "answer the bypass canaries (Firefox's, iCloud Private Relay's) NXDOMAIN; default true",
+            },
         },
     },
     "Pause": {"type": "object", "properties": {"minutes": {"type": "number"}, "until": {"type": "string"}}},

@@ -165,6 +165,8 @@ class Explainer:
             return name_to_text(next(suffix for suffix in _suffixes(wire) if suffix in names))
         if rule in (Rule.PAUSE, Rule.SCHEDULE):
             return None
+        if rule is Rule.CANARY:  # an entry of the policy's own list (decision.CANARIES)
+            return name_to_text(wire)
         return self.lists.snapshot.matcher.match_wire(wire).listed
 
     def _verdict(self, verdict: Verdict) -> dict[str, Any]:

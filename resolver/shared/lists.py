@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 from blocklists.artifact import Artifact, open_artifact, verify_file
-from blocklists.catalog import Catalog
+from blocklists.catalog import BUILT_IN_BIT, Catalog
 from blocklists.errors import ArtifactError
 from blocklists.matcher import Matcher
 from resolver.shared.config import ListsSettings
 from resolver.shared.errors import StartupError
 from resolver.shared.memo import make_room
+from resolver.shared.policy.decision import CANARIES
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,15 @@ class ListSnapshot:
 
     def lookup(self, name: bytes) -> int:
         """Categories of a lowercased wire name: a trie walk, remembered nowhere (the query path memoises on
-        the interned query instead)."""
-        return self.matcher.bits_of_wire(name)
+        the interned query instead), and the CANARY bit of a bypass canary, which no list holds."""
+        return self.matcher.bits_of_wire(name) | CANARIES.get(name, 0)
 
 
 def check_catalog(artifact: Artifact, catalog: Catalog) -> None:
     """The artifact's category bits must be the catalogue's: policies are bitmasks over the catalogue."""
     for category_id, info in artifact.header["categories"].items():
+        if info.get("bit") == BUILT_IN_BIT:  # its names would be taken for bypass canaries
+            raise ArtifactError(f"{artifact.path}: maps {category_id} to bit {BUILT_IN_BIT}, which is reserved")
         category = catalog.by_id.get(category_id)
         if category is not None and category.bit != info.get("bit"):
             raise ArtifactError(

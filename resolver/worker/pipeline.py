@@ -3,10 +3,13 @@
     parse → local → identify → policy → filter → safe search → cache → upstream → CNAME check → answer
 
 `Resolver.answer` runs the stages up to identify; `_answer_for` runs the rest. Local answers come first:
-they depend on no client and no list, and reveal nothing (a synthesized HINFO for ANY, REFUSED for other
-classes and zone transfers), so a CHAOS query for a blocked name is refused, not given an IN SOA. A query is answered
-synchronously when it can (a known client and a cache hit, an error, a blocked or local answer); otherwise
-a future is returned that the listener awaits.
+they depend on no client and no list, and reveal nothing a policy keeps from anyone (a synthesized HINFO for
+ANY, REFUSED for other classes and zone transfers; for resolver.arpa, this resolver's own encrypted endpoints,
+RFC 9462, where every client's policy applies as here), so a CHAOS query for a blocked name is refused, not
+given an IN SOA. The filter answers the bypass canaries, and raises an alert for a device that asks for a
+public encrypted DNS server while its policy blocks them. A query is answered synchronously when it can (a
+known client and a cache hit, an error, a blocked or local answer); otherwise a future is returned that the
+listener awaits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Any
 
+from resolver.shared.config import TlsSettings
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.identity import in_site_networks
 from resolver.shared.lists import Lists
@@ -27,9 +31,11 @@ from resolver.worker.activity import Tally
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory
+from resolver.worker.discovery import Discovery
 from resolver.worker.threats import ThreatWatch
 from resolver.worker.upstream import Forwarding, Overloaded, UpstreamFailed
 from resolver.worker.wire import (
+    LOCAL_TYPES,
     Peer,
     QueryParser,
     Request,
@@ -72,6 +78,7 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         page_pool: PagePool | None = None,
+        discovery: Discovery | None = None,
     ) -> None:
         # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
         # of blocked names as large as the cache (whose answers are not cached) still fits.
@@ -82,6 +89,7 @@ class Resolver:
         self.cache = cache
         self.forwarder = forwarder
         self.page_pool = page_pool or None  # warning page addresses of their own for devices behind routers
+        self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
@@ -96,6 +104,8 @@ class Resolver:
             {category.mask: category.id for category in directory.catalog if category.action == "warn"}
         )
         self._threat_bits = sum(self.threats.listed_categories)
+        # bypass: a public DNS-over-HTTPS or -TLS server asked for while the policy blocks it
+        self._bypass_bits = sum(category.mask for category in directory.catalog if category.id == "encrypted-dns")
         self.tally = Tally(directory.catalog, self.threats)
         self.held = False
 
@@ -122,9 +132,9 @@ class Resolver:
         request = self.parser.parse(data, client, tcp)
         if self.held:
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
-        # local: what we never forward (RFC 8482 ANY, zone transfers, other classes).
+        # local: what we never forward (RFC 8482 ANY, zone transfers, other classes, resolver.arpa).
         if request.query.local:
-            return _answer_locally(request)
+            return self._answer_locally(request)
         # identify: a client this worker knows costs a dict lookup; a new one is looked up in the store.
         if client_id is None:
             known = self.directory.client(request)
@@ -157,7 +167,7 @@ class Resolver:
         if self.held:
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
         if request.query.local:
-            return _answer_locally(request)
+            return self._answer_locally(request)
         return self._answer_for(request, known)
 
     async def _answer_new_client(self, request: Request) -> bytes:
@@ -189,6 +199,10 @@ class Resolver:
         if known.logged:
             self.tally.logged(known, query.name, query.qtype, decision.verdict, now)
         if decision.verdict is not None:
+            if query.bits & self._bypass_bits and decision.verdict.action is Action.BLOCK:
+                self.threats.bypass(
+                    self.directory.key(request), _site_of(known), query.name, self._clock(), known.device_key
+                )
             return self._blocked(request, known, decision.verdict, True)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
@@ -345,6 +359,18 @@ class Resolver:
         except Exception as failure:
             fetch.set_exception(failure)
 
+    def _answer_locally(self, request: Request) -> bytes:
+        """RFC 8482 for ANY; REFUSED for other classes (CHAOS version probes included) and zone transfers;
+        resolver.arpa's answers (discovery.py)."""
+        query = request.query
+        if query.qclass != CLASS_IN:
+            return synthesized_answer(request, Rcode.REFUSED)
+        if query.qtype == RRType.ANY:
+            return synthesized_answer(request, Rcode.NOERROR, _ANY_ANSWER, 1)
+        if query.qtype in LOCAL_TYPES:
+            return synthesized_answer(request, Rcode.REFUSED)
+        return self.discovery.answer(request)
+
     def close(self) -> None:
         self.forwarder.close()
 
@@ -368,11 +394,3 @@ def _refuse_recursion(request: Request) -> bytes | None:
     if request.data[2] & _FLAG_RD:
         return None
     return synthesized_answer(request, Rcode.REFUSED, ede=_NOT_RECURSING)
-
-
-def _answer_locally(request: Request) -> bytes:
-    """RFC 8482 for ANY; REFUSED for other classes (CHAOS version probes included) and zone transfers."""
-    query = request.query
-    if query.qclass == CLASS_IN and query.qtype == RRType.ANY:
-        return synthesized_answer(request, Rcode.NOERROR, _ANY_ANSWER, 1)
-    return synthesized_answer(request, Rcode.REFUSED)

@@ -25,6 +25,7 @@ from resolver.worker.activity import hand_over_every
 from resolver.worker.cache import AnswerCache
 from resolver.worker.counters import worker_counters, write_counters
 from resolver.worker.directory import Directory
+from resolver.worker.discovery import Discovery
 from resolver.worker.doh import DohConnection
 from resolver.worker.dot import DotConnection
 from resolver.worker.listener import InFlight, TcpConnection, UdpListener
@@ -73,6 +74,7 @@ class Worker:
             self.lists,
             self.directory,
             page_pool=PagePool(config.pages.device_networks),
+            discovery=Discovery(config.tls),
         )
         self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks

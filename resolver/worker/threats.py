@@ -7,13 +7,16 @@
   cross-validated, true positives on the published DGAs of two malware families).
 - **DNS tunnelling.** Data smuggled out in query names: many distinct names under one domain from one device
   within a window, with long high-entropy labels, or a burst of TXT queries under one domain.
+- **Bypassing the filter.** A public DNS-over-HTTPS or -TLS server's name (the encrypted-dns category) asked for
+  while the device's policy blocks it: an app or a browser with DNS of its own trying to leave the filter.
 
-Only names that reach the miss path are judged for these; the answer cached for a machine-made name keeps
-the verdict, so that each client asking it later is flagged as well (the cache-hit path pays one attribute
-check). A name listed as malware or phishing is flagged whatever the answer (blocked, warned, or passed by
-the device's "continue anyway"). A client is flagged once per (reason, domain) per `_REPEAT_AFTER` seconds:
-counted (bns_threat_alerts_total), logged (at most `_LOG_LINES` a minute) and kept among the worker's newest
-alerts, which the admin API lists.
+Only names that reach the miss path are judged for the first two; the answer cached for a machine-made name
+keeps the verdict, so that each client asking it later is flagged as well (the cache-hit path pays one
+attribute check). A name listed as malware or phishing is flagged whatever the answer (blocked, warned, or
+passed by the device's "continue anyway"); an encrypted DNS server's only when it is blocked (an answer built
+without the cache: the query path checks its categories there only). A client is flagged once per (reason,
+domain) per `_REPEAT_AFTER` seconds: counted (bns_threat_alerts_total), logged (at most `_LOG_LINES` a minute)
+and kept among the worker's newest alerts, which the admin API lists.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Alert:
     client: str
     device: str  # the device's key in its site's seen-devices records (Identity.key)
     name: str
-    reason: str  # "dga", "tunnel", or the threat category the name is listed in ("malware", "phishing")
+    reason: str  # "dga", "tunnel", "bypass", or the threat category the name is listed in ("malware", "phishing")
     detail: str
 
 
@@ -181,6 +184,11 @@ class ThreatWatch:
         for mask, category in self.listed_categories.items():
             if bits & mask:
                 self._flag(client, site, device, category, domain, name, now, f"listed as {category}")
+
+    def bypass(self, client: Hashable, site: str | None, name: bytes, now: float, device: str = "") -> None:
+        """`client` asked for a public encrypted DNS server (the encrypted-dns category) while its policy
+        blocks them: it tried to send its DNS around the filter."""
+        self._flag(client, site, device, "bypass", registered_domain(name), name, now, "tried to bypass the filter")
 
     def miss(self, client: Hashable, site: str | None, name: bytes, qtype: int, now: float, device: str = "") -> bool:
         """A name `client` asked for that no cache held: judge it. True if the name looks machine-made, so

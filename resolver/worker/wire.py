@@ -27,6 +27,8 @@ Peer = tuple[str, int] | tuple[str, int, int, int]
 NOT_QUERYABLE = frozenset((RRType.OPT, RRType.TKEY, RRType.TSIG))
 # Answered here, never forwarded: RFC 8482 ANY, zone transfers, the obsolete mail meta-types.
 LOCAL_TYPES = frozenset((RRType.ANY, RRType.AXFR, RRType.IXFR, RRType.MAILA, RRType.MAILB))
+# Answered here, never forwarded: resolver.arpa and the names under it (RFC 9462 §6.4; resolver/worker/discovery.py).
+RESOLVER_ARPA = b"\x08resolver\x04arpa\x00"
 
 # The EDNS options that carry client identity: parsed into the request, never forwarded upstream.
 IDENTITY_OPTIONS = frozenset(
@@ -73,9 +75,9 @@ class Query:
 
     `key` (the question name in lowercased wire form, type, class, state byte) is what the cache and the
     upstream coalescing are keyed on; `limit` is the largest answer the client can take; `local` marks
-    queries answered here whatever the cache holds (other classes, ANY, zone transfers). `bits` are the
-    name's categories in the list snapshot of generation `listed_in` (the query path's memo: a name asked
-    again costs no lookup until the list is swapped).
+    queries answered here whatever the cache holds (other classes, ANY, zone transfers, resolver.arpa).
+    `bits` are the name's categories in the list snapshot of generation `listed_in` (the query path's memo: a
+    name asked again costs no lookup until the list is swapped).
     """
 
     __slots__ = ("bits", "edns", "key", "limit", "listed_in", "local")
@@ -84,7 +86,7 @@ class Query:
         self.key = key
         self.edns = edns
         self.limit = limit
-        self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES
+        self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES or in_zone(self.name, RESOLVER_ARPA)
         self.bits = 0
         self.listed_in = 0  # no snapshot has generation 0
 
@@ -395,6 +397,18 @@ _SECOND_LEVELS = frozenset(
         b"sch",
     )
 )
+
+
+def in_zone(name: bytes, zone: bytes) -> bool:
+    """Whether a lowercased wire name is `zone` or a name under it (on a label boundary: `xresolver.arpa` and a
+    label holding the bytes of `\x08resolver` are not under resolver.arpa)."""
+    cut = len(name) - len(zone)
+    if cut < 0 or not name.endswith(zone):
+        return False
+    pos = 0
+    while pos < cut:
+        pos += name[pos] + 1
+    return pos == cut
 
 
 def registered_domain(name: bytes) -> bytes:

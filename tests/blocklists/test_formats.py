@@ -317,6 +317,7 @@ class TestCatalog:
         ("entry", "message"),
         [
             ('id = "x"\nbit = 64\ntitle = "X"\ndescription = ""\naction = "block"', "bit: 64 is outside 0..63"),
+            ('id = "x"\nbit = 61\ntitle = "X"\ndescription = ""\naction = "block"', "bit: 61 is reserved"),
             ('id = "x"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "hide"', "action: 'hide'"),
             ('id = "X Y"\nbit = 1\ntitle = "X"\ndescription = ""\naction = "block"', "id: use lowercase"),
             ('id = "x"\nbit = 1\ntitle = "X"\naction = "block"', "description: missing"),

@@ -508,6 +508,7 @@ def test_categories_and_allow_deny_set_in_the_app_reach_the_api_and_the_answers(
             await browser.press('#rules-categories input[value="drugs"]')  # on by default: off
             await browser.press('#rules-categories input[value="malware"]')  # a warning by default: blocked
             await browser.press("#rules-safe-search")
+            await browser.press("#rules-canaries")  # on by default: off
             await browser.type_text("#rules-deny", "games.example\nbad..name")
             await browser.type_text("#rules-allow", "school.example")
             await browser.press("#rules-save")
@@ -526,14 +527,17 @@ def test_categories_and_allow_deny_set_in_the_app_reach_the_api_and_the_answers(
     policy = site(api)["devices"]["tablet"]["policy"]
     content = ["criminal-skills", "hacking", "hate", "pornography", "self-harm-suicide", "violence-gore", "weapons"]
     assert sorted(policy["block"]) == sorted([*content, "encrypted-dns", "malware"])
-    assert (policy["deny"], policy["allow"], policy["safe_search"], policy["web_protect"]) == (
+    assert (policy["deny"], policy["allow"], policy["safe_search"], policy["web_protect"], policy["canaries"]) == (
         ["games.example"],
         ["school.example"],
         True,
         True,
+        False,
     )
     eventually(lambda: every_answer(dns_port, "www.games.example", TABLET, "blocked: denied by policy"), 2)
     assert every_answer(dns_port, "www.games.example", LAPTOP, "resolved")
+    assert every_answer(dns_port, "use-application-dns.net", TABLET, "resolved")  # its rules turned them off
+    assert every_answer(dns_port, "use-application-dns.net", LAPTOP, "blocked: this network filters DNS")
 
 
 # --- alerts, screenshots, accessibility ----------------------------------------------------------------------

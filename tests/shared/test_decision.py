@@ -1,7 +1,7 @@
-"""The worker's query path and `why` give the same verdict, for any policy: random policies, groups, pauses,
-schedules, allow/deny entries, passes, list names and CNAME chains (hypothesis), asked of a Resolver with
-no socket (its directory over a real policy file) and of the Explainer over the same file, at the same
-moment. Both call the one `decide`; this holds them to it."""
+"""The worker's query path and `why` give the same verdict, in the same form of answer, for any policy: random
+policies, groups, pauses, schedules, allow/deny entries, passes, answer modes, bypass canaries on or off, list
+names and CNAME chains (hypothesis), asked of a Resolver with no socket (its directory over a real policy file)
+and of the Explainer over the same file, at the same moment. Both call the one `decide`; this holds them to it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import dns.message
+import dns.rcode
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from resolver.admin.why import Explainer
 from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.policy.model import time_document
 from resolver.shared.policy.service import PolicyService
+from tests.conftest import answer_addresses
 from tests.worker.test_pipeline import CATALOG, Pipeline, ScriptedForwarder, ede_text, query
 
 pytestmark = pytest.mark.unit
@@ -27,7 +30,8 @@ LONDON = ZoneInfo("Europe/London")
 NOW = datetime(2026, 11, 24, 21, 30, tzinfo=LONDON).timestamp()  # a Tuesday evening
 MAC = "02:00:00:00:00:01"
 # The list (conftest's `lists`): porn.example (pornography, blocked by default), drug.example (drugs),
-# malware.example (malware: Web Protect). The rest are listed nowhere.
+# malware.example (malware: Web Protect), dns.google (encrypted-dns, blocked by default). The bypass canaries
+# are no list's (the policy's `canaries`). The rest are listed nowhere.
 NAMES = [
     "porn.example",
     "a.porn.example",
@@ -36,6 +40,9 @@ NAMES = [
     "x.malware.example",
     "fine.example",
     "other.example",
+    "dns.google",
+    "use-application-dns.net",
+    "mask.icloud.com",
 ]
 # Names no list can hold (a dot or another byte inside a label) but a query can carry: each is decided as its
 # closest parent a list can hold, by the resolver and by why alike.
@@ -45,7 +52,7 @@ UNLISTABLE = {
     "\\255.drug.example": "drug.example",
     "q.a\\.b.fine.example": "fine.example",
 }
-CATEGORIES = ["pornography", "drugs", "malware", "hate"]
+CATEGORIES = ["pornography", "drugs", "malware", "hate", "encrypted-dns"]
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
@@ -80,6 +87,8 @@ policies = st.one_of(
             "allow": st.lists(names, max_size=2, unique=True),
             "deny": st.lists(names, max_size=2, unique=True),
             "schedules": schedules,
+            "canaries": st.booleans(),
+            "answer": st.sampled_from(["nxdomain", "nodata", "null"]),
         },
     ),
 )
@@ -110,11 +119,14 @@ def sites(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-def worker_verdict(answer: bytes) -> tuple[str, str | None]:
+def worker_verdict(answer: bytes) -> tuple[str, str | None, str | None]:
+    """(verdict, EDE text, the answer's form: nxdomain, nodata or null) of an A query's answer."""
     text = ede_text(answer)
     if text is None:
-        return "allowed", None
-    return ("warned" if text.startswith("Web Protect") else "blocked"), text
+        return "allowed", None, None
+    message = dns.message.from_wire(answer)
+    form = "nxdomain" if message.rcode() == dns.rcode.NXDOMAIN else "null" if answer_addresses(message) else "nodata"
+    return ("warned" if text.startswith("Web Protect") else "blocked"), text, form
 
 
 async def both(lists: Path, directory: Path, site: dict[str, Any], name: str, chain: list[str]) -> tuple[Any, Any]:
@@ -126,7 +138,7 @@ async def both(lists: Path, directory: Path, site: dict[str, Any], name: str, ch
     why = await explainer.explain(
         {"name": name, "address": "127.0.0.1", "mac": MAC, "at": time_document(NOW), "cnames": chain}
     )
-    return worker_verdict(answer), (why["verdict"], why.get("ede_text"))
+    return worker_verdict(answer), (why["verdict"], why.get("ede_text"), why.get("answer"))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -33,7 +33,7 @@ GOOD = {
     "timezone": "Europe/Paris",
     "mode": "device",
     "default_group": "kids",
-    "policy": {"block": ["hate"], "safe_search": True},
+    "policy": {"block": ["hate"], "safe_search": True, "canaries": False},
     "groups": {
         "kids": {
             "name": "Kids",
@@ -75,6 +75,8 @@ def test_a_good_document_and_its_canonical_round_trip():
     assert again == canonical
     assert canonical["devices"]["tab"]["macs"] == ["02:00:00:00:00:0a"]
     assert canonical["groups"]["kids"]["paused_until"] == "2026-12-01T19:00:00Z"
+    assert (site.policy.canaries, kids.canaries, canonical["policy"]["canaries"]) == (False, None, False)
+    assert "canaries" not in canonical["groups"]["kids"]["policy"]  # not set: the profile's, else on
 
 
 def test_a_pass_round_trips_normalised():
@@ -118,6 +120,7 @@ def broken(path: str, value: object) -> dict:
         ("groups.kids.policy.block", ["porn"], "groups.kids.policy.block[0]: 'porn' is not a category"),
         ("groups.kids.policy.web_protect", "yes", "groups.kids.policy.web_protect: must be true or false"),
         ("groups.kids.policy.answer", "silence", "groups.kids.policy.answer: 'silence' is not one of"),
+        ("groups.kids.policy.canaries", None, "groups.kids.policy.canaries: must be true or false"),
         ("groups.kids.policy.allow", ["bad..name"], "groups.kids.policy.allow[0]: empty label"),
         ("groups.kids.policy.schedules.0.days", ["funday"], "schedules[0].days[0]: 'funday' is not one of"),
         ("groups.kids.policy.schedules.0.from", "25:00", "schedules[0].from: '25:00' is not a time of day"),

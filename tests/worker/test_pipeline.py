@@ -27,6 +27,7 @@ from resolver.shared.policy.service import PolicyService
 from resolver.shared.store.file_policies import FileStore
 from resolver.worker.cache import AnswerCache
 from resolver.worker.directory import Directory
+from resolver.worker.discovery import Discovery
 from resolver.worker.pipeline import Resolver
 from resolver.worker.upstream import Overloaded
 from resolver.worker.wire import ScannedReply, scan_reply
@@ -116,6 +117,7 @@ class Pipeline:
             directory,
             wall_clock=lambda: self.now,
             page_pool=PagePool(config.pages.device_networks),
+            discovery=Discovery(config.tls),
         )
 
     async def ask(self, data: bytes, client: tuple[str, int] = CLIENT) -> bytes:

@@ -12,6 +12,7 @@ const REASONS = {
   phishing: "Phishing",
   dga: "Machine-made name",
   tunnel: "Data hidden in DNS",
+  bypass: "Tried to bypass the filter",
 };
 const TOKEN_KEY = "bns.site-token";
 const MORNING = 7 * 60; // "until tomorrow": the next 07:00 on the network's clock
@@ -713,6 +714,7 @@ function openRules(kind, id, name) {
   );
   $("#rules-web-protect").checked = policy.web_protect !== false;
   $("#rules-safe-search").checked = Boolean(policy.safe_search);
+  $("#rules-canaries").checked = policy.canaries !== false;
   $("#rules-allow").value = (policy.allow || []).join("\n");
   $("#rules-deny").value = (policy.deny || []).join("\n");
   $("#rules-schedules").replaceChildren(...(policy.schedules || []).map(scheduleEditor));
@@ -854,6 +856,7 @@ async function saveRules(event) {
     block: [...document.querySelectorAll("#rules-categories input:checked")].map((box) => box.value),
     web_protect: $("#rules-web-protect").checked,
     safe_search: $("#rules-safe-search").checked,
+    canaries: $("#rules-canaries").checked,
     allow: names($("#rules-allow").value),
     deny: names($("#rules-deny").value),
     schedules: [...document.querySelectorAll("#rules-schedules .schedule")].map(readSchedule),

@@ -3,6 +3,9 @@
 `effective.py` settles which policy governs a client now (device, group, subscriber or default; pauses and
 schedules); the result is a Policy. `decide` then judges a name by it, in this order:
 
+0. a bypass canary (`CANARIES`), unless the policy's `canaries` are off: NXDOMAIN, whatever the answer mode.
+   First: a pause or a deny answered with an address, or an allow, would tell the browser or phone asking
+   that this network does not filter, and it would then send its DNS around the filter;
 1. block-all (a pause in force, an active block-all schedule): blocked;
 2. the name (or a parent) on the allow list: resolves, and its CNAME chain is not judged;
 3. on the deny list: blocked;
@@ -23,8 +26,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from blocklists.catalog import Catalog
-from resolver.shared.dns import EdeCode, ede_option
+from blocklists.catalog import BUILT_IN_BIT, Catalog
+from resolver.shared.dns import EdeCode, ede_option, text_to_name
 
 
 class Action(StrEnum):
@@ -41,10 +44,19 @@ class AnswerMode(StrEnum):
 
 _NULL_ADDRESSES = ("0.0.0.0", "::")
 
+# The names a browser or phone asks to learn whether the network filters; NXDOMAIN tells it that it does, and it
+# then keeps its DNS on this network: Firefox's DNS-over-HTTPS canary and iCloud Private Relay's two (Apple's
+# documented way for a network to say it filters). No list holds them: they carry the CANARY bit among their
+# categories (resolver/shared/lists.py adds it where a name's categories are looked up), so the query path
+# tells them apart by the categories it looks up anyway.
+CANARY = 1 << BUILT_IN_BIT
+CANARIES = {text_to_name(name): CANARY for name in ("use-application-dns.net", "mask.icloud.com", "mask-h2.icloud.com")}
+
 
 class Rule(StrEnum):
     """Which of the rules above decided."""
 
+    CANARY = "canary"
     PAUSE = "pause"
     SCHEDULE = "schedule"
     ALLOW = "allow"
@@ -137,6 +149,8 @@ class Policy:
     block_all: Verdict | None = None  # a pause or an active block-all schedule
     safe_search: bool = False
     level: str = "default"  # which policy decided: device, group, subscriber or default
+    canaries: bool = True  # answer the bypass canaries (CANARIES) NXDOMAIN
+    canary: int = field(init=False)  # CANARY when it does, else 0
     filtered: int = field(init=False)
     has_lists: bool = field(init=False)
     plain: bool = field(init=False)  # no block-all, no allow/deny, no safe search: the common case, one check
@@ -145,14 +159,34 @@ class Policy:
     _decisions: dict[Verdict | tuple[Rule, int | None], Decision] = field(init=False, default_factory=dict)
     _listed: dict[bytes, object] = field(init=False, default_factory=dict)
     _denied: Verdict | None = field(init=False)  # set below: compiled, an init=False default is never set
+    _canaried: Decision | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.warned &= ~self.blocked  # a category both blocked and warned is blocked
         self.filtered = self.blocked | self.warned
+        self.canary = CANARY if self.canaries else 0
         self.has_lists = bool(self.allow or self.deny or self.passed)
         self.plain = self.block_all is None and not self.has_lists and not self.safe_search
         self.resolves = Decision(None, Rule.NONE, self.filtered)
         self._denied = None
+        self._canaried = None
+
+    def canaried(self) -> Decision:
+        """The decision for a bypass canary: NXDOMAIN whatever the policy's answer mode (an address, in null
+        or page mode, would tell the asker that the network does not filter)."""
+        made = self._canaried
+        if made is None:
+            verdict = self.answering.verdict(
+                Action.BLOCK,
+                Rule.CANARY,
+                0,
+                "bypass canary",
+                EdeCode.BLOCKED,
+                "blocked: this network filters DNS",
+                AnswerMode.NXDOMAIN,
+            )
+            made = self._canaried = Decision(verdict, Rule.CANARY, None)
+        return made
 
     def answered(self, verdict: Verdict) -> Decision:
         """The decision that answers with `verdict` (made once per policy and verdict)."""
@@ -235,6 +269,8 @@ def decide(policy: Policy, name: bytes, bits: int, judged: int | None = None) ->
     """The decision for a lowercased wire name in categories `bits`, by the rules of the module's docstring,
     in their order. `judged`: the categories that count for a name of a CNAME chain (the asked name's
     decision's `chain`)."""
+    if bits & policy.canary:
+        return policy.canaried()
     if policy.block_all is not None:
         return policy.answered(policy.block_all)
     filtered = policy.filtered if judged is None else judged

@@ -1,6 +1,7 @@
 """Which policy governs a client, and what it means at a given moment. The precedence is written here, once:
 
-1. A pause beats everything: the device's, its group's, or the site's (whichever is in force).
+1. A pause beats everything but the bypass canaries of the governing policy (decision.py: they are answered
+   NXDOMAIN first): the device's, its group's, or the site's (whichever is in force).
 2. An active block-all schedule of the governing policy comes next.
 3. The governing policy, most specific first:
    - `device` mode (Wi-Fi Security Controls): the device's policy, else its group's (a device the site does
@@ -254,6 +255,7 @@ class PolicyMaker:
                 block_all=block_all,
                 level=level,
                 passed=wire_names(passed),
+                canaries=base.canaries,
             )
         warned = self.catalog.default_mask("warn") if spec.web_protect is not False else 0
         return Policy(
@@ -268,6 +270,7 @@ class PolicyMaker:
             safe_search=bool(spec.safe_search),
             level=level,
             passed=wire_names(passed),
+            canaries=spec.canaries is not False,
         )
 
     def _pause_verdict(self, level: str) -> Verdict:

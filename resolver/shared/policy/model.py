@@ -14,11 +14,12 @@ A site document holds a subscriber (a customer site) with its groups and devices
 A policy:
 
     {"profile": "guest", "block": ["pornography"], "web_protect": true, "allow": ["school.example"],
-     "deny": ["games.example"], "safe_search": true, "answer": "nxdomain",
+     "deny": ["games.example"], "safe_search": true, "answer": "nxdomain", "canaries": true,
      "schedules": [{"name": "bedtime", "days": ["sun", "mon", "tue", "wed", "thu"],
                     "from": "21:00", "to": "07:00", "block": "all"}]}
 
-Every field is optional except a site's id; a policy's fields override its profile's. `paused_until` is
+Every field is optional except a site's id; a policy's fields override its profile's. `canaries` (on unless
+false) answers the bypass canaries NXDOMAIN (resolver/shared/policy/decision.py). `paused_until` is
 an RFC 3339 time, or "forever". A device's `passes` are the names its user chose to "continue anyway" to on
 a Web Protect warning page, each until a time: they lift warnings only, never a block. Validation errors
 name the field by its path (`devices.tablet.macs[0]: 'zz' is not a MAC address`) and nothing is stored.
@@ -91,6 +92,7 @@ class PolicySpec:
     schedules: tuple[Schedule, ...] | None = None
     safe_search: bool | None = None
     answer: str | None = None
+    canaries: bool | None = None
 
     def over(self, base: PolicySpec) -> PolicySpec:
         """This spec's fields where set, `base`'s elsewhere (the profile's name itself is not carried)."""
@@ -336,7 +338,17 @@ def _schedule(value: Any, path: str, catalog: Catalog) -> Schedule:
     )
 
 
-POLICY_FIELDS = {"profile", "block", "web_protect", "allow", "deny", "schedules", "safe_search", "answer"}
+POLICY_FIELDS = {
+    "profile",
+    "block",
+    "web_protect",
+    "allow",
+    "deny",
+    "schedules",
+    "safe_search",
+    "answer",
+    "canaries",
+}
 
 
 def parse_policy(value: Any, path: str, catalog: Catalog) -> PolicySpec | None:
@@ -362,6 +374,7 @@ def parse_policy(value: Any, path: str, catalog: Catalog) -> PolicySpec | None:
         schedules=schedules,
         safe_search=_bool(entry["safe_search"], f"{path}.safe_search") if "safe_search" in entry else None,
         answer=answer,
+        canaries=_bool(entry["canaries"], f"{path}.canaries") if "canaries" in entry else None,
     )
 
 
@@ -680,7 +693,7 @@ def policy_document(spec: PolicySpec | None) -> dict[str, Any] | None:
     for name in ("block", "allow", "deny"):
         if getattr(spec, name) is not None:
             document[name] = list(getattr(spec, name))
-    for name in ("web_protect", "safe_search", "answer"):
+    for name in ("web_protect", "safe_search", "answer", "canaries"):
         if getattr(spec, name) is not None:
             document[name] = getattr(spec, name)
     if spec.schedules is not None:
