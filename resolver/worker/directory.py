@@ -69,8 +69,9 @@ _RELOAD_DELAY = 0.05
 # A site reloaded in t seconds (parsing its whole document holds up the queries of every site meanwhile) is
 # not reloaded again for this many t, at most _MOST_SPACING: a stream of writes to one site, however fast,
 # then takes about 0.5 % of a worker's time (a site of limits.document_bytes takes about 5 ms), and its
-# latest change still arrives within about a second, however slow a loaded machine makes a reload look (t
-# counts the store's round trip too). A site written once in a while is reloaded at its first notice.
+# latest change still arrives within about a second (t is the worker's CPU time, which counts the queries
+# it answered during the store's round trip too). A site written once in a while is reloaded at its first
+# notice.
 _RELOAD_SPACING = 200
 _MOST_SPACING = 1.0
 
@@ -600,16 +601,20 @@ class Directory:
         await asyncio.sleep(_RELOAD_DELAY)
         try:
             while True:
-                started = time.monotonic()
-                site_id = next((site for site in self._due if self._spaced.get(site, 0.0) <= started), None)
+                now = time.monotonic()
+                site_id = next((site for site in self._due if self._spaced.get(site, 0.0) <= now), None)
                 if site_id is None:
                     break
                 del self._due[site_id]
+                # The reload's cost in this thread's CPU time, not the wall clock's: another process taking
+                # the CPU meanwhile (a busy machine) must not space a site's changes out to a second.
+                cost = time.thread_time()
                 await self._reload_site(site_id)
+                cost = time.thread_time() - cost
                 finished = time.monotonic()
                 if len(self._spaced) > len(self._sites):  # forget the spacings that have passed
                     self._spaced = {site: until for site, until in self._spaced.items() if until > finished}
-                self._spaced[site_id] = finished + min((finished - started) * _RELOAD_SPACING, _MOST_SPACING)
+                self._spaced[site_id] = finished + min(cost * _RELOAD_SPACING, _MOST_SPACING)
         except StoreUnavailable as exc:
             self._lost_store(exc)
             return
