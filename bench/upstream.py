@@ -65,7 +65,8 @@ class Script:
     ad: bool = False  # set AD in every reply, as a validating upstream would for signed names
     modes: dict[str, str] = field(default_factory=dict)  # name (no trailing dot) -> mode
     cnames: dict[str, str] = field(default_factory=dict)  # name -> target, answered as CNAME + A of target
-    addresses: dict[str, str] = field(default_factory=dict)  # name -> the IPv4 address its A record holds
+    # name -> the IPv4 address its A record holds; it has no AAAA (a client then goes nowhere but there)
+    addresses: dict[str, str] = field(default_factory=dict)
 
     def mode_for(self, name: str) -> str:
         return self.modes.get(name, self.mode)
@@ -118,7 +119,7 @@ def build_reply(query: DNSRecord, script: Script, tcp: bool) -> bytes | None:
             addresses = [script.addresses[name]] if name in script.addresses else addresses
             for address in addresses:
                 reply.add_answer(RR(owner, QTYPE.A, ttl=script.ttl, rdata=A(address)))
-        elif query.q.qtype == QTYPE.AAAA:
+        elif query.q.qtype == QTYPE.AAAA and name not in script.addresses:
             reply.add_answer(RR(owner, QTYPE.AAAA, ttl=script.ttl, rdata=AAAA(_address_for(name, 6))))
         else:
             reply.add_auth(soa)

@@ -1,7 +1,8 @@
 """Headless Chromium driven over the DevTools protocol (aiohttp's WebSocket client): open a page, read it,
 click an element with real mouse events (and, in a one-page app, without waiting for a page load), type, wait
 for the page to show something, size the viewport as a phone's or a desktop's, take a screenshot, read a
-screenshot's pixels back."""
+screenshot's pixels back. Also what a managed browser is given: policies (Chromium reads them from
+/etc/chromium/policies/managed on Linux) and a CA trusted through NSS."""
 
 from __future__ import annotations
 
@@ -9,29 +10,71 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+
+from tests.e2e.test_process import REPO
 
 WIDTH, HEIGHT = 1000, 700
+# Where the browser tests keep their screenshots (CI uploads them).
+ARTIFACTS = Path(os.environ.get("BNS_TEST_ARTIFACTS") or REPO / "tests" / "artifacts")
+POLICIES = Path("/etc/chromium/policies/managed")  # Chromium's (Debian's build) on Linux; Chrome's is /etc/opt/chrome
 
 
 def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@contextmanager
+def managed_policies(policies: dict[str, Any]) -> Iterator[None]:
+    """Policies every Chromium started meanwhile on this machine takes, as an administrator's managed browser
+    would: a file of its own in POLICIES, always removed. Skips the test where that directory cannot be written
+    (not root)."""
+    path = POLICIES / f"bns-test-{uuid.uuid4().hex[:12]}.json"
+    try:
+        POLICIES.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(policies))
+    except OSError as exc:
+        pytest.skip(f"cannot write Chromium's managed policies in {POLICIES} ({exc.strerror}); CI runs as root")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def trust(authority: Path, home: Path) -> None:
+    """An NSS database in `home` (where Chromium on Linux looks: $HOME/.pki/nssdb) that trusts the CA certificate
+    `authority` to identify servers."""
+    database = home / ".pki" / "nssdb"
+    database.mkdir(parents=True)
+    for command in (
+        ["certutil", "-N", "--empty-password", "-d", f"sql:{database}"],
+        ["certutil", "-A", "-n", "bns-test", "-t", "C,,", "-i", str(authority), "-d", f"sql:{database}"],
+    ):
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+
 class Browser:
     """One headless Chromium with its own profile in `profile`; `resolve` maps host names to addresses, as a
-    DNS answer would (the browser has no way to be pointed at a DNS server on a test port)."""
+    DNS answer would (the browser cannot be pointed at a DNS server on a test port, but for DNS over HTTPS: a
+    name it does not map, it resolves as its secure DNS settings say). `home`: its $HOME, whose NSS database
+    (`trust`) says which CAs it trusts."""
 
-    def __init__(self, resolve: dict[str, str], profile: Path) -> None:
+    def __init__(self, resolve: dict[str, str], profile: Path, home: Path | None = None) -> None:
         self._resolve = resolve
         self._profile = profile
+        self._home = home
         self._process: subprocess.Popen[str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -65,6 +108,7 @@ class Browser:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
+            env={**os.environ, "HOME": str(self._home)} if self._home is not None else None,
         )
         endpoint = await asyncio.wait_for(asyncio.to_thread(self._devtools_endpoint), 30)
         self._session = aiohttp.ClientSession()
@@ -125,10 +169,13 @@ class Browser:
         while (await asyncio.wait_for(self._events.get(), 30))["method"] != "Page.loadEventFired":
             pass
 
-    async def open(self, url: str) -> None:
+    async def open(self, url: str) -> str | None:
+        """Go to `url` and wait for the page (or the browser's error page) to load; returns the navigation's net
+        error (net::ERR_NAME_NOT_RESOLVED…), None when it loaded."""
         self._drain()
-        await self.send("Page.navigate", url=url)
+        navigated = await self.send("Page.navigate", url=url)
         await self._loaded()
+        return navigated.get("errorText") or None
 
     def _drain(self) -> None:
         while not self._events.empty():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import urllib.error
@@ -29,15 +28,14 @@ import pytest
 from bench.dga import dga_names
 from bench.upstream import Script, ScriptedUpstream
 from tests.conftest import eventually
-from tests.e2e.chromium import Browser, chromium_binary
+from tests.e2e.chromium import ARTIFACTS, Browser, chromium_binary
 from tests.e2e.test_admin import ADMIN, http
-from tests.e2e.test_process import REPO, node
+from tests.e2e.test_process import node
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)"),
 ]
-ARTIFACTS = Path(os.environ.get("BNS_TEST_ARTIFACTS") or REPO / "tests" / "artifacts")
 PHONE_SIZE, DESKTOP_SIZE = (390, 844), (1280, 800)
 TABLET, LAPTOP, CONSOLE = "127.0.0.2", "127.0.0.3", "127.0.0.9"  # DNS clients: loopback sources of their own
 ZONE = "Europe/London"
