@@ -36,6 +36,7 @@ def configured_keys(site: Site) -> dict[str, str]:
     """The seen-device key of every identity a site's configured devices have → the device's id."""
     keys = {}
     for device in site.devices.values():
+        keys[f"device:{device.id}"] = device.id  # a device found by its DoT/DoH credential is filed so
         keys.update(dict.fromkeys((f"mac:{mac_text(mac)}" for mac in device.macs), device.id))
         keys.update(dict.fromkeys((f"id:{client_id}" for client_id in device.client_ids), device.id))
         keys.update(dict.fromkeys((f"ip:{address}" for address in device.addresses), device.id))

@@ -15,6 +15,7 @@ it) is believed as it is.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class Identity:
     client_id: str | None = None
     cpe_id: str | None = None
     router: str | None = None  # the trusted source that made these claims (None: the packet's own source)
+    # The client id a DoT or DoH client gave, which names its device: a secret (the device's credential from
+    # anywhere), so never recorded, keyed by or logged; its device's key (`device:<id>`) stands for it.
+    credential: str | None = None
 
     @property
     def key(self) -> str:
@@ -104,6 +108,22 @@ def identity_from(source: str, options: dict[int, bytes] | None) -> Identity:
     if OptionCode.ECS in options:
         address = _ecs_address(options[OptionCode.ECS]) or address
     return Identity(address, mac, client_id, cpe_id, source)
+
+
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 §6, lowercase: every character a DNS label may hold
+CLIENT_ID_LENGTH = 26  # 130 random bits
+
+
+def new_client_id() -> str:
+    """A client id no one can guess (a DoT or DoH client's credential from anywhere: worker/tls.py), and a DNS
+    label, so that it can lead a server name ({id}.dns.example.net)."""
+    return "".join(secrets.choice(_BASE32) for _ in range(CLIENT_ID_LENGTH))
+
+
+def made_here(client_id: str) -> bool:
+    """Whether a client id has the form `new_client_id` gives: only such an id admits a source from outside
+    server.allow (one a subscriber chose, or a router's Umbrella device id, is no credential)."""
+    return len(client_id) == CLIENT_ID_LENGTH and all(char in _BASE32 for char in client_id)
 
 
 class Claim(StrEnum):

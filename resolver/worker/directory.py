@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import math
@@ -117,8 +118,11 @@ class Client:
 
 
 def _device_key(identity: Identity, device: Device | None) -> str:
-    """The key of a client's seen-devices record: the identity its site's device was found by (find_device: MAC,
-    else client id, else address), so that the record joins the configured device; else the identity's own."""
+    """The key of a client's seen-devices record: the identity its site's device was found by (find_device: a
+    DoT or DoH credential, its device's own key; else MAC, client id, address), so that the record joins the
+    configured device; else the identity's own."""
+    if device is not None and identity.credential is not None:
+        return "device:" + device.id
     if device is None or (identity.mac is not None and identity.mac in device.macs):
         return identity.key
     if identity.client_id is not None and identity.client_id in device.client_ids:
@@ -127,8 +131,17 @@ def _device_key(identity: Identity, device: Device | None) -> str:
 
 
 def id_key(client_id: str) -> str:
-    """The key of a client known by the client id it gave: no address is spelt so."""
-    return "id:" + client_id
+    """The key of a client known by the client id it gave: a digest, since keys reach logs and alerts and the id
+    is a credential; no address is spelt so."""
+    return "id#" + hashlib.blake2b(client_id.encode(), digest_size=8).hexdigest()
+
+
+class Nobody:
+    """What a client id names when no device has it (`NOBODY`): the query is its address's, as on port 53."""
+
+
+NOBODY = Nobody()
+_UNKNOWN_IDS = 10_000  # ids known to name no device, remembered per worker (forgotten all at once when full)
 
 
 class SiteIndex:
@@ -211,6 +224,7 @@ class Directory:
         self._site_of: dict[tuple[str, str | None], str | None] = {}
         self._stand_ins: dict[Hashable, Client] = {}  # the best-known clients given while the store lags
         self._resolving: dict[Hashable, asyncio.Future[Client]] = {}
+        self._resolving_ids: dict[Hashable, asyncio.Future[Client | Nobody]] = {}
         self._loading: dict[str, asyncio.Future[Site | None]] = {}
         self.down_since: float | None = None
         self._retry_at = 0.0
@@ -225,6 +239,7 @@ class Directory:
         self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
         # client ids given over DoT and DoH, as resolved: naming a device, or not (metrics)
         self.client_ids: dict[str, int] = {"known": 0, "unknown": 0}
+        self._unknown_ids: set[str] = set()  # DoT/DoH client ids the store said no device has
         self._site_networks: NetworkSet | None = None  # every site's networks, once loaded
 
     def __len__(self) -> int:
@@ -263,15 +278,55 @@ class Directory:
             client.used = True
         return client
 
-    def client_by_id(self, request: Request) -> Client | None:
-        """`client` for a request with a client id; a malformed one ("") is nobody's."""
-        client_id = request.client_id
-        if self.store is None or not client_id:
-            return self.default_client
+    def client_by_id(self, client_id: str) -> Client | Nobody | None:
+        """The device a DoT or DoH client id names, if this worker knows it; NOBODY for an id known to name no
+        device; None means: call `resolve_id`."""
+        if self.store is None:
+            return NOBODY
         client = self._clients.get(id_key(client_id))
         if client is not None:
             client.used = True
-        return client
+            return client
+        return NOBODY if client_id in self._unknown_ids else None
+
+    async def resolve_id(self, request: Request, client_id: str) -> Client | Nobody | None:
+        """The device of a client id not seen before (one store call, batched; single flight per id), NOBODY
+        when no device has it. While the store cannot say within `cold_wait`, the held sites decide, and an
+        id none of them has counts as nobody's for now (the query is its address's, never a looser policy's)."""
+        key = id_key(client_id)
+        pending = self._resolving_ids.get(key)
+        if pending is None:
+            if self.down_since is not None and self._clock() < self._retry_at:
+                return self._held_device(key, request, client_id)
+            pending = self._resolving_ids[key] = asyncio.ensure_future(self._build_id(key, request, client_id))
+            pending.add_done_callback(lambda done: self._forget_resolution(self._resolving_ids, key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
+        except Exception:  # slow, down, or failing: logged once by _mark_down or _forget_resolution
+            return self._held_device(key, request, client_id)
+
+    async def _build_id(self, key: Hashable, request: Request, client_id: str) -> Client | Nobody:
+        try:
+            site = await self._site_of_client_id(client_id)
+        except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            raise
+        self._mark_up()
+        if site is None:
+            self.client_ids["unknown"] += 1
+            if len(self._unknown_ids) >= _UNKNOWN_IDS:
+                self._unknown_ids.clear()
+            self._unknown_ids.add(client_id)
+            return NOBODY
+        self.client_ids["known"] += 1
+        return self._bind(key, Identity(request.client[0], credential=client_id), site)
+
+    def _held_device(self, key: Hashable, request: Request, client_id: str) -> Client | Nobody:
+        """`_build_id` as far as the sites this worker holds can tell."""
+        site = self._held(self._index.find_client_id(client_id))
+        if site is None:
+            return NOBODY
+        return self._bind(key, Identity(request.client[0], credential=client_id), site)
 
     async def resolve(self, request: Request) -> Client | None:
         """The client of a query not seen before. If the store cannot say within `cold_wait`, the best this
@@ -282,7 +337,7 @@ class Directory:
             if self.down_since is not None and self._clock() < self._retry_at:
                 return self._from_memory(key, request) or self._stand_in(key, request)
             pending = self._resolving[key] = asyncio.ensure_future(self._build(key, request))
-            pending.add_done_callback(lambda done: self._forget_resolution(key, done))
+            pending.add_done_callback(lambda done: self._forget_resolution(self._resolving, key, done))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), self._settings.cold_wait)
         except Exception:  # slow, down, or failing: logged once by _mark_down or _forget_resolution
@@ -292,9 +347,6 @@ class Directory:
         """The client, bound as the store would bind it, when this worker knows its address's site and holds
         it (a new device behind a known router); None when that needs the store."""
         identity = self._identity(key, request)
-        if request.client_id is not None:
-            site = self._held(self._index.find_client_id(request.client_id))
-            return self._bind(key, identity, site) if site is not None else None
         if identity.router is not None:
             router = (identity.router, None)
             if router not in self._site_of:
@@ -319,11 +371,7 @@ class Directory:
             return None
         client = self._stand_ins.get(key)
         if client is None:
-            identity = self._identity(key, request)
-            if request.client_id is not None:
-                site = self._held(self._index.find_client_id(request.client_id))
-            else:
-                identity, site = self._held_site(identity)
+            identity, site = self._held_site(self._identity(key, request))
             if site is None:
                 return self.default_client
             if len(self._stand_ins) >= self._settings.client_cache:
@@ -334,26 +382,21 @@ class Directory:
             )
         return client
 
-    def _forget_resolution(self, key: Hashable, done: asyncio.Future[Client]) -> None:
-        self._resolving.pop(key, None)
+    @staticmethod
+    def _forget_resolution(resolving: dict[Hashable, Any], key: Hashable, done: asyncio.Future[Any]) -> None:
+        resolving.pop(key, None)
         if not done.cancelled() and not isinstance(done.exception(), StoreUnavailable | None):
             _failures.exception("resolving a client failed", done.exception() or True)
 
     @staticmethod
     def _identity(key: Hashable, request: Request) -> Identity:
         source = request.client[0]
-        if request.client_id is not None:
-            return Identity(source, client_id=request.client_id)
         return identity_from(source, request.options) if isinstance(key, tuple) else Identity(source)
 
     async def _build(self, key: Hashable, request: Request) -> Client:
         identity = self._identity(key, request)
         try:
-            if request.client_id is not None:
-                site = await self._site_of_client_id(request.client_id)
-                self.client_ids["known" if site is not None else "unknown"] += 1
-            else:
-                identity, site = await self._site_of_identity(identity)
+            identity, site = await self._site_of_identity(identity)
         except StoreUnavailable as exc:
             self._mark_down(str(exc))
             raise
@@ -672,8 +715,8 @@ class Directory:
 
     @staticmethod
     def _still_of(site: Site, key: Hashable, identity: Identity) -> bool:
-        if identity.client_id is not None and key == id_key(identity.client_id):
-            return identity.client_id in site.by_client_id
+        if identity.credential is not None:
+            return identity.credential in site.by_client_id
         if identity.cpe_id is not None and identity.cpe_id in site.cpe_ids:
             return True
         return in_site_networks(site, identity)

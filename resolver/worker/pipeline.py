@@ -22,7 +22,7 @@ from typing import Any
 
 from resolver.shared.config import TlsSettings
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
-from resolver.shared.identity import in_site_networks
+from resolver.shared.identity import in_site_networks, made_here
 from resolver.shared.lists import Lists
 from resolver.shared.page_pool import PagePool
 from resolver.shared.policy.decision import Action, AnswerMode, Policy, Verdict, decide, judge_chain
@@ -30,7 +30,7 @@ from resolver.shared.policy.safesearch import restrict_name
 from resolver.worker.activity import Tally
 from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
-from resolver.worker.directory import Client, Directory
+from resolver.worker.directory import Client, Directory, Nobody
 from resolver.worker.discovery import Discovery
 from resolver.worker.threats import ThreatWatch
 from resolver.worker.upstream import Forwarding, Overloaded, UpstreamFailed
@@ -127,7 +127,9 @@ class Resolver:
         return truncated_answer(self.parser.parse(data, client, False), reply[3] & 0x0F)
 
     def answer(self, data: bytes, client: Peer, tcp: bool, client_id: str | None = None) -> Answer:
-        """`client_id`: the one a DoT or DoH client gave (directory.py: a device is found by it, fleet-wide)."""
+        """`client_id`: the one a DoT or DoH client gave. It counts only when it names a device (directory.py: a
+        device is found by it, fleet-wide); a malformed id, or one no device has, is as good as none: the query
+        is its address's, as on port 53, never a looser policy's."""
         # parse: the lowercased name, type, class, EDNS and identity options, interned by the bytes.
         request = self.parser.parse(data, client, tcp)
         if self.held:
@@ -136,39 +138,61 @@ class Resolver:
         if request.query.local:
             return self._answer_locally(request)
         # identify: a client this worker knows costs a dict lookup; a new one is looked up in the store.
-        if client_id is None:
-            known = self.directory.client(request)
-        else:
-            request.client_id = client_id
-            known = self.directory.client_by_id(request)
+        if client_id:
+            device = self.directory.client_by_id(client_id)
+            if device is None:
+                return asyncio.ensure_future(self._answer_new_id(request, client_id))
+            if isinstance(device, Client):
+                request.client_id = client_id
+                return self._answer_for(request, device)
+        known = self.directory.client(request)
         if known is None:
             return asyncio.ensure_future(self._answer_new_client(request))
         return self._answer_for(request, known)
 
-    def answer_stranger(self, data: bytes, client: Peer, client_id: str) -> Answer:
-        """A DoT or DoH query from a source outside server.allow that gave a client id: the id is its credential,
-        so it is answered as the device the id names, and REFUSED if it names none. Raises Malformed."""
-        request = self.parser.parse(data, client, True)
-        request.client_id = client_id
-        known = self.directory.client_by_id(request)
-        if known is None:
-            return asyncio.ensure_future(self._answer_new_stranger(request))
-        return self._answer_stranger(request, known)
-
-    async def _answer_new_stranger(self, request: Request) -> bytes:
-        client = await self.directory.resolve(request)
-        answer = self._answer_stranger(request, client or self.directory.default_client)
+    async def _answer_new_id(self, request: Request, client_id: str) -> bytes:
+        device = await self.directory.resolve_id(request, client_id)
+        known: Client | None
+        if isinstance(device, Client):
+            known = device
+            request.client_id = client_id
+        else:  # nobody's (or the store could not say): the query is its address's
+            known = self.directory.client(request) or await self.directory.resolve(request)
+        if known is None:  # the store could not say in time and store.cold_policy refuses such queries
+            return synthesized_answer(request, Rcode.SERVFAIL, ede=_STORE_NOT_READY)
+        answer = self._answer_for(request, known)
         return answer if type(answer) is bytes else await answer  # type: ignore[misc]
 
-    def _answer_stranger(self, request: Request, known: Client) -> Answer:
-        if known.device is None:
-            self.refused_strangers += 1
-            return synthesized_answer(request, Rcode.REFUSED, ede=_PROHIBITED)
+    def answer_stranger(self, data: bytes, client: Peer, client_id: str) -> Answer:
+        """A DoT or DoH query from a source outside server.allow that gave a client id: an id made by the API is
+        its credential, so it is answered as the device the id names, and REFUSED otherwise (an id of another
+        form is refused before the store is asked: guessing costs the fleet nothing). Raises Malformed."""
+        request = self.parser.parse(data, client, True)
+        if not made_here(client_id):
+            return self._refuse_stranger(request)
+        device = self.directory.client_by_id(client_id)
+        if device is None:
+            return asyncio.ensure_future(self._answer_new_stranger(request, client_id))
+        return self._answer_stranger(request, client_id, device)
+
+    async def _answer_new_stranger(self, request: Request, client_id: str) -> bytes:
+        device = await self.directory.resolve_id(request, client_id)
+        answer = self._answer_stranger(request, client_id, device)
+        return answer if type(answer) is bytes else await answer  # type: ignore[misc]
+
+    def _answer_stranger(self, request: Request, client_id: str, known: Client | Nobody | None) -> Answer:
+        if not isinstance(known, Client):
+            return self._refuse_stranger(request)
         if self.held:
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
         if request.query.local:
             return self._answer_locally(request)
+        request.client_id = client_id
         return self._answer_for(request, known)
+
+    def _refuse_stranger(self, request: Request) -> bytes:
+        self.refused_strangers += 1
+        return synthesized_answer(request, Rcode.REFUSED, ede=_PROHIBITED)
 
     async def _answer_new_client(self, request: Request) -> bytes:
         client = await self.directory.resolve(request)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import re
 import shutil
@@ -271,11 +272,15 @@ def test_chromium_with_secure_dns_to_a_devices_template_is_filtered_paused_and_a
         def alerted() -> bool:  # once per device and domain, named as first asked: A, AAAA or (not port 80) HTTPS
             alerts = http(api, "GET", "/v1/sites/roaming/alerts", token=token)[1]["alerts"]  # type: ignore[index]
             return any(
-                (alert["device"], alert["reason"]) == (f"id:{client_id}", "bypass")
+                (alert["device"], alert["reason"]) == ("device:phone", "bypass")
                 and re.fullmatch(rf"(_{pages_port}\._https\.)?{re.escape(BYPASS)}", alert["name"])
                 for alert in alerts
             )
 
         eventually(alerted, 5)
         listed = http(api, "GET", "/v1/sites/roaming/devices", token=token)[1]["devices"]  # type: ignore[index]
-        assert {entry["key"]: entry["device"] for entry in listed} == {f"id:{client_id}": "phone"}, listed
+        assert {entry["key"]: entry["device"] for entry in listed} == {"device:phone": "phone"}, listed
+        # the id is the phone's credential from anywhere: neither an alert nor the device list shows it
+        assert client_id not in json.dumps(listed) and client_id not in json.dumps(
+            http(api, "GET", "/v1/sites/roaming/alerts", token=token)[1]
+        )

@@ -93,9 +93,11 @@ def test_a_client_id_is_found_fleet_wide_and_belongs_to_one_site(make_store):
         store = service.store
         assert await store.locate_client_id("id-2") == ("a", 1)
         assert await store.locate_client_id("nobody") is None
-        with pytest.raises(PolicyError, match=r"devices\.tv\.client_ids\[0\]: id-1 already belongs to site a"):
+        # whose id it is stays unsaid: a subscriber guessing ids learns nothing
+        with pytest.raises(PolicyError, match=r"devices\.tv\.client_ids\[0\]: is another device's client id") as taken:
             await service.put_device("b", "tv", {"client_ids": ["id-1"]})
-        with pytest.raises(PolicyError, match=r"sites\[0\]\.devices\.tv\.client_ids\[0\]: id-2 of site c"):
+        assert "site a" not in str(taken.value)
+        with pytest.raises(PolicyError, match=r"sites\[0\]\.devices\.tv\.client_ids\[0\]: is another device's"):
             await store.import_sites([{"id": "c", "devices": {"tv": {"client_ids": ["id-2"]}}}])
         _site, renewed = await service.renew_client_id("a", "phone")  # replaces both: they are free again
         assert await store.locate_client_id("id-1") is None and await store.locate_client_id(renewed) == ("a", 2)
@@ -114,6 +116,23 @@ def test_client_ids_of_a_site_stored_before_their_index_are_indexed_at_its_next_
         assert await service.store.locate_client_id("id-1") is None
         await service.set_site_fields("a", {})  # `bns site set a`, no flags
         assert await service.store.locate_client_id("id-1") == ("a", 2)
+
+    run(_with(redis_policy_store(shared_redis.url, redis_prefix), work))
+
+
+def test_a_write_of_a_site_with_client_ids_does_not_touch_the_index_others_watch(shared_redis, redis_prefix):
+    """Every write WATCHes the indexes (networks, CPE ids, client ids); writing an unchanged entry again breaks
+    every other write's WATCH, so a pause storm on one site made writes to every other site retry and fail."""
+
+    async def work(service):
+        await service.put_site("a", {"devices": {"phone": {"client_ids": ["id-1"]}}})
+        store = service.store
+        async with store.client.pipeline(transaction=True) as other:  # another site's write, mid-way
+            await other.watch(store.key("clientid"))
+            await service.pause("a", ("device", "phone"))
+            other.multi()
+            other.set(store.key("probe"), "1")
+            assert await other.execute() == [True]  # its WATCH held: the index was not written
 
     run(_with(redis_policy_store(shared_redis.url, redis_prefix), work))
 

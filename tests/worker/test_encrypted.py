@@ -403,13 +403,15 @@ def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_
 
 # --- client ids and access -------------------------------------------------------------------------------------
 
+# Client ids as the API makes them (26 base32 letters): only such an id admits a source outside server.allow.
+PHONE_ID, LAPTOP_ID = "phoneqqqqqqqqqqqqqqqqqqqqq", "laptopqqqqqqqqqqqqqqqqqqqq"
 HOME = {"networks": ["127.0.0.0/8"], "paused_until": "forever"}  # every loopback client but a client id's: paused
 ROAMING = {
     "networks": ["198.51.100.0/24"],
     "mode": "device",
     "devices": {
-        "phone": {"client_ids": ["phoneid"], "paused_until": "forever"},
-        "laptop": {"client_ids": ["laptopid"], "policy": {"block": []}},
+        "phone": {"client_ids": [PHONE_ID], "paused_until": "forever"},
+        "laptop": {"client_ids": [LAPTOP_ID], "policy": {"block": []}},
     },
 }
 
@@ -447,28 +449,33 @@ def test_a_client_id_in_the_server_name_or_the_path_selects_its_device_fleet_wid
         assert outcome(over_dot(server, authority, "example.com")) == "paused"  # no id: its address's site
         assert outcome(over_doh(server, authority, "example.com")) == "paused"
         # the phone, paused, wherever it asks from and however it gives its id
-        assert outcome(over_dot(server, authority, "example.com", f"phoneid.{NAME}")) == "paused"
-        assert outcome(over_doh(server, authority, "example.com", "/dns-query/phoneid")) == "paused"
-        assert outcome(over_doh(server, authority, "example.com", host=f"phoneid.{NAME}")) == "paused"
+        assert outcome(over_dot(server, authority, "example.com", f"{PHONE_ID}.{NAME}")) == "paused"
+        assert outcome(over_doh(server, authority, "example.com", f"/dns-query/{PHONE_ID}")) == "paused"
+        assert outcome(over_doh(server, authority, "example.com", host=f"{PHONE_ID}.{NAME}")) == "paused"
         # the laptop: its own policy, which blocks nothing; the path's id wins over the server name's
-        assert outcome(over_dot(server, authority, "porn.example", f"laptopid.{NAME}")) == "ok"
-        assert outcome(over_doh(server, authority, "porn.example", "/dns-query/laptopid", post=False)) == "ok"
+        assert outcome(over_dot(server, authority, "porn.example", f"{LAPTOP_ID}.{NAME}")) == "ok"
+        assert outcome(over_doh(server, authority, "porn.example", f"/dns-query/{LAPTOP_ID}", post=False)) == "ok"
         assert (
-            outcome(over_doh(server, authority, "porn.example", "/dns-query/laptopid", host=f"phoneid.{NAME}")) == "ok"
+            outcome(over_doh(server, authority, "porn.example", f"/dns-query/{LAPTOP_ID}", host=f"{PHONE_ID}.{NAME}"))
+            == "ok"
         )
-        # an unknown or malformed id: the global default (pornography blocked), not its address's paused site
+        # an unknown or malformed id is as good as none: its address's site, paused, never a looser policy (a
+        # child whose tablet is paused must not escape by making an id up)
         for unknown in (
             over_dot(server, authority, "porn.example", f"nobody.{NAME}"),
             over_doh(server, authority, "porn.example", "/dns-query/nobody"),
             over_doh(server, authority, "porn.example", "/dns-query/no%20body"),
             over_dot(server, authority, "porn.example", f"bad_id.{NAME}"),
         ):
-            assert outcome(unknown) == "blocked: pornography"
-        assert outcome(over_dot(server, authority, "example.com", f"nobody.{NAME}")) == "ok"
+            assert outcome(unknown) == "paused"
         ids = counters(server)["client_ids"]
         assert (ids["known"], ids["unknown"], ids["malformed"]) == (2, 1, 2)
-        seen = {(entry["site"], entry["key"]) for entry in handed_over(server, tmp_path / "activity.json")}
-        assert {("smith", "id:phoneid"), ("smith", "id:laptopid"), ("home", "ip:127.0.0.1")} <= seen
+        # the devices found by their ids are filed under their own keys: the id, a credential, is written nowhere
+        seen = handed_over(server, tmp_path / "activity.json")
+        assert {("smith", "device:phone"), ("smith", "device:laptop"), ("home", "ip:127.0.0.1")} <= {
+            (entry["site"], entry["key"]) for entry in seen
+        }
+        assert PHONE_ID not in json.dumps(seen) and LAPTOP_ID not in json.dumps(seen)
 
 
 def test_a_known_client_id_is_answered_from_outside_server_allow_and_nothing_else_is(
@@ -480,13 +487,17 @@ def test_a_known_client_id_is_answered_from_outside_server_allow_and_nothing_els
         assert server.ask("example.com").rcode() == dns.rcode.REFUSED  # port 53: loopback is outside allow
         assert outcome(over_dot(server, authority, "example.com")) == "refused"
         assert outcome(over_doh(server, authority, "example.com")) == "refused"
-        assert outcome(over_dot(server, authority, "porn.example", f"laptopid.{NAME}")) == "ok"
-        assert outcome(over_doh(server, authority, "porn.example", "/dns-query/laptopid")) == "ok"
-        assert outcome(over_doh(server, authority, "example.com", "/dns-query/phoneid")) == "paused"
+        assert outcome(over_dot(server, authority, "porn.example", f"{LAPTOP_ID}.{NAME}")) == "ok"
+        assert outcome(over_doh(server, authority, "porn.example", f"/dns-query/{LAPTOP_ID}")) == "ok"
+        assert outcome(over_doh(server, authority, "example.com", f"/dns-query/{PHONE_ID}")) == "paused"
         assert outcome(over_dot(server, authority, "example.com", f"nobody.{NAME}")) == "refused"
         assert outcome(over_doh(server, authority, "example.com", "/dns-query/nobody")) == "refused"
         assert outcome(over_doh(server, authority, "example.com", "/dns-query/bad%id")) == "refused"
-        assert server.call(lambda: server.worker.shed()["refused_source"]) == 6
+        unmade = "q" * 26  # of the API's form, but no device's: the store is asked, once
+        assert outcome(over_doh(server, authority, "example.com", f"/dns-query/{unmade}")) == "refused"
+        assert outcome(over_dot(server, authority, "example.com", f"{unmade}.{NAME}")) == "refused"
+        assert server.call(lambda: server.worker.shed()["refused_source"]) == 8
+        assert counters(server)["client_ids"]["unknown"] == 1
 
 
 # --- certificates ------------------------------------------------------------------------------------------------

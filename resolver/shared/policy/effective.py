@@ -292,6 +292,7 @@ def find_device(site: Site, identity: Identity) -> Device | None:
     """The device of `site` that `identity` names: by MAC, then client id, then address."""
     if identity.mac is not None and identity.mac in site.by_mac:
         return site.by_mac[identity.mac]
-    if identity.client_id is not None and identity.client_id in site.by_client_id:
-        return site.by_client_id[identity.client_id]
+    for client_id in (identity.credential, identity.client_id):
+        if client_id is not None and client_id in site.by_client_id:
+            return site.by_client_id[client_id]
     return site.by_address.get(identity.address)

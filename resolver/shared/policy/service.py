@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import copy
 import re
-import secrets
 import time
 from typing import Any
 
 from resolver.shared.config import TlsSettings
 from resolver.shared.errors import NotFound
+from resolver.shared.identity import new_client_id
 from resolver.shared.policy.model import PolicyError, Site, parse_time, site_document, time_document
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import SiteDocument, Store
 
 Target = tuple[str, str | None]  # ("site", None), ("group", id) or ("device", id)
-_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 §6, lowercase: every character a DNS label may hold
-CLIENT_ID_LENGTH = 26  # 130 random bits
-
-
-def new_client_id() -> str:
-    """A client id no one can guess (a DoT or DoH client's credential from anywhere: worker/tls.py), and a DNS
-    label, so that it can lead a server name ({id}.dns.example.net)."""
-    return "".join(secrets.choice(_BASE32) for _ in range(CLIENT_ID_LENGTH))
 
 
 def client_id_endpoints(tls: TlsSettings, client_id: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from resolver.shared.store.policies import (
     lookup_candidates,
     new_incarnation,
     owned,
+    taken,
 )
 
 _PRIVATE = 0o600  # the file holds webhook secrets: its owner (the user bns runs as) alone reads it
@@ -214,11 +215,11 @@ class FileStore(Store):
             if site is None:
                 self._data["sites"].pop(site_id, None)
                 return None
-            self._check_owners(site, "{value} already belongs to site {owner}")
+            self._check_owners(site)
             self._put(site, version)
             return site
 
-    def _check_owners(self, site: Site, reason: str, prefix: str = "") -> None:
+    def _check_owners(self, site: Site, prefix: str = "") -> None:
         """PolicyError naming the field of a network, CPE id or client id of `site` that another site holds."""
         for kind, field, value in owned(site):
             if kind == NETWORKS:
@@ -226,7 +227,7 @@ class FileStore(Store):
             else:
                 owner = (self._cpes if kind == CPE_IDS else self._client_ids).get(value)
             if owner not in (None, site.id):
-                raise PolicyError(prefix + field, reason.format(value=value, site=site.id, owner=owner))
+                raise PolicyError(prefix + field, taken(kind, value, owner))
 
     async def change_site_tokens(self, site_id: str, change: Callable[[TokenRecords], TokenRecords]) -> str:
         with self._locked():
@@ -247,7 +248,7 @@ class FileStore(Store):
         sites = self._validated_import(documents)
         with self._locked():
             for index, site in enumerate(sites):
-                self._check_owners(site, "{value} of site {site} already belongs to site {owner}", f"sites[{index}].")
+                self._check_owners(site, f"sites[{index}].")
             for site in sites:
                 self._put(site, self._data["sites"].get(site.id, {}).get("version", 0) + 1)
         return len(sites)

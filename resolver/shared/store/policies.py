@@ -57,6 +57,14 @@ Apply = Callable[[Change], Awaitable[None]]
 NETWORKS, CPE_IDS, CLIENT_IDS = "net", "cpe", "clientid"
 
 
+def taken(kind: str, value: str, owner: str) -> str:
+    """Why a write cannot claim `value`: another site has it. A client id is a device's credential, so whose
+    it is stays unsaid (a subscriber guessing ids must learn nothing, not even that a site exists)."""
+    if kind == CLIENT_IDS:
+        return "is another device's client id: make one with the client-id route or command"
+    return f"{value} already belongs to site {owner}"
+
+
 def owned(site: Site) -> list[tuple[str, str, str]]:
     """(index, field, value) of what no other site may hold: its networks, CPE ids and its devices' client ids."""
     found = [(NETWORKS, f"networks[{index}]", network) for index, network in enumerate(site.networks)]

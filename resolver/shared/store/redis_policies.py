@@ -30,6 +30,7 @@ from resolver.shared.store.policies import (
     lookup_candidates,
     new_incarnation,
     owned,
+    taken,
 )
 from resolver.shared.store.redis import STORE_ERRORS, Notice, RedisConnection, is_sentinel
 
@@ -237,9 +238,9 @@ class RedisStore(Store):
             raw, version = await pipe.hmget(key, "doc", "version")
             old = json.loads(raw) if raw is not None else None
             site = self._validated(site_id, mutate(old), int(version or 0) + 1, old)
-            await self._check_owners(pipe, site_id, site)
+            indexed = await self._check_owners(pipe, site_id, site)
             pipe.multi()
-            self._queue_write(pipe, site_id, old, site)
+            self._queue_write(pipe, site_id, old, site, indexed)
             return site
 
         site = await self._transaction(site_id, (key, *(self.key(kind) for kind in _OWNED)), write)
@@ -330,9 +331,13 @@ class RedisStore(Store):
             )
         return bool(found)
 
-    async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> None:
+    async def _check_owners(self, pipe: Any, site_id: str, site: Site | None) -> set[str]:
+        """Raises PolicyError for a network, CPE id or client id another site has; returns the site's client ids
+        the index holds already (written again, an unchanged entry would still break every other write's
+        WATCH of the index)."""
+        indexed: set[str] = set()
         if site is None:
-            return
+            return indexed
         claims = owned(site)
         for kind in _OWNED:
             of_kind = [(field, value) for claimed, field, value in claims if claimed == kind]
@@ -341,11 +346,17 @@ class RedisStore(Store):
             owners = await pipe.hmget(self.key(kind), [value for _field, value in of_kind])
             for (field, value), owner in zip(of_kind, owners, strict=True):
                 if owner is not None and owner.decode() != site_id:
-                    raise PolicyError(field, f"{value} already belongs to site {owner.decode()}")
+                    raise PolicyError(field, taken(kind, value, owner.decode()))
+                if owner is not None and kind == CLIENT_IDS:
+                    indexed.add(value)
+        return indexed
 
-    def _queue_write(self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None) -> None:
+    def _queue_write(
+        self, pipe: Any, site_id: str, old: SiteDocument | None, new: Site | None, indexed_ids: set[str]
+    ) -> None:
         """Queue the document, the index changes and the notices. Old index entries come from the stored
-        document as it is, so even one written by hand, and no longer valid, can be replaced."""
+        document as it is, so even one written by hand, and no longer valid, can be replaced; client ids are
+        indexed unless the index has them (`indexed_ids`: a site stored before the index gets its ids in)."""
         key = self.key("site", site_id)
         old_networks = set(old.get("networks", [])) if old else set()
         new_networks = set(new.networks) if new else set()
@@ -369,7 +380,7 @@ class RedisStore(Store):
         new_ids = {client_id for device in new.devices.values() for client_id in device.client_ids} if new else set()
         for client_id in old_ids - new_ids:
             pipe.hdel(self.key(CLIENT_IDS), client_id)
-        for client_id in new_ids:  # all, not only the new: a site written before this index gets its ids in
+        for client_id in new_ids - indexed_ids:
             pipe.hset(self.key(CLIENT_IDS), client_id, site_id)
         if new is None:
             pipe.delete(key)
@@ -389,6 +400,7 @@ class RedisStore(Store):
         writers of the same sites."""
         sites = self._validated_import(documents)
         olds: list[Any] = []
+        indexed: set[str] = set()  # client ids the index holds already, each for its own site
         for start in range(0, len(sites), batch):
             chunk = sites[start : start + batch]
             reads = self.client.pipeline(transaction=False)
@@ -407,14 +419,16 @@ class RedisStore(Store):
             results = await self.call(reads.execute())
             olds += results[: len(chunk)]
             existing = [owner for found in results[len(chunk) :] for owner in found]
-            for (_kind, field, value, site_id), owner in zip(claims, existing, strict=True):
+            for (kind, field, value, site_id), owner in zip(claims, existing, strict=True):
                 if owner is not None and owner.decode() != site_id:
-                    raise PolicyError(field, f"{value} of site {site_id} already belongs to site {owner.decode()}")
+                    raise PolicyError(field, taken(kind, value, owner.decode()))
+                if owner is not None and kind == CLIENT_IDS:
+                    indexed.add(value)
         for start in range(0, len(sites), batch):
             writes = self.client.pipeline(transaction=True)
             for site, (raw, version) in zip(sites[start : start + batch], olds[start : start + batch], strict=True):
                 site.version = int(version or 0) + 1
-                self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site)
+                self._queue_write(writes, site.id, json.loads(raw) if raw is not None else None, site, indexed)
             if not await self._commit(writes):
                 raise StoreUnavailable(
                     f"import: sites {start + 1} to {start + len(sites[start : start + batch])} were "
