@@ -17,13 +17,14 @@ the node (a restart makes new ones).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,6 +48,7 @@ class Pair:
     """A checked certificate and key: what the listeners serve with, and what the node says about it."""
 
     contexts: dict[str, ssl.SSLContext]  # by listener: "dot", "doh"
+    pem: tuple[bytes, bytes]  # the certificate chain and the key, as checked
     names: tuple[str, ...]  # the DNS names the certificate holds
     not_after: float  # when it expires (Unix time)
     files: _Files
@@ -89,14 +91,32 @@ def _stamp(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def server_context(certificate: str, key: str, alpn: tuple[str, ...]) -> ssl.SSLContext:
-    """A server context for TLS 1.2 and later offering `alpn`. Raises ssl.SSLError, OSError."""
+def server_context(chain: bytes, key: bytes, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """A server context for TLS 1.2 and later offering `alpn`, with the pair whose PEM bytes are given. Raises
+    ssl.SSLError, OSError."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996 retires 1.0 and 1.1; RFC 7858 §3.2 asks for 1.2+
     context.options |= ssl.OP_NO_RENEGOTIATION  # TLS 1.2 renegotiation: CPU for the client's asking
-    context.load_cert_chain(certificate, key)
+    # From the very bytes that were checked, not the paths again: files replaced between the check and the load
+    # would otherwise serve a pair nobody checked. `ssl` loads only from paths, so the bytes go to anonymous
+    # in-memory files (never to disk: the key is in them).
+    with _memory_file(chain) as chain_path, _memory_file(key) as key_path:
+        context.load_cert_chain(chain_path, key_path)
     context.set_alpn_protocols(list(alpn))
     return context
+
+
+@contextlib.contextmanager
+def _memory_file(content: bytes) -> Iterator[str]:
+    """A path that reads `content`, held in memory only, for as long as the block runs."""
+    descriptor = os.memfd_create("bns-tls", os.MFD_CLOEXEC)
+    try:
+        written = 0
+        while written < len(content):
+            written += os.write(descriptor, content[written:])
+        yield f"/proc/self/fd/{descriptor}"
+    finally:
+        os.close(descriptor)
 
 
 def load_pair(settings: TlsSettings, now: float) -> Pair:
@@ -138,11 +158,16 @@ def load_pair(settings: TlsSettings, now: float) -> Pair:
             f"(it holds: {', '.join(names) or 'no DNS name'})"
         )
     try:
-        contexts = {kind: server_context(settings.certificate, settings.key, alpn) for kind, alpn in ALPN.items()}
+        contexts = {kind: server_context(chain, key_pem, alpn) for kind, alpn in ALPN.items()}
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"tls.certificate: {settings.certificate} cannot be used with tls.key: {exc}") from None
     return Pair(
-        contexts, names, certificate.not_valid_after_utc.timestamp(), files, _holds(names, f"id.{settings.name}")
+        contexts,
+        (chain, key_pem),
+        names,
+        certificate.not_valid_after_utc.timestamp(),
+        files,
+        _holds(names, f"id.{settings.name}"),
     )
 
 
@@ -161,7 +186,7 @@ class Certificates:
         self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self.fronts: dict[str, ssl.SSLContext] = {}
         for kind, alpn in ALPN.items():
-            front = server_context(settings.certificate, settings.key, alpn)
+            front = server_context(*self.pair.pem, alpn)
             front.sni_callback = partial(self._on_hello, kind)
             self.fronts[kind] = front
         if not self.pair.wildcard:

@@ -284,13 +284,16 @@ def raise_descriptor_limit(config: Config) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     upstream = config.upstream
     attempts = int(upstream.deadline / upstream.timeout) + 1
-    need = upstream.max_outstanding * attempts + config.server.tcp_max_connections + 256
+    tls = config.tls
+    encrypted = tls.max_connections if tls.dot_listen or tls.doh_listen else 0
+    need = upstream.max_outstanding * attempts + config.server.tcp_max_connections + encrypted + 256
     have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if have < need:
         log.warning(
-            "open files are limited to %d per process; a worker at upstream.max_outstanding and "
-            "server.tcp_max_connections may need %d (raise `ulimit -n`, or LimitNOFILE= in the unit)",
+            "open files are limited to %d per process; a worker at upstream.max_outstanding, "
+            "server.tcp_max_connections%s may need %d (raise `ulimit -n`, or LimitNOFILE= in the unit)",
             have,
+            " and tls.max_connections" if encrypted else "",
             need,
         )
 

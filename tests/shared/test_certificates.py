@@ -3,13 +3,19 @@ config --check` make), and how a running node takes new files."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import ssl
+import time
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from resolver.shared.certificates import Certificates
+from resolver.shared import certificates
+from resolver.shared.certificates import Certificates, load_pair
 from resolver.shared.config import Config
 from resolver.shared.errors import ConfigError
 from resolver.supervisor.process import check
@@ -120,3 +126,39 @@ def test_new_files_are_taken_when_seen_twice_or_on_sighup_and_a_bad_pair_is_refu
         assert not certificates.check()  # refused once, not again until the files change again
     assert certificates.pair is third and certificates.reloads == {"loaded": 2, "refused": 1}
     assert caplog.text.count("the new TLS certificate pair is refused; still serving the one loaded before") == 1
+
+
+def _served_certificate(context: ssl.SSLContext) -> bytes:
+    """The certificate (DER) a server with `context` presents, by a handshake in memory."""
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname, client_context.verify_mode = False, ssl.CERT_NONE
+    pipes = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]  # (in, out) of the client, of the server
+    client = client_context.wrap_bio(*pipes[0], server_hostname=NAME)
+    server = context.wrap_bio(*pipes[1], server_side=True)
+    for _ in range(10):
+        for end in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        pipes[1][0].write(pipes[0][1].read())
+        pipes[0][0].write(pipes[1][1].read())
+    certificate = client.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def test_the_pair_served_is_the_one_checked_even_when_the_files_change_meanwhile(authority, monkeypatch):
+    """Files replaced between the checks and the load (a renewal's renames landing just then) must not serve a
+    pair that was never checked: here an expired pair is renamed into place right after the files are read."""
+    live, expired = authority.issue("racing"), authority.issue("stale", valid_from=-10 * DAY, valid_for=5 * DAY)
+    want = x509.load_pem_x509_certificates(live.certificate.read_bytes())[0].public_bytes(Encoding.DER)
+    read = certificates._read
+
+    def read_then_replace(path: str, key: str) -> bytes:
+        content = read(path, key)
+        if key == "tls.key":
+            _replace(live, expired)
+        return content
+
+    monkeypatch.setattr(certificates, "_read", read_then_replace)
+    pair = load_pair(tls_config(live).tls, time.time())
+    assert all(_served_certificate(context) == want for context in pair.contexts.values())
