@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bench import peers
+from bench import encrypted, peers
+from bench.load import LoadResult
+from tests.certificates import Authority
 
 pytestmark = pytest.mark.unit
 
@@ -19,3 +24,60 @@ def test_peers_asks_for_matplotlib_before_it_runs_anything(monkeypatch, tmp_path
         peers.main(["--plot", str(tmp_path / "peers.png")])
     assert stopped.value.code == 2
     assert "--plot needs matplotlib: pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+# --- bench.encrypted -------------------------------------------------------------------------------------------
+
+
+def _served(label: str, us: float, sent: int, uncounted: int = 0) -> encrypted.Server:
+    server = encrypted.Server(label, lambda directory, ports, idle: None, encrypted.Ports(1, 2, 3))
+    result = LoadResult(sent=sent, completed=sent - uncounted, seconds=1.0)
+    if uncounted:
+        result.rcodes["uncounted by dnsperf"] = uncounted
+    server.cpu_us["doh-get"] = [us]
+    server.results["doh-get"] = [result]
+    return server
+
+
+def test_encrypted_compares_bns_only_with_peers_that_held_the_rate() -> None:
+    """dnsperf 2.10 stalls on some servers' DoH answers (DNS-OARC/dnsperf#240): such a run sends a fraction of
+    the queries, so its CPU per query is of another load, and must not be the yardstick bns is held to."""
+    stalled = _served("dnsdist", 30.0, sent=580, uncounted=197)
+    slow = _served("unbound", 20.0, sent=2_000)  # well below the 3,000 the rate asks for
+    steady = _served("other", 50.0, sent=2_990)
+    servers = [stalled, slow, steady, _served("bns", 60.0, sent=3_000)]
+    assert encrypted.best_peer(servers, "doh-get", expected=3_000) is steady
+    assert encrypted.best_peer(servers, "doh-get") is slow  # measures without a rate: every peer counts
+
+
+def test_encrypted_reads_dnsperf_doh_answers_and_s_time_counts() -> None:
+    doh = "DNS-over-HTTPS statistics:\n\n  HTTP/2 return codes:  200: 192, 400: 3\n"
+    assert encrypted.http_answers(doh) == 192
+    assert encrypted.http_answers("Queries completed:    10 (100.00%)\n") == 0
+    full = (
+        "Collecting connection statistics for 1 seconds\n*****\n\n5 connections in 0.01s; 500.00 connections/user sec"
+    )
+    resumed = (
+        "\n\nNow timing with session id reuse.\nstarting\nrrrr\n\n4 connections in 0.00s; 4000 connections/user sec"
+    )
+    assert encrypted.parse_s_time(full) == (5, 0)
+    assert encrypted.parse_s_time(full + resumed) == (4, 4)
+
+
+@pytest.mark.integration
+def test_encrypted_server_configs_pass_the_servers_own_checks(tmp_path: Path) -> None:
+    """The unbound and dnsdist configurations the bench writes are ones those servers accept: a key they do not
+    know would otherwise surface only as a server that never starts, minutes into a run."""
+    pair = Authority(tmp_path / "ca").issue()
+    ports = encrypted.Ports(5300, 8530, 4430)
+    checked = 0
+    command = encrypted.unbound(tmp_path, ports, 10_000, upstream=5301, pair=pair)
+    if command is not None and shutil.which("unbound-checkconf"):
+        subprocess.run(["unbound-checkconf", command[-1]], check=True, capture_output=True)
+        checked += 1
+    command = encrypted.dnsdist(tmp_path, ports, 10_000, upstream=5301, pair=pair)
+    if command is not None:
+        subprocess.run([*command, "--check-config"], check=True, capture_output=True)
+        checked += 1
+    if not checked:
+        pytest.skip("neither unbound nor dnsdist is installed")
