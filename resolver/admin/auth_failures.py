@@ -14,12 +14,13 @@ per LOG_EVERY seconds, with the count of those not logged; the token is never lo
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+from resolver.shared.hosts import host_of
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,6 @@ BURST = 10
 REFILL = 6.0  # seconds: ten guesses a minute, once the burst is spent
 MAX_SOURCES = 10_000
 LOG_EVERY = 10.0
-
-
-def source_of(address: str | None) -> str:
-    """Who failed: the address, or for IPv6 its /64."""
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return address or "unknown"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)  # an IPv4 client of a dual-stack socket is its own source, not ::ffff:0:0/64
-    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 class AuthFailures:
@@ -57,7 +47,7 @@ class AuthFailures:
 
     def wait(self, address: str | None) -> int:
         """Whole seconds the source of `address` must wait before a token of its is checked; 0: check now."""
-        source = source_of(address)
+        source = host_of(address)
         now = self._clock()
         over = self._owing(source, now) + 1 - BURST
         if over <= 0:
@@ -67,7 +57,7 @@ class AuthFailures:
 
     def failed(self, address: str | None, what: str) -> None:
         """A token from `address` opened nothing (`what`: the request, as METHOD PATH)."""
-        source = source_of(address)
+        source = host_of(address)
         now = self._clock()
         self._owed[source] = (self._owing(source, now) + 1, now)
         self._owed.move_to_end(source)

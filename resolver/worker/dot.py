@@ -25,7 +25,7 @@ class DotConnection(TcpConnection):
         access: AccessControl,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(resolver, settings, gate.connections, in_flight, access, clock, gate.settings.idle_timeout)
+        super().__init__(resolver, settings, gate.open, in_flight, access, clock, gate.settings.idle_timeout)
         self._gate = gate
         self._client_id: str | None = None
 

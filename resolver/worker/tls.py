@@ -1,10 +1,13 @@
 """What DoT and DoH connections have in common before they carry a query: the bounds a new connection is
 admitted within, its TLS handshake, the client id its server name gives, and how a query of theirs is let in.
 
-- A new connection counts against `tls.max_connections` (per worker) and `tls.max_per_client` (per source
-  address) from its first byte, handshake included. At the worker's cap the longest-idle open connection makes
-  room (RFC 7766 §6.2.3's rule, as for TCP); when none is idle, or the source is at its own cap, the new one is
-  closed at once.
+- A new connection counts against `tls.max_connections` (per worker) and `tls.max_per_client` (per client: an
+  IPv4 address, an IPv6 /64) from its first byte, handshake included. At the worker's cap an idle open
+  connection makes room (RFC 7766 §6.2.3's rule, as for TCP), else a handshake unfinished after
+  HANDSHAKE_GRACE (a client that connects and says nothing must not keep others out for the whole
+  `tls.handshake_timeout`); when there is neither, or the client is at its own cap, the new one is closed at
+  once. Finding the one to close looks at no more than EVICTION_SCAN connections, so that a worker at its cap
+  spends no more on a new connection than below it.
 - The handshake (TLS 1.2+, the ALPN and the certificate of certificates.py) must end within
   `tls.handshake_timeout`; then the connection is handed to its transport (dot.py, doh.py).
 - A client id is the first label of the server name asked for under `tls.name` (`{id}.dns.example.net`), or
@@ -20,14 +23,18 @@ worker's counters, bns_tls_* in metrics).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import re
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from resolver.shared.certificates import Certificates
 from resolver.shared.config import TlsSettings
+from resolver.shared.hosts import host_of
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.model import is_id
 from resolver.worker.access import REFUSED, AccessControl
@@ -93,6 +100,10 @@ class Encrypted(Protocol):
         """Stop reading; close once what it has read is answered."""
 
 
+HANDSHAKE_GRACE = 1.0  # seconds a handshake holds its slot against a newcomer when the worker is full
+EVICTION_SCAN = 64  # connections looked at to find one to close at the worker's cap
+
+
 class TlsGate:
     """A worker's DoT and DoH connections (handshaking or open), their bounds, and the counters of both."""
 
@@ -100,17 +111,20 @@ class TlsGate:
         self.settings = settings
         self.certificates = certificates
         self.clock = clock
-        self.connections: set[Encrypted] = set()  # handshaking or open: what the bounds count
+        # Handshaking or open: what the bounds count. In the order last looked at for eviction: one found busy
+        # goes to the back, so that each scan starts at those not looked at for longest.
+        self.connections: OrderedDict[Encrypted, None] = OrderedDict()
         self.open: set[Encrypted] = set()  # past their handshake
         self.stopping = False  # the worker drains: a handshake that ends now is closed
-        self._sources: dict[Encrypted, str] = {}
-        self._per_source: dict[str, int] = {}
+        self._handshaking: OrderedDict[Encrypted, Handshake] = OrderedDict()
+        self._hosts: dict[Encrypted, str] = {}
+        self._per_host: dict[str, int] = {}
         # metrics: handshakes done by listener, connections cut by why, malformed client ids, DoH statuses
         self.handshakes = {"dot": 0, "doh": 0}
         self.cut = {
-            "worker_full": 0,  # tls.max_connections, and no idle connection to close instead
+            "worker_full": 0,  # tls.max_connections, and no idle connection or slow handshake to close instead
             "client_full": 0,  # tls.max_per_client
-            "evicted": 0,  # idle, closed to make room at tls.max_connections
+            "evicted": 0,  # idle, or handshaking past HANDSHAKE_GRACE: closed to make room at tls.max_connections
             "handshake_timeout": 0,  # tls.handshake_timeout
             "handshake_failed": 0,  # the client gave up, or offered nothing we take
             "idle": 0,  # tls.idle_timeout
@@ -124,38 +138,64 @@ class TlsGate:
     def open_count(self) -> int:
         return len(self.connections)
 
-    def admit(self, connection: Encrypted, source: str) -> bool:
-        if self._per_source.get(source, 0) >= self.settings.max_per_client:
+    def admit(self, connection: Encrypted, handshake: Handshake, address: str) -> bool:
+        """Count a new connection in, or say no (counted) when it has no room."""
+        host = host_of(address)
+        if self._per_host.get(host, 0) >= self.settings.max_per_client:
             self.cut["client_full"] += 1
             return False
-        if len(self.connections) >= self.settings.max_connections and not self._evict_idle():
+        if len(self.connections) >= self.settings.max_connections and not self._make_room():
             self.cut["worker_full"] += 1
             return False
-        self.connections.add(connection)
-        self._sources[connection] = source
-        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self.connections[connection] = None
+        self._handshaking[connection] = handshake
+        self._hosts[connection] = host
+        self._per_host[host] = self._per_host.get(host, 0) + 1
         return True
+
+    def opened(self, connection: Encrypted) -> None:
+        """Its handshake is done."""
+        self._handshaking.pop(connection, None)
+        self.open.add(connection)
 
     def release(self, connection: Encrypted) -> None:
         """A connection is gone (called again for the same one, nothing happens)."""
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
+        self._handshaking.pop(connection, None)
         self.open.discard(connection)
-        source = self._sources.pop(connection, None)
-        if source is not None:
-            left = self._per_source[source] - 1
+        host = self._hosts.pop(connection, None)
+        if host is not None:
+            left = self._per_host[host] - 1
             if left:
-                self._per_source[source] = left
+                self._per_host[host] = left
             else:
-                del self._per_source[source]
+                del self._per_host[host]
 
-    def _evict_idle(self) -> bool:
-        idle = [(connection.idle_since(), connection) for connection in self.connections]
-        waiting = [(since, connection) for since, connection in idle if since is not None]
-        if not waiting:
+    def _make_room(self) -> bool:
+        """Close a connection for a new one: the longest idle of the first EVICTION_SCAN open ones not looked at
+        for longest, else the oldest handshake past HANDSHAKE_GRACE. False if there is neither."""
+        victim: Encrypted | None = None
+        oldest = math.inf
+        looked_at = []
+        for connection in itertools.islice(self.connections, EVICTION_SCAN):
+            looked_at.append(connection)
+            since = connection.idle_since()
+            if since is not None and since < oldest:
+                victim, oldest = connection, since
+        for connection in looked_at:
+            if connection is not victim:
+                self.connections.move_to_end(connection)
+        if victim is not None:
+            self.release(victim)
+            victim.close()
+        elif self._handshaking:
+            connection, handshake = next(iter(self._handshaking.items()))
+            if self.clock() - handshake.began < HANDSHAKE_GRACE:
+                return False
+            self.release(connection)
+            handshake.abort()
+        else:
             return False
-        victim = min(waiting, key=lambda found: found[0])[1]
-        self.release(victim)
-        victim.close()
         self.cut["evicted"] += 1
         return True
 
@@ -176,10 +216,14 @@ class Handshake(asyncio.Protocol):
         self._gate = gate
         self._kind = kind
         self._connection = connection
+        self._transport: asyncio.Transport | None = None
+        self.began = gate.clock()
+        self._evicted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self._gate
-        if not gate.admit(self._connection, transport.get_extra_info("peername")[0]):
+        self._transport = transport  # type: ignore[assignment]
+        if not gate.admit(self._connection, self, transport.get_extra_info("peername")[0]):
             transport.close()
             return
         steps = asyncio.get_running_loop().start_tls(
@@ -195,23 +239,36 @@ class Handshake(asyncio.Protocol):
         # read before start_tls put its protocol in place would go to this one, and be lost.
         _step(steps, self._handshaken)
 
+    def abort(self) -> None:
+        """Closed unfinished to make room (counted by the gate as evicted, not as a failed handshake)."""
+        self._evicted = True
+        if self._transport is not None:
+            self._transport.abort()
+
     def _handshaken(self, transport: Any, error: BaseException | None) -> None:
         gate = self._gate
+        connection = self._connection
         if error is not None:
-            gate.release(self._connection)
-            # uvloop aborts a handshake past its timeout with ConnectionAbortedError (asyncio: TimeoutError)
-            timed_out = isinstance(error, ConnectionAbortedError | TimeoutError)
-            gate.cut["handshake_timeout" if timed_out else "handshake_failed"] += 1
+            gate.release(connection)
+            if not self._evicted:
+                # uvloop aborts a handshake past its timeout with ConnectionAbortedError (asyncio: TimeoutError)
+                timed_out = isinstance(error, ConnectionAbortedError | TimeoutError)
+                gate.cut["handshake_timeout" if timed_out else "handshake_failed"] += 1
             return
-        if gate.stopping:
-            gate.release(self._connection)
+        if gate.stopping or self._evicted:
+            gate.release(connection)
             transport.close()
             return
-        gate.handshakes[self._kind] += 1
-        gate.open.add(self._connection)
-        tls: ssl.SSLObject = transport.get_extra_info("ssl_object")
-        name = gate.count_client_id(client_id_of_name(gate.certificates.server_name(tls), gate.settings.name))
-        self._connection.opened(transport, name)
+        try:
+            gate.handshakes[self._kind] += 1
+            gate.opened(connection)
+            tls: ssl.SSLObject = transport.get_extra_info("ssl_object")
+            name = gate.count_client_id(client_id_of_name(gate.certificates.server_name(tls), gate.settings.name))
+            connection.opened(transport, name)
+        except Exception:  # a connection that cannot start must not keep its slot, nor reach the loop's handler
+            _failures.exception(f"a {self._kind} connection failed as it opened")
+            gate.release(connection)
+            transport.abort()
 
 
 def _step(steps: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
@@ -222,7 +279,7 @@ def _step(steps: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | 
     except StopIteration as finished:
         done(finished.value, None)
         return
-    except Exception as error:
+    except (Exception, asyncio.CancelledError) as error:  # cancelled: the loop is closing
         done(None, error)
         return
     waiting.add_done_callback(lambda _future: _step(steps, done))
