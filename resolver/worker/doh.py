@@ -427,6 +427,7 @@ class _Http1:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_HEAD_LIMIT)
         self._request: DohRequest | None = None
         self._answering = False
+        self._reading = False  # inside `_next`'s loop: an answer given at once lets the loop go on
 
     def busy(self) -> bool:
         return self._answering
@@ -439,6 +440,17 @@ class _Http1:
         self._next()
 
     def _next(self) -> None:
+        # A loop, never a recursion: an answer known at once (cached, blocked) is sent from inside `answer`, and a
+        # client pipelining thousands of requests in one write must not take a stack frame each.
+        if self._reading:
+            return
+        self._reading = True
+        try:
+            self._read_requests()
+        finally:
+            self._reading = False
+
+    def _read_requests(self) -> None:
         owner = self._owner
         while not self._answering and not owner.closing:
             try:
@@ -503,4 +515,4 @@ class _Http1:
             return
         self._h11.start_next_cycle()
         owner.update_reading()
-        self._next()
+        self._next()  # an answer that came later: read on (one given at once returns to `_next`'s loop)

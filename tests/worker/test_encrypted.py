@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -375,6 +376,63 @@ def test_http2_stream_reset_and_ping_floods_are_cut_off_and_others_are_answered(
         assert outcome(over_doh(server, authority, "porn.example")) == "blocked: pornography"
         cut = counters(server)["cut"]
         assert (cut["streams"], cut["flood"], cut["protocol"]) == (1, 2, 1)
+
+
+def tls_socket(server: ServerThread, authority: Authority, alpn: str) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", server.doh_port), timeout=5)
+    sock = client_context(authority, (alpn,)).wrap_socket(raw, server_hostname=NAME)
+    assert sock.selected_alpn_protocol() == alpn
+    return sock
+
+
+def send_in_background(sock: ssl.SSLSocket, data: bytes) -> threading.Thread:
+    """Write `data` from another thread, so the test can read answers meanwhile (the server stops reading while
+    the client does not read: a client writing all first and reading after would wait on itself)."""
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # cut off: the test's reading says so
+            sock.sendall(data)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+def test_thousands_of_http11_requests_pipelined_in_one_write_are_all_answered_in_order(server, authority):
+    """Blocked answers are given at once; each must not take a stack frame (3000 would pass Python's limit)."""
+    count = 3000
+    requests = b"".join(
+        b"GET /dns-query?dns=%s HTTP/1.1\r\nhost: %s\r\n\r\n"
+        % (
+            base64.urlsafe_b64encode(dns.message.make_query(f"n{index}.porn.example", "A").to_wire()).rstrip(b"="),
+            NAME.encode(),
+        )
+        for index in range(count)
+    )
+    sock = tls_socket(server, authority, "http/1.1")
+    sender = send_in_background(sock, requests)
+    received = bytearray()
+    while received.count(b"HTTP/1.1 200 ") < count:
+        data = sock.recv(1 << 16)
+        assert data, f"closed after {received.count(b'HTTP/1.1 200 ')} answers"
+        received += data
+    sender.join(5)
+    bodies = [
+        dns.message.from_wire(bytes(received[start + 4 : start + 4 + int(length)]))
+        for length, start in _bodies(received)
+    ]
+    assert [str(body.question[0].name) for body in bodies] == [f"n{index}.porn.example." for index in range(count)]
+    sock.close()
+
+
+def _bodies(received: bytes) -> Iterator[tuple[bytes, int]]:
+    """(content-length, where its head ends) of each HTTP/1.1 response in `received`."""
+    position = 0
+    while (end := received.find(b"\r\n\r\n", position)) != -1:
+        head = bytes(received[position:end]).lower()
+        length = head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]
+        yield length, end
+        position = end + 4 + int(length)
 
 
 def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_room(upstream, pair, lists, authority):
