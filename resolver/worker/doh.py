@@ -1,7 +1,8 @@
 """DNS over HTTPS (RFC 8484): GET (`?dns=`, base64url without padding) and POST (`application/dns-message`) on
 `tls.doh_path` and `tls.doh_path/{client id}`, over HTTP/2 (h2) or HTTP/1.1 (h11), as the TLS handshake chose
 (ALPN). Each request's DNS message goes through the one pipeline (tls.answer_encrypted), and its answer comes back
-as `application/dns-message`, cacheable for no longer than its smallest TTL (§5.1). What is not a DoH request gets
+as `application/dns-message`, cacheable by the client alone (`private`: it is its device's policy's answer) for
+no longer than its smallest TTL (§5.1). What is not a DoH request gets
 an HTTP status: 400 (no DNS message, or none that is answered), 404 (another path), 405 (another method), 413
 (larger than `tls.max_request`), 415 (another content type).
 
@@ -220,7 +221,9 @@ class DohConnection(asyncio.Protocol):
             return [
                 (b"content-type", _DNS_MESSAGE),
                 (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"max-age=%d" % (ttl or 0)),
+                # private: the answer is this device's (its policy's), and a shared cache must not hand it to
+                # another; max-age its smallest TTL (RFC 8484 §5.1)
+                (b"cache-control", b"private, max-age=%d" % (ttl or 0)),
             ]
         headers = [(b"content-length", b"0")]
         if status == 405:

@@ -228,7 +228,9 @@ def test_curl_resolves_through_doh(pair, lists, authority):
         page.shutdown()
 
 
-def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_statuses(server, upstream, authority):
+def test_the_answer_is_cacheable_privately_for_its_smallest_ttl_and_the_rest_gets_http_statuses(
+    server, upstream, authority
+):
     upstream.script.modes["gone.example"] = "nxdomain"
     wire = dns.message.make_query("example.com", "A").to_wire()
     encoded = base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
@@ -238,11 +240,12 @@ def test_the_answer_is_cacheable_for_its_smallest_ttl_and_the_rest_gets_http_sta
             answer = client.get(f"{base}/dns-query?dns={encoded}")
             assert answer.status_code == 200 and answer.headers["content-type"] == "application/dns-message"
             ttl = dns.message.from_wire(answer.content).answer[0].ttl
-            assert answer.headers["cache-control"] == f"max-age={ttl}" and 0 < ttl <= 300
+            # private: an answer is the asking device's policy's; a shared cache must not give it to another
+            assert answer.headers["cache-control"] == f"private, max-age={ttl}" and 0 < ttl <= 300
             gone = base64.urlsafe_b64encode(dns.message.make_query("gone.example", "A").to_wire()).rstrip(b"=")
             negative = client.get(f"{base}/dns-query?dns={gone.decode()}")  # its SOA: TTL 300, MINIMUM 60
             assert dns.message.from_wire(negative.content).rcode() == dns.rcode.NXDOMAIN
-            assert 0 < int(negative.headers["cache-control"].removeprefix("max-age=")) <= 60  # RFC 8484 §5.1
+            assert 0 < int(negative.headers["cache-control"].removeprefix("private, max-age=")) <= 60  # RFC 8484 §5.1
             dns_message = {"content-type": "application/dns-message"}
             statuses = [
                 client.get(f"{base}/dns-query?dns=not*base64").status_code,
