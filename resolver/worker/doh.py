@@ -1,10 +1,10 @@
 """DNS over HTTPS (RFC 8484): GET (`?dns=`, base64url without padding) and POST (`application/dns-message`) on
 `tls.doh_path` and `tls.doh_path/{client id}`, over HTTP/2 (h2) or HTTP/1.1 (h11), as the TLS handshake chose
 (ALPN). Each request's DNS message goes through the one pipeline (tls.answer_encrypted), and its answer comes back
-as `application/dns-message`, cacheable by the client alone (`private`: it is its device's policy's answer) for
-no longer than its smallest TTL (§5.1). What is not a DoH request gets
-an HTTP status: 400 (no DNS message, or none that is answered), 404 (another path), 405 (another method), 413
-(larger than `tls.max_request`), 415 (another content type).
+as `application/dns-message`, padded when the query pads (RFC 8467: wire.padded_if_asked), cacheable by the client
+alone (`private`: it is its device's policy's answer) for no longer than its smallest TTL (§5.1). What is not a DoH
+request gets an HTTP status: 400 (no DNS message, or none that is answered), 404 (another path), 405 (another
+method), 413 (larger than `tls.max_request`), 415 (another content type).
 
 Bounds, each counted by the gate (tls.py): `tls.max_streams` concurrent HTTP/2 streams
 (SETTINGS_MAX_CONCURRENT_STREAMS: a client that opens more is cut off with GOAWAY); a budget of stream resets and
@@ -36,7 +36,7 @@ from resolver.worker.access import AccessControl
 from resolver.worker.listener import InFlight, result_safely
 from resolver.worker.pipeline import Resolver
 from resolver.worker.tls import TlsGate, answer_encrypted, client_id_of_path
-from resolver.worker.wire import Peer, smallest_ttl
+from resolver.worker.wire import Peer, padded_if_asked, smallest_ttl
 
 _failures = Throttled(logging.getLogger(__name__))
 
@@ -197,7 +197,7 @@ class DohConnection(asyncio.Protocol):
             respond(400, b"")
             return
         if type(reply) is bytes:
-            respond(200, reply)
+            respond(200, padded_if_asked(message, reply))
             return
         self.in_flight += 1
         self._in_flight_futures.track(reply)  # type: ignore[arg-type]
@@ -209,7 +209,10 @@ class DohConnection(asyncio.Protocol):
         if self.transport is None:
             return
         reply = result_safely(future, message)
-        respond(400 if reply is None else 200, reply or b"")
+        if reply is None:
+            respond(400, b"")
+        else:
+            respond(200, padded_if_asked(message, reply))
         if self.closing:
             self.close_when_done()
 

@@ -290,7 +290,7 @@ class TcpConnection(asyncio.Protocol):
         if reply is None:
             return
         if type(reply) is bytes:
-            self._write(reply)
+            self._write(message, reply)
             return
         self._in_flight += 1
         self._in_flight_futures.track(reply)  # type: ignore[arg-type]
@@ -300,13 +300,14 @@ class TcpConnection(asyncio.Protocol):
         self._in_flight -= 1
         reply = result_safely(future, message)
         if reply is not None:
-            self._write(reply)
+            self._write(message, reply)
         self._last_active = self._clock()
         self._process_buffer()
         if self._closing:
             self._close_when_done()
 
-    def _write(self, reply: bytes) -> None:
+    def _write(self, message: bytes, reply: bytes) -> None:
+        """Send `reply`, the answer to `message` (which DoT reads to pad it)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(_U16.pack(len(reply)) + reply)

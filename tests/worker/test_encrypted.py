@@ -262,6 +262,47 @@ def test_the_answer_is_cacheable_privately_for_its_smallest_ttl_and_the_rest_get
     assert counters(server)["doh_statuses"] == {"200": 6, "400": 6, "404": 2, "405": 2, "413": 4, "415": 2}
 
 
+def dot_exchange(server: ServerThread, authority: Authority, wire: bytes) -> bytes:
+    """The answer's bytes, as sent, to one DoT query."""
+    raw = socket.create_connection(("127.0.0.1", server.dot_port), timeout=3)
+    with client_context(authority).wrap_socket(raw, server_hostname=NAME) as sock:
+        sock.sendall(len(wire).to_bytes(2, "big") + wire)
+        received = b""
+        while len(received) < 2 or len(received) < 2 + int.from_bytes(received[:2], "big"):
+            data = sock.recv(65536)
+            assert data, "closed before the answer"
+            received += data
+        return received[2:]
+
+
+def padding_of(message: dns.message.Message) -> list[dns.edns.Option]:
+    return [option for option in message.options if option.otype == dns.edns.OptionType.PADDING]
+
+
+def test_answers_are_padded_on_dot_and_doh_when_the_query_pads_and_never_on_port_53(server, authority):
+    """RFC 8467 §4.1: to a multiple of 468 bytes, cached, forwarded and blocked answers alike."""
+    base = f"https://127.0.0.1:{server.doh_port}/dns-query"
+    dns_message = {"content-type": "application/dns-message"}
+    with httpx2.Client(verify=client_context(authority), http2=True) as client:
+        for name in ("example.com", "example.com", "porn.example"):  # forwarded, cached, blocked
+            wire = dns.message.make_query(name, "A", use_edns=0, pad=128).to_wire()
+            for answer in (
+                dot_exchange(server, authority, wire),
+                client.post(base, content=wire, headers=dns_message).content,
+            ):
+                assert len(answer) % 468 == 0, (name, len(answer))
+                response = dns.message.from_wire(answer)
+                assert padding_of(response) and str(response.question[0].name) == f"{name}."
+            plain = dns.message.make_query(name, "A", use_edns=0).to_wire()
+            for answer in (
+                dot_exchange(server, authority, plain),
+                client.post(base, content=plain, headers=dns_message).content,
+            ):
+                assert not padding_of(dns.message.from_wire(answer))  # a query that does not pad: no padding
+    for tcp in (False, True):  # port 53: padding would hide nothing, and cost bytes
+        assert not padding_of(server.ask("example.com", tcp=tcp, use_edns=0, pad=128))
+
+
 def test_tls_sessions_resume_and_versions_before_tls_1_2_are_refused(server, authority):
     context = client_context(authority, ("dot",))
 
