@@ -10,7 +10,9 @@ Bounds, each counted by the gate (tls.py): `tls.max_streams` concurrent HTTP/2 s
 (SETTINGS_MAX_CONCURRENT_STREAMS: a client that opens more is cut off with GOAWAY); a budget of stream resets and
 of control frames (SETTINGS, PING, PRIORITY) per ten seconds, past which a client is cut off too (the "rapid
 reset" flood, CVE-2023-44487, and its kin); h2's flow control for bodies; h11's bound on a request's head; one
-HTTP/1.1 request at a time (reading pauses meanwhile); `tls.idle_timeout`.
+HTTP/1.1 request at a time (reading pauses meanwhile); `tls.idle_timeout`; 64 KiB of answers the client has not
+read (reading pauses), or, on HTTP/2, waiting for a window it does not open (new streams are refused); a 16 KiB
+HTTP/2 window for request bodies.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from h2.errors import ErrorCodes
 from resolver.shared.config import TlsSettings
 from resolver.shared.logs import Throttled
 from resolver.worker.access import AccessControl
-from resolver.worker.listener import InFlight, result_safely
+from resolver.worker.listener import WRITE_BUFFER_LIMIT, InFlight, result_safely
 from resolver.worker.pipeline import Resolver
 from resolver.worker.tls import TlsGate, answer_encrypted, client_id_of_path
 from resolver.worker.wire import Peer, padded_if_asked, smallest_ttl
@@ -42,6 +44,7 @@ _failures = Throttled(logging.getLogger(__name__))
 
 _DNS_MESSAGE = b"application/dns-message"
 _HEAD_LIMIT = 16_384  # bytes of a request's head (HTTP/1.1) or header list (HTTP/2)
+_BODY_WINDOW = 16_384  # HTTP/2 INITIAL_WINDOW_SIZE: what a client may send of a body ahead (or tls.max_request)
 _FLOOD_WINDOW = 10.0  # seconds over which the budgets below are counted
 _CONTROL_FRAMES = 100  # SETTINGS, PING and PRIORITY frames a client may send per window
 # Requests a client may reset before their answer per window: a browser cancels a few; a flood, thousands.
@@ -86,6 +89,7 @@ class DohConnection(asyncio.Protocol):
         self._peer = transport.get_extra_info("peername")[:2]
         self._client_id = client_id
         alpn = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_LIMIT)  # past it, no request is read (pause_writing)
         self._http = _Http2(self) if alpn == "h2" else _Http1(self)
         self._last_active = self._clock()
         self._idle_timer = asyncio.get_running_loop().call_later(self.settings.idle_timeout, self._check_idle)
@@ -272,11 +276,16 @@ class _Http2:
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _HEAD_LIMIT,
+                # A body is one DNS message of at most tls.max_request bytes: a client may send little more ahead
+                # per stream (each DATA frame is acknowledged at once, so a body within the bound flows). Not
+                # exactly max_request: a client blocked on the window after a 413 (httpx) would never read it.
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: max(settings.max_request, _BODY_WINDOW),
             },
         )
         self._h2.decoder.max_header_list_size = _HEAD_LIMIT  # hpack's own bound (64 KiB) otherwise
         self._streams: dict[int, DohRequest | None] = {}  # open streams: their request (None: answered early)
         self._unsent: dict[int, bytes] = {}  # answers waiting for flow-control window
+        self._unsent_bytes = 0
         self._budget_since = owner.gate.clock()
         self._control_frames = 0
         self._resets = 0
@@ -325,11 +334,13 @@ class _Http2:
         elif isinstance(event, h2.events.StreamReset):
             if self._streams.pop(event.stream_id, None) is not None:
                 self._resets += 1  # a request given up before its answer
-            self._unsent.pop(event.stream_id, None)
+            self._unsent_bytes -= len(self._unsent.pop(event.stream_id, b""))
             self._spend()
         elif isinstance(event, h2.events.RemoteSettingsChanged | h2.events.PingReceived | h2.events.PriorityUpdated):
             self._control_frames += 1
             self._spend()
+            if isinstance(event, h2.events.RemoteSettingsChanged) and self._unsent:
+                self._send_unsent()  # a larger INITIAL_WINDOW_SIZE opens every stream's window: no WINDOW_UPDATE
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._owner.closing = True
             self._owner.close_when_done()
@@ -353,6 +364,13 @@ class _Http2:
             int(length) if length is not None and length.isdigit() else None,
         )
         stream_id = event.stream_id
+        if self._unsent_bytes > WRITE_BUFFER_LIMIT:
+            # Answers wait for a window the client does not open: no new request until they go (RFC 9113 §8.7: a
+            # refused stream was not processed; the client may ask again). Pausing reading instead would stop the
+            # WINDOW_UPDATE frames that let them go.
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._owner.gate.cut["streams"] += 1
+            return
         if isinstance(head, int):
             self._streams[stream_id] = None
             self._respond(stream_id, head, b"")
@@ -393,6 +411,7 @@ class _Http2:
         self._h2.send_headers(stream_id, headers, end_stream=not body)
         if body:
             self._unsent[stream_id] = body
+            self._unsent_bytes += len(body)
             self._send_unsent()
         if request is None and self._h2.streams.get(stream_id) is not None:
             # Answered before the client finished sending (RFC 9113 §8.1): it need not send the rest.
@@ -409,6 +428,7 @@ class _Http2:
             while left and window > 0:
                 chunk, left = left[:window], left[window:]
                 self._h2.send_data(stream_id, chunk, end_stream=not left)
+                self._unsent_bytes -= len(chunk)
                 window = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
             if left:
                 self._unsent[stream_id] = left

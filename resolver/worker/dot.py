@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from resolver.shared.config import ServerSettings
 from resolver.worker.access import REFUSED, AccessControl
-from resolver.worker.listener import InFlight, TcpConnection
+from resolver.worker.listener import WRITE_BUFFER_LIMIT, InFlight, TcpConnection
 from resolver.worker.pipeline import Resolver
 from resolver.worker.tls import TlsGate, answer_encrypted
 from resolver.worker.wire import padded_if_asked
@@ -32,6 +32,7 @@ class DotConnection(TcpConnection):
 
     def opened(self, transport: asyncio.Transport, client_id: str | None) -> None:
         self._client_id = client_id
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_LIMIT)
         self.connection_made(transport)
 
     def _admitted(self) -> bool:

@@ -27,6 +27,7 @@ import dns.rcode
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import httpx2
 import pytest
 
@@ -477,6 +478,83 @@ def _bodies(received: bytes) -> Iterator[tuple[bytes, int]]:
         length = head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]
         yield length, end
         position = end + 4 + int(length)
+
+
+def test_a_dot_client_that_never_reads_holds_at_most_64_kib_of_answers(server, authority):
+    """Its queries, pipelined (blocked names: answered at once), stop being read and answered once 64 KiB of answers
+    wait for it; those already read wait as queries."""
+    wire = dns.message.make_query("porn.example", "A", use_edns=0).to_wire()
+    raw = socket.create_connection(("127.0.0.1", server.dot_port), timeout=5)
+    sock = client_context(authority).wrap_socket(raw, server_hostname=NAME)
+    sender = send_in_background(sock, (len(wire).to_bytes(2, "big") + wire) * 200_000)  # 6 MB: past the kernel's
+    assert server.worker is not None and server.worker.gate is not None
+    gate = server.worker.gate
+
+    def held() -> tuple[int, int]:
+        (connection,) = gate.open
+        return connection._transport.get_write_buffer_size(), len(connection._buffer)
+
+    def settled() -> bool:
+        before = server.call(held)
+        time.sleep(0.3)
+        return sender.is_alive() and server.call(held) == before
+
+    eventually(settled, 10)
+    answers, queries = server.call(held)
+    assert answers <= 65536 + 512, answers  # the limit, and the answer that crossed it
+    assert queries > 0  # read, not answered: they wait for the client to read
+    sock.close()
+    sender.join(5)
+
+
+def test_http2_answers_waiting_for_a_window_refuse_new_streams_past_64_kib_and_go_once_it_opens(
+    upstream, pair, lists, authority
+):
+    """A client that opens no window gets no request answered past 64 KiB of answers it holds back: later streams are
+    refused (REFUSED_STREAM: it may ask again), and its reading goes on, so the window it opens lets them go."""
+    with serving(upstream, pair, lists, {"max_streams": 200}) as server:
+        sock, client = h2_connection(server, authority)
+        assert client.remote_settings.initial_window_size == 65535  # before the server's SETTINGS
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sock.sendall(client.data_to_send())
+        streams = list(range(1, 321, 2))  # 160 padded answers of 468 bytes: 73 KiB
+        for stream in streams:
+            wire = dns.message.make_query(f"n{stream}.porn.example", "A", use_edns=0, pad=128).to_wire()
+            encoded = base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
+            headers = [(":method", "GET"), (":scheme", "https"), (":authority", NAME)]
+            client.send_headers(stream, [*headers, (":path", f"/dns-query?dns={encoded}")], end_stream=True)
+        sock.sendall(client.data_to_send())
+        refused: set[int] = set()
+        headed: set[int] = set()
+        ended: set[int] = set()
+        answered: dict[int, bytes] = {}
+        opened = False
+        sock.settimeout(3)
+        while len(refused) + len(ended) < len(streams):
+            data = sock.recv(65536)
+            assert data, "closed"
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    assert client.remote_settings.initial_window_size == 16384  # a body's, not 64 KiB
+                elif isinstance(event, h2.events.StreamReset):
+                    assert event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                    refused.add(event.stream_id)
+                elif isinstance(event, h2.events.ResponseReceived):
+                    headed.add(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    answered[event.stream_id] = answered.get(event.stream_id, b"") + event.data
+                    client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            if len(refused) + len(headed) == len(streams) and not opened:  # each answered or refused: open it
+                assert not answered  # nothing could go before
+                client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+                opened = True
+            sock.sendall(client.data_to_send())
+        assert 10 <= len(refused) <= 25 and refused == set(streams[-len(refused) :])
+        assert all(len(body) == 468 for body in answered.values())
+        assert counters(server)["cut"]["streams"] == len(refused)
+        sock.close()
 
 
 def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_room(upstream, pair, lists, authority):
