@@ -7,8 +7,8 @@ request gets an HTTP status: 400 (no DNS message, or none that is answered), 404
 method), 413 (larger than `tls.max_request`), 415 (another content type).
 
 Bounds, each counted by the gate (tls.py): `tls.max_streams` concurrent HTTP/2 streams
-(SETTINGS_MAX_CONCURRENT_STREAMS: a client that opens more is cut off with GOAWAY); a budget of stream resets and
-of control frames (SETTINGS, PING, PRIORITY) per ten seconds, past which a client is cut off too (the "rapid
+(SETTINGS_MAX_CONCURRENT_STREAMS: a stream more is refused, REFUSED_STREAM); a budget of stream resets and refusals
+and of control frames (SETTINGS, PING, PRIORITY frames) per ten seconds, past which a client is cut off too (the "rapid
 reset" flood, CVE-2023-44487, and its kin); h2's flow control for bodies; h11's bound on a request's head; one
 HTTP/1.1 request at a time (reading pauses meanwhile); `tls.idle_timeout`; 64 KiB of answers the client has not
 read (reading pauses), or, on HTTP/2, waiting for a window it does not open (new streams are refused); a 16 KiB
@@ -45,6 +45,7 @@ _failures = Throttled(logging.getLogger(__name__))
 _DNS_MESSAGE = b"application/dns-message"
 _HEAD_LIMIT = 16_384  # bytes of a request's head (HTTP/1.1) or header list (HTTP/2)
 _BODY_WINDOW = 16_384  # HTTP/2 INITIAL_WINDOW_SIZE: what a client may send of a body ahead (or tls.max_request)
+_OVER_STREAMS = 100  # streams past tls.max_streams refused one by one; past these too, the connection is cut
 _FLOOD_WINDOW = 10.0  # seconds over which the budgets below are counted
 _CONTROL_FRAMES = 100  # SETTINGS, PING and PRIORITY frames a client may send per window
 # Requests a client may reset before their answer per window: a browser cancels a few; a flood, thousands.
@@ -271,17 +272,15 @@ class _Http2:
         settings = owner.settings
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config)
-        self._h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _HEAD_LIMIT,
-                # A body is one DNS message of at most tls.max_request bytes: a client may send little more ahead
-                # per stream (each DATA frame is acknowledged at once, so a body within the bound flows). Not
-                # exactly max_request: a client blocked on the window after a 413 (httpx) would never read it.
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: max(settings.max_request, _BODY_WINDOW),
-            },
-        )
+        advertised = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _HEAD_LIMIT,
+            # A body is one DNS message of at most tls.max_request bytes: a client may send little more ahead per
+            # stream (each DATA frame is acknowledged at once, so a body within the bound flows). Not exactly
+            # max_request: a client blocked on the window after a 413 (httpx) would never read it.
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: max(settings.max_request, _BODY_WINDOW),
+        }
+        self._h2.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
         self._h2.decoder.max_header_list_size = _HEAD_LIMIT  # hpack's own bound (64 KiB) otherwise
         self._streams: dict[int, DohRequest | None] = {}  # open streams: their request (None: answered early)
         self._unsent: dict[int, bytes] = {}  # answers waiting for flow-control window
@@ -291,6 +290,12 @@ class _Http2:
         self._resets = 0
         self._h2.initiate_connection()
         owner.write(self._h2.data_to_send())
+        # h2 answers a stream past SETTINGS_MAX_CONCURRENT_STREAMS with GOAWAY, the whole connection lost; RFC 9113
+        # §5.1.2 lets a server refuse that one stream instead (`_request`). So h2 itself is told, and the client is
+        # not, of more streams than advertised: those a client opens in one read before `_request` refuses them (a
+        # client may open them before our SETTINGS arrive); more than that, and the connection goes as before.
+        enforced = {**advertised, h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams + _OVER_STREAMS}
+        self._h2.local_settings = h2.settings.Settings(client=False, initial_values=enforced)
 
     def busy(self) -> bool:
         return False  # streams are bounded by SETTINGS_MAX_CONCURRENT_STREAMS, not by pausing
@@ -304,8 +309,12 @@ class _Http2:
         owner = self._owner
         try:
             events = self._h2.receive_data(data)
+            # The priorities HEADERS frames carried: h2 reports each again as PriorityUpdated (after the stream's
+            # other events), but no PRIORITY frame was sent, and a browser gives every request one.
+            carried = {id(p) for event in events if (p := getattr(event, "priority_updated", None)) is not None}
             for event in events:
-                self._handle(event)
+                if id(event) not in carried:
+                    self._handle(event)
         except h2.exceptions.TooManyStreamsError:  # h2 has said GOAWAY (PROTOCOL_ERROR: RFC 9113 §5.1.2)
             self._cut("streams")
             return
@@ -355,6 +364,17 @@ class _Http2:
             raise _Flood
 
     def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        # Refused (RFC 9113 §8.7: not processed; the client may ask again), counted, and spent from the reset budget
+        # (a client opening streams only to have them refused is a flood): one past tls.max_streams (§5.1.2), or
+        # while answers wait for a window the client does not open (pausing reading instead would stop the
+        # WINDOW_UPDATE frames that let them go).
+        if len(self._streams) >= self._owner.settings.max_streams or self._unsent_bytes > WRITE_BUFFER_LIMIT:
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._owner.gate.cut["streams"] += 1
+            self._resets += 1
+            self._spend()
+            return
         fields = dict(event.headers or ())
         length = fields.get(b"content-length")
         head = self._owner.head(
@@ -363,14 +383,6 @@ class _Http2:
             fields.get(b"content-type"),
             int(length) if length is not None and length.isdigit() else None,
         )
-        stream_id = event.stream_id
-        if self._unsent_bytes > WRITE_BUFFER_LIMIT:
-            # Answers wait for a window the client does not open: no new request until they go (RFC 9113 §8.7: a
-            # refused stream was not processed; the client may ask again). Pausing reading instead would stop the
-            # WINDOW_UPDATE frames that let them go.
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            self._owner.gate.cut["streams"] += 1
-            return
         if isinstance(head, int):
             self._streams[stream_id] = None
             self._respond(stream_id, head, b"")

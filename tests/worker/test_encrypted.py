@@ -395,11 +395,15 @@ def test_http2_stream_reset_and_ping_floods_are_cut_off_and_others_are_answered(
         ScriptedUpstream(script=Script(mode="drop")) as upstream,
         serving(upstream, pair, lists, {"max_streams": 4}) as server,
     ):
-        sock, flood = h2_connection(server, authority)  # more streams than the 4 allowed, before the settings arrive
+        sock, many = h2_connection(server, authority)  # more streams than the 4 allowed, before the settings arrive
         for stream in range(1, 12, 2):
-            flood.send_headers(stream, get_headers(server, f"n{stream}.example"), end_stream=True)
-        sock.sendall(flood.data_to_send())
-        assert until_goaway(sock, flood).error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+            many.send_headers(stream, get_headers(server, f"n{stream}.example"), end_stream=True)
+        sock.sendall(many.data_to_send())
+        assert until_reset(sock, many) == {
+            9: h2.errors.ErrorCodes.REFUSED_STREAM,
+            11: h2.errors.ErrorCodes.REFUSED_STREAM,
+        }
+        sock.close()  # those two refused (RFC 9113 §5.1.2), not the connection
 
         sock, resets = h2_connection(server, authority)
         for stream in range(1, 41, 2):  # each request given up before its answer
@@ -420,7 +424,42 @@ def test_http2_stream_reset_and_ping_floods_are_cut_off_and_others_are_answered(
         until_goaway(sock, large)  # a header list beyond 16 KiB
         assert outcome(over_doh(server, authority, "porn.example")) == "blocked: pornography"
         cut = counters(server)["cut"]
-        assert (cut["streams"], cut["flood"], cut["protocol"]) == (1, 2, 1)
+        assert (cut["streams"], cut["flood"], cut["protocol"]) == (2, 2, 1)
+
+
+def until_reset(sock: ssl.SSLSocket, connection: h2.connection.H2Connection, count: int = 2) -> dict[int, int]:
+    """Read until `count` streams are reset by the server: their error codes by stream (no GOAWAY meanwhile)."""
+    sock.settimeout(3)
+    reset: dict[int, int] = {}
+    while len(reset) < count:
+        data = sock.recv(65536)
+        assert data, "closed"
+        for event in connection.receive_data(data):
+            assert not isinstance(event, h2.events.ConnectionTerminated), event
+            if isinstance(event, h2.events.StreamReset):
+                reset[event.stream_id] = event.error_code
+        sock.sendall(connection.data_to_send())
+    return reset
+
+
+def test_http2_priority_in_headers_spends_no_control_frame_budget(server, authority):
+    """A browser gives each request a priority in its HEADERS frame: 300 requests are not 300 PRIORITY frames."""
+    sock, client = h2_connection(server, authority)
+    sock.settimeout(3)
+    for stream in range(1, 601, 2):
+        headers = get_headers(server, f"n{stream}.porn.example")
+        client.send_headers(stream, headers, end_stream=True, priority_weight=220, priority_depends_on=0)
+        sock.sendall(client.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, f"closed at stream {stream}"
+            for event in client.receive_data(data):
+                assert not isinstance(event, h2.events.ConnectionTerminated), f"GOAWAY at stream {stream}"
+                ended = ended or (isinstance(event, h2.events.StreamEnded) and event.stream_id == stream)
+            sock.sendall(client.data_to_send())
+    assert counters(server)["cut"]["flood"] == 0
+    sock.close()
 
 
 def tls_socket(server: ServerThread, authority: Authority, alpn: str) -> ssl.SSLSocket:
