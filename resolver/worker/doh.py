@@ -114,7 +114,11 @@ class DohConnection(asyncio.Protocol):
     # --- the transport's side ---------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._http is not None and not self.closing:
+        # Closing too, while the transport is open: a draining HTTP/2 connection (GOAWAY said) still reads the
+        # WINDOW_UPDATE frames its answers in flight need; it opens no stream (`_Http2._request`), and HTTP/1.1
+        # reads no request once closing.
+        transport = self.transport
+        if self._http is not None and transport is not None and not transport.is_closing():
             self._http.received(data)
 
     def eof_received(self) -> bool:
@@ -158,7 +162,7 @@ class DohConnection(asyncio.Protocol):
         self.close()
 
     def close_when_done(self) -> None:
-        if self.in_flight == 0 and self.transport is not None:
+        if self.in_flight == 0 and self.transport is not None and not (self._http is not None and self._http.unsent()):
             self.transport.close()  # what is written goes first
 
     def _check_idle(self) -> None:
@@ -285,6 +289,8 @@ class _Http2:
         self._streams: dict[int, DohRequest | None] = {}  # open streams: their request (None: answered early)
         self._unsent: dict[int, bytes] = {}  # answers waiting for flow-control window
         self._unsent_bytes = 0
+        self._stopping = False  # draining: no new stream, GOAWAY once those open are answered
+        self._said_goaway = False
         self._budget_since = owner.gate.clock()
         self._control_frames = 0
         self._resets = 0
@@ -300,13 +306,27 @@ class _Http2:
     def busy(self) -> bool:
         return False  # streams are bounded by SETTINGS_MAX_CONCURRENT_STREAMS, not by pausing
 
+    def unsent(self) -> bool:
+        """Whether answers wait for a flow-control window (closing waits for them)."""
+        return bool(self._unsent)
+
     def stop(self) -> None:
-        """No new streams (GOAWAY); those open are answered."""
-        self._h2.close_connection()
-        self._owner.write(self._h2.data_to_send())
+        """No new streams; those open are answered, then GOAWAY. Not GOAWAY first: h2 treats a connection that said
+        it as closed, and neither sends an answer nor reads a WINDOW_UPDATE after it; a stream opened meanwhile is
+        refused (`_request`)."""
+        self._stopping = True
+        self._goaway_when_done()
+
+    def _goaway_when_done(self) -> None:
+        if self._stopping and not self._streams and not self._said_goaway:
+            self._said_goaway = True
+            self._h2.close_connection()
+            self._owner.write(self._h2.data_to_send())
 
     def received(self, data: bytes) -> None:
         owner = self._owner
+        if self._said_goaway:
+            return  # h2 takes nothing but GOAWAY now, and nothing is owed
         try:
             events = self._h2.receive_data(data)
             # The priorities HEADERS frames carried: h2 reports each again as PriorityUpdated (after the stream's
@@ -330,6 +350,7 @@ class _Http2:
             owner.close()
             return
         owner.write(self._h2.data_to_send())
+        self._goaway_when_done()
 
     def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -351,6 +372,9 @@ class _Http2:
             if isinstance(event, h2.events.RemoteSettingsChanged) and self._unsent:
                 self._send_unsent()  # a larger INITIAL_WINDOW_SIZE opens every stream's window: no WINDOW_UPDATE
         elif isinstance(event, h2.events.ConnectionTerminated):
+            # h2 sends nothing after the client's GOAWAY: answers waiting for a window are lost with it
+            self._unsent.clear()
+            self._unsent_bytes = 0
             self._owner.closing = True
             self._owner.close_when_done()
 
@@ -369,6 +393,9 @@ class _Http2:
         # (a client opening streams only to have them refused is a flood): one past tls.max_streams (§5.1.2), or
         # while answers wait for a window the client does not open (pausing reading instead would stop the
         # WINDOW_UPDATE frames that let them go).
+        if self._owner.closing:
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # draining: GOAWAY said, no new stream
+            return
         if len(self._streams) >= self._owner.settings.max_streams or self._unsent_bytes > WRITE_BUFFER_LIMIT:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self._owner.gate.cut["streams"] += 1
@@ -416,6 +443,7 @@ class _Http2:
         except h2.exceptions.ProtocolError:
             return  # the stream or the connection closed meanwhile
         self._owner.write(self._h2.data_to_send())
+        self._goaway_when_done()
 
     def _respond(self, stream_id: int, status: int, body: bytes) -> None:
         headers = [(b":status", b"%d" % status), *self._owner.response_headers(status, body)]
@@ -447,6 +475,10 @@ class _Http2:
             else:
                 del self._unsent[stream_id]
                 self._streams.pop(stream_id, None)
+        if self._owner.closing and not self._unsent:  # the last answer waiting for a window: out, then close
+            self._owner.write(self._h2.data_to_send())
+            self._goaway_when_done()
+            self._owner.close_when_done()
 
     def _cut(self, reason: str) -> None:
         self._owner.write(self._h2.data_to_send())
@@ -469,6 +501,9 @@ class _Http1:
 
     def busy(self) -> bool:
         return self._answering
+
+    def unsent(self) -> bool:
+        return False  # an answer is written whole
 
     def stop(self) -> None:
         pass  # the request being answered is the last: `close_when_done`

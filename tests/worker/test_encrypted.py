@@ -596,6 +596,46 @@ def test_http2_answers_waiting_for_a_window_refuse_new_streams_past_64_kib_and_g
         sock.close()
 
 
+def test_an_http2_connection_draining_still_reads_the_window_its_answers_in_flight_need(server, authority):
+    """The worker drains while an answer waits for its window: the WINDOW_UPDATE the client sends after is read, the
+    answer goes, then GOAWAY and the close; a stream opened meanwhile is refused."""
+    sock, client = h2_connection(server, authority)
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.send_headers(1, get_headers(server, "porn.example"), end_stream=True)
+    sock.sendall(client.data_to_send())
+    sock.settimeout(3)
+    headed = False
+    while not headed:
+        data = sock.recv(65536)
+        assert data, "closed"
+        headed = any(isinstance(event, h2.events.ResponseReceived) for event in client.receive_data(data))
+    assert server.worker is not None and server.worker.gate is not None
+    (connection,) = server.worker.gate.open
+    server.call(connection.drain)
+    client.send_headers(3, get_headers(server, "example.com"), end_stream=True)  # after the drain: refused
+    sock.sendall(client.data_to_send())
+    time.sleep(0.2)  # read apart: the connection is draining when the window comes
+    client.increment_flow_control_window(65535, stream_id=1)
+    sock.sendall(client.data_to_send())
+    body, refused, goaway = b"", [], None
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                body += event.data
+            elif isinstance(event, h2.events.StreamReset):
+                refused.append((event.stream_id, event.error_code))
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                goaway = event
+    answer = dns.message.from_wire(body)
+    assert answer.rcode() == dns.rcode.NXDOMAIN and str(answer.question[0].name) == "porn.example."  # blocked
+    assert refused == [(3, h2.errors.ErrorCodes.REFUSED_STREAM)]
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    sock.close()
+
+
 def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_room(upstream, pair, lists, authority):
     settings = {"max_per_client": 2, "max_connections": 3}
     with serving(upstream, pair, lists, settings) as server:
