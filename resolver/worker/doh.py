@@ -9,7 +9,8 @@ method), 413 (larger than `tls.max_request`), 415 (another content type).
 Bounds, each counted by the gate (tls.py): `tls.max_streams` concurrent HTTP/2 streams
 (SETTINGS_MAX_CONCURRENT_STREAMS: a stream more is refused, REFUSED_STREAM); a budget of stream resets and refusals
 and of control frames (SETTINGS, PING, PRIORITY frames) per ten seconds, past which a client is cut off too (the "rapid
-reset" flood, CVE-2023-44487, and its kin); h2's flow control for bodies; h11's bound on a request's head; one
+reset" flood, CVE-2023-44487, and its kin); a header block left unended by CONTINUATION frames past 16 KiB and a
+frame (CVE-2024-27316's kind); h2's flow control for bodies; h11's bound on a request's head; one
 HTTP/1.1 request at a time (reading pauses meanwhile); `tls.idle_timeout`; 64 KiB of answers the client has not
 read (reading pauses), or, on HTTP/2, waiting for a window it does not open (new streams are refused); a 16 KiB
 HTTP/2 window for request bodies.
@@ -46,6 +47,7 @@ _DNS_MESSAGE = b"application/dns-message"
 _HEAD_LIMIT = 16_384  # bytes of a request's head (HTTP/1.1) or header list (HTTP/2)
 _BODY_WINDOW = 16_384  # HTTP/2 INITIAL_WINDOW_SIZE: what a client may send of a body ahead (or tls.max_request)
 _OVER_STREAMS = 100  # streams past tls.max_streams refused one by one; past these too, the connection is cut
+_FRAME_SIZE = 16_384  # SETTINGS_MAX_FRAME_SIZE, h2's default, left as it is
 _FLOOD_WINDOW = 10.0  # seconds over which the budgets below are counted
 _CONTROL_FRAMES = 100  # SETTINGS, PING and PRIORITY frames a client may send per window
 # Requests a client may reset before their answer per window: a browser cancels a few; a flood, thousands.
@@ -349,8 +351,19 @@ class _Http2:
             _failures.exception("a DoH (HTTP/2) connection failed")
             owner.close()
             return
+        if self._header_block_pending() > _HEAD_LIMIT + _FRAME_SIZE:
+            # A header block split across CONTINUATION frames that never ends (CVE-2024-27316's kind): h2 holds up
+            # to 64 frames of it (1 MiB) before it gives up; the header list could not exceed 16 KiB anyway.
+            self._h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            self._cut("flood")
+            return
         owner.write(self._h2.data_to_send())
         self._goaway_when_done()
+
+    def _header_block_pending(self) -> int:
+        """Bytes of a header block whose CONTINUATION frames have not ended, held by h2 undecoded."""
+        frames = getattr(self._h2.incoming_buffer, "_headers_buffer", None)  # h2 4.x keeps them there
+        return sum(len(frame.data) for frame in frames) if frames else 0
 
     def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):

@@ -29,6 +29,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import httpx2
+import hyperframe.frame
 import pytest
 
 from bench.upstream import Script, ScriptedUpstream
@@ -634,6 +635,20 @@ def test_an_http2_connection_draining_still_reads_the_window_its_answers_in_flig
     assert refused == [(3, h2.errors.ErrorCodes.REFUSED_STREAM)]
     assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     sock.close()
+
+
+def test_an_http2_header_block_continued_without_end_is_cut_off_past_32_kib(server, authority):
+    """CONTINUATION frames that never end the header block (CVE-2024-27316's kind): the connection goes once
+    the block passes what a header list may be (16 KiB) by a frame, long before h2's own bound (64 frames)."""
+    sock, _ = h2_connection(server, authority)
+    sock.sendall(hyperframe.frame.HeadersFrame(1, data=b"\x82" * 1000).serialize())  # no END_HEADERS
+    continuation = hyperframe.frame.ContinuationFrame(1, data=b"\x82" * 16_000).serialize()
+    with contextlib.suppress(OSError):
+        for _ in range(60):  # under h2's 64: h2 alone would wait for more
+            sock.sendall(continuation)
+            time.sleep(0.01)
+    closed_within(sock, 3)
+    assert counters(server)["cut"]["flood"] == 1
 
 
 def test_connections_are_bounded_per_source_and_per_worker_and_the_idlest_makes_room(upstream, pair, lists, authority):
