@@ -52,6 +52,7 @@ class RRType(IntEnum):
 class OptionCode(IntEnum):
     ECS = 8
     COOKIE = 10
+    PADDING = 12
     EDE = 15
     UMBRELLA = 20292
     MAC = 65001

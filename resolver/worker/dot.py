@@ -1,6 +1,6 @@
 """DNS over TLS (RFC 7858): TCP's connection (listener.py: RFC 7766 framing, pipelining, back-pressure, the idle
 timer) over the TLS a gate admitted and completed (tls.py), its queries let in by tls.answer_encrypted with the
-client id its server name gave."""
+client id its server name gave, and its answers padded when the query pads (wire.padded_if_asked)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 from resolver.shared.config import ServerSettings
 from resolver.worker.access import REFUSED, AccessControl
-from resolver.worker.listener import InFlight, TcpConnection
+from resolver.worker.listener import WRITE_BUFFER_LIMIT, InFlight, TcpConnection
 from resolver.worker.pipeline import Resolver
 from resolver.worker.tls import TlsGate, answer_encrypted
+from resolver.worker.wire import padded_if_asked
 
 
 class DotConnection(TcpConnection):
@@ -31,6 +32,7 @@ class DotConnection(TcpConnection):
 
     def opened(self, transport: asyncio.Transport, client_id: str | None) -> None:
         self._client_id = client_id
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_LIMIT)
         self.connection_made(transport)
 
     def _admitted(self) -> bool:
@@ -57,6 +59,9 @@ class DotConnection(TcpConnection):
 
     def _reply(self, message: bytes) -> bytes | asyncio.Future[bytes] | None:
         return answer_encrypted(self._resolver, self._access, message, self._peer, self._client_id)
+
+    def _write(self, message: bytes, reply: bytes) -> None:
+        super()._write(message, padded_if_asked(message, reply))  # RFC 8467 §4: padded when the query pads
 
     def _close_idle(self) -> None:
         self._gate.cut["idle"] += 1

@@ -3,7 +3,8 @@ where a source is let in (access.py) and its UDP answers rate limited (rate_limi
 
 TCP follows RFC 7766: two-byte length framing, pipelined queries answered as each completes (so out of
 order), an idle timeout, a cap on open connections, and a cap on queries in flight per connection that
-pauses reading instead of dropping anything. DoT (dot.py) is the same connection over TLS.
+pauses reading instead of dropping anything. While the client does not read its answers (the transport pauses
+writing), no query is read or answered. DoT (dot.py) is the same connection over TLS.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from resolver.worker.rate_limit import SEND, SLIP, ResponseRateLimiter
 from resolver.worker.wire import HEADER_LEN, Malformed, Peer, error_answer
 
 _U16 = struct.Struct("!H")
+# What DoT and DoH connections may hold of answers their client has not read yet before they stop reading its
+# queries (the transport's high-water mark; TLS transports default to far more).
+WRITE_BUFFER_LIMIT = 65536
 _failures = Throttled(logging.getLogger(__name__))
 
 
@@ -242,7 +246,9 @@ class TcpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._update_reading()
+        self._process_buffer()  # the queries read before writing paused, then reading again
+        if self._closing:
+            self._close_when_done()
 
     def _evict_idle(self) -> bool:
         """Make room for a new connection by closing the longest-idle one with nothing in flight
@@ -265,7 +271,9 @@ class TcpConnection(asyncio.Protocol):
 
     def _process_buffer(self) -> None:
         buffer = self._buffer
-        while len(buffer) >= 2 and self._in_flight < self._max_in_flight:
+        # Not while writing is paused: a client that never reads must not have every query already read answered
+        # into the transport's buffer; they wait, as bytes, until it reads (resume_writing).
+        while len(buffer) >= 2 and self._in_flight < self._max_in_flight and not self._writing_paused:
             length = buffer[0] << 8 | buffer[1]
             if length < HEADER_LEN:
                 self._transport.close()  # type: ignore[union-attr]  # a frame that cannot be a query
@@ -290,7 +298,7 @@ class TcpConnection(asyncio.Protocol):
         if reply is None:
             return
         if type(reply) is bytes:
-            self._write(reply)
+            self._write(message, reply)
             return
         self._in_flight += 1
         self._in_flight_futures.track(reply)  # type: ignore[arg-type]
@@ -300,13 +308,14 @@ class TcpConnection(asyncio.Protocol):
         self._in_flight -= 1
         reply = result_safely(future, message)
         if reply is not None:
-            self._write(reply)
+            self._write(message, reply)
         self._last_active = self._clock()
         self._process_buffer()
         if self._closing:
             self._close_when_done()
 
-    def _write(self, reply: bytes) -> None:
+    def _write(self, message: bytes, reply: bytes) -> None:
+        """Send `reply`, the answer to `message` (which DoT reads to pad it)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(_U16.pack(len(reply)) + reply)

@@ -710,3 +710,85 @@ def read_name(message: bytes, pos: int) -> bytes:
             raise Malformed(Rcode.FORMERR, "name longer than 255 bytes")
         labels.append(message[pos : pos + length + 1])
         pos += length + 1
+
+
+# --- padding (encrypted transports only) ---------------------------------------------------------------
+
+PADDING_BLOCK = 468  # RFC 8467 §4.1: answers padded to a multiple of this many bytes
+
+
+def padded_if_asked(query: bytes, answer: bytes, limit: int = TCP_LIMIT) -> bytes:
+    """`answer` padded (RFC 7830) to a multiple of PADDING_BLOCK bytes, never past `limit`, when `query` carries
+    the Padding option (RFC 8467 §4: a server pads the answer to a query that pads, as unbound's pad-responses
+    does); else `answer` itself. For DoT and DoH only: padding hides a message's length from who watches the
+    encrypted stream, and on port 53 it would hide nothing and cost bytes."""
+    if len(query) <= HEADER_LEN or not (query[10] or query[11]) or not _asks_padding(query):
+        return answer
+    return _padded(answer, limit)
+
+
+def _asks_padding(query: bytes) -> bool:
+    """Whether the OPT record of a query (one question, additional records only) holds the Padding option."""
+    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(query, 4)
+    if qdcount != 1 or ancount or nscount:
+        return False
+    size = len(query)
+    try:
+        pos = _question_end(query)
+        for _ in range(arcount):
+            fixed = _skip_name(query, pos, pos)
+            if fixed + 10 > size:
+                return False
+            rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(query, fixed)
+            pos = fixed + 10 + rdlen
+            if rtype != RRType.OPT:
+                continue
+            option = fixed + 10
+            while option + 4 <= pos <= size:
+                code, length = _OPTION_HEAD.unpack_from(query, option)
+                if code == OptionCode.PADDING:
+                    return True
+                option += 4 + length
+            return False
+    except Malformed:
+        return False
+    return False
+
+
+def _padded(answer: bytes, limit: int) -> bytes:
+    """`answer` with a Padding option at the end of its OPT record, when that record is its last (one we made
+    puts it there; a TSIG after it, or none at all: unpadded)."""
+    size = len(answer)
+    if size < HEADER_LEN:
+        return answer
+    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(answer, 4)
+    if not arcount:
+        return answer
+    last_rtype = 0
+    last_fixed = 0
+    try:
+        pos = HEADER_LEN
+        for _ in range(qdcount):
+            pos = _skip_name(answer, pos, pos) + 4
+        for _ in range(ancount + nscount + arcount):
+            fixed = _skip_name(answer, pos, pos)
+            if fixed + 10 > size:
+                return answer
+            last_rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(answer, fixed)
+            last_fixed = fixed
+            pos = fixed + 10 + rdlen
+    except Malformed:
+        return answer
+    room = limit - size - 4  # the option's code and length take 4 bytes
+    if last_rtype != RRType.OPT or pos != size or room < 0:
+        return answer
+    padding = min(-(size + 4) % PADDING_BLOCK, room)
+    rdlen_at = last_fixed + 8
+    rdlen = answer[rdlen_at] << 8 | answer[rdlen_at + 1]
+    return (
+        answer[:rdlen_at]
+        + _U16.pack(rdlen + 4 + padding)
+        + answer[rdlen_at + 2 :]
+        + _OPTION_HEAD.pack(OptionCode.PADDING, padding)
+        + bytes(padding)
+    )

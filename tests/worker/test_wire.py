@@ -23,6 +23,7 @@ from resolver.worker.wire import (
     Rejected,
     error_answer,
     mix_case,
+    padded_if_asked,
     read_query,
     reply_fault,
     scan_reply,
@@ -419,3 +420,21 @@ def test_mutated_queries_parse_or_are_answered(data):
             answer = error_answer(mutated, error)
             assert answer[:2] == mutated[:2]
             assert answer[2] & 0x80
+
+
+def test_padding_reaches_a_multiple_of_468_bytes_never_past_the_limit_and_only_when_the_query_pads() -> None:
+    padding_query = wire(use_edns=0, pad=128)
+    request = QueryParser().parse(padding_query, CLIENT, True)
+    records = b"".join(
+        b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes((192, 0, 2, index % 256)) for index in range(200)
+    )
+    answer = synthesized_answer(request, Rcode.NOERROR, records, 200)
+    padded = padded_if_asked(padding_query, answer)
+    message = dns.message.from_wire(padded)
+    assert len(padded) % 468 == 0 and len(message.answer[0]) == 200
+    assert [option.otype for option in message.options] == [dns.edns.OptionType.PADDING]
+    assert len(padded_if_asked(padding_query, answer, limit=len(answer) + 10)) == len(answer) + 10  # to the limit
+    assert padded_if_asked(padding_query, answer, limit=len(answer) + 3) == answer  # no room for the option
+    assert padded_if_asked(wire(use_edns=0), answer) == answer  # the query does not pad
+    no_opt = synthesized_answer(QueryParser().parse(wire(), CLIENT, True), Rcode.NOERROR, records, 200)
+    assert padded_if_asked(padding_query, no_opt) == no_opt  # no OPT record to carry the option
