@@ -463,16 +463,11 @@ def test_http2_priority_in_headers_spends_no_control_frame_budget(server, author
     sock.close()
 
 
-def tls_socket(server: ServerThread, authority: Authority, alpn: str) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", server.doh_port), timeout=5)
-    sock = client_context(authority, (alpn,)).wrap_socket(raw, server_hostname=NAME)
-    assert sock.selected_alpn_protocol() == alpn
-    return sock
-
-
-def send_in_background(sock: ssl.SSLSocket, data: bytes) -> threading.Thread:
+def send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
     """Write `data` from another thread, so the test can read answers meanwhile (the server stops reading while
-    the client does not read: a client writing all first and reading after would wait on itself)."""
+    the client does not read: a client writing all first and reading after would wait on itself). Not while this
+    thread reads the same TLS socket: OpenSSL takes no read and write of one connection at once (a read then
+    sees a false end); `MemoryTls` encrypts first, so that the thread writes plain bytes."""
 
     def send() -> None:
         with contextlib.suppress(OSError):  # cut off: the test's reading says so
@@ -481,6 +476,42 @@ def send_in_background(sock: ssl.SSLSocket, data: bytes) -> threading.Thread:
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     return sender
+
+
+class MemoryTls:
+    """A TLS client connection whose records are made and read in memory, over a plain socket: what it sends can
+    be encrypted at once and written by another thread while this one reads."""
+
+    def __init__(self, port: int, authority: Authority, alpn: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(authority, (alpn,)).wrap_bio(self._in, self._out, server_hostname=NAME)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                self._in.write(self.sock.recv(1 << 16))
+        self.sock.sendall(self._out.read())
+        assert self.tls.selected_alpn_protocol() == alpn
+
+    def encrypted(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self._out.read()
+
+    def recv(self) -> bytes:
+        """What the server sent next (b"": it closed)."""
+        while True:
+            try:
+                return self.tls.read(1 << 16)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    return b""
+                self._in.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
 
 
 def test_thousands_of_http11_requests_pipelined_in_one_write_are_all_answered_in_order(server, authority):
@@ -494,11 +525,11 @@ def test_thousands_of_http11_requests_pipelined_in_one_write_are_all_answered_in
         )
         for index in range(count)
     )
-    sock = tls_socket(server, authority, "http/1.1")
-    sender = send_in_background(sock, requests)
+    client = MemoryTls(server.doh_port, authority, "http/1.1")
+    sender = send_in_background(client.sock, client.encrypted(requests))
     received = bytearray()
     while received.count(b"HTTP/1.1 200 ") < count:
-        data = sock.recv(1 << 16)
+        data = client.recv()
         assert data, f"closed after {received.count(b'HTTP/1.1 200 ')} answers"
         received += data
     sender.join(5)
@@ -507,7 +538,7 @@ def test_thousands_of_http11_requests_pipelined_in_one_write_are_all_answered_in
         for length, start in _bodies(received)
     ]
     assert [str(body.question[0].name) for body in bodies] == [f"n{index}.porn.example." for index in range(count)]
-    sock.close()
+    client.sock.close()
 
 
 def _bodies(received: bytes) -> Iterator[tuple[bytes, int]]:
@@ -524,9 +555,8 @@ def test_a_dot_client_that_never_reads_holds_at_most_64_kib_of_answers(server, a
     """Its queries, pipelined (blocked names: answered at once), stop being read and answered once 64 KiB of answers
     wait for it; those already read wait as queries."""
     wire = dns.message.make_query("porn.example", "A", use_edns=0).to_wire()
-    raw = socket.create_connection(("127.0.0.1", server.dot_port), timeout=5)
-    sock = client_context(authority).wrap_socket(raw, server_hostname=NAME)
-    sender = send_in_background(sock, (len(wire).to_bytes(2, "big") + wire) * 200_000)  # 6 MB: past the kernel's
+    client = MemoryTls(server.dot_port, authority, "dot")
+    sender = send_in_background(client.sock, client.encrypted((len(wire).to_bytes(2, "big") + wire) * 200_000))
     assert server.worker is not None and server.worker.gate is not None
     gate = server.worker.gate
 
@@ -543,7 +573,7 @@ def test_a_dot_client_that_never_reads_holds_at_most_64_kib_of_answers(server, a
     answers, queries = server.call(held)
     assert answers <= 65536 + 512, answers  # the limit, and the answer that crossed it
     assert queries > 0  # read, not answered: they wait for the client to read
-    sock.close()
+    client.sock.close()
     sender.join(5)
 
 
