@@ -276,7 +276,10 @@ class _Http2:
     def __init__(self, owner: DohConnection) -> None:
         self._owner = owner
         settings = owner.settings
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Our own headers are known to be well formed: h2's checks of them cost more than answering the query did.
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
         self._h2 = h2.connection.H2Connection(config)
         advertised = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams,
@@ -293,6 +296,7 @@ class _Http2:
         self._unsent_bytes = 0
         self._stopping = False  # draining: no new stream, GOAWAY once those open are answered
         self._said_goaway = False
+        self._receiving = False  # in `received`: answers given at once go out together when it ends
         self._budget_since = owner.gate.clock()
         self._control_frames = 0
         self._resets = 0
@@ -329,6 +333,7 @@ class _Http2:
         owner = self._owner
         if self._said_goaway:
             return  # h2 takes nothing but GOAWAY now, and nothing is owed
+        self._receiving = True
         try:
             events = self._h2.receive_data(data)
             # The priorities HEADERS frames carried: h2 reports each again as PriorityUpdated (after the stream's
@@ -351,6 +356,8 @@ class _Http2:
             _failures.exception("a DoH (HTTP/2) connection failed")
             owner.close()
             return
+        finally:
+            self._receiving = False
         if self._header_block_pending() > _HEAD_LIMIT + _FRAME_SIZE:
             # A header block split across CONTINUATION frames that never ends (CVE-2024-27316's kind): h2 holds up
             # to 64 frames of it (1 MiB) before it gives up; the header list could not exceed 16 KiB anyway.
@@ -455,8 +462,9 @@ class _Http2:
             self._respond(stream_id, status, body)
         except h2.exceptions.ProtocolError:
             return  # the stream or the connection closed meanwhile
-        self._owner.write(self._h2.data_to_send())
-        self._goaway_when_done()
+        if not self._receiving:  # else `received` sends it with the rest, in as few TLS records as it can
+            self._owner.write(self._h2.data_to_send())
+            self._goaway_when_done()
 
     def _respond(self, stream_id: int, status: int, body: bytes) -> None:
         headers = [(b":status", b"%d" % status), *self._owner.response_headers(status, body)]
