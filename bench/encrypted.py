@@ -9,10 +9,13 @@ the runs every server goes once through the cached names over UDP, so that each 
 Figures are medians of `--runs` interleaved runs (each measure on every server before the next); server CPU is
 that of all its processes and threads, from /proc.
 
-1. Reused connections: dnsperf at `--rate` queries per second (below every server's capacity, so each answers
-   the same queries) over 8 connections that stay open, for `--seconds`: plain UDP for reference, DoT (`-m
-   dot`), DoH GET and DoH POST (`-m doh`, HTTP/2). Server CPU µs per answered query, the ratio to the best peer
-   per transport (the issue's target for bns: ≤ 1.5×), and lost queries.
+1. Reused connections, at `--rate` queries per second (below every server's capacity, so each answers the
+   same queries), for `--seconds`: plain UDP for reference and DoT from dnsperf (8 clients; DoT's connections
+   replaced by new ones after 100 queries); DoH GET and POST (HTTP/2) from h2load (8 connections kept open, 10
+   streams each at most: dnsperf 2.10 misses DoH answers that arrive together, DNS-OARC/dnsperf#240); then DoT
+   (dnsperf) and DoH POST (h2load) with a new connection every 10 queries. Server CPU µs per answered query,
+   the ratio to the best peer per transport (the issue's target for bns on reused connections: ≤ 1.5×), and
+   lost queries.
 2. New connections, on the DoT port:
    - `openssl s_time`, 4 clients at once for `--seconds`: full handshakes (TLS 1.3, connect, handshake, close)
      and resumed ones (TLS 1.2 session tickets: s_time cannot resume TLS 1.3); handshakes per second achieved,
@@ -33,6 +36,7 @@ that of all its processes and threads, from /proc.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import functools
 import math
@@ -62,6 +66,9 @@ from tests.certificates import NAME, Authority, Pair
 
 SERVER_CORE, LOAD_CORE = "0", "1"
 TRANSPORTS = ("udp", "dot", "doh-get", "doh-post")
+REUSED_QUERIES = 100  # queries per connection on "reused" connections (the issue's measure), then a new one
+EVERY_TEN = ("dot/10", "doh-post/10")  # a new connection every 10 queries
+RATED = TRANSPORTS + EVERY_TEN  # the measures at `--rate`, where every server must answer the same queries
 DOH_PATH = "/dns-query"
 S_TIME_CLIENTS = 4
 IDLE_TIMEOUT = 3600  # seconds: longer than any run, so that no server closes an idle connection during one
@@ -256,6 +263,51 @@ def dnsperf(
     return result
 
 
+H2LOAD_CLIENTS = 8  # DoH connections kept open, as dnsperf's clients for DoT
+
+
+def h2load(
+    ports: Ports, method: str, names: list[str], scratch: Path, seconds: float, rate: int, every: int = 0
+) -> LoadResult:
+    """DoH over HTTP/2 from h2load (nghttp2), which reads every answer it is sent (dnsperf 2.10 misses answers
+    that arrive together, and stalls: DNS-OARC/dnsperf#240). `every` 0: H2LOAD_CLIENTS connections kept open
+    for `seconds`, `rate` requests a second in all; else a new connection for each `every` requests, as many
+    connections a second as make `rate`, until rate × seconds requests are done. GET asks `names` in turn; POST
+    asks the first (every name is cached: the answer's cost is the same)."""
+    base = f"https://127.0.0.1:{ports.doh}{DOH_PATH}"
+    if method == "GET":
+        uris = scratch / "doh-get-uris.txt"
+        if not uris.exists():
+            encoded = (base64.urlsafe_b64encode(wire_query(name, [])).rstrip(b"=").decode() for name in names)
+            uris.write_text("".join(f"{base}?dns={query}\n" for query in encoded))
+        target = ["-i", str(uris)]
+    else:
+        body = scratch / "doh-post-body"
+        body.write_bytes(wire_query(names[0], []))
+        target = ["-d", str(body), "-H", "content-type: application/dns-message", base]
+    if every:
+        connections = max(1, int(rate * seconds / every))
+        per_tenth = max(1, rate // every // 10)  # connections opened each 0.1 s
+        load = ["-c", str(connections), "-n", str(connections * every), "-m", "1", "-r", str(per_tenth)]
+        load += ["--rate-period", "100ms"]
+    else:
+        load = ["-c", str(H2LOAD_CLIENTS), "-m", "10", "--rps", str(rate / H2LOAD_CLIENTS), "-D", str(seconds)]
+    command = ["h2load", "-H", "accept: application/dns-message", *load, *target]
+    output = subprocess.run(pinned(command, LOAD_CORE), capture_output=True, text=True, check=True).stdout
+    return parse_h2load(output)
+
+
+def parse_h2load(output: str) -> LoadResult:
+    """Requests started, answered 2xx, and the run's seconds, from h2load's report."""
+    requests = re.search(r"requests: \d+ total, (\d+) started", output)
+    answered = re.search(r"status codes: (\d+) 2xx", output)
+    finished = re.search(r"finished in ([\d.]+)(m?s)", output)
+    if requests is None or answered is None or finished is None:
+        raise ValueError(f"h2load output not understood:\n{output[-2000:]}")
+    seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    return LoadResult(sent=int(requests.group(1)), completed=int(answered.group(1)), seconds=seconds)
+
+
 def http_answers(output: str) -> int:
     """The HTTP 200 responses dnsperf received over DoH (0 for other transports)."""
     match = re.search(r"HTTP/2 return codes:.*?\b200: (\d+)", output)
@@ -418,15 +470,28 @@ def measure(server: Server, pid: int, key: str, action: Callable[[], float]) -> 
     return count
 
 
-def reused_load(server: Server, pid: int, transport: str, query_file: Path, args: argparse.Namespace) -> None:
+def reused_load(
+    server: Server, pid: int, key: str, query_file: Path, names: list[str], scratch: Path, args: argparse.Namespace
+) -> None:
+    """`key`: a transport on reused connections, or `transport/N`: a new connection every N queries. DoT's
+    connections are renewed every REUSED_QUERIES queries (dnsperf); DoH's, from h2load, stay open."""
+    transport, _, every = key.partition("/")
     result: list[LoadResult] = []
 
     def load() -> float:
-        result.append(dnsperf(server.ports, transport, query_file, args.seconds, args.rate))
-        return result[-1].completed
+        if transport.startswith("doh"):
+            method = doh_method(transport)
+            outcome = h2load(server.ports, method, names, scratch, args.seconds, args.rate, int(every or 0))
+        else:
+            per_connection = 0 if transport == "udp" else int(every or REUSED_QUERIES)
+            outcome = dnsperf(
+                server.ports, transport, query_file, args.seconds, args.rate, per_connection=per_connection
+            )
+        result.append(outcome)
+        return outcome.completed
 
-    measure(server, pid, transport, load)
-    server.results.setdefault(transport, []).append(result[0])
+    measure(server, pid, key, load)
+    server.results.setdefault(key, []).append(result[0])
 
 
 def handshakes(server: Server, pid: int, resumed: bool, args: argparse.Namespace) -> None:
@@ -478,6 +543,7 @@ def one_run(
     servers: list[Server],
     pids: dict[str, int],
     query_file: Path,
+    scratch: Path,
     names: list[str],
     context: ssl.SSLContext,
     args: argparse.Namespace,
@@ -485,7 +551,10 @@ def one_run(
     """Every measure once, each on every server before the next (a disturbance of the machine then falls on
     all the servers of a measure alike, not on one server's every measure)."""
     measures: list[Callable[[Server, int], None]] = [
-        *(functools.partial(reused_load, transport=t, query_file=query_file, args=args) for t in TRANSPORTS),
+        *(
+            functools.partial(reused_load, key=key, query_file=query_file, names=names, scratch=scratch, args=args)
+            for key in RATED
+        ),
         *(functools.partial(handshakes, resumed=resumed, args=args) for resumed in (False, True)),
         *(
             functools.partial(new_connections, transport=t, query_file=query_file, args=args)
@@ -586,7 +655,7 @@ def report(servers: list[Server], args: argparse.Namespace, notes: list[str], ar
         values = server.cpu_us.get(key)
         if not values:
             return "–"
-        reused = key in TRANSPORTS
+        reused = key in RATED
         peer = best_peer(servers, key, expected if reused else 0.0)
         ratio = f" ({median(values) / median(peer.cpu_us[key]):.2f}×)" if peer is not None else ""
         mark = "" if not reused or held(server, key, expected) else " ²"
@@ -600,10 +669,18 @@ def report(servers: list[Server], args: argparse.Namespace, notes: list[str], ar
         besides = f" ({uncounted} answers dnsperf missed¹)" if uncounted else ""
         return f"{sum(result.lost for result in results)} of {sum(result.sent for result in results)}{besides}"
 
-    reused = [("udp", "UDP"), ("dot", "DoT"), ("doh-get", "DoH GET"), ("doh-post", "DoH POST")]
+    reused = [
+        ("udp", "UDP"),
+        ("dot", "DoT"),
+        ("doh-get", "DoH GET"),
+        ("doh-post", "DoH POST"),
+        ("dot/10", "DoT, a new connection every 10 queries"),
+        ("doh-post/10", "DoH POST, a new connection every 10 queries"),
+    ]
     table(
-        f"1. Reused connections, cached names, {args.rate:,} queries/s: server CPU µs per answered query "
-        "(ratio to the best peer; target for bns ≤ 1.5×):",
+        f"1. Reused connections ({REUSED_QUERIES} queries each, then a new one; and every 10), cached names, "
+        f"{args.rate:,} queries/s: server CPU µs per answered query (ratio to the best peer; target for bns on "
+        "reused connections ≤ 1.5×):",
         reused,
         cpu,
     )
@@ -660,7 +737,7 @@ def report(servers: list[Server], args: argparse.Namespace, notes: list[str], ar
             memory,
         )
     notes = notes + [f"{server.label}: {note}" for server in servers for note in server.notes]
-    if any(not held(server, key, expected) for server in servers for key in TRANSPORTS if server.results.get(key)):
+    if any(not held(server, key, expected) for server in servers for key in RATED if server.results.get(key)):
         notes.append(
             "² this server did not answer at the rate (it sent less than 95 % of the queries the rate asks for, or "
             "dnsperf missed answers): not the same load as the others, left out of the best peer; a lower --rate "
@@ -694,9 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, nargs="*", default=[2_000, 10_000], help="idle connections to hold")
     parser.add_argument("--servers", nargs="+", default=["unbound", "dnsdist", "bns"])
     args = parser.parse_args(argv)
-    missing = [tool for tool in ("dnsperf", "openssl") if shutil.which(tool) is None]
+    missing = [tool for tool in ("dnsperf", "openssl", "h2load") if shutil.which(tool) is None]
     if missing or not have_dnsperf():
-        parser.error(f"this bench needs {' and '.join(missing)} (Debian: apt-get install dnsperf openssl)")
+        parser.error(f"this bench needs {', '.join(missing)} (Debian: apt-get install dnsperf openssl nghttp2-client)")
     notes: list[str] = []
     if args.idle:
         note = raise_open_files(max(args.idle) + 1000)
@@ -730,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:  # every name in every cache, as the steady state of a resolver
                 dnsperf(server.ports, "udp", warm_file, 0, 5_000, once=True)
             for run in range(args.runs):
-                one_run(servers, pids, query_file, names, context, args)
+                one_run(servers, pids, query_file, scratch, names, context, args)
                 print(
                     f"run {run + 1}: "
                     + "; ".join(

@@ -64,6 +64,19 @@ def test_encrypted_reads_dnsperf_doh_answers_and_s_time_counts() -> None:
     assert encrypted.parse_s_time(full + resumed) == (4, 4)
 
 
+def test_encrypted_reads_h2loads_report() -> None:
+    report = (
+        "finished in 8.00s, 2998.38 req/s, 510.24KB/s\n"
+        "requests: 24000 total, 23990 started, 23987 done, 23980 succeeded, 7 failed, 7 errored, 0 timeout\n"
+        "status codes: 23980 2xx, 0 3xx, 7 4xx, 0 5xx\n"
+    )
+    result = encrypted.parse_h2load(report)
+    assert (result.sent, result.completed, result.seconds) == (23990, 23980, 8.0)
+    assert encrypted.parse_h2load(report.replace("8.00s", "812.5ms")).seconds == 0.8125
+    with pytest.raises(ValueError, match="h2load output not understood"):
+        encrypted.parse_h2load("h2load: connect failed\n")
+
+
 @pytest.mark.integration
 def test_encrypted_server_configs_pass_the_servers_own_checks(tmp_path: Path) -> None:
     """The unbound and dnsdist configurations the bench writes are ones those servers accept: a key they do not
