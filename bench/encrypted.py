@@ -276,7 +276,7 @@ def h2load(
     asks the first (every name is cached: the answer's cost is the same)."""
     base = f"https://127.0.0.1:{ports.doh}{DOH_PATH}"
     if method == "GET":
-        uris = scratch / "doh-get-uris.txt"
+        uris = scratch / f"doh-get-uris-{ports.doh}.txt"  # the port is in each URI
         if not uris.exists():
             encoded = (base64.urlsafe_b64encode(wire_query(name, [])).rstrip(b"=").decode() for name in names)
             uris.write_text("".join(f"{base}?dns={query}\n" for query in encoded))
