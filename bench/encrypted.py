@@ -291,7 +291,7 @@ def h2load(
         load = ["-c", str(connections), "-n", str(connections * every), "-m", "1", "-r", str(per_tenth)]
         load += ["--rate-period", "100ms"]
     else:
-        load = ["-c", str(H2LOAD_CLIENTS), "-m", "10", "--rps", str(rate / H2LOAD_CLIENTS), "-D", str(seconds)]
+        load = ["-c", str(H2LOAD_CLIENTS), "-m", "10", "--rps", str(rate / H2LOAD_CLIENTS), "-D", f"{seconds:g}s"]
     command = ["h2load", "-H", "accept: application/dns-message", *load, *target]
     # Not check=True: h2load exits 1 when a request failed, which the counts below say.
     done = subprocess.run(pinned(command, LOAD_CORE), capture_output=True, text=True, check=False)
