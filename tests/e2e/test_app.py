@@ -427,8 +427,15 @@ def test_the_app_shows_the_servers_status_of_every_device_and_group(tmp_path, ho
         },
     }
     assert http(api, "PUT", "/v1/sites/home", document)[0] == 200
-    for source, expected in ((PHONE, "schedule Quiet"), (TABLET, "paused"), (TV, "resolved")):
+    for source, expected in ((PHONE, "schedule Quiet"), (TABLET, "paused"), (TV, "resolved"), (LAPTOP, "resolved")):
         eventually(lambda source=source, expected=expected: every_answer(dns_port, "x.example", source, expected), 2)
+
+    def keys() -> list[str]:
+        return sorted(entry["key"] for entry in http(api, "GET", "/v1/sites/home/devices", token=token)[1]["devices"])
+
+    # Every device has asked, and been seen (the workers hand their counts over every 0.5 s): the list the app
+    # shows and the one compared with it below are the same list.
+    eventually(lambda: keys() == sorted(f"ip:{address}" for address in (TABLET, LAPTOP, PHONE, TV)), 5)
     status = http(api, "GET", "/v1/sites/home/status", token=token)[1]
     assert (status["devices"]["tv"]["group"], status["devices"]["tv"]["membership"]) == (None, "none")
     assert (status["devices"]["phone"]["state"], status["devices"]["phone"]["profile"]) == ("scheduled", profile)
@@ -453,6 +460,8 @@ def test_the_app_shows_the_servers_status_of_every_device_and_group(tmp_path, ho
             seen["site"] = await browser.evaluate("document.querySelector('[data-site] .badge').dataset.state")
             seen["kids"] = await browser.evaluate("document.querySelector('[data-group=\"kids\"] .badge').innerText")
             seen["problems"] = (await browser.evaluate(A11Y))["problems"]  # long statuses fit a phone's width
+            # and nothing widens the page past it (a phone would zoom out, and taps land off their targets)
+            seen["width"] = await browser.evaluate("document.documentElement.scrollWidth")
             await shot(browser, PHONE_SIZE, "groups-status")
             await browser.press('[data-group=""] .member[data-device="tv"]')
             await browser.wait_for("document.querySelector('#device-dialog').open")
@@ -484,7 +493,7 @@ def test_the_app_shows_the_servers_status_of_every_device_and_group(tmp_path, ho
         "ok",
         "scheduled",
     )
-    assert seen["problems"] == []
+    assert seen["problems"] == [] and seen["width"] == PHONE_SIZE[0]
     assert seen["site"] == status["site"]["state"] == "ok" and seen["kids"] == "Paused until resumed"
     assert "Group\nNone" in str(seen["tv"]) and "The default rules" in str(seen["tv"])
     assert f"Its group's rules (profile {profile})" in str(seen["phone"]), seen["phone"]
