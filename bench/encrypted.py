@@ -10,9 +10,10 @@ Figures are medians of `--runs` interleaved runs (each measure on every server b
 that of all its processes and threads, from /proc.
 
 1. Reused connections, at `--rate` queries per second (below every server's capacity, so each answers the
-   same queries), for `--seconds`: plain UDP for reference and DoT from dnsperf (8 clients; DoT's connections
-   replaced by new ones after 100 queries); DoH GET and POST (HTTP/2) from h2load (8 connections kept open, 10
-   streams each at most: dnsperf 2.10 misses DoH answers that arrive together, DNS-OARC/dnsperf#240); then DoT
+   same queries), for `--seconds`: plain UDP and TCP for reference and DoT from dnsperf (8 clients; DoT's
+   connections replaced by new ones after 100 queries); DoH GET and POST (HTTP/2) from h2load (8 connections
+   kept open, 10 streams each at most: dnsperf 2.10 misses DoH answers that arrive together,
+   DNS-OARC/dnsperf#240); then DoT
    (dnsperf) and DoH POST (h2load) with a new connection every 10 queries. Server CPU µs per answered query,
    the ratio to the best peer per transport (the issue's target for bns on reused connections: ≤ 1.5×), and
    lost queries.
@@ -65,7 +66,7 @@ from bench.peers import UNCAPPED, memory_mb, wire_query
 from tests.certificates import NAME, Authority, Pair
 
 SERVER_CORE, LOAD_CORE = "0", "1"
-TRANSPORTS = ("udp", "dot", "doh-get", "doh-post")
+TRANSPORTS = ("udp", "tcp", "dot", "doh-get", "doh-post")
 REUSED_QUERIES = 100  # queries per connection on "reused" connections (the issue's measure), then a new one
 EVERY_TEN = ("dot/10", "doh-post/10")  # a new connection every 10 queries
 RATED = TRANSPORTS + EVERY_TEN  # the measures at `--rate`, where every server must answer the same queries
@@ -226,7 +227,7 @@ def dnsperf(
 ) -> LoadResult:
     """dnsperf over `transport` at `rate` for `seconds` (or, `once`, through the file once), from the load core;
     `per_connection`: open a new connection after that many queries."""
-    port = {"udp": ports.udp, "dot": ports.dot}.get(transport, ports.doh)
+    port = {"udp": ports.udp, "tcp": ports.udp, "dot": ports.dot}.get(transport, ports.doh)
     command = [
         "dnsperf",
         "-s",
@@ -484,7 +485,7 @@ def reused_load(
             method = doh_method(transport)
             outcome = h2load(server.ports, method, names, scratch, args.seconds, args.rate, int(every or 0))
         else:
-            per_connection = 0 if transport == "udp" else int(every or REUSED_QUERIES)
+            per_connection = 0 if transport in ("udp", "tcp") else int(every or REUSED_QUERIES)
             outcome = dnsperf(
                 server.ports, transport, query_file, args.seconds, args.rate, per_connection=per_connection
             )
@@ -672,6 +673,7 @@ def report(servers: list[Server], args: argparse.Namespace, notes: list[str], ar
 
     reused = [
         ("udp", "UDP"),
+        ("tcp", "TCP, connections kept open (what DoT adds TLS to)"),
         ("dot", "DoT"),
         ("doh-get", "DoH GET"),
         ("doh-post", "DoH POST"),
