@@ -19,10 +19,10 @@
   its cause, and its end.
 - The networks of every site are loaded whole (at start, after a `networks` notice, at a resync) and handed
   to `on_site_networks`: their sources are answered (access.py, server.allow).
-- A DoT or DoH client that gives a client id (the DoH path, the TLS server name) is keyed by the id alone,
-  wherever it asks from, and found fleet-wide: the store's index of client ids names its site, where the device
-  with that id is its device. An id that names none (unknown, or malformed: "") gets the global default policy,
-  never its address's site's.
+- A DoT or DoH client whose client id (the DoH path, the TLS server name) names a device is keyed by the id
+  alone, wherever it asks from, and found fleet-wide: the store's index of client ids names its site, where
+  the device with that id is its device. An id that names none (unknown, or malformed) is as good as none: the query is
+  its address's, as on port 53, never a looser policy's.
 """
 
 from __future__ import annotations

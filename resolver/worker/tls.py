@@ -11,8 +11,8 @@ admitted within, its TLS handshake, the client id its server name gives, and how
 - The handshake (TLS 1.2+, the ALPN and the certificate of certificates.py) must end within
   `tls.handshake_timeout`; then the connection is handed to its transport (dot.py, doh.py).
 - A client id is the first label of the server name asked for under `tls.name` (`{id}.dns.example.net`), or
-  the DoH path's last segment (`/dns-query/{id}`, which wins). Malformed, it is "": nobody's, so the global
-  default policy.
+  the DoH path's last segment (`/dns-query/{id}`, which wins). Malformed, it is "": as good as none (the
+  query is its address's, as on port 53; pipeline.Resolver.answer).
 - Access control is port 53's (access.py), but for a client id: a source outside `server.allow` that gives one
   is answered as the device the id names, REFUSED if it names none (pipeline.answer_stranger).
 

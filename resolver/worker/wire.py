@@ -643,29 +643,37 @@ def scan_reply(reply: bytes, question: bytes) -> ScannedReply:
     return scanned
 
 
-def smallest_ttl(message: bytes) -> int | None:
-    """The smallest TTL of the records of an answer we made (its OPT record aside): how long an HTTP cache may
-    keep it (RFC 8484 §5.1). None when it has no record, or does not parse."""
-    if len(message) < HEADER_LEN:
+def _records(message: bytes) -> list[tuple[int, int, int, int]] | None:
+    """(where its type begins, type, TTL, RDLENGTH) of each record after the question(s) of a message we made or
+    answer, in order; None when one runs past the end or its name does not parse. Off the UDP path: DoH's cache
+    lifetime and the encrypted transports' padding read it."""
+    size = len(message)
+    if size < HEADER_LEN:
         return None
     qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(message, 4)
-    size = len(message)
-    smallest: int | None = None
+    records: list[tuple[int, int, int, int]] = []
     try:
         pos = HEADER_LEN
         for _ in range(qdcount):
             pos = _skip_name(message, pos, pos) + 4
         for _ in range(ancount + nscount + arcount):
-            pos = _skip_name(message, pos, pos)
-            if pos + 10 > size:
+            fixed = _skip_name(message, pos, pos)
+            if fixed + 10 > size:
                 return None
-            rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(message, pos)
-            pos += 10 + rdlen
-            if rtype != RRType.OPT and (smallest is None or ttl < smallest):
-                smallest = ttl
+            rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(message, fixed)
+            records.append((fixed, rtype, ttl, rdlen))
+            pos = fixed + 10 + rdlen
     except Malformed:
         return None
-    return smallest
+    return records if pos <= size else None
+
+
+def smallest_ttl(message: bytes) -> int | None:
+    """The smallest TTL of the records of an answer we made (its OPT record aside): how long an HTTP cache may
+    keep it (RFC 8484 §5.1). None when it has no record, or does not parse."""
+    records = _records(message)
+    ttls = [ttl for _fixed, rtype, ttl, _rdlen in records or () if rtype != RRType.OPT]
+    return min(ttls) if ttls else None
 
 
 def answer_records(body: bytes, body_offset: int, count: int) -> list[tuple[int, int, bytes]]:
@@ -729,62 +737,34 @@ def padded_if_asked(query: bytes, answer: bytes, limit: int = TCP_LIMIT) -> byte
 
 def _asks_padding(query: bytes) -> bool:
     """Whether the OPT record of a query (one question, additional records only) holds the Padding option."""
-    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(query, 4)
+    qdcount, ancount, nscount, _arcount = _COUNTS.unpack_from(query, 4)
     if qdcount != 1 or ancount or nscount:
         return False
-    size = len(query)
-    try:
-        pos = _question_end(query)
-        for _ in range(arcount):
-            fixed = _skip_name(query, pos, pos)
-            if fixed + 10 > size:
-                return False
-            rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(query, fixed)
-            pos = fixed + 10 + rdlen
-            if rtype != RRType.OPT:
-                continue
-            option = fixed + 10
-            while option + 4 <= pos <= size:
+    for fixed, rtype, _ttl, rdlen in _records(query) or ():
+        if rtype == RRType.OPT:
+            option, end = fixed + 10, fixed + 10 + rdlen
+            while option + 4 <= end:
                 code, length = _OPTION_HEAD.unpack_from(query, option)
                 if code == OptionCode.PADDING:
                     return True
                 option += 4 + length
             return False
-    except Malformed:
-        return False
     return False
 
 
 def _padded(answer: bytes, limit: int) -> bytes:
     """`answer` with a Padding option at the end of its OPT record, when that record is its last (one we made
     puts it there; a TSIG after it, or none at all: unpadded)."""
+    records = _records(answer)
+    if not records:
+        return answer
+    last_fixed, last_rtype, _ttl, rdlen = records[-1]
     size = len(answer)
-    if size < HEADER_LEN:
-        return answer
-    qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(answer, 4)
-    if not arcount:
-        return answer
-    last_rtype = 0
-    last_fixed = 0
-    try:
-        pos = HEADER_LEN
-        for _ in range(qdcount):
-            pos = _skip_name(answer, pos, pos) + 4
-        for _ in range(ancount + nscount + arcount):
-            fixed = _skip_name(answer, pos, pos)
-            if fixed + 10 > size:
-                return answer
-            last_rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(answer, fixed)
-            last_fixed = fixed
-            pos = fixed + 10 + rdlen
-    except Malformed:
-        return answer
     room = limit - size - 4  # the option's code and length take 4 bytes
-    if last_rtype != RRType.OPT or pos != size or room < 0:
+    if last_rtype != RRType.OPT or last_fixed + 10 + rdlen != size or room < 0:
         return answer
     padding = min(-(size + 4) % PADDING_BLOCK, room)
     rdlen_at = last_fixed + 8
-    rdlen = answer[rdlen_at] << 8 | answer[rdlen_at + 1]
     return (
         answer[:rdlen_at]
         + _U16.pack(rdlen + 4 + padding)
