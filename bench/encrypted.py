@@ -32,6 +32,9 @@ that of all its processes and threads, from /proc.
    ≤ 200 MB. bns's tls.max_connections, max_per_client and idle_timeout, unbound's incoming-num-tcp and
    tcp-idle-timeout and dnsdist's TCP receive timeout are raised for the run; RLIMIT_NOFILE too (to its hard
    limit, which must exceed the largest `--idle`).
+
+`--reused-only` takes table 1 alone; `--baseline PATH` runs the bns of another checkout (an earlier commit's
+worktree, installed with its hot path compiled) beside the others, as one more server.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.faults import write_config
-from bench.harness import DEFAULT_DATA, bns_command, free_port, machine, median, pinned, running, top_site_names
+from bench.harness import DEFAULT_DATA, REPO, bns_command, free_port, machine, median, pinned, running, top_site_names
 from bench.load import LoadResult, have_dnsperf, parse_dnsperf, process_tree_cpu, write_query_file
 from bench.peers import UNCAPPED, memory_mb, wire_query
 from tests.certificates import NAME, Authority, Pair
@@ -91,6 +94,7 @@ class Server:
     label: str
     maker: Callable[[Path, Ports, int], list[str] | None]  # (directory, ports, idle connections to hold)
     ports: Ports
+    checkout: Path = REPO  # where its command runs (bns: whose `resolver` it is)
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # measure -> µs per query (or connection)
     results: dict[str, list[LoadResult]] = field(default_factory=dict)
     rates: dict[str, list[float]] = field(default_factory=dict)  # measure -> per second achieved
@@ -207,7 +211,7 @@ getPool(""):setCache(pc)
 def serving(server: Server, directory: Path, idle: int) -> Iterator[int]:
     command = server.maker(directory, server.ports, idle)
     assert command is not None, f"{server.label} is not installed"
-    with running(pinned(command, SERVER_CORE), server.ports.udp, startup=60) as pid:
+    with running(pinned(command, SERVER_CORE), server.ports.udp, startup=60, cwd=server.checkout) as pid:
         yield pid
 
 
@@ -564,6 +568,8 @@ def one_run(
         ),
         functools.partial(resumed_exchanges, names=names, context=context, args=args),
     ]
+    if args.reused_only:
+        measures = measures[: len(RATED)]
     for step in measures:
         for server in servers:
             step(server, pids[server.label])
@@ -773,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection-rate", type=int, default=200, help="new connections per second")
     parser.add_argument("--idle", type=int, nargs="*", default=[2_000, 10_000], help="idle connections to hold")
     parser.add_argument("--servers", nargs="+", default=["unbound", "dnsdist", "bns"])
+    parser.add_argument("--reused-only", action="store_true", help="only the measures at --rate (table 1)")
+    parser.add_argument("--baseline", type=Path, help="also run the bns of this checkout (code before a change)")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("dnsperf", "openssl", "h2load") if shutil.which(tool) is None]
     if missing or not have_dnsperf():
@@ -805,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{label}: not installed, skipped")
                 continue
             servers.append(server)
+        if args.baseline is not None:
+            maker = functools.partial(bns, upstream=upstream, pair=pair)
+            servers.append(Server(f"bns at {args.baseline.name}", maker, Ports.free(), args.baseline.resolve()))
         with contextlib.ExitStack() as live:
             pids = {server.label: live.enter_context(serving(server, scratch, 0)) for server in servers}
             for server in servers:  # every name in every cache, as the steady state of a resolver

@@ -37,6 +37,7 @@ HOT_PATH = [
     "resolver/worker/pipeline.py",
     "resolver/worker/rate_limit.py",
     "resolver/worker/threats.py",
+    "resolver/worker/tls_transport.py",
     "resolver/worker/upstream.py",
     "resolver/worker/wire.py",
 ]

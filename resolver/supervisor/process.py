@@ -298,20 +298,6 @@ def raise_descriptor_limit(config: Config) -> None:
         )
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-_TLS_READ_BUFFER = 128 * 1024  # uvloop gives each TLS connection a 256 KiB read buffer, of which it touches a page
-
-
-def keep_tls_buffers_mapped(config: Config) -> None:
-    """With DoT or DoH listening, have glibc map every allocation of 128 KiB or more on its own (its default,
-    until the first such block is freed raises the threshold): each TLS connection's read buffer then holds only
-    the pages it touches (measured: 26 KB per idle DoT connection instead of 49). Inherited by the workers."""
-    if not (config.tls.dot_listen or config.tls.doh_listen):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's behaviour stands
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _TLS_READ_BUFFER)
-
-
 def check(config: Config) -> Lists:
     """What `serve` makes sure of before it binds anything, and all that `bns config --check` does, so that
     no configuration passes one and fails the other: the cache directory is usable, the catalogue and the
@@ -330,7 +316,6 @@ def check(config: Config) -> Lists:
 def serve(config: Config, load_config: Callable[[], Config] | None = None) -> int:
     """Check, bind, fork, supervise. A bad list, policy or address fails here, before anything runs."""
     raise_descriptor_limit(config)
-    keep_tls_buffers_mapped(config)
     lists = check(config)
     try:
         run = RunDirectory.create(cache_dir_of(config.lists))

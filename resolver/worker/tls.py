@@ -29,8 +29,8 @@ import math
 import re
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from resolver.shared.certificates import Certificates
 from resolver.shared.config import TlsSettings
@@ -40,6 +40,7 @@ from resolver.shared.policy.model import is_id
 from resolver.worker.access import REFUSED, AccessControl
 from resolver.worker.listener import answer_safely, refusal_for
 from resolver.worker.pipeline import Resolver
+from resolver.worker.tls_transport import TlsTransport
 from resolver.worker.wire import Malformed, Peer
 
 _failures = Throttled(logging.getLogger(__name__))
@@ -204,40 +205,27 @@ class TlsGate:
             self.malformed_ids += 1
         return client_id
 
-    def accepting(self, kind: str, connection: Callable[[], Encrypted]) -> Callable[[], asyncio.Protocol]:
+    def accepting(self, kind: str, connection: Callable[[], Encrypted]) -> Callable[[], TlsTransport]:
         """The protocol factory of a DoT (`kind` "dot") or DoH ("doh") listening socket."""
-        return lambda: Handshake(self, kind, connection())
+        timeout = self.settings.handshake_timeout
+        return lambda: TlsTransport(self.certificates.fronts[kind], timeout, Handshake(self, kind, connection()))
 
 
-class Handshake(asyncio.Protocol):
-    """A new connection's first moments: admitted or closed, then its TLS handshake, then its transport."""
+class Handshake:
+    """A new connection's first moments: admitted or closed, then its TLS handshake (tls_transport.py), then
+    its transport."""
 
     def __init__(self, gate: TlsGate, kind: str, connection: Encrypted) -> None:
         self._gate = gate
         self._kind = kind
         self._connection = connection
-        self._transport: asyncio.Transport | None = None
+        self._transport: TlsTransport | None = None
         self.began = gate.clock()
         self._evicted = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        gate = self._gate
-        self._transport = transport  # type: ignore[assignment]
-        if not gate.admit(self._connection, self, transport.get_extra_info("peername")[0]):
-            transport.close()
-            return
-        steps = asyncio.get_running_loop().start_tls(
-            transport,  # type: ignore[arg-type]
-            self._connection,  # type: ignore[arg-type]
-            gate.certificates.fronts[self._kind],
-            server_side=True,
-            ssl_handshake_timeout=gate.settings.handshake_timeout,
-            # and its closing handshake: a client that never answers close_notify must not hold its slot long
-            ssl_shutdown_timeout=gate.settings.handshake_timeout,
-        )
-        # Begun here, not in a task: uvloop starts reading as soon as connection_made returns, and a ClientHello
-        # read before start_tls put its protocol in place would go to this one, and be lost.
-        _step(steps, self._handshaken)
+    def begin(self, transport: TlsTransport) -> bool:
+        self._transport = transport
+        return self._gate.admit(self._connection, self, transport.get_extra_info("peername")[0])
 
     def abort(self) -> None:
         """Closed unfinished to make room (counted by the gate as evicted, not as a failed handshake)."""
@@ -245,15 +233,13 @@ class Handshake(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _handshaken(self, transport: Any, error: BaseException | None) -> None:
+    def ended(self, transport: TlsTransport, error: BaseException | None) -> None:
         gate = self._gate
         connection = self._connection
         if error is not None:
             gate.release(connection)
             if not self._evicted:
-                # uvloop aborts a handshake past its timeout with ConnectionAbortedError (asyncio: TimeoutError)
-                timed_out = isinstance(error, ConnectionAbortedError | TimeoutError)
-                gate.cut["handshake_timeout" if timed_out else "handshake_failed"] += 1
+                gate.cut["handshake_timeout" if isinstance(error, TimeoutError) else "handshake_failed"] += 1
             return
         if gate.stopping or self._evicted:
             gate.release(connection)
@@ -264,22 +250,9 @@ class Handshake(asyncio.Protocol):
             gate.opened(connection)
             tls: ssl.SSLObject = transport.get_extra_info("ssl_object")
             name = gate.count_client_id(client_id_of_name(gate.certificates.server_name(tls), gate.settings.name))
-            connection.opened(transport, name)
+            transport.set_protocol(connection)
+            connection.opened(transport, name)  # type: ignore[arg-type]
         except Exception:  # a connection that cannot start must not keep its slot, nor reach the loop's handler
             _failures.exception(f"a {self._kind} connection failed as it opened")
             gate.release(connection)
             transport.abort()
-
-
-def _step(steps: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
-    """Run the coroutine `steps` until it waits on a future, go on when that future is done, and call `done`
-    with its result or its error: a task that starts at once (asyncio's eager tasks, Python 3.12)."""
-    try:
-        waiting = steps.send(None)
-    except StopIteration as finished:
-        done(finished.value, None)
-        return
-    except (Exception, asyncio.CancelledError) as error:  # cancelled: the loop is closing
-        done(None, error)
-        return
-    waiting.add_done_callback(lambda _future: _step(steps, done))

@@ -1,0 +1,241 @@
+"""The TLS layer of DoT and DoH (tls_transport.py) on a real loopback socket, with a client whose records are made
+in memory (so that a test decides which records share a segment): the handshake's outcomes, a query in the
+segment that ends the handshake, reading paused with records waiting, close_notify both ways, and a record that
+does not decrypt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from resolver.shared.certificates import server_context
+from resolver.worker.tls_transport import TlsTransport
+from tests.certificates import NAME, Authority, Pair
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+
+class Opener:
+    def __init__(self, admit: bool = True) -> None:
+        self.admit = admit
+        self.outcomes: list[BaseException | None] = []
+        self.protocols: list[Echo] = []
+
+    def begin(self, transport: TlsTransport) -> bool:
+        return self.admit
+
+    def ended(self, transport: TlsTransport, error: BaseException | None) -> None:
+        self.outcomes.append(error)
+        if error is None:
+            protocol = Echo(transport)
+            self.protocols.append(protocol)
+            transport.set_protocol(protocol)
+
+
+class Echo:
+    """Writes back what it reads, one line per write (b"pause" pauses its reading for 0.3 s)."""
+
+    def __init__(self, transport: TlsTransport) -> None:
+        self.transport = transport
+        self.received: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+        if data == b"pause":
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.3, self.transport.resume_reading)
+            return
+        self.transport.write(b"echo " + data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class Served:
+    """A loop in a thread serving TlsTransport on a loopback port."""
+
+    def __init__(self, pair: Pair, opener: Opener, timeout: float) -> None:
+        self.context = server_context(pair.certificate.read_bytes(), pair.key.read_bytes(), ("dot",))
+        self.opener = opener
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(
+            self.loop.create_server(lambda: TlsTransport(self.context, timeout, opener), "127.0.0.1", 0)
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Authority, Pair]:
+    authority = Authority(tmp_path_factory.mktemp("ca"))
+    return authority, authority.issue()
+
+
+@contextlib.contextmanager
+def serving(pair: tuple[Authority, Pair], admit: bool = True, timeout: float = 5.0) -> Iterator[Served]:
+    served = Served(pair[1], Opener(admit), timeout)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+class Client:
+    """A TLS client over a plain socket; `handshake` leaves its last flight unsent (`pending`) for the test."""
+
+    def __init__(self, port: int, authority: Authority) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = ssl.create_default_context(cafile=str(authority.path))
+        context.set_alpn_protocols(["dot"])
+        self.tls = context.wrap_bio(self._in, self._out, server_hostname=NAME)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                self._in.write(self.sock.recv(1 << 16))
+
+    def pending(self) -> bytes:
+        return self._out.read()
+
+    def record(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self._out.read()
+
+    def read(self) -> bytes:
+        """The next plaintext the server sent (b"": it closed, with close_notify or without)."""
+        while True:
+            try:
+                return self.tls.read(1 << 16)
+            except ssl.SSLWantReadError:
+                try:
+                    data = self.sock.recv(1 << 16)
+                except ConnectionResetError:
+                    return b""
+                if not data:
+                    return b""
+                self._in.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
+
+
+def opened(pair: tuple[Authority, Pair], served: Served) -> Client:
+    client = Client(served.port, pair[0])
+    client.handshake()
+    return client
+
+
+def test_a_query_in_the_segment_that_ends_the_handshake_is_read_and_answered(pair):
+    with serving(pair) as served:
+        client = Client(served.port, pair[0])
+        client.handshake()
+        client.sock.sendall(client.pending() + client.record(b"first"))  # the client's Finished and a query
+        assert client.read() == b"echo first"
+        assert served.opener.outcomes == [None]
+
+
+def test_records_waiting_while_reading_is_paused_come_in_order_once_it_resumes(pair):
+    with serving(pair) as served:
+        client = opened(pair, served)
+        client.sock.sendall(client.pending() + b"".join(client.record(b) for b in (b"pause", b"one", b"two")))
+        began = time.monotonic()
+        assert client.read() == b"echo one"
+        assert time.monotonic() - began >= 0.25  # not before the protocol resumed
+        assert client.read() == b"echo two"
+        assert served.opener.protocols[0].received == [b"pause", b"one", b"two"]
+
+
+def test_close_notify_from_the_client_is_its_end_and_closing_sends_one(pair):
+    with serving(pair) as served:
+        client = opened(pair, served)
+        client.sock.sendall(client.pending() + client.record(b"query"))
+        assert client.read() == b"echo query"
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.tls.unwrap()
+        client.sock.sendall(client.pending())
+        protocol = served.opener.protocols[0]
+        eventually(lambda: protocol.eof and protocol.lost, within=5)
+
+        client = opened(pair, served)
+        client.sock.sendall(client.pending() + client.record(b"query"))
+        assert client.read() == b"echo query"
+        served.loop.call_soon_threadsafe(served.opener.protocols[1].transport.close)
+        while True:  # SSLObject.read gives b"" for a close_notify, not for a bare end of the stream
+            try:
+                assert client.tls.read(1 << 16) == b""
+                break
+            except ssl.SSLWantReadError:
+                data = client.sock.recv(1 << 16)
+                assert data, "closed without close_notify"
+                client._in.write(data)
+
+
+def test_a_record_that_does_not_decrypt_ends_the_connection(pair):
+    with serving(pair) as served:
+        client = opened(pair, served)
+        record = bytearray(client.record(b"query"))
+        record[-1] ^= 0xFF  # its authentication tag
+        client.sock.sendall(client.pending() + bytes(record))
+        assert client.read() == b""
+        protocol = served.opener.protocols[0]
+        eventually(lambda: protocol.lost, within=5)
+        assert protocol.received == []
+
+
+def test_each_handshake_that_fails_is_reported_once_with_why(pair):
+    with serving(pair, timeout=0.3) as served:
+        silent = socket.create_connection(("127.0.0.1", served.port))
+        garbage = socket.create_connection(("127.0.0.1", served.port))
+        garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        eventually(lambda: len(served.opener.outcomes) == 2, within=5)
+        quitter = Client(served.port, pair[0])
+        with contextlib.suppress(ssl.SSLWantReadError):
+            quitter.tls.do_handshake()
+        quitter.sock.sendall(quitter.pending())  # its ClientHello, then it goes away
+        time.sleep(0.05)
+        quitter.sock.close()
+        eventually(lambda: len(served.opener.outcomes) == 3, within=5)
+        time.sleep(0.5)  # past the handshake timeout of the two that ended early: still told once each
+        kinds: list[Any] = [type(outcome) for outcome in served.opener.outcomes]
+        assert sorted(kind.__name__ for kind in kinds) == ["ConnectionResetError", "SSLError", "TimeoutError"]
+        assert silent.recv(1) == b""  # the silent one was closed
+        silent.close()
+        garbage.close()
+
+
+def test_a_connection_not_admitted_is_closed_before_any_handshake(pair):
+    with serving(pair, admit=False) as served:
+        refused = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+        assert refused.recv(1) == b""
+        assert served.opener.outcomes == []
