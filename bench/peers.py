@@ -22,7 +22,9 @@ Workloads (generated; real names from `--data` where present, synthetic otherwis
 - mixed: 70 % cached, 30 % blocked;
 - cookie: each query from one of 10,000 clients with its own DNS cookie (RFC 7873), cached names;
 - router: cookie + ECS + MAC options, as a customer's router adds them, 10,000 devices;
-- misses: 1 M distinct names, none cached (each goes upstream; each run asks names of its own).
+- misses: 1 M distinct names, none cached (each goes upstream; each run asks names of its own);
+- local: 10,000 names of the zones a resolver answers itself (private reverse lookups, localhost, home.arpa,
+  .local, .invalid) ×10: each server's own answers, none forwarded (the upstream counts what reaches it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import ipaddress
 import os
 import random
 import shutil
@@ -37,8 +40,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 from bench.faults import write_config
@@ -56,6 +61,7 @@ from bench.harness import (
 from bench.load import LoadResult, have_dnsperf, process_tree_cpu, write_query_file
 from bench.policies import write_binary_queries
 from bench.redis_processes import RedisServer
+from bench.upstream import COUNT_INTERVAL
 
 SERVER_CORE, LOAD_CORE = "0", "1"
 # Every query of the bench comes from one address: bns's cap on one source's queries waiting for upstreams
@@ -163,6 +169,12 @@ def workloads(directory: Path, data: Path, listed: list[str], rng: random.Random
         30_000,
         "cookie + ECS + MAC from a router, 10,000 devices",
     )
+    if "local" in only:
+        local = [f"{name} {qtype}" for name, qtype in local_names(rng)] * 10
+        rng.shuffle(local)
+        path = directory / "local.txt"
+        path.write_text("".join(f"{line}\n" for line in local))
+        made.append(Workload("local", path, False, 30_000, "10,000 names answered locally ×10"))
     if "misses" in only:
 
         def fresh(run: int) -> Path:
@@ -173,6 +185,23 @@ def workloads(directory: Path, data: Path, listed: list[str], rng: random.Random
 
         made.append(Workload("misses", fresh(0), False, 10_000, "1 M distinct names, each asked upstream", fresh))
     return made
+
+
+def local_names(rng: random.Random) -> list[tuple[str, str]]:
+    """10,000 distinct questions no resolver should forward (RFC 6303, 6761, 6762, 8375)."""
+    private = [
+        *(f"192.168.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(3_000)),
+        *(f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(3_000)),
+        *(f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(1_500)),
+        *(f"fe80::{rng.randrange(1 << 16):x}:{rng.randrange(1 << 16):x}" for _ in range(500)),
+    ]
+    questions = {(ipaddress.ip_address(address).reverse_pointer, "PTR") for address in private}
+    for index in count():
+        if len(questions) >= 10_000:
+            break
+        suffix = ("home.arpa", "local", "invalid", "localhost")[index % 4]
+        questions.add((f"host{index}.{suffix}", "AAAA" if index % 3 else "A"))
+    return sorted(questions)[:10_000]
 
 
 # --- the servers ---------------------------------------------------------------------------------------------
@@ -188,6 +217,7 @@ class Server:
     first_pass: dict[str, float] = field(default_factory=dict)  # µs/query the first time through a workload
     results: dict[str, list[LoadResult]] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    upstream: dict[str, int] = field(default_factory=dict)  # workload -> queries that reached the upstream
 
 
 def unbound(directory: Path, port: int, upstream: int, listed: list[str]) -> list[str] | None:
@@ -466,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--synthetic", type=int, default=0, help="this many synthetic listed names instead")
-    parser.add_argument("--workload", nargs="+", default=["blocked", "cached", "mixed", "cookie", "router", "misses"])
+    parser.add_argument(
+        "--workload", nargs="+", default=["blocked", "cached", "mixed", "cookie", "router", "misses", "local"]
+    )
     parser.add_argument(
         "--servers",
         nargs="+",
@@ -500,8 +532,15 @@ def main(argv: list[str] | None = None) -> int:
         compile_artifact(sources, artifact)
         loads = workloads(scratch, args.data, listed, rng, args.workload)
         upstream = free_port()
+        counted = scratch / "upstream-count"
         stack.enter_context(
-            running(pinned([sys.executable, "-m", "bench.upstream", "--port", str(upstream)], LOAD_CORE), upstream)
+            running(
+                pinned(
+                    [sys.executable, "-m", "bench.upstream", "--port", str(upstream), "--count-file", str(counted)],
+                    LOAD_CORE,
+                ),
+                upstream,
+            )
         )
         redis = RedisServer(scratch / "redis", persistent=False)
         redis.directory.mkdir()
@@ -586,9 +625,12 @@ def main(argv: list[str] | None = None) -> int:
             for workload in loads:
                 for server in servers:
                     pid = pids[server.label]
-                    before = process_tree_cpu(pid)
+                    before, asked = process_tree_cpu(pid), upstream_count(counted)
                     result = dnsperf(server.port, workload, args.seconds, run)
                     spent = process_tree_cpu(pid) - before
+                    server.upstream[workload.name] = (
+                        server.upstream.get(workload.name, 0) + upstream_count(counted) - asked
+                    )
                     server.cpu_us.setdefault(workload.name, []).append(spent / max(result.completed, 1) * 1e6)
                     server.results.setdefault(workload.name, []).append(result)
             print(
@@ -612,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         plot(servers, loads, args.plot)
     return 0
+
+
+def upstream_count(path: Path) -> int:
+    """Queries the scripted upstream has received, once what it has received by now is written down."""
+    time.sleep(2 * COUNT_INTERVAL)
+    return int(path.read_text()) if path.exists() else 0
 
 
 def report(
@@ -654,6 +702,19 @@ def report(
                 f"{ordered[len(ordered) // 2] * 1e3:.2f} / {ordered[int(len(ordered) * 0.99)] * 1e3:.2f}; "
                 f"{sum(result.lost for result in results)}"
             )
+        lines.append(f"| {workload.name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Queries that reached the upstream during the runs (summed), of those answered:",
+        "",
+        "| workload | " + " | ".join(server.label for server in servers) + " |",
+        "|---|" + "---:|" * len(servers),
+    ]
+    for workload in loads:
+        cells = [
+            f"{server.upstream.get(workload.name, 0):,} of {sum(r.completed for r in server.results[workload.name]):,}"
+            for server in servers
+        ]
         lines.append(f"| {workload.name} | " + " | ".join(cells) + " |")
     lines += [
         "",

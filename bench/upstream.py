@@ -8,7 +8,7 @@ forger who guessed the 0x20 bits wrong would send, and an address of the forger'
 after `delay`), or a CNAME chain; it sets AD only when scripted to. Every query it receives is recorded,
 with the letter case it came in, so a test can count upstream traffic.
 
-    python -m bench.upstream --port 5301        # serve until interrupted
+    python -m bench.upstream --port 5301 [--count-file PATH]    # serve until interrupted
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+COUNT_INTERVAL = 0.1  # seconds between writes of --count-file
 MODES = (
     "answer",
     "drop",
@@ -267,18 +269,23 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5301)
     parser.add_argument("--ttl", type=int, default=86400)
+    parser.add_argument("--count-file", type=Path, help="write the queries received so far here, every 0.1 s")
     args = parser.parse_args()
-    serve_until_interrupted(ScriptedUpstream(args.host, args.port, Script(ttl=args.ttl)))
+    serve_until_interrupted(ScriptedUpstream(args.host, args.port, Script(ttl=args.ttl)), args.count_file)
 
 
-def serve_until_interrupted(upstream: ScriptedUpstream) -> None:
+def serve_until_interrupted(upstream: ScriptedUpstream, count_file: Path | None = None) -> None:
     """Serve on this thread (uvloop) until interrupted: the upstream as a process of its own."""
     import uvloop
 
     async def forever() -> None:
         async with upstream.serving():
             print(f"scripted upstream on {upstream.address}", flush=True)
-            await asyncio.Event().wait()
+            while True:
+                if count_file is not None:
+                    count_file.with_suffix(".new").write_text(str(len(upstream.seen)))
+                    count_file.with_suffix(".new").replace(count_file)
+                await asyncio.sleep(COUNT_INTERVAL)
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(forever())

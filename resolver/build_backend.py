@@ -34,6 +34,7 @@ HOT_PATH = [
     "resolver/worker/directory.py",
     "resolver/worker/dot.py",  # a subclass of listener.py's TcpConnection: a compiled class takes no other
     "resolver/worker/listener.py",
+    "resolver/worker/local_zones.py",
     "resolver/worker/pipeline.py",
     "resolver/worker/rate_limit.py",
     "resolver/worker/threats.py",

@@ -124,6 +124,7 @@ class Metrics:
         shed = _summed(workers, "shed")
         threats = _summed(workers, "threats")
         refused_claims = _summed(workers, "refused_claims")
+        local_answers = _summed(workers, "local_answers")
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -175,6 +176,9 @@ class Metrics:
                 _line("bns_identity_claims_refused_total", count, {"claim": claim})
                 for claim, count in sorted(refused_claims.items())
             ),
+            "# HELP bns_local_answers_total Answers given by a zone served here (never forwarded), by zone.",
+            "# TYPE bns_local_answers_total counter",
+            *(_line("bns_local_answers_total", count, {"zone": zone}) for zone, count in sorted(local_answers.items())),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

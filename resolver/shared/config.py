@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.errors import ConfigError
 from resolver.shared.policy.model import MAX_LIST
 from resolver.shared.store.redis import check_redis_url, describe
@@ -744,6 +745,41 @@ class TlsSettings:
     )
 
 
+def _zone_names(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of zone names such as ["corp.example", "16.172.in-addr.arpa"]')
+    zones = []
+    for item in items:
+        try:
+            wire = text_to_name(item)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+        if wire == b"\x00":
+            raise ValueError("the root cannot be a local zone: nothing would be forwarded")
+        zones.append(name_to_text(wire))
+    return tuple(zones)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Names answered here and never forwarded (worker/local_zones.py)."""
+
+    defaults: bool = setting(
+        True,
+        "answer the special-use zones here, never upstream: the reverse zones of private, loopback, link-local and "
+        "documentation addresses (RFC 6303), localhost, invalid, test, onion, local and home.arpa",
+    )
+    not_served: tuple[str, ...] = setting(
+        (),
+        "default zones, or zones under them, forwarded after all (where an upstream serves them: a company's "
+        '["16.172.in-addr.arpa"])',
+        convert=_zone_names,
+    )
+    zones: tuple[str, ...] = setting(
+        (), 'more zones answered here: NXDOMAIN under each (["lab.example"])', convert=_zone_names
+    )
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
@@ -763,6 +799,7 @@ class Config:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
     activity: ActivitySettings = field(default_factory=ActivitySettings)

@@ -38,6 +38,7 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
         "lists_version": resolver.lists.snapshot.version,
         "threats": dict(threats.counts),
         "refused_claims": dict(resolver.directory.refused_claims),
+        "local_answers": resolver.local_zones.counts(),
         "threat_alerts": [dataclasses.asdict(alert) for alert in threats.recent],
     }
 

@@ -92,7 +92,7 @@ class Discovery:
         self.count = len(records)
 
     def answer(self, request: Request) -> bytes:
-        """The answer to an IN query for a name at or under resolver.arpa (wire.in_zone)."""
+        """The answer to an IN query for a name at or under resolver.arpa (local_zones.py)."""
         query = request.query
         name = query.name
         if self.count and query.qtype == RRType.SVCB and name == DESIGNATED:

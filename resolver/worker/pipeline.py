@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Any
 
-from resolver.shared.config import TlsSettings
+from resolver.shared.config import LocalSettings, TlsSettings
 from resolver.shared.dns import CLASS_IN, EdeCode, Rcode, RRType, ede_option
 from resolver.shared.identity import in_site_networks, made_here
 from resolver.shared.lists import Lists
@@ -32,6 +32,7 @@ from resolver.worker.answers import BlockedAnswers, safe_search_answer
 from resolver.worker.cache import AnswerCache, CachedAnswer, failure_reply
 from resolver.worker.directory import Client, Directory, Nobody
 from resolver.worker.discovery import Discovery
+from resolver.worker.local_zones import LocalZones
 from resolver.worker.threats import ThreatWatch
 from resolver.worker.upstream import Forwarding, Overloaded, UpstreamFailed
 from resolver.worker.wire import (
@@ -79,17 +80,19 @@ class Resolver:
         wall_clock: Callable[[], float] = time.time,
         page_pool: PagePool | None = None,
         discovery: Discovery | None = None,
+        local: LocalSettings | None = None,
     ) -> None:
         # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
         # of blocked names as large as the cache (whose answers are not cached) still fits.
-        self.parser = QueryParser(max(cache.size * 2, 1024))
+        self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
+        self.local_zones = LocalZones(local or LocalSettings(), self.discovery)
+        self.parser = QueryParser(max(cache.size * 2, 1024), self.local_zones.find)
         self.directory = directory
         self.lists = lists
         self.blocked = BlockedAnswers(max(cache.size * 2, 1024))
         self.cache = cache
         self.forwarder = forwarder
         self.page_pool = page_pool or None  # warning page addresses of their own for devices behind routers
-        self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetches: dict[bytes, asyncio.Future[CachedAnswer]] = {}
@@ -134,7 +137,7 @@ class Resolver:
         request = self.parser.parse(data, client, tcp)
         if self.held:
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_NOT_READY)
-        # local: what we never forward (RFC 8482 ANY, zone transfers, other classes, resolver.arpa).
+        # local: what we never forward (RFC 8482 ANY, zone transfers, other classes, the zones served here).
         if request.query.local:
             return self._answer_locally(request)
         # identify: a client this worker knows costs a dict lookup; a new one is looked up in the store.
@@ -385,7 +388,7 @@ class Resolver:
 
     def _answer_locally(self, request: Request) -> bytes:
         """RFC 8482 for ANY; REFUSED for other classes (CHAOS version probes included) and zone transfers;
-        resolver.arpa's answers (discovery.py)."""
+        the answers of the zones served here (local_zones.py, and resolver.arpa's: discovery.py)."""
         query = request.query
         if query.qclass != CLASS_IN:
             return synthesized_answer(request, Rcode.REFUSED)
@@ -393,7 +396,9 @@ class Resolver:
             return synthesized_answer(request, Rcode.NOERROR, _ANY_ANSWER, 1)
         if query.qtype in LOCAL_TYPES:
             return synthesized_answer(request, Rcode.REFUSED)
-        return self.discovery.answer(request)
+        zone = query.zone
+        assert zone is not None  # local, and for none of the reasons above: the parser found its zone
+        return zone.answer(request)
 
     def close(self) -> None:
         self.forwarder.close()

@@ -75,6 +75,7 @@ class Worker:
             self.directory,
             page_pool=PagePool(config.pages.device_networks),
             discovery=Discovery(config.tls),
+            local=config.local,
         )
         self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks

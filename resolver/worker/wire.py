@@ -8,7 +8,9 @@ is read as offsets into its own bytes, and answers are assembled from byte strin
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from enum import StrEnum
+from typing import Protocol
 
 from resolver.shared.dns import CLASS_ANY, CLASS_IN, MAX_LABEL_LEN, MAX_NAME_LEN, OptionCode, Rcode, RRType
 from resolver.shared.errors import BnsError
@@ -69,24 +71,33 @@ class Malformed(BnsError):
         self.tsig = tsig
 
 
+class LocalAnswers(Protocol):
+    """Who answers the names of a zone served here (local_zones.py, discovery.py)."""
+
+    def answer(self, request: Request) -> bytes:
+        """The answer to an IN query for a name at or under the zone's apex."""
+
+
 class Query:
     """Everything a query's bytes say apart from its ID: the same bytes always give the same Query, so the
     parser interns them (see QueryParser) and later stages may memoise on the object itself.
 
     `key` (the question name in lowercased wire form, type, class, state byte) is what the cache and the
     upstream coalescing are keyed on; `limit` is the largest answer the client can take; `local` marks
-    queries answered here whatever the cache holds (other classes, ANY, zone transfers, resolver.arpa).
+    queries answered here whatever the cache holds (other classes, ANY, zone transfers, and the names of
+    `zone`, a zone served here: local_zones.py, set by the parser).
     `bits` are the name's categories in the list snapshot of generation `listed_in` (the query path's memo: a
     name asked again costs no lookup until the list is swapped).
     """
 
-    __slots__ = ("bits", "edns", "key", "limit", "listed_in", "local")
+    __slots__ = ("bits", "edns", "key", "limit", "listed_in", "local", "zone")
 
     def __init__(self, key: bytes, edns: bool, limit: int) -> None:
         self.key = key
         self.edns = edns
         self.limit = limit
-        self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES or in_zone(self.name, RESOLVER_ARPA)
+        self.local = self.qclass != CLASS_IN or self.qtype in LOCAL_TYPES
+        self.zone: LocalAnswers | None = None
         self.bits = 0
         self.listed_in = 0  # no snapshot has generation 0
 
@@ -171,8 +182,9 @@ class QueryParser:
     interned. Both memos forget their oldest half when full: a flood of unique names costs a dict insert each.
     """
 
-    def __init__(self, size: int = 16384) -> None:
+    def __init__(self, size: int = 16384, zones: Callable[[bytes], LocalAnswers | None] | None = None) -> None:
         self._size = size
+        self._zones = zones  # who answers a name here (local_zones.LocalZones.find), if anyone
         self._memos: tuple[dict[bytes, Query], dict[bytes, Query]] = ({}, {})
         self._options: dict[bytes, tuple[dict[int, bytes] | None, bytes | None]] = {}
 
@@ -196,6 +208,10 @@ class QueryParser:
 
     def _parse_whole(self, data: bytes, client: Peer, tcp: bool) -> Request:
         query, rdata = read_query(data, tcp)
+        if self._zones is not None:
+            query.zone = self._zones(query.name)
+            if query.zone is not None:
+                query.local = True
         options = _identity_options(data, rdata[0], rdata[1]) if rdata is not None else None
         identity = (
             b"".join(_U16.pack(code) + _U16.pack(len(value)) + value for code, value in sorted(options.items()))
@@ -397,18 +413,6 @@ _SECOND_LEVELS = frozenset(
         b"sch",
     )
 )
-
-
-def in_zone(name: bytes, zone: bytes) -> bool:
-    """Whether a lowercased wire name is `zone` or a name under it (on a label boundary: `xresolver.arpa` and a
-    label holding the bytes of `\x08resolver` are not under resolver.arpa)."""
-    cut = len(name) - len(zone)
-    if cut < 0 or not name.endswith(zone):
-        return False
-    pos = 0
-    while pos < cut:
-        pos += name[pos] + 1
-    return pos == cut
 
 
 def registered_domain(name: bytes) -> bytes:

@@ -19,6 +19,7 @@ def worker_file(
     send_errors: int,
     shed: dict[str, int] | None = None,
     tls: dict[str, object] | None = None,
+    local: dict[str, int] | None = None,
 ) -> None:
     counters = {
         "cache_hits": 1,
@@ -31,6 +32,7 @@ def worker_file(
         "lists_version": "v1",
         "shed": shed or {},
         "tls": tls or {},
+        "local_answers": local or {},
     }
     (directory / f"worker-{index}.json").write_text(json.dumps(counters))
 
@@ -47,6 +49,16 @@ def test_refused_upstream_replies_are_summed_by_reason(tmp_path):
         'bns_upstream_rejected_replies_total{reason="wrong_question"} 1',
     ]
     assert "bns_upstream_send_errors_total 1" in lines
+
+
+def test_local_answers_are_summed_by_zone(tmp_path):
+    worker_file(tmp_path, 0, {}, 0, local={"localhost": 2, "168.192.in-addr.arpa": 1})
+    worker_file(tmp_path, 1, {}, 0, local={"localhost": 3})
+    lines = Metrics(tmp_path, dict, workers=2).render().splitlines()
+    assert [line for line in lines if line.startswith("bns_local_answers_total")] == [
+        'bns_local_answers_total{zone="168.192.in-addr.arpa"} 1',
+        'bns_local_answers_total{zone="localhost"} 5',
+    ]
 
 
 def test_shed_queries_are_summed_by_reason(tmp_path):

@@ -118,6 +118,7 @@ class Pipeline:
             wall_clock=lambda: self.now,
             page_pool=PagePool(config.pages.device_networks),
             discovery=Discovery(config.tls),
+            local=config.local,
         )
 
     async def ask(self, data: bytes, client: tuple[str, int] = CLIENT) -> bytes:

@@ -1,0 +1,204 @@
+"""Names this resolver answers itself and never forwards: a reverse lookup of a customer's LAN address, `localhost`
+or a `.local` name must not reach a public resolver (it tells the world what is inside the network, and the
+answer could only be wrong or slow).
+
+By default (`local.defaults`), as unbound does:
+
+- RFC 6303's reverse zones of addresses that are not the Internet's: 10/8, 172.16/12, 192.168/16, 127/8, 0/8,
+  169.254/16, the three documentation /24s, 255.255.255.255, 100.64/10 (RFC 6598, RFC 7793); ::, ::1,
+  fd00::/8, fe80::/10 and 2001:db8::/32. NXDOMAIN under each, but 127.0.0.1's and ::1's PTR `localhost.`;
+- `localhost` (RFC 6761 §6.3): it and every name under it are 127.0.0.1 and ::1;
+- `invalid`, `test` (RFC 6761), `onion` (RFC 7686), `local` (RFC 6762: mDNS names belong to the link) and
+  `home.arpa` (RFC 8375): NXDOMAIN;
+- `resolver.arpa` (RFC 9462), whose answers are discovery.py's, always.
+
+`local.not_served` sends a default zone, or a zone under one, upstream after all (a company's DNS that serves
+16.172.in-addr.arpa); `local.zones` adds zones of the operator's, answered NXDOMAIN under them (unbound's
+`local-zone: static`). The closest enclosing entry decides. Each zone's apex answers its SOA and NS; a negative
+answer carries the SOA, whose MINIMUM bounds how long a client keeps it (RFC 2308), with unbound's values.
+
+The zone of a query is found once, when the parser first reads its question (wire.QueryParser), and the query
+is marked local: answered before the client is identified, like ANY and resolver.arpa, at the cost of a cache
+hit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable
+
+from resolver.shared.config import LocalSettings
+from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
+from resolver.shared.errors import ConfigError
+from resolver.worker.wire import HEADER_LEN, RESOLVER_ARPA, LocalAnswers, Request, resource_record, synthesized_answer
+
+_RECORD_TTL = 3600  # unbound's for local data
+_NEGATIVE_TTL = 10800  # the SOA's TTL and MINIMUM: how long a client may keep a negative answer
+_LOCALHOST = text_to_name("localhost")
+_SOA_RDATA = _LOCALHOST + text_to_name("nobody.invalid") + struct.pack("!IIIII", 1, 3600, 1200, 604800, _NEGATIVE_TTL)
+
+
+def _reverse(network: str) -> str:
+    """The reverse zone of a network whose prefix ends on a label (an octet; a nibble for IPv6)."""
+    net = ipaddress.ip_network(network)
+    labels = net.network_address.reverse_pointer.split(".")
+    per_label = 8 if net.version == 4 else 4
+    return ".".join(labels[(net.max_prefixlen - net.prefixlen) // per_label :])
+
+
+DEFAULT_ZONES: tuple[str, ...] = (
+    "localhost",
+    "invalid",
+    "test",
+    "onion",
+    "local",
+    "home.arpa",
+    *(
+        _reverse(network)
+        for network in (
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            *(f"172.{octet}.0.0/16" for octet in range(16, 32)),
+            "192.0.2.0/24",
+            "192.168.0.0/16",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "255.255.255.255/32",
+            *(f"100.{octet}.0.0/16" for octet in range(64, 128)),
+            "::/128",
+            "::1/128",
+            "fd00::/8",
+            "fe80::/12",
+            "fe90::/12",
+            "fea0::/12",
+            "feb0::/12",
+            "2001:db8::/32",
+        )
+    ),
+)
+
+
+def _records(rtype: int, rdatas: Iterable[bytes]) -> tuple[bytes, int]:
+    listed = list(rdatas)
+    return b"".join(resource_record(rtype, _RECORD_TTL, rdata) for rdata in listed), len(listed)
+
+
+# What the default zones hold besides their SOA and NS (RFC 6761 §6.3, RFC 6303 §4.2 and §4.4).
+_LOOPBACK: dict[bytes, dict[int, tuple[bytes, int]]] = {
+    _LOCALHOST: {
+        RRType.A: _records(RRType.A, [ipaddress.ip_address("127.0.0.1").packed]),
+        RRType.AAAA: _records(RRType.AAAA, [ipaddress.ip_address("::1").packed]),
+    },
+    **{
+        text_to_name(ipaddress.ip_address(address).reverse_pointer): {RRType.PTR: _records(RRType.PTR, [_LOCALHOST])}
+        for address in ("127.0.0.1", "::1")
+    },
+}
+
+
+class LocalZone:
+    """One zone answered here: its apex's SOA and NS, the records of `data`, NXDOMAIN for any other name. With
+    `redirect`, every name under the apex is answered as the apex (localhost's)."""
+
+    def __init__(
+        self, apex: bytes, data: dict[bytes, dict[int, tuple[bytes, int]]] | None = None, redirect: bool = False
+    ) -> None:
+        self.apex = apex
+        self.data = {owner: dict(records) for owner, records in (data or {}).items()}  # not _LOOPBACK's own
+        self.data.setdefault(apex, {})
+        self.data[apex].setdefault(RRType.SOA, (resource_record(RRType.SOA, _NEGATIVE_TTL, _SOA_RDATA), 1))
+        self.data[apex].setdefault(RRType.NS, _records(RRType.NS, [_LOCALHOST]))
+        self.redirect = redirect
+        self.answered = 0  # metrics: bns_local_answers_total
+
+    def answer(self, request: Request) -> bytes:
+        """The answer to an IN query for a name at or under the apex."""
+        self.answered += 1
+        query = request.query
+        name = query.name
+        owned = self.data.get(self.apex if self.redirect else name)
+        if owned is not None:
+            found = owned.get(query.qtype)
+            if found is not None:
+                return synthesized_answer(request, Rcode.NOERROR, found[0], found[1])
+        # The SOA's owner points at the apex where it ends the question's name, as the client spelt it.
+        owner = struct.pack("!H", 0xC000 | (HEADER_LEN + len(name) - len(self.apex)))
+        soa = resource_record(RRType.SOA, _NEGATIVE_TTL, _SOA_RDATA, owner)
+        rcode = Rcode.NOERROR if owned is not None else Rcode.NXDOMAIN  # a name that exists: NODATA
+        return synthesized_answer(request, rcode, authority=soa, authority_count=1)
+
+
+def check_not_served(settings: LocalSettings) -> None:
+    """Refuse a `local.not_served` zone that no served zone holds: it would be forwarded anyway, and is likely a
+    typing error for one that is not."""
+    served = [text_to_name(zone) for zone in (*(DEFAULT_ZONES if settings.defaults else ()), *settings.zones)]
+    for zone in settings.not_served:
+        name = text_to_name(zone)
+        if not any(_at_or_under(name, apex) for apex in served):
+            raise ConfigError(
+                f"local.not_served: {zone} is not a zone answered here, nor under one"
+                + ("" if settings.defaults else " (local.defaults is off)")
+            )
+
+
+def _at_or_under(name: bytes, apex: bytes) -> bool:
+    """Whether a wire name is `apex` or under it, on a label boundary."""
+    position = 0
+    while len(name) - position > len(apex):
+        position += name[position] + 1
+    return name[position:] == apex
+
+
+class LocalZones:
+    """Every zone answered here, and the zones under them that are not, found by a walk down from the top."""
+
+    def __init__(self, settings: LocalSettings, resolver_arpa: LocalAnswers) -> None:
+        # apex → how its names are answered (None: not here, upstream like any other name)
+        self.entries: dict[bytes, LocalAnswers | None] = {}
+        self._paths: set[bytes] = set()  # every apex and every name above one: where a walk goes on
+        if settings.defaults:
+            for zone in DEFAULT_ZONES:
+                apex = text_to_name(zone)
+                owned = {owner: data for owner, data in _LOOPBACK.items() if owner.endswith(apex)}
+                self._add(apex, LocalZone(apex, owned, redirect=apex == _LOCALHOST))
+        for zone in settings.not_served:
+            self._add(text_to_name(zone), None)
+        for zone in settings.zones:
+            apex = text_to_name(zone)
+            self._add(apex, LocalZone(apex))
+        self._add(RESOLVER_ARPA, resolver_arpa)
+
+    def _add(self, apex: bytes, answers: LocalAnswers | None) -> None:
+        self.entries[apex] = answers
+        position = 0
+        while apex[position]:
+            self._paths.add(apex[position:])
+            position += apex[position] + 1
+
+    def find(self, name: bytes) -> LocalAnswers | None:
+        """Who answers a lowercased wire name here (None: it is forwarded)."""
+        starts = []
+        position = 0
+        while name[position]:
+            starts.append(position)
+            position += name[position] + 1
+        found: LocalAnswers | None = None
+        paths, entries = self._paths, self.entries
+        for start in reversed(starts):
+            suffix = name[start:]
+            if suffix not in paths:
+                break
+            if suffix in entries:
+                found = entries[suffix]
+        return found
+
+    def counts(self) -> dict[str, int]:
+        """Answers given, by zone (those that gave any)."""
+        return {
+            name_to_text(apex): zone.answered
+            for apex, zone in self.entries.items()
+            if isinstance(zone, LocalZone) and zone.answered
+        }

@@ -1,0 +1,168 @@
+"""Names answered here and never forwarded (resolver/worker/local_zones.py): the RFC 6303 reverse zones,
+localhost, invalid, test, onion, local and home.arpa by default, each answered as unbound answers it; zones turned
+off or added by the configuration; bad zone names refused naming the key; and, on real sockets with a real
+upstream that does not answer, the names the issue tried reach it no more."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import subprocess
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from bench.upstream import Script, ScriptedUpstream
+from resolver.shared.errors import ConfigError
+from resolver.worker.local_zones import DEFAULT_ZONES, check_not_served
+from tests.conftest import ServerThread, make_config
+from tests.worker.test_pipeline import Pipeline, run
+
+pytestmark = pytest.mark.unit
+
+
+def reverse(address: str) -> str:
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+async def ask(pipeline: Pipeline, name: str, rdtype: str = "A") -> dns.message.Message:
+    return dns.message.from_wire(await pipeline.ask(dns.message.make_query(name, rdtype, use_edns=0).to_wire()))
+
+
+def outcome(answer: dns.message.Message) -> tuple[str, list[str], str]:
+    """(rcode, the answer's records as text, the owner of the SOA in the authority section)."""
+    records = sorted(record.to_text() for rrset in answer.answer for record in rrset)
+    soa = [rrset.name.to_text().lower() for rrset in answer.authority if rrset.rdtype == dns.rdatatype.SOA]
+    return dns.rcode.to_text(answer.rcode()), records, soa[0] if soa else ""
+
+
+# What the issue tried, and what RFC 6303, 6761, 7686, 6762 and 8375 ask: (name, type) → (rcode, records, SOA)
+SERVED = {
+    (reverse("192.168.0.1"), "PTR"): ("NXDOMAIN", [], "168.192.in-addr.arpa."),
+    (reverse("127.0.0.1"), "PTR"): ("NOERROR", ["localhost."], ""),
+    (reverse("127.0.0.2"), "PTR"): ("NXDOMAIN", [], "127.in-addr.arpa."),
+    (reverse("::1"), "PTR"): ("NOERROR", ["localhost."], ""),
+    (reverse("10.1.2.3"), "PTR"): ("NXDOMAIN", [], "10.in-addr.arpa."),
+    (reverse("172.31.0.1"), "PTR"): ("NXDOMAIN", [], "31.172.in-addr.arpa."),
+    (reverse("100.64.0.1"), "PTR"): ("NXDOMAIN", [], "64.100.in-addr.arpa."),
+    (reverse("169.254.1.1"), "PTR"): ("NXDOMAIN", [], "254.169.in-addr.arpa."),
+    (reverse("fe80::1"), "PTR"): ("NXDOMAIN", [], "8.e.f.ip6.arpa."),
+    (reverse("febf::1"), "PTR"): ("NXDOMAIN", [], "b.e.f.ip6.arpa."),
+    (reverse("fd12:3456::1"), "PTR"): ("NXDOMAIN", [], "d.f.ip6.arpa."),
+    (reverse("2001:db8::1"), "PTR"): ("NXDOMAIN", [], "8.b.d.0.1.0.0.2.ip6.arpa."),
+    ("localhost", "A"): ("NOERROR", ["127.0.0.1"], ""),
+    ("LocalHost.", "AAAA"): ("NOERROR", ["::1"], ""),
+    ("www.localhost", "A"): ("NOERROR", ["127.0.0.1"], ""),  # RFC 6761 §6.3: every name under it too
+    ("localhost", "MX"): ("NOERROR", [], "localhost."),  # NODATA
+    ("10.in-addr.arpa", "SOA"): ("NOERROR", ["localhost. nobody.invalid. 1 3600 1200 604800 10800"], ""),
+    ("10.in-addr.arpa", "NS"): ("NOERROR", ["localhost."], ""),
+    ("10.in-addr.arpa", "TXT"): ("NOERROR", [], "10.in-addr.arpa."),
+    ("foo.home.arpa", "A"): ("NXDOMAIN", [], "home.arpa."),
+    ("x.invalid", "A"): ("NXDOMAIN", [], "invalid."),
+    ("printer.local", "A"): ("NXDOMAIN", [], "local."),
+    ("a.test", "AAAA"): ("NXDOMAIN", [], "test."),
+    ("duckduckgogg42xjoc72x3sjasowoarfbgcmvfimaftt6twagswzczad.onion", "A"): ("NXDOMAIN", [], "onion."),
+}
+# Beside them and not under them: forwarded as any other name.
+FORWARDED = [
+    reverse("192.169.0.1"),
+    reverse("172.15.0.1"),
+    reverse("172.32.0.1"),
+    reverse("100.63.0.1"),
+    reverse("100.128.0.1"),
+    reverse("8.8.8.8"),
+    reverse("fec0::1"),
+    reverse("2001:db9::1"),
+    "localhostx",
+    "local.example.com",
+    "home.arpa.example",
+    "xtest",
+]
+
+
+def test_the_special_use_names_are_answered_here_as_unbound_answers_them_and_no_other(lists, tmp_path):
+    async def work(pipeline: Pipeline) -> None:
+        for (name, rdtype), expected in SERVED.items():
+            answer = await ask(pipeline, name, rdtype)
+            assert outcome(answer) == expected, (name, rdtype)
+            assert answer.question[0].name.to_text().rstrip(".") == name.rstrip(".")  # the client's spelling
+            assert answer.flags & dns.flags.RA and not answer.flags & dns.flags.AA
+        assert pipeline.forwarder.asked == []
+        for name in FORWARDED:
+            assert (await ask(pipeline, name, "PTR")).rcode() == dns.rcode.NOERROR
+        assert pipeline.forwarder.asked == FORWARDED
+        counts = pipeline.resolver.local_zones.counts()
+        assert counts["localhost"] == 4 and counts["10.in-addr.arpa"] == 4 and sum(counts.values()) == len(SERVED)
+
+    run(lists, tmp_path, work)
+
+
+def test_a_zone_is_turned_off_added_or_cut_out_of_another_and_resolver_arpa_stays(lists, tmp_path):
+    local = {"not_served": ["16.172.in-addr.arpa", "home.arpa", "1.168.192.in-addr.arpa"], "zones": ["lab.example"]}
+
+    async def work(pipeline: Pipeline) -> None:
+        for name in (reverse("172.16.0.1"), "foo.home.arpa", reverse("192.168.1.7")):
+            assert (await ask(pipeline, name, "PTR")).rcode() == dns.rcode.NOERROR
+        assert outcome(await ask(pipeline, reverse("192.168.2.7"), "PTR")) == ("NXDOMAIN", [], "168.192.in-addr.arpa.")
+        assert outcome(await ask(pipeline, "printer.LAB.example")) == ("NXDOMAIN", [], "lab.example.")
+        assert outcome(await ask(pipeline, "lab.example", "NS")) == ("NOERROR", ["localhost."], "")
+        assert pipeline.forwarder.asked == [reverse("172.16.0.1"), "foo.home.arpa", reverse("192.168.1.7")]
+
+    run(lists, tmp_path, work, sections={"local": local})
+
+    async def without_defaults(pipeline: Pipeline) -> None:
+        assert (await ask(pipeline, reverse("192.168.0.1"), "PTR")).rcode() == dns.rcode.NOERROR
+        assert (await ask(pipeline, "localhost")).rcode() == dns.rcode.NOERROR
+        assert outcome(await ask(pipeline, "x.resolver.arpa", "TXT")) == ("NOERROR", [], "resolver.arpa.")
+        assert pipeline.forwarder.asked == [reverse("192.168.0.1"), "localhost"]
+
+    run(lists, tmp_path, without_defaults, sections={"local": {"defaults": False}})
+
+
+@pytest.mark.parametrize(
+    ("local", "refused"),
+    [
+        ({"zones": ["."]}, "local.zones: the root cannot be a local zone"),
+        ({"zones": ["a..b"]}, "local.zones: 'a..b': label 2"),
+        ({"zones": "lab.example"}, "local.zones: must be a list of zone names"),
+        ({"not_served": ["example.com"]}, "local.not_served: example.com is not a zone answered here, nor under one"),
+        ({"defaults": False, "not_served": ["home.arpa"]}, "(local.defaults is off)"),
+    ],
+)
+def test_a_bad_zone_is_refused_naming_the_key(local, refused):
+    with pytest.raises(ConfigError, match=refused.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        check_not_served(make_config(["127.0.0.1:9"], local=local).local)
+
+
+def test_the_defaults_are_each_a_zone_once():
+    # names; IPv4 reverse zones but 172.16/12's and 100.64/10's; those two; IPv6 reverse zones
+    assert len(set(DEFAULT_ZONES)) == len(DEFAULT_ZONES) == 6 + 9 + 16 + 64 + 8
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed (Debian: bind9-dnsutils)")
+def test_what_the_issue_tried_is_answered_at_once_and_never_reaches_an_upstream_that_does_not_answer(lists):
+    tried = [
+        (reverse("192.168.0.1"), "PTR", "NXDOMAIN"),
+        (reverse("127.0.0.1"), "PTR", "NOERROR"),
+        ("localhost", "A", "NOERROR"),
+        ("foo.home.arpa", "A", "NXDOMAIN"),
+        ("x.invalid", "A", "NXDOMAIN"),
+        ("printer.local", "AAAA", "NXDOMAIN"),
+    ]
+    with (
+        ScriptedUpstream(script=Script(mode="drop")) as upstream,
+        ServerThread(make_config([upstream.address], lists={"path": str(lists)})) as server,
+    ):
+        for name, rdtype, rcode in tried:
+            for transport in ("+notcp", "+tcp"):
+                dig = subprocess.run(
+                    ["dig", "-p", str(server.port), "@127.0.0.1", name, rdtype, transport, "+tries=1", "+time=1"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                assert f"status: {rcode}" in dig.stdout, (name, transport, dig.stdout)
+        assert upstream.names_seen() == []
