@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,10 @@ import pytest
 
 from bench import encrypted, peers
 from bench.load import LoadResult
+from resolver.shared.config import LocalSettings, TlsSettings
+from resolver.shared.dns import text_to_name
+from resolver.worker.discovery import Discovery
+from resolver.worker.local_zones import LocalZones
 from tests.certificates import Authority
 
 pytestmark = pytest.mark.unit
@@ -94,3 +99,11 @@ def test_encrypted_server_configs_pass_the_servers_own_checks(tmp_path: Path) ->
         checked += 1
     if not checked:
         pytest.skip("neither unbound nor dnsdist is installed")
+
+
+def test_the_local_workload_asks_only_names_bns_answers_itself():
+    questions = peers.local_names(random.Random(7))
+    assert len(set(questions)) == len(questions) == 10_000
+    zones = LocalZones(LocalSettings(), Discovery(TlsSettings()))
+    assert all(zones.find(text_to_name(name)) is not None for name, _type in questions)
+    assert {qtype for _name, qtype in questions} == {"PTR", "A", "AAAA"}
