@@ -21,6 +21,7 @@ from typing import Any
 
 from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.errors import ConfigError
+from resolver.shared.local_records import TYPES, parse_records
 from resolver.shared.policy.model import MAX_LIST
 from resolver.shared.store.redis import check_redis_url, describe
 
@@ -760,6 +761,13 @@ def _zone_names(items: Any) -> tuple[str, ...]:
     return tuple(zones)
 
 
+def _record_lines(items: Any) -> tuple[str, ...]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('must be a list of lines such as ["printer.office.example A 192.0.2.20"]')
+    parse_records(tuple(items))  # raises ValueError naming the line
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class LocalSettings:
     """Names answered here and never forwarded (worker/local_zones.py)."""
@@ -777,6 +785,13 @@ class LocalSettings:
     )
     zones: tuple[str, ...] = setting(
         (), 'more zones answered here: NXDOMAIN under each (["lab.example"])', convert=_zone_names
+    )
+    records: tuple[str, ...] = setting(
+        (),
+        "the network's own names, answered here once the device's policy lets them through: zone-file lines "
+        f'"name [ttl] type data" of types {", ".join(TYPES)} (["printer.office.example A 192.0.2.20"]); A and AAAA '
+        "give their address's PTR too",
+        convert=_record_lines,
     )
 
 

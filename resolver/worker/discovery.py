@@ -86,6 +86,8 @@ _SOA_RDATA = RESOLVER_ARPA + text_to_name("nobody.invalid") + struct.pack("!IIII
 class Discovery:
     """The answers for resolver.arpa and the names under it."""
 
+    filtered = False  # answered before the client is known, as every zone served here
+
     def __init__(self, tls: TlsSettings) -> None:
         records = designated_records(tls)
         self.records = b"".join(resource_record(RRType.SVCB, _TTL, rdata) for rdata in records)

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from resolver.shared.config import LocalSettings
 from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
 from resolver.shared.errors import ConfigError
+from resolver.shared.local_records import parse_records
 from resolver.worker.wire import HEADER_LEN, RESOLVER_ARPA, LocalAnswers, Request, resource_record, synthesized_answer
 
 _RECORD_TTL = 3600  # unbound's for local data
@@ -99,9 +100,52 @@ _LOOPBACK: dict[bytes, dict[int, tuple[bytes, int]]] = {
 }
 
 
+class NameRecords:
+    """The operator's records at one name (`local.records`), answered after the policy's decision. A CNAME is
+    followed through the other names of the records (at most MAX_CHAIN of them); where it leaves them, the
+    client follows it. A type the name has no record of: NODATA."""
+
+    filtered = True
+
+    def __init__(self, owner: bytes, names: dict[bytes, NameRecords]) -> None:
+        self.owner = owner
+        self.types: dict[int, list[tuple[int, bytes]]] = {}  # type → (ttl, rdata) of each record
+        self._names = names  # every name with records, for CNAME chains
+        self.answered = 0
+
+    def answer(self, request: Request) -> bytes:
+        self.answered += 1
+        qtype = request.query.qtype
+        rrs = b""
+        count = 0
+        owner = b"\xc0\x0c"  # the question's name, as the client spelt it
+        here: NameRecords | None = self
+        for _ in range(MAX_CHAIN):
+            if here is None:
+                break
+            found = here.types.get(qtype)
+            if found is None and qtype != RRType.CNAME:
+                found = here.types.get(RRType.CNAME)
+            if found is None:
+                break
+            rtype = qtype if qtype in here.types else RRType.CNAME
+            rrs += b"".join(resource_record(rtype, ttl, rdata, owner) for ttl, rdata in found)
+            count += len(found)
+            if rtype != RRType.CNAME or qtype == RRType.CNAME:
+                break
+            owner = found[0][1]  # the CNAME's target, named in full
+            here = self._names.get(owner)
+        return synthesized_answer(request, Rcode.NOERROR, rrs, count)
+
+
+MAX_CHAIN = 8
+
+
 class LocalZone:
     """One zone answered here: its apex's SOA and NS, the records of `data`, NXDOMAIN for any other name. With
     `redirect`, every name under the apex is answered as the apex (localhost's)."""
+
+    filtered = False  # answered before the client is known
 
     def __init__(
         self, apex: bytes, data: dict[bytes, dict[int, tuple[bytes, int]]] | None = None, redirect: bool = False
@@ -170,6 +214,10 @@ class LocalZones:
             apex = text_to_name(zone)
             self._add(apex, LocalZone(apex))
         self._add(RESOLVER_ARPA, resolver_arpa)
+        self.records: dict[bytes, NameRecords] = {}  # the operator's names, exactly (no zone of their own)
+        for record in parse_records(settings.records):
+            names = self.records.setdefault(record.owner, NameRecords(record.owner, self.records))
+            names.types.setdefault(record.rtype, []).append((record.ttl, record.rdata))
 
     def _add(self, apex: bytes, answers: LocalAnswers | None) -> None:
         self.entries[apex] = answers
@@ -180,6 +228,9 @@ class LocalZones:
 
     def find(self, name: bytes) -> LocalAnswers | None:
         """Who answers a lowercased wire name here (None: it is forwarded)."""
+        named = self.records.get(name)
+        if named is not None:
+            return named
         starts = []
         position = 0
         while name[position]:
@@ -196,9 +247,13 @@ class LocalZones:
         return found
 
     def counts(self) -> dict[str, int]:
-        """Answers given, by zone (those that gave any)."""
-        return {
+        """Answers given, by zone (those that gave any), and from `local.records` in all."""
+        counts = {
             name_to_text(apex): zone.answered
             for apex, zone in self.entries.items()
             if isinstance(zone, LocalZone) and zone.answered
         }
+        from_records = sum(names.answered for names in self.records.values())
+        if from_records:
+            counts["local.records"] = from_records
+        return counts

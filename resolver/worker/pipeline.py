@@ -231,6 +231,9 @@ class Resolver:
                     self.directory.key(request), _site_of(known), query.name, self._clock(), known.device_key
                 )
             return self._blocked(request, known, decision.verdict, True)
+        # local records: the operator's names, answered here once the policy lets them through.
+        if query.zone is not None:
+            return query.zone.answer(request)
         # safe search: the engine's restrict name instead of the name asked.
         if policy.safe_search:
             target = restrict_name(query.name)

@@ -72,7 +72,10 @@ class Malformed(BnsError):
 
 
 class LocalAnswers(Protocol):
-    """Who answers the names of a zone served here (local_zones.py, discovery.py)."""
+    """Who answers the names of a zone served here (local_zones.py, discovery.py), or a name of the operator's
+    records (`filtered`: answered once the device's policy lets it through; else before the client is known)."""
+
+    filtered: bool
 
     def answer(self, request: Request) -> bytes:
         """The answer to an IN query for a name at or under the zone's apex."""
@@ -85,7 +88,8 @@ class Query:
     `key` (the question name in lowercased wire form, type, class, state byte) is what the cache and the
     upstream coalescing are keyed on; `limit` is the largest answer the client can take; `local` marks
     queries answered here whatever the cache holds (other classes, ANY, zone transfers, and the names of
-    `zone`, a zone served here: local_zones.py, set by the parser).
+    `zone`, a zone served here: local_zones.py, set by the parser; an operator's records are a `zone` too, but
+    not local: they are answered after the policy's decision).
     `bits` are the name's categories in the list snapshot of generation `listed_in` (the query path's memo: a
     name asked again costs no lookup until the list is swapped).
     """
@@ -209,8 +213,8 @@ class QueryParser:
     def _parse_whole(self, data: bytes, client: Peer, tcp: bool) -> Request:
         query, rdata = read_query(data, tcp)
         if self._zones is not None:
-            query.zone = self._zones(query.name)
-            if query.zone is not None:
+            query.zone = zone = self._zones(query.name)
+            if zone is not None and not zone.filtered:
                 query.local = True
         options = _identity_options(data, rdata[0], rdata[1]) if rdata is not None else None
         identity = (

@@ -9,6 +9,8 @@ import ipaddress
 import shutil
 import subprocess
 
+import dns.edns
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -18,7 +20,7 @@ from bench.upstream import Script, ScriptedUpstream
 from resolver.shared.errors import ConfigError
 from resolver.worker.local_zones import DEFAULT_ZONES, check_not_served
 from tests.conftest import ServerThread, make_config
-from tests.worker.test_pipeline import Pipeline, run
+from tests.worker.test_pipeline import Pipeline, run, write_site
 
 pytestmark = pytest.mark.unit
 
@@ -79,6 +81,22 @@ FORWARDED = [
     "local.example.com",
     "home.arpa.example",
     "xtest",
+]
+
+
+# The operator's own names (local.records).
+RECORDS = [
+    "printer.office.example A 192.0.2.20",
+    "NAS.office.example 300 AAAA fd00::20",
+    "nas.office.example A 192.168.1.20",
+    "intranet.office.example CNAME nas.office.example.",
+    "wiki.office.example CNAME intranet.office.example",
+    "away.office.example CNAME www.example.com.",
+    'office.example TXT "v=spf1 -all"',
+    "_ipp._tcp.office.example SRV 0 0 631 printer.office.example.",
+    "office.example MX 10 mail.office.example.",
+    "20.2.0.192.in-addr.arpa PTR front-desk.office.example.",
+    "cam.porn.example A 192.0.2.66",
 ]
 
 
@@ -143,7 +161,7 @@ def test_the_defaults_are_each_a_zone_once():
 
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed (Debian: bind9-dnsutils)")
-def test_what_the_issue_tried_is_answered_at_once_and_never_reaches_an_upstream_that_does_not_answer(lists):
+def test_what_the_issue_tried_and_the_operators_names_never_reach_an_upstream_that_does_not_answer(lists):
     tried = [
         (reverse("192.168.0.1"), "PTR", "NXDOMAIN"),
         (reverse("127.0.0.1"), "PTR", "NOERROR"),
@@ -154,7 +172,7 @@ def test_what_the_issue_tried_is_answered_at_once_and_never_reaches_an_upstream_
     ]
     with (
         ScriptedUpstream(script=Script(mode="drop")) as upstream,
-        ServerThread(make_config([upstream.address], lists={"path": str(lists)})) as server,
+        ServerThread(make_config([upstream.address], lists={"path": str(lists)}, local={"records": RECORDS})) as server,
     ):
         for name, rdtype, rcode in tried:
             for transport in ("+notcp", "+tcp"):
@@ -165,4 +183,81 @@ def test_what_the_issue_tried_is_answered_at_once_and_never_reaches_an_upstream_
                     check=False,
                 )
                 assert f"status: {rcode}" in dig.stdout, (name, transport, dig.stdout)
+        short = ["dig", "-p", str(server.port), "@127.0.0.1", "+short", "+tries=1", "+time=1"]
+        record = subprocess.run([*short, "printer.office.example"], capture_output=True, text=True, check=False)
+        assert record.stdout.split() == ["192.0.2.20"]
+        pointer = subprocess.run([*short, "-x", "192.168.1.20"], capture_output=True, text=True, check=False)
+        assert pointer.stdout.split() == ["nas.office.example."]
         assert upstream.names_seen() == []
+
+
+def test_the_operators_records_are_answered_here_with_their_ptrs_and_cname_chains(lists, tmp_path):
+    async def work(pipeline: Pipeline) -> None:
+        expected = {
+            ("printer.office.example", "A"): ("NOERROR", ["192.0.2.20"], ""),
+            ("Nas.Office.Example", "AAAA"): ("NOERROR", ["fd00::20"], ""),
+            ("nas.office.example", "A"): ("NOERROR", ["192.168.1.20"], ""),
+            ("nas.office.example", "MX"): ("NOERROR", [], ""),  # NODATA
+            ("wiki.office.example", "A"): (
+                "NOERROR",
+                ["192.168.1.20", "intranet.office.example.", "nas.office.example."],
+                "",
+            ),
+            ("wiki.office.example", "CNAME"): ("NOERROR", ["intranet.office.example."], ""),
+            ("away.office.example", "A"): ("NOERROR", ["www.example.com."], ""),  # the client follows it out
+            ("office.example", "TXT"): ("NOERROR", ['"v=spf1 -all"'], ""),
+            ("office.example", "MX"): ("NOERROR", ["10 mail.office.example."], ""),
+            ("_ipp._tcp.office.example", "SRV"): ("NOERROR", ["0 0 631 printer.office.example."], ""),
+            # PTRs: written, made from an A (the first name of an address), made from an AAAA
+            (reverse("192.0.2.20"), "PTR"): ("NOERROR", ["front-desk.office.example."], ""),
+            (reverse("192.168.1.20"), "PTR"): ("NOERROR", ["nas.office.example."], ""),
+            (reverse("fd00::20"), "PTR"): ("NOERROR", ["nas.office.example."], ""),
+            # the rest of a served reverse zone is still NXDOMAIN
+            (reverse("192.168.1.21"), "PTR"): ("NXDOMAIN", [], "168.192.in-addr.arpa."),
+        }
+        for (name, rdtype), outcome_expected in expected.items():
+            answer = await ask(pipeline, name, rdtype)
+            assert outcome(answer) == outcome_expected, (name, rdtype)
+        assert (await ask(pipeline, "nas.office.example", "AAAA")).answer[0].ttl == 300
+        assert pipeline.forwarder.asked == []
+        # Names beside them are not the operator's: forwarded.
+        assert (await ask(pipeline, "other.office.example")).rcode() == dns.rcode.NOERROR
+        assert pipeline.forwarder.asked == ["other.office.example"]
+        # every question above but the served zone's NXDOMAIN, and the TTL's
+        assert pipeline.resolver.local_zones.counts()["local.records"] == len(expected) - 1 + 1
+
+    run(lists, tmp_path, work, sections={"local": {"records": RECORDS}})
+
+
+def test_the_operators_records_are_still_filtered_by_the_devices_policy(lists, tmp_path):
+    async def work(pipeline: Pipeline) -> None:
+        policy = {"block": ["pornography"], "deny": ["nas.office.example"]}
+        await write_site(pipeline, {"networks": ["127.0.0.0/8"], "policy": policy})
+        assert outcome(await ask(pipeline, "printer.office.example")) == ("NOERROR", ["192.0.2.20"], "")
+        for blocked in ("nas.office.example", "cam.porn.example"):
+            answer = await ask(pipeline, blocked)
+            assert not answer.answer, blocked  # not the record's address
+            assert [option.otype for option in answer.options] == [dns.edns.OptionType.EDE], blocked
+
+    run(lists, tmp_path, work, sections={"local": {"records": RECORDS}})
+
+
+@pytest.mark.parametrize(
+    ("records", "refused"),
+    [
+        (
+            ["printer.office.example A 192.0.2.300"],
+            r"local\.records: line 1 \('printer\.office\.example A 192\.0\.2\.300'\)",
+        ),
+        (["printer.office.example HINFO a b"], "line 1 .*type HINFO is not one of A, AAAA"),
+        (["printer.office.example A"], 'line 1 .*write "name \\[ttl\\] type data"'),
+        (["a.example 99999999 A 192.0.2.1"], "line 1 .*TTL 99999999 is above 604800"),
+        (["a.example A 192.0.2.1", "a.example CNAME b.example."], "line 1 .*a CNAME must be its name's only record"),
+        (["a.example CNAME b.example.", "b.example CNAME a.example."], "line 1 .*its CNAME chain loops"),
+        (["bad..name A 192.0.2.1"], "line 1 .*label 2"),
+        ("a.example A 192.0.2.1", "local.records: must be a list of lines"),
+    ],
+)
+def test_a_bad_record_is_refused_naming_its_line(records, refused):
+    with pytest.raises(ConfigError, match=refused):
+        make_config(["127.0.0.1:9"], local={"records": records})
