@@ -125,6 +125,12 @@ class Metrics:
         threats = _summed(workers, "threats")
         refused_claims = _summed(workers, "refused_claims")
         local_answers = _summed(workers, "local_answers")
+        forwards: dict[str, dict[str, int]] = {}
+        for worker in workers:
+            for zone, counts in worker.get("forwards", {}).items():
+                summed = forwards.setdefault(zone, {})
+                for key, count in counts.items():
+                    summed[key] = summed.get(key, 0) + count
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -179,6 +185,18 @@ class Metrics:
             "# HELP bns_local_answers_total Answers given by a zone served here (never forwarded), by zone.",
             "# TYPE bns_local_answers_total counter",
             *(_line("bns_local_answers_total", count, {"zone": zone}) for zone, count in sorted(local_answers.items())),
+            "# HELP bns_forward_replies_total Replies from the servers of a local.forward zone, by zone.",
+            "# TYPE bns_forward_replies_total counter",
+            *(
+                _line("bns_forward_replies_total", counts["replies"], {"zone": zone})
+                for zone, counts in sorted(forwards.items())
+            ),
+            "# HELP bns_forward_send_errors_total Queries that could not be sent to a local.forward zone's servers.",
+            "# TYPE bns_forward_send_errors_total counter",
+            *(
+                _line("bns_forward_send_errors_total", counts["send_errors"], {"zone": zone})
+                for zone, counts in sorted(forwards.items())
+            ),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
             _line("bns_workers", len(workers)),

@@ -768,6 +768,33 @@ def _record_lines(items: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _forwards(table: Any) -> tuple[tuple[str, tuple[Endpoint, ...]], ...]:
+    example = '{ "corp.example" = ["10.0.0.53"], "16.172.in-addr.arpa" = ["10.0.0.53", "10.0.0.54:5353"] }'
+    if not isinstance(table, dict):
+        raise ValueError(f"must be a table of zone = [server addresses], such as {example}")
+    forwards = []
+    for zone, servers in table.items():
+        (name,) = _zone_names([zone])
+        try:
+            endpoints = _endpoints(servers)
+        except ValueError as exc:
+            raise ValueError(f"{zone}: {exc}") from None
+        for endpoint in endpoints:
+            address = ipaddress.ip_address(endpoint.host)
+            if (
+                address.is_unspecified
+                or address.is_multicast
+                or endpoint.port == 0
+                or str(address) == "255.255.255.255"
+            ):
+                raise ValueError(
+                    f"{zone}: {endpoint} is not a server's address (an unspecified, multicast or "
+                    "broadcast address, or port 0)"
+                )
+        forwards.append((name, endpoints))
+    return tuple(forwards)
+
+
 @dataclass(frozen=True)
 class LocalSettings:
     """Names answered here and never forwarded (worker/local_zones.py)."""
@@ -792,6 +819,13 @@ class LocalSettings:
         f'"name [ttl] type data" of types {", ".join(TYPES)} (["printer.office.example A 192.0.2.20"]); A and AAAA '
         "give their address's PTR too",
         convert=_record_lines,
+    )
+    forward: tuple[tuple[str, tuple[Endpoint, ...]], ...] = setting(
+        (),
+        "zones sent to servers of their own instead of upstream.servers (a company's DNS, a lab's), still filtered "
+        'by the device\'s policy: { "corp.example" = ["10.0.0.53"] }; asked as the upstreams are, with their '
+        "timeouts and health of their own, but without 0x20's mixed case (a LAN's DNS need not echo it)",
+        convert=_forwards,
     )
 
 

@@ -66,7 +66,9 @@ def _parse(line: str, number: int) -> Record:
         raise ValueError(f"{where}: type {kind} is not one of {', '.join(TYPES)}")
     try:
         owner = text_to_name(name)
-        rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(kind), data, origin=dns.name.root, relativize=False)
+        rdata = dns.rdata.from_text(
+            dns.rdataclass.IN, dns.rdatatype.from_text(kind), data, origin=dns.name.root, relativize=False
+        )
     except (ValueError, dns.exception.DNSException) as exc:
         raise ValueError(f"{where}: {exc}") from None
     if owner == b"\x00":

@@ -14,7 +14,10 @@ By default (`local.defaults`), as unbound does:
 
 `local.not_served` sends a default zone, or a zone under one, upstream after all (a company's DNS that serves
 16.172.in-addr.arpa); `local.zones` adds zones of the operator's, answered NXDOMAIN under them (unbound's
-`local-zone: static`). The closest enclosing entry decides. Each zone's apex answers its SOA and NS; a negative
+`local-zone: static`); `local.forward` sends a zone to servers of its own (a Forwarder each: their health and
+counters apart from upstream.servers'), after the policy's decision like any name that leaves. The closest
+enclosing entry decides. The operator's records (`local.records`) are answered at their names exactly, after
+the policy's decision too (NameRecords). Each zone's apex answers its SOA and NS; a negative
 answer carries the SOA, whose MINIMUM bounds how long a client keeps it (RFC 2308), with unbound's values.
 
 The zone of a query is found once, when the parser first reads its question (wire.QueryParser), and the query
@@ -24,14 +27,16 @@ hit.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from collections.abc import Iterable
 
-from resolver.shared.config import LocalSettings
+from resolver.shared.config import LocalSettings, UpstreamSettings
 from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
 from resolver.shared.errors import ConfigError
 from resolver.shared.local_records import parse_records
+from resolver.worker.upstream import Forwarder
 from resolver.worker.wire import HEADER_LEN, RESOLVER_ARPA, LocalAnswers, Request, resource_record, synthesized_answer
 
 _RECORD_TTL = 3600  # unbound's for local data
@@ -199,7 +204,7 @@ def _at_or_under(name: bytes, apex: bytes) -> bool:
 class LocalZones:
     """Every zone answered here, and the zones under them that are not, found by a walk down from the top."""
 
-    def __init__(self, settings: LocalSettings, resolver_arpa: LocalAnswers) -> None:
+    def __init__(self, settings: LocalSettings, resolver_arpa: LocalAnswers, upstream: UpstreamSettings) -> None:
         # apex → how its names are answered (None: not here, upstream like any other name)
         self.entries: dict[bytes, LocalAnswers | None] = {}
         self._paths: set[bytes] = set()  # every apex and every name above one: where a walk goes on
@@ -213,6 +218,14 @@ class LocalZones:
         for zone in settings.zones:
             apex = text_to_name(zone)
             self._add(apex, LocalZone(apex))
+        # Zones of servers of their own (local.forward): not served here, whatever the defaults say. Their servers
+        # are asked as the upstreams are, but in the name's own letters: a LAN's DNS need not echo 0x20.
+        self.forwards: dict[bytes, Forwarder] = {}
+        for zone, servers in settings.forward:
+            apex = text_to_name(zone)
+            self._add(apex, None)
+            own = dataclasses.replace(upstream, servers=servers, keep_case=(), case_randomization=False)
+            self.forwards[apex] = Forwarder(own)
         self._add(RESOLVER_ARPA, resolver_arpa)
         self.records: dict[bytes, NameRecords] = {}  # the operator's names, exactly (no zone of their own)
         for record in parse_records(settings.records):
@@ -231,20 +244,43 @@ class LocalZones:
         named = self.records.get(name)
         if named is not None:
             return named
+        apex = self._closest(name)
+        return None if apex is None else self.entries[apex]
+
+    def forwarder_for(self, name: bytes) -> Forwarder | None:
+        """The servers of a local.forward zone that holds a lowercased wire name (None: upstream.servers')."""
+        if not self.forwards:
+            return None
+        apex = self._closest(name)
+        return None if apex is None else self.forwards.get(apex)
+
+    def _closest(self, name: bytes) -> bytes | None:
+        """The closest entry at or above `name`, walking down from its last label while some entry lies below."""
         starts = []
         position = 0
         while name[position]:
             starts.append(position)
             position += name[position] + 1
-        found: LocalAnswers | None = None
+        found: bytes | None = None
         paths, entries = self._paths, self.entries
         for start in reversed(starts):
             suffix = name[start:]
             if suffix not in paths:
                 break
             if suffix in entries:
-                found = entries[suffix]
+                found = suffix
         return found
+
+    def forward_counts(self) -> dict[str, dict[str, int]]:
+        """Each local.forward zone's replies and failed sends (metrics)."""
+        return {
+            name_to_text(apex): {"replies": forwarder.replies, "send_errors": forwarder.send_errors}
+            for apex, forwarder in self.forwards.items()
+        }
+
+    def close(self) -> None:
+        for forwarder in self.forwards.values():
+            forwarder.close()
 
     def counts(self) -> dict[str, int]:
         """Answers given, by zone (those that gave any), and from `local.records` in all."""

@@ -85,7 +85,7 @@ class Resolver:
         # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
         # of blocked names as large as the cache (whose answers are not cached) still fits.
         self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
-        self.local_zones = LocalZones(local or LocalSettings(), self.discovery)
+        self.local_zones = LocalZones(local or LocalSettings(), self.discovery, forwarder.settings)
         self.parser = QueryParser(max(cache.size * 2, 1024), self.local_zones.find)
         self.directory = directory
         self.lists = lists
@@ -360,8 +360,10 @@ class Resolver:
             self.shed_zones += 1
             fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _ZONE_BUSY))
             return fetch
+        # local.forward: a zone with servers of its own (its names already went through the policy, as all)
+        forwarder = self.local_zones.forwarder_for(key[:-5]) or self.forwarder
         try:
-            upstream = self.forwarder.query(key[:-1], do, cd)
+            upstream = forwarder.query(key[:-1], do, cd)
         except Overloaded:  # not kept: the load passes
             fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED))
             return fetch
@@ -405,6 +407,7 @@ class Resolver:
 
     def close(self) -> None:
         self.forwarder.close()
+        self.local_zones.close()
 
 
 def _site_of(client: Client) -> str | None:

@@ -20,6 +20,7 @@ def worker_file(
     shed: dict[str, int] | None = None,
     tls: dict[str, object] | None = None,
     local: dict[str, int] | None = None,
+    forwards: dict[str, dict[str, int]] | None = None,
 ) -> None:
     counters = {
         "cache_hits": 1,
@@ -33,6 +34,7 @@ def worker_file(
         "shed": shed or {},
         "tls": tls or {},
         "local_answers": local or {},
+        "forwards": forwards or {},
     }
     (directory / f"worker-{index}.json").write_text(json.dumps(counters))
 
@@ -59,6 +61,14 @@ def test_local_answers_are_summed_by_zone(tmp_path):
         'bns_local_answers_total{zone="168.192.in-addr.arpa"} 1',
         'bns_local_answers_total{zone="localhost"} 5',
     ]
+
+
+def test_forwarded_zones_replies_and_send_errors_are_summed_by_zone(tmp_path):
+    worker_file(tmp_path, 0, {}, 0, forwards={"corp.example": {"replies": 4, "send_errors": 1}})
+    worker_file(tmp_path, 1, {}, 0, forwards={"corp.example": {"replies": 2, "send_errors": 0}})
+    lines = Metrics(tmp_path, dict, workers=2).render().splitlines()
+    assert 'bns_forward_replies_total{zone="corp.example"} 6' in lines
+    assert 'bns_forward_send_errors_total{zone="corp.example"} 1' in lines
 
 
 def test_shed_queries_are_summed_by_reason(tmp_path):

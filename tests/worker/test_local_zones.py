@@ -261,3 +261,59 @@ def test_the_operators_records_are_still_filtered_by_the_devices_policy(lists, t
 def test_a_bad_record_is_refused_naming_its_line(records, refused):
     with pytest.raises(ConfigError, match=refused):
         make_config(["127.0.0.1:9"], local={"records": records})
+
+
+@pytest.mark.integration
+def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alone(lists):
+    with (
+        ScriptedUpstream(script=Script(ttl=60)) as upstream,
+        ScriptedUpstream(script=Script(ttl=60, modes={"down.corp.example": "drop"})) as corp,
+    ):
+        forward = {
+            "corp.example": [corp.address],
+            "16.172.in-addr.arpa": [corp.address],
+            "porn.example": [corp.address],
+        }
+        config = make_config(
+            [upstream.address],
+            lists={"path": str(lists)},
+            policy={"block": ["pornography"]},
+            local={"forward": forward},
+        )
+        with ServerThread(config) as server:
+            assert server.ask("Intranet.Corp.Example").rcode() == dns.rcode.NOERROR
+            assert server.ask(reverse("172.16.0.5"), "PTR").rcode() == dns.rcode.NOERROR  # a served zone, taken over
+            assert server.ask(reverse("172.17.0.5"), "PTR").rcode() == dns.rcode.NXDOMAIN  # still served here
+            assert server.ask("www.example.com").rcode() == dns.rcode.NOERROR
+            blocked = server.ask("cams.porn.example", use_edns=0)  # filtered first: not asked of the zone's servers
+            assert not blocked.answer and blocked.options
+            # The zone's server does not answer one name: SERVFAIL for it alone, the rest still answered.
+            assert server.ask("down.corp.example", timeout=5).rcode() == dns.rcode.SERVFAIL
+            assert server.ask("wiki.corp.example").rcode() == dns.rcode.NOERROR
+            assert server.ask("www.example.org").rcode() == dns.rcode.NOERROR
+            counts = server.call(server.worker.resolver.local_zones.forward_counts)
+        seen_by_corp = corp.names_seen()
+        assert seen_by_corp[0] == "intranet.corp.example"  # without 0x20's mixed case: a LAN's DNS may not echo it
+        assert set(seen_by_corp) == {
+            "intranet.corp.example",
+            reverse("172.16.0.5"),
+            "down.corp.example",
+            "wiki.corp.example",
+        }
+        assert {name.lower() for name in upstream.names_seen()} == {"www.example.com", "www.example.org"}
+        assert counts["corp.example"]["replies"] == 2 and counts["16.172.in-addr.arpa"]["replies"] == 1
+
+
+@pytest.mark.parametrize(
+    ("forward", "refused"),
+    [
+        ({"corp.example": []}, "local.forward: corp.example: must name at least one address"),
+        ({"corp.example": ["0.0.0.0"]}, "local.forward: corp.example: 0.0.0.0:53 is not a server's address"),
+        ({"corp.example": ["224.0.0.251:5353"]}, "is not a server's address"),
+        ({"corp.example": ["printer"]}, "local.forward: corp.example: "),
+        (["corp.example=10.0.0.53"], "local.forward: must be a table of zone = \\[server addresses\\]"),
+    ],
+)
+def test_a_bad_forward_is_refused_naming_the_key(forward, refused):
+    with pytest.raises(ConfigError, match=refused):
+        make_config(["127.0.0.1:9"], local={"forward": forward})
