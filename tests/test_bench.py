@@ -12,7 +12,7 @@ import pytest
 
 from bench import encrypted, peers
 from bench.load import LoadResult
-from resolver.shared.config import LocalSettings, TlsSettings
+from resolver.shared.config import LocalSettings, TlsSettings, UpstreamSettings
 from resolver.shared.dns import text_to_name
 from resolver.worker.discovery import Discovery
 from resolver.worker.local_zones import LocalZones
@@ -104,6 +104,6 @@ def test_encrypted_server_configs_pass_the_servers_own_checks(tmp_path: Path) ->
 def test_the_local_workload_asks_only_names_bns_answers_itself():
     questions = peers.local_names(random.Random(7))
     assert len(set(questions)) == len(questions) == 10_000
-    zones = LocalZones(LocalSettings(), Discovery(TlsSettings()))
+    zones = LocalZones(LocalSettings(), Discovery(TlsSettings()), UpstreamSettings())
     assert all(zones.find(text_to_name(name)) is not None for name, _type in questions)
     assert {qtype for _name, qtype in questions} == {"PTR", "A", "AAAA"}

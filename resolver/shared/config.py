@@ -772,7 +772,7 @@ def _forwards(table: Any) -> tuple[tuple[str, tuple[Endpoint, ...]], ...]:
     example = '{ "corp.example" = ["10.0.0.53"], "16.172.in-addr.arpa" = ["10.0.0.53", "10.0.0.54:5353"] }'
     if not isinstance(table, dict):
         raise ValueError(f"must be a table of zone = [server addresses], such as {example}")
-    forwards = []
+    forwards: list[tuple[str, tuple[Endpoint, ...]]] = []
     for zone, servers in table.items():
         (name,) = _zone_names([zone])
         try:
@@ -791,6 +791,8 @@ def _forwards(table: Any) -> tuple[tuple[str, tuple[Endpoint, ...]], ...]:
                     f"{zone}: {endpoint} is not a server's address (an unspecified, multicast or "
                     "broadcast address, or port 0)"
                 )
+        if any(name == other for other, _servers in forwards):
+            raise ValueError(f"{zone}: given twice (names are compared in lowercase, without the final dot)")
         forwards.append((name, endpoints))
     return tuple(forwards)
 
@@ -867,6 +869,10 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError(f"{listening}: needs tls.name, the name its certificate is for (dns.example.net)")
     _check_tcp_ports(config)
     _check_device_networks(config)
+    for zone, servers in config.local.forward:
+        looping = [str(server) for server in servers if server in config.server.listen]
+        if looping:
+            raise ConfigError(f"local.forward: {zone}: {', '.join(looping)} is this server's own listen address")
     if config.admin.max_json < config.limits.document_bytes:
         raise ConfigError(
             f"admin.max_json: {config.admin.max_json} is below limits.document_bytes "

@@ -2,8 +2,9 @@
 `printer.office.example`, read from zone-file lines (`name [ttl] type rdata`, RFC 1035 §5.1) by dnspython.
 
 Read when the configuration is (a line that does not parse is refused naming its place) and again by each worker,
-which answers them (worker/local_zones.py). A and AAAA records give their address's PTR record too, unless a PTR
-for that address is written. A CNAME must be a name's only record, and CNAMEs must not loop.
+which answers them (worker/local_zones.py). A and AAAA records of an address that is not the Internet's (private,
+loopback, link-local, documentation) give its PTR record too, unless a PTR for that address is written. A CNAME
+must be a name's only record, and CNAMEs must not loop.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def parse_records(lines: tuple[str, ...]) -> list[Record]:
     made = []
     for record in records:
         if record.rtype in (RRType.A, RRType.AAAA):
-            reverse = text_to_name(ipaddress.ip_address(record.rdata).reverse_pointer)
+            address = ipaddress.ip_address(record.rdata)
+            if address.is_global:
+                continue  # the Internet's reverse zones are not this network's to answer
+            reverse = text_to_name(address.reverse_pointer)
             if reverse not in written_ptrs:
                 written_ptrs.add(reverse)  # the first name of an address names it
                 made.append(Record(reverse, RRType.PTR, record.ttl, record.owner))

@@ -31,6 +31,7 @@ import dataclasses
 import ipaddress
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from resolver.shared.config import LocalSettings, UpstreamSettings
 from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
@@ -116,6 +117,7 @@ class NameRecords:
         self.owner = owner
         self.types: dict[int, list[tuple[int, bytes]]] = {}  # type → (ttl, rdata) of each record
         self._names = names  # every name with records, for CNAME chains
+        self.zone: LocalZone | None = None  # the zone served here that holds the name, if one does
         self.answered = 0
 
     def answer(self, request: Request) -> bytes:
@@ -140,6 +142,8 @@ class NameRecords:
                 break
             owner = found[0][1]  # the CNAME's target, named in full
             here = self._names.get(owner)
+        if not count and self.zone is not None:
+            return self.zone.negative(request, Rcode.NOERROR)  # NODATA, with the SOA that lets it be kept
         return synthesized_answer(request, Rcode.NOERROR, rrs, count)
 
 
@@ -161,7 +165,18 @@ class LocalZone:
         self.data[apex].setdefault(RRType.SOA, (resource_record(RRType.SOA, _NEGATIVE_TTL, _SOA_RDATA), 1))
         self.data[apex].setdefault(RRType.NS, _records(RRType.NS, [_LOCALHOST]))
         self.redirect = redirect
+        self.existing: set[bytes] = set()  # names with data and the names between them and the apex (RFC 8020)
+        for owner in self.data:
+            self.hold(owner)
         self.answered = 0  # metrics: bns_local_answers_total
+
+    def hold(self, owner: bytes) -> None:
+        """`owner` exists (its own data, or the operator's records), and so does every name above it up to the
+        apex: those answer NODATA, not NXDOMAIN, which would deny every name under them."""
+        position = 0
+        while len(owner) - position >= len(self.apex):
+            self.existing.add(owner[position:])
+            position += owner[position] + 1
 
     def answer(self, request: Request) -> bytes:
         """The answer to an IN query for a name at or under the apex."""
@@ -173,10 +188,14 @@ class LocalZone:
             found = owned.get(query.qtype)
             if found is not None:
                 return synthesized_answer(request, Rcode.NOERROR, found[0], found[1])
+        exists = owned is not None or name in self.existing
+        return self.negative(request, Rcode.NOERROR if exists else Rcode.NXDOMAIN)  # a name that exists: NODATA
+
+    def negative(self, request: Request, rcode: int) -> bytes:
+        """NXDOMAIN or NODATA for a name under the apex, with the zone's SOA (RFC 2308)."""
         # The SOA's owner points at the apex where it ends the question's name, as the client spelt it.
-        owner = struct.pack("!H", 0xC000 | (HEADER_LEN + len(name) - len(self.apex)))
+        owner = struct.pack("!H", 0xC000 | (HEADER_LEN + len(request.query.name) - len(self.apex)))
         soa = resource_record(RRType.SOA, _NEGATIVE_TTL, _SOA_RDATA, owner)
-        rcode = Rcode.NOERROR if owned is not None else Rcode.NXDOMAIN  # a name that exists: NODATA
         return synthesized_answer(request, rcode, authority=soa, authority_count=1)
 
 
@@ -218,19 +237,28 @@ class LocalZones:
         for zone in settings.zones:
             apex = text_to_name(zone)
             self._add(apex, LocalZone(apex))
-        # Zones of servers of their own (local.forward): not served here, whatever the defaults say. Their servers
-        # are asked as the upstreams are, but in the name's own letters: a LAN's DNS need not echo 0x20.
+        # Zones of servers of their own (local.forward): not served here, whatever the defaults say (use_upstream).
+        self._forward_servers = {text_to_name(zone): servers for zone, servers in settings.forward}
         self.forwards: dict[bytes, Forwarder] = {}
-        for zone, servers in settings.forward:
-            apex = text_to_name(zone)
+        self.use_upstream(upstream)
+        for apex in self._forward_servers:
             self._add(apex, None)
-            own = dataclasses.replace(upstream, servers=servers, keep_case=(), case_randomization=False)
-            self.forwards[apex] = Forwarder(own)
+        for apex, entry in self.entries.items():  # a zone served here inside a forwarded one is the servers' too
+            if isinstance(entry, LocalZone) and any(
+                apex != forwarded and _at_or_under(apex, forwarded) for forwarded in self._forward_servers
+            ):
+                self.entries[apex] = None
         self._add(RESOLVER_ARPA, resolver_arpa)
         self.records: dict[bytes, NameRecords] = {}  # the operator's names, exactly (no zone of their own)
         for record in parse_records(settings.records):
             names = self.records.setdefault(record.owner, NameRecords(record.owner, self.records))
             names.types.setdefault(record.rtype, []).append((record.ttl, record.rdata))
+        for owner, names in self.records.items():
+            closest = self._closest(owner, self.entries)
+            served = None if closest is None else self.entries[closest]
+            if isinstance(served, LocalZone):
+                names.zone = served
+                served.hold(owner)
 
     def _add(self, apex: bytes, answers: LocalAnswers | None) -> None:
         self.entries[apex] = answers
@@ -244,32 +272,43 @@ class LocalZones:
         named = self.records.get(name)
         if named is not None:
             return named
-        apex = self._closest(name)
+        apex = self._closest(name, self.entries)
         return None if apex is None else self.entries[apex]
 
     def forwarder_for(self, name: bytes) -> Forwarder | None:
         """The servers of a local.forward zone that holds a lowercased wire name (None: upstream.servers')."""
         if not self.forwards:
             return None
-        apex = self._closest(name)
-        return None if apex is None else self.forwards.get(apex)
+        apex = self._closest(name, self.forwards)
+        return None if apex is None else self.forwards[apex]
 
-    def _closest(self, name: bytes) -> bytes | None:
-        """The closest entry at or above `name`, walking down from its last label while some entry lies below."""
+    def _closest(self, name: bytes, within: dict[bytes, Any]) -> bytes | None:
+        """The closest apex of `within` at or above `name`, walking down from its last label while some entry
+        lies below."""
         starts = []
         position = 0
         while name[position]:
             starts.append(position)
             position += name[position] + 1
         found: bytes | None = None
-        paths, entries = self._paths, self.entries
+        paths = self._paths
         for start in reversed(starts):
             suffix = name[start:]
             if suffix not in paths:
                 break
-            if suffix in entries:
+            if suffix in within:
                 found = suffix
         return found
+
+    def use_upstream(self, upstream: UpstreamSettings) -> list[Forwarder]:
+        """Ask the local.forward zones' servers with these settings (SIGHUP); returns the forwarders retired,
+        for the caller to close once the queries they sent are done."""
+        retired = list(self.forwards.values())
+        for apex, servers in self._forward_servers.items():
+            # Asked as the upstreams are, but in lowercase (a LAN's DNS need not echo 0x20); their AD never trusted.
+            own = dataclasses.replace(upstream, servers=servers, keep_case=(), case_randomization=False, trust_ad=False)
+            self.forwards[apex] = Forwarder(own)
+        return retired
 
     def forward_counts(self) -> dict[str, dict[str, int]]:
         """Each local.forward zone's replies and failed sends (metrics)."""

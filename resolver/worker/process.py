@@ -215,7 +215,8 @@ class Worker:
         if config.upstream != old.upstream:
             retired, self.resolver.forwarder = self.resolver.forwarder, Forwarder(config.upstream)
             # queries already sent keep their sockets until they are answered or give up
-            asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired.close)
+            for forwarder in [retired, *self.resolver.local_zones.use_upstream(config.upstream)]:
+                asyncio.get_running_loop().call_later(old.upstream.deadline + 1, forwarder.close)
             if config.upstream.trust_ad != old.upstream.trust_ad:
                 self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
         if self.gate is not None:

@@ -9,17 +9,22 @@ socket's (its transport's pause_writing reaches the protocol as it is); pause_re
 and the records not yet read.
 
 The handshake must end within `timeout` seconds. Whoever made the transport (tls.Handshake) is told once how
-it ended; a closing transport sends close_notify and closes at once, without waiting for the client's (a
-client that never answers must not hold a connection).
+it ended. A closing transport sends close_notify and closes once what it has written is sent, without waiting
+for the client's close_notify; a client that does not read what is left is cut off after `timeout` seconds
+more (neither may hold a connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from typing import Any, Protocol
 
+from resolver.shared.logs import Throttled
+
+_failures = Throttled(logging.getLogger(__name__))
 _RECORD = 16384  # a TLS record's largest plaintext: what one read can give
 
 
@@ -69,8 +74,8 @@ class TlsTransport(asyncio.Protocol):
             self._read()
 
     def eof_received(self) -> bool:
-        if not self._open:
-            return False  # a handshake cut short: connection_lost says so
+        if self._protocol is None:
+            return False  # a handshake cut short (connection_lost says so), or one closed as it ended
         return bool(self._protocol.eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -79,16 +84,17 @@ class TlsTransport(asyncio.Protocol):
             self._timer = None
         if self._open:
             self._open = False
-            self._protocol.connection_lost(exc)
+            if self._protocol is not None:  # none: closed as its handshake ended (tls.Handshake.ended)
+                self._protocol.connection_lost(exc)
         else:
             self._failed(exc if exc is not None else ConnectionResetError("closed during the TLS handshake"))
 
     def pause_writing(self) -> None:
-        if self._open:
+        if self._protocol is not None:
             self._protocol.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._open:
+        if self._protocol is not None:
             self._protocol.resume_writing()
 
     # --- the protocol's side (asyncio.Transport) --------------------------------------------------------------
@@ -120,7 +126,8 @@ class TlsTransport(asyncio.Protocol):
         return self._raw is None or self._raw.is_closing()
 
     def close(self) -> None:
-        """Send close_notify after what is written, then close the socket once its buffer is sent."""
+        """Send close_notify after what is written, then close the socket once its buffer is sent, or cut it
+        off after `timeout` seconds if the client does not read it."""
         raw = self._raw
         if raw is None or raw.is_closing():
             return
@@ -130,6 +137,8 @@ class TlsTransport(asyncio.Protocol):
                 self._tls.unwrap()
             self._flush()
         raw.close()
+        if raw.get_write_buffer_size():
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, raw.abort)
 
     def abort(self) -> None:
         if self._raw is not None:
@@ -203,7 +212,10 @@ class TlsTransport(asyncio.Protocol):
     def _read(self) -> None:
         """Give the protocol each record read, until none is whole, the protocol pauses, or the socket closes."""
         tls = self._tls
+        protocol = self._protocol
         assert tls is not None
+        if protocol is None:
+            return  # closed as its handshake ended: nothing is read for anyone
         incoming = self._incoming
         while incoming.pending or tls.pending():
             try:
@@ -218,15 +230,20 @@ class TlsTransport(asyncio.Protocol):
                 if not self.eof_received() and self._raw is not None:
                     self._raw.close()
                 return
-            self._protocol.data_received(data)
+            protocol.data_received(data)
             if self._paused or not self._open or self._raw is None or self._raw.is_closing():
                 break
         if self._outgoing.pending:
             self._flush()  # what reading made OpenSSL say: a key update's answer
 
     def _read_unpaused(self) -> None:
-        if self._open and not self._paused and self._raw is not None and not self._raw.is_closing():
-            self._read()
+        raw = self._raw
+        if self._open and not self._paused and raw is not None and not raw.is_closing():
+            try:
+                self._read()
+            except Exception:  # as the socket's own reads: the protocol failed, the connection goes
+                _failures.exception("a TLS connection failed reading what waited")
+                raw.abort()
 
     def _flush(self) -> None:
         if self._outgoing.pending and self._raw is not None and not self._raw.is_closing():

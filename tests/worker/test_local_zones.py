@@ -97,6 +97,8 @@ RECORDS = [
     "office.example MX 10 mail.office.example.",
     "20.2.0.192.in-addr.arpa PTR front-desk.office.example.",
     "cam.porn.example A 192.0.2.66",
+    "public.office.example A 8.8.8.8",  # the Internet's address: no PTR made for it
+    "printer.lan.home.arpa A 192.168.1.30",
 ]
 
 
@@ -212,19 +214,25 @@ def test_the_operators_records_are_answered_here_with_their_ptrs_and_cname_chain
             (reverse("192.0.2.20"), "PTR"): ("NOERROR", ["front-desk.office.example."], ""),
             (reverse("192.168.1.20"), "PTR"): ("NOERROR", ["nas.office.example."], ""),
             (reverse("fd00::20"), "PTR"): ("NOERROR", ["nas.office.example."], ""),
-            # the rest of a served reverse zone is still NXDOMAIN
+            # the rest of a served reverse zone is still NXDOMAIN, but the names above a record exist (RFC 8020)
             (reverse("192.168.1.21"), "PTR"): ("NXDOMAIN", [], "168.192.in-addr.arpa."),
+            ("1.168.192.in-addr.arpa", "PTR"): ("NOERROR", [], "168.192.in-addr.arpa."),
+            ("lan.home.arpa", "A"): ("NOERROR", [], "home.arpa."),
+            ("printer.lan.home.arpa", "A"): ("NOERROR", ["192.168.1.30"], ""),
+            ("printer.lan.home.arpa", "TXT"): ("NOERROR", [], "home.arpa."),  # NODATA with the zone's SOA
+            ("0.0.127.in-addr.arpa", "PTR"): ("NOERROR", [], "127.in-addr.arpa."),  # above 127.0.0.1's PTR
         }
         for (name, rdtype), outcome_expected in expected.items():
             answer = await ask(pipeline, name, rdtype)
             assert outcome(answer) == outcome_expected, (name, rdtype)
         assert (await ask(pipeline, "nas.office.example", "AAAA")).answer[0].ttl == 300
         assert pipeline.forwarder.asked == []
-        # Names beside them are not the operator's: forwarded.
+        # Names beside them are not the operator's: forwarded, and so is a public address's reverse name.
         assert (await ask(pipeline, "other.office.example")).rcode() == dns.rcode.NOERROR
-        assert pipeline.forwarder.asked == ["other.office.example"]
-        # every question above but the served zone's NXDOMAIN, and the TTL's
-        assert pipeline.resolver.local_zones.counts()["local.records"] == len(expected) - 1 + 1
+        assert (await ask(pipeline, reverse("8.8.8.8"), "PTR")).rcode() == dns.rcode.NOERROR
+        assert pipeline.forwarder.asked == ["other.office.example", reverse("8.8.8.8")]
+        # every question above but the four the served zones answer, and the TTL's
+        assert pipeline.resolver.local_zones.counts()["local.records"] == len(expected) - 4 + 1
 
     run(lists, tmp_path, work, sections={"local": {"records": RECORDS}})
 
@@ -266,22 +274,29 @@ def test_a_bad_record_is_refused_naming_its_line(records, refused):
 @pytest.mark.integration
 def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alone(lists):
     with (
-        ScriptedUpstream(script=Script(ttl=60)) as upstream,
-        ScriptedUpstream(script=Script(ttl=60, modes={"down.corp.example": "drop"})) as corp,
+        ScriptedUpstream(script=Script(ttl=60, ad=True)) as upstream,
+        ScriptedUpstream(script=Script(ttl=60, ad=True, modes={"down.corp.example": "drop"})) as corp,
     ):
         forward = {
             "corp.example": [corp.address],
             "16.172.in-addr.arpa": [corp.address],
             "porn.example": [corp.address],
+            "ip6.arpa": [corp.address],  # above served zones (fd00::/8's…): they are its servers' too
         }
         config = make_config(
             [upstream.address],
             lists={"path": str(lists)},
             policy={"block": ["pornography"]},
             local={"forward": forward},
+            upstream={"trust_ad": True},
         )
         with ServerThread(config) as server:
-            assert server.ask("Intranet.Corp.Example").rcode() == dns.rcode.NOERROR
+            intranet = server.ask("Intranet.Corp.Example", want_dnssec=True)
+            assert (
+                intranet.rcode() == dns.rcode.NOERROR and not intranet.flags & dns.flags.AD
+            )  # a LAN's AD: not trusted
+            assert server.ask("www.example.net", want_dnssec=True).flags & dns.flags.AD  # upstream.servers': trusted
+            assert server.ask(reverse("fd00::1"), "PTR").rcode() == dns.rcode.NOERROR
             assert server.ask(reverse("172.16.0.5"), "PTR").rcode() == dns.rcode.NOERROR  # a served zone, taken over
             assert server.ask(reverse("172.17.0.5"), "PTR").rcode() == dns.rcode.NXDOMAIN  # still served here
             assert server.ask("www.example.com").rcode() == dns.rcode.NOERROR
@@ -296,11 +311,16 @@ def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alo
         assert seen_by_corp[0] == "intranet.corp.example"  # without 0x20's mixed case: a LAN's DNS may not echo it
         assert set(seen_by_corp) == {
             "intranet.corp.example",
+            reverse("fd00::1"),
             reverse("172.16.0.5"),
             "down.corp.example",
             "wiki.corp.example",
         }
-        assert {name.lower() for name in upstream.names_seen()} == {"www.example.com", "www.example.org"}
+        assert {name.lower() for name in upstream.names_seen()} == {
+            "www.example.net",
+            "www.example.com",
+            "www.example.org",
+        }
         assert counts["corp.example"]["replies"] == 2 and counts["16.172.in-addr.arpa"]["replies"] == 1
 
 
@@ -312,8 +332,10 @@ def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alo
         ({"corp.example": ["224.0.0.251:5353"]}, "is not a server's address"),
         ({"corp.example": ["printer"]}, "local.forward: corp.example: "),
         (["corp.example=10.0.0.53"], "local.forward: must be a table of zone = \\[server addresses\\]"),
+        ({"corp.example": ["10.0.0.53"], "Corp.Example.": ["10.0.0.54"]}, "local.forward: Corp.Example.: given twice"),
+        ({"corp.example": ["127.0.0.1:5300"]}, "local.forward: corp.example: 127.0.0.1:5300 is this server's own"),
     ],
 )
 def test_a_bad_forward_is_refused_naming_the_key(forward, refused):
     with pytest.raises(ConfigError, match=refused):
-        make_config(["127.0.0.1:9"], local={"forward": forward})
+        make_config(["127.0.0.1:9"], local={"forward": forward}, server={"listen": ["127.0.0.1:5300"]})

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.integration
 
 
 class Opener:
-    def __init__(self, admit: bool = True) -> None:
+    def __init__(self, admit: bool = True, close_at_once: bool = False) -> None:
         self.admit = admit
+        self.close_at_once = close_at_once  # as a draining worker does with a handshake that ends
         self.outcomes: list[BaseException | None] = []
         self.protocols: list[Echo] = []
 
@@ -35,7 +36,9 @@ class Opener:
 
     def ended(self, transport: TlsTransport, error: BaseException | None) -> None:
         self.outcomes.append(error)
-        if error is None:
+        if error is None and self.close_at_once:
+            transport.close()
+        elif error is None:
             protocol = Echo(transport)
             self.protocols.append(protocol)
             transport.set_protocol(protocol)
@@ -52,6 +55,10 @@ class Echo:
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
+        if data == b"flood":  # more than the socket buffers hold, then closed: the client reads none of it
+            self.transport.write(b"x" * (32 << 20))
+            self.transport.close()
+            return
         if data == b"pause":
             self.transport.pause_reading()
             asyncio.get_running_loop().call_later(0.3, self.transport.resume_reading)
@@ -79,6 +86,8 @@ class Served:
         self.context = server_context(pair.certificate.read_bytes(), pair.key.read_bytes(), ("dot",))
         self.opener = opener
         self.loop = asyncio.new_event_loop()
+        self.errors: list[dict[str, Any]] = []  # what reached the loop's exception handler
+        self.loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
         self.server = self.loop.run_until_complete(
             self.loop.create_server(lambda: TlsTransport(self.context, timeout, opener), "127.0.0.1", 0)
         )
@@ -99,8 +108,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Authority, Pair]:
 
 
 @contextlib.contextmanager
-def serving(pair: tuple[Authority, Pair], admit: bool = True, timeout: float = 5.0) -> Iterator[Served]:
-    served = Served(pair[1], Opener(admit), timeout)
+def serving(
+    pair: tuple[Authority, Pair], admit: bool = True, timeout: float = 5.0, close_at_once: bool = False
+) -> Iterator[Served]:
+    served = Served(pair[1], Opener(admit, close_at_once), timeout)
     try:
         yield served
     finally:
@@ -239,3 +250,23 @@ def test_a_connection_not_admitted_is_closed_before_any_handshake(pair):
         refused = socket.create_connection(("127.0.0.1", served.port), timeout=5)
         assert refused.recv(1) == b""
         assert served.opener.outcomes == []
+
+
+def test_a_closing_connection_whose_client_reads_nothing_more_is_cut_off_after_the_timeout(pair):
+    with serving(pair, timeout=0.5) as served:
+        client = opened(pair, served)
+        client.sock.sendall(client.pending() + client.record(b"flood"))
+        eventually(lambda: served.opener.protocols, within=5)
+        protocol = served.opener.protocols[0]
+        assert eventually(lambda: protocol.lost, within=5) < 3
+        assert served.errors == []
+
+
+def test_a_connection_closed_as_its_handshake_ends_goes_without_an_error(pair):
+    with serving(pair, close_at_once=True) as served:
+        client = opened(pair, served)
+        client.sock.sendall(client.pending() + client.record(b"query"))
+        assert client.read() == b""
+        eventually(lambda: served.opener.outcomes == [None], within=5)
+        time.sleep(0.2)
+        assert served.errors == []
