@@ -23,6 +23,7 @@ from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.errors import ConfigError
 from resolver.shared.local_records import TYPES, parse_records
 from resolver.shared.policy.model import MAX_LIST
+from resolver.shared.special_names import check_not_served
 from resolver.shared.store.redis import check_redis_url, describe
 
 DNS_PORT = 53
@@ -805,15 +806,17 @@ class LocalSettings:
         True,
         "answer the special-use zones here, never upstream: the reverse zones of private, loopback, link-local and "
         "documentation addresses (RFC 6303), localhost, invalid, test, onion, local and home.arpa",
+        live=True,
     )
     not_served: tuple[str, ...] = setting(
         (),
         "default zones, or zones under them, forwarded after all (where an upstream serves them: a company's "
         '["16.172.in-addr.arpa"])',
         convert=_zone_names,
+        live=True,
     )
     zones: tuple[str, ...] = setting(
-        (), 'more zones answered here: NXDOMAIN under each (["lab.example"])', convert=_zone_names
+        (), 'more zones answered here: NXDOMAIN under each (["lab.example"])', convert=_zone_names, live=True
     )
     records: tuple[str, ...] = setting(
         (),
@@ -821,6 +824,7 @@ class LocalSettings:
         f'"name [ttl] type data" of types {", ".join(TYPES)} (["printer.office.example A 192.0.2.20"]); A and AAAA '
         "give their address's PTR too",
         convert=_record_lines,
+        live=True,
     )
     forward: tuple[tuple[str, tuple[Endpoint, ...]], ...] = setting(
         (),
@@ -828,6 +832,7 @@ class LocalSettings:
         'by the device\'s policy: { "corp.example" = ["10.0.0.53"] }; asked as the upstreams are, with their '
         "timeouts and health of their own, but without 0x20's mixed case (a LAN's DNS need not echo it)",
         convert=_forwards,
+        live=True,
     )
 
 
@@ -869,6 +874,10 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError(f"{listening}: needs tls.name, the name its certificate is for (dns.example.net)")
     _check_tcp_ports(config)
     _check_device_networks(config)
+    try:
+        check_not_served(config.local.defaults, config.local.not_served, config.local.zones)
+    except ValueError as exc:
+        raise ConfigError(f"local.not_served: {exc}") from None
     for zone, servers in config.local.forward:
         looping = [str(server) for server in servers if server in config.server.listen]
         if looping:

@@ -39,7 +39,6 @@ from resolver.shared.sockets import (
     claim_ports,
     endpoint_of,
 )
-from resolver.worker.local_zones import check_not_served
 from resolver.worker.process import run_worker
 
 log = logging.getLogger(__name__)
@@ -303,14 +302,12 @@ def check(config: Config) -> Lists:
     """What `serve` makes sure of before it binds anything, and all that `bns config --check` does, so that
     no configuration passes one and fails the other: the cache directory is usable, the catalogue and the
     list load (or the last list verified for that path stands in), the default policy holds, every
-    address to listen on is this machine's, every local.not_served zone is under one served here, and with
-    DoT or DoH the certificate and its key are readable, a pair, valid now and for tls.name (certificates.py).
-    Ports are not tried: the node checked may be the one running. Returns the lists, as the workers will find
-    them."""
+    address to listen on is this machine's, and with DoT or DoH the certificate and its key are readable, a
+    pair, valid now and for tls.name (certificates.py). Ports are not tried: the node checked may be the one
+    running. Returns the lists, as the workers will find them."""
     usable_cache_dir(config.lists)
     _catalog, _maker, lists = load_policy_and_lists(config)
     check_addresses(config)
-    check_not_served(config.local)
     if config.tls.dot_listen or config.tls.doh_listen:
         load_pair(config.tls, time.time())
     return lists

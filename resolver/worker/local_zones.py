@@ -35,8 +35,8 @@ from typing import Any
 
 from resolver.shared.config import LocalSettings, UpstreamSettings
 from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
-from resolver.shared.errors import ConfigError
 from resolver.shared.local_records import parse_records
+from resolver.shared.special_names import DEFAULT_ZONES, at_or_under
 from resolver.worker.upstream import Forwarder
 from resolver.worker.wire import HEADER_LEN, RESOLVER_ARPA, LocalAnswers, Request, resource_record, synthesized_answer
 
@@ -44,48 +44,6 @@ _RECORD_TTL = 3600  # unbound's for local data
 _NEGATIVE_TTL = 10800  # the SOA's TTL and MINIMUM: how long a client may keep a negative answer
 _LOCALHOST = text_to_name("localhost")
 _SOA_RDATA = _LOCALHOST + text_to_name("nobody.invalid") + struct.pack("!IIIII", 1, 3600, 1200, 604800, _NEGATIVE_TTL)
-
-
-def _reverse(network: str) -> str:
-    """The reverse zone of a network whose prefix ends on a label (an octet; a nibble for IPv6)."""
-    net = ipaddress.ip_network(network)
-    labels = net.network_address.reverse_pointer.split(".")
-    per_label = 8 if net.version == 4 else 4
-    return ".".join(labels[(net.max_prefixlen - net.prefixlen) // per_label :])
-
-
-DEFAULT_ZONES: tuple[str, ...] = (
-    "localhost",
-    "invalid",
-    "test",
-    "onion",
-    "local",
-    "home.arpa",
-    *(
-        _reverse(network)
-        for network in (
-            "0.0.0.0/8",
-            "10.0.0.0/8",
-            "127.0.0.0/8",
-            "169.254.0.0/16",
-            *(f"172.{octet}.0.0/16" for octet in range(16, 32)),
-            "192.0.2.0/24",
-            "192.168.0.0/16",
-            "198.51.100.0/24",
-            "203.0.113.0/24",
-            "255.255.255.255/32",
-            *(f"100.{octet}.0.0/16" for octet in range(64, 128)),
-            "::/128",
-            "::1/128",
-            "fd00::/8",
-            "fe80::/12",
-            "fe90::/12",
-            "fea0::/12",
-            "feb0::/12",
-            "2001:db8::/32",
-        )
-    ),
-)
 
 
 def _records(rtype: int, rdatas: Iterable[bytes]) -> tuple[bytes, int]:
@@ -199,27 +157,6 @@ class LocalZone:
         return synthesized_answer(request, rcode, authority=soa, authority_count=1)
 
 
-def check_not_served(settings: LocalSettings) -> None:
-    """Refuse a `local.not_served` zone that no served zone holds: it would be forwarded anyway, and is likely a
-    typing error for one that is not."""
-    served = [text_to_name(zone) for zone in (*(DEFAULT_ZONES if settings.defaults else ()), *settings.zones)]
-    for zone in settings.not_served:
-        name = text_to_name(zone)
-        if not any(_at_or_under(name, apex) for apex in served):
-            raise ConfigError(
-                f"local.not_served: {zone} is not a zone answered here, nor under one"
-                + ("" if settings.defaults else " (local.defaults is off)")
-            )
-
-
-def _at_or_under(name: bytes, apex: bytes) -> bool:
-    """Whether a wire name is `apex` or under it, on a label boundary."""
-    position = 0
-    while len(name) - position > len(apex):
-        position += name[position] + 1
-    return name[position:] == apex
-
-
 class LocalZones:
     """Every zone answered here, and the zones under them that are not, found by a walk down from the top."""
 
@@ -245,7 +182,7 @@ class LocalZones:
             self._add(apex, None)
         for apex, entry in self.entries.items():  # a zone served here inside a forwarded one is the servers' too
             if isinstance(entry, LocalZone) and any(
-                apex != forwarded and _at_or_under(apex, forwarded) for forwarded in self._forward_servers
+                apex != forwarded and at_or_under(apex, forwarded) for forwarded in self._forward_servers
             ):
                 self.entries[apex] = None
         self._add(RESOLVER_ARPA, resolver_arpa)

@@ -85,8 +85,9 @@ class Resolver:
         # More queries interned than answers cached: the cache's hits are the parser's too, and a working set
         # of blocked names as large as the cache (whose answers are not cached) still fits.
         self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
+        self._parser_size = max(cache.size * 2, 1024)
         self.local_zones = LocalZones(local or LocalSettings(), self.discovery, forwarder.settings)
-        self.parser = QueryParser(max(cache.size * 2, 1024), self.local_zones.find)
+        self.parser = QueryParser(self._parser_size, self.local_zones.find)
         self.directory = directory
         self.lists = lists
         self.blocked = BlockedAnswers(max(cache.size * 2, 1024))
@@ -404,6 +405,14 @@ class Resolver:
         zone = query.zone
         assert zone is not None  # local, and for none of the reasons above: the parser found its zone
         return zone.answer(request)
+
+    def use_local(self, local: LocalSettings) -> LocalZones:
+        """Serve these local zones, records and forwards from now on (SIGHUP); returns the ones retired, whose
+        forwarders the caller closes once the queries they sent are done. The parser starts afresh: the queries
+        it interned know their zone."""
+        retired, self.local_zones = self.local_zones, LocalZones(local, self.discovery, self.forwarder.settings)
+        self.parser = QueryParser(self._parser_size, self.local_zones.find)
+        return retired
 
     def close(self) -> None:
         self.forwarder.close()

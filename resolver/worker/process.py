@@ -219,6 +219,10 @@ class Worker:
                 asyncio.get_running_loop().call_later(old.upstream.deadline + 1, forwarder.close)
             if config.upstream.trust_ad != old.upstream.trust_ad:
                 self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
+        if config.local != old.local:
+            retired_zones = self.resolver.use_local(config.local)
+            asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired_zones.close)
+            self.resolver.cache.clear()  # answers of a zone forwarded before, or to other servers
         if self.gate is not None:
             self.gate.certificates.check()  # SIGHUP: the certificate files may have been replaced
 

@@ -5,6 +5,7 @@ upstream that does not answer, the names the issue tried reach it no more."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ import dns.rdatatype
 import pytest
 
 from bench.upstream import Script, ScriptedUpstream
+from resolver.shared.config import reloaded
 from resolver.shared.errors import ConfigError
-from resolver.worker.local_zones import DEFAULT_ZONES, check_not_served
-from tests.conftest import ServerThread, make_config
+from resolver.shared.special_names import DEFAULT_ZONES
+from tests.conftest import ServerThread, answer_addresses, make_config
 from tests.worker.test_pipeline import Pipeline, run, write_site
 
 pytestmark = pytest.mark.unit
@@ -153,7 +155,7 @@ def test_a_zone_is_turned_off_added_or_cut_out_of_another_and_resolver_arpa_stay
 )
 def test_a_bad_zone_is_refused_naming_the_key(local, refused):
     with pytest.raises(ConfigError, match=refused.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        check_not_served(make_config(["127.0.0.1:9"], local=local).local)
+        make_config(["127.0.0.1:9"], local=local)
 
 
 def test_the_defaults_are_each_a_zone_once():
@@ -339,3 +341,33 @@ def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alo
 def test_a_bad_forward_is_refused_naming_the_key(forward, refused):
     with pytest.raises(ConfigError, match=refused):
         make_config(["127.0.0.1:9"], local={"forward": forward}, server={"listen": ["127.0.0.1:5300"]})
+
+
+@pytest.mark.integration
+def test_sighup_applies_a_change_of_zones_records_and_forwards_and_refuses_a_bad_one(lists):
+    with ScriptedUpstream(script=Script(ttl=60)) as upstream, ScriptedUpstream(script=Script(ttl=60)) as corp:
+        before = make_config([upstream.address], lists={"path": str(lists)})
+        with ServerThread(before) as server:
+            assert answer_addresses(server.ask("printer.office.example")) != ["10.1.2.3"]  # the upstream's
+            assert server.ask("lab.corp.example").rcode() == dns.rcode.NOERROR
+            assert server.ask(reverse("192.168.0.1"), "PTR").rcode() == dns.rcode.NXDOMAIN
+            local = {
+                "defaults": False,
+                "records": ["printer.office.example A 10.1.2.3"],
+                "forward": {"corp.example": [corp.address]},
+            }
+            after, applied, restart = reloaded(
+                before, make_config([upstream.address], lists={"path": str(lists)}, local=local)
+            )
+            assert sorted(applied) == ["local.defaults", "local.forward", "local.records"] and restart == []
+            server.call(server.worker.reload, after)
+            assert answer_addresses(server.ask("printer.office.example")) == ["10.1.2.3"]  # cached before: no more
+            assert server.ask(reverse("10.1.2.3"), "PTR").answer[0][0].to_text() == "printer.office.example."
+            assert server.ask("lab.corp.example").rcode() == dns.rcode.NOERROR
+            assert server.ask(reverse("192.168.0.1"), "PTR").rcode() == dns.rcode.NOERROR  # forwarded now
+        assert [name.lower() for name in corp.names_seen()] == ["lab.corp.example"]
+        assert reverse("192.168.0.1") in upstream.names_seen()
+        # A bad zone in the file SIGHUP reads is refused, the running configuration kept (supervisor's reload).
+        bad = dataclasses.replace(before, local=dataclasses.replace(before.local, not_served=("example.com",)))
+        with pytest.raises(ConfigError, match=r"local\.not_served: example\.com is not a zone answered here"):
+            reloaded(before, bad)
