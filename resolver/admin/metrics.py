@@ -129,8 +129,8 @@ class Metrics:
         for worker in workers:
             for zone, counts in worker.get("forwards", {}).items():
                 summed = forwards.setdefault(zone, {})
-                for key, count in counts.items():
-                    summed[key] = summed.get(key, 0) + count
+                for key, count in counts.items():  # down: as the worker that finds most of them down
+                    summed[key] = max(summed.get(key, 0), count) if key == "down" else summed.get(key, 0) + count
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
@@ -195,6 +195,12 @@ class Metrics:
             "# TYPE bns_forward_send_errors_total counter",
             *(
                 _line("bns_forward_send_errors_total", counts["send_errors"], {"zone": zone})
+                for zone, counts in sorted(forwards.items())
+            ),
+            "# HELP bns_forward_servers_down Servers of a local.forward zone a worker has marked down, by zone.",
+            "# TYPE bns_forward_servers_down gauge",
+            *(
+                _line("bns_forward_servers_down", counts.get("down", 0), {"zone": zone})
                 for zone, counts in sorted(forwards.items())
             ),
             "# HELP bns_workers Workers reporting.",

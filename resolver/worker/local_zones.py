@@ -247,10 +247,14 @@ class LocalZones:
             self.forwards[apex] = Forwarder(own)
         return retired
 
-    def forward_counts(self) -> dict[str, dict[str, int]]:
-        """Each local.forward zone's replies and failed sends (metrics)."""
+    def forward_counts(self, now: float) -> dict[str, dict[str, int]]:
+        """Each local.forward zone's replies, failed sends, and servers marked down at `now` (the loop's time)."""
         return {
-            name_to_text(apex): {"replies": forwarder.replies, "send_errors": forwarder.send_errors}
+            name_to_text(apex): {
+                "replies": forwarder.replies,
+                "send_errors": forwarder.send_errors,
+                "down": sum(upstream.is_down(now) for upstream in forwarder.upstreams),
+            }
             for apex, forwarder in self.forwards.items()
         }
 

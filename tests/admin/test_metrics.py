@@ -64,11 +64,12 @@ def test_local_answers_are_summed_by_zone(tmp_path):
 
 
 def test_forwarded_zones_replies_and_send_errors_are_summed_by_zone(tmp_path):
-    worker_file(tmp_path, 0, {}, 0, forwards={"corp.example": {"replies": 4, "send_errors": 1}})
-    worker_file(tmp_path, 1, {}, 0, forwards={"corp.example": {"replies": 2, "send_errors": 0}})
+    worker_file(tmp_path, 0, {}, 0, forwards={"corp.example": {"replies": 4, "send_errors": 1, "down": 1}})
+    worker_file(tmp_path, 1, {}, 0, forwards={"corp.example": {"replies": 2, "send_errors": 0, "down": 0}})
     lines = Metrics(tmp_path, dict, workers=2).render().splitlines()
     assert 'bns_forward_replies_total{zone="corp.example"} 6' in lines
     assert 'bns_forward_send_errors_total{zone="corp.example"} 1' in lines
+    assert 'bns_forward_servers_down{zone="corp.example"} 1' in lines  # as the worker that found it down
 
 
 def test_shed_queries_are_summed_by_reason(tmp_path):

@@ -5,6 +5,7 @@ upstream that does not answer, the names the issue tried reach it no more."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import shutil
@@ -273,6 +274,12 @@ def test_a_bad_record_is_refused_naming_its_line(records, refused):
         make_config(["127.0.0.1:9"], local={"records": records})
 
 
+def forward_counts(server: ServerThread) -> dict[str, dict[str, int]]:
+    assert server.worker is not None
+    zones = server.worker.resolver.local_zones
+    return server.call(lambda: zones.forward_counts(asyncio.get_running_loop().time()))  # type: ignore[no-any-return]
+
+
 @pytest.mark.integration
 def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alone(lists):
     with (
@@ -306,9 +313,10 @@ def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alo
             assert not blocked.answer and blocked.options
             # The zone's server does not answer one name: SERVFAIL for it alone, the rest still answered.
             assert server.ask("down.corp.example", timeout=5).rcode() == dns.rcode.SERVFAIL
+            assert forward_counts(server)["corp.example"]["down"] == 1  # its one server, marked down
             assert server.ask("wiki.corp.example").rcode() == dns.rcode.NOERROR
             assert server.ask("www.example.org").rcode() == dns.rcode.NOERROR
-            counts = server.call(server.worker.resolver.local_zones.forward_counts)
+            counts = forward_counts(server)
         seen_by_corp = corp.names_seen()
         assert seen_by_corp[0] == "intranet.corp.example"  # without 0x20's mixed case: a LAN's DNS may not echo it
         assert set(seen_by_corp) == {
@@ -324,6 +332,7 @@ def test_a_forwarded_zone_goes_to_its_own_servers_after_the_policy_and_fails_alo
             "www.example.org",
         }
         assert counts["corp.example"]["replies"] == 2 and counts["16.172.in-addr.arpa"]["replies"] == 1
+        assert counts["corp.example"]["down"] == 0  # answering again
 
 
 @pytest.mark.parametrize(
