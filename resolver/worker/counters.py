@@ -39,7 +39,7 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
         "threats": dict(threats.counts),
         "refused_claims": dict(resolver.directory.refused_claims),
         "local_answers": resolver.local_zones.counts(),
-        "forwards": resolver.local_zones.forward_counts(asyncio.get_running_loop().time()),
+        "forwards": resolver.local_zones.forward_counts(time.monotonic()),  # the clock of the loop's time()
         "threat_alerts": [dataclasses.asdict(alert) for alert in threats.recent],
     }
 
