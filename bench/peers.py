@@ -662,6 +662,12 @@ def upstream_count(path: Path) -> int:
     return int(path.read_text()) if path.exists() else 0
 
 
+def table_head(title: str, servers: list[Server], column: str) -> list[str]:
+    """A report table's title and head: a workload column, then one `column` (its alignment) per server."""
+    labels = " | ".join(server.label for server in servers)
+    return ["", title, "", f"| workload | {labels} |", "|---|" + column * len(servers)]
+
+
 def report(
     servers: list[Server], loads: list[Workload], args: argparse.Namespace, notes: list[str], argv: list[str] | None
 ) -> str:
@@ -671,11 +677,7 @@ def report(
         f"Machine: {machine()}  ",
         f"Each server on core {SERVER_CORE}, one thread or worker; dnsperf on core {LOAD_CORE} at a fixed rate; "
         f"{args.runs} runs × {args.seconds:.0f} s per workload and server; medians; ratio to {baseline.label}.",
-        "",
-        "Server CPU µs per answered query (ratio to " + baseline.label + "):",
-        "",
-        "| workload | " + " | ".join(server.label for server in servers) + " |",
-        "|---|" + "---:|" * len(servers),
+        *table_head("Server CPU µs per answered query (ratio to " + baseline.label + "):", servers, "---:|"),
     ]
     for workload in loads:
         base = median(baseline.cpu_us[workload.name])
@@ -684,13 +686,9 @@ def report(
             for server in servers
         ]
         lines.append(f"| {workload.name}: {workload.describe} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Answers per second, p50 / p99 latency (ms), lost queries (summed over the runs):",
-        "",
-        "| workload | " + " | ".join(server.label for server in servers) + " |",
-        "|---|" + "---|" * len(servers),
-    ]
+    lines += table_head(
+        "Answers per second, p50 / p99 latency (ms), lost queries (summed over the runs):", servers, "---|"
+    )
     for workload in loads:
         cells = []
         for server in servers:
@@ -703,13 +701,9 @@ def report(
                 f"{sum(result.lost for result in results)}"
             )
         lines.append(f"| {workload.name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Queries that reached the upstream during the runs (summed), of those answered:",
-        "",
-        "| workload | " + " | ".join(server.label for server in servers) + " |",
-        "|---|" + "---:|" * len(servers),
-    ]
+    lines += table_head(
+        "Queries that reached the upstream during the runs (summed), of those answered:", servers, "---:|"
+    )
     for workload in loads:
         cells = [
             f"{server.upstream.get(workload.name, 0):,} of {sum(r.completed for r in server.results[workload.name]):,}"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 from resolver.shared.config import LocalSettings, UpstreamSettings
@@ -46,9 +45,8 @@ _LOCALHOST = text_to_name("localhost")
 _SOA_RDATA = _LOCALHOST + text_to_name("nobody.invalid") + struct.pack("!IIIII", 1, 3600, 1200, 604800, _NEGATIVE_TTL)
 
 
-def _records(rtype: int, rdatas: Iterable[bytes]) -> tuple[bytes, int]:
-    listed = list(rdatas)
-    return b"".join(resource_record(rtype, _RECORD_TTL, rdata) for rdata in listed), len(listed)
+def _records(rtype: int, rdatas: list[bytes]) -> tuple[bytes, int]:
+    return b"".join(resource_record(rtype, _RECORD_TTL, rdata) for rdata in rdatas), len(rdatas)
 
 
 # What the default zones hold besides their SOA and NS (RFC 6761 §6.3, RFC 6303 §4.2 and §4.4).
@@ -88,12 +86,12 @@ class NameRecords:
         for _ in range(MAX_CHAIN):
             if here is None:
                 break
+            rtype = qtype
             found = here.types.get(qtype)
             if found is None and qtype != RRType.CNAME:
-                found = here.types.get(RRType.CNAME)
+                rtype, found = RRType.CNAME, here.types.get(RRType.CNAME)
             if found is None:
                 break
-            rtype = qtype if qtype in here.types else RRType.CNAME
             rrs += b"".join(resource_record(rtype, ttl, rdata, owner) for ttl, rdata in found)
             count += len(found)
             if rtype != RRType.CNAME or qtype == RRType.CNAME:
@@ -167,7 +165,7 @@ class LocalZones:
         if settings.defaults:
             for zone in DEFAULT_ZONES:
                 apex = text_to_name(zone)
-                owned = {owner: data for owner, data in _LOOPBACK.items() if owner.endswith(apex)}
+                owned = {owner: data for owner, data in _LOOPBACK.items() if at_or_under(owner, apex)}
                 self._add(apex, LocalZone(apex, owned, redirect=apex == _LOCALHOST))
         for zone in settings.not_served:
             self._add(text_to_name(zone), None)

@@ -520,36 +520,49 @@ def send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
 
 class MemoryTls:
     """A TLS client connection whose records are made and read in memory, over a plain socket: what it sends can
-    be encrypted at once and written by another thread while this one reads."""
+    be encrypted at once and written by another thread while this one reads. Unless `finish`, the handshake is
+    left to the test, which may send its last flight (`pending`) when and with what it likes."""
 
-    def __init__(self, port: int, authority: Authority, alpn: str) -> None:
+    def __init__(self, port: int, authority: Authority, alpn: str, finish: bool = True) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = client_context(authority, (alpn,)).wrap_bio(self._in, self._out, server_hostname=NAME)
+        self.incoming, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(authority, (alpn,)).wrap_bio(self.incoming, self._out, server_hostname=NAME)
+        if finish:
+            self.handshake()
+            self.sock.sendall(self.pending())
+            assert self.tls.selected_alpn_protocol() == alpn
+
+    def handshake(self) -> None:
+        """Until the server's last flight is read (the client's own last one is then `pending`)."""
         while True:
             try:
                 self.tls.do_handshake()
-                break
+                return
             except ssl.SSLWantReadError:
                 self.sock.sendall(self._out.read())
-                self._in.write(self.sock.recv(1 << 16))
-        self.sock.sendall(self._out.read())
-        assert self.tls.selected_alpn_protocol() == alpn
+                self.incoming.write(self.sock.recv(1 << 16))
+
+    def pending(self) -> bytes:
+        """What the client has made and not sent yet."""
+        return self._out.read()
 
     def encrypted(self, data: bytes) -> bytes:
         self.tls.write(data)
         return self._out.read()
 
     def recv(self) -> bytes:
-        """What the server sent next (b"": it closed)."""
+        """What the server sent next (b"": it closed, with close_notify or without)."""
         while True:
             try:
                 return self.tls.read(1 << 16)
             except ssl.SSLWantReadError:
-                data = self.sock.recv(1 << 16)
+                try:
+                    data = self.sock.recv(1 << 16)
+                except ConnectionResetError:
+                    return b""
                 if not data:
                     return b""
-                self._in.write(data)
+                self.incoming.write(data)
             except ssl.SSLZeroReturnError:
                 return b""
 

@@ -18,8 +18,9 @@ import pytest
 
 from resolver.shared.certificates import server_context
 from resolver.worker.tls_transport import TlsTransport
-from tests.certificates import NAME, Authority, Pair
+from tests.certificates import Authority, Pair
 from tests.conftest import eventually
+from tests.worker.test_encrypted import MemoryTls
 
 pytestmark = pytest.mark.integration
 
@@ -118,80 +119,38 @@ def serving(
         served.stop()
 
 
-class Client:
-    """A TLS client over a plain socket; `handshake` leaves its last flight unsent (`pending`) for the test."""
-
-    def __init__(self, port: int, authority: Authority) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        context = ssl.create_default_context(cafile=str(authority.path))
-        context.set_alpn_protocols(["dot"])
-        self.tls = context.wrap_bio(self._in, self._out, server_hostname=NAME)
-
-    def handshake(self) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                self.sock.sendall(self._out.read())
-                self._in.write(self.sock.recv(1 << 16))
-
-    def pending(self) -> bytes:
-        return self._out.read()
-
-    def record(self, data: bytes) -> bytes:
-        self.tls.write(data)
-        return self._out.read()
-
-    def read(self) -> bytes:
-        """The next plaintext the server sent (b"": it closed, with close_notify or without)."""
-        while True:
-            try:
-                return self.tls.read(1 << 16)
-            except ssl.SSLWantReadError:
-                try:
-                    data = self.sock.recv(1 << 16)
-                except ConnectionResetError:
-                    return b""
-                if not data:
-                    return b""
-                self._in.write(data)
-            except ssl.SSLZeroReturnError:
-                return b""
-
-
-def opened(pair: tuple[Authority, Pair], served: Served) -> Client:
-    client = Client(served.port, pair[0])
+def opened(pair: tuple[Authority, Pair], served: Served) -> MemoryTls:
+    """A client past the server's last flight, its own last one still to send (`pending`)."""
+    client = MemoryTls(served.port, pair[0], "dot", finish=False)
     client.handshake()
     return client
 
 
 def test_a_query_in_the_segment_that_ends_the_handshake_is_read_and_answered(pair):
     with serving(pair) as served:
-        client = Client(served.port, pair[0])
+        client = MemoryTls(served.port, pair[0], "dot", finish=False)
         client.handshake()
-        client.sock.sendall(client.pending() + client.record(b"first"))  # the client's Finished and a query
-        assert client.read() == b"echo first"
+        client.sock.sendall(client.pending() + client.encrypted(b"first"))  # the client's Finished and a query
+        assert client.recv() == b"echo first"
         assert served.opener.outcomes == [None]
 
 
 def test_records_waiting_while_reading_is_paused_come_in_order_once_it_resumes(pair):
     with serving(pair) as served:
         client = opened(pair, served)
-        client.sock.sendall(client.pending() + b"".join(client.record(b) for b in (b"pause", b"one", b"two")))
+        client.sock.sendall(client.pending() + b"".join(client.encrypted(b) for b in (b"pause", b"one", b"two")))
         began = time.monotonic()
-        assert client.read() == b"echo one"
+        assert client.recv() == b"echo one"
         assert time.monotonic() - began >= 0.25  # not before the protocol resumed
-        assert client.read() == b"echo two"
+        assert client.recv() == b"echo two"
         assert served.opener.protocols[0].received == [b"pause", b"one", b"two"]
 
 
 def test_close_notify_from_the_client_is_its_end_and_closing_sends_one(pair):
     with serving(pair) as served:
         client = opened(pair, served)
-        client.sock.sendall(client.pending() + client.record(b"query"))
-        assert client.read() == b"echo query"
+        client.sock.sendall(client.pending() + client.encrypted(b"query"))
+        assert client.recv() == b"echo query"
         with contextlib.suppress(ssl.SSLWantReadError):
             client.tls.unwrap()
         client.sock.sendall(client.pending())
@@ -199,8 +158,8 @@ def test_close_notify_from_the_client_is_its_end_and_closing_sends_one(pair):
         eventually(lambda: protocol.eof and protocol.lost, within=5)
 
         client = opened(pair, served)
-        client.sock.sendall(client.pending() + client.record(b"query"))
-        assert client.read() == b"echo query"
+        client.sock.sendall(client.pending() + client.encrypted(b"query"))
+        assert client.recv() == b"echo query"
         served.loop.call_soon_threadsafe(served.opener.protocols[1].transport.close)
         while True:  # SSLObject.read gives b"" for a close_notify, not for a bare end of the stream
             try:
@@ -209,16 +168,16 @@ def test_close_notify_from_the_client_is_its_end_and_closing_sends_one(pair):
             except ssl.SSLWantReadError:
                 data = client.sock.recv(1 << 16)
                 assert data, "closed without close_notify"
-                client._in.write(data)
+                client.incoming.write(data)
 
 
 def test_a_record_that_does_not_decrypt_ends_the_connection(pair):
     with serving(pair) as served:
         client = opened(pair, served)
-        record = bytearray(client.record(b"query"))
+        record = bytearray(client.encrypted(b"query"))
         record[-1] ^= 0xFF  # its authentication tag
         client.sock.sendall(client.pending() + bytes(record))
-        assert client.read() == b""
+        assert client.recv() == b""
         protocol = served.opener.protocols[0]
         eventually(lambda: protocol.lost, within=5)
         assert protocol.received == []
@@ -230,7 +189,7 @@ def test_each_handshake_that_fails_is_reported_once_with_why(pair):
         garbage = socket.create_connection(("127.0.0.1", served.port))
         garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
         eventually(lambda: len(served.opener.outcomes) == 2, within=5)
-        quitter = Client(served.port, pair[0])
+        quitter = MemoryTls(served.port, pair[0], "dot", finish=False)
         with contextlib.suppress(ssl.SSLWantReadError):
             quitter.tls.do_handshake()
         quitter.sock.sendall(quitter.pending())  # its ClientHello, then it goes away
@@ -255,7 +214,7 @@ def test_a_connection_not_admitted_is_closed_before_any_handshake(pair):
 def test_a_closing_connection_whose_client_reads_nothing_more_is_cut_off_after_the_timeout(pair):
     with serving(pair, timeout=0.5) as served:
         client = opened(pair, served)
-        client.sock.sendall(client.pending() + client.record(b"flood"))
+        client.sock.sendall(client.pending() + client.encrypted(b"flood"))
         eventually(lambda: served.opener.protocols, within=5)
         protocol = served.opener.protocols[0]
         assert eventually(lambda: protocol.lost, within=5) < 3
@@ -265,8 +224,8 @@ def test_a_closing_connection_whose_client_reads_nothing_more_is_cut_off_after_t
 def test_a_connection_closed_as_its_handshake_ends_goes_without_an_error(pair):
     with serving(pair, close_at_once=True) as served:
         client = opened(pair, served)
-        client.sock.sendall(client.pending() + client.record(b"query"))
-        assert client.read() == b""
+        client.sock.sendall(client.pending() + client.encrypted(b"query"))
+        assert client.recv() == b""
         eventually(lambda: served.opener.outcomes == [None], within=5)
         time.sleep(0.2)
         assert served.errors == []
