@@ -90,6 +90,13 @@ def load_catalog(path: Path | None = None) -> Catalog:
     entries = table.get("category")
     if not isinstance(entries, list) or not entries:
         raise CatalogError(f"{where}: no [[category]] entries")
+    extends = table.get("extends")
+    if extends is not None:
+        # An operator's own categories (ads and trackers…) beside the packaged ones, whose bits they keep.
+        if extends != "packaged" or path is None:
+            raise CatalogError(f'{where}: extends: the only catalogue to extend is "packaged"')
+        packaged = resources.files("blocklists").joinpath("categories.toml").read_text(encoding="utf-8")
+        entries = tomllib.loads(packaged)["category"] + entries
     categories: list[Category] = []
     seen_bits: dict[int, str] = {}
     for index, entry in enumerate(entries, 1):

@@ -36,9 +36,13 @@ DEFAULT_RUN_SIZE = 250_000  # ~25 MB of keys in memory; more runs cost a heap me
 Progress = Callable[[str, int], None]
 
 
+ALLOW = "allow"  # a source's category when its names are to be allowed whatever lists them
+
+
 @dataclass(frozen=True)
 class Source:
-    """A list for one category (`category` set), or a TSV of `domain<TAB>category,category` lines."""
+    """A list for one category (`category` set; ALLOW for an allowlist), or a TSV of `domain<TAB>category,category`
+    lines."""
 
     path: Path
     category: str | None = None
@@ -126,10 +130,16 @@ def _entries(source: Source, catalog: Catalog, report: SourceReport, skip_unknow
     if source.is_tsv:
         yield from _tsv_entries(source, catalog, report, skip_unknown)
         return
+    if source.category == ALLOW:
+        # An allowlist: each of its names is allowed in every category (a listing anywhere else is cleared).
+        everything = catalog.mask([category.id for category in catalog])
+        for entry in read_source(source.path, report, source.format):
+            yield reverse(entry.name), 0, everything
+        return
     if source.category not in catalog:
         raise SourceError(
             f"{source.path}: category {source.category!r} is not in the catalogue "
-            f"(known: {', '.join(c.id for c in catalog)})"
+            f"(known: {', '.join(c.id for c in catalog)}, or {ALLOW})"
         )
     mask = catalog.by_id[source.category].mask  # type: ignore[index]
     # An allow entry (`@@||x^`, `rpz-passthru.`…) clears only the category of the list it comes from.

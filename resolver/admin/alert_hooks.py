@@ -9,12 +9,10 @@ queue holds at most `MAX_QUEUED` alerts per site: beyond, the oldest are dropped
 posts what its own workers saw.
 
 A webhook is a site owner's URL fetched by this node, so it is held to where the operator lets it go: only a
-public address, or one in `admin.webhook_allow` (model.may_post_to). A host name is resolved here and only
-the addresses that pass are connected to (the connector is given no other), so a name that resolves, or
-rebinds between two posts, to 127.0.0.1 or a neighbour reaches nothing; an address in the URL is checked as
-written. A redirect is not followed (a 3xx is a failed post), a URL with a user name or password is not
-posted to, and no proxy from the environment is used. A refused post is logged and counted
-(`bns_webhook_refused_total`), and tried again like any failed one.
+public address, or one in `admin.webhook_allow` (outbound.py); an address in the URL is checked as written. A
+redirect is not followed (a 3xx is a failed post), a URL with a user name or password is not posted to, and no
+proxy from the environment is used. A refused post is logged and counted (`bns_webhook_refused_total`), and
+tried again like any failed one.
 """
 
 from __future__ import annotations
@@ -24,21 +22,17 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
 
 from resolver.admin.metrics import Metrics
+from resolver.admin.outbound import TargetRefused, checked_session
 from resolver.shared.errors import StoreUnavailable
-from resolver.shared.policy.model import PolicyError, Webhook, check_webhook_url, may_post_to
-
-if TYPE_CHECKING:
-    from aiohttp.abc import ResolveResult  # aiohttp ≥ 3.10; before, a plain dict of the same keys
+from resolver.shared.policy.model import PolicyError, Webhook, check_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +48,6 @@ SiteHook = Callable[[str], Awaitable[Webhook | None]]
 
 def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-class TargetRefused(OSError):
-    """A webhook's host resolves to no address alerts may be posted to."""
-
-
-class _CheckedResolver(AbstractResolver):
-    """A webhook's host name resolved, keeping only the addresses alerts may be posted to: the connector
-    connects to one of those, with the name still in the Host header and TLS's server name."""
-
-    def __init__(self, allow: tuple[str, ...]) -> None:
-        self._allow = allow
-        self._resolver = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
-        kept = [entry for entry in found if may_post_to(entry["host"], self._allow)]
-        if not kept:
-            addresses = ", ".join(sorted({entry["host"] for entry in found}))
-            raise TargetRefused(
-                f"{host} resolves to {addresses}, not a public address; to post there, add its network to "
-                "admin.webhook_allow"
-            )
-        return kept
-
-    async def close(self) -> None:
-        await self._resolver.close()
 
 
 class _Queue:
@@ -116,8 +81,7 @@ class AlertHooks:
 
     def session(self) -> aiohttp.ClientSession:
         """The HTTP client of the posts: it connects to checked addresses only (and to no proxy)."""
-        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(self._allow))
-        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10), trust_env=False)
+        return checked_session(self._allow, "admin.webhook_allow", 10)
 
     async def run(self) -> None:
         async with self.session() as session:

@@ -35,6 +35,7 @@ from blocklists.errors import ArtifactError, BlocklistError
 from resolver.admin.app import add_app_routes
 from resolver.admin.auth_failures import AuthFailures
 from resolver.admin.devices import activity_view, identity_fields, site_devices
+from resolver.admin.feeds import Feeds
 from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import PREFIX as SITE_TOKEN
 from resolver.admin.site_tokens import SiteTokens
@@ -159,6 +160,7 @@ class Api:
         store: Store | None,
         publications: Publications,
         sources: Sources,
+        feeds: Feeds,
         explainer: Explainer,
         metrics: Metrics,
         max_upload: int,
@@ -179,6 +181,7 @@ class Api:
         self.service = PolicyService(store, activity) if store is not None else None
         self.publications = publications
         self.sources = sources
+        self.feeds = feeds
         self.explainer = explainer
         self.metrics = metrics
         self.max_upload = max_upload
@@ -550,6 +553,24 @@ class Api:
         entry = await self.sources.add_path(request.match_info["category"], body.get("path"))
         return web.json_response(asdict(entry), status=201)
 
+    async def feed_source(self, request: web.Request) -> web.Response:
+        """A feed: `url`, and optionally `interval` (seconds) and `format`; downloaded now, refused if unusable."""
+        body = await self._object(request)
+        entry = await self.feeds.add(
+            request.match_info["category"], body.get("url"), body.get("interval"), body.get("format")
+        )
+        return web.json_response(asdict(entry), status=201)
+
+    async def list_feeds(self, _request: web.Request) -> web.Response:
+        return web.json_response(await self.feeds.report())
+
+    async def refresh_feed(self, request: web.Request) -> web.Response:
+        body = await self._object(request, optional=True)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise PolicyError("force", "must be true or false")
+        return web.json_response(await self.feeds.request_refresh(request.match_info["source"], force), status=202)
+
     async def delete_source(self, request: web.Request) -> web.Response:
         await self.sources.remove(request.match_info["category"], request.match_info["source"])
         return web.json_response({"deleted": request.match_info["source"]})
@@ -749,7 +770,26 @@ ROUTES: tuple[Route, ...] = (
         Api.path_source,
         "SourcePath",
     ),
+    Route(
+        "POST",
+        "/v1/sources/{category}/feed",
+        ADMIN,
+        "Add a feed: a list fetched by URL and kept current (downloaded now, refused if unusable)",
+        Api.feed_source,
+        "SourceFeed",
+    ),
     Route("DELETE", "/v1/sources/{category}/{source}", ADMIN, "Remove a source", Api.delete_source),
+    Route(
+        "GET", "/v1/lists/feeds", READ, "Every feed's health: last download, error, entries, 304s, age", Api.list_feeds
+    ),
+    Route(
+        "POST",
+        "/v1/lists/feeds/{source}/refresh",
+        ADMIN,
+        "Download a feed at the lease holder's next look; force: take it even if it shrank (202)",
+        Api.refresh_feed,
+        "FeedRefresh",
+    ),
     Route(
         "POST",
         "/v1/lists/compile",
@@ -903,6 +943,16 @@ _BODIES: dict[str, dict[str, Any]] = {
         },
     },
     "SourcePath": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
+    "SourceFeed": {
+        "type": "object",
+        "required": ["url"],
+        "properties": {
+            "url": {"type": "string", "description": "http or https"},
+            "interval": {"type": "number", "description": "seconds between refreshes (default feeds.interval)"},
+            "format": {"type": "string", "description": "the list's format, when it must not be detected"},
+        },
+    },
+    "FeedRefresh": {"type": "object", "properties": {"force": {"type": "boolean"}}},
     "Compile": {"type": "object", "properties": {"publish": {"type": "boolean"}}},
 }
 

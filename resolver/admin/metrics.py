@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
+def metric_line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
     if labels:
         text = ",".join(
             f'{key}="{str(val).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
@@ -62,15 +62,15 @@ def _tls_lines(workers: list[dict[str, Any]]) -> list[str]:
     lines = [
         "# HELP bns_tls_connections DoT and DoH connections open now (handshakes included).",
         "# TYPE bns_tls_connections gauge",
-        _line("bns_tls_connections", sum(worker["open"] for worker in serving)),
+        metric_line("bns_tls_connections", sum(worker["open"] for worker in serving)),
         "# HELP bns_tls_certificate_not_after When the certificate served expires (Unix time; the soonest of the"
         " workers').",
         "# TYPE bns_tls_certificate_not_after gauge",
-        _line("bns_tls_certificate_not_after", min(worker["certificate_not_after"] for worker in serving)),
+        metric_line("bns_tls_certificate_not_after", min(worker["certificate_not_after"] for worker in serving)),
     ]
     for name, counter, label, about in labelled:
         lines += [f"# HELP {name} {about}", f"# TYPE {name} counter"]
-        lines += [_line(name, count, {label: key}) for key, count in sorted(_summed(serving, counter).items())]
+        lines += [metric_line(name, count, {label: key}) for key, count in sorted(_summed(serving, counter).items())]
     return lines
 
 
@@ -82,6 +82,7 @@ class Metrics:
         self.directory = directory
         self._state = state
         self._expected = workers
+        self.sections: list[Callable[[], list[str]]] = []  # lines of the node's other parts (its feeds)
 
     def readiness(self) -> tuple[bool, str | None]:
         """(whether every worker answers queries, why the node serves its last verified list if it does)."""
@@ -135,109 +136,119 @@ class Metrics:
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",
             "# TYPE bns_queries_total counter",
-            _line("bns_queries_total", hits + misses, {"verdict": "passed", "category": "", "reason": ""}),
+            metric_line("bns_queries_total", hits + misses, {"verdict": "passed", "category": "", "reason": ""}),
         ]
         for key, count in sorted(verdicts.items()):
             action, category, reason = key.split("|", 2)
-            lines.append(_line("bns_queries_total", count, {"verdict": action, "category": category, "reason": reason}))
+            lines.append(
+                metric_line("bns_queries_total", count, {"verdict": action, "category": category, "reason": reason})
+            )
         lines += [
             "# HELP bns_cache_hits_total Answers served from the cache.",
             "# TYPE bns_cache_hits_total counter",
-            _line("bns_cache_hits_total", hits),
+            metric_line("bns_cache_hits_total", hits),
             "# HELP bns_cache_misses_total Cache lookups that missed.",
             "# TYPE bns_cache_misses_total counter",
-            _line("bns_cache_misses_total", misses),
+            metric_line("bns_cache_misses_total", misses),
             "# HELP bns_cache_hit_ratio Hits over lookups since start.",
             "# TYPE bns_cache_hit_ratio gauge",
-            _line("bns_cache_hit_ratio", round(hits / (hits + misses), 6) if hits + misses else 0),
+            metric_line("bns_cache_hit_ratio", round(hits / (hits + misses), 6) if hits + misses else 0),
             "# HELP bns_upstream_replies_total Upstream replies accepted.",
             "# TYPE bns_upstream_replies_total counter",
-            _line("bns_upstream_replies_total", replies),
+            metric_line("bns_upstream_replies_total", replies),
             "# HELP bns_upstream_latency_seconds_sum Seconds spent waiting for those replies.",
             "# TYPE bns_upstream_latency_seconds_sum counter",
-            _line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
+            metric_line("bns_upstream_latency_seconds_sum", round(seconds, 6)),
             "# HELP bns_upstream_rejected_replies_total Upstream replies refused (RFC 5452), by reason: wrong_id,"
             " wrong_question, wrong_case (0x20), malformed.",
             "# TYPE bns_upstream_rejected_replies_total counter",
             *(
-                _line("bns_upstream_rejected_replies_total", count, {"reason": reason})
+                metric_line("bns_upstream_rejected_replies_total", count, {"reason": reason})
                 for reason, count in sorted(rejected.items())
             ),
             "# HELP bns_upstream_send_errors_total Upstream queries that could not be sent (no descriptor, port or"
             " route).",
             "# TYPE bns_upstream_send_errors_total counter",
-            _line("bns_upstream_send_errors_total", send_errors),
+            metric_line("bns_upstream_send_errors_total", send_errors),
             "# HELP bns_shed_total Queries not answered in full, by reason: refused_source (server.allow),"
             " rate_limit_dropped and rate_limit_slipped (RRL), client_busy and zone_busy (flood isolation).",
             "# TYPE bns_shed_total counter",
-            *(_line("bns_shed_total", count, {"reason": reason}) for reason, count in sorted(shed.items())),
+            *(metric_line("bns_shed_total", count, {"reason": reason}) for reason, count in sorted(shed.items())),
             "# HELP bns_threat_alerts_total Clients flagged, by reason: dga (a machine-made name), tunnel (DNS"
             " tunnelling), or the threat category of a listed name asked for (malware, phishing).",
             "# TYPE bns_threat_alerts_total counter",
-            *(_line("bns_threat_alerts_total", count, {"reason": reason}) for reason, count in sorted(threats.items())),
+            *(
+                metric_line("bns_threat_alerts_total", count, {"reason": reason})
+                for reason, count in sorted(threats.items())
+            ),
             "# HELP bns_identity_claims_refused_total Identity claims of a trusted router about another site than"
             " its own, ignored, by claim: address (ECS, Umbrella) or cpe_id.",
             "# TYPE bns_identity_claims_refused_total counter",
             *(
-                _line("bns_identity_claims_refused_total", count, {"claim": claim})
+                metric_line("bns_identity_claims_refused_total", count, {"claim": claim})
                 for claim, count in sorted(refused_claims.items())
             ),
             "# HELP bns_local_answers_total Answers given by a zone served here (never forwarded), by zone.",
             "# TYPE bns_local_answers_total counter",
-            *(_line("bns_local_answers_total", count, {"zone": zone}) for zone, count in sorted(local_answers.items())),
+            *(
+                metric_line("bns_local_answers_total", count, {"zone": zone})
+                for zone, count in sorted(local_answers.items())
+            ),
             "# HELP bns_forward_replies_total Replies from the servers of a local.forward zone, by zone.",
             "# TYPE bns_forward_replies_total counter",
             *(
-                _line("bns_forward_replies_total", counts["replies"], {"zone": zone})
+                metric_line("bns_forward_replies_total", counts["replies"], {"zone": zone})
                 for zone, counts in sorted(forwards.items())
             ),
             "# HELP bns_forward_send_errors_total Queries that could not be sent to a local.forward zone's servers.",
             "# TYPE bns_forward_send_errors_total counter",
             *(
-                _line("bns_forward_send_errors_total", counts["send_errors"], {"zone": zone})
+                metric_line("bns_forward_send_errors_total", counts["send_errors"], {"zone": zone})
                 for zone, counts in sorted(forwards.items())
             ),
             "# HELP bns_forward_servers_down Servers of a local.forward zone a worker has marked down, by zone.",
             "# TYPE bns_forward_servers_down gauge",
             *(
-                _line("bns_forward_servers_down", counts.get("down", 0), {"zone": zone})
+                metric_line("bns_forward_servers_down", counts.get("down", 0), {"zone": zone})
                 for zone, counts in sorted(forwards.items())
             ),
             "# HELP bns_workers Workers reporting.",
             "# TYPE bns_workers gauge",
-            _line("bns_workers", len(workers)),
+            metric_line("bns_workers", len(workers)),
             "# HELP bns_lists_info The list version each worker serves.",
             "# TYPE bns_lists_info gauge",
         ]
         for version in sorted({w["lists_version"] for w in workers}):
-            lines.append(_line("bns_lists_info", 1, {"version": version}))
+            lines.append(metric_line("bns_lists_info", 1, {"version": version}))
         ready, fallback = self.readiness()
         lines += [
             "# HELP bns_store_up 1 when the policy store answers, 0 when not, -1 with none.",
             "# TYPE bns_store_up gauge",
-            _line("bns_store_up", state.get("store_up", -1)),
+            metric_line("bns_store_up", state.get("store_up", -1)),
             "# HELP bns_ready 1 when every worker answers queries, 0 while one waits for its list.",
             "# TYPE bns_ready gauge",
-            _line("bns_ready", int(ready)),
+            metric_line("bns_ready", int(ready)),
             "# HELP bns_lists_fallback 1 while the list file is unusable and the last verified list serves.",
             "# TYPE bns_lists_fallback gauge",
-            _line("bns_lists_fallback", int(fallback is not None)),
+            metric_line("bns_lists_fallback", int(fallback is not None)),
             "# HELP bns_webhook_alerts_total Threat alerts posted to sites' webhooks (delivered), or dropped from"
             " a full queue while a webhook did not answer.",
             "# TYPE bns_webhook_alerts_total counter",
-            _line("bns_webhook_alerts_total", state.get("webhook_delivered", 0), {"outcome": "delivered"}),
-            _line("bns_webhook_alerts_total", state.get("webhook_dropped", 0), {"outcome": "dropped"}),
+            metric_line("bns_webhook_alerts_total", state.get("webhook_delivered", 0), {"outcome": "delivered"}),
+            metric_line("bns_webhook_alerts_total", state.get("webhook_dropped", 0), {"outcome": "dropped"}),
             "# HELP bns_webhook_refused_total Posts to sites' webhooks not made: the address is not public nor in"
             " admin.webhook_allow, or the URL carries a user name or password.",
             "# TYPE bns_webhook_refused_total counter",
-            _line("bns_webhook_refused_total", state.get("webhook_refused", 0)),
+            metric_line("bns_webhook_refused_total", state.get("webhook_refused", 0)),
             "# HELP bns_activity_lost_total Device activity items lost: a worker's hand-over was full, or the"
             " store was out of reach for long.",
             "# TYPE bns_activity_lost_total counter",
-            _line("bns_activity_lost_total", state.get("activity_lost", 0)),
+            metric_line("bns_activity_lost_total", state.get("activity_lost", 0)),
             "# HELP bns_devices_evicted_total Seen devices forgotten because their site had activity.devices_per_site.",
             "# TYPE bns_devices_evicted_total counter",
-            _line("bns_devices_evicted_total", state.get("devices_evicted", 0)),
+            metric_line("bns_devices_evicted_total", state.get("devices_evicted", 0)),
             *_tls_lines(workers),
         ]
+        for section in self.sections:
+            lines += section()
         return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from resolver.admin.alert_hooks import AlertHooks
 from resolver.admin.api import Api, tokens_from
+from resolver.admin.feeds import Feeds
 from resolver.admin.metrics import Metrics
 from resolver.admin.pages import Pages
 from resolver.admin.recorder import Recorder
@@ -66,12 +67,15 @@ class AdminNode:
             cache_dir / "compiles",
             config.admin.max_upload,
         )
+        self.feeds = Feeds(self.backends.shelf, self.sources, config.feeds, cache_dir / "feeds")
+        metrics.sections.append(self.feeds.metric_lines)
         self.api = Api(
             tokens_from(config.admin),
             self.catalog,
             self.store,
             self.publications,
             self.sources,
+            self.feeds,
             self.explainer,
             metrics,
             config.admin.max_upload,
@@ -88,7 +92,13 @@ class AdminNode:
         self.publications.watch()
         self._tasks = [
             loop.create_task(task)
-            for task in (self.lists.watch(), self.backends.follow(), self.publications.follow(), self._check_store())
+            for task in (
+                self.lists.watch(),
+                self.backends.follow(),
+                self.publications.follow(),
+                self._check_store(),
+                self.feeds.run(),
+            )
         ]
         if self.store is not None:
             self._tasks += [loop.create_task(self.hooks.run()), loop.create_task(self.recorder.run())]
@@ -153,6 +163,7 @@ class AdminNode:
             self.publications.served = served_path(config.lists)[0]
         if config.policy != old.policy:
             self.explainer.maker = policy_maker(config, self.catalog)
+        self.feeds.settings = config.feeds
 
     def _pages(self) -> Pages:
         service = PolicyService(self.store) if self.store is not None else None

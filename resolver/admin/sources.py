@@ -1,13 +1,13 @@
 """Blocklist sources kept by the admin API, per category, and compiling them into a published list.
 
-A source is a file uploaded to the API (stored where every node can read it) or a path on the server under
-one of `admin.source_roots`. Each is read in full when it is added, so a file that yields nothing is
-refused then, with its first bad line, rather than at compile time; reading stops at the first line over
-MAX_LINE characters or once more than `admin.max_upload` bytes came out of it (a gzip bomb). What the API
-says of a file on the server names the argument or the setting at fault, never the file's lines nor where
-things lie on the server: those go to this node's log. A compile job reads every source of
-every category into one artifact (blocklists.compiler, in a thread: the event loop keeps answering) and,
-when asked, publishes it; its progress can be polled.
+A source is a file uploaded to the API (stored where every node can read it), a path on the server under one of
+`admin.source_roots`, or a feed fetched by URL (feeds.py). Each is read in full when it is added, so a file that
+yields nothing is refused then, with its first bad line, rather than at compile time; reading stops at the first
+line over MAX_LINE characters or once more than `admin.max_upload` bytes came out of it (a gzip bomb). What the
+API says of a file on the server names the argument or the setting at fault, never the file's lines nor where
+things lie on the server: those go to this node's log. A compile job reads every source of every category into
+one artifact (blocklists.compiler, in a thread: the event loop keeps answering) and, when asked, publishes it;
+its progress can be polled.
 
 With Redis (keys under `store.prefix`):
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from blocklists.catalog import Catalog
-from blocklists.compiler import Source, compile_lists
+from blocklists.compiler import ALLOW, Source, compile_lists
 from blocklists.errors import BlocklistError, SourceError
 from blocklists.formats import SourceReport, UnusableSource, file_digest, read_source
 from resolver.shared.errors import BnsError, Busy, NotFound
@@ -112,12 +112,13 @@ class Sources:
         self._running: asyncio.Task[None] | None = None
         self._stopping = False
 
-    def _category(self, category: str) -> str:
-        if category not in self.catalog:
+    def check_category(self, category: str) -> None:
+        if category not in self.catalog and category != ALLOW:
             raise PolicyError(
-                "category", f"{category!r} is not a category (known: {', '.join(c.id for c in self.catalog)})"
+                "category",
+                f"{category!r} is not a category (known: {', '.join(c.id for c in self.catalog)}, or {ALLOW} "
+                "for an allowlist)",
             )
-        return category
 
     async def list(self) -> list[SourceEntry]:
         return sorted(await self.shelf.entries(), key=lambda entry: (entry.category, entry.added_at))
@@ -154,7 +155,7 @@ class Sources:
 
     async def add_upload(self, category: str, name: str, upload: Path) -> SourceEntry:
         """An uploaded file (plain, hosts, adblock, RPZ, dnsmasq, unbound, gzip or not) as a source."""
-        self._category(category)
+        self.check_category(category)
         return await self._add(category, "upload", upload, Path(name).name[:200] or "upload", "")
 
     def _allowed_path(self, path_text: str) -> Path:
@@ -177,7 +178,7 @@ class Sources:
 
     async def add_path(self, category: str, path_text: Any) -> SourceEntry:
         """A file on this server, read again (and its path checked again) at every compile."""
-        self._category(category)
+        self.check_category(category)
         if not isinstance(path_text, str) or not path_text:
             raise PolicyError("path", "missing: the source file's path on the server")
         path = self._allowed_path(path_text)
@@ -204,6 +205,13 @@ class Sources:
         if self._running is not None:
             await asyncio.gather(self._running, return_exceptions=True)
 
+    async def build(self, publish: bool) -> CompileJob:
+        """A compile, awaited to its end (CompileBusy if one is running)."""
+        job = self.start_compile(publish)
+        assert self._running is not None
+        await self._running
+        return job
+
     def job(self, job_id: str) -> CompileJob:
         if job_id not in self.jobs:
             raise NotFound(f"no compile job {job_id!r} on this node")
@@ -221,7 +229,7 @@ class Sources:
                 sources = []
                 job.stage = "fetching sources"
                 for entry in entries:
-                    if entry.kind == "upload":
+                    if entry.kind in ("upload", "feed"):  # a feed's last good copy is kept like an upload
                         local = scratch / f"{entry.id}.src"
                         await self.shelf.copy_upload(entry, local)
                     else:
@@ -229,7 +237,7 @@ class Sources:
                             local = self._allowed_path(entry.path)
                         except PolicyError as refused:
                             raise SourceError(f"source {entry.id}: path {refused.reason}") from None
-                    sources.append(Source(local, entry.category))
+                    sources.append(Source(local, entry.category, entry.expect or None))
                     read_as[str(local)] = entry
 
                 def progress(stage: str, count: int) -> None:

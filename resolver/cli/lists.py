@@ -14,7 +14,7 @@ from typing import Any
 
 from blocklists.artifact import open_artifact
 from blocklists.catalog import Catalog, load_catalog
-from blocklists.compiler import CompileReport, Source, compile_lists, sources_from_dir
+from blocklists.compiler import ALLOW, CompileReport, Source, compile_lists, sources_from_dir
 from blocklists.formats import FORMATS
 from blocklists.matcher import Matcher
 from resolver.cli.api_client import ApiClient, ApiFailure
@@ -45,7 +45,7 @@ def _add_lists(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="CATEGORY=PATH",
-        help="a list for a category (repeatable); CATEGORY=FORMAT:PATH forces the format",
+        help="a list for a category, or `allow` for an allowlist (repeatable); CATEGORY=FORMAT:PATH forces the format",
     )
     compile_.add_argument(
         "--source-dir",
@@ -80,9 +80,10 @@ def _parse_source(text: str, catalog: Catalog) -> Source:
     category, sep, rest = text.partition("=")
     if not sep or not rest:
         raise ConfigError(f"--source {text!r}: expected CATEGORY=PATH")
-    if category not in catalog:
+    if category not in catalog and category != ALLOW:
         raise ConfigError(
-            f"--source {text!r}: {category!r} is not in the catalogue (known: {', '.join(c.id for c in catalog)})"
+            f"--source {text!r}: {category!r} is not in the catalogue "
+            f"(known: {', '.join(c.id for c in catalog)}, or {ALLOW} for an allowlist)"
         )
     source_format, colon, path = rest.partition(":")
     if colon and source_format in FORMATS:
@@ -241,6 +242,57 @@ def _build(client: ApiClient, args: argparse.Namespace) -> Any:
     return job
 
 
+def _feed_add(client: ApiClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"url": args.url}
+    if args.interval is not None:
+        body["interval"] = args.interval
+    if args.format is not None:
+        body["format"] = args.format
+    return client.call("POST", f"/v1/sources/{urllib.parse.quote(args.category, safe='')}/feed", body)
+
+
+def _feeds(client: ApiClient, args: argparse.Namespace) -> Any:
+    found = client.call("GET", "/v1/lists/feeds")
+    if args.json:
+        return found
+    return [
+        {
+            "id": feed["id"],
+            "category": feed["category"],
+            "entries": feed["entries"],
+            "age": _duration(feed["age"]) + (" STALE" if feed["stale"] else ""),
+            "304s": feed["not_modified"],
+            "error": feed["error"],
+            "url": feed["url"],
+        }
+        for feed in found
+    ]
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _feed_refresh(client: ApiClient, args: argparse.Namespace) -> Any:
+    """Ask for a download and wait for it (the lease holder makes it within a third of feeds.check_interval)."""
+    source = urllib.parse.quote(args.source, safe="")
+    asked = client.call("POST", f"/v1/lists/feeds/{source}/refresh", {"force": args.force})
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        time.sleep(_POLL)
+        feed = next((f for f in client.call("GET", "/v1/lists/feeds") if f["id"] == args.source), None)
+        if feed is None:
+            raise ApiFailure(f"feed {args.source} was removed", EXIT_REFUSED)
+        if feed["checked_at"] > asked["checked_at"]:
+            if feed["error"] and feed["error_at"] >= feed["checked_at"]:
+                raise ApiFailure(f"feed {args.source}: {feed['error']}", EXIT_REFUSED)
+            return feed
+    raise ApiFailure(f"feed {args.source}: no download within {args.wait:g} s; see `bns lists feed list`", EXIT_REFUSED)
+
+
 def _versions(client: ApiClient, args: argparse.Namespace) -> Any:
     found = client.call("GET", "/v1/lists")
     if args.json:
@@ -282,6 +334,30 @@ def add_list_commands(actions: argparse._SubParsersAction) -> None:
     source = actions.add_parser("source", help="the list sources the admin API keeps and builds from")
     verbs = source.add_subparsers(dest="verb", required=True, metavar="ACTION")
     _add_source_commands(verbs, "add", "remove", "list")
+    _add_feed_commands(actions)
+
+
+def _add_feed_commands(actions: argparse._SubParsersAction) -> None:
+    feed = actions.add_parser("feed", help="lists fetched by URL and kept current by the fleet (admin API)")
+    verbs = feed.add_subparsers(dest="verb", required=True, metavar="ACTION")
+    adding = verbs.add_parser("add", help="add a feed to a category (or `allow`); it is downloaded now")
+    adding.add_argument("category")
+    adding.add_argument("url", help="an http or https URL")
+    adding.add_argument("--interval", type=float, help="seconds between refreshes (default: feeds.interval)")
+    adding.add_argument("--format", choices=FORMATS, help="the list's format (default: detected)")
+    _through(adding, _feed_add)
+    _through(verbs.add_parser("list", help="every feed's health: age, entries, 304s, last error"), _feeds)
+    refreshing = verbs.add_parser("refresh", help="download a feed now and wait for the outcome")
+    refreshing.add_argument("source", help="the feed's id (`bns lists feed list`)")
+    refreshing.add_argument(
+        "--force", action="store_true", help="take the download even if it shrinks the feed past feeds.max_shrink"
+    )
+    refreshing.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the download")
+    _through(refreshing, _feed_refresh)
+    removing = verbs.add_parser("remove", help="remove a feed (its names go at the next build)")
+    removing.add_argument("category")
+    removing.add_argument("source", help="the feed's id")
+    _through(removing, _source_remove)
 
 
 def _add_source_commands(actions: argparse._SubParsersAction, add: str, remove: str, listing: str) -> None:

@@ -572,6 +572,53 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class FeedSettings:
+    check_interval: float = setting(
+        60.0,
+        "seconds between looks for feeds that are due; a fleet's nodes take over the feeds within one look "
+        "when the node fetching them dies",
+        minimum=1,
+        maximum=86400,
+        live=True,
+    )
+    interval: float = setting(
+        6 * 3600.0, "a feed's refresh interval when it names none, in seconds", minimum=10, maximum=30 * 86400
+    )
+    jitter: float = setting(
+        0.1,
+        "share of a feed's interval added at random to each wait, so that a fleet of many installations does "
+        "not download at once",
+        minimum=0,
+        maximum=1,
+        live=True,
+    )
+    timeout: float = setting(120.0, "seconds a download may take in all", minimum=1, maximum=3600, live=True)
+    max_bytes: int = setting(
+        64 * 2**20,
+        "largest feed in bytes, as downloaded and again as decompressed (a gzip bomb stops there)",
+        minimum=1024,
+        maximum=2**32,
+        live=True,
+    )
+    parallel: int = setting(4, "downloads at once", minimum=1, maximum=64, live=True)
+    max_shrink: float = setting(
+        0.5,
+        "share of its names a feed may lose in one refresh; a download that loses more is refused (the last "
+        "good copy stays) until forced (`bns lists feed refresh ID --force`)",
+        minimum=0,
+        maximum=1,
+        live=True,
+    )
+    allow: tuple[str, ...] = setting(
+        (),
+        "networks feeds may be fetched from although they are not public (loopback, private…); empty: public "
+        "addresses only",
+        convert=_networks,
+        live=True,
+    )
+
+
+@dataclass(frozen=True)
 class ActivitySettings:
     """What is kept of each site's devices and their queries, for the subscriber (the store: Redis, else the
     admin process's memory)."""
@@ -857,6 +904,7 @@ class Config:
     tls: TlsSettings = field(default_factory=TlsSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    feeds: FeedSettings = field(default_factory=FeedSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
     activity: ActivitySettings = field(default_factory=ActivitySettings)
     log: LogSettings = field(default_factory=LogSettings)

@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bench.faults import mac
 from blocklists.catalog import load_catalog
 from resolver.admin.api import Api, tokens_from
+from resolver.admin.feeds import Feeds
 from resolver.admin.metrics import Metrics
 from resolver.admin.site_tokens import SiteTokens
 from resolver.admin.sources import Sources
@@ -342,6 +343,7 @@ def api_over(store: Store, scratch: Path, tls: dict[str, Any] | None = None, **a
         store,
         publications,
         sources,
+        Feeds(sources.shelf, sources, config.feeds, scratch / "feeds"),
         Explainer(store, maker, catalog, lists),
         Metrics(scratch, dict),
         config.admin.max_upload,

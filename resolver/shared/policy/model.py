@@ -582,17 +582,25 @@ def check_webhook_url(url: str, allow: tuple[str, ...]) -> None:
     """Raises PolicyError (webhook.url) unless alerts may be posted to `url` as written: no user name or
     password in it (the receiver checks the signature instead), and an address in it must pass may_post_to.
     A host name is checked when alerts are sent, on the addresses it resolves to then."""
+    check_outbound_url(
+        url,
+        allow,
+        "webhook.url",
+        "admin.webhook_allow",
+        "must not carry a user name or password (user:password@): the receiver checks X-BNS-Signature",
+    )
+
+
+def check_outbound_url(url: str, allow: tuple[str, ...], field: str, setting: str, credentials: str) -> None:
+    """Raises PolicyError (`field`) unless this node may reach `url` as written: no user name or password in it
+    (`credentials` says why), and an address in it must pass may_post_to with the networks of `setting`."""
     try:
         parts = urlsplit(url)
         host, _port = parts.hostname, parts.port
     except ValueError as exc:
-        raise PolicyError("webhook.url", f"not a URL: {exc}") from None
-    _require(
-        parts.username is None and parts.password is None,
-        "webhook.url",
-        "must not carry a user name or password (user:password@): the receiver checks X-BNS-Signature",
-    )
-    _require(bool(host), "webhook.url", "has no host")
+        raise PolicyError(field, f"not a URL: {exc}") from None
+    _require(parts.username is None and parts.password is None, field, credentials)
+    _require(bool(host), field, "has no host")
     assert host is not None
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
@@ -600,8 +608,8 @@ def check_webhook_url(url: str, allow: tuple[str, ...]) -> None:
         return
     _require(
         may_post_to(host, allow),
-        "webhook.url",
-        f"{host} is not a public address; to post there, add its network to admin.webhook_allow",
+        field,
+        f"{host} is not a public address; to reach it, add its network to {setting}",
     )
 
 
