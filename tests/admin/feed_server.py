@@ -46,7 +46,7 @@ class FeedServer:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+            def do_GET(self) -> None:
                 script = server.scripts.get(self.path, Script(status=404))
                 status = server.answer(self, script)
                 server.requests.append(Request(self.path, dict(self.headers.items()), status))
