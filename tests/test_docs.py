@@ -20,6 +20,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -362,3 +363,15 @@ def test_the_runnable_blocks_run(path, tmp_path):
 @pytest.mark.unit
 def test_the_readme_has_runnable_blocks():
     assert README in runnable_files()
+
+
+def test_the_alert_rules_in_operations_are_valid_prometheus_rules(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    text = (ROOT / "docs" / "operations.md").read_text()
+    (rules,) = re.findall(r"```yaml\n(groups:.*?)```", text, re.DOTALL)
+    (tmp_path / "rules.yml").write_text(rules)
+    checked = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 3 rules found" in checked.stdout

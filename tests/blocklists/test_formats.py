@@ -337,6 +337,19 @@ class TestCatalog:
         with pytest.raises(CatalogError, match="bit: 3 is already used by a"):
             load_catalog(path)
 
+    def test_an_operators_own_categories_extend_the_packaged_ones_on_bits_of_their_own(self, tmp_path):
+        ads = '[[category]]\nid = "ads"\nbit = BIT\ntitle = "Ads"\ndescription = "Ad servers"\naction = "block"\n'
+        path = write(tmp_path, 'format = 1\nextends = "packaged"\n' + ads.replace("BIT", "32"), "own.toml")
+        catalog = load_catalog(path)
+        assert catalog.by_id["ads"].bit == 32 and catalog.by_id["drugs"].bit == load_catalog().by_id["drugs"].bit
+        assert len(catalog.categories) == len(load_catalog().categories) + 1
+        taken = write(tmp_path, 'format = 1\nextends = "packaged"\n' + ads.replace("BIT", "1"), "taken.toml")
+        with pytest.raises(CatalogError, match="bit: 1 is already used by drugs"):
+            load_catalog(taken)
+        other = write(tmp_path, 'format = 1\nextends = "mine"\n' + ads.replace("BIT", "32"), "other.toml")
+        with pytest.raises(CatalogError, match='extends: the only catalogue to extend is "packaged"'):
+            load_catalog(other)
+
 
 class TestReviewedEdgeCases:
     """Cases a review of the parsers found wrong; each once over-blocked, under-blocked or misread."""
