@@ -12,7 +12,7 @@ import pytest
 
 from tests.admin.feed_server import FeedServer, Script, names
 from tests.conftest import eventually
-from tests.e2e.test_admin import READ, cli, every_worker, http, node_config, redis_store, start  # noqa: F401  (a fixture)
+from tests.e2e.test_admin import READ, cli, every_worker, http, node_config, start
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +35,12 @@ def feed_server():
     server.close()
 
 
-def fleet_config(tmp_path: Path, node: str, redis_store: str) -> Path:
+def fleet_config(tmp_path: Path, node: str, store: str) -> Path:
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(ADS_CATALOG)
     config = node_config(
         tmp_path / node / "bns.toml",
-        f'{redis_store}\n[feeds]\nallow = ["127.0.0.0/8"]\ncheck_interval = 1.0\ntimeout = 2.0\n',
+        f'{store}\n[feeds]\nallow = ["127.0.0.0/8"]\ncheck_interval = 1.0\ntimeout = 2.0\n',
     )
     text = config.read_text().replace("[lists]\n", f'[lists]\ncatalog = "{catalog}"\n', 1)
     config.write_text(text)
@@ -59,12 +59,13 @@ def leading(api: str) -> bool:
 
 
 def test_a_fleet_keeps_an_ads_feed_current_through_faults_and_the_loss_of_its_fetching_node(
-    tmp_path, upstream, redis_store, feed_server
+    tmp_path, upstream, shared_redis, redis_prefix, feed_server
 ):
+    store = f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
     feed_server.scripts["/ads.txt"] = Script(b"# an ads list\n" + names("ad", 200))
     with ExitStack() as first_node, ExitStack() as second_node:
-        port_a, api_a = start(first_node, fleet_config(tmp_path, "a", redis_store), upstream)
-        port_b, api_b = start(second_node, fleet_config(tmp_path, "b", redis_store), upstream)
+        port_a, api_a = start(first_node, fleet_config(tmp_path, "a", store), upstream)
+        port_b, api_b = start(second_node, fleet_config(tmp_path, "b", store), upstream)
 
         # The operator's own category is offered to subscribers (the app lists /v1/categories).
         _status, categories = http(api_b, "GET", "/v1/categories", token=READ)
