@@ -181,8 +181,8 @@ class Feeds:
         url = check_feed_url(url_text, self.settings.allow)
         if interval is None:
             interval = self.settings.interval
-        if not isinstance(interval, int | float) or isinstance(interval, bool) or not 10 <= interval <= 30 * 86400:
-            raise PolicyError("interval", "must be a number of seconds from 10 to 2592000 (30 days)")
+        if not isinstance(interval, int | float) or isinstance(interval, bool) or not 1 <= interval <= 30 * 86400:
+            raise PolicyError("interval", "must be a number of seconds from 1 to 2592000 (30 days)")
         if expect is None:
             expect = ""
         if not isinstance(expect, str) or (expect and expect not in FORMATS):
@@ -240,17 +240,28 @@ class Feeds:
 
     # --- keeping them current ----------------------------------------------------------------------------------
 
+    def reconfigure(self, settings: FeedSettings) -> None:
+        """Settings reloaded on SIGHUP, applied from a look at once (a shorter check interval among them)."""
+        self.settings = settings
+        self._wake.set()
+
     def _session(self) -> aiohttp.ClientSession:
         # gzip is kept as sent: the copy is stored smaller, and reading it bounds what it decompresses to
         return checked_session(self.settings.allow, "feeds.allow", self.settings.timeout, auto_decompress=False)
 
     async def run(self) -> None:
+        out_of_reach = False
         while True:
             try:
                 await self.look()
+                if out_of_reach:
+                    log.info("feeds: the store is back; looking after the feeds again")
+                out_of_reach = False
             except StoreUnavailable as exc:
                 self.leading = False
-                log.warning("feeds: the store is out of reach (%s); looking again in %.0f s", exc, self._every)
+                if not out_of_reach:  # said once per outage
+                    log.warning("feeds: the store is out of reach (%s); no feed is fetched until it is back", exc)
+                out_of_reach = True
             except Exception:
                 log.exception("feeds: a look failed")
             with contextlib.suppress(TimeoutError):
@@ -328,9 +339,12 @@ class Feeds:
                 )
                 status = replace(status, next_at=now + retry)
                 log.warning("feed %s (%s): %s; the last good copy stays", entry.id, entry.url, reason)
-        if entry.sha256:  # a feed being added that failed is not stored
+        if entry.sha256 and await self._listed(entry):  # nor a feed being added that failed, nor one removed
             await self.shelf.put_status(entry.id, status)
         return entry, status
+
+    async def _listed(self, entry: SourceEntry) -> bool:
+        return any(listed.id == entry.id for listed in await self.shelf.entries())
 
     async def _keep(self, entry: SourceEntry, status: FeedStatus, copy: Path) -> tuple[SourceEntry, FeedStatus]:
         """A downloaded copy made the feed's last good one, unless it lists the same names or shrank too much."""
@@ -342,6 +356,8 @@ class Feeds:
                 f"shrank from {entry.entries} to {report.entries} names, more than feeds.max_shrink "
                 f"({self.settings.max_shrink:.0%}); `bns lists feed refresh {entry.id} --force` takes it"
             )
+        if entry.sha256 and not await self._listed(entry):
+            raise FeedRefused("removed while it was downloaded")
         digest = await asyncio.to_thread(file_digest, copy)
         entry = replace(
             entry,

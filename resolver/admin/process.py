@@ -163,7 +163,8 @@ class AdminNode:
             self.publications.served = served_path(config.lists)[0]
         if config.policy != old.policy:
             self.explainer.maker = policy_maker(config, self.catalog)
-        self.feeds.settings = config.feeds
+        if config.feeds != old.feeds:
+            self.feeds.reconfigure(config.feeds)
 
     def _pages(self) -> Pages:
         service = PolicyService(self.store) if self.store is not None else None

@@ -582,7 +582,7 @@ class FeedSettings:
         live=True,
     )
     interval: float = setting(
-        6 * 3600.0, "a feed's refresh interval when it names none, in seconds", minimum=10, maximum=30 * 86400
+        6 * 3600.0, "a feed's refresh interval when it names none, in seconds", minimum=1, maximum=30 * 86400
     )
     jitter: float = setting(
         0.1,

@@ -33,10 +33,13 @@ class Record:
     rdata: bytes  # wire form, names uncompressed
 
 
-def parse_records(lines: tuple[str, ...]) -> list[Record]:
-    """The records of `lines`, PTRs made for A and AAAA. Raises ValueError naming the line at fault."""
+def parse_records(lines: tuple[str, ...], make_ptrs: bool = True) -> list[Record]:
+    """The records of `lines`, with (`make_ptrs`) PTRs made for A and AAAA. Raises ValueError naming the line
+    at fault."""
     records = [_parse(line, number) for number, line in enumerate(lines, 1)]
     _check_cnames(records, lines)
+    if not make_ptrs:
+        return records
     written_ptrs = {record.owner for record in records if record.rtype == RRType.PTR}
     made = []
     for record in records:

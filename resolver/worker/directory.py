@@ -54,6 +54,7 @@ from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
 from resolver.shared.policy.model import Device, PolicySpec, Site
 from resolver.shared.store.policies import Change, Store, lookup_candidates
+from resolver.worker.local_zones import NameRecords, site_names
 from resolver.worker.wire import Query, Request
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Client:
         "device_key",
         "identity",
         "logged",
+        "names",
         "policy",
         "queries",
         "rule",
@@ -111,6 +113,7 @@ class Client:
         self.queries = 0
         self.blocks: dict[Query | None, dict[Verdict, int]] | None = None
         self.logged = site is not None and site.query_log  # the site opted in to the query log
+        self.names: dict[bytes, NameRecords] | None = site_names(site)  # its site's own names (records)
 
     def refresh(self, now: float) -> Policy:
         self.policy, self.until = self._maker.effective(self.rule, now)

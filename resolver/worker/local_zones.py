@@ -30,11 +30,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from resolver.shared.config import LocalSettings, UpstreamSettings
 from resolver.shared.dns import Rcode, RRType, name_to_text, text_to_name
-from resolver.shared.local_records import parse_records
+from resolver.shared.local_records import Record, parse_records
+from resolver.shared.policy.model import Site
 from resolver.shared.special_names import DEFAULT_ZONES, at_or_under
 from resolver.worker.upstream import Forwarder
 from resolver.worker.wire import HEADER_LEN, RESOLVER_ARPA, LocalAnswers, Request, resource_record, synthesized_answer
@@ -104,6 +106,25 @@ class NameRecords:
 
 
 MAX_CHAIN = 8
+
+
+def names_of(records: Iterable[Record]) -> dict[bytes, NameRecords]:
+    """Records by their name, each name answering for itself (its CNAMEs followed through the others)."""
+    names: dict[bytes, NameRecords] = {}
+    for record in records:
+        named = names.setdefault(record.owner, NameRecords(record.owner, names))
+        named.types.setdefault(record.rtype, []).append((record.ttl, record.rdata))
+    return names
+
+
+def site_names(site: Site | None) -> dict[bytes, NameRecords] | None:
+    """A site's own names (`records` in its document), made once per loaded site; None for a site with none."""
+    if site is None or not site.records:
+        return None
+    if site.answers is None:
+        site.answers = names_of(site.records)
+    answers: dict[bytes, NameRecords] = site.answers
+    return answers
 
 
 class LocalZone:
@@ -184,10 +205,7 @@ class LocalZones:
             ):
                 self.entries[apex] = None
         self._add(RESOLVER_ARPA, resolver_arpa)
-        self.records: dict[bytes, NameRecords] = {}  # the operator's names, exactly (no zone of their own)
-        for record in parse_records(settings.records):
-            names = self.records.setdefault(record.owner, NameRecords(record.owner, self.records))
-            names.types.setdefault(record.rtype, []).append((record.ttl, record.rdata))
+        self.records = names_of(parse_records(settings.records))  # the operator's names, exactly
         for owner, names in self.records.items():
             closest = self._closest(owner, self.entries)
             served = None if closest is None else self.entries[closest]

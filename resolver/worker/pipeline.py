@@ -232,7 +232,12 @@ class Resolver:
                     self.directory.key(request), _site_of(known), query.name, self._clock(), known.device_key
                 )
             return self._blocked(request, known, decision.verdict, True)
-        # local records: the operator's names, answered here once the policy lets them through.
+        # local records: the site's own names, then the operator's, answered here once the policy lets them.
+        names = known.names
+        if names is not None:
+            named = names.get(query.name)
+            if named is not None:
+                return named.answer(request)
         if query.zone is not None:
             return query.zone.answer(request)
         # safe search: the engine's restrict name instead of the name asked.

@@ -259,7 +259,7 @@ def test_a_feed_that_cannot_be_used_is_refused_when_added_and_nothing_is_kept(tm
         with pytest.raises(PolicyError, match="category"):
             await feeds.add("gambling", feed_server.url("/missing.txt"), None, None)
         with pytest.raises(PolicyError, match="interval"):
-            await feeds.add("malware", feed_server.url("/missing.txt"), 1, None)
+            await feeds.add("malware", feed_server.url("/missing.txt"), 0.5, None)
         with pytest.raises(PolicyError, match="format"):
             await feeds.add("malware", feed_server.url("/missing.txt"), None, "csv")
         # Loopback is reached only where feeds.allow says: an address as written, and a name as resolved.
@@ -312,5 +312,41 @@ def test_one_node_of_a_fleet_fetches_and_another_takes_over_within_a_check_inter
         assert second.leading
         (feed,) = await second.report()
         assert feed["published"] and feed["entries"] == 100  # the fleet's status, read by any node
+
+    asyncio.run(run())
+
+
+def test_settings_reloaded_on_sighup_apply_from_a_look_at_once(tmp_path, feed_server):
+    feed_server.scripts["/malware.txt"] = Script(names("bad", 100))
+    clock = Clock()
+    feeds = feeds_over(tmp_path, clock=clock, check_interval=86400.0)
+
+    async def run() -> None:
+        await feeds.add("malware", feed_server.url("/malware.txt"), HOUR, None)
+        looking = asyncio.ensure_future(feeds.run())
+        await asyncio.sleep(0.3)  # the first look found nothing due; the next is eight hours away
+        clock.now += HOUR
+        feeds.reconfigure(settings(check_interval=3.0))
+        await asyncio.sleep(0.5)
+        looking.cancel()
+        assert [request.status for request in feed_server.requests] == [200, 304]
+
+    asyncio.run(run())
+
+
+def test_a_feed_removed_while_it_downloads_stays_removed(tmp_path, feed_server):
+    feed_server.scripts["/malware.txt"] = Script(names("bad", 100))
+    clock = Clock()
+    feeds = feeds_over(tmp_path, clock=clock)
+
+    async def run() -> None:
+        added = await feeds.add("malware", feed_server.url("/malware.txt"), HOUR, None)
+        feed_server.scripts["/malware.txt"] = Script(names("bad", 150), hang=0.5)
+        clock.now += HOUR
+        looking = asyncio.ensure_future(feeds.look())
+        await asyncio.sleep(0.2)  # the download is under way
+        await feeds.sources.remove("malware", added.id)
+        await looking
+        assert await feeds.shelf.entries() == [] and await feeds.shelf.statuses() == {}
 
     asyncio.run(run())

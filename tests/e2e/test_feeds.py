@@ -4,6 +4,7 @@ the node fetching the feeds stops, another takes over and the fleet stays curren
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from tests.admin.feed_server import FeedServer, Script, names
 from tests.conftest import eventually
 from tests.e2e.test_admin import READ, cli, every_worker, http, node_config, start
+from tests.e2e.test_app import LAPTOP, PHONE_SIZE, SITE, TABLET, answered, browser_for, sign_in, tab
 
 pytestmark = pytest.mark.e2e
 
@@ -103,3 +105,46 @@ def test_a_fleet_keeps_an_ads_feed_current_through_faults_and_the_loss_of_its_fe
         assert every_worker(other_port, "ad1.example", "blocked: ads")
         (feed,) = feeds_of(other_api)
         assert feed["error"] == "" and feed["published"] and not feed["stale"]
+
+
+def test_the_subscribers_app_offers_the_operators_own_category_and_its_choice_reaches_the_answers(
+    tmp_path, upstream, feed_server
+):
+    """Issue 21's end: an ads category of the operator's, fed by URL, is a choice in the app like the packaged ones;
+    turned off for one device there, its names resolve for that device and stay blocked for the others."""
+    feed_server.scripts["/ads.txt"] = Script(names("ad", 50))
+    store = f'[store]\nfile = "{tmp_path / "policies.json"}"'
+    with ExitStack() as stack:
+        port, api = start(stack, fleet_config(tmp_path, "n", store), upstream)
+        added = cli(api, "lists", "feed", "add", "ads", feed_server.url("/ads.txt"), "--interval", "3600")
+        assert added.returncode == 0, added.stderr
+        assert http(api, "PUT", "/v1/sites/home", SITE)[0] == 200
+        _status, issued = http(api, "POST", "/v1/sites/home/tokens", {"days": 1})
+        eventually(lambda: answered(port, "ad3.example", TABLET) == "blocked: ads", 10)
+
+        async def turn_ads_off_for_the_tablet() -> tuple[str, bool]:
+            async with browser_for(tmp_path) as browser:
+                await sign_in(browser, api, issued["token"], PHONE_SIZE, mobile=True)
+                await tab(browser, "groups")
+                await browser.press('[data-group="kids"] .member[data-device="tablet"]')
+                await browser.wait_for("document.querySelector('#device-dialog').open")
+                await browser.press('#device-dialog button[data-action="device-rules"]')
+                await browser.wait_for("document.querySelector('#rules-title').textContent === 'Rules for Tablet'")
+                ads = "document.querySelector('#rules-categories input[value=\"ads\"]')"
+                label = await browser.evaluate(f"{ads}.closest('label').textContent")
+                checked = await browser.evaluate(f"{ads}.checked")
+                await browser.press('#rules-categories input[value="ads"]')
+                await browser.press("#rules-save")
+                await browser.wait_for(
+                    "document.querySelector('#notice').textContent === 'Saved the rules for Tablet.'"
+                )
+                return label, checked
+
+        label, checked = asyncio.run(turn_ads_off_for_the_tablet())
+        assert "Ads & trackers" in label and "Advertising and tracking servers." in label
+        assert checked  # `action = "block"`: in the default policy, as the packaged Content Control categories
+        _status, document = http(api, "GET", "/v1/sites/home")
+        block = document["devices"]["tablet"]["policy"]["block"]  # type: ignore[index]
+        assert "ads" not in block and "pornography" in block
+        eventually(lambda: answered(port, "ad3.example", TABLET) == "resolved", 3)
+        assert answered(port, "ad3.example", LAPTOP) == "blocked: ads"

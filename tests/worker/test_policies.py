@@ -225,6 +225,71 @@ def test_a_change_on_a_running_server_takes_effect_within_a_second(family, lists
         eventually(lambda: outcome(ask(server, "porn.example", MACS["dad"])) == "ok", 1.0)
 
 
+def test_a_sites_own_names_are_answered_to_its_devices_only_filtered_and_changed_live(
+    family, lists, upstream, shared_redis, redis_prefix
+):
+    """Issue 21: a business's `printer.office.example` in its site document: its devices get the record (after
+    their policy: a device that denies the name is blocked), every other client what the upstream says."""
+    records = [
+        "printer.office.example. 300 A 192.168.1.20",
+        "files.office.example. CNAME nas.office.example.",
+        "nas.office.example. AAAA fd00::20",
+        "_ipp._tcp.office.example. SRV 0 0 631 printer.office.example.",
+    ]
+    own = {"records": records, "networks": ["127.0.0.1/32"]}  # 127.0.0.2 is a client of no site
+    write(shared_redis.url, redis_prefix, lambda service: service.set_site_fields("smith", own))
+    write(
+        shared_redis.url,
+        redis_prefix,
+        lambda service: service.put_device(
+            "smith", "phone", {**SITE["devices"]["phone"], "policy": {"deny": ["printer.office.example"]}}
+        ),
+    )
+    with server_for(*family, lists, upstream, Clock(TUESDAY_NOON)) as server:  # the kids' bedtime is over
+        printer = ask(server, "printer.office.example", MACS["dad"])
+        assert answer_addresses(printer) == ["192.168.1.20"] and printer.answer[0].ttl == 300
+        assert [
+            str(rrset.name) for rrset in ask(server, "Files.Office.Example", MACS["tablet"], rdtype="AAAA").answer
+        ] == [
+            "Files.Office.Example.",
+            "nas.office.example.",
+        ]
+        srv = ask(server, "_ipp._tcp.office.example", MACS["tablet"], rdtype="SRV")
+        assert srv.answer[0][0].port == 631
+        nodata = ask(server, "printer.office.example", MACS["dad"], rdtype="TXT")
+        assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+        assert outcome(ask(server, "printer.office.example", MACS["phone"])) == "blocked: denied by policy"
+        stranger = ask(server, "printer.office.example", source="127.0.0.2")
+        assert answer_addresses(stranger)[0].startswith("192.0.2.")  # a client of no site: the upstream's answer
+        assert upstream.names_seen().count("printer.office.example") == 1
+        write(
+            shared_redis.url,
+            redis_prefix,
+            lambda service: service.set_site_fields("smith", {"records": ["printer.office.example. A 192.168.1.21"]}),
+        )
+        eventually(
+            lambda: answer_addresses(ask(server, "printer.office.example", MACS["dad"])) == ["192.168.1.21"], 1.0
+        )
+
+
+@pytest.mark.parametrize(
+    ("records", "field", "reason"),
+    [
+        (["printer.office.example. A 300.1.1.1"], "records", "line 1"),
+        (["a.office.example. CNAME b.office.example.", "b.office.example. CNAME a.office.example."], "records", "loop"),
+        (["printer.home.arpa. A 192.168.1.20"], "records[0]", "under home.arpa, which is answered before the device"),
+        (["20.1.168.192.in-addr.arpa. PTR printer.office.example."], "records[0]", "under 168.192.in-addr.arpa"),
+        ("printer A 192.0.2.1", "records", "must be a list"),
+    ],
+)
+def test_a_bad_site_record_is_refused_naming_the_field(family, shared_redis, redis_prefix, records, field, reason):
+    from resolver.shared.policy.model import PolicyError
+
+    with pytest.raises(PolicyError) as refused:
+        write(shared_redis.url, redis_prefix, lambda service: service.set_site_fields("smith", {"records": records}))
+    assert refused.value.field == field and reason in refused.value.reason, refused.value
+
+
 # A subscriber writing its own site without pause (issue 18), from a process of its own: a device's 1,000
 # allow names, new ones each time, straight to the store.
 _STORM = """

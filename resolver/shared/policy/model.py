@@ -41,8 +41,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from blocklists.catalog import Catalog
 from blocklists.names import BadName, normalize
-from resolver.shared.dns import text_to_name
+from resolver.shared.dns import name_to_text, text_to_name
 from resolver.shared.errors import EXIT_REFUSED, BnsError
+from resolver.shared.local_records import Record, parse_records
+from resolver.shared.special_names import DEFAULT_ZONES, at_or_under
 
 if TYPE_CHECKING:
     from resolver.shared.config import LimitsSettings
@@ -154,7 +156,10 @@ class Site:
     version: int = 0
     webhook: Webhook | None = None
     query_log: bool = False  # keep the names its devices ask for (activity.query_log_hours), for its subscriber
+    record_lines: tuple[str, ...] = ()  # its own names (`records`), answered to its devices only
+    records: tuple[Record, ...] = ()
     zone: ZoneInfo = field(init=False)
+    answers: Any = field(init=False, default=None, compare=False, repr=False)  # a worker's table of `records`
     by_mac: dict[bytes, Device] = field(init=False, default_factory=dict)
     by_client_id: dict[str, Device] = field(init=False, default_factory=dict)
     by_address: dict[str, Device] = field(init=False, default_factory=dict)
@@ -452,7 +457,31 @@ SITE_FIELDS = {
     "devices",
     "webhook",
     "query_log",
+    "records",
 }
+MAX_RECORDS = 500
+_SERVED_BEFORE_IDENTITY = tuple((zone, text_to_name(zone)) for zone in (*DEFAULT_ZONES, "resolver.arpa"))
+
+
+def _site_records(value: Any) -> tuple[tuple[str, ...], tuple[Record, ...]]:
+    """A site's own names: zone-file lines as `local.records` takes them (no PTR is made: the reverse zones of
+    private addresses are answered before a device is known, for every site alike)."""
+    items = _list(value, "records")
+    _require(len(items) <= MAX_RECORDS, "records", f"more than {MAX_RECORDS} records")
+    lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(items))
+    try:
+        records = parse_records(lines, make_ptrs=False)
+    except ValueError as exc:
+        raise PolicyError("records", str(exc)) from None
+    for index, record in enumerate(records):
+        for zone, apex in _SERVED_BEFORE_IDENTITY:
+            if at_or_under(record.owner, apex):
+                raise PolicyError(
+                    f"records[{index}]",
+                    f"{name_to_text(record.owner)} is under {zone}, which is answered before the device is known: "
+                    "give the site's names a domain of its own (or use local.records, for every site)",
+                )
+    return lines, tuple(records)
 
 
 def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
@@ -535,6 +564,7 @@ def parse_site(value: Any, catalog: Catalog, version: int = 0) -> Site:
         version,
         _webhook(entry.get("webhook")),
         _bool(entry.get("query_log", False), "query_log"),
+        *_site_records(entry.get("records", [])),
     )
 
 
@@ -749,6 +779,7 @@ def site_document(site: Site) -> dict[str, Any]:
         },
         "webhook": {"url": site.webhook.url, "secret": site.webhook.secret} if site.webhook else None,
         "query_log": site.query_log,
+        "records": list(site.record_lines),
     }
 
 
