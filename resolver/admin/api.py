@@ -411,6 +411,22 @@ class Api:
     async def metrics_text(self, _request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def forwards(self, _request: web.Request) -> web.Response:
+        """Each local.forward zone's health on this node: its servers, how many are down, replies, failed sends."""
+        return web.json_response(
+            [
+                {
+                    "zone": zone,
+                    "servers": counts.get("servers", 0),
+                    "down": counts.get("down", 0),
+                    "state": "down" if counts.get("down", 0) >= counts.get("servers", 0) else "up",
+                    "replies": counts.get("replies", 0),
+                    "send_errors": counts.get("send_errors", 0),
+                }
+                for zone, counts in sorted(self.metrics.forwards().items())
+            ]
+        )
+
     async def categories(self, _request: web.Request) -> web.Response:
         return web.json_response(
             [
@@ -606,6 +622,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", READ, "This document", Api.openapi),
     Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
     Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories, subscriber=True),
+    Route("GET", "/v1/local/forwards", READ, "Each local.forward zone's health on this node", Api.forwards),
     Route("GET", "/v1/sites", READ, "Every site id", Api.list_sites),
     Route(
         "POST",

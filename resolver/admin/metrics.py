@@ -110,6 +110,18 @@ class Metrics:
         ]
         return sorted(found, key=lambda alert: alert["at"], reverse=True)
 
+    def forwards(self, workers: list[dict[str, Any]] | None = None) -> dict[str, dict[str, int]]:
+        """Each local.forward zone's replies and failed sends summed over the workers, its servers, and those
+        down as the worker that finds most of them down."""
+        forwards: dict[str, dict[str, int]] = {}
+        for worker in self._workers() if workers is None else workers:
+            for zone, counts in worker.get("forwards", {}).items():
+                summed = forwards.setdefault(zone, {})
+                for key, count in counts.items():
+                    added = key not in ("down", "servers")
+                    summed[key] = summed.get(key, 0) + count if added else max(summed.get(key, 0), count)
+        return forwards
+
     def render(self) -> str:
         workers = self._workers()
         hits = sum(w["cache_hits"] for w in workers)
@@ -126,12 +138,7 @@ class Metrics:
         threats = _summed(workers, "threats")
         refused_claims = _summed(workers, "refused_claims")
         local_answers = _summed(workers, "local_answers")
-        forwards: dict[str, dict[str, int]] = {}
-        for worker in workers:
-            for zone, counts in worker.get("forwards", {}).items():
-                summed = forwards.setdefault(zone, {})
-                for key, count in counts.items():  # down: as the worker that finds most of them down
-                    summed[key] = max(summed.get(key, 0), count) if key == "down" else summed.get(key, 0) + count
+        forwards = self.forwards(workers)
         state = self._state()
         lines = [
             "# HELP bns_queries_total Queries answered, by verdict (blocked, warned, passed) and category.",

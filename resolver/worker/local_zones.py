@@ -264,12 +264,14 @@ class LocalZones:
         return retired
 
     def forward_counts(self, now: float) -> dict[str, dict[str, int]]:
-        """Each local.forward zone's replies, failed sends, and servers marked down at `now` (the loop's time)."""
+        """Each local.forward zone's replies, failed sends, servers, and those marked down at `now` (the loop's
+        time)."""
         return {
             name_to_text(apex): {
                 "replies": forwarder.replies,
                 "send_errors": forwarder.send_errors,
                 "down": sum(upstream.is_down(now) for upstream in forwarder.upstreams),
+                "servers": len(forwarder.upstreams),
             }
             for apex, forwarder in self.forwards.items()
         }
