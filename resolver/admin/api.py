@@ -517,6 +517,15 @@ class Api:
         await self._policies().set_profile(request.match_info["profile"], None)
         return web.json_response({"profile": request.match_info["profile"], "deleted": True})
 
+    async def get_records(self, _request: web.Request) -> web.Response:
+        return web.json_response({"records": list(await self._policies().store.load_records())})
+
+    async def put_records(self, request: web.Request) -> web.Response:
+        """Replace the operator's records every worker answers beside local.records (zone-file lines)."""
+        body = await self._object(request)
+        records = await self._policies().store.set_records(body.get("records"))
+        return web.json_response({"records": list(records)})
+
     async def put_profile(self, request: web.Request) -> web.Response:
         await self._policies().set_profile(request.match_info["profile"], await self._object(request))
         return web.json_response({"profile": request.match_info["profile"]})
@@ -623,6 +632,15 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", READ, "Prometheus metrics of this node", Api.metrics_text),
     Route("GET", "/v1/categories", READ, "The category catalogue", Api.categories, subscriber=True),
     Route("GET", "/v1/local/forwards", READ, "Each local.forward zone's health on this node", Api.forwards),
+    Route("GET", "/v1/local/records", READ, "The operator's records written through the API", Api.get_records),
+    Route(
+        "PUT",
+        "/v1/local/records",
+        ADMIN,
+        "Replace the operator's records, answered by every node beside local.records",
+        Api.put_records,
+        "Records",
+    ),
     Route("GET", "/v1/sites", READ, "Every site id", Api.list_sites),
     Route(
         "POST",
@@ -970,6 +988,11 @@ _BODIES: dict[str, dict[str, Any]] = {
         },
     },
     "FeedRefresh": {"type": "object", "properties": {"force": {"type": "boolean"}}},
+    "Records": {
+        "type": "object",
+        "required": ["records"],
+        "properties": {"records": {"type": "array", "items": {"type": "string"}, "description": "zone-file lines"}},
+    },
     "Compile": {"type": "object", "properties": {"publish": {"type": "boolean"}}},
 }
 

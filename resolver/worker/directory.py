@@ -237,6 +237,8 @@ class Directory:
         self._spaced: dict[str, float] = {}  # site → when it may be reloaded again (time.monotonic)
         self._spacing_timer: asyncio.TimerHandle | None = None
         self.on_site_networks: Callable[[Iterable[str]], None] | None = None
+        self.on_records: Callable[[tuple[str, ...]], None] | None = None  # the operator's records from the API
+        self._records: tuple[str, ...] = ()
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
         self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
@@ -617,6 +619,7 @@ class Directory:
             elif change.kind == "up":
                 self._mark_up()
                 await self._reload_profiles()
+                await self._reload_records()
             elif change.kind == "site":
                 held = self._sites.get(change.key)
                 # A notice older than the version held was overtaken by a reload (a burst of writes to one
@@ -630,8 +633,11 @@ class Directory:
                 self._load_site_networks_soon()
             elif change.kind == "profile":
                 await self._reload_profiles()
+            elif change.kind == "records":
+                await self._reload_records()
             elif change.kind == "resync":
                 await self._resync()
+                await self._reload_records()
                 self._needs_resync = False
                 self._mark_up()
         except StoreUnavailable as exc:
@@ -735,6 +741,14 @@ class Directory:
         assert self.store is not None
         self.profiles = {**self._builtin_profiles, **await self.store.load_profiles()}
         self._rebind_all()
+
+    async def _reload_records(self) -> None:
+        assert self.store is not None
+        records = await self.store.load_records()
+        if records != self._records:
+            self._records = records
+            if self.on_records is not None:
+                self.on_records(records)
 
     def _rebind_all(self) -> None:
         self._stand_ins.clear()

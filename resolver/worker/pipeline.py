@@ -15,6 +15,8 @@ listener awaits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Callable, Hashable
 from functools import partial
@@ -47,6 +49,8 @@ from resolver.worker.wire import (
     synthesized_answer,
     truncated_answer,
 )
+
+log = logging.getLogger(__name__)
 
 # RFC 8482 §4.2: answer ANY with one synthesized HINFO record instead of every RRset of the name.
 _ANY_ANSWER = resource_record(RRType.HINFO, 3600, b"\x07RFC8482\x00")
@@ -86,7 +90,9 @@ class Resolver:
         # of blocked names as large as the cache (whose answers are not cached) still fits.
         self.discovery = discovery or Discovery(TlsSettings())  # resolver.arpa: by default, no DoT or DoH
         self._parser_size = max(cache.size * 2, 1024)
-        self.local_zones = LocalZones(local or LocalSettings(), self.discovery, forwarder.settings)
+        self._local = local or LocalSettings()
+        self.shared_records: tuple[str, ...] = ()  # the operator's records from the admin API
+        self.local_zones = LocalZones(self._local, self.discovery, forwarder.settings)
         self.parser = QueryParser(self._parser_size, self.local_zones.find)
         self.directory = directory
         self.lists = lists
@@ -412,12 +418,27 @@ class Resolver:
         return zone.answer(request)
 
     def use_local(self, local: LocalSettings) -> LocalZones:
-        """Serve these local zones, records and forwards from now on (SIGHUP); returns the ones retired, whose
-        forwarders the caller closes once the queries they sent are done. The parser starts afresh: the queries
-        it interned know their zone."""
-        retired, self.local_zones = self.local_zones, LocalZones(local, self.discovery, self.forwarder.settings)
+        """Serve these local zones, records and forwards from now on (SIGHUP), with the records of the admin
+        API; returns the ones retired, whose forwarders the caller closes once the queries they sent are done.
+        The parser starts afresh: the queries it interned know their zone."""
+        self._local = local
+        try:
+            zones = LocalZones(
+                dataclasses.replace(local, records=local.records + self.shared_records),
+                self.discovery,
+                self.forwarder.settings,
+            )
+        except ValueError as exc:  # checked alone each, the two sets may still clash (a CNAME beside a record)
+            log.error("local records: those of the admin API are not served with local.records: %s", exc)
+            zones = LocalZones(local, self.discovery, self.forwarder.settings)
+        retired, self.local_zones = self.local_zones, zones
         self.parser = QueryParser(self._parser_size, self.local_zones.find)
         return retired
+
+    def use_shared_records(self, records: tuple[str, ...]) -> LocalZones:
+        """Serve the admin API's records from now on, beside local.records (use_local)."""
+        self.shared_records = records
+        return self.use_local(self._local)
 
     def close(self) -> None:
         self.forwarder.close()

@@ -29,6 +29,7 @@ from resolver.worker.discovery import Discovery
 from resolver.worker.doh import DohConnection
 from resolver.worker.dot import DotConnection
 from resolver.worker.listener import InFlight, TcpConnection, UdpListener
+from resolver.worker.local_zones import LocalZones
 from resolver.worker.pipeline import Resolver
 from resolver.worker.rate_limit import ResponseRateLimiter
 from resolver.worker.tls import TlsGate
@@ -79,6 +80,7 @@ class Worker:
         )
         self.access = AccessControl(config.server, config.rate_limit, config.identity)
         self.directory.on_site_networks = self.access.use_site_networks
+        self.directory.on_records = self._use_shared_records
         self.limiter = ResponseRateLimiter(config.rate_limit)
         self.in_flight = InFlight()
         self.connections: set[TcpConnection] = set()
@@ -220,11 +222,18 @@ class Worker:
             if config.upstream.trust_ad != old.upstream.trust_ad:
                 self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
         if config.local != old.local:
-            retired_zones = self.resolver.use_local(config.local)
-            asyncio.get_running_loop().call_later(old.upstream.deadline + 1, retired_zones.close)
-            self.resolver.cache.clear()  # answers of a zone forwarded before, or to other servers
+            self._retire(self.resolver.use_local(config.local), old.upstream.deadline)
         if self.gate is not None:
             self.gate.certificates.check()  # SIGHUP: the certificate files may have been replaced
+
+    def _use_shared_records(self, records: tuple[str, ...]) -> None:
+        self._retire(self.resolver.use_shared_records(records), self.config.upstream.deadline)
+
+    def _retire(self, zones: LocalZones, deadline: float) -> None:
+        """Zones replaced: their forwarders are closed once the queries they sent are done, and the cache
+        emptied (answers of a zone forwarded before, or to other servers, or of a name now local)."""
+        asyncio.get_running_loop().call_later(deadline + 1, zones.close)
+        self.resolver.cache.clear()
 
     async def stop(self) -> None:
         """Stop reading, answer what was read, then close: within `server.drain_timeout`."""

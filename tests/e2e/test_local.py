@@ -40,3 +40,33 @@ def test_a_forwarded_zone_whose_server_stops_answering_is_down_in_the_api(tmp_pa
             assert ask("down.corp.example") == dns.rcode.SERVFAIL
         eventually(lambda: forwards()[0]["state"] == "down", 5)
         assert forwards()[0]["down"] == 1
+
+
+def test_records_written_through_one_nodes_api_are_answered_by_every_node(
+    tmp_path, upstream, shared_redis, redis_prefix
+):
+    store = f'[store]\nredis = "{shared_redis.url}"\nprefix = "{redis_prefix}"'
+    with ExitStack() as stack:
+        port_a, api_a = start(stack, node_config(tmp_path / "a" / "bns.toml", store), upstream)
+        port_b, _api_b = start(stack, node_config(tmp_path / "b" / "bns.toml", store), upstream)
+
+        def addresses(port: int, name: str, rdtype: str = "A") -> list[str]:
+            response = dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=port, timeout=3)
+            return [item.to_text() for rrset in response.answer for item in rrset]
+
+        records = ["intranet.corp.example. 60 A 10.1.2.3", "wiki.corp.example. CNAME intranet.corp.example."]
+        status, written = http(api_a, "PUT", "/v1/local/records", {"records": records})
+        assert status == 200 and written == {"records": records}
+        for port in (port_a, port_b):
+            chain = ["intranet.corp.example.", "10.1.2.3"]
+            eventually(lambda port=port, chain=chain: addresses(port, "wiki.corp.example") == chain, 3)
+            assert addresses(port, "3.2.1.10.in-addr.arpa", "PTR") == ["intranet.corp.example."]  # made for it
+        assert http(api_a, "GET", "/v1/local/records", token=READ) == (200, {"records": records})
+
+        # A bad write is refused with its line, and what was written stays in force.
+        status, refused = http(api_a, "PUT", "/v1/local/records", {"records": ["x.corp.example. A 10.0.0.300"]})
+        assert status == 422 and refused["error"]["field"] == "records" and "line 1" in refused["error"]["message"]
+        assert addresses(port_b, "intranet.corp.example") == ["10.1.2.3"]
+        assert http(api_a, "PUT", "/v1/local/records", {"records": []})[0] == 200
+        for port in (port_a, port_b):
+            eventually(lambda port=port: addresses(port, "intranet.corp.example") != ["10.1.2.3"], 3)

@@ -404,3 +404,29 @@ def test_a_site_over_a_lowered_bound_can_be_paused_and_trimmed_but_not_grown(mak
         assert document["devices"]["tv"]["paused_until"] == "forever"
 
     run(_with(make_store(), work))
+
+
+def test_the_operators_records_are_kept_announced_and_refused_with_their_line(make_store):
+    lines = ["printer.office.example. A 192.168.1.20", "files.office.example. CNAME printer.office.example."]
+
+    async def work(service):
+        store = service.store
+        assert await store.load_records() == ()
+
+        async def writes() -> None:
+            assert await store.set_records(lines) == tuple(lines)
+
+        assert ("records", "-", 1) in await notices_of(make_store, writes, ("records", "-", 1))
+        other = make_store()
+        try:
+            assert await other.load_records() == tuple(lines)  # another node reads them
+        finally:
+            await other.close()
+        with pytest.raises(PolicyError) as refused:
+            await store.set_records([*lines, "mail.office.example. MX ten mail.example."])
+        assert refused.value.field == "records" and "line 3" in refused.value.reason
+        with pytest.raises(PolicyError, match="must be a list"):
+            await store.set_records("printer A 192.0.2.1")
+        assert await store.load_records() == tuple(lines)  # a refused write changes nothing
+
+    run(_with(make_store(), work))

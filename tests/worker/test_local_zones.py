@@ -380,3 +380,18 @@ def test_sighup_applies_a_change_of_zones_records_and_forwards_and_refuses_a_bad
         bad = dataclasses.replace(before, local=dataclasses.replace(before.local, not_served=("example.com",)))
         with pytest.raises(ConfigError, match=r"local\.not_served: example\.com is not a zone answered here"):
             reloaded(before, bad)
+
+
+@pytest.mark.logs("local records: those of the admin API are not served with local.records")
+def test_records_of_the_api_that_clash_with_the_configs_leave_the_configs_served(lists):
+    config = make_config(
+        ["127.0.0.1:9"], lists={"path": str(lists)}, local={"records": ["a.corp.example. CNAME b.corp.example."]}
+    )
+    with ServerThread(config) as server:
+        resolver = server.worker.resolver
+        server.call(resolver.use_shared_records, ("a.corp.example. A 10.0.0.1",))  # a CNAME beside an A
+        answer = server.ask("a.corp.example")
+        assert [rrset.rdtype for rrset in answer.answer] == [dns.rdatatype.CNAME]
+        server.call(resolver.use_shared_records, ("c.corp.example. A 10.0.0.3",))
+        assert answer_addresses(server.ask("c.corp.example")) == ["10.0.0.3"]
+        assert [rrset.rdtype for rrset in server.ask("a.corp.example").answer] == [dns.rdatatype.CNAME]

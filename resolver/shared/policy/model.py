@@ -463,11 +463,32 @@ MAX_RECORDS = 500
 _SERVED_BEFORE_IDENTITY = tuple((zone, text_to_name(zone)) for zone in (*DEFAULT_ZONES, "resolver.arpa"))
 
 
+MAX_SHARED_RECORDS = 10_000
+
+
+def parse_shared_records(value: Any) -> tuple[str, ...]:
+    """The operator's records written through the API (`PUT /v1/local/records`): zone-file lines as
+    `local.records` takes them, answered to every client like those. Raises PolicyError naming the line."""
+    items = _list_of(value, "records", MAX_SHARED_RECORDS)
+    lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(items))
+    try:
+        parse_records(lines)
+    except ValueError as exc:
+        raise PolicyError("records", str(exc)) from None
+    return lines
+
+
+def _list_of(value: Any, path: str, most: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise PolicyError(path, f"must be a list, got {type(value).__name__}")
+    _require(len(value) <= most, path, f"more than {most} records")
+    return value
+
+
 def _site_records(value: Any) -> tuple[tuple[str, ...], tuple[Record, ...]]:
     """A site's own names: zone-file lines as `local.records` takes them (no PTR is made: the reverse zones of
     private addresses are answered before a device is known, for every site alike)."""
-    items = _list(value, "records")
-    _require(len(items) <= MAX_RECORDS, "records", f"more than {MAX_RECORDS} records")
+    items = _list_of(value, "records", MAX_RECORDS)
     lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(items))
     try:
         records = parse_records(lines, make_ptrs=False)

@@ -17,7 +17,15 @@ from blocklists.artifact import write_atomically
 from blocklists.catalog import Catalog
 from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable
-from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+from resolver.shared.policy.model import (
+    PolicyError,
+    PolicySpec,
+    Site,
+    parse_profile,
+    parse_shared_records,
+    parse_site,
+    site_document,
+)
 from resolver.shared.store.policies import (
     CPE_IDS,
     NETWORKS,
@@ -71,13 +79,14 @@ class FileStore(Store):
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return {"format": 1, "sites": {}, "profiles": {}}
+            return {"format": 1, "sites": {}, "profiles": {}, "records": {"doc": [], "version": 0}}
         except (OSError, ValueError) as exc:
             raise StoreUnavailable(f"{self.path}: cannot read the policy file: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != 1:
             raise StoreUnavailable(f"{self.path}: not a bns policy file (format 1)")
         data.setdefault("sites", {})
         data.setdefault("profiles", {})
+        data.setdefault("records", {"doc": [], "version": 0})
         return data
 
     def refresh(self) -> bool:
@@ -171,6 +180,7 @@ class FileStore(Store):
             await asyncio.sleep(self._interval)
             before_sites = {k: v["version"] for k, v in self._data["sites"].items()}
             before_profiles = {k: v["version"] for k, v in self._data["profiles"].items()}
+            before_records = self._data["records"]["version"]
             before_networks = (self._networks, self._cpes, self._client_ids)
             try:
                 changed = self.refresh()
@@ -189,6 +199,8 @@ class FileStore(Store):
             for name in before_profiles.keys() | self._data["profiles"].keys():
                 if before_profiles.get(name) != self._data["profiles"].get(name, {}).get("version"):
                     yield Change("profile", name, 1)
+            if before_records != self._data["records"]["version"]:
+                yield Change("records", "-", 1)
             if before_networks != (self._networks, self._cpes, self._client_ids):
                 yield Change("networks")
 
@@ -256,6 +268,16 @@ class FileStore(Store):
     def _owner_of_network(self, network: str) -> str | None:
         parsed = ipaddress.ip_network(network)
         return self._networks.get(parsed.version, {}).get(parsed.prefixlen, {}).get(network)
+
+    async def load_records(self) -> tuple[str, ...]:
+        self.refresh()
+        return tuple(self._data["records"]["doc"])
+
+    async def set_records(self, lines: Any) -> tuple[str, ...]:
+        records = parse_shared_records(lines)
+        with self._locked():
+            self._data["records"] = {"doc": list(records), "version": self._data["records"]["version"] + 1}
+        return records
 
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None:
         if document is not None:

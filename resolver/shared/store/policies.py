@@ -43,7 +43,7 @@ def new_incarnation() -> str:
 
 @dataclass(frozen=True)
 class Change:
-    """A notice from the store: `site`/`profile` (key, version), `networks`, or `resync` (after a gap)."""
+    """A notice from the store: `site`/`profile` (key, version), `networks`, `records`, or `resync` (after a gap)."""
 
     kind: str
     key: str = ""
@@ -145,7 +145,7 @@ class Store(ABC):
 
     @abstractmethod
     def watch(self, apply: Apply) -> None:
-        """Have `apply` hear every change from now on: `site`, `profile`, `networks`, and `up`, `down`,
+        """Have `apply` hear every change from now on: `site`, `profile`, `networks`, `records`, and `up`, `down`,
         `resync` (notices may have been missed). They come while the backends follow (backends.py)."""
 
     @abstractmethod
@@ -164,6 +164,14 @@ class Store(ABC):
 
     @abstractmethod
     async def set_profile(self, name: str, document: dict[str, Any] | None) -> None: ...
+
+    @abstractmethod
+    async def load_records(self) -> tuple[str, ...]:
+        """The operator's records written through the API, answered by every worker beside local.records."""
+
+    @abstractmethod
+    async def set_records(self, lines: Any) -> tuple[str, ...]:
+        """Replace the operator's records (PolicyError names the line at fault) and announce them."""
 
     @abstractmethod
     async def import_sites(self, documents: list[SiteDocument]) -> int:

@@ -16,7 +16,15 @@ from redis.exceptions import NoScriptError, WatchError
 from blocklists.catalog import Catalog
 from resolver.shared.config import LimitsSettings
 from resolver.shared.errors import NotFound, StoreUnavailable, WriteUnknown
-from resolver.shared.policy.model import PolicyError, PolicySpec, Site, parse_profile, parse_site, site_document
+from resolver.shared.policy.model import (
+    PolicyError,
+    PolicySpec,
+    Site,
+    parse_profile,
+    parse_shared_records,
+    parse_site,
+    site_document,
+)
 from resolver.shared.store.policies import (
     CLIENT_IDS,
     CPE_IDS,
@@ -223,7 +231,7 @@ class RedisStore(Store):
                 await apply(Change("up"))
             else:
                 parts = notice.data.split()
-                if parts and parts[0] in ("site", "profile") and len(parts) == 3:
+                if parts and parts[0] in ("site", "profile", "records") and len(parts) == 3:
                     await apply(Change(parts[0], parts[1], int(parts[2])))
                 elif parts == ["networks"]:
                     self.forget_networks()
@@ -451,6 +459,20 @@ class RedisStore(Store):
             pipe.publish(self.key("changes"), f"profile {name} 1")
             if not await self._commit(pipe):
                 raise StoreUnavailable(f"profile {name}: not written (lost in a failover); try again")
+
+    async def load_records(self) -> tuple[str, ...]:
+        raw = await self.call(self.client.hget(self.key("records"), "doc"))
+        return tuple(json.loads(raw)) if raw is not None else ()
+
+    async def set_records(self, lines: Any) -> tuple[str, ...]:
+        records = parse_shared_records(lines)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("records"), "doc", json.dumps(list(records)))
+            pipe.hincrby(self.key("records"), "version", 1)
+            pipe.publish(self.key("changes"), "records - 1")
+            if not await self._commit(pipe):
+                raise StoreUnavailable("records: not written (lost in a failover); try again")
+        return records
 
     async def close(self) -> None:
         await self.connection.close()
