@@ -107,3 +107,32 @@ def test_the_local_workload_asks_only_names_bns_answers_itself():
     zones = LocalZones(LocalSettings(), Discovery(TlsSettings()), UpstreamSettings())
     assert all(zones.find(text_to_name(name)) is not None for name, _type in questions)
     assert {qtype for _name, qtype in questions} == {"PTR", "A", "AAAA"}
+
+
+def test_the_feed_server_of_bench_feeds_answers_304_to_its_etag_and_changes_only_when_told() -> None:
+    import urllib.error
+    import urllib.request
+
+    from bench import feeds as feed_bench
+
+    served = feed_bench.FeedHttp(feed_bench.make_feeds(4, 400, seed=1))
+    try:
+
+        def get(path: str, etag: str = "") -> tuple[int, str, bytes]:
+            request = urllib.request.Request(served.url(path), headers={"If-None-Match": etag} if etag else {})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, response.headers["ETag"], response.read()
+            except urllib.error.HTTPError as answer:
+                return answer.code, answer.headers["ETag"], b""
+
+        status, etag, body = get("/feed3.txt")  # gzip-encoded: the same bytes, so the same ETag, each time
+        assert status == 200 and body[:2] == b"\x1f\x8b"
+        assert get("/feed3.txt", etag)[0] == 304 and get("/feed3.txt")[1] == etag
+        status, etag, body = get("/feed0.txt")
+        assert status == 200 and body.count(b"\n") == 100
+        served.changing = True  # the first feeds list one more name at each download
+        assert get("/feed0.txt", etag)[0] == 200 and get("/feed2.txt", get("/feed2.txt")[1])[0] == 304
+        assert served.answered == {200: 5, 304: 2}
+    finally:
+        served.httpd.shutdown()
