@@ -134,6 +134,9 @@ def _entries(source: Source, catalog: Catalog, report: SourceReport, skip_unknow
         # An allowlist: each of its names is allowed in every category (a listing anywhere else is cleared).
         everything = catalog.mask([category.id for category in catalog])
         for entry in read_source(source.path, report, source.format):
+            if "." not in entry.name:  # a whole top-level domain allowed would undo every list beneath it
+                report.skipped["a top-level domain in an allowlist"] += 1
+                continue
             yield reverse(entry.name), 0, everything
         return
     if source.category not in catalog:

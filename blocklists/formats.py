@@ -19,6 +19,7 @@ import hashlib
 import io
 import ipaddress
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def open_text(
     except _TooLarge:
         where = f" ({setting})" if setting else ""
         raise UnusableSource(name, f"decompresses to more than {max_bytes} bytes{where}") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib: a gzip body that does not inflate
         reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
         raise UnusableSource(name, reason) from None
 

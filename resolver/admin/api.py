@@ -53,7 +53,8 @@ from resolver.shared.errors import (
     WriteUnknown,
     http_status_of,
 )
-from resolver.shared.policy.model import PolicyError, Site
+from resolver.shared.local_records import parse_records
+from resolver.shared.policy.model import PolicyError, Site, parse_shared_records
 from resolver.shared.policy.service import PolicyService, Target, client_id_endpoints, describe
 from resolver.shared.store.activity import Activity
 from resolver.shared.store.policies import Store
@@ -182,6 +183,7 @@ class Api:
         self.publications = publications
         self.sources = sources
         self.feeds = feeds
+        self.local_records: tuple[str, ...] = ()  # this node's local.records, which the API's must stand beside
         self.explainer = explainer
         self.metrics = metrics
         self.max_upload = max_upload
@@ -521,10 +523,16 @@ class Api:
         return web.json_response({"records": list(await self._policies().store.load_records())})
 
     async def put_records(self, request: web.Request) -> web.Response:
-        """Replace the operator's records every worker answers beside local.records (zone-file lines)."""
+        """Replace the operator's records every worker answers beside local.records (zone-file lines); refused
+        when they do not stand beside this node's local.records (its workers would serve those alone)."""
         body = await self._object(request)
-        records = await self._policies().store.set_records(body.get("records"))
-        return web.json_response({"records": list(records)})
+        records = parse_shared_records(body.get("records"))
+        try:
+            parse_records(self.local_records + records)
+        except ValueError as exc:
+            where = f"beside this node's local.records (lines 1–{len(self.local_records)})"
+            raise PolicyError("records", f"{where}: {exc}") from None
+        return web.json_response({"records": list(await self._policies().store.set_records(list(records)))})
 
     async def put_profile(self, request: web.Request) -> web.Response:
         await self._policies().set_profile(request.match_info["profile"], await self._object(request))

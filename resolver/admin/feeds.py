@@ -71,7 +71,11 @@ def check_feed_url(url: object, allow: tuple[str, ...]) -> str:
     """The URL a feed may be fetched from, or PolicyError (`url`) saying what is wrong with it."""
     if not isinstance(url, str) or not url:
         raise PolicyError("url", "missing: the feed's http or https URL")
-    if urlsplit(url).scheme not in ("http", "https"):
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:
+        raise PolicyError("url", f"not a URL: {exc}") from None
+    if scheme not in ("http", "https"):
         raise PolicyError("url", "must be an http:// or https:// URL")
     check_outbound_url(
         url,
@@ -95,14 +99,19 @@ async def download(
         if status.last_modified:
             headers["If-Modified-Since"] = status.last_modified
     try:
+        check_feed_url(url, settings.allow)  # again: feeds.allow may have narrowed since the feed was added
+    except PolicyError as refused:
+        raise FeedRefused(refused.reason) from None
+    try:
         for _hop in range(_REDIRECTS + 1):
             async with session.get(url, headers=headers, allow_redirects=False) as response:
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                    url = urljoin(url, response.headers["Location"])
                     try:
-                        check_feed_url(url, settings.allow)
+                        url = check_feed_url(urljoin(url, response.headers["Location"]), settings.allow)
+                    except ValueError as exc:
+                        raise FeedRefused(f"redirected: url: not a URL: {exc}") from None
                     except PolicyError as refused:
-                        raise FeedRefused(f"redirected to a URL that {refused.reason}") from None
+                        raise FeedRefused(f"redirected: {refused}") from None
                     continue
                 return await _receive(response, into, settings.max_bytes)
         raise FeedRefused(f"more than {_REDIRECTS} redirects")
@@ -205,7 +214,7 @@ class Feeds:
         if entry is None:
             raise NotFound(f"no feed {source_id!r}")
         status = (await self.shelf.statuses()).get(source_id, FeedStatus())
-        status = replace(status, next_at=0.0, force=status.force or force)
+        status = replace(status, next_at=0.0, force=status.force or force, requested_at=self._clock())
         await self.shelf.put_status(source_id, status)
         self._wake.set()
         return self.document(entry, status)
@@ -283,9 +292,11 @@ class Feeds:
             return
         now = self._clock()
         due = [(entry, status) for entry, status in self.known if status.next_at <= now]
-        if due:
-            keeping = asyncio.ensure_future(self._keep_lease())
-            try:
+        if not due and all(status.published for _entry, status in self.known):
+            return
+        keeping = asyncio.ensure_future(self._keep_lease())  # a round and its build may outlast the lease
+        try:
+            if due:
                 bound = asyncio.Semaphore(self.settings.parallel)
                 async with self._session() as session:
 
@@ -294,11 +305,12 @@ class Feeds:
                             return await self._refresh(session, entry, status)
 
                     refreshed = await asyncio.gather(*(one(entry, status) for entry, status in due))
-            finally:
-                keeping.cancel()
-            done = {entry.id: (entry, status) for entry, status in refreshed}
-            self.known = [done.get(entry.id, (entry, status)) for entry, status in self.known]
-        await self._publish()
+                done = {entry.id: (entry, status) for entry, status in refreshed}
+                self.known = [done.get(entry.id, (entry, status)) for entry, status in self.known]
+            if self.leading:  # else another node holds the lease now, and publishes
+                await self._publish()
+        finally:
+            keeping.cancel()
 
     async def _keep_lease(self) -> None:
         while True:
@@ -332,16 +344,34 @@ class Feeds:
                 )
             except (FeedRefused, SourceError) as refused:
                 reason = refused.reason if isinstance(refused, UnusableSource) else str(refused)
-                failing = status.failing + 1
-                retry = min(entry.interval, self.settings.check_interval * 2 ** (failing - 1))
-                status = replace(
-                    status, error=reason, error_at=now, failing=failing, failures=status.failures + 1, force=False
-                )
-                status = replace(status, next_at=now + retry)
+                status = self._failed(entry, status, now, reason)
                 log.warning("feed %s (%s): %s; the last good copy stays", entry.id, entry.url, reason)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # a defect: said, and the feed tried again later like any failure
+                log.exception("feed %s (%s): the download failed unexpectedly", entry.id, entry.url)
+                status = self._failed(entry, status, now, f"internal error ({type(exc).__name__}); see the log")
         if entry.sha256 and await self._listed(entry):  # nor a feed being added that failed, nor one removed
+            stored = (await self.shelf.statuses()).get(entry.id)
+            if stored is not None and stored.requested_at > status.checked_at:  # asked for during the download
+                status = replace(status, next_at=0.0, force=stored.force, requested_at=stored.requested_at)
             await self.shelf.put_status(entry.id, status)
         return entry, status
+
+    def _failed(self, entry: SourceEntry, status: FeedStatus, now: float, reason: str) -> FeedStatus:
+        """A failed download's status: tried again after feeds.check_interval, then twice as long each time,
+        up to the feed's interval."""
+        failing = status.failing + 1
+        retry = min(entry.interval, self.settings.check_interval * 2 ** min(failing - 1, 30))
+        return replace(
+            status,
+            error=reason,
+            error_at=now,
+            failing=failing,
+            failures=status.failures + 1,
+            force=False,
+            next_at=now + retry,
+        )
 
     async def _listed(self, entry: SourceEntry) -> bool:
         return any(listed.id == entry.id for listed in await self.shelf.entries())
@@ -356,8 +386,6 @@ class Feeds:
                 f"shrank from {entry.entries} to {report.entries} names, more than feeds.max_shrink "
                 f"({self.settings.max_shrink:.0%}); `bns lists feed refresh {entry.id} --force` takes it"
             )
-        if entry.sha256 and not await self._listed(entry):
-            raise FeedRefused("removed while it was downloaded")
         digest = await asyncio.to_thread(file_digest, copy)
         entry = replace(
             entry,
@@ -367,13 +395,14 @@ class Feeds:
             entries=report.entries,
             rejected=report.rejected_count,
         )
-        await self.shelf.put(entry, copy)
+        if not await self.shelf.put(entry, copy, replace_only=bool(status.changed_at)):
+            raise FeedRefused("removed while it was downloaded")
         log.info("feed %s: a new copy of %d names (%d bytes)", entry.id, entry.entries, entry.size)
         return entry, replace(status, content=content, changed_at=self._clock(), published=False)
 
     async def _publish(self) -> None:
         """Compile every source and publish the result when a feed's copy is not in a published list yet."""
-        waiting = {entry.id: entry.sha256 for entry, status in self.known if not status.published}
+        waiting = [entry.id for entry, status in self.known if not status.published]
         if not waiting or self._clock() < self._publish_after:
             return
         try:
@@ -386,9 +415,9 @@ class Feeds:
             return
         self._publish_after = 0.0
         statuses = await self.shelf.statuses()
-        for entry, _status in self.known:
+        for entry in await self.shelf.entries():  # a copy kept meanwhile (elsewhere) waits for the next build
             status = statuses.get(entry.id)
-            if status is not None and waiting.get(entry.id) == entry.sha256 and not status.published:
+            if status is not None and not status.published and job.digests.get(entry.id) == entry.sha256:
                 await self.shelf.put_status(entry.id, replace(status, published=True))
         log.info("feeds: published version %s (%d names)", job.version, job.names)
 

@@ -85,6 +85,7 @@ class AdminNode:
             self.backends.activity,
             config.tls,
         )
+        self.api.local_records = config.local.records
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
@@ -163,6 +164,7 @@ class AdminNode:
             self.publications.served = served_path(config.lists)[0]
         if config.policy != old.policy:
             self.explainer.maker = policy_maker(config, self.catalog)
+        self.api.local_records = config.local.records
         if config.feeds != old.feeds:
             self.feeds.reconfigure(config.feeds)
 

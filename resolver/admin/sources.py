@@ -86,6 +86,7 @@ class CompileJob:
     published: bool = False
     per_category: dict[str, int] = field(default_factory=dict)
     error: str = ""
+    digests: dict[str, str] = field(default_factory=dict)  # each source's bytes the build read, by id
 
     def document(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +240,7 @@ class Sources:
                             raise SourceError(f"source {entry.id}: path {refused.reason}") from None
                     sources.append(Source(local, entry.category, entry.expect or None))
                     read_as[str(local)] = entry
+                    job.digests[entry.id] = entry.sha256
 
                 def progress(stage: str, count: int) -> None:
                     if self._stopping:

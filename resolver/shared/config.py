@@ -597,7 +597,7 @@ class FeedSettings:
         64 * 2**20,
         "largest feed in bytes, as downloaded and again as decompressed (a gzip bomb stops there)",
         minimum=1024,
-        maximum=2**32,
+        maximum=2**30,  # what the compiler reads of a source
         live=True,
     )
     parallel: int = setting(4, "downloads at once", minimum=1, maximum=64, live=True)

@@ -52,7 +52,7 @@ from resolver.shared.identity import (
 from resolver.shared.logs import Throttled
 from resolver.shared.policy.decision import Policy, Verdict
 from resolver.shared.policy.effective import Governing, PolicyMaker, find_device, governing, guest_profile
-from resolver.shared.policy.model import Device, PolicySpec, Site
+from resolver.shared.policy.model import Device, PolicyError, PolicySpec, Site, parse_shared_records
 from resolver.shared.store.policies import Change, Store, lookup_candidates
 from resolver.worker.local_zones import NameRecords, site_names
 from resolver.worker.wire import Query, Request
@@ -239,6 +239,7 @@ class Directory:
         self.on_site_networks: Callable[[Iterable[str]], None] | None = None
         self.on_records: Callable[[tuple[str, ...]], None] | None = None  # the operator's records from the API
         self._records: tuple[str, ...] = ()
+        self._bad_records = False  # said once, until good ones are read
         self._networks_loader: asyncio.Task[None] | None = None
         self._networks_due = False
         self.refused_claims: dict[str, int] = {}  # a router's claims about another site, by kind (Claim)
@@ -744,7 +745,14 @@ class Directory:
 
     async def _reload_records(self) -> None:
         assert self.store is not None
-        records = await self.store.load_records()
+        try:
+            records = parse_shared_records(list(await self.store.load_records()))
+        except (PolicyError, ValueError, TypeError) as exc:  # not as the API writes them
+            if not self._bad_records:
+                log.error("local records in the store cannot be read (%s); still serving the last ones", exc)
+            self._bad_records = True
+            return
+        self._bad_records = False
         if records != self._records:
             self._records = records
             if self.on_records is not None:

@@ -23,6 +23,7 @@ class Script:
     cut: bool = False  # send Content-Length, half the body, and close
     location: str = ""  # a redirect's
     validators: bool = True  # ETag and Last-Modified, and 304 when they match
+    length: bool = True  # Content-Length; without it the body ends where the connection closes
 
 
 @dataclass
@@ -90,7 +91,11 @@ class FeedServer:
             handler.send_header("Last-Modified", MODIFIED)
         if script.gzip:
             handler.send_header("Content-Encoding", "gzip")
-        handler.send_header("Content-Length", str(len(body)))
+        if script.length:
+            handler.send_header("Content-Length", str(len(body)))
+        else:
+            handler.send_header("Connection", "close")
+            handler.close_connection = True
         handler.end_headers()
         if script.cut:
             handler.wfile.write(body[: len(body) // 2])

@@ -153,12 +153,21 @@ FAULTS = {
     "hang": (Script(names("bad", 100), hang=3.0), "no whole answer within 1.5 s (feeds.timeout)"),
     "closed mid-body": (Script(names("bad", 2000), cut=True), "the body ended before it was whole"),
     "10x the size cap": (Script(b"x.example\n" * (MAX_BYTES + 1)), "larger than 65536 bytes (feeds.max_bytes)"),
+    "10x the size cap, unannounced": (
+        Script(b"x.example\n" * (MAX_BYTES + 1), length=False),
+        "larger than 65536 bytes (feeds.max_bytes)",
+    ),
+    "gzip that does not inflate": (
+        Script(b"\x1f\x8b\x08\x00" + b"\x00" * 6 + b"not deflate data at all" * 10, validators=False),
+        "cannot read",
+    ),
+    "a redirect to no URL": (Script(location="http://[oops/list.txt"), "redirected: url: not a URL"),
     "gzip bomb": (Script(BOMB, validators=False), "decompresses to more than 65536 bytes (feeds.max_bytes)"),
     "shrank by 90 %": (Script(names("bad", 10)), "shrank from 100 to 10 names, more than feeds.max_shrink (50%)"),
     "not a list": (Script(b"<html><body>Service moved</body></html>\n"), "no usable"),
     "redirect to a private address": (
         Script(location="http://10.1.2.3/list.txt"),
-        "redirected to a URL that 10.1.2.3 is not a public address; to reach it, add its network to feeds.allow",
+        "redirected: url: 10.1.2.3 is not a public address; to reach it, add its network to feeds.allow",
     ),
 }
 
@@ -276,7 +285,7 @@ def test_a_feed_that_cannot_be_used_is_refused_when_added_and_nothing_is_kept(tm
 
 def test_an_allowlist_feed_clears_a_name_from_every_category(tmp_path, feed_server):
     feed_server.scripts["/bad.txt"] = Script(names("bad", 20))
-    feed_server.scripts["/good.txt"] = Script(b"bad3.example\n")
+    feed_server.scripts["/good.txt"] = Script(b"bad3.example\nexample\n")  # a whole TLD is not taken
     feeds = feeds_over(tmp_path)
 
     async def run() -> None:
@@ -296,8 +305,11 @@ def test_one_node_of_a_fleet_fetches_and_another_takes_over_within_a_check_inter
     feed_server.scripts["/malware.txt"] = Script(names("bad", 100))
 
     async def run() -> None:
+        clock = Clock()
         first, second = (
-            feeds_over(tmp_path / name, RedisShelf(RedisConnection(shared_redis.url, redis_prefix)), check_interval=1.0)
+            feeds_over(
+                tmp_path / name, RedisShelf(RedisConnection(shared_redis.url, redis_prefix)), clock, check_interval=1.0
+            )
             for name in ("a", "b")
         )
         await first.add("malware", feed_server.url("/malware.txt"), 10.0, None)
@@ -308,10 +320,16 @@ def test_one_node_of_a_fleet_fetches_and_another_takes_over_within_a_check_inter
         assert len(feed_server.requests) == 1  # added; the look found it fresh
         # The holder stops looking (it died): its lease runs out, and the other takes it at its next look.
         await asyncio.sleep(2 / 3 + 0.05)
+        feed_server.scripts["/malware.txt"] = Script(names("bad", 120))
+        clock.now += 10.0
         await second.look()
-        assert second.leading
+        assert second.leading and len(feed_server.requests) == 2  # due: fetched by the node that took over
+        assert feed_server.requests[-1].headers["If-None-Match"].startswith('"')  # with the first node's validators
         (feed,) = await second.report()
-        assert feed["published"] and feed["entries"] == 100  # the fleet's status, read by any node
+        assert feed["published"] and feed["entries"] == 120
+        assert served(tmp_path / "b", "bad119.example") == ["malware"]
+        await first.look()  # back, it finds the lease taken
+        assert not first.leading and len(feed_server.requests) == 2
 
     asyncio.run(run())
 
@@ -334,10 +352,15 @@ def test_settings_reloaded_on_sighup_apply_from_a_look_at_once(tmp_path, feed_se
     asyncio.run(run())
 
 
-def test_a_feed_removed_while_it_downloads_stays_removed(tmp_path, feed_server):
+@pytest.mark.parametrize("shelf", ["local", "redis"])
+def test_a_feed_removed_while_it_downloads_stays_removed(tmp_path, feed_server, shelf, request):
     feed_server.scripts["/malware.txt"] = Script(names("bad", 100))
     clock = Clock()
-    feeds = feeds_over(tmp_path, clock=clock)
+    kept = None
+    if shelf == "redis":
+        redis = request.getfixturevalue("shared_redis")
+        kept = RedisShelf(RedisConnection(redis.url, request.getfixturevalue("redis_prefix")))
+    feeds = feeds_over(tmp_path, kept, clock=clock)
 
     async def run() -> None:
         added = await feeds.add("malware", feed_server.url("/malware.txt"), HOUR, None)
@@ -348,5 +371,27 @@ def test_a_feed_removed_while_it_downloads_stays_removed(tmp_path, feed_server):
         await feeds.sources.remove("malware", added.id)
         await looking
         assert await feeds.shelf.entries() == [] and await feeds.shelf.statuses() == {}
+
+    asyncio.run(run())
+
+
+def test_a_refresh_asked_for_during_a_download_is_kept_for_the_next_look(tmp_path, feed_server):
+    feed_server.scripts["/malware.txt"] = Script(names("bad", 100))
+    clock = Clock()
+    feeds = feeds_over(tmp_path, clock=clock)
+
+    async def run() -> None:
+        added = await feeds.add("malware", feed_server.url("/malware.txt"), HOUR, None)
+        feed_server.scripts["/malware.txt"] = Script(names("bad", 10), hang=0.5)
+        clock.now += HOUR
+        looking = asyncio.ensure_future(feeds.look())
+        await asyncio.sleep(0.2)  # the download is under way
+        clock.now += 1
+        await feeds.request_refresh(added.id, force=True)
+        await looking
+        feed = await one_feed(feeds)
+        assert "shrank" in feed["error"] and feed["force"] and feed["next_at"] == 0.0  # asked for: still due
+        await feeds.look()
+        assert (await one_feed(feeds))["entries"] == 10  # and forced
 
     asyncio.run(run())

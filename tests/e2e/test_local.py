@@ -70,3 +70,13 @@ def test_records_written_through_one_nodes_api_are_answered_by_every_node(
         assert http(api_a, "PUT", "/v1/local/records", {"records": []})[0] == 200
         for port in (port_a, port_b):
             eventually(lambda port=port: addresses(port, "intranet.corp.example") != ["10.1.2.3"], 3)
+
+
+def test_records_that_would_not_stand_beside_the_nodes_own_are_refused(tmp_path, upstream):
+    config = node_config(tmp_path / "n" / "bns.toml", f'[store]\nfile = "{tmp_path / "policies.json"}"')
+    config.write_text(config.read_text() + '[local]\nrecords = ["a.corp.example. CNAME b.corp.example."]\n')
+    with ExitStack() as stack:
+        _port, api = start(stack, config, upstream)
+        status, refused = http(api, "PUT", "/v1/local/records", {"records": ["a.corp.example. A 10.0.0.1"]})
+        assert status == 422 and "beside this node's local.records (lines 1–1)" in refused["error"]["message"]
+        assert http(api, "GET", "/v1/local/records", token=READ) == (200, {"records": []})

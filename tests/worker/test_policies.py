@@ -290,6 +290,31 @@ def test_a_bad_site_record_is_refused_naming_the_field(family, shared_redis, red
     assert refused.value.field == field and reason in refused.value.reason, refused.value
 
 
+@pytest.mark.logs("local records in the store cannot be read")
+def test_records_in_the_store_that_do_not_parse_leave_the_last_ones_served(
+    family, lists, upstream, shared_redis, redis_prefix
+):
+    import redis
+
+    async def put(service: PolicyService) -> object:
+        return await service.store.set_records(["intranet.corp.example. A 10.1.2.3"])
+
+    write(shared_redis.url, redis_prefix, put)
+    with server_for(*family, lists, upstream) as server:
+
+        def intranet() -> list[str]:
+            return answer_addresses(ask(server, "intranet.corp.example", source="127.0.0.2"))
+
+        eventually(lambda: intranet() == ["10.1.2.3"], 2)
+        client = redis.Redis.from_url(shared_redis.url)
+        for garbage in (b"{not json", json.dumps(["intranet.corp.example. A 999.1.2.3"]).encode()):
+            client.hset(f"{redis_prefix}records", "doc", garbage)  # not as the API writes them
+            client.publish(f"{redis_prefix}changes", "records - 1")
+            time.sleep(0.3)
+            assert intranet() == ["10.1.2.3"]
+        client.close()
+
+
 # A subscriber writing its own site without pause (issue 18), from a process of its own: a device's 1,000
 # allow names, new ones each time, straight to the store.
 _STORM = """

@@ -1,8 +1,8 @@
 """Where list sources added through the API are kept: Redis (chunked, with their digest; any node can build) or,
 without Redis, a directory of this node. A feed's last good copy is kept like an upload's bytes (under a key of
-its digest, so that a build reading the copy it replaces still finds every chunk), and beside the entries its
-status: the validators of its next conditional request and what its downloads did. With Redis one node at a
-time holds the feeds' lease and fetches them."""
+its digest, so that a build reading the copy it replaces still finds every chunk: the old one expires later),
+and beside the entries its status: the validators of its next conditional request and what its downloads did.
+With Redis one node at a time holds the feeds' lease and fetches them."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ class FeedStatus:
     failures: int = 0
     published: bool = False  # the last good copy is in a published list
     force: bool = False  # the next download is taken even if it shrinks the feed past feeds.max_shrink
+    requested_at: float = 0.0  # the last download asked for through the API
 
 
 class Shelf(ABC):
@@ -73,7 +74,9 @@ class Shelf(ABC):
     async def entries(self) -> list[SourceEntry]: ...
 
     @abstractmethod
-    async def put(self, entry: SourceEntry, upload: Path | None) -> None: ...
+    async def put(self, entry: SourceEntry, upload: Path | None, replace_only: bool = False) -> bool:
+        """Keep `entry` (and the bytes of `upload`); with `replace_only`, only if it is still there (False
+        when it was removed meanwhile: nothing is kept)."""
 
     @abstractmethod
     async def remove(self, source_id: str) -> bool: ...
@@ -109,8 +112,10 @@ class LocalShelf(Shelf):
     async def entries(self) -> list[SourceEntry]:
         return [SourceEntry(**entry) for entry in self._read().values()]
 
-    async def put(self, entry: SourceEntry, upload: Path | None) -> None:
+    async def put(self, entry: SourceEntry, upload: Path | None, replace_only: bool = False) -> bool:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if replace_only and entry.id not in self._read():
+            return False
         if upload is not None:
             kept = self.directory / f"{entry.id}.src"
             shutil.copyfile(upload, kept.with_suffix(".part"))
@@ -118,6 +123,7 @@ class LocalShelf(Shelf):
         index = self._read()
         index[entry.id] = asdict(entry)
         self._write(index)
+        return True
 
     async def remove(self, source_id: str) -> bool:
         index = self._read()
@@ -171,17 +177,29 @@ class RedisShelf(Shelf):
         raw = await self.store.call(self.store.client.hget(self.store.key("sources"), source_id))
         return None if raw is None else SourceEntry(**json.loads(raw))
 
-    async def put(self, entry: SourceEntry, upload: Path | None) -> None:
+    async def put(self, entry: SourceEntry, upload: Path | None, replace_only: bool = False) -> bool:
         client = self.store.client
         replaced = await self._entry(entry.id)
+        if replace_only and replaced is None:
+            return False
+        written = self._data_keys(entry) if upload is not None else []
         if upload is not None:
             with upload.open("rb") as data:
-                for key in self._data_keys(entry):
+                for key in written:
                     chunk = await asyncio.to_thread(data.read, CHUNK)
-                    await self.store.call(client.set(key, chunk))
-        await self.store.call(client.hset(self.store.key("sources"), entry.id, json.dumps(asdict(entry))))
+                    # a copy not listed in the end (a put that fails half-way) goes by itself
+                    await self.store.call(client.set(key, chunk, px=_UNLISTED_MS))
+        kept = await self.store.call(
+            client.eval(
+                _PUT, 1, self.store.key("sources"), entry.id, json.dumps(asdict(entry)), int(replace_only), *written
+            )
+        )
+        if not kept:
+            return False
         if replaced is not None and replaced.data_id != entry.data_id:
-            await self.store.call(client.delete(*self._data_keys(replaced)))
+            for key in self._data_keys(replaced):  # a build that listed it may be reading it: it goes later
+                await self.store.call(client.pexpire(key, _UNLISTED_MS))
+        return True
 
     async def remove(self, source_id: str) -> bool:
         client = self.store.client
@@ -214,6 +232,17 @@ class RedisShelf(Shelf):
         if file_digest(to) != entry.sha256:
             raise BnsError(f"source {entry.id}: its stored bytes do not match its digest; upload it again")
 
+
+_UNLISTED_MS = 10 * 60 * 1000  # how long bytes no entry lists are kept: longer than a build reads them
+
+# An entry kept (with `replace_only`, only if it is still listed), and the keys of its bytes made lasting, in one
+# step: a source removed meanwhile is not brought back.
+_PUT = """
+if ARGV[3] == '1' and redis.call('hexists', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+for index = 4, #ARGV do redis.call('persist', ARGV[index]) end
+return 1
+"""
 
 # The lease is kept by its holder (its expiry pushed back) or taken when nobody holds it, in one step.
 _LEAD = """
