@@ -274,6 +274,21 @@ class CacheSettings:
     servfail_ttl: int = setting(
         5, "seconds a SERVFAIL is kept (RFC 2308 §7: at most 5 minutes)", minimum=0, maximum=300
     )
+    serve_stale: bool = setting(
+        True,
+        "answer from expired data, TTL 30 and EDE 3 (Stale Answer), when no upstream answers (RFC 8767)",
+        live=True,
+    )
+    stale_max: int = setting(
+        86400, "seconds past its expiry an answer may still be served stale", minimum=0, maximum=7 * 86400, live=True
+    )
+    client_timeout: float = setting(
+        1.8,
+        "seconds a client waits for an upstream before it is answered stale, if an expired answer is held",
+        minimum=0.1,
+        maximum=30,
+        live=True,
+    )
 
 
 def _category_ids(items: Any) -> tuple[str, ...]:

@@ -64,6 +64,7 @@ class EdeCode(IntEnum):
     """RFC 8914 Extended DNS Error codes this server sends."""
 
     OTHER = 0
+    STALE_ANSWER = 3
     BLOCKED = 15
     CENSORED = 16
     FILTERED = 17

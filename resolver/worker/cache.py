@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from resolver.shared.config import CacheSettings
-from resolver.shared.dns import Rcode
+from resolver.shared.dns import EdeCode, Rcode, ede_option
 from resolver.worker.wire import HEADER_LEN, Request, ScannedReply, answer_records, opt_record, truncated_answer
 
 _U32 = struct.Struct("!I")
@@ -20,6 +20,10 @@ _FLAG_RA = 0x80
 _FLAG_AD = 0x20
 _FLAG_CD = 0x10
 _FLAG_TC = 0x02  # in the high flags byte
+
+STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer
+_FAILURE_RECHECK = 30.0  # RFC 8767 §5: seconds a name whose upstreams failed is answered stale without asking
+_STALE_EDE = ede_option(EdeCode.STALE_ANSWER)
 
 
 class _Form:
@@ -35,6 +39,7 @@ class _Form:
         "opt_length",
         "opts",
         "rcode",
+        "shape",
         "ttl_offsets",
     )
 
@@ -42,6 +47,7 @@ class _Form:
         self, counts: tuple[int, int, int], rcode: int, ad: bool, ede: bytes, ttl_offsets: tuple[int, ...]
     ) -> None:
         an, ns, ar = counts
+        self.shape = (counts, rcode, ad)  # what a copy of an answer of this form is made from (a stale one)
         self.answer_count = an
         self.rcode = rcode
         self.counts = struct.pack("!HHHH", 1, an, ns, ar)
@@ -89,7 +95,7 @@ class CachedAnswer:
     by every answer shaped alike. An answer is the client's ID, flags and question bytes (so 0x20 case is
     echoed), these records and our OPT record: one join, the TTLs rewritten at most once a second."""
 
-    __slots__ = ("_aged", "_body", "cname_targets", "form", "lifetime", "machine_made", "stored_at", "used")
+    __slots__ = ("_aged", "_body", "cname_targets", "form", "lifetime", "machine_made", "stale", "stored_at", "used")
 
     def __init__(
         self,
@@ -108,6 +114,7 @@ class CachedAnswer:
         self.lifetime = _LIFETIMES.setdefault(lifetime, lifetime)  # few distinct values: shared int objects
         self.used = False  # asked since eviction last passed it over
         self.machine_made = False  # its name looked machine-made (threats.py): each client asking is flagged
+        self.stale = False  # a copy of an expired answer (RFC 8767)
         self._aged = 0
         self._body = bytes(body)
 
@@ -138,6 +145,19 @@ class CachedAnswer:
         if len(message) > query.limit:
             return truncated_answer(request, form.rcode)
         return message
+
+    def stale_copy(self, now: float) -> CachedAnswer:
+        """This answer past its lifetime, as RFC 8767 serves it: every TTL 30 s, and EDE 3 (Stale Answer)."""
+        counts, rcode, ad = self.form.shape
+        scanned = ScannedReply()
+        scanned.counts, scanned.rcode, scanned.ad = counts, rcode, ad
+        scanned.body = self._body
+        scanned.ttl_offsets = list(self.form.ttl_offsets)
+        scanned.cname_targets = list(self.cname_targets)
+        copy = CachedAnswer(scanned, [STALE_TTL] * len(scanned.ttl_offsets), 0, now, _STALE_EDE)
+        copy.machine_made = self.machine_made
+        copy.stale = True
+        return copy
 
     def records(self, question_length: int, now: float) -> list[tuple[int, int, bytes]]:
         """(type, TTL aged to `now`, rdata) of the answer section, for answers assembled from this one."""
@@ -172,10 +192,12 @@ class AnswerCache:
     relinking it, which costs a hit one attribute store instead of an ordered-dict move."""
 
     def __init__(self, settings: CacheSettings) -> None:
-        self._settings = settings
+        self.settings = settings
         self._entries: dict[bytes, CachedAnswer] = {}
+        self._failing: dict[bytes, float] = {}  # names whose upstreams failed → until when they are answered stale
         self.hits = 0
         self.misses = 0
+        self.stale_answers = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -183,7 +205,11 @@ class AnswerCache:
     @property
     def size(self) -> int:
         """How many answers it keeps at most."""
-        return self._settings.size
+        return self.settings.size
+
+    def use_settings(self, settings: CacheSettings) -> None:
+        """Settings reloaded on SIGHUP (the live ones: serving stale)."""
+        self.settings = settings
 
     def get(self, key: bytes, now: float) -> CachedAnswer | None:
         entry = self._entries.get(key)
@@ -191,18 +217,57 @@ class AnswerCache:
             self.misses += 1
             return None
         if now - entry.stored_at >= entry.lifetime:
-            del self._entries[key]
+            if not self._may_serve_stale(entry, now):
+                del self._entries[key]
             self.misses += 1
             return None
         entry.used = True
         self.hits += 1
         return entry
 
+    def _may_serve_stale(self, entry: CachedAnswer, now: float) -> bool:
+        settings = self.settings
+        return settings.serve_stale and now - entry.stored_at < entry.lifetime + settings.stale_max
+
+    def stale(self, key: bytes, now: float) -> CachedAnswer | None:
+        """The expired answer to `key`, if it may still be served stale."""
+        entry = self._entries.get(key)
+        if entry is None or now - entry.stored_at < entry.lifetime or not self._may_serve_stale(entry, now):
+            return None
+        return entry
+
+    def failing(self, key: bytes, now: float) -> CachedAnswer | None:
+        """The stale answer to a name whose upstreams failed within the last 30 s, answered without asking them
+        again (RFC 8767 §5); None for every other name."""
+        if not self._failing:
+            return None
+        until = self._failing.get(key)
+        if until is None:
+            return None
+        entry = self.stale(key, now)
+        if entry is None or now >= until:
+            del self._failing[key]
+            return None
+        return entry.stale_copy(now)
+
+    def store_failure(self, key: bytes, now: float, ede: bytes) -> CachedAnswer:
+        """No upstream answered: the name's expired answer served stale if one is held (and without asking again
+        for 30 s), else a SERVFAIL kept `servfail_ttl`."""
+        held = self.stale(key, now)
+        if held is None:
+            return self.store(key, failure_reply(), now, ede)
+        if len(self._failing) >= max(self.settings.size, 1):
+            self._failing.clear()
+        self._failing[key] = now + _FAILURE_RECHECK
+        return held.stale_copy(now)
+
     def store(self, key: bytes, scanned: ScannedReply, now: float, ede: bytes = b"") -> CachedAnswer:
         """Turn a scanned reply into an answer; keep it if its TTL rules say it may be kept."""
         ttls, lifetime = self._ttls(scanned)
         entry = CachedAnswer(scanned, ttls, lifetime, now, ede)
-        if lifetime > 0 and self._settings.size > 0:
+        if self._failing:
+            self._failing.pop(key, None)  # answered again
+        if lifetime > 0 and self.settings.size > 0:
             entries = self._entries
             if entries.pop(key, None) is None:
                 self._make_room(entries)
@@ -211,7 +276,7 @@ class AnswerCache:
 
     def _make_room(self, entries: dict[bytes, CachedAnswer]) -> None:
         chances = _SECOND_CHANCES
-        while len(entries) >= self._settings.size:
+        while len(entries) >= self.settings.size:
             oldest = next(iter(entries))
             entry = entries.pop(oldest)
             if entry.used and chances:
@@ -221,10 +286,11 @@ class AnswerCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._failing.clear()
 
     def _ttls(self, scanned: ScannedReply) -> tuple[list[int], int]:
         """(TTL served for each record, seconds the answer is kept)."""
-        settings = self._settings
+        settings = self.settings
         if scanned.rcode == Rcode.NXDOMAIN or (scanned.rcode == Rcode.NOERROR and scanned.counts[0] == 0):
             # RFC 2308 §5: a negative answer is kept for min(SOA TTL, SOA MINIMUM); without an SOA, not at all.
             if scanned.negative_ttl is None:

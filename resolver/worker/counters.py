@@ -29,6 +29,7 @@ def worker_counters(resolver: Resolver, catalog: Catalog) -> dict[str, Any]:
     threats = resolver.threats
     return {
         "cache_hits": resolver.cache.hits,
+        "stale_answers": resolver.cache.stale_answers,
         "cache_misses": resolver.cache.misses,
         "verdicts": verdicts,
         "upstream_replies": forwarder.replies,

@@ -264,6 +264,10 @@ class Resolver:
                     self.directory.key(request), _site_of(known), query.name, clock, known.device_key
                 )
             return entry.render(request, clock)
+        # stale: a name whose upstreams failed a moment ago is answered from its expired data (RFC 8767).
+        stale = self.cache.failing(query.key, clock)
+        if stale is not None:
+            return self._render(request, known, policy, decision.chain, stale)
         refusal = _refuse_recursion(request)
         if refusal is not None:
             return refusal
@@ -281,7 +285,31 @@ class Resolver:
         fetch.add_done_callback(
             partial(self._answer_fetched, answer, request, known, source, policy, decision.chain, machine_made)
         )
+        held = self.cache.stale(query.key, clock)
+        if held is not None:  # an upstream slower than client_timeout: the client gets the expired answer
+            asyncio.get_running_loop().call_later(
+                self.cache.settings.client_timeout,
+                self._answer_stale,
+                answer,
+                request,
+                known,
+                policy,
+                decision.chain,
+                held,
+            )
         return answer
+
+    def _answer_stale(
+        self,
+        answer: asyncio.Future[bytes],
+        request: Request,
+        known: Client,
+        policy: Policy,
+        chain: int | None,
+        held: CachedAnswer,
+    ) -> None:
+        if not answer.done():  # the upstream is still being asked, and its answer will be cached for the next
+            answer.set_result(self._render(request, known, policy, chain, held.stale_copy(self._clock())))
 
     def _answer_fetched(
         self,
@@ -305,14 +333,20 @@ class Resolver:
             entry = fetch.result()
             if machine_made:
                 entry.machine_made = True
-            if entry.cname_targets and chain is not None:
-                found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
-                if found is not None:
-                    answer.set_result(self._blocked(request, known, found[1]))
-                    return
-            answer.set_result(entry.render(request, self._clock()))
+            answer.set_result(self._render(request, known, policy, chain, entry))
         except Exception as error:  # the listener turns it into SERVFAIL and logs it
             answer.set_exception(error)
+
+    def _render(self, request: Request, known: Client, policy: Policy, chain: int | None, entry: CachedAnswer) -> bytes:
+        """A fetched or stale answer for this client: blocked if its CNAME chain leads into a name the policy
+        blocks (judged now, against the current lists)."""
+        if entry.cname_targets and chain is not None:
+            found = judge_chain(policy, entry.cname_targets, self.lists.snapshot, chain)
+            if found is not None:
+                return self._blocked(request, known, found[1])
+        if entry.stale:
+            self.cache.stale_answers += 1
+        return entry.render(request, self._clock())
 
     def _blocked(self, request: Request, known: Client, verdict: Verdict, asked: bool = False) -> bytes:
         """The answer for a verdict, counted for the device of a site (worker/activity.py). A warning for the
@@ -397,7 +431,7 @@ class Resolver:
             if error is None:
                 fetch.set_result(self.cache.store(key, upstream.result(), self._clock()))
             elif isinstance(error, UpstreamFailed):
-                fetch.set_result(self.cache.store(key, failure_reply(), self._clock(), _NO_UPSTREAM))
+                fetch.set_result(self.cache.store_failure(key, self._clock(), _NO_UPSTREAM))
             else:
                 fetch.set_exception(error)
         except Exception as failure:

@@ -221,6 +221,8 @@ class Worker:
                 asyncio.get_running_loop().call_later(old.upstream.deadline + 1, forwarder.close)
             if config.upstream.trust_ad != old.upstream.trust_ad:
                 self.resolver.cache.clear()  # its answers carry the AD bit as the old setting left it
+        if config.cache != old.cache:
+            self.resolver.cache.use_settings(config.cache)
         if config.local != old.local:
             self._retire(self.resolver.use_local(config.local), old.upstream.deadline)
         if self.gate is not None:

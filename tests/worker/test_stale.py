@@ -1,0 +1,91 @@
+"""Serve-stale (RFC 8767) on an in-process worker with a scripted upstream on loopback: when the upstream stops
+answering, the names answered before are answered from their expired data (TTL 30, EDE 3) once
+`cache.client_timeout` has passed, and at once for 30 s after the upstream failed them; a negative answer
+likewise; a name the policy now blocks is blocked, never stale; with `cache.serve_stale = false`, SERVFAIL."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import dns.edns
+import dns.message
+import dns.rcode
+import pytest
+
+from bench.upstream import Script, ScriptedUpstream
+from tests.conftest import ServerThread, answer_addresses, make_config
+
+pytestmark = pytest.mark.integration
+
+
+def ede_codes(response: dns.message.Message) -> list[int]:
+    return [option.code for option in response.options if option.otype == dns.edns.OptionType.EDE]
+
+
+def ask(server: ServerThread, name: str) -> dns.message.Message:
+    return server.ask(name, timeout=3.0, use_edns=0)
+
+
+def serving(upstream: ScriptedUpstream, lists, **cache: object) -> ServerThread:
+    settings = {"client_timeout": 0.3, **cache}
+    config = make_config([upstream.address], lists={"path": str(lists)}, cache=settings, policy={"block": []})
+    return ServerThread(config)
+
+
+def test_names_answered_before_are_answered_stale_while_the_upstream_is_down(lists):
+    script = Script(ttl=1, modes={"gone.example": "nxdomain"})
+    with ScriptedUpstream(script=script) as upstream, serving(upstream, lists) as server:
+        fresh = ask(server, "www.example.org")
+        assert fresh.answer[0].ttl == 1 and not ede_codes(fresh)
+        assert ask(server, "gone.example").rcode() == dns.rcode.NXDOMAIN
+        ask(server, "later.example")
+        time.sleep(1.1)  # every answer expired
+        upstream.script = Script(mode="drop")
+
+        started = time.monotonic()
+        stale = ask(server, "www.example.org")
+        waited = time.monotonic() - started
+        assert 0.25 < waited < 0.9  # at client_timeout, before the upstream's deadline (1 s)
+        assert answer_addresses(stale) == answer_addresses(fresh)
+        assert stale.answer[0].ttl == 30 and ede_codes(stale) == [3]
+        negative = ask(server, "gone.example")
+        assert negative.rcode() == dns.rcode.NXDOMAIN and ede_codes(negative) == [3]
+
+        time.sleep(1.0)  # the upstream's deadline passed: the names failed, and are answered stale at once
+        asked = len(upstream.seen)
+        started = time.monotonic()
+        again = ask(server, "www.example.org")
+        assert time.monotonic() - started < 0.2 and ede_codes(again) == [3] and again.answer[0].ttl == 30
+        assert len(upstream.seen) == asked  # not asked again within the 30 s of RFC 8767's failure recheck
+        assert ask(server, "never.example").rcode() == dns.rcode.SERVFAIL  # nothing held
+
+        upstream.script = Script(ttl=60)  # back: a name not failed meanwhile is fresh again
+        back = ask(server, "later.example")
+        assert back.answer[0].ttl == 60 and not ede_codes(back)
+        counted = server.call(lambda: server.worker.resolver.cache.stale_answers)
+        assert counted == 3
+
+
+def test_a_name_the_policy_now_blocks_is_blocked_not_served_stale(lists):
+    with ScriptedUpstream(script=Script(ttl=1)) as upstream, serving(upstream, lists) as server:
+        assert answer_addresses(ask(server, "porn.example"))  # nothing blocked yet
+        time.sleep(1.1)
+        upstream.script = Script(mode="drop")
+        blocking = dataclasses.replace(
+            server.config, policy=dataclasses.replace(server.config.policy, block=("pornography",))
+        )
+        server.call(server.worker.reload, blocking)
+        for _ in range(2):  # before and after the upstream failed the name
+            answer = ask(server, "porn.example")
+            assert answer.rcode() == dns.rcode.NXDOMAIN and 3 not in ede_codes(answer)
+            time.sleep(1.0)
+
+
+def test_with_serve_stale_off_an_upstream_that_does_not_answer_is_servfail(lists):
+    with ScriptedUpstream(script=Script(ttl=1)) as upstream, serving(upstream, lists, serve_stale=False) as server:
+        ask(server, "www.example.org")
+        time.sleep(1.1)
+        upstream.script = Script(mode="drop")
+        answer = ask(server, "www.example.org")
+        assert answer.rcode() == dns.rcode.SERVFAIL and 3 not in ede_codes(answer)
