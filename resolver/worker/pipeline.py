@@ -273,8 +273,11 @@ class Resolver:
             return refusal
         source = self.directory.key(request)  # a device behind a trusted router is a client of its own
         waiting = self._waiting.get(source, 0)
+        held = self.cache.stale(query.key, clock)
         if waiting >= self.forwarder.settings.max_per_client:
             self.shed_clients += 1
+            if held is not None:  # not asked upstream: its expired answer, rather than SERVFAIL
+                return self._render(request, known, policy, decision.chain, held.stale_copy(clock))
             return synthesized_answer(request, Rcode.SERVFAIL, ede=_CLIENT_BUSY)
         # threats: a name no cache held is judged; its answer keeps the verdict for the next clients
         machine_made = self.threats.miss(source, _site_of(known), query.name, query.qtype, clock, known.device_key)
@@ -285,7 +288,6 @@ class Resolver:
         fetch.add_done_callback(
             partial(self._answer_fetched, answer, request, known, source, policy, decision.chain, machine_made)
         )
-        held = self.cache.stale(query.key, clock)
         if held is not None:  # an upstream slower than client_timeout: the client gets the expired answer
             asyncio.get_running_loop().call_later(
                 self.cache.settings.client_timeout,
@@ -404,19 +406,26 @@ class Resolver:
         in_flight = self._zone_fetches.get(zone, 0)
         if in_flight >= self.forwarder.settings.max_per_zone:  # not kept, as below
             self.shed_zones += 1
-            fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _ZONE_BUSY))
+            fetch.set_result(self._unasked(key, _ZONE_BUSY))
             return fetch
         # local.forward: a zone with servers of its own (its names already went through the policy, as all)
         forwarder = self.local_zones.forwarder_for(key[:-5]) or self.forwarder
         try:
             upstream = forwarder.query(key[:-1], do, cd)
         except Overloaded:  # not kept: the load passes
-            fetch.set_result(CachedAnswer(failure_reply(), [], 0, self._clock(), _OVERLOADED))
+            fetch.set_result(self._unasked(key, _OVERLOADED))
             return fetch
         self._fetches[key] = fetch
         self._zone_fetches[zone] = in_flight + 1
         upstream.add_done_callback(partial(self._fetched, key, zone, fetch))
         return fetch
+
+    def _unasked(self, key: bytes, ede: bytes) -> CachedAnswer:
+        """The answer to a question not sent upstream (a bound was reached): its expired answer if one is held,
+        else SERVFAIL saying why; neither kept."""
+        now = self._clock()
+        held = self.cache.stale(key, now)
+        return held.stale_copy(now) if held is not None else CachedAnswer(failure_reply(), [], 0, now, ede)
 
     def _fetched(
         self, key: bytes, zone: bytes, fetch: asyncio.Future[CachedAnswer], upstream: asyncio.Future[ScannedReply]

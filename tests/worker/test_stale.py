@@ -6,10 +6,12 @@ likewise; a name the policy now blocks is blocked, never stale; with `cache.serv
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 
 import dns.edns
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
 
@@ -89,3 +91,30 @@ def test_with_serve_stale_off_an_upstream_that_does_not_answer_is_servfail(lists
         upstream.script = Script(mode="drop")
         answer = ask(server, "www.example.org")
         assert answer.rcode() == dns.rcode.SERVFAIL and 3 not in ede_codes(answer)
+
+
+def test_a_client_past_its_upstream_bound_gets_the_expired_answer_rather_than_servfail(lists):
+    """upstream.max_per_client: a client with that many questions waiting upstream is not sent another, and is
+    answered from the expired data where there is some (SERVFAIL where there is none)."""
+    with ScriptedUpstream(script=Script(ttl=1)) as upstream:
+        config = make_config(
+            [upstream.address],
+            lists={"path": str(lists)},
+            cache={"client_timeout": 5.0},
+            upstream={"max_per_client": 1},
+            policy={"block": []},
+        )
+        with ServerThread(config) as server:
+            ask(server, "held.example")
+            time.sleep(1.1)
+            upstream.script = Script(mode="drop")
+            waiting = dns.message.make_query("never.example", "A", use_edns=0)
+            sock = dns.query.socket_factory(socket.AF_INET, socket.SOCK_DGRAM, 0)
+            with sock:
+                sock.sendto(waiting.to_wire(), ("127.0.0.1", server.port))  # this client's one question upstream
+                time.sleep(0.1)
+                started = time.monotonic()
+                shed = ask(server, "held.example")
+                assert time.monotonic() - started < 0.5  # not asked upstream, not waiting for client_timeout
+                assert ede_codes(shed) == [3] and shed.answer[0].ttl == 30
+                assert ask(server, "none.example").rcode() == dns.rcode.SERVFAIL  # nothing held: shed as before
