@@ -24,6 +24,7 @@ _FLAG_TC = 0x02  # in the high flags byte
 STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer
 _FAILURE_RECHECK = 30.0  # RFC 8767 §5: seconds a name whose upstreams failed is answered stale without asking
 _STALE_EDE = ede_option(EdeCode.STALE_ANSWER)
+_ANSWERS = (Rcode.NOERROR, Rcode.NXDOMAIN)  # what may be served stale
 
 
 class _Form:
@@ -194,7 +195,8 @@ class AnswerCache:
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
         self._entries: dict[bytes, CachedAnswer] = {}
-        self._failing: dict[bytes, float] = {}  # names whose upstreams failed → until when they are answered stale
+        # names whose upstreams failed → (until when they are answered stale, the stale answer)
+        self._failing: dict[bytes, tuple[float, CachedAnswer]] = {}
         self.hits = 0
         self.misses = 0
         self.stale_answers = 0
@@ -226,8 +228,13 @@ class AnswerCache:
         return entry
 
     def _may_serve_stale(self, entry: CachedAnswer, now: float) -> bool:
+        """An answer (NOERROR, NXDOMAIN: a failure is no answer) within stale_max of its expiry."""
         settings = self.settings
-        return settings.serve_stale and now - entry.stored_at < entry.lifetime + settings.stale_max
+        return (
+            settings.serve_stale
+            and entry.form.rcode in _ANSWERS
+            and now - entry.stored_at < entry.lifetime + settings.stale_max
+        )
 
     def stale(self, key: bytes, now: float) -> CachedAnswer | None:
         """The expired answer to `key`, if it may still be served stale."""
@@ -241,14 +248,13 @@ class AnswerCache:
         again (RFC 8767 §5); None for every other name."""
         if not self._failing:
             return None
-        until = self._failing.get(key)
-        if until is None:
+        failed = self._failing.get(key)
+        if failed is None:
             return None
-        entry = self.stale(key, now)
-        if entry is None or now >= until:
+        if now >= failed[0] or self.stale(key, now) is None:
             del self._failing[key]
             return None
-        return entry.stale_copy(now)
+        return failed[1]
 
     def store_failure(self, key: bytes, now: float, ede: bytes) -> CachedAnswer:
         """No upstream answered: the name's expired answer served stale if one is held (and without asking again
@@ -258,8 +264,9 @@ class AnswerCache:
             return self.store(key, failure_reply(), now, ede)
         if len(self._failing) >= max(self.settings.size, 1):
             self._failing.clear()
-        self._failing[key] = now + _FAILURE_RECHECK
-        return held.stale_copy(now)
+        copy = held.stale_copy(now)
+        self._failing[key] = (now + _FAILURE_RECHECK, copy)
+        return copy
 
     def store(self, key: bytes, scanned: ScannedReply, now: float, ede: bytes = b"") -> CachedAnswer:
         """Turn a scanned reply into an answer; keep it if its TTL rules say it may be kept."""

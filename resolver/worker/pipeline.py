@@ -264,13 +264,17 @@ class Resolver:
                     self.directory.key(request), _site_of(known), query.name, clock, known.device_key
                 )
             return entry.render(request, clock)
-        # stale: a name whose upstreams failed a moment ago is answered from its expired data (RFC 8767).
-        stale = self.cache.failing(query.key, clock)
-        if stale is not None:
-            return self._render(request, known, policy, decision.chain, stale)
         refusal = _refuse_recursion(request)
         if refusal is not None:
             return refusal
+        # stale: a name whose upstreams failed a moment ago is answered from its expired data (RFC 8767).
+        stale = self.cache.failing(query.key, clock)
+        if stale is not None:
+            if stale.machine_made:
+                self.threats.machine_made(
+                    self.directory.key(request), _site_of(known), query.name, clock, known.device_key
+                )
+            return self._render(request, known, policy, decision.chain, stale)
         source = self.directory.key(request)  # a device behind a trusted router is a client of its own
         waiting = self._waiting.get(source, 0)
         held = self.cache.stale(query.key, clock)
@@ -289,7 +293,7 @@ class Resolver:
             partial(self._answer_fetched, answer, request, known, source, policy, decision.chain, machine_made)
         )
         if held is not None:  # an upstream slower than client_timeout: the client gets the expired answer
-            asyncio.get_running_loop().call_later(
+            timer = asyncio.get_running_loop().call_later(
                 self.cache.settings.client_timeout,
                 self._answer_stale,
                 answer,
@@ -299,6 +303,7 @@ class Resolver:
                 decision.chain,
                 held,
             )
+            answer.add_done_callback(lambda _answered: timer.cancel())  # what it holds goes with the answer
         return answer
 
     def _answer_stale(
@@ -394,7 +399,10 @@ class Resolver:
             refusal = _refuse_recursion(request)
             if refusal is not None:
                 return refusal
-            entry = await asyncio.shield(self._fetch(key, query.do, query.cd))
+            # the restrict name failed a moment ago: its expired answer, as any name's (no client_timeout here)
+            entry = self.cache.failing(key, now)
+            if entry is None:
+                entry = await asyncio.shield(self._fetch(key, query.do, query.cd))
         return safe_search_answer(request, target, entry, self._clock())
 
     def _fetch(self, key: bytes, do: bool, cd: bool) -> asyncio.Future[CachedAnswer]:
