@@ -402,8 +402,7 @@ class Feeds:
 
     async def _publish(self) -> None:
         """Compile every source and publish the result when a feed's copy is not in a published list yet."""
-        waiting = [entry.id for entry, status in self.known if not status.published]
-        if not waiting or self._clock() < self._publish_after:
+        if all(status.published for _entry, status in self.known) or self._clock() < self._publish_after:
             return
         try:
             job = await self.sources.build(publish=True)

@@ -226,11 +226,11 @@ def _mapping(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def _list(value: Any, path: str) -> list[Any]:
+def _list(value: Any, path: str, most: int = MAX_LIST) -> list[Any]:
     if not isinstance(value, list):
         raise PolicyError(path, f"must be a list, got {type(value).__name__}")
-    if len(value) > MAX_LIST:
-        raise PolicyError(path, f"more than {MAX_LIST} items")
+    if len(value) > most:
+        raise PolicyError(path, f"more than {most} items")
     return value
 
 
@@ -469,31 +469,22 @@ MAX_SHARED_RECORDS = 10_000
 def parse_shared_records(value: Any) -> tuple[str, ...]:
     """The operator's records written through the API (`PUT /v1/local/records`): zone-file lines as
     `local.records` takes them, answered to every client like those. Raises PolicyError naming the line."""
-    items = _list_of(value, "records", MAX_SHARED_RECORDS)
-    lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(items))
+    return _records(value, MAX_SHARED_RECORDS, make_ptrs=True)[0]
+
+
+def _records(value: Any, most: int, make_ptrs: bool) -> tuple[tuple[str, ...], list[Record]]:
+    """(the lines, their records) of a `records` field, or PolicyError naming the line at fault."""
+    lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(_list(value, "records", most)))
     try:
-        parse_records(lines)
+        return lines, parse_records(lines, make_ptrs)
     except ValueError as exc:
         raise PolicyError("records", str(exc)) from None
-    return lines
-
-
-def _list_of(value: Any, path: str, most: int) -> list[Any]:
-    if not isinstance(value, list):
-        raise PolicyError(path, f"must be a list, got {type(value).__name__}")
-    _require(len(value) <= most, path, f"more than {most} records")
-    return value
 
 
 def _site_records(value: Any) -> tuple[tuple[str, ...], tuple[Record, ...]]:
     """A site's own names: zone-file lines as `local.records` takes them (no PTR is made: the reverse zones of
     private addresses are answered before a device is known, for every site alike)."""
-    items = _list_of(value, "records", MAX_RECORDS)
-    lines = tuple(_text(item, f"records[{index}]", 512) for index, item in enumerate(items))
-    try:
-        records = parse_records(lines, make_ptrs=False)
-    except ValueError as exc:
-        raise PolicyError("records", str(exc)) from None
+    lines, records = _records(value, MAX_RECORDS, make_ptrs=False)
     for index, record in enumerate(records):
         for zone, apex in _SERVED_BEFORE_IDENTITY:
             if at_or_under(record.owner, apex):

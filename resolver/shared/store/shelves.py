@@ -133,7 +133,7 @@ class LocalShelf(Shelf):
         (self.directory / f"{source_id}.src").unlink(missing_ok=True)
         statuses = self._read_statuses()
         if statuses.pop(source_id, None) is not None:
-            write_atomically(self.directory / "feeds.json", [json.dumps(statuses, sort_keys=True).encode()])
+            self._write_statuses(statuses)
         return True
 
     async def copy_upload(self, entry: SourceEntry, to: Path) -> None:
@@ -153,6 +153,9 @@ class LocalShelf(Shelf):
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         statuses = self._read_statuses()
         statuses[source_id] = asdict(status)
+        self._write_statuses(statuses)
+
+    def _write_statuses(self, statuses: dict[str, dict[str, Any]]) -> None:
         write_atomically(self.directory / "feeds.json", [json.dumps(statuses, sort_keys=True).encode()])
 
     async def lead(self, node: str, seconds: float) -> bool:
